@@ -1,0 +1,67 @@
+"""Entry point of the `appliance` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from appliance import __version__
+from appliance.cli.context import CliContext
+from appliance.errors import ApplianceError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="YAML configuration file (default: $APPLIANCE_CONFIG, then /etc/appliance/config.yaml).",
+)
+@click.version_option(__version__, prog_name="appliance")
+@click.pass_context
+def cli(ctx: click.Context, config_file: Path | None) -> None:
+    """Run LLMs privately on your own servers.
+
+    \b
+    Typical first steps on a new machine:
+      appliance cluster up          start a local Slurm cluster
+      appliance models build-tiny   build the small offline test model
+      appliance up                  start everything (cluster, gateway) and print the URLs
+    Then point any OpenAI client at the printed base URL.
+    """
+    ctx.obj = CliContext(config_file=config_file)
+
+
+def _register() -> None:
+    # Subcommand modules are imported here, not at the top, so each one stays independent.
+    from appliance.cli import cluster, config_cmd, gateway, instances, models, stack
+
+    for module in (cluster, config_cmd, gateway, instances, models, stack):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; operator errors are printed as one clear message, never a traceback."""
+    _register()
+    try:
+        cli.main(args=argv, prog_name="appliance", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except ApplianceError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`appliance models`: list the catalog, add local models, build the tiny test model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from appliance.cli.context import CliContext, pass_ctx
+from appliance.errors import ApplianceError
+
+
+@click.group("models")
+def models_group() -> None:
+    """Model catalog: what can be served, what is installed, adding your own."""
+
+
+@models_group.command("list")
+@pass_ctx
+def list_models(ctx: CliContext) -> None:
+    """List catalog models with their size, needs and whether they are installed here."""
+    from appliance.models.catalog import load_catalog
+
+    settings = ctx.settings
+    rows = [("NAME", "KIND", "PARAMS", "DISK", "NEEDS", "INSTALLED")]
+    for m in load_catalog(settings):
+        r = m.resources
+        needs = f"{r.gpus} GPU, {r.gpu_memory_gb:g} GB" if r.gpus else "CPU"
+        if r.gpus and r.cpu_fallback:
+            needs += " (or CPU)"
+        size = f"{m.size_gb:g} GB"
+        rows.append((m.name, m.kind, m.parameters, size, needs, "yes" if m.installed(settings) else "no"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@models_group.command("add")
+@click.argument("name")
+@click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--kind", type=click.Choice(["chat", "completion", "embedding"]), default="chat")
+@click.option("--gpus", type=int, default=0, show_default=True, help="GPUs per instance.")
+@click.option("--gpu-memory-gb", type=float, default=0, help="GPU memory one instance needs.")
+@click.option("--max-model-len", type=int, default=4096, show_default=True)
+@pass_ctx
+def add_model(
+    ctx: CliContext,
+    name: str,
+    directory: Path,
+    kind: str,
+    gpus: int,
+    gpu_memory_gb: float,
+    max_model_len: int,
+) -> None:
+    """Add a Hugging Face-format model from a local DIRECTORY to the catalog as NAME."""
+    from appliance.models.catalog import ModelResources, ModelSpec, add_local_model
+
+    directory = directory.resolve()
+    if not (directory / "config.json").exists():
+        raise ApplianceError(f"{directory} has no config.json: not a Hugging Face model directory")
+    spec = ModelSpec(
+        name=name,
+        kind=kind,
+        source=f"dir:{directory}",
+        path=directory,
+        max_model_len=max_model_len,
+        resources=ModelResources(gpus=gpus, gpu_memory_gb=gpu_memory_gb, cpu_fallback=gpus == 0),
+    )
+    add_local_model(ctx.settings, spec)
+    click.echo(f"added {name} ({directory}) to {ctx.settings.user_catalog_file}")
+
+
+@models_group.command("build-tiny")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Output directory (default: <models_dir>/tiny-chat).",
+)
+@click.option("--time-budget", type=float, default=170.0, show_default=True,
+              help="Seconds of training at most.")
+@click.option("--force", is_flag=True, help="Rebuild even if the model already exists.")
+@pass_ctx
+def build_tiny(ctx: CliContext, out: Path | None, time_budget: float, force: bool) -> None:
+    """Train the tiny chat model offline (tokenizer + small Llama), for tests and the CPU demo."""
+    from appliance.models.tiny import build_tiny_model, tiny_model_exists
+
+    out = out or ctx.settings.models_dir / "tiny-chat"
+    if tiny_model_exists(out) and not force:
+        click.echo(f"tiny model already built at {out} (use --force to rebuild)")
+        return
+    report = build_tiny_model(out, time_budget_s=time_budget, progress=click.echo)
+    click.echo(f"built tiny model at {out}: {report.summary()}")
+
+
+COMMANDS = [models_group]

@@ -1,0 +1,58 @@
+"""Configuration of the Slurm cluster that runs every GPU workload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClusterSettings(BaseModel):
+    """Which Slurm cluster runs the instances, and the shape of the local one the stack can start."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    mode: Literal["local", "existing"] = "local"
+    """`local`: the stack writes slurm.conf and runs its own slurmctld/slurmd on this host
+    (`appliance cluster up`). `existing`: use a site's Slurm cluster as configured by `slurm_conf`."""
+
+    name: str = Field(default="appliance", pattern=r"^[a-z][a-z0-9_-]{0,39}$")
+    """Slurm ClusterName; also prefixes the names of the jobs the stack submits."""
+
+    slurm_conf: Path | None = None
+    """slurm.conf of an existing cluster (mode `existing`). Unset: Slurm's own default."""
+
+    partition: str = Field(default="appliance", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Partition that model instances are submitted to."""
+
+    nodes: int = Field(default=1, ge=1, le=64)
+    """Number of slurmd nodes of the local cluster. Several nodes on one host simulate a real
+    cluster (each slurmd runs with its own name and port), so placement is tested for real."""
+
+    gpus_per_node: int = Field(default=0, ge=0, le=16)
+    """Simulated GPUs per local node, backed by character device nodes so Slurm's GRES
+    allocation works as on real hardware. 0 on a CPU-only host. Ignored when real GPUs are found."""
+
+    shards_per_gpu: int = Field(default=4, ge=0, le=64)
+    """GRES `shard` entries per GPU: how many instances of small models may share one GPU.
+    0 disables sharing."""
+
+    cpus_per_node: int | None = Field(default=None, ge=1, le=4096)
+    """CPUs each local node offers. Unset: what `slurmd -C` detects on this host."""
+
+    memory_mb_per_node: int | None = Field(default=None, ge=256)
+    """Memory (MB) each local node offers. Unset: what `slurmd -C` detects, less a reserve for the
+    gateway and the Slurm daemons."""
+
+    controller_port: int = Field(default=16817, ge=1024, le=65535)
+    """TCP port of the local slurmctld."""
+
+    node_port_base: int = Field(default=17001, ge=1024, le=65000)
+    """TCP port of the first local slurmd; node N listens on node_port_base + N - 1."""
+
+    kill_wait_s: int = Field(default=5, ge=0, le=300)
+    """Seconds between SIGTERM and SIGKILL when a job is cancelled (Slurm KillWait)."""
+
+    ready_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """How long `appliance cluster up` waits for every node to become idle."""

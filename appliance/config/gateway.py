@@ -1,0 +1,46 @@
+"""Configuration of the OpenAI-compatible gateway and its autoscaler."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GatewaySettings(BaseModel):
+    """Where the gateway listens and how it starts, checks, routes to and retires instances."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    host: str = "127.0.0.1"
+    """Address the gateway binds to. Use 0.0.0.0 to serve other machines."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port of the gateway."""
+
+    health_interval_s: float = Field(default=2.0, ge=0.1, le=60)
+    """Seconds between health checks of each instance (and between Slurm job-state polls)."""
+
+    start_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    """How long a request waits for an instance of its model to become ready (scale from zero)
+    before it gets an error."""
+
+    keepalive_interval_s: float = Field(default=5.0, gt=0, le=60)
+    """While a streaming request waits for an instance, an SSE comment is sent this often so
+    clients and proxies keep the connection open."""
+
+    idle_timeout_s: float = Field(default=900.0, ge=0)
+    """An instance that has served no request for this long is stopped (down to the model's
+    min_instances). 0 disables retirement. A model's own `idle_timeout_s` overrides it."""
+
+    scale_up_queue_depth: int = Field(default=8, ge=1, le=10000)
+    """Start one more instance (up to the model's max_instances) when the requests in flight per
+    ready instance of a model reach this number."""
+
+    max_retries: int = Field(default=2, ge=0, le=10)
+    """How many other instances a request is tried on when its instance fails before anything
+    was sent to the client."""
+
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """Upper bound for one upstream request, from sending it to its last byte."""
+
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Largest accepted request body; bigger bodies get HTTP 413."""

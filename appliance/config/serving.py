@@ -1,0 +1,34 @@
+"""Configuration of model instances: how the Slurm job runs vLLM or the embedding server."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServingSettings(BaseModel):
+    """How an instance job runs its model server."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    python: Path = Path(sys.executable)
+    """Python interpreter that instance jobs run (it must have vLLM installed). Default: the one
+    running the stack."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: GPU when the job was given one and the installed vLLM supports it, else CPU."""
+
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0, le=1024)
+    """KV-cache size (GiB) of an instance on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+
+    enforce_eager: bool = True
+    """Run vLLM without graph compilation: a CPU instance is ready in ~25 s instead of ~80 s."""
+
+    extra_vllm_args: list[str] = Field(default_factory=list)
+    """Extra arguments appended to every vLLM command line."""
+
+    health_path: str = "/health"
+    """Path that answers 200 once an instance can serve."""

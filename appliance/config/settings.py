@@ -1,0 +1,189 @@
+"""The root settings object, its sources (YAML file, environment) and readable errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from appliance import envs
+from appliance.errors import ApplianceError
+from appliance.config.catalog import CatalogSettings
+from appliance.config.cluster import ClusterSettings
+from appliance.config.gateway import GatewaySettings
+from appliance.config.serving import ServingSettings
+
+DEFAULT_CONFIG_FILE = Path("/etc/appliance/config.yaml")
+
+
+class ConfigError(ApplianceError):
+    """A configuration problem, worded for the operator (field name and reason, no traceback)."""
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/appliance")
+    return Path.home() / ".local" / "share" / "appliance"
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML configuration file; a broken file becomes a ConfigError naming the line."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None):
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        try:
+            text = self.path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {self.path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            reason = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"config file {self.path}{where}: {reason}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {self.path}: expected a mapping of sections at the top")
+        return data
+
+
+class ApplianceSettings(BaseSettings):
+    """Everything the stack can be configured with; see docs/configuration.md for each field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=envs.CONFIG_ENV_PREFIX,
+        env_nested_delimiter=envs.CONFIG_ENV_NESTED_DELIMITER,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    """Directory for all state: Slurm config and spool, logs, instance endpoints, model files.
+    Default: /var/lib/appliance as root, ~/.local/share/appliance otherwise."""
+
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    """The Slurm cluster (section `cluster`)."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    """The OpenAI-compatible gateway (section `gateway`)."""
+
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    """Model instances (section `serving`)."""
+
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    """Model catalog (section `catalog`)."""
+
+    # Set by load_settings: which file the values came from (not a configuration field).
+    _config_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then environment, then the YAML file, then defaults.
+        return (init_settings, env_settings, _YamlSource(settings_cls, _CURRENT_FILE[0]))
+
+    # Derived locations, so every module agrees where things live.
+    @property
+    def slurm_dir(self) -> Path:
+        return self.state_dir / "slurm"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.state_dir / "instances"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.catalog.models_dir or self.state_dir / "models"
+
+    @property
+    def user_catalog_file(self) -> Path:
+        return self.state_dir / "catalog.yaml"
+
+    @property
+    def slurm_conf(self) -> Path | None:
+        if self.cluster.mode == "local":
+            return self.slurm_dir / "slurm.conf"
+        return self.cluster.slurm_conf
+
+
+# The YAML path for the settings being built; pydantic-settings builds sources per class, so the
+# path travels through this one-element holder rather than a constructor argument.
+_CURRENT_FILE: list[Path | None] = [None]
+
+
+def _resolve_config_file(config_file: Path | str | None) -> Path | None:
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    env_path = envs.APPLIANCE_CONFIG
+    if env_path:
+        path = Path(env_path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} (from APPLIANCE_CONFIG) does not exist")
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: dotted field name, reason, and the rejected value."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown setting (check the spelling; see docs/configuration.md)"
+        value = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {value!r})"
+        env_name = envs.CONFIG_ENV_PREFIX + envs.CONFIG_ENV_NESTED_DELIMITER.join(
+            str(p).upper() for p in err["loc"]
+        )
+        lines.append(f"  {field}: {reason}{shown}  [env: {env_name}]")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> ApplianceSettings:
+    """Build the settings from (in order of precedence) overrides, environment, YAML, defaults."""
+    path = _resolve_config_file(config_file)
+    _CURRENT_FILE[0] = path
+    try:
+        settings = ApplianceSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    finally:
+        _CURRENT_FILE[0] = None
+    settings._config_file = path
+    return settings
+
+
+__all__ = ["ApplianceSettings", "ConfigError", "load_settings"]

@@ -1,0 +1,54 @@
+"""Every environment variable the stack reads or sets, declared in one place.
+
+Configuration fields themselves are read by pydantic-settings from ``APPLIANCE_<SECTION>__<FIELD>``
+(for example ``APPLIANCE_GATEWAY__PORT=8080``); this module lists the variables that are not
+configuration fields, so nothing else in the code base calls ``os.environ`` with a literal name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+# Prefix and nesting delimiter of configuration fields in the environment.
+CONFIG_ENV_PREFIX = "APPLIANCE_"
+CONFIG_ENV_NESTED_DELIMITER = "__"
+
+# Variables the stack sets for the processes it starts (vLLM, embedding servers, Slurm tools).
+# Nothing downloads at run time and nothing phones home.
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+}
+
+environment_variables: dict[str, Callable[[], Any]] = {
+    # Path of the YAML configuration file. Default: /etc/appliance/config.yaml when it exists.
+    "APPLIANCE_CONFIG": lambda: os.environ.get("APPLIANCE_CONFIG"),
+    # Slurm's own: which slurm.conf the Slurm CLI tools read. Set by the stack for its local cluster.
+    "SLURM_CONF": lambda: os.environ.get("SLURM_CONF"),
+    # Set by Slurm inside a job: the job id and the node the job runs on.
+    "SLURM_JOB_ID": lambda: os.environ.get("SLURM_JOB_ID"),
+    "SLURMD_NODENAME": lambda: os.environ.get("SLURMD_NODENAME"),
+    # Set by Slurm inside a job that asked for GPUs with --gres.
+    "CUDA_VISIBLE_DEVICES": lambda: os.environ.get("CUDA_VISIBLE_DEVICES"),
+    "SLURM_JOB_GPUS": lambda: os.environ.get("SLURM_JOB_GPUS"),
+    # Set by the instance sbatch script: wall-clock time (epoch seconds) at which the job started.
+    "APPLIANCE_JOB_STARTED_AT": lambda: os.environ.get("APPLIANCE_JOB_STARTED_AT"),
+    # vLLM CPU backend: KV-cache size in GiB (without it vLLM wants 90% of RAM free).
+    "VLLM_CPU_KVCACHE_SPACE": lambda: os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Read a declared variable lazily: ``envs.SLURM_JOB_ID``."""
+    if name in environment_variables:
+        return environment_variables[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(environment_variables)

@@ -1,0 +1,1 @@
+"""Models: the catalog of presets and local models, and the offline tiny test model."""

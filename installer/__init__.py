@@ -1,0 +1,1 @@
+"""Installer: hardware detection, packages, Slurm config, preset models, self-check."""

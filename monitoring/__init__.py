@@ -1,0 +1,1 @@
+"""Monitoring at component, node, cluster and task level, exposed to Prometheus."""

@@ -1,0 +1,1 @@
+"""Knowledge bases: document ingestion, embeddings in Chroma, retrieval with citations."""

@@ -1,0 +1,1 @@
+"""Keys, encryption, policies, API keys and roles, quotas, audit log, upload safety."""
