@@ -28,7 +28,7 @@ OFFLINE_ENV: dict[str, str] = {
 environment_variables: dict[str, Callable[[], Any]] = {
     # Path of the YAML configuration file. Default: /etc/appliance/config.yaml when it exists.
     "APPLIANCE_CONFIG": lambda: os.environ.get("APPLIANCE_CONFIG"),
-    # Slurm's own: which slurm.conf the Slurm CLI tools read. Set by the stack for its local cluster.
+    # Slurm's own: which slurm.conf the Slurm tools read. Set by the stack for its local cluster.
     "SLURM_CONF": lambda: os.environ.get("SLURM_CONF"),
     # Set by Slurm inside a job: the job id and the node the job runs on.
     "SLURM_JOB_ID": lambda: os.environ.get("SLURM_JOB_ID"),

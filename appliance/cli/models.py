@@ -29,7 +29,9 @@ def list_models(ctx: CliContext) -> None:
         if r.gpus and r.cpu_fallback:
             needs += " (or CPU)"
         size = f"{m.size_gb:g} GB"
-        rows.append((m.name, m.kind, m.parameters, size, needs, "yes" if m.installed(settings) else "no"))
+        rows.append(
+            (m.name, m.kind, m.parameters, size, needs, "yes" if m.installed(settings) else "no")
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -77,8 +79,13 @@ def add_model(
     default=None,
     help="Output directory (default: <models_dir>/tiny-chat).",
 )
-@click.option("--time-budget", type=float, default=170.0, show_default=True,
-              help="Seconds of training at most.")
+@click.option(
+    "--time-budget",
+    type=float,
+    default=170.0,
+    show_default=True,
+    help="Seconds of training at most.",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if the model already exists.")
 @pass_ctx
 def build_tiny(ctx: CliContext, out: Path | None, time_budget: float, force: bool) -> None:

@@ -9,13 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ClusterSettings(BaseModel):
-    """Which Slurm cluster runs the instances, and the shape of the local one the stack can start."""
+    """Which Slurm cluster runs the instances, and the shape of the local one the stack starts."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     mode: Literal["local", "existing"] = "local"
     """`local`: the stack writes slurm.conf and runs its own slurmctld/slurmd on this host
-    (`appliance cluster up`). `existing`: use a site's Slurm cluster as configured by `slurm_conf`."""
+    (`appliance cluster up`). `existing`: use a site's Slurm cluster (see `slurm_conf`)."""
 
     name: str = Field(default="appliance", pattern=r"^[a-z][a-z0-9_-]{0,39}$")
     """Slurm ClusterName; also prefixes the names of the jobs the stack submits."""

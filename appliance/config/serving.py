@@ -30,5 +30,13 @@ class ServingSettings(BaseModel):
     extra_vllm_args: list[str] = Field(default_factory=list)
     """Extra arguments appended to every vLLM command line."""
 
-    health_path: str = "/health"
-    """Path that answers 200 once an instance can serve."""
+    bind_host: str = "127.0.0.1"
+    """Address instance servers bind to on their node. Set 0.0.0.0 (or the node's address) when
+    the gateway runs on another host than the compute nodes."""
+
+    gpu_memory_gb: float = Field(default=80.0, gt=0)
+    """Memory of one GPU on the compute nodes. A model that needs less than a whole GPU gets GRES
+    shards and a matching vLLM memory fraction, so several small models share one GPU."""
+
+    log_tail_lines: int = Field(default=20, ge=0, le=1000)
+    """Lines of an instance's log quoted in the error when it fails to start."""

@@ -15,11 +15,11 @@ from pydantic_settings import (
 )
 
 from appliance import envs
-from appliance.errors import ApplianceError
 from appliance.config.catalog import CatalogSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.config.gateway import GatewaySettings
 from appliance.config.serving import ServingSettings
+from appliance.errors import ApplianceError
 
 DEFAULT_CONFIG_FILE = Path("/etc/appliance/config.yaml")
 

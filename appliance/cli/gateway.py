@@ -1,0 +1,43 @@
+"""`appliance gateway`: run the OpenAI-compatible gateway in the foreground."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from appliance.cli.context import CliContext, pass_ctx
+
+
+@click.command("gateway")
+@click.option("--host", default=None, help="Override gateway.host for this run.")
+@click.option("--port", type=int, default=None, help="Override gateway.port for this run.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@pass_ctx
+def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str) -> None:
+    """Run the gateway in the foreground (`appliance up` runs it in the background)."""
+    import uvicorn
+
+    from appliance.gateway.app import create_app
+
+    settings = ctx.settings
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=host or settings.gateway.host,
+        port=port or settings.gateway.port,
+        log_level=log_level,
+        access_log=log_level == "debug",
+        timeout_graceful_shutdown=10,
+    )
+
+
+COMMANDS = [gateway]

@@ -1,0 +1,70 @@
+"""`appliance instances`: see, start and stop model instances through the gateway's admin API."""
+
+from __future__ import annotations
+
+import click
+import httpx
+
+from appliance.cli.context import CliContext, pass_ctx
+from appliance.errors import ApplianceError
+
+
+def _call(ctx: CliContext, method: str, path: str) -> dict:
+    gw = ctx.settings.gateway
+    url = f"http://{gw.host if gw.host != '0.0.0.0' else '127.0.0.1'}:{gw.port}{path}"
+    try:
+        resp = httpx.request(method, url, timeout=30)
+    except httpx.HTTPError as exc:
+        raise ApplianceError(f"the gateway at {url} does not answer ({exc}); is it up?") from None
+    data = resp.json()
+    if resp.status_code >= 400:
+        raise ApplianceError(data.get("error", {}).get("message", resp.text))
+    return data
+
+
+@click.group("instances")
+def instances_group() -> None:
+    """Model instances (Slurm jobs running a model server) known to the gateway."""
+
+
+@instances_group.command("list")
+@pass_ctx
+def list_instances(ctx: CliContext) -> None:
+    """Show every instance: model, Slurm job, node, state and load."""
+    rows = [("JOB", "MODEL", "STATE", "NODE", "INFLIGHT", "SERVED", "URL / REASON")]
+    for i in _call(ctx, "GET", "/admin/instances")["instances"]:
+        rows.append(
+            (
+                str(i["job_id"]),
+                i["model"],
+                i["state"],
+                i["node"] or "-",
+                str(i["inflight"]),
+                str(i["served"]),
+                i["url"] or i["reason"] or "-",
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+@instances_group.command("start")
+@click.argument("model")
+@pass_ctx
+def start(ctx: CliContext, model: str) -> None:
+    """Start one more instance of MODEL (requests also start one when none is up)."""
+    i = _call(ctx, "POST", f"/admin/models/{model}/start")
+    click.echo(f"submitted job {i['job_id']} for {model}")
+
+
+@instances_group.command("stop")
+@click.argument("job_id", type=int)
+@pass_ctx
+def stop(ctx: CliContext, job_id: int) -> None:
+    """Stop the instance running as Slurm job JOB_ID."""
+    _call(ctx, "POST", f"/admin/instances/{job_id}/stop")
+    click.echo(f"stopping job {job_id}")
+
+
+COMMANDS = [instances_group]

@@ -1,0 +1,112 @@
+"""`appliance up|down|status`: the whole stack (local Slurm, tiny model, gateway) in one go."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+import httpx
+
+from appliance.cli.context import CliContext, pass_ctx
+from appliance.config import ApplianceSettings
+from appliance.errors import ApplianceError
+
+
+def _gateway_url(settings: ApplianceSettings) -> str:
+    host = settings.gateway.host
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{settings.gateway.port}"
+
+
+def _wait_healthy(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+@click.command("up")
+@click.option("--no-tiny", is_flag=True, help="Do not build the tiny model if it is missing.")
+@pass_ctx
+def up(ctx: CliContext, no_tiny: bool) -> None:
+    """Start everything: local Slurm cluster, tiny model (built once), gateway. Safe to repeat."""
+    from appliance.daemon import read_pid, start_detached, tail
+
+    settings = ctx.settings
+    if settings.cluster.mode == "local":
+        from appliance.slurm.local_cluster import LocalCluster
+
+        click.echo("starting the local Slurm cluster ...")
+        status = LocalCluster(settings).up()
+        click.echo(status.render())
+    if not no_tiny:
+        from appliance.models.tiny import build_tiny_model, tiny_model_exists
+
+        tiny_dir = settings.models_dir / "tiny-chat"
+        if not tiny_model_exists(tiny_dir):
+            click.echo("building the tiny chat model (once, about 3 minutes) ...")
+            report = build_tiny_model(tiny_dir, progress=click.echo)
+            click.echo(f"tiny model: {report.summary()}")
+    url = _gateway_url(settings)
+    pidfile = settings.state_dir / "gateway.pid"
+    log_file = settings.log_dir / "gateway.log"
+    if read_pid(pidfile) is None:
+        argv = [sys.executable, "-m", "appliance.cli.main"]
+        if ctx.config_file:
+            argv += ["--config", str(ctx.config_file)]
+        start_detached([*argv, "gateway"], log_file, pidfile)
+    if not _wait_healthy(url, 60):
+        raise ApplianceError(
+            f"the gateway did not come up; last lines of {log_file}:\n" + tail(log_file)
+        )
+    click.echo(f"\ngateway:     {url}  (log: {log_file})")
+    click.echo(f"OpenAI API:  {url}/v1   e.g. curl {url}/v1/models")
+    click.echo(
+        "models start on the first request (scale from zero); `appliance instances list` shows them"
+    )
+
+
+@click.command("down")
+@click.option("--keep-cluster", is_flag=True, help="Stop the gateway and instances only.")
+@pass_ctx
+def down(ctx: CliContext, keep_cluster: bool) -> None:
+    """Stop the gateway, its model instances and (unless --keep-cluster) the local cluster."""
+    from appliance.daemon import stop_pid
+
+    settings = ctx.settings
+    if stop_pid(settings.state_dir / "gateway.pid"):
+        click.echo("gateway stopped")
+    if settings.cluster.mode == "local" and not keep_cluster:
+        from appliance.slurm.local_cluster import LocalCluster
+
+        LocalCluster(settings).down()
+        click.echo("local Slurm cluster stopped")
+
+
+@click.command("status")
+@pass_ctx
+def status(ctx: CliContext) -> None:
+    """Show the cluster, the gateway and the models' states."""
+    settings = ctx.settings
+    if settings.cluster.mode == "local":
+        from appliance.slurm.local_cluster import LocalCluster
+
+        click.echo(LocalCluster(settings).status().render())
+    url = _gateway_url(settings)
+    try:
+        models = httpx.get(url + "/v1/models", timeout=5).json()["data"]
+    except httpx.HTTPError:
+        click.echo(f"gateway: not answering at {url}")
+        return
+    click.echo(f"gateway: {url}")
+    for m in models:
+        flag = "" if m["installed"] else " (not installed)"
+        click.echo(f"  {m['id']:<28} {m['state']:<9} instances={m['instances']}{flag}")
+
+
+COMMANDS = [up, down, status]

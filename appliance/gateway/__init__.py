@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: routes requests to model instances running on Slurm."""

@@ -1,0 +1,76 @@
+"""Builds the gateway's FastAPI app and wires the catalog, Slurm client and instance manager."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from appliance import __version__
+from appliance.config import ApplianceSettings
+from appliance.gateway.forward import Forwarder
+from appliance.gateway.protocol import RequestError
+from appliance.gateway.routes import router
+from appliance.models.catalog import Catalog, load_catalog
+from appliance.serving.manager import InstanceManager
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.runner import LocalRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayState:
+    """What the routes need, attached to app.state.gateway."""
+
+    settings: ApplianceSettings
+    catalog: Catalog
+    manager: InstanceManager
+    forwarder: Forwarder
+
+
+def create_app(
+    settings: ApplianceSettings,
+    catalog: Catalog | None = None,
+    slurm: SlurmClient | None = None,
+) -> FastAPI:
+    """The gateway app; instances are managed for as long as the app runs."""
+    catalog = catalog or load_catalog(settings)
+    slurm = slurm or SlurmClient(LocalRunner(), settings.slurm_conf)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        gw_cfg = settings.gateway
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(gw_cfg.request_timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512),
+        )
+        manager = InstanceManager(settings, catalog, slurm)
+        await manager.start()
+        app.state.gateway = GatewayState(
+            settings, catalog, manager, Forwarder(settings, manager, client)
+        )
+        log.info("gateway ready; %d models in the catalog", len(catalog))
+        try:
+            yield
+        finally:
+            await manager.close()
+            await client.aclose()
+
+    app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
+    app.include_router(router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        return RequestError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError):
+        return RequestError(400, str(exc.errors())).response()
+
+    return app

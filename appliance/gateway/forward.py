@@ -1,0 +1,217 @@
+"""Forwards a request to an instance: waits for one (scale from zero), retries on another
+instance when one fails before anything reached the client, and relays streams byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi.responses import Response, StreamingResponse
+
+from appliance.config import ApplianceSettings
+from appliance.errors import ApplianceError
+from appliance.gateway.protocol import RequestError, server_error
+from appliance.serving.instance import Instance
+from appliance.serving.manager import InstanceManager, InstanceStartError, InstanceWaitTimeout
+
+log = logging.getLogger(__name__)
+
+JSON_HEADERS = {"content-type": "application/json"}
+INSTANCE_HEADER = "x-appliance-instance"
+DONE_MARKER = b"data: [DONE]"
+
+
+def _acquire_error(model: str, exc: Exception) -> RequestError:
+    if isinstance(exc, InstanceWaitTimeout):
+        return server_error(str(exc), code="instance_start_timeout", status=503)
+    if isinstance(exc, InstanceStartError):
+        return server_error(str(exc), code="instance_start_failed", status=503)
+    return server_error(f"cannot serve {model}: {exc}", code="model_unavailable", status=503)
+
+
+class Forwarder:
+    """Sends requests to instances chosen by the manager."""
+
+    def __init__(
+        self, settings: ApplianceSettings, manager: InstanceManager, client: httpx.AsyncClient
+    ):
+        self.settings = settings
+        self.manager = manager
+        self.client = client
+
+    async def forward(self, path: str, raw: bytes, model: str, stream: bool) -> Response:
+        if stream:
+            return await self._stream(path, raw, model)
+        return await self._unary(path, raw, model)
+
+    # ----- plain requests -----------------------------------------------------------------
+
+    async def _unary(self, path: str, raw: bytes, model: str) -> Response:
+        exclude: set[int] = set()
+        gw = self.settings.gateway
+        while True:
+            try:
+                inst = await self.manager.acquire(model, gw.start_timeout_s, exclude)
+            except ApplianceError as exc:
+                return _acquire_error(model, exc).response()
+            try:
+                resp = await self.client.post(inst.url + path, content=raw, headers=JSON_HEADERS)
+            except httpx.TransportError as exc:
+                self.manager.release(inst, failed=True)
+                exclude.add(inst.job_id)
+                log.warning("instance %s failed a request: %r", inst.job_id, exc)
+                if len(exclude) > gw.max_retries:
+                    return server_error(
+                        f"the instances of {model} failed; last error: {exc!r}"
+                    ).response()
+                continue
+            self.manager.release(inst)
+            return Response(
+                resp.content,
+                status_code=resp.status_code,
+                media_type=resp.headers.get("content-type", "application/json"),
+                headers={INSTANCE_HEADER: str(inst.job_id)},
+            )
+
+    # ----- streams ------------------------------------------------------------------------
+
+    async def _open(self, inst: Instance, path: str, raw: bytes) -> httpx.Response:
+        req = self.client.build_request("POST", inst.url + path, content=raw, headers=JSON_HEADERS)
+        return await self.client.send(req, stream=True)
+
+    async def _stream(self, path: str, raw: bytes, model: str) -> Response:
+        inst = self.manager.try_acquire(model)
+        if inst is not None:
+            # A ready instance: open upstream first so its status code (e.g. a 400 for a too
+            # long prompt) reaches the client as a normal error response.
+            try:
+                upstream = await self._open(inst, path, raw)
+            except httpx.TransportError:
+                self.manager.release(inst, failed=True)
+                return self._streaming(self._events(path, raw, model, {inst.job_id}, None, None))
+            if upstream.status_code != 200:
+                body = await upstream.aread()
+                await upstream.aclose()
+                self.manager.release(inst)
+                return Response(
+                    body,
+                    status_code=upstream.status_code,
+                    media_type=upstream.headers.get("content-type"),
+                )
+            return self._streaming(
+                self._events(path, raw, model, set(), inst, upstream), inst.job_id
+            )
+        return self._streaming(self._events(path, raw, model, set(), None, None))
+
+    @staticmethod
+    def _streaming(events: AsyncIterator[bytes], job_id: int | None = None) -> StreamingResponse:
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        if job_id is not None:
+            headers[INSTANCE_HEADER] = str(job_id)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _wait_for_instance(
+        self, model: str, exclude: set[int], holder: list[Instance]
+    ) -> AsyncIterator[bytes]:
+        """Wait for an instance, sending SSE comments so the client's connection stays open."""
+        gw = self.settings.gateway
+        task = asyncio.create_task(self.manager.acquire(model, gw.start_timeout_s, exclude))
+        try:
+            yield f": waiting for an instance of {model}\n\n".encode()
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=gw.keepalive_interval_s)
+                if done:
+                    break
+                states = (
+                    ", ".join(
+                        f"{i.state.value}{' (' + i.reason + ')' if i.reason else ''}"
+                        for i in self.manager.instances(model)
+                    )
+                    or "none"
+                )
+                yield f": still waiting for {model}: {states}\n\n".encode()
+            holder.append(task.result())
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ApplianceError):
+                    await task
+            elif not holder and not task.cancelled() and task.exception() is None:
+                # The client went away just as the instance came: give it back.
+                self.manager.release(task.result())
+
+    async def _events(
+        self,
+        path: str,
+        raw: bytes,
+        model: str,
+        exclude: set[int],
+        inst: Instance | None,
+        upstream: httpx.Response | None,
+    ) -> AsyncIterator[bytes]:
+        """The bytes of the streamed response, across retries and waits."""
+        max_retries = self.settings.gateway.max_retries
+        while True:
+            if inst is None:
+                holder: list[Instance] = []
+                try:
+                    async for comment in self._wait_for_instance(model, exclude, holder):
+                        yield comment
+                except ApplianceError as exc:
+                    yield _acquire_error(model, exc).sse_event()
+                    return
+                inst = holder[0]
+            if upstream is None:
+                try:
+                    upstream = await self._open(inst, path, raw)
+                except httpx.TransportError as exc:
+                    self.manager.release(inst, failed=True)
+                    exclude.add(inst.job_id)
+                    inst = None
+                    if len(exclude) > max_retries:
+                        yield server_error(f"the instances of {model} failed: {exc!r}").sse_event()
+                        return
+                    continue
+                if upstream.status_code != 200:
+                    body = await upstream.aread()
+                    await upstream.aclose()
+                    self.manager.release(inst)
+                    yield RequestError(
+                        upstream.status_code, body.decode(errors="replace"), type="server_error"
+                    ).sse_event()
+                    return
+            sent = False
+            tail = b""
+            failure: Exception | None = None
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+                    sent = True
+                    tail = (tail + chunk)[-64:]
+            except httpx.TransportError as exc:
+                failure = exc
+            except BaseException:
+                # The client went away (cancellation or generator close): the instance is fine.
+                self.manager.release(inst)
+                raise
+            finally:
+                await upstream.aclose()
+            if failure is None and DONE_MARKER in tail:
+                self.manager.release(inst)
+                return
+            # The instance died (or cut the stream short) before finishing.
+            self.manager.release(inst, failed=True)
+            exclude.add(inst.job_id)
+            log.warning("instance %s broke a stream of %s: %r", inst.job_id, model, failure)
+            if not sent and len(exclude) <= max_retries:
+                inst, upstream = None, None
+                continue
+            reason = repr(failure) if failure else "the stream ended before [DONE]"
+            yield server_error(
+                f"instance {inst.job_id} of {model} failed in the middle of the response "
+                f"({reason}); the answer is incomplete, please retry"
+            ).sse_event()
+            return

@@ -1,0 +1,131 @@
+"""HTTP routes of the gateway: the OpenAI API, health, and the admin view of instances."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from appliance.errors import ApplianceError
+from appliance.gateway.protocol import RequestError, parse_body, validate_request
+
+router = APIRouter()
+STARTED = int(time.time())
+
+
+def _state(request: Request):
+    return request.app.state.gateway
+
+
+def _model_entry(gw, spec) -> dict:
+    manager = gw.manager
+    insts = manager.instances(spec.name)
+    return {
+        "id": spec.name,
+        "object": "model",
+        "created": STARTED,
+        "owned_by": "appliance",
+        "state": manager.model_state(spec.name),
+        "installed": spec.installed(gw.settings),
+        "kind": spec.kind,
+        "max_model_len": spec.max_model_len,
+        "instances": sum(1 for i in insts if i.routable),
+        "description": spec.description,
+    }
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    gw = _state(request)
+    return {"object": "list", "data": [_model_entry(gw, spec) for spec in gw.catalog]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request):
+    gw = _state(request)
+    spec = gw.catalog.get(model)
+    if spec is None:
+        return RequestError(
+            404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
+        ).response()
+    return _model_entry(gw, spec)
+
+
+async def _openai_call(request: Request, path: str) -> Response:
+    gw = _state(request)
+    limit = gw.settings.gateway.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return RequestError(413, f"The request body is larger than {limit} bytes.").response()
+    raw = await request.body()
+    if len(raw) > limit:
+        return RequestError(413, f"The request body is larger than {limit} bytes.").response()
+    try:
+        body = parse_body(raw)
+        spec = validate_request(path, body, gw.catalog)
+    except RequestError as exc:
+        return exc.response()
+    if not spec.installed(gw.settings):
+        return RequestError(
+            503,
+            f"The model '{spec.name}' is in the catalog but not installed on this appliance; "
+            f"an administrator can import it with `appliance models import`.",
+            type="server_error",
+            param="model",
+            code="model_not_installed",
+        ).response()
+    return await gw.forwarder.forward(path, raw, spec.name, bool(body.get("stream", False)))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _openai_call(request, "/v1/chat/completions")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _openai_call(request, "/v1/completions")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    return await _openai_call(request, "/v1/embeddings")
+
+
+# ----- admin --------------------------------------------------------------------------------
+
+
+@router.get("/admin/instances")
+async def list_instances(request: Request) -> dict:
+    gw = _state(request)
+    return {"instances": [i.describe() for i in gw.manager.instances()]}
+
+
+@router.post("/admin/models/{model}/start")
+async def start_model(model: str, request: Request):
+    gw = _state(request)
+    if model not in gw.catalog:
+        return RequestError(
+            404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
+        ).response()
+    try:
+        inst = await gw.manager.launch(model)
+    except ApplianceError as exc:
+        return RequestError(409, str(exc), code="cannot_start").response()
+    return JSONResponse(inst.describe(), status_code=202)
+
+
+@router.post("/admin/instances/{job_id}/stop")
+async def stop_instance(job_id: int, request: Request):
+    gw = _state(request)
+    inst = gw.manager.get(job_id)
+    if inst is None:
+        return RequestError(404, f"No instance with job id {job_id}.").response()
+    await gw.manager.retire(inst, "stopped by an administrator")
+    return inst.describe()

@@ -1,0 +1,1 @@
+"""Model instances: Slurm batch jobs that run one model server each, and their lifecycle."""

@@ -1,0 +1,54 @@
+"""The endpoint record an instance job writes so the gateway can find and time it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+# Phases of a cold start, in order, as epoch seconds written by the job.
+PHASES = ("job_started_at", "process_started_at", "weights_loaded_at", "ready_at")
+
+
+class InstanceEndpoint(BaseModel):
+    """Where an instance listens and when each start-up phase finished (epoch seconds)."""
+
+    job_id: int
+    model: str
+    node: str = ""
+    host: str
+    port: int
+    pid: int
+    device: str = "cpu"
+    gpus: str = ""
+    phases: dict[str, float] = Field(default_factory=dict)
+    exit_code: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def endpoint_path(instances_dir: Path, job_id: int) -> Path:
+    return instances_dir / f"{job_id}.json"
+
+
+def write_endpoint(instances_dir: Path, endpoint: InstanceEndpoint) -> None:
+    """Write atomically: a reader never sees half a file."""
+    instances_dir.mkdir(parents=True, exist_ok=True)
+    path = endpoint_path(instances_dir, endpoint.job_id)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(endpoint.model_dump_json())
+    tmp.replace(path)
+
+
+def read_endpoint(instances_dir: Path, job_id: int) -> InstanceEndpoint | None:
+    """The job's endpoint, or None while the job has not written one (or wrote garbage)."""
+    try:
+        return InstanceEndpoint.model_validate(
+            json.loads(endpoint_path(instances_dir, job_id).read_text())
+        )
+    except (OSError, ValueError):
+        return None

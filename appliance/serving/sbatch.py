@@ -1,0 +1,94 @@
+"""Renders the batch script of a model instance (golden-file tested)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from appliance.config import ApplianceSettings
+from appliance.models.catalog import ModelSpec
+from appliance.serving.resources import InstanceRequest
+
+# Every instance job's name starts with this, so the gateway can find (and adopt) its own jobs
+# among ordinary batch work on the same cluster.
+JOB_NAME_INFIX = "-inst-"
+
+
+def job_name_prefix(settings: ApplianceSettings) -> str:
+    return f"{settings.cluster.name}{JOB_NAME_INFIX}"
+
+
+def job_name(settings: ApplianceSettings, model: str) -> str:
+    return f"{job_name_prefix(settings)}{model}"
+
+
+def model_from_job_name(settings: ApplianceSettings, name: str) -> str | None:
+    prefix = job_name_prefix(settings)
+    return name[len(prefix) :] if name.startswith(prefix) else None
+
+
+def render_instance_script(
+    settings: ApplianceSettings,
+    spec: ModelSpec,
+    request: InstanceRequest,
+    model_dir: Path,
+) -> str:
+    """The sbatch script: Slurm directives, then the launcher that runs the model server."""
+    q = shlex.quote
+    log = settings.log_dir / f"instance-{spec.name}-%j.log"
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name(settings, spec.name)}",
+        f"#SBATCH --partition={settings.cluster.partition}",
+        f"#SBATCH --output={log}",
+        f"#SBATCH --chdir={settings.state_dir}",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={request.cpus}",
+        f"#SBATCH --mem={request.mem_mb}M",
+    ]
+    if request.gres:
+        lines.append(f"#SBATCH --gres={request.gres}")
+    lines += [
+        f"#SBATCH --comment=appliance-instance:{spec.name}",
+        # An instance that dies is replaced by the gateway, not requeued by Slurm.
+        "#SBATCH --no-requeue",
+        "",
+        "# Recorded first, so the gateway can split queueing from process start-up.",
+        "export APPLIANCE_JOB_STARTED_AT=$(date +%s.%N)",
+    ]
+    argv = [
+        str(settings.serving.python),
+        "-m",
+        "appliance.serving.launch",
+        "--model",
+        spec.name,
+        "--model-path",
+        str(model_dir),
+        "--engine",
+        spec.engine,
+        "--endpoint-dir",
+        str(settings.instances_dir),
+        "--bind-host",
+        settings.serving.bind_host,
+        "--device",
+        settings.serving.device,
+        "--max-model-len",
+        str(spec.max_model_len),
+        "--cpu-kv-cache-gib",
+        f"{settings.serving.cpu_kv_cache_gib:g}",
+        "--health-path",
+        settings.serving.health_path,
+    ]
+    if settings.serving.enforce_eager:
+        argv.append("--enforce-eager")
+    if request.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", f"{request.gpu_memory_utilization:g}"]
+    if spec.resources.gpus > 1:
+        argv += ["--tensor-parallel-size", str(spec.resources.gpus)]
+    extra = [*spec.vllm_args, *settings.serving.extra_vllm_args]
+    if extra:
+        argv += ["--", *extra]
+    # exec: the launcher becomes the job's main process and receives Slurm's signals directly.
+    lines.append("exec " + " \\\n    ".join(q(a) for a in argv))
+    return "\n".join(lines) + "\n"
