@@ -57,38 +57,30 @@ def render_instance_script(
         "# Recorded first, so the gateway can split queueing from process start-up.",
         "export APPLIANCE_JOB_STARTED_AT=$(date +%s.%N)",
     ]
-    argv = [
-        str(settings.serving.python),
-        "-m",
-        "appliance.serving.launch",
-        "--model",
-        spec.name,
-        "--model-path",
-        str(model_dir),
-        "--engine",
-        spec.engine,
-        "--endpoint-dir",
-        str(settings.instances_dir),
-        "--bind-host",
-        settings.serving.bind_host,
-        "--device",
-        settings.serving.device,
-        "--max-model-len",
-        str(spec.max_model_len),
-        "--cpu-kv-cache-gib",
-        f"{settings.serving.cpu_kv_cache_gib:g}",
-        "--health-path",
-        settings.serving.health_path,
+    serving = settings.serving
+    # (flag, value) pairs, one per line of the script, so an operator can read it at a glance.
+    options: list[tuple[str, str | None]] = [
+        ("--model", spec.name),
+        ("--model-path", str(model_dir)),
+        ("--engine", spec.engine),
+        ("--endpoint-dir", str(settings.instances_dir)),
+        ("--bind-host", serving.bind_host),
+        ("--device", serving.device),
+        ("--max-model-len", str(spec.max_model_len)),
+        ("--cpu-kv-cache-gib", f"{serving.cpu_kv_cache_gib:g}"),
+        ("--health-path", serving.health_path),
     ]
-    if settings.serving.enforce_eager:
-        argv.append("--enforce-eager")
+    if serving.enforce_eager:
+        options.append(("--enforce-eager", None))
     if request.gpu_memory_utilization is not None:
-        argv += ["--gpu-memory-utilization", f"{request.gpu_memory_utilization:g}"]
+        options.append(("--gpu-memory-utilization", f"{request.gpu_memory_utilization:g}"))
     if spec.resources.gpus > 1:
-        argv += ["--tensor-parallel-size", str(spec.resources.gpus)]
-    extra = [*spec.vllm_args, *settings.serving.extra_vllm_args]
+        options.append(("--tensor-parallel-size", str(spec.resources.gpus)))
+    parts = [f"{q(str(serving.python))} -m appliance.serving.launch"]
+    parts += [flag if value is None else f"{flag} {q(value)}" for flag, value in options]
+    extra = [*spec.vllm_args, *serving.extra_vllm_args]
     if extra:
-        argv += ["--", *extra]
+        parts.append("-- " + " ".join(q(a) for a in extra))
     # exec: the launcher becomes the job's main process and receives Slurm's signals directly.
-    lines.append("exec " + " \\\n    ".join(q(a) for a in argv))
+    lines.append("exec " + " \\\n    ".join(parts))
     return "\n".join(lines) + "\n"

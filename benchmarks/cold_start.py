@@ -1,0 +1,153 @@
+"""Cold start: from the first request for a stopped model to its first token, by phase.
+
+Baseline, measured in the same run: the same vLLM server started directly (no Slurm, no
+gateway) until its first token. Run: .venv/bin/python -m benchmarks.cold_start [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from appliance import envs
+from appliance.devstack import cluster_settings, free_port, local_cluster, running_gateway
+from appliance.models.tiny import build_tiny_model, tiny_model_exists
+from benchmarks.common import median, print_table, write_result
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = Path(os.environ.get("APPLIANCE_TEST_CACHE", REPO / ".state" / "test-cache")) / "tiny-chat"
+BODY = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8, "stream": True}
+TARGET_S = 30.0
+
+
+def first_token(url: str, model: str, timeout: float = 300) -> float:
+    """Seconds from sending a streamed chat request to the first content chunk."""
+    t0 = time.perf_counter()
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json={**BODY, "model": model}, timeout=timeout
+    ) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                elapsed = time.perf_counter() - t0
+                for _ in resp.iter_lines():  # drain, so the instance is idle afterwards
+                    pass
+                return elapsed
+    raise RuntimeError("stream ended without a token")
+
+
+def direct_start(port: int) -> float:
+    """Baseline: start vLLM by hand and time request-until-first-token from process start."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(TINY),
+        "--served-model-name",
+        "tiny-chat",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+    ]
+    env = {**os.environ, **envs.OFFLINE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        first_token(url, "tiny-chat")
+        return time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    if not tiny_model_exists(TINY):
+        build_tiny_model(TINY)
+    with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
+        catalog = Path(tmp) / "catalog.yaml"
+        catalog.write_text(
+            f"models:\n  - name: tiny-chat\n    source: dir:{TINY}\n    max_model_len: 512\n"
+            "    resources: {cpus: 1, memory_gb: 3}\n"
+        )
+        settings = cluster_settings(
+            Path(tmp) / "state",
+            gateway={"port": free_port(), "idle_timeout_s": 0},
+            catalog={"files": [str(catalog)], "include_presets": False},
+        )
+        runs = []
+        with local_cluster(settings), running_gateway(settings) as url:
+            for _ in range(args.runs):
+                t_first = first_token(url, "tiny-chat")
+                [inst] = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
+                p = inst["phases"]
+                runs.append(
+                    {
+                        "first_token_s": t_first,
+                        "slurm_queue_s": p["job_started_at"] - inst["submitted_at"],
+                        "process_start_s": p["process_started_at"] - p["job_started_at"],
+                        "model_load_s": p["weights_loaded_at"] - p["process_started_at"],
+                        "engine_init_s": p["ready_at"] - p["weights_loaded_at"],
+                        "first_token_after_ready_s": t_first
+                        - (p["ready_at"] - inst["submitted_at"]),
+                    }
+                )
+                httpx.post(f"{url}/admin/instances/{inst['job_id']}/stop", timeout=30)
+                deadline = time.monotonic() + 60
+                while httpx.get(url + "/admin/instances", timeout=10).json()["instances"]:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("instance did not stop")
+                    time.sleep(0.5)
+        baseline = [direct_start(free_port()) for _ in range(args.runs)]
+    keys = list(runs[0])
+    result = {k: round(median([r[k] for r in runs]), 3) for k in keys}
+    result["baseline_direct_vllm_first_token_s"] = round(median(baseline), 3)
+    result["ratio_vs_direct_vllm"] = round(
+        result["first_token_s"] / result["baseline_direct_vllm_first_token_s"], 3
+    )
+    result["target_s"] = TARGET_S
+    result["meets_target"] = result["first_token_s"] < TARGET_S
+    result["runs"] = runs
+    result["baseline_runs_s"] = baseline
+    path = write_result("cold_start", result)
+    rows = [("phase", "median s", "share")]
+    for k in keys:
+        rows.append((k, f"{result[k]:.2f}", f"{result[k] / result['first_token_s']:.0%}"))
+    rows.append(
+        (
+            "baseline: vLLM started by hand",
+            f"{result['baseline_direct_vllm_first_token_s']:.2f}",
+            f"ratio {result['ratio_vs_direct_vllm']:.2f}x",
+        )
+    )
+    print_table(f"cold start, tiny model, {args.runs} runs (target < {TARGET_S:g} s)", rows)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

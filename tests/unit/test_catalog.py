@@ -1,0 +1,60 @@
+"""The model catalog: presets, operator additions, and clear errors for broken files."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.config import load_settings
+from appliance.errors import ApplianceError
+from appliance.models.catalog import ModelSpec, add_local_model, load_catalog
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings(state_dir=tmp_path)
+
+
+def test_presets_include_tiny_real_and_embedding_models(settings):
+    catalog = load_catalog(settings)
+    assert "tiny-chat" in catalog
+    kinds = {m.kind for m in catalog}
+    assert {"chat", "embedding"} <= kinds
+    big = [m for m in catalog if m.resources.gpus >= 1]
+    assert any(m.parameters.startswith(("7", "8")) for m in big)
+    assert any(m.parameters.startswith(("13", "14")) for m in big)
+    for m in catalog:
+        assert m.description and m.max_model_len >= 256
+
+
+def test_uninstalled_preset_reported(settings):
+    catalog = load_catalog(settings)
+    assert not catalog.get("llama-3.1-8b-instruct").installed(settings)
+
+
+def test_add_local_model_roundtrip(settings, tmp_path):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    add_local_model(settings, ModelSpec(name="mine", source=f"dir:{model_dir}", path=model_dir))
+    catalog = load_catalog(settings)
+    assert catalog.get("mine").installed(settings)
+    # Adding again replaces, never duplicates.
+    add_local_model(settings, ModelSpec(name="mine", source=f"dir:{model_dir}", max_model_len=99))
+    assert load_catalog(settings).get("mine").max_model_len == 99
+
+
+def test_broken_catalog_names_model_and_field(tmp_path):
+    bad = tmp_path / "cat.yaml"
+    bad.write_text("models:\n  - name: x\n    source: dir:/x\n    resources: {gpus: -1}\n")
+    settings = load_settings(state_dir=tmp_path, catalog={"files": [str(bad)]})
+    with pytest.raises(ApplianceError, match=r"model x: resources.gpus"):
+        load_catalog(settings)
+
+
+def test_catalog_file_overrides_preset(tmp_path):
+    f = tmp_path / "cat.yaml"
+    f.write_text(
+        "models:\n  - name: tiny-chat\n    source: dir:/elsewhere\n    max_model_len: 128\n"
+    )
+    settings = load_settings(state_dir=tmp_path, catalog={"files": [str(f)]})
+    assert load_catalog(settings).get("tiny-chat").max_model_len == 128

@@ -1,0 +1,98 @@
+"""Instance batch scripts (golden files) and the Slurm request behind them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_settings
+from appliance.errors import ApplianceError
+from appliance.models.catalog import ModelResources, ModelSpec
+from appliance.serving.resources import plan_request
+from appliance.serving.sbatch import model_from_job_name, render_instance_script
+
+GOLDEN = Path(__file__).parent / "golden"
+# Regenerate golden files with: APPLIANCE_UPDATE_GOLDEN=1 pytest tests/unit
+UPDATE = os.environ.get("APPLIANCE_UPDATE_GOLDEN") == "1"
+
+
+def settings(**extra):
+    return load_settings(
+        state_dir="/var/lib/appliance",
+        serving={"python": "/opt/appliance/.venv/bin/python", **extra.pop("serving", {})},
+        **extra,
+    )
+
+
+TINY = ModelSpec(
+    name="tiny-chat",
+    source="builtin:tiny",
+    max_model_len=512,
+    resources=ModelResources(cpus=1, memory_gb=4, cpu_fallback=True),
+)
+SMALL_GPU = ModelSpec(
+    name="small",
+    source="hf:x/small",
+    max_model_len=4096,
+    resources=ModelResources(gpus=1, gpu_memory_gb=16, memory_gb=16, cpus=2),
+)
+BIG = ModelSpec(
+    name="big-70b",
+    source="hf:x/big",
+    max_model_len=8192,
+    vllm_args=["--dtype", "bf16"],
+    resources=ModelResources(gpus=4, gpu_memory_gb=300, memory_gb=128, cpus=16),
+)
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; if intended, regenerate golden files"
+
+
+@pytest.mark.parametrize(
+    ("spec", "gpus", "golden"),
+    [
+        (TINY, 0, "instance-cpu.sbatch"),
+        (SMALL_GPU, 2, "instance-shard.sbatch"),
+        (BIG, 8, "instance-multi-gpu.sbatch"),
+    ],
+)
+def test_instance_script_golden(spec, gpus, golden):
+    s = settings()
+    req = plan_request(spec, s, gpus)
+    check_golden(golden, render_instance_script(s, spec, req, Path(f"/models/{spec.name}")))
+
+
+def test_small_model_shares_gpu_with_matching_memory_fraction():
+    req = plan_request(SMALL_GPU, settings(), cluster_gpus=1)
+    assert req.gres == "shard:1"  # 16 of 80 GB, 4 shards per GPU
+    assert req.gpu_memory_utilization == pytest.approx(0.225)
+
+
+def test_large_model_takes_whole_gpus():
+    assert plan_request(BIG, settings(), cluster_gpus=8).gres == "gpu:4"
+
+
+def test_gpu_model_on_cpu_cluster():
+    with pytest.raises(ApplianceError, match="needs 1 GPU"):
+        plan_request(SMALL_GPU, settings(), cluster_gpus=0)
+    fallback = SMALL_GPU.model_copy(
+        update={"resources": SMALL_GPU.resources.model_copy(update={"cpu_fallback": True})}
+    )
+    assert plan_request(fallback, settings(), cluster_gpus=0).gres is None
+
+
+def test_too_many_gpus_for_any_node():
+    with pytest.raises(ApplianceError, match="largest node has 2"):
+        plan_request(BIG, settings(), cluster_gpus=2)
+
+
+def test_job_names_round_trip():
+    s = settings()
+    assert model_from_job_name(s, "appliance-inst-tiny-chat") == "tiny-chat"
+    assert model_from_job_name(s, "somebody-elses-job") is None

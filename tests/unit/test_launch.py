@@ -1,0 +1,70 @@
+"""The in-job launcher builds the right server command for each engine and device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.serving.endpoint import InstanceEndpoint, read_endpoint, write_endpoint
+from appliance.serving.launch import parse_args, server_command, server_env
+from appliance.serving.manager import _gpu_count
+
+BASE = [
+    "--model",
+    "m",
+    "--model-path",
+    "/models/m",
+    "--endpoint-dir",
+    "/tmp/e",
+    "--max-model-len",
+    "512",
+    "--cpu-kv-cache-gib",
+    "1.5",
+]
+
+
+def test_vllm_cpu_command_and_env():
+    args = parse_args(
+        [*BASE, "--enforce-eager", "--gpu-memory-utilization", "0.4", "--", "--dtype", "float32"]
+    )
+    cmd = server_command(args, 1234, "cpu")
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--served-model-name") + 1] == "m"
+    assert cmd[cmd.index("--port") + 1] == "1234"
+    assert "--enforce-eager" in cmd and cmd[-2:] == ["--dtype", "float32"]
+    assert "--gpu-memory-utilization" not in cmd  # meaningless on CPU
+    env = server_env(args, "cpu")
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1.5"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
+
+
+def test_vllm_gpu_command():
+    args = parse_args([*BASE, "--gpu-memory-utilization", "0.45", "--tensor-parallel-size", "2"])
+    cmd = server_command(args, 1, "cuda")
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.45"
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in server_env(args, "cuda")
+
+
+def test_embedding_command():
+    args = parse_args([*BASE, "--engine", "sentence-transformers"])
+    cmd = server_command(args, 99, "cpu")
+    assert cmd[1:3] == ["-m", "appliance.serving.embedding_server"]
+
+
+def test_endpoint_file_roundtrip(tmp_path: Path):
+    assert read_endpoint(tmp_path, 7) is None
+    (tmp_path / "8.json").write_text("{half")
+    assert read_endpoint(tmp_path, 8) is None  # garbage is "not yet", never a crash
+    ep = InstanceEndpoint(
+        job_id=7, model="m", host="127.0.0.1", port=5, pid=1, phases={"ready_at": 2.0}
+    )
+    write_endpoint(tmp_path, ep)
+    assert read_endpoint(tmp_path, 7) == ep
+    assert ep.url == "http://127.0.0.1:5"
+
+
+def test_gpu_count_from_gres():
+    assert _gpu_count("gpu:2,shard:8") == 2
+    assert _gpu_count("gpu:a100:4(S:0-1)") == 4
+    assert _gpu_count("(null)") == 0
+    assert _gpu_count("") == 0
