@@ -38,6 +38,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "SLURM_JOB_GPUS": lambda: os.environ.get("SLURM_JOB_GPUS"),
     # Set by the instance sbatch script: wall-clock time (epoch seconds) at which the job started.
     "APPLIANCE_JOB_STARTED_AT": lambda: os.environ.get("APPLIANCE_JOB_STARTED_AT"),
+    # Debian's: set to "noninteractive" when the stack installs packages with apt-get.
+    "DEBIAN_FRONTEND": lambda: os.environ.get("DEBIAN_FRONTEND"),
     # vLLM CPU backend: KV-cache size in GiB (without it vLLM wants 90% of RAM free).
     "VLLM_CPU_KVCACHE_SPACE": lambda: os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
 }

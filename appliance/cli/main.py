@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; operator errors are printed as one clear message, never a traceback."""
     _register()
     try:
-        cli.main(args=argv, prog_name="appliance", standalone_mode=False)
+        result = cli.main(args=argv, prog_name="appliance", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except ApplianceError as exc:
         click.echo(f"error: {exc}", err=True)
         return 2
-    return 0
+    # Without standalone mode click returns ctx.exit()'s code (or the command's return value).
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
