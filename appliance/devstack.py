@@ -5,22 +5,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
 
-from appliance.config import ApplianceSettings, load_settings
+from appliance.config import ApplianceSettings
+from appliance.config.cluster import ClusterSettings
 from appliance.daemon import tail
 from appliance.serving.sbatch import job_name_prefix
 from appliance.slurm.client import SlurmClient
-from appliance.slurm.runner import LocalRunner
+from appliance.slurm.daemons import find_daemons, stop_processes
+from appliance.slurm.local_cluster import LocalCluster
+from appliance.slurm.runner import LocalRunner, SlurmCommandError
 
 
 def free_port() -> int:
@@ -29,37 +33,101 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_port_block(count: int) -> int:
-    """First of `count` consecutive free ports (slurmd ports must be consecutive)."""
-    for _ in range(200):
-        base = free_port()
-        if base + count >= 65000:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(base, base + count):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
+# Ports are drawn from here; it avoids the defaults (16817, 17001...) and the ephemeral range.
+_PORT_RANGE = (20000, 32000)
+
+
+def _port_free(port: int) -> bool:
+    # slurmctld and slurmd listen on all addresses; test both the wildcard and loopback.
+    for host in ("0.0.0.0", "127.0.0.1"):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port_block(count: int, attempts: int = 200) -> int:
+    """The first of `count` consecutive TCP ports that are free right now."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - count)
+        if all(_port_free(base + i) for i in range(count)):
             return base
-        except OSError:
-            continue
-    raise RuntimeError("no block of free ports found")
+    raise RuntimeError(f"no block of {count} free ports found in {_PORT_RANGE}")
 
 
-def cluster_settings(
-    state_dir: Path, *, nodes: int = 1, gpus_per_node: int = 0, **overrides
+def unique_cluster_name() -> str:
+    """A ClusterName no other run uses (job names start with it too)."""
+    return f"t{os.getpid()}x{random.randrange(16**4):04x}"
+
+
+def local_cluster_settings(
+    state_dir: Path,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 0,
+    shards_per_gpu: int = 4,
+    cluster: dict[str, Any] | None = None,
+    **sections: Any,
 ) -> ApplianceSettings:
-    """Settings for a private local cluster under `state_dir` on free ports."""
-    cluster = {
-        "name": "t" + uuid.uuid4().hex[:8],
+    """Settings for a private cluster under `state_dir` on free ports, with a unique name;
+    `sections` (gateway=..., catalog=...) fill the other settings sections."""
+    base = free_port_block(nodes + 1)
+    values: dict[str, Any] = {
+        "mode": "local",
+        "name": unique_cluster_name(),
         "nodes": nodes,
         "gpus_per_node": gpus_per_node,
-        "controller_port": free_port(),
-        "node_port_base": free_port_block(nodes),
-        "kill_wait_s": 2,
-        **overrides.pop("cluster", {}),
+        "shards_per_gpu": shards_per_gpu,
+        "controller_port": base,
+        "node_port_base": base + 1,
+        "kill_wait_s": 1,  # tests cancel jobs; no need to wait long for them to exit
+        "ready_timeout_s": 60.0,
     }
-    return load_settings(state_dir=state_dir, cluster=cluster, **overrides)
+    values.update(cluster or {})
+    # Built directly, not with load_settings: a host's /etc/appliance/config.yaml must not leak in.
+    return ApplianceSettings(state_dir=state_dir, cluster=ClusterSettings(**values), **sections)
+
+
+def start_local_cluster(settings: ApplianceSettings) -> LocalCluster:
+    """Start the local cluster `settings` describe; if start-up fails, nothing is left running."""
+    cluster = LocalCluster(settings)
+    try:
+        cluster.up()
+    except BaseException:
+        stop_local_cluster(cluster)
+        raise
+    return cluster
+
+
+def stop_local_cluster(cluster: LocalCluster) -> None:
+    """Cancel every job, run down(), then SIGKILL any daemon of this cluster that is left."""
+    client = SlurmClient(LocalRunner(), cluster.paths.slurm_conf, timeout=10)
+    with contextlib.suppress(SlurmCommandError):
+        # Tests own the whole cluster: cancel all jobs, not only those with the stack's prefix.
+        if cluster.paths.slurm_conf.exists() and client.ping():
+            for job in client.jobs():
+                if job.active:
+                    client.cancel(job.job_id)
+    try:
+        cluster.down()
+    finally:
+        left = find_daemons(cluster.paths.slurm_conf)
+        if left:
+            stop_processes([d.pid for d in left.values()], timeout=2.0)
+
+
+@contextlib.contextmanager
+def running_local_cluster(settings: ApplianceSettings) -> Iterator[LocalCluster]:
+    """A started local cluster that is stopped on exit, whether the body passed or failed."""
+    cluster = start_local_cluster(settings)
+    try:
+        yield cluster
+    finally:
+        stop_local_cluster(cluster)
 
 
 def write_config(settings: ApplianceSettings, path: Path) -> Path:
@@ -129,16 +197,3 @@ def cancel_instances(settings: ApplianceSettings, timeout: float = 30.0) -> None
         for job in jobs:
             client.cancel(job.job_id)
         time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def local_cluster(settings: ApplianceSettings) -> Iterator[ApplianceSettings]:
-    """Start the local Slurm cluster described by `settings`; always stop it on exit."""
-    from appliance.slurm.local_cluster import LocalCluster
-
-    cluster = LocalCluster(settings)
-    try:
-        cluster.up()
-        yield settings
-    finally:
-        cluster.down()

@@ -17,7 +17,12 @@ from pathlib import Path
 import httpx
 
 from appliance import envs
-from appliance.devstack import cluster_settings, free_port, local_cluster, running_gateway
+from appliance.devstack import (
+    free_port,
+    local_cluster_settings,
+    running_gateway,
+    running_local_cluster,
+)
 from appliance.models.tiny import build_tiny_model, tiny_model_exists
 from benchmarks.common import median, print_table, write_result
 
@@ -94,13 +99,13 @@ def main() -> int:
             f"models:\n  - name: tiny-chat\n    source: dir:{TINY}\n    max_model_len: 512\n"
             "    resources: {cpus: 1, memory_gb: 3}\n"
         )
-        settings = cluster_settings(
+        settings = local_cluster_settings(
             Path(tmp) / "state",
             gateway={"port": free_port(), "idle_timeout_s": 0},
             catalog={"files": [str(catalog)], "include_presets": False},
         )
         runs = []
-        with local_cluster(settings), running_gateway(settings) as url:
+        with running_local_cluster(settings), running_gateway(settings) as url:
             for _ in range(args.runs):
                 t_first = first_token(url, "tiny-chat")
                 [inst] = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]

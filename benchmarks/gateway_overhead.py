@@ -19,7 +19,12 @@ from pathlib import Path
 
 import httpx
 
-from appliance.devstack import cluster_settings, free_port, local_cluster, running_gateway
+from appliance.devstack import (
+    free_port,
+    local_cluster_settings,
+    running_gateway,
+    running_local_cluster,
+)
 from appliance.models.tiny import build_tiny_model, tiny_model_exists
 from benchmarks.common import percentile, print_table, write_result
 
@@ -112,12 +117,12 @@ def main() -> int:
             f"models:\n  - name: {MODEL}\n    source: dir:{TINY}\n    max_model_len: 512\n"
             "    resources: {cpus: 1, memory_gb: 4}\n"
         )
-        settings = cluster_settings(
+        settings = local_cluster_settings(
             Path(tmp) / "state",
             gateway={"port": free_port(), "idle_timeout_s": 0},
             catalog={"files": [str(catalog)], "include_presets": False},
         )
-        with local_cluster(settings), running_gateway(settings) as gateway:
+        with running_local_cluster(settings), running_gateway(settings) as gateway:
             httpx.post(
                 gateway + "/v1/completions",
                 timeout=300,

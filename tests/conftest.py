@@ -1,9 +1,8 @@
-"""Shared fixtures: the tiny model (built once, reused), free ports, per-test state dirs."""
+"""Shared fixtures: the tiny model (built once, reused) and the local Slurm cluster."""
 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("APPLIANCE_TEST_CACHE", REPO_ROOT / ".state" / "test-cache"))
 
 pytest_plugins = ["tests.slurm_fixtures"]
-
-
-def free_port() -> int:
-    """A TCP port that is free right now on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

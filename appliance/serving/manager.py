@@ -378,6 +378,11 @@ class InstanceManager:
             self._last_error.pop(inst.model, None)
             log.info("instance %s of %s ready at %s", inst.job_id, inst.model, inst.url)
         elif inst.state in (InstanceState.READY, InstanceState.UNHEALTHY):
+            if "ready_at" not in inst.phases:
+                # The gateway can see the server healthy before the launcher records it.
+                endpoint = read_endpoint(self.settings.instances_dir, inst.job_id)
+                if endpoint is not None:
+                    inst.phases.update(endpoint.phases)
             due = inst.state is InstanceState.UNHEALTHY or (
                 now - inst.last_probe >= self.settings.gateway.health_interval_s
             )

@@ -14,17 +14,13 @@ from typing import TypeVar
 import pytest
 
 from appliance.config import ApplianceSettings
+from appliance.devstack import local_cluster_settings, running_local_cluster, stop_local_cluster
 from appliance.errors import ApplianceError
 from appliance.slurm.client import SlurmClient, SlurmJob
 from appliance.slurm.daemons import find_daemons
 from appliance.slurm.local_cluster import LocalCluster
 from appliance.slurm.runner import LocalRunner
-from tests.slurm_fixtures import (
-    local_cluster_settings,
-    require_local_slurm,
-    running_local_cluster,
-    stop_local_cluster,
-)
+from tests.slurm_fixtures import require_local_slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(120)]
 
@@ -106,8 +102,9 @@ PRINT_GPUS = 'echo "CUDA=${CUDA_VISIBLE_DEVICES-}"; echo "JOB_GPUS=${SLURM_JOB_G
 def cluster(tmp_path_factory) -> Iterator[tuple[ApplianceSettings, LocalCluster]]:
     require_local_slurm()
     state = tmp_path_factory.mktemp("lc")
-    with running_local_cluster(state, nodes=2, gpus_per_node=2, shards_per_gpu=4) as started:
-        yield started
+    settings = local_cluster_settings(state, nodes=2, gpus_per_node=2, shards_per_gpu=4)
+    with running_local_cluster(settings) as local:
+        yield settings, local
 
 
 @pytest.fixture
@@ -242,7 +239,8 @@ def test_changed_config_restarts_and_drained_nodes_are_resumed(tmp_path):
 
 def test_down_stops_every_daemon_and_cancels_the_stacks_jobs(tmp_path):
     require_local_slurm()
-    with running_local_cluster(tmp_path / "state", nodes=1, gpus_per_node=0) as (settings, local):
+    settings = local_cluster_settings(tmp_path / "state", nodes=1, gpus_per_node=0)
+    with running_local_cluster(settings) as local:
         helper = Jobs(settings, tmp_path)
         job_id = helper.submit("sleeper", "sleep 300")
         helper.wait_state(job_id, "RUNNING")

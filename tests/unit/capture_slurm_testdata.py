@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from appliance.devstack import local_cluster_settings, running_local_cluster
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
-from tests.slurm_fixtures import running_local_cluster
 
 OUT = Path(__file__).parent / "testdata" / "slurm"
 
@@ -62,7 +62,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(prefix="slurm-capture-") as tmp,
-        running_local_cluster(Path(tmp), nodes=2, gpus_per_node=2) as (settings, cluster),
+        running_local_cluster(
+            settings := local_cluster_settings(Path(tmp), nodes=2, gpus_per_node=2)
+        ) as cluster,
     ):
         capture(settings.cluster.name, cluster.paths.slurm_conf)
         cluster.down()
