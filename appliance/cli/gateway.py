@@ -29,6 +29,8 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every health probe at INFO; keep the gateway's log about the gateway.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     app = create_app(settings)
     uvicorn.run(
         app,

@@ -78,6 +78,9 @@ class InstanceManager:
         self._start_failures: dict[str, deque[float]] = {}
         self._last_error: dict[str, str] = {}
         self._last_job_poll = 0.0
+        # Models with a scale-up launch under way (at most one each), and its tasks.
+        self._scaling: set[str] = set()
+        self._background: set[asyncio.Task] = set()
 
     # ----- lifecycle of the manager -------------------------------------------------------
 
@@ -124,6 +127,12 @@ class InstanceManager:
         spec = self.catalog.get(model)
         if spec is None:
             raise ApplianceError(f"unknown model {model!r}")
+        active = [i for i in self.instances(model) if i.state in ACTIVE_STATES]
+        if len(active) >= spec.max_instances:
+            raise ApplianceError(
+                f"model {model} already has {len(active)} instance(s); its max_instances is "
+                f"{spec.max_instances}"
+            )
         if not spec.installed(self.settings):
             raise ApplianceError(
                 f"model {model} is not installed on this appliance "
@@ -249,16 +258,23 @@ class InstanceManager:
         if not ready or coming or active >= spec.max_instances:
             return
         depth = sum(i.inflight for i in ready) / len(ready)
-        if depth >= self.settings.gateway.scale_up_queue_depth:
+        if depth >= self.settings.gateway.scale_up_queue_depth and model not in self._scaling:
+            # Marked before the task runs, so a burst of requests launches one instance, not one
+            # each; the next scale-up waits until this one is at least queued in Slurm.
+            self._scaling.add(model)
             log.info("scaling up %s: %.1f requests in flight per instance", model, depth)
-            asyncio.get_running_loop().create_task(self._launch_quietly(model))
+            task = asyncio.get_running_loop().create_task(self._scale_up(model))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
-    async def _launch_quietly(self, model: str) -> None:
+    async def _scale_up(self, model: str) -> None:
         try:
             async with self._launch_lock:
                 await self.launch(model)
         except ApplianceError as exc:
             log.warning("could not scale up %s: %s", model, exc)
+        finally:
+            self._scaling.discard(model)
 
     # ----- the loop -----------------------------------------------------------------------
 

@@ -164,28 +164,69 @@ def test_idle_instance_is_retired(stack):
     assert instances(url, "tiny-chat"), "tiny-chat must be kept (retirement disabled for it)"
 
 
+def read_stream(url: str, body: dict) -> tuple[int, str]:
+    """Consume a streamed completion: (data events received, the last one)."""
+    events, last = 0, ""
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events += 1
+                last = line[6:]
+    return events, last
+
+
 def test_instance_killed_mid_stream(stack, client):
+    import concurrent.futures as cf
+
     settings, url = stack
-    raw = client.chat.completions.with_raw_response.create(
-        model="tiny-chat",
-        messages=MESSAGES,
-        max_tokens=480,
-        stream=True,
-        extra_body={"ignore_eos": True, "min_tokens": 480},
-    )
-    job_id = int(raw.headers["x-appliance-instance"])
-    chunks = iter(raw.parse())
-    next(chunks)
-    SlurmClient(LocalRunner(), settings.slurm_conf).cancel(job_id)
-    received = 1
-    with pytest.raises(openai.APIError) as err:
-        for _ in chunks:
-            received += 1
+    client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
+    # Twelve other requests of four 480-token sequences each keep the instance busy for seconds,
+    # so the kill lands in the middle of the stream under test, not after it.
+    body = {
+        "model": "tiny-chat",
+        "messages": MESSAGES,
+        "stream": True,
+        "n": 4,
+        "max_tokens": 480,
+        "ignore_eos": True,
+        "min_tokens": 480,
+    }
+    with cf.ThreadPoolExecutor(12) as pool:
+        others = [pool.submit(read_stream, url, body) for _ in range(12)]
+        time.sleep(1.0)  # let them start; together they take several seconds on 2 cores
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny-chat",
+            messages=MESSAGES,
+            stream=True,
+            max_tokens=480,
+            extra_body={"ignore_eos": True, "min_tokens": 480},
+        )
+        job_id = int(raw.headers["x-appliance-instance"])
+        chunks = iter(raw.parse())
+        next(chunks)
+        SlurmClient(LocalRunner(), settings.slurm_conf).cancel(job_id)
+        received = 1
+        with pytest.raises(openai.APIError) as err:
+            for _ in chunks:
+                received += 1
+        results = [f.result(timeout=120) for f in others]
     assert "failed in the middle of the response" in str(err.value.message)
     assert received < 480
-    # The gateway keeps serving: a new instance comes up and answers.
-    resp = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8)
-    assert resp.choices[0].message.content is not None
+    # No stream was cut silently: each one ended with [DONE] or with an error event.
+    for _events, last in results:
+        assert last == "[DONE]" or "error" in json.loads(last), last
+    assert any(last != "[DONE]" for _e, last in results)
+    # 13 requests in flight on one instance passed scale_up_queue_depth (8): a second instance
+    # was started while they ran; it takes over now that the first one is gone.
+    others_ids = [i["job_id"] for i in instances(url, "tiny-chat") if i["job_id"] != job_id]
+    assert others_ids, "no instance was started on queue depth"
+    assert len(others_ids) == 1, "a burst must launch one instance, within max_instances (2)"
+    # The gateway keeps serving: the new instance comes up and answers.
+    resp = client.chat.completions.with_raw_response.create(
+        model="tiny-chat", messages=MESSAGES, max_tokens=8
+    )
+    assert int(resp.headers["x-appliance-instance"]) in others_ids
+    assert resp.parse().choices[0].message.content is not None
     assert job_id not in [i["job_id"] for i in instances(url, "tiny-chat")]
 
 
@@ -203,3 +244,16 @@ def test_streaming_client_waiting_for_a_cold_model_gets_keepalives(stack):
     assert comments >= 2  # sent while the instance was starting
     assert data[-1] == "[DONE]"
     assert json.loads(data[0])["model"] == "tiny-chat-b"
+
+
+def test_embeddings_from_the_catalog_embedding_model(stack, client):
+    resp = client.embeddings.create(
+        model="all-minilm-l6-v2", input=["The cat sat on the mat.", "A kitten rested on a rug."]
+    )
+    assert [d.index for d in resp.data] == [0, 1]
+    a, b = (d.embedding for d in resp.data)
+    assert len(a) == 384
+    assert 0.3 < sum(x * y for x, y in zip(a, b, strict=True)) < 1.0  # normalised, related
+    assert resp.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="tiny-chat", input="chat models do not embed")
