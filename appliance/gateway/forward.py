@@ -68,6 +68,13 @@ class Forwarder:
                         f"the instances of {model} failed; last error: {exc!r}"
                     ).response()
                 continue
+            if resp.status_code >= 500 and len(exclude) < gw.max_retries:
+                # A server error (vLLM answers 5xx when its engine dies): try another instance;
+                # client mistakes are 4xx and go straight back.
+                self.manager.release(inst, failed=True)
+                exclude.add(inst.job_id)
+                log.warning("instance %s answered %s; retrying", inst.job_id, resp.status_code)
+                continue
             self.manager.release(inst)
             return Response(
                 resp.content,

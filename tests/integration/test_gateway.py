@@ -204,7 +204,9 @@ def test_instance_killed_mid_stream(stack, client):
         job_id = int(raw.headers["x-appliance-instance"])
         chunks = iter(raw.parse())
         next(chunks)
-        SlurmClient(LocalRunner(), settings.slurm_conf).cancel(job_id)
+        # SIGKILL: the instance dies at once, as on a crash. (Plain scancel sends SIGTERM, and
+        # vLLM then drains what it can within KillWait, so a stream may still complete.)
+        SlurmClient(LocalRunner(), settings.slurm_conf).cancel(job_id, signal="KILL")
         received = 1
         with pytest.raises(openai.APIError) as err:
             for _ in chunks:
@@ -228,6 +230,34 @@ def test_instance_killed_mid_stream(stack, client):
     assert int(resp.headers["x-appliance-instance"]) in others_ids
     assert resp.parse().choices[0].message.content is not None
     assert job_id not in [i["job_id"] for i in instances(url, "tiny-chat")]
+
+
+def test_plain_request_is_retried_when_its_instance_dies(stack, client):
+    import concurrent.futures as cf
+
+    settings, url = stack
+    slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
+    client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
+    doomed = [i["job_id"] for i in instances(url, "tiny-chat")]
+    long = {"n": 8, "max_tokens": 480}
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            client.chat.completions.with_raw_response.create,
+            model="tiny-chat",
+            messages=MESSAGES,
+            extra_body={"ignore_eos": True, "min_tokens": 480},
+            n=long["n"],
+            max_tokens=long["max_tokens"],
+        )
+        time.sleep(0.3)  # eight 480-token sequences take seconds on 2 cores
+        for job_id in doomed:
+            slurm.cancel(job_id, signal="KILL")
+        raw = pending.result(timeout=300)
+    # Nothing had reached the client, so the gateway retried on a new instance: a full answer.
+    resp = raw.parse()
+    assert len(resp.choices) == long["n"]
+    assert resp.usage.completion_tokens == long["n"] * long["max_tokens"]
+    assert int(raw.headers["x-appliance-instance"]) not in doomed
 
 
 def test_streaming_client_waiting_for_a_cold_model_gets_keepalives(stack):
