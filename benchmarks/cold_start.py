@@ -10,24 +10,14 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
 from appliance import envs
-from appliance.devstack import (
-    free_port,
-    local_cluster_settings,
-    running_gateway,
-    running_local_cluster,
-)
-from appliance.models.tiny import build_tiny_model, tiny_model_exists
-from benchmarks.common import median, print_table, write_result
+from appliance.devstack import free_port
+from benchmarks.common import TINY, median, print_table, tiny_stack, write_result
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = Path(os.environ.get("APPLIANCE_TEST_CACHE", REPO / ".state" / "test-cache")) / "tiny-chat"
 BODY = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8, "stream": True}
 TARGET_S = 30.0
 
@@ -91,43 +81,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    if not tiny_model_exists(TINY):
-        build_tiny_model(TINY)
-    with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
-        catalog = Path(tmp) / "catalog.yaml"
-        catalog.write_text(
-            f"models:\n  - name: tiny-chat\n    source: dir:{TINY}\n    max_model_len: 512\n"
-            "    resources: {cpus: 1, memory_gb: 3}\n"
-        )
-        settings = local_cluster_settings(
-            Path(tmp) / "state",
-            gateway={"port": free_port(), "idle_timeout_s": 0},
-            catalog={"files": [str(catalog)], "include_presets": False},
-        )
-        runs = []
-        with running_local_cluster(settings), running_gateway(settings) as url:
-            for _ in range(args.runs):
-                t_first = first_token(url, "tiny-chat")
-                [inst] = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
-                p = inst["phases"]
-                runs.append(
-                    {
-                        "first_token_s": t_first,
-                        "slurm_queue_s": p["job_started_at"] - inst["submitted_at"],
-                        "process_start_s": p["process_started_at"] - p["job_started_at"],
-                        "model_load_s": p["weights_loaded_at"] - p["process_started_at"],
-                        "engine_init_s": p["ready_at"] - p["weights_loaded_at"],
-                        "first_token_after_ready_s": t_first
-                        - (p["ready_at"] - inst["submitted_at"]),
-                    }
-                )
-                httpx.post(f"{url}/admin/instances/{inst['job_id']}/stop", timeout=30)
-                deadline = time.monotonic() + 60
-                while httpx.get(url + "/admin/instances", timeout=10).json()["instances"]:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("instance did not stop")
-                    time.sleep(0.5)
-        baseline = [direct_start(free_port()) for _ in range(args.runs)]
+    runs = []
+    with tiny_stack("cold-start-") as url:
+        for _ in range(args.runs):
+            t_first = first_token(url, "tiny-chat")
+            [inst] = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
+            p = inst["phases"]
+            runs.append(
+                {
+                    "first_token_s": t_first,
+                    "slurm_queue_s": p["job_started_at"] - inst["submitted_at"],
+                    "process_start_s": p["process_started_at"] - p["job_started_at"],
+                    "model_load_s": p["weights_loaded_at"] - p["process_started_at"],
+                    "engine_init_s": p["ready_at"] - p["weights_loaded_at"],
+                    "first_token_after_ready_s": t_first - (p["ready_at"] - inst["submitted_at"]),
+                }
+            )
+            httpx.post(f"{url}/admin/instances/{inst['job_id']}/stop", timeout=30)
+            deadline = time.monotonic() + 60
+            while httpx.get(url + "/admin/instances", timeout=10).json()["instances"]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("instance did not stop")
+                time.sleep(0.5)
+    baseline = [direct_start(free_port()) for _ in range(args.runs)]
     keys = list(runs[0])
     result = {k: round(median([r[k] for r in runs]), 3) for k in keys}
     result["baseline_direct_vllm_first_token_s"] = round(median(baseline), 3)

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import statistics
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from appliance.devstack import (
+    free_port,
+    local_cluster_settings,
+    running_gateway,
+    running_local_cluster,
+)
+from appliance.models.tiny import build_tiny_model, tiny_model_exists
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+# The tiny model shared with the tests (built on first use).
+TINY = Path(os.environ.get("APPLIANCE_TEST_CACHE", REPO / ".state" / "test-cache")) / "tiny-chat"
+MODEL = "tiny-chat"
 
 
 def machine() -> dict:
@@ -66,3 +81,24 @@ def print_table(title: str, rows: list[tuple]) -> None:
         print("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)))
         if n == 0:
             print("  " + "  ".join("-" * w for w in widths))
+
+
+@contextlib.contextmanager
+def tiny_stack(prefix: str) -> Iterator[str]:
+    """A one-node local Slurm cluster and a gateway serving only the tiny model (instances are
+    never retired while the benchmark runs); yields the gateway's URL; stops everything."""
+    if not tiny_model_exists(TINY):
+        build_tiny_model(TINY)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        catalog = Path(tmp) / "catalog.yaml"
+        catalog.write_text(
+            f"models:\n  - name: {MODEL}\n    source: dir:{TINY}\n    max_model_len: 512\n"
+            "    resources: {cpus: 1, memory_gb: 4}\n"
+        )
+        settings = local_cluster_settings(
+            Path(tmp) / "state",
+            gateway={"port": free_port(), "idle_timeout_s": 0},
+            catalog={"files": [str(catalog)], "include_presets": False},
+        )
+        with running_local_cluster(settings), running_gateway(settings) as url:
+            yield url

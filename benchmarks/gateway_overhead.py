@@ -11,26 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
-from appliance.devstack import (
-    free_port,
-    local_cluster_settings,
-    running_gateway,
-    running_local_cluster,
-)
-from appliance.models.tiny import build_tiny_model, tiny_model_exists
-from benchmarks.common import percentile, print_table, write_result
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = Path(os.environ.get("APPLIANCE_TEST_CACHE", REPO / ".state" / "test-cache")) / "tiny-chat"
-MODEL = "tiny-chat"
+from benchmarks.common import MODEL, percentile, print_table, tiny_stack, write_result
 
 
 async def one_request(client: httpx.AsyncClient, url: str) -> float:
@@ -109,33 +95,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--streams", type=int, default=64)
     args = ap.parse_args()
-    if not tiny_model_exists(TINY):
-        build_tiny_model(TINY)
-    with tempfile.TemporaryDirectory(prefix="gw-overhead-") as tmp:
-        catalog = Path(tmp) / "catalog.yaml"
-        catalog.write_text(
-            f"models:\n  - name: {MODEL}\n    source: dir:{TINY}\n    max_model_len: 512\n"
-            "    resources: {cpus: 1, memory_gb: 4}\n"
+    with tiny_stack("gw-overhead-") as gateway:
+        httpx.post(
+            gateway + "/v1/completions",
+            timeout=300,
+            json={"model": MODEL, "prompt": "warm up", "max_tokens": 4},
         )
-        settings = local_cluster_settings(
-            Path(tmp) / "state",
-            gateway={"port": free_port(), "idle_timeout_s": 0},
-            catalog={"files": [str(catalog)], "include_presets": False},
-        )
-        with running_local_cluster(settings), running_gateway(settings) as gateway:
-            httpx.post(
-                gateway + "/v1/completions",
-                timeout=300,
-                json={"model": MODEL, "prompt": "warm up", "max_tokens": 4},
-            )
-            [inst] = httpx.get(gateway + "/admin/instances", timeout=10).json()["instances"]
-            direct = inst["url"]
-            d_ms, g_ms = asyncio.run(latency(direct, gateway, args.requests))
-            d_tps, g_tps = [], []
-            for _ in range(args.rounds):  # alternate paths so drift hits both alike
-                d_tps.append(asyncio.run(throughput(direct, args.concurrency, args.tokens))[0])
-                g_tps.append(asyncio.run(throughput(gateway, args.concurrency, args.tokens))[0])
-            _, failed, _ = asyncio.run(throughput(gateway, args.streams, args.tokens))
+        [inst] = httpx.get(gateway + "/admin/instances", timeout=10).json()["instances"]
+        direct = inst["url"]
+        d_ms, g_ms = asyncio.run(latency(direct, gateway, args.requests))
+        d_tps, g_tps = [], []
+        for _ in range(args.rounds):  # alternate paths so drift hits both alike
+            d_tps.append(asyncio.run(throughput(direct, args.concurrency, args.tokens))[0])
+            g_tps.append(asyncio.run(throughput(gateway, args.concurrency, args.tokens))[0])
+        _, failed, _ = asyncio.run(throughput(gateway, args.streams, args.tokens))
     d50, g50 = percentile(d_ms, 50), percentile(g_ms, 50)
     d99, g99 = percentile(d_ms, 99), percentile(g_ms, 99)
     result = {
