@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 JSON_HEADERS = {"content-type": "application/json"}
 INSTANCE_HEADER = "x-appliance-instance"
 DONE_MARKER = b"data: [DONE]"
+# vLLM ends the requests of an engine that died with this finish reason (and then [DONE]): a
+# truncated answer that looks complete unless the gateway says otherwise.
+ABORTED_MARKER = b'"finish_reason":"abort"'
+# An error event from the instance (vLLM sends one, then [DONE], when its engine dies).
+UPSTREAM_ERROR_MARKER = b'data: {"error"'
 
 
 def _acquire_error(model: str, exc: Exception) -> RequestError:
@@ -68,9 +73,10 @@ class Forwarder:
                         f"the instances of {model} failed; last error: {exc!r}"
                     ).response()
                 continue
-            if resp.status_code >= 500 and len(exclude) < gw.max_retries:
-                # A server error (vLLM answers 5xx when its engine dies): try another instance;
-                # client mistakes are 4xx and go straight back.
+            aborted = resp.status_code == 200 and ABORTED_MARKER in resp.content
+            if (resp.status_code >= 500 or aborted) and len(exclude) < gw.max_retries:
+                # The instance failed (vLLM answers 5xx, or an aborted result, when its engine
+                # dies): try another instance; client mistakes are 4xx and go straight back.
                 self.manager.release(inst, failed=True)
                 exclude.add(inst.job_id)
                 log.warning("instance %s answered %s; retrying", inst.job_id, resp.status_code)
@@ -191,10 +197,20 @@ class Forwarder:
                     ).sse_event()
                     return
             sent = False
+            aborted = False
             tail = b""
             failure: Exception | None = None
             try:
                 async for chunk in upstream.aiter_raw():
+                    aborted = aborted or ABORTED_MARKER in chunk or UPSTREAM_ERROR_MARKER in chunk
+                    if aborted and DONE_MARKER in chunk:
+                        # Hold back [DONE]: the client gets the error event below instead.
+                        chunk = chunk.replace(DONE_MARKER + b"\n\n", b"")
+                        tail = (tail + chunk)[-64:]
+                        if chunk:
+                            yield chunk
+                            sent = True
+                        break
                     yield chunk
                     sent = True
                     tail = (tail + chunk)[-64:]
@@ -206,7 +222,7 @@ class Forwarder:
                 raise
             finally:
                 await upstream.aclose()
-            if failure is None and DONE_MARKER in tail:
+            if failure is None and not aborted and DONE_MARKER in tail:
                 self.manager.release(inst)
                 return
             # The instance died (or cut the stream short) before finishing.
@@ -216,7 +232,12 @@ class Forwarder:
             if not sent and len(exclude) <= max_retries:
                 inst, upstream = None, None
                 continue
-            reason = repr(failure) if failure else "the stream ended before [DONE]"
+            if failure is not None:
+                reason = repr(failure)
+            elif aborted:
+                reason = "the instance aborted the request or reported an error"
+            else:
+                reason = "the stream ended before [DONE]"
             yield server_error(
                 f"instance {inst.job_id} of {model} failed in the middle of the response "
                 f"({reason}); the answer is incomplete, please retry"

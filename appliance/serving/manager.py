@@ -320,6 +320,7 @@ class InstanceManager:
         self._cluster_gpus = max((_gpu_count(n.gres) for n in nodes), default=0)
 
     async def _poll_jobs(self) -> None:
+        polled_at = time.time()
         jobs = await asyncio.to_thread(self.slurm.jobs, job_name_prefix(self.settings))
         self._last_job_poll = time.time()
         by_id: dict[int, SlurmJob] = {j.job_id: j for j in jobs}
@@ -337,6 +338,8 @@ class InstanceManager:
                     )
         for inst in list(self._instances.values()):
             job = by_id.get(inst.job_id)
+            if job is None and inst.submitted_at >= polled_at:
+                continue  # submitted while squeue ran: the snapshot predates it
             if job is None or not job.active:
                 self._forget(inst, job)
                 continue
