@@ -12,9 +12,7 @@ from appliance.cli.context import CliContext
 from appliance.errors import ApplianceError
 
 
-@click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}
-)
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.option(
     "--config",
     "config_file",

@@ -188,6 +188,12 @@ class Forwarder:
                         yield server_error(f"the instances of {model} failed: {exc!r}").sse_event()
                         return
                     continue
+                if upstream.status_code >= 500 and len(exclude) < max_retries:
+                    await upstream.aclose()
+                    self.manager.release(inst, failed=True)
+                    exclude.add(inst.job_id)
+                    inst, upstream = None, None
+                    continue
                 if upstream.status_code != 200:
                     body = await upstream.aread()
                     await upstream.aclose()

@@ -40,8 +40,8 @@ def test_gpu_instances_are_placed_by_gres_beside_batch_jobs(stack):
     settings, url = stack
     slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
     batch = slurm.submit(
-        "#!/bin/bash\n#SBATCH --job-name=ordinary-batch\n#SBATCH --cpus-per-task=1"
-        "\n#SBATCH --mem=100M\nsleep 600\n"
+        "#!/bin/bash\n#SBATCH --job-name=ordinary-batch\n#SBATCH --output=/dev/null\n"
+        "#SBATCH --cpus-per-task=1\n#SBATCH --mem=100M\nsleep 600\n"
     )
     try:
         jobs = [
