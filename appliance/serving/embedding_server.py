@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 import time
+
+# At module level: FastAPI resolves the route's `Request` annotation from the module's globals.
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from appliance import envs
 
 
 def build_app(model_name: str, model_path: str, device: str, max_seq_length: int):
     """The FastAPI app: /health, /v1/models and /v1/embeddings."""
-    import os
-
     os.environ.update(envs.OFFLINE_ENV)
     import numpy as np
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(model_path, device=device)
