@@ -29,10 +29,11 @@ def first_token(url: str, model: str, timeout: float = 300) -> float:
         "POST", url + "/v1/chat/completions", json={**BODY, "model": model}, timeout=timeout
     ) as resp:
         resp.raise_for_status()
-        for line in resp.iter_lines():
+        lines = resp.iter_lines()
+        for line in lines:
             if line.startswith("data: {") and '"content"' in line:
                 elapsed = time.perf_counter() - t0
-                for _ in resp.iter_lines():  # drain, so the instance is idle afterwards
+                for _ in lines:  # drain, so the instance is idle afterwards
                     pass
                 return elapsed
     raise RuntimeError("stream ended without a token")

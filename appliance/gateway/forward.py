@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
+import aiohttp
 from fastapi.responses import Response, StreamingResponse
 
 from appliance.config import ApplianceSettings
@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 JSON_HEADERS = {"content-type": "application/json"}
 INSTANCE_HEADER = "x-appliance-instance"
+# What a failing instance looks like from the client side: connection refused or reset, a body
+# cut short, or no answer in time.
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 DONE_MARKER = b"data: [DONE]"
 # vLLM ends the requests of an engine that died with this finish reason (and then [DONE]): a
 # truncated answer that looks complete unless the gateway says otherwise.
@@ -41,7 +44,7 @@ class Forwarder:
     """Sends requests to instances chosen by the manager."""
 
     def __init__(
-        self, settings: ApplianceSettings, manager: InstanceManager, client: httpx.AsyncClient
+        self, settings: ApplianceSettings, manager: InstanceManager, client: aiohttp.ClientSession
     ):
         self.settings = settings
         self.manager = manager
@@ -63,8 +66,13 @@ class Forwarder:
             except ApplianceError as exc:
                 return _acquire_error(model, exc).response()
             try:
-                resp = await self.client.post(inst.url + path, content=raw, headers=JSON_HEADERS)
-            except httpx.TransportError as exc:
+                async with self.client.post(
+                    inst.url + path, data=raw, headers=JSON_HEADERS
+                ) as resp:
+                    content = await resp.read()
+                    status = resp.status
+                    media_type = resp.headers.get("content-type", "application/json")
+            except UPSTREAM_ERRORS as exc:
                 self.manager.release(inst, failed=True)
                 exclude.add(inst.job_id)
                 log.warning("instance %s failed a request: %r", inst.job_id, exc)
@@ -73,51 +81,54 @@ class Forwarder:
                         f"the instances of {model} failed; last error: {exc!r}"
                     ).response()
                 continue
-            aborted = resp.status_code == 200 and ABORTED_MARKER in resp.content
-            if (resp.status_code >= 500 or aborted) and len(exclude) < gw.max_retries:
+            aborted = status == 200 and ABORTED_MARKER in content
+            if (status >= 500 or aborted) and len(exclude) < gw.max_retries:
                 # The instance failed (vLLM answers 5xx, or an aborted result, when its engine
                 # dies): try another instance; client mistakes are 4xx and go straight back.
                 self.manager.release(inst, failed=True)
                 exclude.add(inst.job_id)
-                log.warning("instance %s answered %s; retrying", inst.job_id, resp.status_code)
+                log.warning("instance %s answered %s; retrying", inst.job_id, status)
                 continue
             self.manager.release(inst)
             return Response(
-                resp.content,
-                status_code=resp.status_code,
-                media_type=resp.headers.get("content-type", "application/json"),
+                content,
+                status_code=status,
+                media_type=media_type,
                 headers={INSTANCE_HEADER: str(inst.job_id)},
             )
 
     # ----- streams ------------------------------------------------------------------------
 
-    async def _open(self, inst: Instance, path: str, raw: bytes) -> httpx.Response:
-        req = self.client.build_request("POST", inst.url + path, content=raw, headers=JSON_HEADERS)
-        return await self.client.send(req, stream=True)
+    async def _open(self, inst: Instance, path: str, raw: bytes) -> aiohttp.ClientResponse:
+        """Send the request; the caller reads the body as it comes and releases the response."""
+        return await self.client.post(inst.url + path, data=raw, headers=JSON_HEADERS)
 
     async def _stream(self, path: str, raw: bytes, model: str) -> Response:
         inst = self.manager.try_acquire(model)
-        if inst is not None:
-            # A ready instance: open upstream first so its status code (e.g. a 400 for a too
-            # long prompt) reaches the client as a normal error response.
-            try:
-                upstream = await self._open(inst, path, raw)
-            except httpx.TransportError:
-                self.manager.release(inst, failed=True)
-                return self._streaming(self._events(path, raw, model, {inst.job_id}, None, None))
-            if upstream.status_code != 200:
-                body = await upstream.aread()
-                await upstream.aclose()
-                self.manager.release(inst)
-                return Response(
-                    body,
-                    status_code=upstream.status_code,
-                    media_type=upstream.headers.get("content-type"),
-                )
-            return self._streaming(
-                self._events(path, raw, model, set(), inst, upstream), inst.job_id
+        if inst is None:
+            return self._streaming(self._events(path, raw, model, set(), None, None))
+        # A ready instance: open upstream first so its status code (e.g. a 400 for a too long
+        # prompt) reaches the client as a normal error response.
+        try:
+            upstream = await self._open(inst, path, raw)
+        except UPSTREAM_ERRORS:
+            self.manager.release(inst, failed=True)
+            return self._streaming(self._events(path, raw, model, {inst.job_id}, None, None))
+        if upstream.status >= 500:
+            # The instance is failing and nothing was sent yet: go on with another instance.
+            upstream.close()
+            self.manager.release(inst, failed=True)
+            return self._streaming(self._events(path, raw, model, {inst.job_id}, None, None))
+        if upstream.status != 200:
+            body = await upstream.read()
+            upstream.release()
+            self.manager.release(inst)
+            return Response(
+                body,
+                status_code=upstream.status,
+                media_type=upstream.headers.get("content-type"),
             )
-        return self._streaming(self._events(path, raw, model, set(), None, None))
+        return self._streaming(self._events(path, raw, model, set(), inst, upstream), inst.job_id)
 
     @staticmethod
     def _streaming(events: AsyncIterator[bytes], job_id: int | None = None) -> StreamingResponse:
@@ -163,7 +174,7 @@ class Forwarder:
         model: str,
         exclude: set[int],
         inst: Instance | None,
-        upstream: httpx.Response | None,
+        upstream: aiohttp.ClientResponse | None,
     ) -> AsyncIterator[bytes]:
         """The bytes of the streamed response, across retries and waits."""
         max_retries = self.settings.gateway.max_retries
@@ -180,7 +191,7 @@ class Forwarder:
             if upstream is None:
                 try:
                     upstream = await self._open(inst, path, raw)
-                except httpx.TransportError as exc:
+                except UPSTREAM_ERRORS as exc:
                     self.manager.release(inst, failed=True)
                     exclude.add(inst.job_id)
                     inst = None
@@ -188,26 +199,27 @@ class Forwarder:
                         yield server_error(f"the instances of {model} failed: {exc!r}").sse_event()
                         return
                     continue
-                if upstream.status_code >= 500 and len(exclude) < max_retries:
-                    await upstream.aclose()
+                if upstream.status >= 500 and len(exclude) < max_retries:
+                    upstream.close()
                     self.manager.release(inst, failed=True)
                     exclude.add(inst.job_id)
                     inst, upstream = None, None
                     continue
-                if upstream.status_code != 200:
-                    body = await upstream.aread()
-                    await upstream.aclose()
+                if upstream.status != 200:
+                    body = await upstream.read()
+                    upstream.release()
                     self.manager.release(inst)
                     yield RequestError(
-                        upstream.status_code, body.decode(errors="replace"), type="server_error"
+                        upstream.status, body.decode(errors="replace"), type="server_error"
                     ).sse_event()
                     return
             sent = False
             aborted = False
             tail = b""
             failure: Exception | None = None
+            finished = False
             try:
-                async for chunk in upstream.aiter_raw():
+                async for chunk in upstream.content.iter_any():
                     aborted = aborted or ABORTED_MARKER in chunk or UPSTREAM_ERROR_MARKER in chunk
                     if aborted and DONE_MARKER in chunk:
                         # Hold back [DONE]: the client gets the error event below instead.
@@ -220,14 +232,20 @@ class Forwarder:
                     yield chunk
                     sent = True
                     tail = (tail + chunk)[-64:]
-            except httpx.TransportError as exc:
+                else:
+                    finished = True
+            except UPSTREAM_ERRORS as exc:
                 failure = exc
             except BaseException:
                 # The client went away (cancellation or generator close): the instance is fine.
                 self.manager.release(inst)
                 raise
             finally:
-                await upstream.aclose()
+                # A finished body returns the connection to the pool; anything else drops it.
+                if finished:
+                    upstream.release()
+                else:
+                    upstream.close()
             if failure is None and not aborted and DONE_MARKER in tail:
                 self.manager.release(inst)
                 return

@@ -8,9 +8,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-# Phases of a cold start, in order, as epoch seconds written by the job.
-PHASES = ("job_started_at", "process_started_at", "weights_loaded_at", "ready_at")
-
 
 class InstanceEndpoint(BaseModel):
     """Where an instance listens and when each start-up phase finished (epoch seconds)."""

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
@@ -62,12 +62,14 @@ class InstanceManager:
         settings: ApplianceSettings,
         catalog: Catalog,
         slurm: SlurmClient,
-        probe_client: httpx.AsyncClient | None = None,
+        probe_client: aiohttp.ClientSession | None = None,
     ):
         self.settings = settings
         self.catalog = catalog
         self.slurm = slurm
-        self._probe = probe_client or httpx.AsyncClient(timeout=httpx.Timeout(2.0))
+        self._probe = probe_client or aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=2.0)
+        )
         self._instances: dict[int, Instance] = {}
         self._changed = asyncio.Condition()
         self._launch_lock = asyncio.Lock()
@@ -98,7 +100,7 @@ class InstanceManager:
         if stop_instances:
             for inst in list(self._instances.values()):
                 await asyncio.to_thread(self.slurm.cancel, inst.job_id)
-        await self._probe.aclose()
+        await self._probe.close()
 
     # ----- queries ------------------------------------------------------------------------
 
@@ -391,17 +393,18 @@ class InstanceManager:
                 return
             inst.state = InstanceState.READY
             inst.ready_at = now
+            # The launcher records readiness itself (its probe runs every 0.1 s); if the gateway
+            # saw it first, its own observation stands in, one tick late at most.
+            latest = read_endpoint(self.settings.instances_dir, inst.job_id) or endpoint
+            inst.phases = {**latest.phases}
+            inst.phases.setdefault("weights_loaded_at", now)
+            inst.phases.setdefault("ready_at", now)
             inst.last_used = now
             inst.health_failures = 0
             self._start_failures.pop(inst.model, None)
             self._last_error.pop(inst.model, None)
             log.info("instance %s of %s ready at %s", inst.job_id, inst.model, inst.url)
         elif inst.state in (InstanceState.READY, InstanceState.UNHEALTHY):
-            if "ready_at" not in inst.phases:
-                # The gateway can see the server healthy before the launcher records it.
-                endpoint = read_endpoint(self.settings.instances_dir, inst.job_id)
-                if endpoint is not None:
-                    inst.phases.update(endpoint.phases)
             due = inst.state is InstanceState.UNHEALTHY or (
                 now - inst.last_probe >= self.settings.gateway.health_interval_s
             )
@@ -429,10 +432,10 @@ class InstanceManager:
         if inst.url is None:
             return False
         try:
-            resp = await self._probe.get(inst.url + self.settings.serving.health_path)
-        except httpx.HTTPError:
+            async with self._probe.get(inst.url + self.settings.serving.health_path) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             return False
-        return resp.status_code == 200
 
     async def _autoscale(self) -> None:
         now = time.time()
