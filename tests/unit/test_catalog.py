@@ -58,3 +58,20 @@ def test_catalog_file_overrides_preset(tmp_path):
     )
     settings = load_settings(state_dir=tmp_path, catalog={"files": [str(f)]})
     assert load_catalog(settings).get("tiny-chat").max_model_len == 128
+
+
+def test_cli_models_add_and_list(tmp_path, monkeypatch, capsys):
+    from appliance.cli.main import main
+
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    monkeypatch.setenv("APPLIANCE_STATE_DIR", str(tmp_path / "state"))
+    assert main(["models", "add", "my-model", str(model_dir), "--max-model-len", "2048"]) == 0
+    assert main(["models", "list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("my-model"))
+    assert row.split()[-1] == "yes"
+    # Not a model directory: a clear error, nothing added.
+    (tmp_path / "empty").mkdir()
+    assert main(["models", "add", "broken", str(tmp_path / "empty")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
