@@ -119,9 +119,6 @@ class InstanceManager:
             return "starting"
         return "stopped"
 
-    def last_error(self, model: str) -> str | None:
-        return self._last_error.get(model)
-
     # ----- launching and stopping ---------------------------------------------------------
 
     async def launch(self, model: str) -> Instance:
