@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 
@@ -13,6 +12,8 @@ import pytest
 
 from appliance.config import load_settings
 from appliance.devstack import free_port, running_gateway
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.runner import LocalRunner
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
 
@@ -161,30 +162,39 @@ def test_idle_instance_is_retired(stack):
     assert instances(url, "tiny-chat"), "tiny-chat must be kept (retirement disabled for it)"
 
 
-def crash_job(settings, job_id: int) -> None:
-    """`scancel --full --signal=KILL`: every process of the instance dies at once, as in a crash.
-    (A plain scancel sends SIGTERM, and vLLM then finishes what it can before it exits.)"""
-    env = {**os.environ, "SLURM_CONF": str(settings.slurm_conf)}
-    subprocess.run(
-        ["scancel", "--full", "--signal=KILL", str(job_id)], env=env, check=True, timeout=30
-    )
+def scancel(settings, job_id: int) -> None:
+    """Cancel an instance's job as an operator (or a preemption) would: Slurm sends SIGTERM,
+    vLLM aborts what it is generating, and Slurm kills what is left after KillWait."""
+    SlurmClient(LocalRunner(), settings.slurm_conf).cancel(job_id)
 
 
-def read_stream(url: str, body: dict) -> tuple[int, str]:
-    """Consume a streamed completion: (data events received, the last one)."""
-    events, last = 0, ""
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as resp:
-        assert resp.status_code == 200, resp.read()
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                events += 1
-                last = line[6:]
-    return events, last
+def start_streams(url: str, body: dict, count: int, out_dir) -> list[subprocess.Popen]:
+    """`count` streamed requests run by curl: the load stays out of this interpreter, so the
+    test's own reads and its kill are not delayed behind reader threads holding the GIL."""
+    return [
+        subprocess.Popen(
+            [
+                "curl",
+                "-sN",
+                "-o",
+                str(out_dir / f"stream{i}.txt"),
+                "-H",
+                "content-type: application/json",
+                "-d",
+                json.dumps(body),
+                url + "/v1/chat/completions",
+            ]
+        )
+        for i in range(count)
+    ]
 
 
-def test_instance_killed_mid_stream(stack, client):
-    import concurrent.futures as cf
+def last_event(path) -> str:
+    events = [line[6:] for line in path.read_text().splitlines() if line.startswith("data: ")]
+    return events[-1] if events else ""
 
+
+def test_instance_killed_mid_stream(stack, client, tmp_path):
     settings, url = stack
     client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
     # The tiny model is fast: the stream under test asks for 16 sequences of 480 tokens and
@@ -198,9 +208,9 @@ def test_instance_killed_mid_stream(stack, client):
         "ignore_eos": True,
         "min_tokens": 480,
     }
-    with cf.ThreadPoolExecutor(12) as pool:
-        others = [pool.submit(read_stream, url, body) for _ in range(12)]
-        time.sleep(0.2)
+    others = start_streams(url, body, 12, tmp_path)
+    try:
+        time.sleep(0.5)
         # with_streaming_response: the body is read as it arrives (with_raw_response reads it
         # all before returning, which would put the kill after the end of the stream).
         with client.chat.completions.with_streaming_response.create(
@@ -214,21 +224,26 @@ def test_instance_killed_mid_stream(stack, client):
             job_id = int(raw.headers["x-appliance-instance"])
             chunks = iter(raw.parse())
             next(chunks)
-            crash_job(settings, job_id)
+            scancel(settings, job_id)
             received = 1
             with pytest.raises(openai.APIError) as err:
                 for _ in chunks:
                     received += 1
-        results = [f.result(timeout=120) for f in others]
+        for proc in others:
+            proc.wait(timeout=120)
+    finally:
+        for proc in others:
+            proc.kill()
+    results = [last_event(tmp_path / f"stream{i}.txt") for i in range(len(others))]
     # The client gets an error, not a short answer passed off as complete. The first error event
     # may be vLLM's own (its API server outlives the engine by a moment) or the gateway's.
     assert err.value.message
     assert received < 16 * 480
     # No stream was cut silently: each one ended with [DONE] or with an error event, and the
     # gateway's own event closes every stream the instance did not finish.
-    for _events, last in results:
+    for last in results:
         assert last == "[DONE]" or "error" in json.loads(last), last
-    assert any("failed in the middle of the response" in last for _e, last in results)
+    assert any("failed in the middle of the response" in last for last in results)
     # 13 requests in flight on one instance passed scale_up_queue_depth (8): a second instance
     # was started while they ran; it takes over now that the first one is gone.
     others_ids = [i["job_id"] for i in instances(url, "tiny-chat") if i["job_id"] != job_id]
@@ -247,10 +262,9 @@ def test_plain_request_is_retried_when_its_instance_dies(stack, client):
     settings, url = stack
     client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
     doomed = [i["job_id"] for i in instances(url, "tiny-chat") if i["state"] == "ready"]
-    # A crash: the launcher, vLLM and its engine die at once. Slurm and the gateway learn of it
-    # only on their next poll.
+    # Slurm and the gateway learn that the instance is gone only on their next poll.
     for job_id in doomed:
-        crash_job(settings, job_id)
+        scancel(settings, job_id)
     # Sent at once, while the gateway still counts the dead instance as ready: the attempt on it
     # fails before anything reached the client, so the gateway retries on a new instance.
     raw = client.chat.completions.with_raw_response.create(
