@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -12,6 +14,7 @@ import pytest
 
 from appliance.config import load_settings
 from appliance.devstack import free_port, running_gateway
+from appliance.serving.endpoint import read_endpoint
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 
@@ -262,9 +265,11 @@ def test_plain_request_is_retried_when_its_instance_dies(stack, client):
     settings, url = stack
     client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
     doomed = [i["job_id"] for i in instances(url, "tiny-chat") if i["state"] == "ready"]
-    # Slurm and the gateway learn that the instance is gone only on their next poll.
+    # A crash (OOM killer, segfault): the launcher, vLLM and its engine die at once, so nothing
+    # can drain (a plain scancel would let vLLM finish the request). Slurm and the gateway learn
+    # of it only on their next poll. The job script leads its own process group.
     for job_id in doomed:
-        scancel(settings, job_id)
+        os.killpg(os.getpgid(read_endpoint(settings.instances_dir, job_id).pid), signal.SIGKILL)
     # Sent at once, while the gateway still counts the dead instance as ready: the attempt on it
     # fails before anything reached the client, so the gateway retries on a new instance.
     raw = client.chat.completions.with_raw_response.create(
