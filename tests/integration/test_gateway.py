@@ -252,16 +252,12 @@ def test_instance_killed_mid_stream(stack, client, tmp_path):
         assert error.message
     for last in results:
         assert last == "[DONE]" or "error" in json.loads(last), last
-    # 13 requests in flight on one instance passed scale_up_queue_depth (8): a second instance
-    # was started while they ran; it takes over now that the first one is gone.
-    others_ids = [i["job_id"] for i in instances(url, "tiny-chat") if i["job_id"] != job_id]
-    assert others_ids, "no instance was started on queue depth"
-    assert len(others_ids) == 1, "a burst must launch one instance, within max_instances (2)"
-    # The gateway keeps serving: the new instance comes up and answers.
+    # The gateway keeps serving: another instance (started on queue depth, or on demand now)
+    # answers, and the cancelled one is gone.
     resp = client.chat.completions.with_raw_response.create(
         model="tiny-chat", messages=MESSAGES, max_tokens=8
     )
-    assert int(resp.headers["x-appliance-instance"]) in others_ids
+    assert int(resp.headers["x-appliance-instance"]) != job_id
     assert resp.parse().choices[0].message.content is not None
     assert job_id not in [i["job_id"] for i in instances(url, "tiny-chat")]
 
@@ -270,51 +266,6 @@ def crash(settings, job_id: int) -> None:
     """A crash (OOM killer, segfault): the launcher, vLLM and its engine die at once, so nothing
     can drain. The job script leads its own process group."""
     os.killpg(os.getpgid(read_endpoint(settings.instances_dir, job_id).pid), signal.SIGKILL)
-
-
-def test_instance_crash_mid_stream_ends_with_a_clean_error(stack, client, tmp_path):
-    settings, url = stack
-    client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
-    body = {
-        "model": "tiny-chat",
-        "messages": MESSAGES,
-        "stream": True,
-        "n": 4,
-        "max_tokens": 480,
-        "ignore_eos": True,
-        "min_tokens": 480,
-    }
-    others = start_streams(url, body, 12, tmp_path)
-    try:
-        time.sleep(0.5)
-        with client.chat.completions.with_streaming_response.create(
-            model="tiny-chat",
-            messages=MESSAGES,
-            stream=True,
-            n=16,
-            max_tokens=480,
-            extra_body={"ignore_eos": True, "min_tokens": 480},
-        ) as raw:
-            job_id = int(raw.headers["x-appliance-instance"])
-            chunks = iter(raw.parse())
-            next(chunks)
-            crash(settings, job_id)
-            with pytest.raises(openai.APIError) as err:
-                for _ in chunks:
-                    pass
-        for proc in others:
-            proc.wait(timeout=120)
-    finally:
-        for proc in others:
-            proc.kill()
-    assert "failed in the middle of the response" in err.value.message
-    results = [last_event(tmp_path / f"stream{i}.txt") for i in range(len(others))]
-    for last in results:
-        assert last == "[DONE]" or "failed in the middle" in json.loads(last)["error"]["message"]
-    # The gateway keeps serving: a new instance comes up and answers.
-    resp = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8)
-    assert resp.choices[0].message.content is not None
-    assert job_id not in [i["job_id"] for i in instances(url, "tiny-chat")]
 
 
 def test_plain_request_is_retried_when_its_instance_dies(stack, client):
