@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import yaml
 
+from appliance import envs
 from appliance.config import ApplianceSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.daemon import tail
@@ -25,6 +26,12 @@ from appliance.slurm.client import SlurmClient
 from appliance.slurm.daemons import find_daemons, stop_processes
 from appliance.slurm.local_cluster import LocalCluster
 from appliance.slurm.runner import LocalRunner, SlurmCommandError
+
+
+def tiny_model_cache_dir() -> Path:
+    """Where tests and benchmarks keep the tiny model they build once and reuse."""
+    repo = Path(__file__).resolve().parent.parent
+    return Path(envs.APPLIANCE_TEST_CACHE or repo / ".state" / "test-cache") / "tiny-chat"
 
 
 def free_port() -> int:

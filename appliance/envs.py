@@ -40,6 +40,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "APPLIANCE_JOB_STARTED_AT": lambda: os.environ.get("APPLIANCE_JOB_STARTED_AT"),
     # Debian's: set to "noninteractive" when the stack installs packages with apt-get.
     "DEBIAN_FRONTEND": lambda: os.environ.get("DEBIAN_FRONTEND"),
+    # Tests and benchmarks: where built artefacts (the tiny model) are cached between runs.
+    # Default: <repository>/.state/test-cache.
+    "APPLIANCE_TEST_CACHE": lambda: os.environ.get("APPLIANCE_TEST_CACHE"),
     # vLLM CPU backend: KV-cache size in GiB (without it vLLM wants 90% of RAM free).
     "VLLM_CPU_KVCACHE_SPACE": lambda: os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
 }

@@ -17,13 +17,14 @@ from appliance.devstack import (
     local_cluster_settings,
     running_gateway,
     running_local_cluster,
+    tiny_model_cache_dir,
 )
 from appliance.models.tiny import build_tiny_model, tiny_model_exists
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 # The tiny model shared with the tests (built on first use).
-TINY = Path(os.environ.get("APPLIANCE_TEST_CACHE", REPO / ".state" / "test-cache")) / "tiny-chat"
+TINY = tiny_model_cache_dir()
 MODEL = "tiny-chat"
 
 

@@ -131,7 +131,10 @@ class ApplianceSettings(BaseSettings):
     @property
     def slurm_conf(self) -> Path | None:
         if self.cluster.mode == "local":
-            return self.slurm_dir / "slurm.conf"
+            # The local cluster's layout has one owner; this only points at it.
+            from appliance.slurm.paths import LocalClusterPaths
+
+            return LocalClusterPaths(self.slurm_dir).slurm_conf
         return self.cluster.slurm_conf
 
 
