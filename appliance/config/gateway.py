@@ -17,7 +17,12 @@ class GatewaySettings(BaseModel):
     """TCP port of the gateway."""
 
     health_interval_s: float = Field(default=2.0, ge=0.1, le=60)
-    """Seconds between health checks of each instance (and between Slurm job-state polls)."""
+    """Seconds between health checks of each instance."""
+
+    job_poll_interval_s: float = Field(default=10.0, ge=0.5, le=600)
+    """Seconds between Slurm job-state polls (squeue) while every instance is ready. While an
+    instance is queued, starting, stopping or failing its health checks, jobs are polled on every
+    check instead. Each poll costs the gateway host and slurmctld a little CPU."""
 
     start_timeout_s: float = Field(default=300.0, gt=0, le=3600)
     """How long a request waits for an instance of its model to become ready (scale from zero)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -232,6 +233,7 @@ class Forwarder:
                     yield chunk
                     sent = True
                     tail = (tail + chunk)[-64:]
+                    inst.last_data = time.time()
                 else:
                     finished = True
             except UPSTREAM_ERRORS as exc:

@@ -38,6 +38,9 @@ class Instance:
     reason: str = ""
     health_failures: int = 0
     last_probe: float = 0.0
+    # When a stream from this instance last delivered bytes: proof of life when a health probe
+    # times out because the machine is busy generating.
+    last_data: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
 
     @property

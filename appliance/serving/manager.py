@@ -303,7 +303,7 @@ class InstanceManager:
     async def _tick(self) -> None:
         now = time.time()
         busy = any(i.state is not InstanceState.READY for i in self._instances.values())
-        if busy or now - self._last_job_poll >= self.settings.gateway.health_interval_s:
+        if busy or now - self._last_job_poll >= self.settings.gateway.job_poll_interval_s:
             await self._poll_jobs()
         await asyncio.gather(*(self._check(i) for i in list(self._instances.values())))
         await self._autoscale()
@@ -407,8 +407,10 @@ class InstanceManager:
             )
             if not due:
                 return
-            inst.last_probe = now
-            if await self._healthy(inst):
+            previous_probe, inst.last_probe = inst.last_probe, now
+            if await self._healthy(inst) or (
+                inst.state is InstanceState.READY and inst.last_data >= previous_probe
+            ):
                 if inst.state is InstanceState.UNHEALTHY:
                     log.info("instance %s of %s recovered", inst.job_id, inst.model)
                 inst.state = InstanceState.READY

@@ -42,7 +42,11 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
     (tmp / "catalog.yaml").write_text(catalog_yaml(tiny_model_dir))
     base = slurm_cluster.model_dump(mode="json")
     base["gateway"].update(
-        port=free_port(), health_interval_s=1.0, keepalive_interval_s=1.0, start_timeout_s=240
+        port=free_port(),
+        health_interval_s=1.0,
+        keepalive_interval_s=1.0,
+        start_timeout_s=240,
+        scale_up_queue_depth=4,
     )
     base["catalog"]["files"] = [str(tmp / "catalog.yaml")]
     settings = load_settings(**base)
@@ -197,13 +201,10 @@ def last_event(path) -> str:
     return events[-1] if events else ""
 
 
-def test_instance_killed_mid_stream(stack, client, tmp_path):
-    settings, url = stack
-    client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
-    # The tiny model is fast: the stream under test asks for 16 sequences of 480 tokens and
-    # twelve other requests add 4 each, so the batch takes seconds and the kill lands mid-stream.
-    body = {
-        "model": "tiny-chat",
+def long_stream_body(model: str = "tiny-chat") -> dict:
+    """A streamed request that keeps the tiny model busy for seconds."""
+    return {
+        "model": model,
         "messages": MESSAGES,
         "stream": True,
         "n": 4,
@@ -211,7 +212,43 @@ def test_instance_killed_mid_stream(stack, client, tmp_path):
         "ignore_eos": True,
         "min_tokens": 480,
     }
-    others = start_streams(url, body, 12, tmp_path)
+
+
+def test_scale_up_on_queue_depth(stack, client, tmp_path):
+    _, url = stack
+    client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
+    [first] = [i["job_id"] for i in instances(url, "tiny-chat")]
+    # scale_up_queue_depth is 4 in this stack: six requests in flight on one instance must
+    # start a second one (tiny-chat allows two).
+    streams = start_streams(url, long_stream_body(), 6, tmp_path)
+    try:
+        added = wait_for(
+            lambda: [i for i in instances(url, "tiny-chat") if i["job_id"] != first],
+            60,
+            "a second tiny-chat instance",
+        )
+        for proc in streams:
+            proc.wait(timeout=180)
+    finally:
+        for proc in streams:
+            proc.kill()
+    assert all(last_event(tmp_path / f"stream{i}.txt") == "[DONE]" for i in range(6))
+    # Back to one instance, so the next tests start from a known state.
+    [new] = added
+    httpx.post(url + f"/admin/instances/{new['job_id']}/stop", timeout=30).raise_for_status()
+    wait_for(
+        lambda: [i["job_id"] for i in instances(url, "tiny-chat")] == [first],
+        90,
+        "the added instance to stop",
+    )
+
+
+def test_instance_killed_mid_stream(stack, client, tmp_path):
+    settings, url = stack
+    client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
+    # The tiny model is fast: the stream under test asks for 16 sequences of 480 tokens and
+    # twelve other requests add 4 each, so the batch takes seconds and the kill lands mid-stream.
+    others = start_streams(url, long_stream_body(), 12, tmp_path)
     try:
         time.sleep(0.5)
         # with_streaming_response: the body is read as it arrives (with_raw_response reads it
