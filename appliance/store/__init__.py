@@ -1,0 +1,1 @@
+"""The model store: encrypted, loading-optimised checkpoints, their loader and tiers."""

@@ -1,0 +1,208 @@
+"""Loads a stored model into host memory or onto a GPU: parallel reads, parallel decryption
+(libcrypto releases the GIL), and host-to-GPU copies overlapped with reading, into one device
+allocation per GPU. Plaintext exists only in memory."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from appliance.store.model import StoredModel, read_exact
+from security.aesgcm import address_of
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_THREADS = min(16, os.cpu_count() or 1)
+# Bytes a GPU loader thread reads, decrypts and copies at a time (a multiple of the chunk size).
+DEFAULT_UNIT_BYTES = 16 << 20
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "U16": torch.uint16,
+        "U32": torch.uint32,
+        "U64": torch.uint64,
+    }[name]
+
+
+def tensor_views(model: StoredModel, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every tensor (aliases included) as a view into `flat`, the model's bytes (uint8)."""
+    out = {}
+    for e in model.index.tensors:
+        view = flat[e.offset : e.offset + e.nbytes].view(torch_dtype(e.dtype))
+        out[e.name] = view.reshape(e.shape)
+    for alias, target in model.index.aliases.items():
+        out[alias] = out[target]
+    return out
+
+
+def _open(model: StoredModel, direct: bool) -> int:
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    return os.open(model.data_path, flags)
+
+
+def load_into(
+    model: StoredModel, dest: memoryview, threads: int = DEFAULT_THREADS, direct: bool = False
+) -> None:
+    """Read (and decrypt) all of tensors.bin into `dest` (data_bytes long, writable), in parallel
+    threads, one chunk at a time each. `direct` needs page-aligned `dest` (secret_buffer)."""
+    if len(dest) != model.data_bytes:
+        raise ValueError(f"destination has {len(dest)} bytes, the model {model.data_bytes}")
+    base = address_of(dest)
+    fd = _open(model, direct)
+    try:
+
+        def one(i: int) -> None:
+            offset, n = model.chunk_span(i)
+            read_exact(fd, dest[offset : offset + n], offset)
+            model.decrypt_chunk(i, base + offset, n)
+
+        _run_parallel(one, model.header.n_chunks, threads)
+    finally:
+        os.close(fd)
+
+
+def _run_parallel(work: Callable[[int], None], count: int, threads: int) -> None:
+    """work(0..count-1) on `threads` threads; the first error stops the rest and is raised."""
+    counter = itertools.count()
+    failed = threading.Event()
+
+    def worker() -> None:
+        for i in counter:  # next() on itertools.count is atomic under the GIL
+            if i >= count or failed.is_set():
+                return
+            try:
+                work(i)
+            except BaseException:
+                failed.set()
+                raise
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        futures = [pool.submit(worker) for _ in range(max(1, threads))]
+    for f in futures:
+        f.result()
+
+
+def load_to_host(
+    model: StoredModel, threads: int = DEFAULT_THREADS, pin: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's tensors in host memory: one flat buffer and named views into it. `pin` puts the
+    buffer in page-locked memory (the host tier: copies to a GPU run at full PCIe speed)."""
+    import torch
+
+    if pin:
+        flat = torch.empty(model.data_bytes, dtype=torch.uint8, pin_memory=True)
+    else:
+        from security.process import secret_buffer
+
+        flat = torch.frombuffer(secret_buffer(model.data_bytes), dtype=torch.uint8)
+    load_into(model, memoryview(flat.numpy()), threads)
+    return flat, tensor_views(model, flat)
+
+
+class PinnedRing:
+    """Page-locked staging buffers, two per loader thread, kept for the next load (allocating
+    pinned memory costs more than reading a few hundred MiB)."""
+
+    def __init__(self, threads: int, unit_bytes: int):
+        import torch
+
+        self.unit_bytes = unit_bytes
+        self.slots = [
+            [torch.empty(unit_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            for _ in range(threads)
+        ]
+
+    @property
+    def threads(self) -> int:
+        return len(self.slots)
+
+    def wipe(self) -> None:
+        """Zero the staging buffers (they held plaintext)."""
+        for pair in self.slots:
+            for slot in pair:
+                slot.zero_()
+
+
+def load_to_gpu(
+    model: StoredModel,
+    device: str | torch.device = "cuda",
+    ring: PinnedRing | None = None,
+    threads: int = DEFAULT_THREADS,
+    direct: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's tensors on one GPU: one device allocation and named views into it.
+
+    Each thread reads a unit into one of its two pinned slots, decrypts it there, and queues the
+    copy to the GPU on its own stream; it reuses a slot only once that slot's copy is done, so
+    reading, decryption and copies overlap.
+    """
+    import torch
+
+    chunk = model.header.chunk_bytes
+    ring = ring or PinnedRing(threads, max(chunk, DEFAULT_UNIT_BYTES // chunk * chunk))
+    unit = ring.unit_bytes
+    if unit % chunk:
+        raise ValueError("the staging unit must be a multiple of the chunk size")
+    flat = torch.empty(model.data_bytes, dtype=torch.uint8, device=device)
+    n_units = -(-model.data_bytes // unit)
+    per_unit = unit // chunk
+    fd = _open(model, direct)
+    slots_free = list(range(ring.threads))
+    lock = threading.Lock()
+    local = threading.local()
+
+    def one(u: int) -> None:
+        state = getattr(local, "state", None)
+        if state is None:
+            with lock:
+                pair = ring.slots[slots_free.pop()]
+            state = local.state = (pair, [None, None], torch.cuda.Stream(device), [0])
+        pair, events, stream, turn = state
+        k = turn[0]
+        turn[0] ^= 1
+        if events[k] is not None:
+            events[k].synchronize()  # the slot's previous copy must be done before reuse
+        slot = pair[k]
+        offset = u * unit
+        n = min(unit, model.data_bytes - offset)
+        view = memoryview(slot.numpy())[:n]
+        read_exact(fd, view, offset)
+        addr = slot.data_ptr()
+        for j in range(-(-n // chunk)):
+            i = u * per_unit + j
+            c_off, c_n = model.chunk_span(i)
+            model.decrypt_chunk(i, addr + (c_off - offset), c_n)
+        with torch.cuda.stream(stream):
+            flat[offset : offset + n].copy_(slot[:n], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        events[k] = ev
+
+    try:
+        _run_parallel(one, n_units, ring.threads)
+        torch.cuda.synchronize(device)
+    finally:
+        os.close(fd)
+        if model.encrypted:
+            ring.wipe()
+    return flat, tensor_views(model, flat)
