@@ -4,10 +4,13 @@ allocation per GPU. Plaintext exists only in memory."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
+import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -53,6 +56,24 @@ def tensor_views(model: StoredModel, flat: torch.Tensor) -> dict[str, torch.Tens
     for alias, target in model.index.aliases.items():
         out[alias] = out[target]
     return out
+
+
+@contextlib.contextmanager
+def _mapping(fd: int, offset: int, n: int) -> Iterator[int]:
+    """The address of n bytes of the file at offset, mapped and populated for this unit only."""
+    mm = mmap.mmap(
+        fd,
+        n,
+        flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE,
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,  # private and never written: ctypes needs it
+        offset=offset,
+    )
+    try:
+        anchor = ctypes.c_char.from_buffer(mm)
+        yield ctypes.addressof(anchor)
+        del anchor
+    finally:
+        mm.close()
 
 
 def _open(model: StoredModel, direct: bool) -> int:
@@ -127,6 +148,7 @@ class PinnedRing:
         import torch
 
         self.unit_bytes = unit_bytes
+        self.lock = threading.Lock()
         self.slots = [
             [torch.empty(unit_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
             for _ in range(threads)
@@ -138,9 +160,15 @@ class PinnedRing:
 
     def wipe(self) -> None:
         """Zero the staging buffers (they held plaintext)."""
-        for pair in self.slots:
-            for slot in pair:
-                slot.zero_()
+        with self.lock:
+            for pair in self.slots:
+                for slot in pair:
+                    slot.zero_()
+
+    def wipe_later(self) -> None:
+        """Zero the buffers in the background: the weights are already on the GPU, so the first
+        token need not wait; the next load waits for the lock."""
+        threading.Thread(target=self.wipe, name="pinned-ring-wipe", daemon=True).start()
 
 
 def load_to_gpu(
@@ -149,12 +177,14 @@ def load_to_gpu(
     ring: PinnedRing | None = None,
     threads: int = DEFAULT_THREADS,
     direct: bool = False,
+    mapped: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model's tensors on one GPU: one device allocation and named views into it.
 
     Each thread reads a unit into one of its two pinned slots, decrypts it there, and queues the
     copy to the GPU on its own stream; it reuses a slot only once that slot's copy is done, so
-    reading, decryption and copies overlap.
+    reading, decryption and copies overlap. `direct` reads with O_DIRECT (cold files: no page
+    cache churn); `mapped` decrypts from an mmap of the file (files in the page cache).
     """
     import torch
 
@@ -185,13 +215,21 @@ def load_to_gpu(
         slot = pair[k]
         offset = u * unit
         n = min(unit, model.data_bytes - offset)
-        view = memoryview(slot.numpy())[:n]
-        read_exact(fd, view, offset)
         addr = slot.data_ptr()
-        for j in range(-(-n // chunk)):
-            i = u * per_unit + j
-            c_off, c_n = model.chunk_span(i)
-            model.decrypt_chunk(i, addr + (c_off - offset), c_n)
+        if mapped and model.encrypted:
+            # Decrypt straight from the page cache into the pinned slot: one pass over the
+            # bytes instead of a copy and then an in-place decryption.
+            with _mapping(fd, offset, n) as src:
+                for j in range(-(-n // chunk)):
+                    i = u * per_unit + j
+                    c_off, c_n = model.chunk_span(i)
+                    model.decrypt_chunk(i, addr + (c_off - offset), c_n, src + (c_off - offset))
+        else:
+            read_exact(fd, memoryview(slot.numpy())[:n], offset)
+            for j in range(-(-n // chunk)):
+                i = u * per_unit + j
+                c_off, c_n = model.chunk_span(i)
+                model.decrypt_chunk(i, addr + (c_off - offset), c_n)
         with torch.cuda.stream(stream):
             flat[offset : offset + n].copy_(slot[:n], non_blocking=True)
             ev = torch.cuda.Event()
@@ -199,10 +237,23 @@ def load_to_gpu(
         events[k] = ev
 
     try:
-        _run_parallel(one, n_units, ring.threads)
-        torch.cuda.synchronize(device)
+        with ring.lock:
+            _run_parallel(one, n_units, ring.threads)
+            torch.cuda.synchronize(device)
     finally:
         os.close(fd)
         if model.encrypted:
-            ring.wipe()
+            ring.wipe_later()
+    return flat, tensor_views(model, flat)
+
+
+def load_from_host(
+    model: StoredModel, host_flat: torch.Tensor, device: str | torch.device = "cuda"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model on a GPU from the host tier (page-locked memory): one copy at PCIe speed."""
+    import torch
+
+    flat = torch.empty(model.data_bytes, dtype=torch.uint8, device=device)
+    flat.copy_(host_flat, non_blocking=host_flat.is_pinned())
+    torch.cuda.synchronize(device)
     return flat, tensor_views(model, flat)

@@ -3,6 +3,7 @@ and reads (and decrypts) chunks of its tensor file."""
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -147,13 +148,21 @@ class StoredModel:
         start = i * self.header.chunk_bytes
         return start, min(self.header.chunk_bytes, self.data_bytes - start)
 
-    def decrypt_chunk(self, i: int, addr: int, n: int) -> None:
-        """Decrypt chunk i in place at `addr` (n bytes, already read); no-op when plaintext."""
+    def decrypt_chunk(self, i: int, addr: int, n: int, src: int | None = None) -> None:
+        """Decrypt chunk i (n bytes at `src`, default in place) into `addr`; when the model is not
+        encrypted, copy it (or do nothing in place)."""
         if self.cipher is None:
+            if src is not None and src != addr:
+                ctypes.memmove(addr, src, n)
             return
         try:
             self.cipher.decrypt_into(
-                chunk_nonce(i), addr, n, addr, self._aad[i], self.tags[i * 16 : i * 16 + 16]
+                chunk_nonce(i),
+                addr if src is None else src,
+                n,
+                addr,
+                self._aad[i],
+                self.tags[i * 16 : i * 16 + 16],
             )
         except AuthenticationFailed:
             raise StoreIntegrityError(
