@@ -44,19 +44,22 @@ class CipherError(ApplianceError):
     """A libcrypto call failed for a reason other than a bad tag."""
 
 
-def _load_libcrypto() -> ctypes.CDLL | None:
-    """libcrypto with the prototypes this module uses, or None when it cannot be loaded."""
+def _load_libcrypto() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
+    """libcrypto twice, with the prototypes this module uses: through PyDLL for the short calls
+    (they keep the GIL) and through CDLL for the bulk update (it releases the GIL). Releasing and
+    retaking the GIL around every short call made 16 loader threads queue for it; now each
+    chunk releases it once, for the part that takes time. None when libcrypto cannot be loaded."""
     candidates = [ctypes.util.find_library("crypto"), *_LIBCRYPTO_NAMES]
     for name in candidates:
         if not name:
             continue
         try:
-            # CDLL (not PyDLL): every call releases the GIL, which is the point of this module.
-            lib = ctypes.CDLL(name)
-            _declare(lib)
+            short, bulk = ctypes.PyDLL(name), ctypes.CDLL(name)
+            _declare(short)
+            _declare(bulk)
         except (OSError, AttributeError):
             continue
-        return lib
+        return short, bulk
     return None
 
 
@@ -84,7 +87,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ERR_clear_error.restype = None
 
 
-_lib = _load_libcrypto()
+_libs = _load_libcrypto()
+_lib, _bulk = _libs if _libs is not None else (None, None)
 
 NATIVE: bool = _lib is not None
 """True when libcrypto is in use (parallel threads); False when `cryptography` stands in."""
@@ -124,6 +128,8 @@ class _Context:
             raise CipherError("libcrypto could not allocate a cipher context")
         self.init = lib.EVP_EncryptInit_ex if encrypt else lib.EVP_DecryptInit_ex
         self.update = lib.EVP_EncryptUpdate if encrypt else lib.EVP_DecryptUpdate
+        assert _bulk is not None
+        self.bulk_update = _bulk.EVP_EncryptUpdate if encrypt else _bulk.EVP_DecryptUpdate
         self.final = lib.EVP_EncryptFinal_ex if encrypt else lib.EVP_DecryptFinal_ex
         # Key schedule once per thread; each call then only sets a new IV.
         self.check(self.init(self.ptr, lib.EVP_aes_256_gcm(), None, None, None), "init")
@@ -152,7 +158,7 @@ class _Context:
         for at in range(0, n, _PIECE_BYTES):
             size = min(_PIECE_BYTES, n - at)
             self.check(
-                self.update(self.ptr, dst + at, ctypes.byref(outl), src + at, size), "update"
+                self.bulk_update(self.ptr, dst + at, ctypes.byref(outl), src + at, size), "update"
             )
             if outl.value != size:
                 raise CipherError("libcrypto AES-GCM wrote an unexpected number of bytes")
