@@ -419,7 +419,7 @@ def main() -> int:
     save()
     rows = [
         ("host tier (pinned) -> GPU", "host_tier_plain_GBps", "host_tier_enc_GBps"),
-        ("page cache -> GPU (default: mmap+decrypt)", "page_cache_plain_GBps", "page_cache_enc_GBps"),
+        ("page cache -> GPU (default)", "page_cache_plain_GBps", "page_cache_enc_GBps"),
         ("page cache -> GPU, pread then decrypt", None, "page_cache_enc_pread_GBps"),
         ("cold disk, buffered", "disk_cold_plain_buffered_GBps", "disk_cold_enc_buffered_GBps"),
         ("cold disk, O_DIRECT", "disk_cold_plain_direct_GBps", "disk_cold_enc_direct_GBps"),
