@@ -20,10 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_THREADS = min(16, os.cpu_count() or 1)
-# Decrypt from a mapping of the file when at least this much of it is in the page cache.
-RESIDENT_FOR_MAPPING = 0.9
-_libc = ctypes.CDLL(None, use_errno=True)
-_LOW_BIT = bytes(b & 1 for b in range(256))
+
 # Bytes a GPU loader thread reads, decrypts and copies at a time (a multiple of the chunk size).
 DEFAULT_UNIT_BYTES = 16 << 20
 
@@ -69,18 +66,6 @@ def _map_file(fd: int, nbytes: int) -> tuple[mmap.mmap, int]:
     addr = ctypes.addressof(anchor)
     del anchor  # no export left, so the map can be closed
     return mm, addr
-
-
-def _resident_fraction(mm: mmap.mmap, addr: int, nbytes: int) -> float:
-    """How much of a mapped file is in the page cache (mincore)."""
-    page = mmap.PAGESIZE
-    pages = -(-nbytes // page)
-    vec = (ctypes.c_ubyte * pages)()
-    if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), vec) != 0:
-        return 0.0
-    # Bit 0 of each byte says whether the page is resident.
-    resident = bytes(vec).translate(_LOW_BIT)
-    return (pages - resident.count(0)) / pages
 
 
 def _open(model: StoredModel, direct: bool) -> int:
@@ -184,15 +169,16 @@ def load_to_gpu(
     ring: PinnedRing | None = None,
     threads: int = DEFAULT_THREADS,
     direct: bool = False,
-    mapped: bool | None = None,
+    mapped: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model's tensors on one GPU: one device allocation and named views into it.
 
     Each thread reads a unit into one of its two pinned slots, decrypts it there, and queues the
     copy to the GPU on its own stream; it reuses a slot only once that slot's copy is done, so
     reading, decryption and copies overlap. `direct` reads with O_DIRECT (cold files: no page
-    cache churn); `mapped` decrypts from an mmap of the file, which is faster when the file is in
-    the page cache and slower when it is not; None decides by how much of it is resident.
+    cache churn); `mapped` decrypts from an mmap of the file instead of reading it first (one pass
+    over the bytes; on the H100 machine it measured 14-25 GB/s from the page cache against a
+    steady 22-23 GB/s for read-then-decrypt, so it is not the default).
     """
     import torch
 
@@ -241,12 +227,7 @@ def load_to_gpu(
             ev.record(stream)
         events[k] = ev
 
-    whole = None
-    if model.encrypted and mapped is not False and not direct:
-        whole = _map_file(fd, model.data_bytes)
-        if mapped is None and _resident_fraction(*whole, model.data_bytes) < RESIDENT_FOR_MAPPING:
-            whole[0].close()
-            whole = None
+    whole = _map_file(fd, model.data_bytes) if mapped and model.encrypted else None
     mapping = whole[1] if whole is not None else None
     try:
         with ring.lock:
