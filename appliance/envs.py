@@ -43,6 +43,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Tests and benchmarks: where built artefacts (the tiny model) are cached between runs.
     # Default: <repository>/.state/test-cache.
     "APPLIANCE_TEST_CACHE": lambda: os.environ.get("APPLIANCE_TEST_CACHE"),
+    # Passphrase of the store's key-encryption key, when there is no key file (a secret: it is
+    # never read from the YAML file).
+    "APPLIANCE_STORE_PASSPHRASE": lambda: os.environ.get("APPLIANCE_STORE_PASSPHRASE"),
     # vLLM CPU backend: KV-cache size in GiB (without it vLLM wants 90% of RAM free).
     "VLLM_CPU_KVCACHE_SPACE": lambda: os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
 }

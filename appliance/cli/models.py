@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import click
@@ -98,6 +99,110 @@ def build_tiny(ctx: CliContext, out: Path | None, time_budget: float, force: boo
         return
     report = build_tiny_model(out, time_budget_s=time_budget, progress=click.echo)
     click.echo(f"built tiny model at {out}: {report.summary()}")
+
+
+def parse_expiry(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO date such as 2027-06-30") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def policy_options(func):
+    """--user/--role/--host/--expires: who may load a model, where, until when."""
+    for option in reversed(
+        [
+            click.option("--user", "users", multiple=True, help="User allowed to load it."),
+            click.option("--role", "roles", multiple=True, help="Role allowed to load it."),
+            click.option(
+                "--host",
+                "hosts",
+                multiple=True,
+                help="Host fingerprint allowed to load it (`appliance store fingerprint`).",
+            ),
+            click.option("--expires", default=None, help="Refuse loads after this date (UTC)."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+@models_group.command("import")
+@click.argument("source")
+@click.option("--name", default=None, help="Model name in the catalog (default: from SOURCE).")
+@click.option("--no-encrypt", is_flag=True, help="Store the weights in plaintext.")
+@click.option("--replace", is_flag=True, help="Replace a model of that name already stored.")
+@click.option("--max-model-len", type=int, default=4096, show_default=True)
+@click.option("--gpus", type=int, default=0, show_default=True, help="GPUs per instance.")
+@click.option("--gpu-memory-gb", type=float, default=0, help="GPU memory one instance needs.")
+@policy_options
+@pass_ctx
+def import_model(
+    ctx: CliContext,
+    source: str,
+    name: str | None,
+    no_encrypt: bool,
+    replace: bool,
+    max_model_len: int,
+    gpus: int,
+    gpu_memory_gb: float,
+    users: tuple[str, ...],
+    roles: tuple[str, ...],
+    hosts: tuple[str, ...],
+    expires: str | None,
+) -> None:
+    """Import a Hugging Face checkpoint (a local directory, or a hub id when online) into the
+    encrypted store, check it bit for bit, and add it to the catalog.
+
+    \b
+    Without --user/--role the model may be loaded by the serving identity's roles
+    (store.load_roles); without --host, on any host; without --expires, with no end date.
+    """
+    from appliance.models.catalog import ModelResources, ModelSpec, add_local_model
+    from appliance.store import keyring
+    from appliance.store.hub import resolve_source
+    from appliance.store.importer import import_checkpoint
+
+    settings = ctx.settings
+    directory, default_name = resolve_source(source)
+    name = name or default_name
+    encrypt = settings.store.encrypt and not no_encrypt
+    kek = policy = None
+    if encrypt:
+        for line in keyring.init_keys(settings):
+            click.echo(line)
+        kek = keyring.store_kek(settings, create_kdf=True)
+        policy = keyring.sign_policy(
+            settings,
+            name,
+            users=list(users),
+            roles=list(roles),
+            hosts=list(hosts),
+            not_after=parse_expiry(expires),
+        )
+    path = import_checkpoint(
+        directory,
+        settings.store_root,
+        name,
+        kek=kek,
+        policy=policy,
+        chunk_bytes=settings.store.chunk_mib << 20,
+        progress=True,
+        replace=replace,
+    )
+    spec = ModelSpec(
+        name=name,
+        source=f"store:{name}",
+        max_model_len=max_model_len,
+        size_gb=round(sum(f.stat().st_size for f in path.iterdir()) / 1e9, 3),
+        resources=ModelResources(gpus=gpus, gpu_memory_gb=gpu_memory_gb, cpu_fallback=gpus == 0),
+    )
+    add_local_model(settings, spec)
+    state = "encrypted" if encrypt else "plaintext"
+    click.echo(f"imported {name} ({state}, verified) into {path}; added to the catalog")
 
 
 COMMANDS = [models_group]

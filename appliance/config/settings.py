@@ -19,6 +19,7 @@ from appliance.config.catalog import CatalogSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.config.gateway import GatewaySettings
 from appliance.config.serving import ServingSettings
+from appliance.config.store import StoreSettings
 from appliance.errors import ApplianceError
 
 DEFAULT_CONFIG_FILE = Path("/etc/appliance/config.yaml")
@@ -92,6 +93,9 @@ class ApplianceSettings(BaseSettings):
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     """Model catalog (section `catalog`)."""
 
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    """Encrypted model store, keys and load policies (section `store`)."""
+
     # Set by load_settings: which file the values came from (not a configuration field).
     _config_file: Path | None = None
 
@@ -123,6 +127,18 @@ class ApplianceSettings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.catalog.models_dir or self.state_dir / "models"
+
+    @property
+    def store_root(self) -> Path:
+        return self.store.root or self.state_dir / "store"
+
+    @property
+    def kek_file(self) -> Path:
+        return self.store.key_file or self.state_dir / "keys" / "kek.key"
+
+    @property
+    def signing_key_file(self) -> Path:
+        return self.store.signing_key_file or self.state_dir / "keys" / "policy-signing.key"
 
     @property
     def user_catalog_file(self) -> Path:

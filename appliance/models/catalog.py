@@ -38,7 +38,9 @@ class ModelSpec(BaseModel):
     description: str = ""
     kind: Literal["chat", "completion", "embedding"] = "chat"
     engine: Literal["vllm", "sentence-transformers"] = "vllm"
-    source: str = Field(description="builtin:tiny, hf:<repo id>, dir:<path> or package:<module>.")
+    source: str = Field(
+        description="builtin:tiny, hf:<repo id>, dir:<path>, package:<module> or store:<model id>."
+    )
     path: Path | None = Field(default=None, description="Local model directory; derived if unset.")
     parameters: str = ""
     size_gb: float = Field(default=0, ge=0)
@@ -60,6 +62,8 @@ class ModelSpec(BaseModel):
         kind, _, ref = self.source.partition(":")
         if kind == "dir":
             return Path(ref)
+        if kind == "store":
+            return settings.store_root / ref
         if kind == "package":
             try:
                 module = importlib.import_module(ref)
@@ -76,6 +80,10 @@ class ModelSpec(BaseModel):
             directory = self.model_dir(settings)
         except ApplianceError:
             return False
+        if self.source_kind == "store":
+            from appliance.store.format import HEADER_FILE
+
+            return (directory / HEADER_FILE).exists()
         return (directory / "config.json").exists() or (directory / "modules.json").exists()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import re
 import signal
@@ -22,6 +23,8 @@ from pathlib import Path
 from appliance import envs
 from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
 
+# Exit code of a launcher that refused to start a model its policy or key does not allow.
+STORE_REFUSED = 3
 # Lines of vLLM's log that mark the end of weight loading (the wording changed across versions).
 WEIGHTS_LOADED = re.compile(r"Loading weights took|Model loading took|weights loaded")
 
@@ -40,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--health-path", default="/health")
+    p.add_argument(
+        "--store-spec",
+        default=None,
+        help="JSON StoreLoadSpec: load the model from the encrypted store (model-path holds it).",
+    )
     p.add_argument("extra", nargs="*", help="Extra arguments for the model server (after --).")
     return p.parse_args(argv)
 
@@ -179,7 +187,44 @@ class Launcher:
             self.proc.send_signal(signal.SIGTERM if signum != signal.SIGINT else signal.SIGINT)
 
     def run(self) -> int:
-        cmd = server_command(self.args, self.port, self.device)
+        if not self.args.store_spec:
+            return self._serve(self.args)
+        from appliance.errors import ApplianceError
+        from appliance.store.serving import (
+            LOAD_FORMAT,
+            StoreLoadSpec,
+            materialize_model_files,
+            remove_model_files,
+        )
+
+        spec = StoreLoadSpec.from_dict(json.loads(self.args.store_spec))
+        try:
+            # Checked here first (policy, key, index) so a refusal is one clear line in the
+            # instance's log rather than a trace from inside vLLM.
+            stored = spec.open()
+        except ApplianceError as exc:
+            print(f"appliance: cannot load {self.args.model} from the store: {exc}", flush=True)
+            with self._lock:
+                self.endpoint.exit_code = STORE_REFUSED
+                write_endpoint(self.args.endpoint_dir, self.endpoint)
+            return STORE_REFUSED
+        files = materialize_model_files(stored)
+        args = argparse.Namespace(**vars(self.args))
+        args.model_path = files
+        args.extra = [
+            "--load-format",
+            LOAD_FORMAT,
+            "--model-loader-extra-config",
+            spec.to_json(),
+            *self.args.extra,
+        ]
+        try:
+            return self._serve(args)
+        finally:
+            remove_model_files(files)
+
+    def _serve(self, args: argparse.Namespace) -> int:
+        cmd = server_command(args, self.port, self.device)
         print(
             f"appliance: starting {self.args.model} on {self.device}: {' '.join(cmd)}", flush=True
         )
@@ -188,7 +233,7 @@ class Launcher:
             signal.signal(sig, self._forward)
         self.proc = subprocess.Popen(
             cmd,
-            env=server_env(self.args, self.device),
+            env=server_env(args, self.device),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -70,6 +70,10 @@ def render_instance_script(
         ("--cpu-kv-cache-gib", f"{serving.cpu_kv_cache_gib:g}"),
         ("--health-path", serving.health_path),
     ]
+    if spec.source_kind == "store":
+        from appliance.store.keyring import load_spec
+
+        options.append(("--store-spec", load_spec(settings, spec.name).to_json()))
     if serving.enforce_eager:
         options.append(("--enforce-eager", None))
     if request.gpu_memory_utilization is not None:

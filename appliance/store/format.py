@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.errors import ApplianceError
+
 FORMAT = "appliance-store/1"
 ALIGN = 4096
 DATA_FILE = "tensors.bin"
@@ -56,8 +58,8 @@ DTYPE_SIZES = {
 }
 
 
-class StoreFormatError(ValueError):
-    """A stored model's files are malformed (not an authentication failure)."""
+class StoreFormatError(ApplianceError):
+    """A checkpoint or a stored model's files are malformed (not an authentication failure)."""
 
 
 def align_up(n: int, align: int = ALIGN) -> int:

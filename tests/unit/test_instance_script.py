@@ -96,3 +96,23 @@ def test_job_names_round_trip():
     s = settings()
     assert model_from_job_name(s, "appliance-inst-tiny-chat") == "tiny-chat"
     assert model_from_job_name(s, "somebody-elses-job") is None
+
+
+def test_stored_model_script_golden(tmp_path):
+    """A model from the encrypted store: the launcher gets what it needs to open it."""
+    stored = ModelSpec(
+        name="secret-8b",
+        source="store:secret-8b",
+        resources=ModelResources(gpus=1, gpu_memory_gb=20, memory_gb=32, cpus=4),
+    )
+    s = settings(
+        store={
+            "signing_key_file": str(tmp_path / "absent.key"),
+            "trusted_signers": ["ab" * 32],
+        }
+    )
+    req = plan_request(stored, s, 2)
+    check_golden(
+        "instance-store.sbatch",
+        render_instance_script(s, stored, req, stored.model_dir(s)),
+    )

@@ -1,0 +1,116 @@
+"""`appliance store`: keys, load policies and the models in the encrypted store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from appliance.cli.context import CliContext, pass_ctx
+from appliance.cli.models import parse_expiry, policy_options
+
+
+@click.group("store")
+def store_group() -> None:
+    """Encrypted model store: keys, who may load which model, key rotation."""
+
+
+@store_group.command("init")
+@pass_ctx
+def init(ctx: CliContext) -> None:
+    """Create the key-encryption key and the policy signing key (existing keys are kept)."""
+    from appliance.store import keyring
+
+    done = keyring.init_keys(ctx.settings)
+    for line in done or ["keys already in place; nothing changed"]:
+        click.echo(line)
+
+
+@store_group.command("fingerprint")
+def fingerprint() -> None:
+    """Print this host's fingerprint (machine id and GPU UUIDs), for `--host` in policies."""
+    from security.host import this_host_fingerprint
+
+    click.echo(this_host_fingerprint())
+
+
+@store_group.command("list")
+@pass_ctx
+def list_stored(ctx: CliContext) -> None:
+    """List stored models with size, encryption, key id and policy."""
+    from appliance.store.format import StoreHeader
+
+    root = ctx.settings.store_root
+    rows = [("MODEL", "SIZE", "ENCRYPTED", "KEY", "USERS", "ROLES", "HOSTS", "EXPIRES")]
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if not (d / "header.json").exists():
+            continue
+        h = StoreHeader.read(d)
+        p = (h.policy or {}).get("policy", {})
+        rows.append(
+            (
+                h.model_id,
+                f"{h.data_bytes / 1e9:.2f} GB",
+                "yes" if h.encrypted else "no",
+                (h.key_wrap or {}).get("kek_id", "-"),
+                ",".join(p.get("users", [])) or "-",
+                ",".join(p.get("roles", [])) or "-",
+                str(len(p.get("hosts", []))) if p.get("hosts") else "any",
+                p.get("not_after") or "never",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@store_group.command("rotate-key")
+@click.argument("new_key_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@pass_ctx
+def rotate(ctx: CliContext, new_key_file: Path) -> None:
+    """Rewrap every model's data key under NEW_KEY_FILE (weights are not re-encrypted), then
+    point store.key_file at it on every node."""
+    from appliance.store import keyring
+    from appliance.store.model import rotate_key
+    from security.keys import KeyEncryptionKey
+
+    old = keyring.store_kek(ctx.settings)
+    new = KeyEncryptionKey.from_key_file(new_key_file)
+    root = ctx.settings.store_root
+    count = 0
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if (d / "header.json").exists():
+            rotate_key(d, old, new)
+            count += 1
+    click.echo(f"rewrapped {count} models from key {old.key_id} to key {new.key_id}")
+
+
+@store_group.command("policy")
+@click.argument("model")
+@policy_options
+@pass_ctx
+def set_model_policy(
+    ctx: CliContext,
+    model: str,
+    users: tuple[str, ...],
+    roles: tuple[str, ...],
+    hosts: tuple[str, ...],
+    expires: str | None,
+) -> None:
+    """Replace MODEL's signed load policy."""
+    from appliance.store import keyring
+    from appliance.store.model import set_policy
+
+    signed = keyring.sign_policy(
+        ctx.settings,
+        model,
+        users=list(users),
+        roles=list(roles),
+        hosts=list(hosts),
+        not_after=parse_expiry(expires),
+    )
+    set_policy(ctx.settings.store_root / model, signed)
+    click.echo(f"policy of {model} replaced: {signed['policy']}")
+
+
+COMMANDS = [store_group]

@@ -1,0 +1,152 @@
+"""Serving a stored model: what an instance needs to open it (StoreLoadSpec), the model's small
+files laid out in memory for vLLM, and the vLLM model-loader plugin that loads the weights.
+
+The plugin is registered through vLLM's `vllm.general_plugins` entry point (pyproject.toml), so
+every vLLM process of an instance knows the `appliance-store` load format. The launcher starts
+vLLM with `--load-format appliance-store --model-loader-extra-config <spec>` and `--model`
+pointing at a private directory in memory holding config.json and the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.store.model import AccessRequest, StoredModel
+from security.keys import KdfParams, KeyEncryptionKey, KeySetupError
+
+log = logging.getLogger(__name__)
+
+LOAD_FORMAT = "appliance-store"
+# A directory in memory (tmpfs) for the model's config and tokenizer, so nothing decrypted from
+# the store is written to disk; the weights themselves never leave process memory.
+MEMORY_DIRS = (Path("/dev/shm"), Path("/run"))
+
+
+@dataclass
+class StoreLoadSpec:
+    """Everything an instance needs to open one stored model (JSON on the command line)."""
+
+    model_dir: str
+    model_id: str
+    key_file: str
+    kdf_file: str
+    user: str
+    roles: list[str] = field(default_factory=list)
+    trusted_signers: list[str] = field(default_factory=list)
+    threads: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreLoadSpec:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def kek(self) -> KeyEncryptionKey:
+        return load_kek(Path(self.key_file), Path(self.kdf_file), passphrase=None)
+
+    def open(self, host: str | None = None) -> StoredModel:
+        """Open and authenticate the model, checking its policy for this host."""
+        from security.host import this_host_fingerprint
+
+        access = AccessRequest(
+            user=self.user,
+            roles=self.roles,
+            host=host or this_host_fingerprint(),
+            trusted_signers=self.trusted_signers,
+        )
+        return StoredModel.open(
+            Path(self.model_dir), kek=self.kek(), access=access, expected_id=self.model_id
+        )
+
+
+def load_kek(
+    key_file: Path, kdf_file: Path, passphrase: str | None, create_kdf: bool = False
+) -> KeyEncryptionKey:
+    """The key file when it exists, else the passphrase (argument or APPLIANCE_STORE_PASSPHRASE)
+    stretched with the store's Argon2id parameters (written on first use when `create_kdf`)."""
+    from appliance import envs
+
+    if key_file.exists():
+        return KeyEncryptionKey.from_key_file(key_file)
+    passphrase = passphrase or envs.APPLIANCE_STORE_PASSPHRASE
+    if not passphrase:
+        raise KeySetupError(
+            f"no key-encryption key: {key_file} does not exist and APPLIANCE_STORE_PASSPHRASE "
+            "is not set (run `appliance store init`)"
+        )
+    if kdf_file.exists():
+        params = KdfParams.from_dict(json.loads(kdf_file.read_text()))
+    elif create_kdf:
+        params = KdfParams.new()
+        kdf_file.parent.mkdir(parents=True, exist_ok=True)
+        kdf_file.write_text(json.dumps(params.to_dict(), indent=1) + "\n")
+    else:
+        raise KeySetupError(f"{kdf_file} is missing: the passphrase cannot be turned into the key")
+    return KeyEncryptionKey.from_kdf_params(passphrase, params)
+
+
+def materialize_model_files(model: StoredModel) -> Path:
+    """config.json, tokenizer and the other small files, in a private directory in memory.
+    The caller removes it (remove_model_files) when the server exits."""
+    base = next((d for d in MEMORY_DIRS if d.is_dir() and os.access(d, os.W_OK)), None)
+    path = Path(tempfile.mkdtemp(prefix=f"appliance-{model.model_id}-", dir=base))
+    for name, content in model.index.files.items():
+        target = path / name
+        if target.parent != path:  # names come from the authenticated index, but stay flat
+            raise ValueError(f"unexpected file name in the index: {name!r}")
+        target.write_bytes(content)
+    return path
+
+
+def remove_model_files(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
+    """Load a stored model's weights into an initialised vLLM model, in this process only."""
+    import torch
+
+    from appliance.store.loader import DEFAULT_THREADS, load_to_gpu, load_to_host
+    from security.process import disable_core_dumps
+
+    disable_core_dumps()
+    stored = spec.open()
+    device = next(model.parameters()).device
+    threads = spec.threads or DEFAULT_THREADS
+    if device.type == "cuda":
+        flat, views = load_to_gpu(stored, device=device, threads=threads)
+    else:
+        flat, views = load_to_host(stored, threads=threads)
+    loaded = model.load_weights(iter(views.items()))
+    missing = {name for name, _ in model.named_parameters()} - set(loaded or ())
+    del views
+    with torch.no_grad():
+        flat.zero_()  # the staging copy held plaintext weights
+    del flat
+    if loaded is not None and missing:
+        raise ValueError(f"model {spec.model_id}: weights missing in the store: {sorted(missing)}")
+    log.info("loaded %s from the store (%d tensors)", spec.model_id, len(stored.index.names()))
+
+
+def register() -> None:
+    """vLLM general-plugin entry point: make the `appliance-store` load format known."""
+    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    @register_model_loader(LOAD_FORMAT)
+    class ApplianceStoreLoader(BaseModelLoader):
+        """Loads weights from the encrypted store straight into the model's memory."""
+
+        def download_model(self, model_config) -> None:
+            return None
+
+        def load_weights(self, model, model_config) -> None:
+            extra = self.load_config.model_loader_extra_config or {}
+            _load_weights(model, StoreLoadSpec.from_dict(extra))
