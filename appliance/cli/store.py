@@ -113,4 +113,24 @@ def set_model_policy(
     click.echo(f"policy of {model} replaced: {signed['policy']}")
 
 
+@store_group.command("serve")
+@click.option("--node", default=None, help="Node name to report (default: this host's name).")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=None, help="Port (default: store.service_port).")
+@pass_ctx
+def serve(ctx: CliContext, node: str | None, host: str, port: int | None) -> None:
+    """Run this node's store service: what the node holds, per tier, for placement."""
+    import uvicorn
+
+    from appliance.store.service import create_app
+
+    settings = ctx.settings
+    uvicorn.run(
+        create_app(settings, node),
+        host=host,
+        port=port or settings.store.service_port,
+        log_level="warning",
+    )
+
+
 COMMANDS = [store_group]

@@ -47,3 +47,11 @@ class StoreSettings(BaseModel):
     host_cache_gib: float = Field(default=0.0, ge=0)
     """Budget of a node's host-memory tier (decrypted models in page-locked memory, evicted least
     recently used first). 0 disables the tier."""
+
+    service_port: int = Field(default=8101, ge=1, le=65535)
+    """Port of the store service on each node (`appliance store serve`), which the gateway asks
+    what each node holds when it places an instance."""
+
+    services: dict[str, str] = Field(default_factory=dict)
+    """Store service URL per node name, where it is not http://<node address>:<service_port>
+    (e.g. several simulated nodes on one host)."""

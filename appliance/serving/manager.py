@@ -17,7 +17,7 @@ from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.instance import ACTIVE_STATES, Instance, InstanceState
-from appliance.serving.resources import plan_request
+from appliance.serving.resources import InstanceRequest, plan_request
 from appliance.serving.sbatch import job_name_prefix, model_from_job_name, render_instance_script
 from appliance.slurm.client import SlurmClient, SlurmJob
 
@@ -138,7 +138,10 @@ class InstanceManager:
                 f"(expected files in {spec.model_dir(self.settings)})"
             )
         request = plan_request(spec, self.settings, self._cluster_gpus)
-        script = render_instance_script(self.settings, spec, request, spec.model_dir(self.settings))
+        node = await self._place(spec.name, request) if spec.source_kind == "store" else None
+        script = render_instance_script(
+            self.settings, spec, request, spec.model_dir(self.settings), nodelist=node
+        )
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
         job_id = await asyncio.to_thread(self.slurm.submit, script)
@@ -149,6 +152,24 @@ class InstanceManager:
         log.info("launched instance job %s for %s (%s)", job_id, model, request)
         await self._notify()
         return inst
+
+    async def _place(self, model: str, request: InstanceRequest) -> str | None:
+        """The node where a stored model's instance starts soonest, or None for Slurm's choice."""
+        from appliance.store.placement import place
+
+        try:
+            node, ranking = await place(self.settings, self.slurm, self._probe, model, request)
+        except ApplianceError as exc:
+            log.warning("placement of %s skipped: %s", model, exc)
+            return None
+        if ranking:
+            log.info(
+                "placing %s on %s; estimates: %s",
+                model,
+                node or "any node (Slurm decides)",
+                "; ".join(e.describe() for e in ranking),
+            )
+        return node
 
     async def retire(self, inst: Instance, reason: str) -> None:
         """Cancel an instance's job; it stops receiving requests at once."""

@@ -32,8 +32,10 @@ def render_instance_script(
     spec: ModelSpec,
     request: InstanceRequest,
     model_dir: Path,
+    nodelist: str | None = None,
 ) -> str:
-    """The sbatch script: Slurm directives, then the launcher that runs the model server."""
+    """The sbatch script: Slurm directives, then the launcher that runs the model server.
+    `nodelist` pins the job to a node (placement by start-up time)."""
     q = shlex.quote
     log = settings.log_dir / f"instance-{spec.name}-%j.log"
     lines = [
@@ -49,6 +51,8 @@ def render_instance_script(
     ]
     if request.gres:
         lines.append(f"#SBATCH --gres={request.gres}")
+    if nodelist:
+        lines.append(f"#SBATCH --nodelist={nodelist}")
     lines += [
         f"#SBATCH --comment=appliance-instance:{spec.name}",
         # An instance that dies is replaced by the gateway, not requeued by Slurm.

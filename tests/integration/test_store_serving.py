@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -51,6 +52,15 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
         "    max_model_len: 512\n    resources: {cpus: 1, memory_gb: 3}\n"
     )
     base["catalog"] = {"files": [str(tmp / "catalog.yaml")], "include_presets": False}
+    # A store service answers for n2 only (n1's URL has nothing behind it): placement must put
+    # the encrypted model's instances on n2, where Slurm alone would pick n1 first.
+    service_port = free_port()
+    base["store"] = {
+        "services": {
+            "n1": f"http://127.0.0.1:{free_port()}",
+            "n2": f"http://127.0.0.1:{service_port}",
+        }
+    }
     settings = load_settings(**base)
     config = write_config(settings, tmp / "config.yaml")
     for name, extra in (("tiny-secret", []), ("tiny-elsewhere", ["--host", OTHER_HOST])):
@@ -60,8 +70,31 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert f"imported {name} (encrypted, verified)" in out.stdout
-    with running_gateway(settings) as url:
-        yield settings, url, config
+    service = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli.main", "--config", str(config), "store", "serve",
+         "--node", "n2", "--host", "127.0.0.1", "--port", str(service_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_health(f"http://127.0.0.1:{service_port}/health", 60)
+        with running_gateway(settings) as url:
+            yield settings, url, config
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+
+
+def wait_for_health(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not become healthy in {timeout} s")
 
 
 def test_cli_lists_the_encrypted_models(stack):
@@ -71,6 +104,19 @@ def test_cli_lists_the_encrypted_models(stack):
     lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
     assert set(lines) == {"tiny-secret", "tiny-elsewhere"}
     assert " yes " in lines["tiny-secret"] and "serving" in lines["tiny-secret"]
+
+
+def test_store_service_reports_tiers_and_bandwidths(stack):
+    settings, _, _ = stack
+    url = settings.store.services["n2"]
+    inv = httpx.get(url + "/inventory", timeout=30).json()
+    assert inv["node"] == "n2"
+    assert set(inv["holdings"]) == {"tiny-secret", "tiny-elsewhere"}
+    # Just imported, so in the page cache; bandwidths were measured when the service started.
+    assert inv["holdings"]["tiny-secret"]["tier"] in ("page_cache", "disk")
+    assert inv["bandwidth_gbps"]["page_cache"] > 0
+    assert httpx.post(url + "/models/tiny-secret/warm", timeout=10).status_code == 202
+    assert httpx.post(url + "/models/nope/warm", timeout=10).status_code == 404
 
 
 def test_encrypted_model_answers_through_the_gateway(stack):
@@ -87,6 +133,9 @@ def test_encrypted_model_answers_through_the_gateway(stack):
     # Greedy decoding: the weights loaded from the store are exactly the checkpoint's.
     assert answers["tiny-secret"]
     assert answers["tiny-secret"] == answers["tiny-plain"]
+    # Placed by start-up time on the node whose store service reported the model.
+    nodes = {i["model"]: i["node"] for i in httpx.get(url + "/admin/instances").json()["instances"]}
+    assert nodes["tiny-secret"] == "n2"
 
 
 def test_policy_for_another_host_is_refused_with_its_rule(stack):

@@ -99,7 +99,8 @@ def test_job_names_round_trip():
 
 
 def test_stored_model_script_golden(tmp_path):
-    """A model from the encrypted store: the launcher gets what it needs to open it."""
+    """A model from the encrypted store, pinned to the node placement chose: the launcher gets
+    what it needs to open it."""
     stored = ModelSpec(
         name="secret-8b",
         source="store:secret-8b",
@@ -114,5 +115,5 @@ def test_stored_model_script_golden(tmp_path):
     req = plan_request(stored, s, 2)
     check_golden(
         "instance-store.sbatch",
-        render_instance_script(s, stored, req, stored.model_dir(s)),
+        render_instance_script(s, stored, req, stored.model_dir(s), nodelist="n2"),
     )
