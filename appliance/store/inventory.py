@@ -15,6 +15,7 @@ from pathlib import Path
 
 from appliance.errors import ApplianceError
 from appliance.store.format import DATA_FILE, HEADER_FILE, StoreHeader
+from appliance.store.mapping import mapping_address
 
 TIERS = ("gpu", "host", "page_cache", "disk", "shared")
 # Filesystems that are storage on the network, not this node's disk.
@@ -65,21 +66,11 @@ def resident_fraction(path: Path) -> float:
     with path.open("rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
         pages = -(-size // mmap.PAGESIZE)
         vec = (ctypes.c_ubyte * pages)()
-        rc = _libc.mincore(ctypes.c_void_p(_mapping_address(mm)), ctypes.c_size_t(size), vec)
+        rc = _libc.mincore(ctypes.c_void_p(mapping_address(mm)), ctypes.c_size_t(size), vec)
         if rc != 0:
             return 0.0
     resident = bytes(vec).translate(_LOW_BIT)
     return (pages - resident.count(0)) / pages
-
-
-def _mapping_address(mm: mmap.mmap) -> int:
-    """The address of a read-only mmap (ctypes.from_buffer wants a writable buffer)."""
-    import numpy as np
-
-    view = np.frombuffer(mm, dtype=np.uint8)
-    addr = int(view.ctypes.data)
-    del view  # no export may outlive the map
-    return addr
 
 
 def filesystem_type(path: Path) -> str:

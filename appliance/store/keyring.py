@@ -54,7 +54,13 @@ def load_spec(settings: ApplianceSettings, model_id: str) -> StoreLoadSpec:
         roles=list(settings.store.load_roles),
         trusted_signers=trusted_signers(settings),
         threads=settings.store.loader_threads,
+        host_socket=str(host_socket_path(settings, "{node}")),
     )
+
+
+def host_socket_path(settings: ApplianceSettings, node: str) -> Path:
+    """Where a node's store service offers its host tier to local loaders."""
+    return settings.state_dir / "run" / f"store-{node}.sock"
 
 
 def trusted_signers(settings: ApplianceSettings) -> list[str]:

@@ -4,15 +4,14 @@ allocation per GPU. Plaintext exists only in memory."""
 
 from __future__ import annotations
 
-import ctypes
 import itertools
-import mmap
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from appliance.store.mapping import map_file
 from appliance.store.model import StoredModel, read_exact
 from security.aesgcm import address_of
 
@@ -56,16 +55,6 @@ def tensor_views(model: StoredModel, flat: torch.Tensor) -> dict[str, torch.Tens
     for alias, target in model.index.aliases.items():
         out[alias] = out[target]
     return out
-
-
-def _map_file(fd: int, nbytes: int) -> tuple[mmap.mmap, int]:
-    """A private read mapping of the whole file and its address (pages fault in as threads go)."""
-    # Writable only so ctypes can take its address; it is private and never written.
-    mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    anchor = ctypes.c_char.from_buffer(mm)
-    addr = ctypes.addressof(anchor)
-    del anchor  # no export left, so the map can be closed
-    return mm, addr
 
 
 def _open(model: StoredModel, direct: bool) -> int:
@@ -227,7 +216,7 @@ def load_to_gpu(
             ev.record(stream)
         events[k] = ev
 
-    whole = _map_file(fd, model.data_bytes) if mapped and model.encrypted else None
+    whole = map_file(fd, model.data_bytes) if mapped and model.encrypted else None
     mapping = whole[1] if whole is not None else None
     try:
         with ring.lock:
@@ -251,4 +240,28 @@ def load_from_host(
     flat = torch.empty(model.data_bytes, dtype=torch.uint8, device=device)
     flat.copy_(host_flat, non_blocking=host_flat.is_pinned())
     torch.cuda.synchronize(device)
+    return flat, tensor_views(model, flat)
+
+
+def load_from_mapping(
+    model: StoredModel, mm, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's tensors from a mapping of its decrypted bytes (the host tier): views straight
+    into the mapping on CPU, one copy on a GPU (page-locked for the copy when CUDA allows
+    registering the mapping)."""
+    import torch
+
+    host = torch.frombuffer(mm, dtype=torch.uint8)
+    if torch.device(device).type != "cuda":
+        return host, tensor_views(model, host)
+    addr, n = address_of(mm), len(mm)
+    cudart = torch.cuda.cudart()
+    registered = cudart.cudaHostRegister(addr, n, 0) == 0
+    try:
+        flat = torch.empty(n, dtype=torch.uint8, device=device)
+        flat.copy_(host, non_blocking=registered)
+        torch.cuda.synchronize(device)
+    finally:
+        if registered:
+            cudart.cudaHostUnregister(addr)
     return flat, tensor_views(model, flat)

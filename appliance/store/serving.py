@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any
 from appliance.store.model import AccessRequest, StoredModel
 from security.keys import KdfParams, KeyEncryptionKey, KeySetupError
 
-log = logging.getLogger(__name__)
+# Under "vllm." so the lines show in the instance log with vLLM's own (it configures that tree).
+log = logging.getLogger("vllm.appliance.store")
 
 LOAD_FORMAT = "appliance-store"
 # A directory in memory (tmpfs) for the model's config and tokenizer, so nothing decrypted from
@@ -40,6 +42,8 @@ class StoreLoadSpec:
     roles: list[str] = field(default_factory=list)
     trusted_signers: list[str] = field(default_factory=list)
     threads: int = 0
+    # The node's host-tier socket; `{node}` is the node the instance runs on.
+    host_socket: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -47,6 +51,14 @@ class StoreLoadSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StoreLoadSpec:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def host_socket_path(self) -> Path | None:
+        if not self.host_socket:
+            return None
+        from appliance import envs
+
+        node = envs.SLURMD_NODENAME or socket.gethostname()
+        return Path(self.host_socket.replace("{node}", node))
 
     def kek(self) -> KeyEncryptionKey:
         return load_kek(Path(self.key_file), Path(self.kdf_file), passphrase=None)
@@ -113,26 +125,42 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
     """Load a stored model's weights into an initialised vLLM model, in this process only."""
     import torch
 
-    from appliance.store.loader import DEFAULT_THREADS, load_to_gpu, load_to_host
+    from appliance.store.host_cache import open_from_host_tier
+    from appliance.store.loader import (
+        DEFAULT_THREADS,
+        load_from_mapping,
+        load_to_gpu,
+        load_to_host,
+    )
     from security.process import disable_core_dumps
 
     disable_core_dumps()
-    stored = spec.open()
+    stored = spec.open()  # the policy is checked whichever tier the bytes come from
     device = next(model.parameters()).device
     threads = spec.threads or DEFAULT_THREADS
-    if device.type == "cuda":
-        flat, views = load_to_gpu(stored, device=device, threads=threads)
+    socket_path = spec.host_socket_path()
+    cached = open_from_host_tier(socket_path, spec.model_id) if socket_path else None
+    if cached is not None:
+        with cached:
+            flat, views = load_from_mapping(stored, cached.map, device)
+            loaded = model.load_weights(iter(views.items()))
+            del views, flat  # views into the shared mapping: nothing of ours to wipe
+        source = "the host tier"
     else:
-        flat, views = load_to_host(stored, threads=threads)
-    loaded = model.load_weights(iter(views.items()))
+        if device.type == "cuda":
+            flat, views = load_to_gpu(stored, device=device, threads=threads)
+        else:
+            flat, views = load_to_host(stored, threads=threads)
+        loaded = model.load_weights(iter(views.items()))
+        del views
+        with torch.no_grad():
+            flat.zero_()  # the staging copy held plaintext weights
+        del flat
+        source = "the store"
     missing = {name for name, _ in model.named_parameters()} - set(loaded or ())
-    del views
-    with torch.no_grad():
-        flat.zero_()  # the staging copy held plaintext weights
-    del flat
     if loaded is not None and missing:
         raise ValueError(f"model {spec.model_id}: weights missing in the store: {sorted(missing)}")
-    log.info("loaded %s from the store (%d tensors)", spec.model_id, len(stored.index.names()))
+    log.info("loaded %s from %s (%d tensors)", spec.model_id, source, len(stored.index.names()))
 
 
 def register() -> None:

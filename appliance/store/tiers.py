@@ -7,12 +7,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from appliance.errors import ApplianceError
 
-if TYPE_CHECKING:
-    import torch
+
+class HostBuffer(Protocol):
+    """Memory holding one decrypted model."""
+
+    def wipe(self) -> None:
+        """Zero the plaintext and give the memory back."""
 
 
 class TierFull(ApplianceError):
@@ -21,10 +25,10 @@ class TierFull(ApplianceError):
 
 @dataclass
 class HostEntry:
-    """One model held in host memory: its flat buffer and how many loads are using it."""
+    """One model held in host memory: its buffer and how many loads are using it."""
 
     model_id: str
-    flat: torch.Tensor
+    buffer: HostBuffer
     nbytes: int
     users: int = 0
 
@@ -60,7 +64,7 @@ class HostTier:
         with self._lock:
             entry.users = max(0, entry.users - 1)
 
-    def put(self, model_id: str, nbytes: int, fill: Callable[[], torch.Tensor]) -> HostEntry:
+    def put(self, model_id: str, nbytes: int, fill: Callable[[], HostBuffer]) -> HostEntry:
         """Make room for nbytes (evicting LRU entries), then hold what `fill` returns. The
         returned entry is taken, as by `get`."""
         if nbytes > self.budget_bytes:
@@ -84,9 +88,9 @@ class HostTier:
                     f"no room for model {model_id} in the host tier: "
                     f"{', '.join(m for m, e in self._entries.items() if e.users)} are in use"
                 )
-        flat = fill()
+        buffer = fill()
         with self._lock:
-            entry = HostEntry(model_id, flat, nbytes, users=1)
+            entry = HostEntry(model_id, buffer, nbytes, users=1)
             self._entries[model_id] = entry
             return entry
 
@@ -100,7 +104,7 @@ class HostTier:
 
     def _evict(self, entry: HostEntry) -> None:
         del self._entries[entry.model_id]
-        # Plaintext weights: zero them before the memory goes back to the allocator.
-        entry.flat.zero_()
+        # Plaintext weights: zeroed before the memory goes back.
+        entry.buffer.wipe()
         if self._on_evict is not None:
             self._on_evict(entry.model_id)

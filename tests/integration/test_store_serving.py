@@ -56,10 +56,11 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
     # the encrypted model's instances on n2, where Slurm alone would pick n1 first.
     service_port = free_port()
     base["store"] = {
+        "host_cache_gib": 0.5,
         "services": {
             "n1": f"http://127.0.0.1:{free_port()}",
             "n2": f"http://127.0.0.1:{service_port}",
-        }
+        },
     }
     settings = load_settings(**base)
     config = write_config(settings, tmp / "config.yaml")
@@ -117,10 +118,19 @@ def test_store_service_reports_tiers_and_bandwidths(stack):
     assert inv["bandwidth_gbps"]["page_cache"] > 0
     assert httpx.post(url + "/models/tiny-secret/warm", timeout=10).status_code == 202
     assert httpx.post(url + "/models/nope/warm", timeout=10).status_code == 404
+    # Decrypted into the node's host tier (the policy admits this node), then reported there.
+    resp = httpx.post(url + "/models/tiny-secret/cache", timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["holds"] == ["tiny-secret"]
+    # The other model's policy names another host: the service refuses it, with the rule.
+    resp = httpx.post(url + "/models/tiny-elsewhere/cache", timeout=60)
+    assert resp.status_code == 409 and "rule 'host'" in resp.text
+    inv = httpx.get(url + "/inventory", timeout=30).json()
+    assert inv["holdings"]["tiny-secret"]["tier"] == "host"
 
 
 def test_encrypted_model_answers_through_the_gateway(stack):
-    _, url, _ = stack
+    settings, url, _ = stack
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
     answers = {
         model: client.chat.completions.create(
@@ -134,8 +144,12 @@ def test_encrypted_model_answers_through_the_gateway(stack):
     assert answers["tiny-secret"]
     assert answers["tiny-secret"] == answers["tiny-plain"]
     # Placed by start-up time on the node whose store service reported the model.
-    nodes = {i["model"]: i["node"] for i in httpx.get(url + "/admin/instances").json()["instances"]}
-    assert nodes["tiny-secret"] == "n2"
+    instances = httpx.get(url + "/admin/instances").json()["instances"]
+    assert {i["model"]: i["node"] for i in instances}["tiny-secret"] == "n2"
+    # The instance took the weights from the node's host tier, not from the files.
+    [secret] = [i for i in instances if i["model"] == "tiny-secret"]
+    log = settings.log_dir / f"instance-tiny-secret-{secret['job_id']}.log"
+    assert "loaded tiny-secret from the host tier" in log.read_text()
 
 
 def test_policy_for_another_host_is_refused_with_its_rule(stack):

@@ -324,8 +324,15 @@ def test_host_tier_evicts_least_recently_used(tmp_path):
     evicted = []
     tier = HostTier(budget_bytes=3000, on_evict=evicted.append)
 
+    class Buffer:
+        def __init__(self, n):
+            self.data = bytearray(b"\x01" * n)
+
+        def wipe(self):
+            self.data[:] = bytes(len(self.data))
+
     def fill(n):
-        return lambda: torch.ones(n, dtype=torch.uint8)
+        return lambda: Buffer(n)
 
     a = tier.put("a", 1000, fill(1000))
     tier.release(a)
