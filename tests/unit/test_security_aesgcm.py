@@ -11,32 +11,15 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.errors import ApplianceError
-from security import aesgcm
 from security.aesgcm import AesGcm, AuthenticationFailed, address_of
 
 KEY = bytes(range(32))
 NONCE = b"\x01" * 12
 AAD = b"model:m1/shard-0"
 
-# Every test runs on libcrypto (when it loads here) and on the `cryptography` fallback.
-BACKENDS = [pytest.param(True, id="libcrypto"), pytest.param(False, id="cryptography")]
-if not aesgcm.NATIVE:
-    BACKENDS = [BACKENDS[1]]
-
-
-@pytest.fixture(params=BACKENDS)
-def native(request) -> bool:
-    return request.param
-
-
-def test_libcrypto_loads_on_this_host():
-    # The appliance's hosts ship OpenSSL 3; the fallback is for odd environments only.
-    assert aesgcm.NATIVE
-
-
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 4096, 1_000_003])
-def test_round_trip(native, size):
-    cipher = AesGcm(KEY, native=native)
+def test_round_trip(size):
+    cipher = AesGcm(KEY)
     plain = os.urandom(size)
     ct, tag = cipher.encrypt(NONCE, plain, AAD)
     assert len(ct) == size and len(tag) == 16
@@ -45,8 +28,8 @@ def test_round_trip(native, size):
 
 
 @pytest.mark.parametrize("aad", [b"", AAD])
-def test_agrees_with_cryptography_both_ways(native, aad):
-    cipher = AesGcm(KEY, native=native)
+def test_agrees_with_cryptography_both_ways(aad):
+    cipher = AesGcm(KEY)
     reference = AESGCM(KEY)
     plain = os.urandom(100_000)
     ct, tag = cipher.encrypt(NONCE, plain, aad)
@@ -57,8 +40,8 @@ def test_agrees_with_cryptography_both_ways(native, aad):
     assert cipher.decrypt(NONCE, sealed[:-16], aad, sealed[-16:]) == plain
 
 
-def test_in_place_on_numpy_and_bytearray(native):
-    cipher = AesGcm(KEY, native=native)
+def test_in_place_on_numpy_and_bytearray():
+    cipher = AesGcm(KEY)
     plain = os.urandom(65_536 + 5)
     arr = np.frombuffer(bytearray(plain), dtype=np.uint8).copy()
     tag = cipher.encrypt_into(NONCE, arr.ctypes.data, arr.nbytes, arr.ctypes.data, AAD)
@@ -68,8 +51,8 @@ def test_in_place_on_numpy_and_bytearray(native):
     assert bytes(buf) == plain
 
 
-def test_separate_destination_leaves_source_alone(native):
-    cipher = AesGcm(KEY, native=native)
+def test_separate_destination_leaves_source_alone():
+    cipher = AesGcm(KEY)
     src = bytearray(os.urandom(5000))
     dst = bytearray(len(src))
     tag = cipher.encrypt_into(NONCE, address_of(src), len(src), address_of(dst), AAD)
@@ -88,49 +71,48 @@ def test_address_of_memoryview_and_numpy():
         address_of(b"read-only bytes")
 
 
-def _sealed(native: bool) -> tuple[AesGcm, bytes, bytes, bytes]:
-    cipher = AesGcm(KEY, native=native)
+def _sealed() -> tuple[AesGcm, bytes, bytes, bytes]:
+    cipher = AesGcm(KEY)
     plain = os.urandom(4096)
     ct, tag = cipher.encrypt(NONCE, plain, AAD)
     return cipher, plain, ct, tag
 
 
-def test_wrong_key_is_refused(native):
-    _, _, ct, tag = _sealed(native)
-    other = AesGcm(bytes(32), native=native)
+def test_wrong_key_is_refused():
+    _, _, ct, tag = _sealed()
+    other = AesGcm(bytes(32))
     with pytest.raises(AuthenticationFailed, match="authentication failed"):
         other.decrypt(NONCE, ct, AAD, tag)
 
 
-def test_wrong_aad_is_refused(native):
-    cipher, _, ct, tag = _sealed(native)
+def test_wrong_aad_is_refused():
+    cipher, _, ct, tag = _sealed()
     with pytest.raises(AuthenticationFailed):
         cipher.decrypt(NONCE, ct, b"model:m2/shard-0", tag)
 
 
-def test_flipped_ciphertext_byte_is_refused_and_output_zeroed(native):
-    cipher, plain, ct, tag = _sealed(native)
+def test_flipped_ciphertext_byte_is_refused_and_output_zeroed():
+    cipher, plain, ct, tag = _sealed()
     bad = bytearray(ct)
     bad[1234] ^= 0x01
     with pytest.raises(AuthenticationFailed) as err:
         cipher.decrypt_into(NONCE, address_of(bad), len(bad), address_of(bad), AAD, tag)
     assert isinstance(err.value, ApplianceError)
-    if native:
-        # Unauthenticated plaintext must not be left behind in the caller's buffer.
-        assert bytes(bad) == bytes(len(bad))
+    # Unauthenticated plaintext must not be left behind in the caller's buffer.
+    assert bytes(bad) == bytes(len(bad))
     # The same (thread's) context still works after a failure.
     assert cipher.decrypt(NONCE, ct, AAD, tag) == plain
 
 
-def test_flipped_tag_bit_is_refused(native):
-    cipher, _, ct, tag = _sealed(native)
+def test_flipped_tag_bit_is_refused():
+    cipher, _, ct, tag = _sealed()
     bad = bytes([tag[0] ^ 0x80]) + tag[1:]
     with pytest.raises(AuthenticationFailed):
         cipher.decrypt(NONCE, ct, AAD, bad)
 
 
-def test_wrong_nonce_is_refused(native):
-    cipher, _, ct, tag = _sealed(native)
+def test_wrong_nonce_is_refused():
+    cipher, _, ct, tag = _sealed()
     with pytest.raises(AuthenticationFailed):
         cipher.decrypt(b"\x02" * 12, ct, AAD, tag)
 
@@ -149,9 +131,9 @@ def test_bad_arguments():
         cipher.decrypt_into(NONCE, 0, 16, 0, AAD, bytes(16))
 
 
-def test_threads_decrypt_distinct_buffers(native):
+def test_threads_decrypt_distinct_buffers():
     """8 buffers of 4 MiB, each with its own nonce and aad, decrypted in place by 4 threads."""
-    cipher = AesGcm(KEY, native=native)
+    cipher = AesGcm(KEY)
     size = 4 << 20
     plains = [os.urandom(size) for _ in range(8)]
     nonces = [i.to_bytes(12, "big") for i in range(8)]
@@ -171,8 +153,8 @@ def test_threads_decrypt_distinct_buffers(native):
     assert all(bytes(b) == p for b, p in zip(bufs, plains, strict=True))
 
 
-def test_threads_with_one_bad_buffer(native):
-    cipher = AesGcm(KEY, native=native)
+def test_threads_with_one_bad_buffer():
+    cipher = AesGcm(KEY)
     bufs = [bytearray(os.urandom(65_536)) for _ in range(4)]
     tags = [cipher.encrypt_into(NONCE, address_of(b), len(b), address_of(b), AAD) for b in bufs]
     bufs[2][0] ^= 0xFF
@@ -187,15 +169,3 @@ def test_threads_with_one_bad_buffer(native):
 
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(decrypt, range(4))) == [True, True, False, True]
-
-
-def test_fallback_warns_once(monkeypatch, caplog):
-    monkeypatch.setattr(aesgcm, "NATIVE", False)
-    monkeypatch.setattr(aesgcm, "_warned_fallback", False)
-    with caplog.at_level("WARNING", logger="security.aesgcm"):
-        first, second = AesGcm(KEY), AesGcm(KEY)
-    assert not first.native and not second.native
-    assert [r.message for r in caplog.records if "falls back" in r.message] != []
-    assert len(caplog.records) == 1
-    ct, tag = first.encrypt(NONCE, b"hello", AAD)
-    assert second.decrypt(NONCE, ct, AAD, tag) == b"hello"
