@@ -1,5 +1,5 @@
 """Loads a stored model into host memory or onto a GPU: parallel reads, parallel decryption
-(libcrypto releases the GIL), and host-to-GPU copies overlapped with reading, into one device
+(the GIL is released while decrypting), and host-to-GPU copies overlapped with reading, into one device
 allocation per GPU. Plaintext exists only in memory."""
 
 from __future__ import annotations
