@@ -1,6 +1,6 @@
-"""Loads a stored model into host memory or onto a GPU: parallel reads, parallel decryption
-(the GIL is released while decrypting), and host-to-GPU copies overlapped with reading, into one device
-allocation per GPU. Plaintext exists only in memory."""
+"""Loads a stored model into host memory or onto a GPU: parallel reads, parallel decryption (the
+GIL is released while decrypting), and host-to-GPU copies overlapped with reading, into one
+device allocation per GPU. Plaintext exists only in memory."""
 
 from __future__ import annotations
 
