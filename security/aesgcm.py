@@ -147,8 +147,7 @@ def _benchmark() -> None:
     plain = [bytearray(chunk + _SLACK) for _ in range(chunks)]
     cipher = AesGcm(key)
     tags = [
-        cipher.encrypt_into(nonces[i], _addr(b), chunk, _addr(b), aad)
-        for i, b in enumerate(sealed)
+        cipher.encrypt_into(nonces[i], _addr(b), chunk, _addr(b), aad) for i, b in enumerate(sealed)
     ]
     joined = [bytes(b) + t for b, t in zip(sealed, tags, strict=True)]
 

@@ -17,6 +17,7 @@ KEY = bytes(range(32))
 NONCE = b"\x01" * 12
 AAD = b"model:m1/shard-0"
 
+
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 4096, 1_000_003])
 def test_round_trip(size):
     cipher = AesGcm(KEY)
