@@ -46,10 +46,12 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
     base["gateway"].update(
         port=free_port(), health_interval_s=1.0, start_timeout_s=240, max_retries=0
     )
-    # The same model straight from its directory, to compare answers with.
+    # The same model straight from its directory, to compare answers with; min_instances: 1,
+    # so the gateway keeps one running without being asked.
     (tmp / "catalog.yaml").write_text(
         f"models:\n  - name: tiny-plain\n    source: dir:{tiny_model_dir}\n"
         "    max_model_len: 512\n    resources: {cpus: 1, memory_gb: 3}\n"
+        "    min_instances: 1\n"
     )
     base["catalog"] = {"files": [str(tmp / "catalog.yaml")], "include_presets": False}
     # A store service answers for n2 only (n1's URL has nothing behind it): placement must put
@@ -105,6 +107,29 @@ def test_cli_lists_the_encrypted_models(stack):
     lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
     assert set(lines) == {"tiny-secret", "tiny-elsewhere"}
     assert " yes " in lines["tiny-secret"] and "serving" in lines["tiny-secret"]
+
+
+def instances(url: str, model: str) -> list[dict]:
+    return [
+        i
+        for i in httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
+        if i["model"] == model
+    ]
+
+
+def test_min_instances_are_kept_without_requests(stack):
+    _, url, _ = stack
+    deadline = time.monotonic() + 60
+    while not instances(url, "tiny-plain"):
+        assert time.monotonic() < deadline, "no tiny-plain instance was started for min_instances"
+        time.sleep(0.5)
+    [first] = instances(url, "tiny-plain")
+    # Stopped by an operator (or lost): the gateway starts another to stay at min_instances.
+    httpx.post(url + f"/admin/instances/{first['job_id']}/stop", timeout=30).raise_for_status()
+    deadline = time.monotonic() + 90
+    while not [i for i in instances(url, "tiny-plain") if i["job_id"] != first["job_id"]]:
+        assert time.monotonic() < deadline, "tiny-plain was not brought back to min_instances"
+        time.sleep(0.5)
 
 
 def test_store_service_reports_tiers_and_bandwidths(stack):
