@@ -46,6 +46,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Passphrase of the store's key-encryption key, when there is no key file (a secret: it is
     # never read from the YAML file).
     "APPLIANCE_STORE_PASSPHRASE": lambda: os.environ.get("APPLIANCE_STORE_PASSPHRASE"),
+    # An administrator's API key, for `appliance instances` once the gateway has keys.
+    "APPLIANCE_API_KEY": lambda: os.environ.get("APPLIANCE_API_KEY"),
     # vLLM CPU backend: KV-cache size in GiB (without it vLLM wants 90% of RAM free).
     "VLLM_CPU_KVCACHE_SPACE": lambda: os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
 }

@@ -141,6 +141,10 @@ class ApplianceSettings(BaseSettings):
         return self.store.signing_key_file or self.state_dir / "keys" / "policy-signing.key"
 
     @property
+    def api_keys_file(self) -> Path:
+        return self.state_dir / "keys" / "api-keys.json"
+
+    @property
     def user_catalog_file(self) -> Path:
         return self.state_dir / "catalog.yaml"
 

@@ -13,9 +13,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.config import ApplianceSettings
+from appliance.gateway.auth import Authenticator
 from appliance.gateway.forward import Forwarder
 from appliance.gateway.protocol import RequestError
-from appliance.gateway.routes import router
+from appliance.gateway.routes import admin_api, api, router
 from appliance.models.catalog import Catalog, load_catalog
 from appliance.serving.manager import InstanceManager
 from appliance.slurm.client import SlurmClient
@@ -32,6 +33,7 @@ class GatewayState:
     catalog: Catalog
     manager: InstanceManager
     forwarder: Forwarder
+    auth: Authenticator
 
 
 def create_app(
@@ -56,7 +58,11 @@ def create_app(
         manager = InstanceManager(settings, catalog, slurm)
         await manager.start()
         app.state.gateway = GatewayState(
-            settings, catalog, manager, Forwarder(settings, manager, client)
+            settings,
+            catalog,
+            manager,
+            Forwarder(settings, manager, client),
+            Authenticator(settings.api_keys_file),
         )
         log.info("gateway ready; %d models in the catalog", len(catalog))
         try:
@@ -66,11 +72,16 @@ def create_app(
             await client.close()
 
     app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
-    app.include_router(router)
+    for part in (router, api, admin_api):
+        app.include_router(part)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException):
         return RequestError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(RequestError)
+    async def request_error(_request: Request, exc: RequestError):
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from appliance.errors import ApplianceError
+from appliance.gateway.auth import admin, principal
 from appliance.gateway.protocol import RequestError, parse_body, validate_request
 
 router = APIRouter()
+# Every route but /health needs a principal (a valid API key once any key exists).
+api = APIRouter(dependencies=[Depends(principal)])
+admin_api = APIRouter(prefix="/admin", dependencies=[Depends(admin)])
 STARTED = int(time.time())
 
 
@@ -40,13 +44,13 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/v1/models")
+@api.get("/v1/models")
 async def list_models(request: Request) -> dict:
     gw = _state(request)
     return {"object": "list", "data": [_model_entry(gw, spec) for spec in gw.catalog]}
 
 
-@router.get("/v1/models/{model:path}")
+@api.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request):
     gw = _state(request)
     spec = gw.catalog.get(model)
@@ -83,17 +87,17 @@ async def _openai_call(request: Request, path: str) -> Response:
     return await gw.forwarder.forward(path, raw, spec.name, bool(body.get("stream", False)))
 
 
-@router.post("/v1/chat/completions")
+@api.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     return await _openai_call(request, "/v1/chat/completions")
 
 
-@router.post("/v1/completions")
+@api.post("/v1/completions")
 async def completions(request: Request) -> Response:
     return await _openai_call(request, "/v1/completions")
 
 
-@router.post("/v1/embeddings")
+@api.post("/v1/embeddings")
 async def embeddings(request: Request) -> Response:
     return await _openai_call(request, "/v1/embeddings")
 
@@ -101,13 +105,13 @@ async def embeddings(request: Request) -> Response:
 # ----- admin --------------------------------------------------------------------------------
 
 
-@router.get("/admin/instances")
+@admin_api.get("/instances")
 async def list_instances(request: Request) -> dict:
     gw = _state(request)
     return {"instances": [i.describe() for i in gw.manager.instances()]}
 
 
-@router.post("/admin/models/{model}/start")
+@admin_api.post("/models/{model}/start")
 async def start_model(model: str, request: Request):
     gw = _state(request)
     if model not in gw.catalog:
@@ -121,7 +125,7 @@ async def start_model(model: str, request: Request):
     return JSONResponse(inst.describe(), status_code=202)
 
 
-@router.post("/admin/instances/{job_id}/stop")
+@admin_api.post("/instances/{job_id}/stop")
 async def stop_instance(job_id: int, request: Request):
     gw = _state(request)
     inst = gw.manager.get(job_id)

@@ -207,3 +207,30 @@ def test_no_plaintext_weight_bytes_on_disk(stack, tiny_model_dir):
                 for p in patterns:
                     assert p not in data, f"plaintext weights in {path}"
     assert scanned > 5
+
+
+def test_api_keys_guard_the_gateway(stack):
+    """Last in this module: once a key exists, every endpoint but /health wants one."""
+    settings, url, config = stack
+    try:
+        alice = appliance(config, "keys", "create", "alice").stdout.split()[-1]
+        root = appliance(config, "keys", "create", "root", "--admin").stdout.split()[-1]
+        resp = httpx.get(url + "/v1/models", timeout=10)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+        def get(path: str, key: str) -> httpx.Response:
+            return httpx.get(url + path, headers={"authorization": f"Bearer {key}"}, timeout=10)
+
+        assert get("/v1/models", alice).status_code == 200
+        assert get("/admin/instances", alice).status_code == 403
+        assert get("/admin/instances", root).status_code == 200
+        client = openai.OpenAI(base_url=url + "/v1", api_key=alice, max_retries=0, timeout=300)
+        resp = client.chat.completions.create(model="tiny-secret", messages=MESSAGES, max_tokens=4)
+        assert resp.choices[0].message.content is not None
+        key_id = alice.split("-")[1]
+        assert appliance(config, "keys", "revoke", key_id).returncode == 0
+        assert get("/v1/models", alice).status_code == 401
+    finally:
+        settings.api_keys_file.unlink(missing_ok=True)

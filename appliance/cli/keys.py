@@ -1,0 +1,63 @@
+"""`appliance keys`: API keys for the gateway (shown once, stored hashed)."""
+
+from __future__ import annotations
+
+import click
+
+from appliance.cli.context import CliContext, pass_ctx
+from appliance.cli.models import parse_expiry
+
+
+@click.group("keys")
+def keys_group() -> None:
+    """API keys: who may use the gateway. With no keys at all, the gateway is single-user."""
+
+
+@keys_group.command("create")
+@click.argument("user")
+@click.option("--admin", is_flag=True, help="An administrator (instances, models, all KBs).")
+@click.option("--group", "groups", multiple=True, help="Group the user belongs to.")
+@click.option("--expires", default=None, help="The key stops working after this date (UTC).")
+@pass_ctx
+def create(
+    ctx: CliContext, user: str, admin: bool, groups: tuple[str, ...], expires: str | None
+) -> None:
+    """Create an API key for USER and print it (this once: only its hash is kept)."""
+    from security.api_keys import ApiKeyStore
+
+    secret, record = ApiKeyStore(ctx.settings.api_keys_file).create(
+        user, "admin" if admin else "user", list(groups), parse_expiry(expires)
+    )
+    click.echo(f"key {record.key_id} for {user} ({record.role}); store it now, it is not kept:")
+    click.echo(secret)
+
+
+@keys_group.command("list")
+@pass_ctx
+def list_keys(ctx: CliContext) -> None:
+    """List keys (ids, users, roles, expiry, revocation; never the keys)."""
+    from security.api_keys import ApiKeyStore
+
+    rows = [("ID", "USER", "ROLE", "GROUPS", "EXPIRES", "REVOKED")]
+    for r in ApiKeyStore(ctx.settings.api_keys_file).records():
+        rows.append(
+            (r.key_id, r.user, r.role, ",".join(r.groups) or "-", r.expires_at or "never",
+             r.revoked_at or "-")
+        )  # fmt: skip
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@keys_group.command("revoke")
+@click.argument("key_id")
+@pass_ctx
+def revoke(ctx: CliContext, key_id: str) -> None:
+    """Revoke a key at once (the gateway re-reads the keys file when it changes)."""
+    from security.api_keys import ApiKeyStore
+
+    record = ApiKeyStore(ctx.settings.api_keys_file).revoke(key_id)
+    click.echo(f"revoked key {record.key_id} of {record.user}")
+
+
+COMMANDS = [keys_group]
