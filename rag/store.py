@@ -1,0 +1,436 @@
+"""Knowledge bases in Chroma: one collection each, crash-safe document updates, access checks.
+
+Every chunk carries the version id of the document upload it came from; the registry names each
+document's current version. An upload writes its chunks under a new version, flips the current
+version in one registry transaction, then deletes the old version's chunks. Reads keep only
+chunks of current versions, and `collect_garbage` deletes what an interrupted upload left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import secrets
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+from rag.access import KnowledgeBaseACL, Principal, require_read, require_write
+from rag.chunking import Chunk, chunk_document
+from rag.document import ParsedDocument
+from rag.embeddings import Embedder
+from rag.errors import IngestError, KnowledgeBaseError
+from rag.registry import DocumentRecord, KnowledgeBase, Registry, now
+from rag.settings import RagSettings
+
+if TYPE_CHECKING:
+    from chromadb.api import ClientAPI
+    from chromadb.api.models.Collection import Collection
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[A-Za-z0-9._-](?:[A-Za-z0-9 ._-]{0,62}[A-Za-z0-9._-])?")
+# Versions per Chroma `$in` filter, and chunks per `add` (Chroma refuses more than ~5000).
+_VERSIONS_PER_GET = 100
+_CHUNKS_PER_ADD = 1000
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """A chunk as a knowledge base holds it, with where it came from, for citations."""
+
+    id: str
+    text: str
+    kb: str
+    document_id: str
+    filename: str
+    index: int
+    page: int | None
+    sheet: str | None
+    heading: str | None
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What adding one document did, and how many chunks it has now."""
+
+    filename: str
+    document_id: str
+    status: Literal["added", "replaced", "unchanged"]
+    chunks: int
+
+
+def document_id(filename: str) -> str:
+    """The id of a document in its knowledge base: the same file name is the same document."""
+    return hashlib.sha256(filename.encode()).hexdigest()[:32]
+
+
+class KnowledgeBaseStore:
+    """Knowledge bases and their documents, checked against the principal's access on every call."""
+
+    def __init__(
+        self, root: Path, settings: RagSettings | None = None, embedder: Embedder | None = None
+    ) -> None:
+        """Open (or start) the store whose registry, and embedded Chroma data, are in `root`."""
+        self.settings = settings or RagSettings()
+        self.embedder = embedder or Embedder.from_settings(self.settings)
+        root.mkdir(parents=True, exist_ok=True)
+        self._registry = Registry(root / "registry.sqlite3")
+        self._client = _chroma_client(self.settings, root / "chroma")
+        self.collect_garbage()
+
+    # Knowledge bases
+
+    def create(
+        self,
+        principal: Principal,
+        name: str,
+        readers: Iterable[str] = (),
+        groups: Iterable[str] = (),
+    ) -> KnowledgeBase:
+        """A new, empty knowledge base owned by the principal."""
+        if not _NAME.fullmatch(name):
+            raise KnowledgeBaseError(
+                f"invalid knowledge base name {name!r}: use 1 to 64 letters, digits, spaces, "
+                "'.', '_' or '-', not starting or ending with a space"
+            )
+        kb = KnowledgeBase(
+            name=name,
+            collection=self._new_collection_name(name),
+            acl=KnowledgeBaseACL(principal.user, frozenset(readers), frozenset(groups)),
+            created_at=now(),
+            embedding_model=self.embedder.name,
+            dimension=self.embedder.dimension,
+        )
+        # Registered before its collection exists: garbage collection deletes our collections
+        # that the registry does not know, so the other order could lose a new one.
+        self._registry.add_knowledge_base(kb)
+        self._collection(kb)
+        return kb
+
+    def knowledge_bases(self, principal: Principal) -> list[KnowledgeBase]:
+        """The knowledge bases the principal may read, by name."""
+        return [kb for kb in self._registry.knowledge_bases() if kb.acl.can_read(principal)]
+
+    def get(self, principal: Principal, name: str) -> KnowledgeBase:
+        """The knowledge base; KnowledgeBaseNotFound unless the principal may read it."""
+        kb = self._registry.knowledge_base(name)
+        require_read(principal, name, kb and kb.acl)
+        return kb
+
+    def share(
+        self, principal: Principal, name: str, readers: Iterable[str], groups: Iterable[str]
+    ) -> KnowledgeBase:
+        """Replace the users and groups who may read the knowledge base (owner or admin)."""
+        self._writable(principal, name)
+        self._registry.set_access(name, frozenset(readers), frozenset(groups))
+        return self.get(principal, name)
+
+    def delete(self, principal: Principal, name: str) -> None:
+        """Delete the knowledge base with all its documents (owner or admin)."""
+        kb = self._writable(principal, name)
+        self._registry.remove_knowledge_base(name)
+        self._drop_collection(kb.collection)
+
+    # Documents
+
+    def add_documents(
+        self, principal: Principal, name: str, documents: Iterable[ParsedDocument]
+    ) -> list[IngestResult]:
+        """Add documents, or replace those of the same file name, one at a time.
+
+        Each document changes atomically: queries see all its old chunks or all its new ones,
+        also after a crash. An unchanged document is skipped without embedding anything. An
+        error stops the batch; the documents before it stay in.
+        """
+        kb = self._writable(principal, name)
+        self._check_model(kb)
+        return [self._add(kb, document) for document in documents]
+
+    def documents(self, principal: Principal, name: str) -> list[DocumentRecord]:
+        """The documents of the knowledge base, by file name."""
+        self.get(principal, name)
+        return self._registry.documents(name)
+
+    def delete_document(self, principal: Principal, name: str, filename: str) -> None:
+        """Delete the document and its chunks (owner or admin)."""
+        kb = self._writable(principal, name)
+        removed = self._registry.remove_document(kb, document_id(filename))
+        if removed is None:
+            raise KnowledgeBaseError(f"no document {filename!r} in knowledge base {name!r}")
+        self._drop_version(kb.collection, removed.version)
+
+    # Reading chunks
+
+    def search(
+        self, principal: Principal, name: str, vector: Sequence[float], n: int
+    ) -> list[tuple[StoredChunk, float]]:
+        """The `n` current chunks nearest to `vector`, with their cosine similarity, best first."""
+        kb = self.get(principal, name)
+        self._check_model(kb)
+        current = self._current_versions(kb)
+        collection = self._collection(kb)
+        total = collection.count()
+        fetch = n
+        while current and total:
+            result = collection.query(
+                query_embeddings=[vector],
+                n_results=min(fetch, total),
+                include=["documents", "metadatas", "distances"],
+            )
+            found = [
+                (_stored(kb, chunk_id, text, meta), 1.0 - distance)
+                for chunk_id, text, meta, distance in zip(
+                    result["ids"][0],
+                    result["documents"][0],
+                    result["metadatas"][0],
+                    result["distances"][0],
+                    strict=True,
+                )
+                if meta["version"] in current
+            ]
+            if len(found) >= n or fetch >= total:
+                return found[:n]
+            # Chunks of versions being written or awaiting deletion took places: ask for more.
+            # Filtering after the search, not with a `$in` filter in it, keeps the common
+            # query (nothing being written) one plain search whatever the number of documents.
+            fetch *= 4
+        return []
+
+    def chunks(self, principal: Principal, name: str) -> list[StoredChunk]:
+        """Every current chunk of the knowledge base, by file name and position."""
+        kb = self.get(principal, name)
+        versions = sorted(self._current_versions(kb))
+        collection = self._collection(kb)
+        chunks = []
+        for start in range(0, len(versions), _VERSIONS_PER_GET):
+            where = {"version": {"$in": versions[start : start + _VERSIONS_PER_GET]}}
+            result = collection.get(where=where, include=["documents", "metadatas"])
+            chunks += [
+                _stored(kb, chunk_id, text, meta)
+                for chunk_id, text, meta in zip(
+                    result["ids"], result["documents"], result["metadatas"], strict=True
+                )
+            ]
+        return sorted(chunks, key=lambda chunk: (chunk.filename, chunk.index))
+
+    # Cleanup
+
+    def collect_garbage(self) -> None:
+        """Delete what interrupted writes left: this store's collections of no knowledge base,
+        and chunks of versions that no document points to and no live process is writing.
+
+        Runs when the store opens; safe while other processes write.
+        """
+        # Collections are listed before the registry is read. A knowledge base is registered
+        # before its collection is made, so every listed collection of a knowledge base is in
+        # the registry read after, even if it was made in between.
+        collections = [collection.name for collection in self._client.list_collections()]
+        known = {kb.collection for kb in self._registry.knowledge_bases()}
+        prefix = _collection_prefix(self._registry.store_id)
+        for collection in collections:
+            if collection.startswith(prefix) and collection not in known:
+                log.info("deleting collection %s: its knowledge base was deleted", collection)
+                self._drop_collection(collection)
+        for loose in self._registry.loose_versions():
+            if not loose.writer_alive():
+                self._drop_version(loose.collection, loose.version)
+
+    # Internals
+
+    def _writable(self, principal: Principal, name: str) -> KnowledgeBase:
+        kb = self._registry.knowledge_base(name)
+        require_write(principal, name, kb and kb.acl)
+        return kb
+
+    def _check_model(self, kb: KnowledgeBase) -> None:
+        """Vectors of different models do not compare: refuse to mix them in one collection."""
+        if (kb.embedding_model, kb.dimension) != (self.embedder.name, self.embedder.dimension):
+            raise KnowledgeBaseError(
+                f"knowledge base {kb.name!r} was built with the embedding model "
+                f"{kb.embedding_model} ({kb.dimension} dimensions), not the configured "
+                f"{self.embedder.name}: configure that model (rag.embedding_model) again, or "
+                "create the knowledge base again"
+            )
+
+    def _add(self, kb: KnowledgeBase, document: ParsedDocument) -> IngestResult:
+        settings = self.settings
+        chunks = chunk_document(document, settings.chunk_chars, settings.chunk_overlap_chars)
+        if not chunks:
+            raise IngestError(document.filename, "no text found in it")
+        record = DocumentRecord(
+            id=document_id(document.filename),
+            filename=document.filename,
+            version=uuid.uuid4().hex,
+            content_hash=_content_hash(chunks),
+            chunks=len(chunks),
+            updated_at=now(),
+        )
+        old = self._registry.document(kb.name, record.id)
+        if old and old.content_hash == record.content_hash:
+            return IngestResult(record.filename, record.id, "unchanged", old.chunks)
+        self._registry.begin_version(kb.collection, record.version)
+        try:
+            self._write_chunks(kb, record, chunks, old)
+            previous = self._registry.commit_version(kb, record)
+        except BaseException:
+            self._give_up(kb.collection, record.version)
+            raise
+        if previous:
+            self._drop_version(kb.collection, previous.version)
+        status = "replaced" if previous else "added"
+        return IngestResult(record.filename, record.id, status, record.chunks)
+
+    def _write_chunks(
+        self,
+        kb: KnowledgeBase,
+        record: DocumentRecord,
+        chunks: list[Chunk],
+        old: DocumentRecord | None,
+    ) -> None:
+        """Store the chunks under `record.version`; text the old version has keeps its vector."""
+        collection = self._collection(kb)
+        known = self._vectors_by_text(collection, old)
+        reused = [chunk for chunk in chunks if _text_hash(chunk.text) in known]
+        fresh = [chunk for chunk in chunks if _text_hash(chunk.text) not in known]
+        for start in range(0, len(reused), _CHUNKS_PER_ADD):
+            part = reused[start : start + _CHUNKS_PER_ADD]
+            vectors = [known[_text_hash(chunk.text)] for chunk in part]
+            _add_chunks(collection, record, part, vectors)
+        for start, vectors in self.embedder.embed_batches([chunk.text for chunk in fresh]):
+            _add_chunks(collection, record, fresh[start : start + len(vectors)], vectors)
+
+    @staticmethod
+    def _vectors_by_text(collection: Collection, old: DocumentRecord | None) -> dict[str, Any]:
+        """Vectors of the old version's chunks by text hash: an edited file re-embeds only the
+        chunks whose text changed."""
+        if old is None:
+            return {}
+        result = collection.get(where={"version": old.version}, include=["embeddings", "metadatas"])
+        return {
+            meta["chunk_hash"]: vector
+            for meta, vector in zip(result["metadatas"], result["embeddings"], strict=True)
+        }
+
+    def _give_up(self, collection: str, version: str) -> None:
+        """Clean up after a failed upload, without hiding why it failed."""
+        try:
+            self._registry.abandon_version(collection, version)
+            self._drop_version(collection, version)
+        except Exception:
+            # The next garbage collection finishes this; the upload's own error matters more.
+            log.warning("cleaning up version %s of %s failed", version, collection, exc_info=True)
+
+    def _drop_version(self, collection: str, version: str) -> None:
+        from chromadb.errors import NotFoundError
+
+        # NotFoundError: its knowledge base was deleted, chunks included.
+        with contextlib.suppress(NotFoundError):
+            self._client.get_collection(collection, embedding_function=None).delete(
+                where={"version": version}
+            )
+        self._registry.forget_version(collection, version)
+
+    def _drop_collection(self, collection: str) -> None:
+        from chromadb.errors import NotFoundError
+
+        # NotFoundError: another process's garbage collection deleted it meanwhile.
+        with contextlib.suppress(NotFoundError):
+            self._client.delete_collection(collection)
+
+    def _collection(self, kb: KnowledgeBase) -> Collection:
+        # Vectors come from our Embedder only: Chroma's default embedding function would try
+        # to download a model.
+        return self._client.get_or_create_collection(
+            kb.collection, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None
+        )
+
+    def _current_versions(self, kb: KnowledgeBase) -> set[str]:
+        return {document.version for document in self._registry.documents(kb.name)}
+
+    def _new_collection_name(self, name: str) -> str:
+        """Our prefix, the name in Chroma's alphabet (readable in Chroma tools), and a random
+        suffix, so a knowledge base made again under an old name never finds old chunks."""
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
+        return f"{_collection_prefix(self._registry.store_id)}{slug}-{secrets.token_hex(4)}"
+
+
+def _collection_prefix(store_id: str) -> str:
+    # The store id keeps garbage collection away from collections of other stores that share a
+    # Chroma server.
+    return f"kb-{store_id}-"
+
+
+def _add_chunks(
+    collection: Collection, record: DocumentRecord, chunks: Sequence[Chunk], vectors: Any
+) -> None:
+    collection.add(
+        ids=[f"{record.version}-{chunk.index}" for chunk in chunks],
+        embeddings=vectors,
+        documents=[chunk.text for chunk in chunks],
+        metadatas=[_metadata(record, chunk) for chunk in chunks],
+    )
+
+
+def _metadata(record: DocumentRecord, chunk: Chunk) -> dict[str, str | int]:
+    metadata: dict[str, str | int] = {
+        "document_id": record.id,
+        "version": record.version,
+        "filename": record.filename,
+        "index": chunk.index,
+        "chunk_hash": _text_hash(chunk.text),
+    }
+    # Chroma refuses None values: absent keys stand for them.
+    optional = {"page": chunk.page, "sheet": chunk.sheet, "heading": chunk.heading}
+    metadata.update({key: value for key, value in optional.items() if value is not None})
+    return metadata
+
+
+def _stored(kb: KnowledgeBase, chunk_id: str, text: str, meta: dict[str, Any]) -> StoredChunk:
+    return StoredChunk(
+        id=chunk_id,
+        text=text,
+        kb=kb.name,
+        document_id=meta["document_id"],
+        filename=meta["filename"],
+        index=meta["index"],
+        page=meta.get("page"),
+        sheet=meta.get("sheet"),
+        heading=meta.get("heading"),
+    )
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _content_hash(chunks: Sequence[Chunk]) -> str:
+    """Changes when any chunk's text or source changes (the file, or the chunking settings)."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        for part in (chunk.text, chunk.page, chunk.sheet, chunk.heading):
+            digest.update(f"{part!r}\0".encode())
+    return digest.hexdigest()
+
+
+def _chroma_client(settings: RagSettings, path: Path) -> ClientAPI:
+    import chromadb
+    from chromadb.config import Settings
+
+    # No usage reports: the appliance runs offline and never phones home.
+    chroma_settings = Settings(anonymized_telemetry=False)
+    if settings.chroma_url is None:
+        return chromadb.PersistentClient(path=path, settings=chroma_settings)
+    url = urlsplit(settings.chroma_url)
+    https = url.scheme == "https"
+    return chromadb.HttpClient(
+        host=url.hostname or "localhost",
+        port=url.port or (443 if https else 8000),
+        ssl=https,
+        settings=chroma_settings,
+    )

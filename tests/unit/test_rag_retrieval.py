@@ -1,0 +1,142 @@
+"""Hybrid retrieval with the real embedding model: BM25, rank fusion, access, reranking."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ApplianceError
+from rag.bm25 import BM25, tokenize
+from rag.embeddings import Embedder, default_model_dir
+from rag.errors import KnowledgeBaseNotFound
+from rag.reranking import Reranker
+from rag.retrieval import Retriever, reciprocal_rank_fusion
+from rag.store import KnowledgeBaseStore, StoredChunk
+from tests.unit.rag_corpus import ALICE, BOB, SMALL_CHUNKS, VALVE_NOTE, corpus, document
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> KnowledgeBaseStore:
+    store = KnowledgeBaseStore(tmp_path_factory.mktemp("rag"), SMALL_CHUNKS)
+    store.create(ALICE, "manuals")
+    store.add_documents(ALICE, "manuals", corpus())
+    return store
+
+
+@pytest.fixture(scope="module")
+def retriever(store: KnowledgeBaseStore) -> Retriever:
+    return Retriever(store)
+
+
+def _chunk(chunk_id: str) -> StoredChunk:
+    return StoredChunk(chunk_id, chunk_id, "kb", "doc", "f.txt", 0, None, None, None)
+
+
+# Pieces
+
+
+def test_tokenize_lowercases_splits_on_non_word_characters_and_drops_stop_words():
+    assert tokenize("The XK-4471 gasket, and Überdruck_Ventil!") == [
+        "xk",
+        "4471",
+        "gasket",
+        "überdruck_ventil",
+    ]
+
+
+def test_bm25_matches_the_okapi_formula():
+    documents = [["pump", "seal"], ["pump", "pump", "bearing", "grease"], ["bread"]]
+    bm25 = BM25(documents)
+    idf = math.log(1 + (3 - 2 + 0.5) / (2 + 0.5))
+    average = 7 / 3
+    expected = idf * 2 * 2.5 / (2 + 1.5 * (1 - 0.75 + 0.75 * 4 / average))
+    [first, second] = bm25.top(["pump"], 5)
+    assert first[0] == 1 and first[1] == pytest.approx(expected)
+    assert second[0] == 0
+    assert bm25.top(["bread", "seal"], 1)[0][0] == 2  # as rare as "seal", in a shorter document
+    assert bm25.top(["absent"], 5) == [] and BM25([]).top(["x"], 5) == []
+
+
+def test_rrf_adds_reciprocal_ranks_and_records_who_found_what():
+    a, b, c = _chunk("a"), _chunk("b"), _chunk("c")
+    hits = reciprocal_rank_fusion({"vector": [a, b], "keyword": [c, b]}, k=60)
+    assert [hit.chunk.id for hit in hits] == ["b", "a", "c"]
+    assert hits[0].score == pytest.approx(2 / 62)
+    assert hits[0].ranks == {"vector": 2, "keyword": 2}
+    assert hits[1].ranks == {"vector": 1} and hits[2].ranks == {"keyword": 1}
+
+
+def test_embeddings_are_normalized_batched_and_the_model_loaded_once(store: KnowledgeBaseStore):
+    embedder = Embedder(batch_size=2)
+    texts = ["one", "two", "three"]
+    batches = list(embedder.embed_batches(texts))
+    assert [(start, len(vectors)) for start, vectors in batches] == [(0, 2), (2, 1)]
+    vectors = embedder.embed(texts)
+    assert vectors.shape == (3, 384)
+    assert [round(float((v**2).sum()), 4) for v in vectors] == [1.0, 1.0, 1.0]
+    assert embedder._model is store.embedder._model  # the cache, shared by path and device
+
+
+# Retrieval
+
+
+def test_hybrid_finds_a_rare_part_number_that_vector_search_ranks_low(retriever: Retriever):
+    vector_only = retriever.retrieve(ALICE, ["manuals"], "XK-4471", top_k=10, vector_only=True)
+    vector_texts = [hit.chunk.text for hit in vector_only]
+    assert VALVE_NOTE not in vector_texts[:3]  # look-alike part numbers rank above it
+    [first, *_] = retriever.retrieve(ALICE, ["manuals"], "XK-4471", top_k=10)
+    assert first.chunk.text == VALVE_NOTE
+    assert first.ranks["keyword"] == 1 and first.ranks["vector"] > 3
+
+
+def test_a_question_finds_its_topic_by_meaning_with_its_source(retriever: Retriever):
+    hits = retriever.retrieve(ALICE, ["manuals"], "How often must the bearings be lubricated?")
+    assert len(hits) == SMALL_CHUNKS.top_k
+    top = hits[0].chunk
+    assert (top.filename, top.page, top.kb) == ("pumps.pdf", 3, "manuals")
+    assert "greased every 500" in top.text and hits[0].ranks["vector"] == 1
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+
+
+def test_retrieval_needs_read_access_to_every_knowledge_base(
+    store: KnowledgeBaseStore, retriever: Retriever
+):
+    store.create(BOB, "bob-notes")
+    with pytest.raises(KnowledgeBaseNotFound, match="'bob-notes' not found"):
+        retriever.retrieve(ALICE, ["manuals", "bob-notes"], "pump")
+    store.share(BOB, "bob-notes", readers=["alice"], groups=[])
+    assert retriever.retrieve(ALICE, ["manuals", "bob-notes"], "pump")
+
+
+def test_search_spans_knowledge_bases_and_sees_documents_added_later(
+    store: KnowledgeBaseStore, retriever: Retriever
+):
+    store.create(ALICE, "later")
+    assert retriever.retrieve(ALICE, ["later"], "zeppelin") == []
+    store.add_documents(ALICE, "later", [document("air.txt", ["The zeppelin LZ-129 flew."])])
+    [first, *_] = retriever.retrieve(ALICE, ["manuals", "later"], "LZ-129 zeppelin")
+    assert (first.chunk.kb, first.chunk.filename) == ("later", "air.txt")
+    assert set(first.ranks) == {"vector", "keyword"}
+
+
+def test_a_reranker_rescores_the_fused_candidates(store: KnowledgeBaseStore):
+    # No cross-encoder is installed: the embedding model's encoder under a fresh scoring head
+    # stands in. Its scores mean nothing, but they must be the order of the result.
+    reranker = Reranker(default_model_dir(), device="cpu")
+    hits = Retriever(store, reranker).retrieve(ALICE, ["manuals"], "pump seal", top_k=3)
+    fused = Retriever(store).retrieve(
+        ALICE, ["manuals"], "pump seal", top_k=SMALL_CHUNKS.candidates
+    )
+    scores = reranker.scores("pump seal", [hit.chunk.text for hit in fused])
+    best = sorted(zip(scores, (hit.chunk.id for hit in fused), strict=True), reverse=True)[:3]
+    assert [hit.chunk.id for hit in hits] == [chunk_id for _, chunk_id in best]
+    assert [hit.score for hit in hits] == pytest.approx([score for score, _ in best])
+
+
+def test_a_model_directory_that_is_not_one_is_refused(tmp_path: Path):
+    with pytest.raises(
+        ApplianceError, match=r"rag.reranker_model: .* is not a local model directory"
+    ):
+        Reranker(tmp_path).scores("q", ["text"])
