@@ -5,15 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rag.errors import AccessDenied, KnowledgeBaseNotFound
+from security.api_keys import Principal
 
-
-@dataclass(frozen=True)
-class Principal:
-    """The user a request runs as: a name, the groups they belong to, and whether they are admin."""
-
-    user: str
-    groups: frozenset[str] = frozenset()
-    admin: bool = False
+__all__ = ["KnowledgeBaseACL", "Principal", "require_read", "require_write"]
 
 
 @dataclass(frozen=True)

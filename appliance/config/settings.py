@@ -21,6 +21,7 @@ from appliance.config.gateway import GatewaySettings
 from appliance.config.serving import ServingSettings
 from appliance.config.store import StoreSettings
 from appliance.errors import ApplianceError
+from rag.settings import RagSettings
 
 DEFAULT_CONFIG_FILE = Path("/etc/appliance/config.yaml")
 
@@ -96,6 +97,9 @@ class ApplianceSettings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     """Encrypted model store, keys and load policies (section `store`)."""
 
+    rag: RagSettings = Field(default_factory=RagSettings)
+    """Knowledge bases: storage, embeddings, chunking, retrieval (section `rag`)."""
+
     # Set by load_settings: which file the values came from (not a configuration field).
     _config_file: Path | None = None
 
@@ -139,6 +143,10 @@ class ApplianceSettings(BaseSettings):
     @property
     def signing_key_file(self) -> Path:
         return self.store.signing_key_file or self.state_dir / "keys" / "policy-signing.key"
+
+    @property
+    def rag_dir(self) -> Path:
+        return self.rag.persist_dir or self.state_dir / "rag"
 
     @property
     def api_keys_file(self) -> Path:

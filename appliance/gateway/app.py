@@ -15,6 +15,8 @@ from appliance import __version__
 from appliance.config import ApplianceSettings
 from appliance.gateway.auth import Authenticator
 from appliance.gateway.forward import Forwarder
+from appliance.gateway.knowledge import KnowledgeService
+from appliance.gateway.knowledge import router as knowledge_router
 from appliance.gateway.protocol import RequestError
 from appliance.gateway.routes import admin_api, api, router
 from appliance.models.catalog import Catalog, load_catalog
@@ -34,6 +36,7 @@ class GatewayState:
     manager: InstanceManager
     forwarder: Forwarder
     auth: Authenticator
+    knowledge: KnowledgeService
 
 
 def create_app(
@@ -63,6 +66,7 @@ def create_app(
             manager,
             Forwarder(settings, manager, client),
             Authenticator(settings.api_keys_file),
+            KnowledgeService(settings),
         )
         log.info("gateway ready; %d models in the catalog", len(catalog))
         try:
@@ -72,7 +76,7 @@ def create_app(
             await client.close()
 
     app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
-    for part in (router, api, admin_api):
+    for part in (router, api, admin_api, knowledge_router):
         app.include_router(part)
 
     @app.exception_handler(StarletteHTTPException)

@@ -84,6 +84,12 @@ async def _openai_call(request: Request, path: str) -> Response:
             param="model",
             code="model_not_installed",
         ).response()
+    if path == "/v1/chat/completions" and "knowledge_bases" in body:
+        from appliance.gateway.knowledge import grounded_chat
+
+        return await grounded_chat(
+            request, body, lambda data, stream: gw.forwarder.forward(path, data, spec.name, stream)
+        )
     return await gw.forwarder.forward(path, raw, spec.name, bool(body.get("stream", False)))
 
 

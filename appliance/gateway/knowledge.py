@@ -1,0 +1,268 @@
+"""Knowledge bases through the gateway: create, share, upload, search, and chat completions that
+answer from knowledge bases with citations. Blocking work (parsing, embedding, Chroma) runs in
+threads; the store and the embedding model load on first use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, UploadFile
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from appliance.config import ApplianceSettings
+from appliance.errors import ApplianceError
+from appliance.gateway.auth import principal
+from appliance.gateway.protocol import RequestError
+from security.api_keys import Principal
+
+router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(principal)])
+Who = Annotated[Principal, Depends(principal)]
+DONE_EVENT = b"data: [DONE]"
+
+
+class KnowledgeService:
+    """The knowledge-base store and retriever of this gateway, opened on first use."""
+
+    def __init__(self, settings: ApplianceSettings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._store = None
+        self._retriever = None
+
+    def _open(self):
+        with self._lock:
+            if self._store is None:
+                from rag.retrieval import Retriever
+                from rag.store import KnowledgeBaseStore
+
+                self._store = KnowledgeBaseStore(self.settings.rag_dir, self.settings.rag)
+                self._retriever = Retriever.from_settings(self._store)
+        return self._store, self._retriever
+
+    async def run(self, fn, *args):
+        """fn(store, retriever, *args) in a thread; store errors become OpenAI error bodies."""
+
+        def call():
+            store, retriever = self._open()
+            return fn(store, retriever, *args)
+
+        try:
+            return await asyncio.to_thread(call)
+        except ApplianceError as exc:
+            raise _request_error(exc) from None
+
+
+def _request_error(exc: ApplianceError) -> RequestError:
+    from rag.errors import AccessDenied, KnowledgeBaseNotFound
+
+    if isinstance(exc, KnowledgeBaseNotFound):
+        return RequestError(404, str(exc), code="knowledge_base_not_found")
+    if isinstance(exc, AccessDenied):
+        return RequestError(403, str(exc), type="permission_error")
+    return RequestError(400, str(exc))
+
+
+def _service(request: Request) -> KnowledgeService:
+    return request.app.state.gateway.knowledge
+
+
+def _describe(kb, documents: int | None = None) -> dict[str, Any]:
+    out = {
+        "name": kb.name,
+        "object": "knowledge_base",
+        "owner": kb.acl.owner,
+        "readers": sorted(kb.acl.readers),
+        "groups": sorted(kb.acl.groups),
+        "created_at": kb.created_at,
+        "embedding_model": kb.embedding_model,
+    }
+    if documents is not None:
+        out["documents"] = documents
+    return out
+
+
+async def _json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    return body
+
+
+@router.get("")
+async def list_knowledge_bases(request: Request, who: Who) -> dict:
+    def fn(store, _r):
+        return [
+            _describe(kb, len(store.documents(who, kb.name))) for kb in store.knowledge_bases(who)
+        ]
+
+    return {"object": "list", "data": await _service(request).run(fn)}
+
+
+@router.post("", status_code=201)
+async def create_knowledge_base(request: Request, who: Who) -> dict:
+    body = await _json(request)
+    name = body.get("name")
+    if not isinstance(name, str):
+        raise RequestError(400, "'name' is required", param="name")
+    readers, groups = body.get("readers", []), body.get("groups", [])
+    return _describe(
+        await _service(request).run(lambda s, _r: s.create(who, name, readers, groups)), 0
+    )
+
+
+@router.delete("/{name}")
+async def delete_knowledge_base(name: str, request: Request, who: Who) -> dict:
+    await _service(request).run(lambda s, _r: s.delete(who, name))
+    return {"name": name, "deleted": True}
+
+
+@router.post("/{name}/share")
+async def share_knowledge_base(name: str, request: Request, who: Who) -> dict:
+    body = await _json(request)
+    kb = await _service(request).run(
+        lambda s, _r: s.share(who, name, body.get("readers", []), body.get("groups", []))
+    )
+    return _describe(kb)
+
+
+@router.get("/{name}/documents")
+async def list_documents(name: str, request: Request, who: Who) -> dict:
+    docs = await _service(request).run(lambda s, _r: s.documents(who, name))
+    return {"object": "list", "data": [asdict(d) for d in docs]}
+
+
+@router.post("/{name}/documents")
+async def upload_documents(name: str, request: Request, files: list[UploadFile], who: Who) -> dict:
+    """Each file is parsed on its own: refused files are listed with their reason, the others
+    go in (a re-uploaded file name replaces that document)."""
+    from rag.ingest import parse_many
+
+    uploads = [(await f.read(), f.filename or "upload") for f in files]
+
+    def fn(store, _r):
+        store.get(who, name)  # unknown or unreadable knowledge base: 404 before any parsing
+        documents, errors = parse_many(uploads)
+        results = []
+        for doc in documents:  # one at a time, so one failure does not stop the others
+            try:
+                results += [asdict(r) for r in store.add_documents(who, name, [doc])]
+            except ApplianceError as exc:
+                errors.append(exc)
+        return {
+            "results": results,
+            "errors": [{"filename": getattr(e, "filename", ""), "message": str(e)} for e in errors],
+        }
+
+    return await _service(request).run(fn)
+
+
+@router.delete("/{name}/documents/{filename}")
+async def delete_document(name: str, filename: str, request: Request, who: Who) -> dict:
+    await _service(request).run(lambda s, _r: s.delete_document(who, name, filename))
+    return {"filename": filename, "deleted": True}
+
+
+@router.post("/{name}/query")
+async def query(name: str, request: Request, who: Who) -> dict:
+    body = await _json(request)
+    text = body.get("query")
+    if not isinstance(text, str) or not text.strip():
+        raise RequestError(400, "'query' is required", param="query")
+    top_k = body.get("top_k")
+    vector_only = body.get("mode", "hybrid") == "vector"
+    hits = await _service(request).run(
+        lambda _s, r: r.retrieve(who, [name], text, top_k, vector_only=vector_only)
+    )
+    return {"object": "list", "data": [_hit(h) for h in hits]}
+
+
+def _hit(hit) -> dict:
+    c = hit.chunk
+    return {
+        "text": c.text,
+        "score": hit.score,
+        "knowledge_base": c.kb,
+        "document": c.document_id,
+        "filename": c.filename,
+        "page": c.page,
+        "sheet": c.sheet,
+        "heading": c.heading,
+        "found_by": dict(hit.ranks),
+    }
+
+
+# ----- chat completions that answer from knowledge bases -------------------------------------
+
+
+async def grounded_chat(request: Request, body: dict, forward) -> Response:
+    """Retrieve from the request's `knowledge_bases` for its last user message, ask the model with
+    numbered sources, and return the answer with `citations` (and `sources` consulted)."""
+    from rag.prompting import build_messages, parse_citations
+
+    who = principal(request)
+    names = body.pop("knowledge_bases")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
+        raise RequestError(
+            400, "'knowledge_bases' must be a list of names", param="knowledge_bases"
+        )
+    messages = body.get("messages") or []
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    if last is None or not isinstance(last.get("content"), str):
+        raise RequestError(400, "a chat over knowledge bases needs a user message with text")
+    hits = await _service(request).run(lambda _s, r: r.retrieve(who, names, last["content"]))
+    grounded = build_messages(last["content"], hits)
+    history = [m for m in messages if m is not last and m.get("role") != "system"]
+    body["messages"] = [grounded[0], *history, grounded[1]]
+    response = await forward(json.dumps(body).encode(), bool(body.get("stream")))
+
+    def citations_of(answer: str) -> dict:
+        cited = parse_citations(answer, hits)
+        return {
+            "citations": [asdict(c) for c in cited.citations],
+            "sources": [asdict(c) for c in cited.consulted],
+        }
+
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = _with_citations(response.body_iterator, citations_of)
+        return response
+    if response.status_code != 200:
+        return response
+    data = json.loads(response.body)
+    answer = "".join(c.get("message", {}).get("content") or "" for c in data.get("choices", []))
+    data.update(citations_of(answer))
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return JSONResponse(data, headers=headers)
+
+
+async def _with_citations(events: AsyncIterator[bytes], citations_of) -> AsyncIterator[bytes]:
+    """Relay a chat stream, collecting the answer; put a chunk with the citations (no choices,
+    like a usage chunk) just before [DONE]."""
+    answer: list[str] = []
+    pending = b""
+    async for chunk in events:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        out = []
+        for line in lines:
+            if line.startswith(DONE_EVENT):
+                event = {"object": "chat.completion.chunk", "choices": [], **citations_of(
+                    "".join(answer))}  # fmt: skip
+                out.append(b"data: " + json.dumps(event).encode() + b"\n\n")
+            elif line.startswith(b"data: {"):
+                try:
+                    for choice in json.loads(line[6:]).get("choices", []):
+                        answer.append(choice.get("delta", {}).get("content") or "")
+                except ValueError:
+                    pass
+            out.append(line + b"\n")
+        yield b"".join(out)
+    if pending:
+        yield pending
