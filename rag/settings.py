@@ -56,6 +56,10 @@ class RagSettings(BaseModel):
     """Constant k of reciprocal rank fusion: a chunk scores 1 / (k + rank) in each ranking. Larger
     values flatten the difference between the first ranks."""
 
+    max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    """Largest upload request (all its files together); bigger ones get HTTP 413 before
+    anything is read. Each file also has its own limits (rag.limits.IngestLimits)."""
+
     reranker_model: Path | None = None
     """Local directory of a sentence-transformers cross-encoder that re-scores the fused
     candidates (slower, often more precise). Unset: no reranking."""

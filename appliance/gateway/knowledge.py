@@ -23,6 +23,7 @@ from security.api_keys import Principal
 router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(principal)])
 Who = Annotated[Principal, Depends(principal)]
 DONE_EVENT = b"data: [DONE]"
+MAX_FILES_PER_UPLOAD = 100
 
 
 class KnowledgeService:
@@ -140,12 +141,27 @@ async def list_documents(name: str, request: Request, who: Who) -> dict:
 
 
 @router.post("/{name}/documents")
-async def upload_documents(name: str, request: Request, files: list[UploadFile], who: Who) -> dict:
+async def upload_documents(name: str, request: Request, who: Who) -> dict:
     """Each file is parsed on its own: refused files are listed with their reason, the others
     go in (a re-uploaded file name replaces that document)."""
     from rag.ingest import parse_many
 
-    uploads = [(await f.read(), f.filename or "upload") for f in files]
+    service = _service(request)
+    limit = service.settings.rag.max_upload_bytes
+    declared = request.headers.get("content-length")
+    # Checked before the body is read: multipart parsing spools files to disk.
+    if declared is None or not declared.isdigit():
+        raise RequestError(411, "uploads need a Content-Length header")
+    if int(declared) > limit:
+        raise RequestError(413, f"the upload is larger than {limit} bytes (rag.max_upload_bytes)")
+    form = await request.form(max_files=MAX_FILES_PER_UPLOAD)
+    try:
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not files:
+            raise RequestError(400, "no files: send them as multipart field 'files'", param="files")
+        uploads = [(await f.read(), f.filename or "upload") for f in files]
+    finally:
+        await form.close()
 
     def fn(store, _r):
         store.get(who, name)  # unknown or unreadable knowledge base: 404 before any parsing
@@ -161,7 +177,7 @@ async def upload_documents(name: str, request: Request, files: list[UploadFile],
             "errors": [{"filename": getattr(e, "filename", ""), "message": str(e)} for e in errors],
         }
 
-    return await _service(request).run(fn)
+    return await service.run(fn)
 
 
 @router.delete("/{name}/documents/{filename}")

@@ -38,6 +38,7 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
     base["state_dir"] = str(tmp / "state")
     base["gateway"].update(port=free_port(), health_interval_s=1.0, start_timeout_s=240)
     base["catalog"] = {"files": [str(tmp / "catalog.yaml")], "include_presets": False}
+    base["rag"] = {"max_upload_bytes": 64 * 1024}
     settings = load_settings(**base)
     keys = ApiKeyStore(settings.api_keys_file)
     users = {
@@ -72,6 +73,14 @@ def test_upload_refuses_bad_files_one_by_one(stack):
     assert set(refused) == {"report.pdf", "empty.txt"}
     docs = call(stack, "alice", "GET", "/v1/knowledge_bases/plant/documents").json()["data"]
     assert sorted(d["filename"] for d in docs) == ["holidays.txt", "pump.md"]
+
+
+def test_oversized_or_empty_uploads_are_refused_before_parsing(stack):
+    big = [("files", ("big.txt", b"word " * 20_000, "text/plain"))]
+    resp = call(stack, "alice", "POST", "/v1/knowledge_bases/plant/documents", files=big)
+    assert resp.status_code == 413 and "max_upload_bytes" in resp.json()["error"]["message"]
+    resp = call(stack, "alice", "POST", "/v1/knowledge_bases/plant/documents", data={"x": "1"})
+    assert resp.status_code == 400 and "no files" in resp.json()["error"]["message"]
 
 
 def test_search_finds_the_part_number(stack):
