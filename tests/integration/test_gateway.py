@@ -175,14 +175,19 @@ def scancel(settings, job_id: int) -> None:
     SlurmClient(LocalRunner(), settings.slurm_conf).cancel(job_id)
 
 
-def start_streams(url: str, body: dict, count: int, out_dir) -> list[subprocess.Popen]:
+def start_streams(
+    url: str, body: dict, count: int, out_dir, rate: str | None = None
+) -> list[subprocess.Popen]:
     """`count` streamed requests run by curl: the load stays out of this interpreter, so the
-    test's own reads and its kill are not delayed behind reader threads holding the GIL."""
+    test's own reads and its kill are not delayed behind reader threads holding the GIL.
+    `rate` (curl's --limit-rate) makes slow readers that keep their requests in flight."""
+    limit = ["--limit-rate", rate] if rate else []
     return [
         subprocess.Popen(
             [
                 "curl",
                 "-sN",
+                *limit,
                 "-o",
                 str(out_dir / f"stream{i}.txt"),
                 "-H",
@@ -218,9 +223,11 @@ def test_scale_up_on_queue_depth(stack, client, tmp_path):
     _, url = stack
     client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
     [first] = [i["job_id"] for i in instances(url, "tiny-chat")]
-    # scale_up_queue_depth is 4 in this stack: six requests in flight on one instance must
-    # start a second one (tiny-chat allows two).
-    streams = start_streams(url, long_stream_body(), 6, tmp_path)
+    # scale_up_queue_depth is 4 in this stack: four requests in flight on one instance must
+    # start a second one (tiny-chat allows two). The tiny model finishes a stream in a second or
+    # two, and curl processes start unevenly on 2 busy cores, so the clients read slowly (about
+    # 15 s a stream): the requests stay in flight together whatever the machine's pace.
+    streams = start_streams(url, long_stream_body(), 6, tmp_path, rate="30k")
     try:
         added = wait_for(
             lambda: [i for i in instances(url, "tiny-chat") if i["job_id"] != first],
