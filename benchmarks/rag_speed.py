@@ -77,7 +77,7 @@ def measure_ingest(tmp: Path, who, chunks_target: int) -> dict:
 
     store = KnowledgeBaseStore(tmp / "ingest")
     store.create(who, "ingest")
-    files = synthetic_documents(max(1, chunks_target // 3), 2600, seed=1)
+    files = synthetic_documents(max(1, chunks_target // 5), 2600, seed=1)
     t0 = time.perf_counter()
     docs, errors = parse_many(files)
     results = store.add_documents(who, "ingest", docs)
@@ -109,7 +109,7 @@ def measure_queries(tmp: Path, who, size: int, queries: int) -> dict:
     from rag.ingest import parse_many
 
     t0 = time.perf_counter()
-    files = synthetic_documents(size // 10, 10 * 900, seed=size)
+    files = synthetic_documents(size // 10, 5000, seed=size)  # ~10 chunks of 600 characters
     docs, _ = parse_many(files)
     for start in range(0, len(docs), 500):
         store.add_documents(who, "big", docs[start : start + 500])

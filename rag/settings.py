@@ -34,10 +34,13 @@ class RagSettings(BaseModel):
     """Where the embedding model (and the reranker) run. `auto`: the GPU when this process can
     use one, else CPU."""
 
-    chunk_chars: int = Field(default=1000, ge=100, le=20_000)
-    """Target size of a chunk in characters (about 250 tokens at 1000)."""
+    chunk_chars: int = Field(default=600, ge=100, le=20_000)
+    """Target size of a chunk in characters. The default embedding model reads at most 256
+    tokens (about 1000 characters of English, fewer for dense text): at 600 characters (about
+    150 tokens) a whole chunk is embedded; at 1000, chunk tails fell outside the model's window
+    and embedding ran a third slower (benchmarks.md, rag_speed)."""
 
-    chunk_overlap_chars: int = Field(default=150, ge=0)
+    chunk_overlap_chars: int = Field(default=100, ge=0)
     """Characters of the previous chunk repeated at the start of the next, so a sentence cut at a
     chunk boundary is still found whole. Less than half of `chunk_chars`."""
 
