@@ -81,6 +81,7 @@ class KnowledgeBaseStore:
         self.embedder = embedder or Embedder.from_settings(self.settings)
         root.mkdir(parents=True, exist_ok=True)
         self._registry = Registry(root / "registry.sqlite3")
+        self._versions: dict[str, tuple[int, frozenset[str]]] = {}
         self._client = _chroma_client(self.settings, root / "chroma")
         self.collect_garbage()
 
@@ -350,8 +351,15 @@ class KnowledgeBaseStore:
             kb.collection, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None
         )
 
-    def _current_versions(self, kb: KnowledgeBase) -> set[str]:
-        return {document.version for document in self._registry.documents(kb.name)}
+    def _current_versions(self, kb: KnowledgeBase) -> frozenset[str]:
+        # Read once per change of the knowledge base (its generation), not on every query: with
+        # ten thousand documents, reading them took most of a query's time.
+        cached = self._versions.get(kb.collection)
+        if cached is not None and cached[0] == kb.generation:
+            return cached[1]
+        versions = frozenset(document.version for document in self._registry.documents(kb.name))
+        self._versions[kb.collection] = (kb.generation, versions)
+        return versions
 
     def _new_collection_name(self, name: str) -> str:
         """Our prefix, the name in Chroma's alphabet (readable in Chroma tools), and a random
