@@ -175,19 +175,14 @@ def scancel(settings, job_id: int) -> None:
     SlurmClient(LocalRunner(), settings.slurm_conf).cancel(job_id)
 
 
-def start_streams(
-    url: str, body: dict, count: int, out_dir, rate: str | None = None
-) -> list[subprocess.Popen]:
+def start_streams(url: str, body: dict, count: int, out_dir) -> list[subprocess.Popen]:
     """`count` streamed requests run by curl: the load stays out of this interpreter, so the
-    test's own reads and its kill are not delayed behind reader threads holding the GIL.
-    `rate` (curl's --limit-rate) makes slow readers that keep their requests in flight."""
-    limit = ["--limit-rate", rate] if rate else []
+    test's own reads and its kill are not delayed behind reader threads holding the GIL."""
     return [
         subprocess.Popen(
             [
                 "curl",
                 "-sN",
-                *limit,
                 "-o",
                 str(out_dir / f"stream{i}.txt"),
                 "-H",
@@ -224,10 +219,10 @@ def test_scale_up_on_queue_depth(stack, client, tmp_path):
     client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
     [first] = [i["job_id"] for i in instances(url, "tiny-chat")]
     # scale_up_queue_depth is 4 in this stack: four requests in flight on one instance must
-    # start a second one (tiny-chat allows two). The tiny model finishes a stream in a second or
-    # two, and curl processes start unevenly on 2 busy cores, so the clients read slowly (about
-    # 15 s a stream): the requests stay in flight together whatever the machine's pace.
-    streams = start_streams(url, long_stream_body(), 6, tmp_path, rate="30k")
+    # start a second one (tiny-chat allows two). Each request asks for 16 sequences, so the six
+    # take tens of seconds together and overlap even when curl processes start seconds apart on
+    # 2 busy cores (with 4 sequences each they sometimes ran one after another).
+    streams = start_streams(url, {**long_stream_body(), "n": 16}, 6, tmp_path)
     try:
         added = wait_for(
             lambda: [i for i in instances(url, "tiny-chat") if i["job_id"] != first],
@@ -244,15 +239,24 @@ def test_scale_up_on_queue_depth(stack, client, tmp_path):
     [new] = added
     httpx.post(url + f"/admin/instances/{new['job_id']}/stop", timeout=30).raise_for_status()
     wait_for(
-        lambda: [i["job_id"] for i in instances(url, "tiny-chat")] == [first],
+        lambda: (
+            [(i["job_id"], i["state"]) for i in instances(url, "tiny-chat")] == [(first, "ready")]
+        ),
         90,
-        "the added instance to stop",
+        "the added instance to stop and the first to be ready",
     )
 
 
 def test_instance_killed_mid_stream(stack, client, tmp_path):
     settings, url = stack
     client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
+    # The stream under test must find a ready instance at once (its response then names it);
+    # after heavy load a health probe may have timed out and briefly marked it unhealthy.
+    wait_for(
+        lambda: any(i["state"] == "ready" for i in instances(url, "tiny-chat")),
+        60,
+        "a ready tiny-chat instance",
+    )
     # The tiny model is fast: the stream under test asks for 16 sequences of 480 tokens and
     # twelve other requests add 4 each, so the batch takes seconds and the kill lands mid-stream.
     others = start_streams(url, long_stream_body(), 12, tmp_path)
