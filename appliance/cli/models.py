@@ -111,6 +111,27 @@ def parse_expiry(value: str | None) -> dt.datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
+def signed_policy(
+    ctx: CliContext,
+    model: str,
+    users: tuple[str, ...],
+    roles: tuple[str, ...],
+    hosts: tuple[str, ...],
+    expires: str | None,
+):
+    """The load policy the --user/--role/--host/--expires options describe, signed."""
+    from appliance.store import keyring
+
+    return keyring.sign_policy(
+        ctx.settings,
+        model,
+        users=list(users),
+        roles=list(roles),
+        hosts=list(hosts),
+        not_after=parse_expiry(expires),
+    )
+
+
 def policy_options(func):
     """--user/--role/--host/--expires: who may load a model, where, until when."""
     for option in reversed(
@@ -175,14 +196,7 @@ def import_model(
         for line in keyring.init_keys(settings):
             click.echo(line)
         kek = keyring.store_kek(settings, create_kdf=True)
-        policy = keyring.sign_policy(
-            settings,
-            name,
-            users=list(users),
-            roles=list(roles),
-            hosts=list(hosts),
-            not_after=parse_expiry(expires),
-        )
+        policy = signed_policy(ctx, name, users, roles, hosts, expires)
     path = import_checkpoint(
         directory,
         settings.store_root,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from appliance.cli.context import CliContext, pass_ctx
-from appliance.cli.models import parse_expiry, policy_options
+from appliance.cli.models import policy_options, signed_policy
 
 
 @click.group("store")
@@ -98,17 +98,9 @@ def set_model_policy(
     expires: str | None,
 ) -> None:
     """Replace MODEL's signed load policy."""
-    from appliance.store import keyring
     from appliance.store.model import set_policy
 
-    signed = keyring.sign_policy(
-        ctx.settings,
-        model,
-        users=list(users),
-        roles=list(roles),
-        hosts=list(hosts),
-        not_after=parse_expiry(expires),
-    )
+    signed = signed_policy(ctx, model, users, roles, hosts, expires)
     set_policy(ctx.settings.store_root / model, signed)
     click.echo(f"policy of {model} replaced: {signed['policy']}")
 
