@@ -23,6 +23,10 @@ DEFAULT_THREADS = min(16, os.cpu_count() or 1)
 # Bytes a GPU loader thread reads, decrypts and copies at a time (a multiple of the chunk size).
 DEFAULT_UNIT_BYTES = 16 << 20
 
+# Ciphertext is read in pieces of this size into a per-thread buffer that stays in the CPU's cache
+# and decrypted from there into its destination, which is then written once instead of twice.
+BOUNCE_BYTES = 1 << 20
+
 
 def torch_dtype(name: str) -> torch.dtype:
     import torch
@@ -62,21 +66,30 @@ def _open(model: StoredModel, direct: bool) -> int:
     return os.open(model.data_path, flags)
 
 
-def load_into(
-    model: StoredModel, dest: memoryview, threads: int = DEFAULT_THREADS, direct: bool = False
-) -> None:
+def _thread_bounce(local: threading.local) -> memoryview:
+    """This thread's bounce buffer (see BOUNCE_BYTES), made on first use."""
+    bounce = getattr(local, "bounce", None)
+    if bounce is None:
+        bounce = local.bounce = memoryview(bytearray(BOUNCE_BYTES))
+    return bounce
+
+
+def load_into(model: StoredModel, dest: memoryview, threads: int = DEFAULT_THREADS) -> None:
     """Read (and decrypt) all of tensors.bin into `dest` (data_bytes long, writable), in parallel
-    threads, one chunk at a time each. `direct` needs page-aligned `dest` (secret_buffer)."""
+    threads, one chunk at a time each; encrypted chunks go through a bounce buffer."""
     if len(dest) != model.data_bytes:
         raise ValueError(f"destination has {len(dest)} bytes, the model {model.data_bytes}")
     base = address_of(dest)
-    fd = _open(model, direct)
+    fd = _open(model, direct=False)
+    local = threading.local()
     try:
 
         def one(i: int) -> None:
             offset, n = model.chunk_span(i)
-            read_exact(fd, dest[offset : offset + n], offset)
-            model.decrypt_chunk(i, base + offset, n)
+            if model.encrypted:
+                model.read_decrypt_chunk(fd, i, base + offset, _thread_bounce(local))
+            else:
+                read_exact(fd, dest[offset : offset + n], offset)
 
         _run_parallel(one, model.header.n_chunks, threads)
     finally:
@@ -152,25 +165,36 @@ class PinnedRing:
         threading.Thread(target=self.wipe, name="pinned-ring-wipe", daemon=True).start()
 
 
+# Ways to get an encrypted unit into its pinned slot, for load_to_gpu's `method`:
+#   "bounce": read 1 MiB pieces into a per-thread buffer that stays in the CPU cache and decrypt
+#             from there into the slot (the slot is written once);
+#   "read":   read the unit into the slot, then decrypt it in place (two passes over the slot);
+#   "mapped": decrypt from an mmap of the file into the slot (no read; pages fault in).
+LOAD_METHODS = ("bounce", "read", "mapped")
+
+
 def load_to_gpu(
     model: StoredModel,
     device: str | torch.device = "cuda",
     ring: PinnedRing | None = None,
     threads: int = DEFAULT_THREADS,
     direct: bool = False,
-    mapped: bool = False,
+    method: str = "bounce",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model's tensors on one GPU: one device allocation and named views into it.
 
-    Each thread reads a unit into one of its two pinned slots, decrypts it there, and queues the
-    copy to the GPU on its own stream; it reuses a slot only once that slot's copy is done, so
-    reading, decryption and copies overlap. `direct` reads with O_DIRECT (cold files: no page
-    cache churn); `mapped` decrypts from an mmap of the file instead of reading it first (one pass
-    over the bytes; on the H100 machine it measured 14-25 GB/s from the page cache against a
-    steady 22-23 GB/s for read-then-decrypt, so it is not the default).
+    Each thread fills a unit into one of its two pinned slots (read, and decrypted as `method`
+    says; see LOAD_METHODS) and queues the copy to the GPU on its own stream; it reuses a slot
+    only once that slot's copy is done, so reading, decryption and copies overlap. `direct`
+    reads with O_DIRECT (cold files: no page cache churn; always read-then-decrypt, since
+    O_DIRECT wants whole aligned units).
     """
     import torch
 
+    if method not in LOAD_METHODS:
+        raise ValueError(f"unknown load method {method!r}; one of {', '.join(LOAD_METHODS)}")
+    if direct or not model.encrypted:
+        method = "read"
     chunk = model.header.chunk_bytes
     ring = ring or PinnedRing(threads, max(chunk, DEFAULT_UNIT_BYTES // chunk * chunk))
     unit = ring.unit_bytes
@@ -199,24 +223,26 @@ def load_to_gpu(
         offset = u * unit
         n = min(unit, model.data_bytes - offset)
         addr = slot.data_ptr()
-        if mapping is None:
+        if method == "read":
             # One read per unit: measured faster than a read per chunk, with or without
             # encryption (fewer trips through the GIL for 16 threads).
             read_exact(fd, memoryview(slot.numpy())[:n], offset)
-        for j in range(-(-n // chunk)):
+        for j in range(-(-n // chunk) if model.encrypted else 0):
             i = u * per_unit + j
             c_off, c_n = model.chunk_span(i)
-            # From the page cache mapping straight into the slot (one pass over the bytes), or
-            # in place in the slot.
-            src = mapping + c_off if mapping is not None else None
-            model.decrypt_chunk(i, addr + (c_off - offset), c_n, src)
+            dst = addr + (c_off - offset)
+            if method == "bounce":
+                model.read_decrypt_chunk(fd, i, dst, _thread_bounce(local))
+            else:
+                src = mapping + c_off if mapping is not None else None
+                model.decrypt_chunk(i, dst, c_n, src)
         with torch.cuda.stream(stream):
             flat[offset : offset + n].copy_(slot[:n], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
         events[k] = ev
 
-    whole = map_file(fd, model.data_bytes) if mapped and model.encrypted else None
+    whole = map_file(fd, model.data_bytes) if method == "mapped" else None
     mapping = whole[1] if whole is not None else None
     try:
         with ring.lock:
