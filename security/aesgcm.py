@@ -66,6 +66,10 @@ class AesGcm:
             raise ValueError(f"AES-256-GCM key must be {KEY_BYTES} bytes, got {len(key)}")
         self._algorithm = algorithms.AES(bytes(key))
 
+    def key_bytes(self) -> bytes:
+        """The key, for a helper process that decrypts on this one's behalf (never to disk)."""
+        return self._algorithm.key
+
     def encrypt_into(self, nonce: bytes, src: int, n: int, dst: int, aad: bytes = b"") -> bytes:
         """Encrypt n bytes at address src into dst (may equal src); return the 16-byte tag."""
         _check_nonce(nonce)

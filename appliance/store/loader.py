@@ -7,11 +7,12 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from appliance.store.mapping import map_file
+from appliance.store.decrypt_pool import STALL_S, DecryptPool, DecryptPoolError
 from appliance.store.model import StoredModel, read_exact
 from security.aesgcm import address_of
 
@@ -22,10 +23,6 @@ DEFAULT_THREADS = min(16, os.cpu_count() or 1)
 
 # Bytes a GPU loader thread reads, decrypts and copies at a time (a multiple of the chunk size).
 DEFAULT_UNIT_BYTES = 16 << 20
-
-# Ciphertext is read in pieces of this size into a per-thread buffer that stays in the CPU's cache
-# and decrypted from there into its destination, which is then written once instead of twice.
-BOUNCE_BYTES = 1 << 20
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -66,30 +63,19 @@ def _open(model: StoredModel, direct: bool) -> int:
     return os.open(model.data_path, flags)
 
 
-def _thread_bounce(local: threading.local) -> memoryview:
-    """This thread's bounce buffer (see BOUNCE_BYTES), made on first use."""
-    bounce = getattr(local, "bounce", None)
-    if bounce is None:
-        bounce = local.bounce = memoryview(bytearray(BOUNCE_BYTES))
-    return bounce
-
-
 def load_into(model: StoredModel, dest: memoryview, threads: int = DEFAULT_THREADS) -> None:
     """Read (and decrypt) all of tensors.bin into `dest` (data_bytes long, writable), in parallel
-    threads, one chunk at a time each; encrypted chunks go through a bounce buffer."""
+    threads, one chunk at a time each."""
     if len(dest) != model.data_bytes:
         raise ValueError(f"destination has {len(dest)} bytes, the model {model.data_bytes}")
     base = address_of(dest)
     fd = _open(model, direct=False)
-    local = threading.local()
     try:
 
         def one(i: int) -> None:
             offset, n = model.chunk_span(i)
-            if model.encrypted:
-                model.read_decrypt_chunk(fd, i, base + offset, _thread_bounce(local))
-            else:
-                read_exact(fd, dest[offset : offset + n], offset)
+            read_exact(fd, dest[offset : offset + n], offset)
+            model.decrypt_chunk(i, base + offset, n)
 
         _run_parallel(one, model.header.n_chunks, threads)
     finally:
@@ -165,36 +151,23 @@ class PinnedRing:
         threading.Thread(target=self.wipe, name="pinned-ring-wipe", daemon=True).start()
 
 
-# Ways to get an encrypted unit into its pinned slot, for load_to_gpu's `method`:
-#   "bounce": read 1 MiB pieces into a per-thread buffer that stays in the CPU cache and decrypt
-#             from there into the slot (the slot is written once);
-#   "read":   read the unit into the slot, then decrypt it in place (two passes over the slot);
-#   "mapped": decrypt from an mmap of the file into the slot (no read; pages fault in).
-LOAD_METHODS = ("bounce", "read", "mapped")
-
-
 def load_to_gpu(
     model: StoredModel,
     device: str | torch.device = "cuda",
     ring: PinnedRing | None = None,
     threads: int = DEFAULT_THREADS,
     direct: bool = False,
-    method: str = "bounce",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The model's tensors on one GPU: one device allocation and named views into it.
+    """The model's tensors on one GPU, loaded by threads of this process: one device allocation
+    and named views into it.
 
-    Each thread fills a unit into one of its two pinned slots (read, and decrypted as `method`
-    says; see LOAD_METHODS) and queues the copy to the GPU on its own stream; it reuses a slot
-    only once that slot's copy is done, so reading, decryption and copies overlap. `direct`
-    reads with O_DIRECT (cold files: no page cache churn; always read-then-decrypt, since
-    O_DIRECT wants whole aligned units).
+    Each thread reads a unit into one of its two pinned slots, decrypts it there, and queues the
+    copy to the GPU on its own stream; it reuses a slot only once that slot's copy is done, so
+    reading, decryption and copies overlap. `direct` reads with O_DIRECT (cold files: no page
+    cache churn). For encrypted models on many cores, load_to_gpu_with_pool is faster.
     """
     import torch
 
-    if method not in LOAD_METHODS:
-        raise ValueError(f"unknown load method {method!r}; one of {', '.join(LOAD_METHODS)}")
-    if direct or not model.encrypted:
-        method = "read"
     chunk = model.header.chunk_bytes
     ring = ring or PinnedRing(threads, max(chunk, DEFAULT_UNIT_BYTES // chunk * chunk))
     unit = ring.unit_bytes
@@ -223,37 +196,106 @@ def load_to_gpu(
         offset = u * unit
         n = min(unit, model.data_bytes - offset)
         addr = slot.data_ptr()
-        if method == "read":
-            # One read per unit: measured faster than a read per chunk, with or without
-            # encryption (fewer trips through the GIL for 16 threads).
-            read_exact(fd, memoryview(slot.numpy())[:n], offset)
-        for j in range(-(-n // chunk) if model.encrypted else 0):
+        # One read per unit, then decryption in place: every call takes the GIL back, and with
+        # 16 threads fewer, larger calls measured faster (reading through a small buffer in
+        # 1 MiB pieces halved the rate; decrypting from an mmap of the file was slower too).
+        read_exact(fd, memoryview(slot.numpy())[:n], offset)
+        for j in range(-(-n // chunk)):
             i = u * per_unit + j
             c_off, c_n = model.chunk_span(i)
-            dst = addr + (c_off - offset)
-            if method == "bounce":
-                model.read_decrypt_chunk(fd, i, dst, _thread_bounce(local))
-            else:
-                src = mapping + c_off if mapping is not None else None
-                model.decrypt_chunk(i, dst, c_n, src)
+            model.decrypt_chunk(i, addr + (c_off - offset), c_n)
         with torch.cuda.stream(stream):
             flat[offset : offset + n].copy_(slot[:n], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
         events[k] = ev
 
-    whole = map_file(fd, model.data_bytes) if method == "mapped" else None
-    mapping = whole[1] if whole is not None else None
     try:
         with ring.lock:
             _run_parallel(one, n_units, ring.threads)
             torch.cuda.synchronize(device)
     finally:
-        if whole is not None:
-            whole[0].close()
         os.close(fd)
         if model.encrypted:
             ring.wipe_later()
+    return flat, tensor_views(model, flat)
+
+
+def load_with_pool(
+    model: StoredModel, pool: DecryptPool, copy: Callable[[int, int, int], Any]
+) -> None:
+    """Fill the pool's slots with the model's plaintext, unit by unit, and hand each filled
+    slot to `copy(slot, data_offset, n)`, which starts moving it to its destination and returns
+    something whose `query()` says when the slot may be filled again."""
+    unit, chunk = pool.unit_bytes, model.header.chunk_bytes
+    if unit % chunk:
+        raise ValueError("the staging unit must be a multiple of the chunk size")
+    units = iter(range(-(-model.data_bytes // unit)))
+    # Slots in worker-interleaved order, so the first fills spread over every worker.
+    free = [w * pool.slots + s for s in range(pool.slots) for w in range(pool.workers)][::-1]
+    filling: dict[int, tuple[int, int]] = {}
+    copying: list[tuple[int, Any]] = []
+    more = True
+    pool.open(model)
+    while True:
+        still = []
+        for slot, done in copying:
+            if done.query():
+                free.append(slot)
+            else:
+                still.append((slot, done))
+        copying = still
+        while more and free:
+            u = next(units, None)
+            if u is None:
+                more = False
+                break
+            slot = free.pop()
+            offset = u * unit
+            n = min(unit, model.data_bytes - offset)
+            pool.fill(slot, offset, n)
+            filling[slot] = (offset, n)
+        if not filling and not copying and not more:
+            return
+        if not filling:
+            time.sleep(0.0002)  # only copies in flight
+            continue
+        # Short waits while copies are in flight, so their slots are refilled promptly.
+        ready = pool.finished(0.0005 if copying else STALL_S)
+        if not ready and not copying:
+            raise DecryptPoolError(f"no decrypt worker answered in {STALL_S:.0f} s")
+        for slot in ready:
+            offset, n = filling.pop(slot)
+            copying.append((slot, copy(slot, offset, n)))
+
+
+def load_to_gpu_with_pool(
+    model: StoredModel, pool: DecryptPool, device: str | torch.device = "cuda"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's tensors on one GPU, decrypted by the pool's worker processes into page-locked
+    staging slots and copied from there, one stream per worker."""
+    import torch
+
+    flat = torch.empty(model.data_bytes, dtype=torch.uint8, device=device)
+    staging = pool.pinned()
+    streams = [torch.cuda.Stream(device) for _ in range(pool.workers)]
+
+    def copy(slot: int, offset: int, n: int) -> torch.cuda.Event:
+        start = pool.slot_offset(slot)
+        with torch.cuda.stream(streams[slot // pool.slots]):
+            flat[offset : offset + n].copy_(staging[start : start + n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return done
+
+    with pool.lock:
+        try:
+            load_with_pool(model, pool, copy)
+            torch.cuda.synchronize(device)
+        finally:
+            if pool.busy():
+                pool.drain()
+            pool.wipe_later()  # runs once this load lets go of the lock
     return flat, tensor_views(model, flat)
 
 
