@@ -252,6 +252,20 @@ def main() -> int:
     res["decrypt_pool_start_s"] = round(time.perf_counter() - t0, 3)
     log(f"decrypt pool of {args.threads} workers started in {res['decrypt_pool_start_s']} s")
 
+    # GPU decryption: the first use compiles the kernels (then cached on disk).
+    from appliance.store.gpu_decrypt import GpuDecryptor
+
+    t0 = time.perf_counter()
+    GpuDecryptor(enc, "cuda").close()
+    res["gpu_decrypt_first_setup_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    GpuDecryptor(enc, "cuda").close()
+    res["gpu_decrypt_setup_s"] = round(time.perf_counter() - t0, 3)
+    log(
+        f"GPU decryption set up in {res['gpu_decrypt_first_setup_s']} s (compiling), "
+        f"then {res['gpu_decrypt_setup_s']} s"
+    )
+
     # Correctness on the GPU before any timing: every tensor equals its source, on every path.
     from safetensors.torch import load_file
 
@@ -260,6 +274,7 @@ def main() -> int:
         ("plain", lambda: load_to_gpu(plain, ring=ring)),
         ("enc threads", lambda: load_to_gpu(enc, ring=ring)),
         ("enc pool", lambda: load_to_gpu_with_pool(enc, pool)),
+        ("enc gpu", lambda: load_to_gpu(enc, ring=ring, gpu_decrypt=True)),
     ):
         try:
             flat, views = load()
@@ -317,35 +332,16 @@ def main() -> int:
         del host_flat
         gc.collect()
 
-    # Page cache: plaintext and encrypted by threads of this process, encrypted by the pool of
-    # worker processes, then the pool's worker count and staging unit swept.
+    # Page cache: plaintext; encrypted decrypted on the GPU (the default with a GPU), by threads
+    # of this process, and by the pool of worker processes.
     for key, m, load in (
         ("page_cache_plain", plain, lambda: load_to_gpu(plain, ring=ring, threads=args.threads)),
+        ("page_cache_enc", enc, lambda: load_to_gpu(enc, ring=ring, gpu_decrypt=True)),
         ("page_cache_enc_threads", enc, lambda: load_to_gpu(enc, ring=ring, threads=args.threads)),
-        ("page_cache_enc", enc, lambda: load_to_gpu_with_pool(enc, pool)),
+        ("page_cache_enc_pool", enc, lambda: load_to_gpu_with_pool(enc, pool)),
     ):
         warm([m.data_path])
         measure(key, load, args.repeats, before=lambda m=m: warm([m.data_path]))
-    sweep = {}
-    for unit_mib in (16, 32):
-        for workers in (args.threads // 2, args.threads * 3 // 4, args.threads):
-            key = f"sweep_enc_pool_{workers}w_{unit_mib}MiB"
-            try:
-                sweep_pool = DecryptPool(workers, unit_mib << 20)
-            except Exception as exc:
-                res["errors"][key] = repr(exc)
-                continue
-            warm([enc.data_path])
-            sweep[key] = measure(
-                key,
-                lambda p=sweep_pool: load_to_gpu_with_pool(enc, p),
-                args.repeats,
-                before=lambda: warm([enc.data_path]),
-            )
-            sweep_pool.close()
-    best = max((v, k) for k, v in sweep.items() if v)
-    res["page_cache_pool_sweep_best"] = {"GBps": best[0], "setting": best[1]}
-    log(f"pool sweep, best: {res['page_cache_pool_sweep_best']}")
     warm([plain.data_path])
     measure(
         "raw_read_page_cache",
@@ -371,12 +367,14 @@ def main() -> int:
                     args.cold_repeats,
                     before=drop_caches,
                 )
-        measure(
-            "disk_cold_enc_pool_buffered",
-            lambda: load_to_gpu_with_pool(enc, pool),
-            args.cold_repeats,
-            before=drop_caches,
-        )
+        for direct in (False, True):
+            tag = "direct" if direct else "buffered"
+            measure(
+                f"disk_cold_enc_gpu_{tag}",
+                lambda d=direct: load_to_gpu(enc, ring=ring, direct=d, gpu_decrypt=True),
+                args.cold_repeats,
+                before=drop_caches,
+            )
 
     # Time to first token: from_pretrained vs the store (page cache warm for both).
     try:
@@ -407,7 +405,7 @@ def main() -> int:
             return build
 
         for key, m, load in (
-            ("ttft_store_enc_s", enc, lambda: load_to_gpu_with_pool(enc, pool)),
+            ("ttft_store_enc_s", enc, lambda: load_to_gpu(enc, ring=ring, gpu_decrypt=True)),
             ("ttft_store_enc_threads_s", enc, lambda: load_to_gpu(enc, ring=ring)),
             ("ttft_store_plain_s", plain, lambda: load_to_gpu(plain, ring=ring)),
         ):
@@ -442,11 +440,10 @@ def main() -> int:
         default=0,
     )
     best_cold_enc = max(
-        res.get(f"disk_cold_enc_{k}_GBps") or 0
-        for k in ("pool_buffered", "threads_buffered", "threads_direct")
+        res.get(f"disk_cold_enc_{k}_GBps") or 0 for k in ("gpu_buffered", "gpu_direct")
     )
     res["disk_vs_raw_read"] = round(best_cold / best_raw, 3) if best_raw else None
-    # The loader's default for an encrypted model in the page cache (the decrypt pool).
+    # The loader's default for an encrypted model on a GPU: decryption on the GPU.
     page_enc = res.get("page_cache_enc_GBps") or 0
     enc_ratios = {
         "host_tier": ratio("host_tier_enc_GBps", "host_tier_plain_GBps"),
@@ -468,14 +465,11 @@ def main() -> int:
     rows = [
         ("host tier (pinned) -> GPU", "host_tier_plain_GBps", "host_tier_enc_GBps"),
         ("page cache -> GPU (default)", "page_cache_plain_GBps", "page_cache_enc_GBps"),
-        ("page cache -> GPU, threads only", None, "page_cache_enc_threads_GBps"),
-        (
-            "cold disk, buffered",
-            "disk_cold_plain_buffered_GBps",
-            "disk_cold_enc_pool_buffered_GBps",
-        ),
-        ("cold disk, buffered, threads", None, "disk_cold_enc_threads_buffered_GBps"),
-        ("cold disk, O_DIRECT", "disk_cold_plain_direct_GBps", "disk_cold_enc_threads_direct_GBps"),
+        ("page cache -> GPU, CPU threads decrypt", None, "page_cache_enc_threads_GBps"),
+        ("page cache -> GPU, CPU processes decrypt", None, "page_cache_enc_pool_GBps"),
+        ("cold disk, buffered", "disk_cold_plain_buffered_GBps", "disk_cold_enc_gpu_buffered_GBps"),
+        ("cold disk, O_DIRECT", "disk_cold_plain_direct_GBps", "disk_cold_enc_gpu_direct_GBps"),
+        ("cold disk, buffered, CPU threads decrypt", None, "disk_cold_enc_threads_buffered_GBps"),
         ("raw parallel read, cold buffered", "raw_read_cold_buffered_GBps", None),
         ("raw parallel read, cold O_DIRECT", "raw_read_cold_direct_GBps", None),
         ("raw parallel read, page cache", "raw_read_page_cache_GBps", None),
@@ -496,8 +490,9 @@ def main() -> int:
         "disk_vs_raw_read",
         "encrypted_vs_plaintext",
         "encrypted_vs_plaintext_min",
-        "page_cache_pool_sweep_best",
         "decrypt_pool_start_s",
+        "gpu_decrypt_first_setup_s",
+        "gpu_decrypt_setup_s",
         "ttft_from_pretrained_s",
         "ttft_store_plain_s",
         "ttft_store_enc_s",

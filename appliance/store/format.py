@@ -35,7 +35,7 @@ HEADER_FILE = "header.json"
 TAG_BYTES = 16
 DEFAULT_CHUNK_BYTES = 4 << 20
 # Nonce prefixes: 4 bytes naming what is encrypted, 8 bytes of counter.
-_DATA_FILE_NO = 0
+DATA_FILE_NO = 0
 _INDEX_FILE_NO = 0xFFFFFFFF
 
 # safetensors dtype names and their sizes in bytes.
@@ -186,7 +186,7 @@ class StoreHeader:
 
 
 def chunk_nonce(index: int) -> bytes:
-    return _DATA_FILE_NO.to_bytes(4, "big") + index.to_bytes(8, "big")
+    return DATA_FILE_NO.to_bytes(4, "big") + index.to_bytes(8, "big")
 
 
 def chunk_aad(model_id: str, index: int, n_chunks: int) -> bytes:

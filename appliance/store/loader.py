@@ -157,6 +157,7 @@ def load_to_gpu(
     ring: PinnedRing | None = None,
     threads: int = DEFAULT_THREADS,
     direct: bool = False,
+    gpu_decrypt: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model's tensors on one GPU, loaded by threads of this process: one device allocation
     and named views into it.
@@ -164,10 +165,16 @@ def load_to_gpu(
     Each thread reads a unit into one of its two pinned slots, decrypts it there, and queues the
     copy to the GPU on its own stream; it reuses a slot only once that slot's copy is done, so
     reading, decryption and copies overlap. `direct` reads with O_DIRECT (cold files: no page
-    cache churn). For encrypted models on many cores, load_to_gpu_with_pool is faster.
+    cache churn). `gpu_decrypt` copies the ciphertext instead and decrypts it on the GPU, on the
+    same stream, right behind its copy: the host never holds plaintext.
     """
     import torch
 
+    decryptor = None
+    if gpu_decrypt and model.encrypted:
+        from appliance.store.gpu_decrypt import GpuDecryptor
+
+        decryptor = GpuDecryptor(model, device)
     chunk = model.header.chunk_bytes
     ring = ring or PinnedRing(threads, max(chunk, DEFAULT_UNIT_BYTES // chunk * chunk))
     unit = ring.unit_bytes
@@ -200,7 +207,7 @@ def load_to_gpu(
         # 16 threads fewer, larger calls measured faster (reading through a small buffer in
         # 1 MiB pieces halved the rate; decrypting from an mmap of the file was slower too).
         read_exact(fd, memoryview(slot.numpy())[:n], offset)
-        for j in range(-(-n // chunk)):
+        for j in range(-(-n // chunk) if decryptor is None else 0):
             i = u * per_unit + j
             c_off, c_n = model.chunk_span(i)
             model.decrypt_chunk(i, addr + (c_off - offset), c_n)
@@ -208,15 +215,21 @@ def load_to_gpu(
             flat[offset : offset + n].copy_(slot[:n], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
+            if decryptor is not None:
+                decryptor.decrypt(flat[offset : offset + n], u * per_unit, stream)
         events[k] = ev
 
     try:
         with ring.lock:
             _run_parallel(one, n_units, ring.threads)
             torch.cuda.synchronize(device)
+        if decryptor is not None:
+            decryptor.verify(flat)
     finally:
         os.close(fd)
-        if model.encrypted:
+        if decryptor is not None:
+            decryptor.close()
+        elif model.encrypted:
             ring.wipe_later()
     return flat, tensor_views(model, flat)
 

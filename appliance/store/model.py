@@ -55,7 +55,9 @@ class StoredModel:
         self.tags = (path / TAGS_FILE).read_bytes() if cipher is not None else b""
         self.model_id = header.model_id
         # Precomputed so the per-chunk work in loader threads is only I/O and decryption.
-        self._aad = [chunk_aad(self.model_id, i, header.n_chunks) for i in range(header.n_chunks)]
+        self.chunk_aads = [
+            chunk_aad(self.model_id, i, header.n_chunks) for i in range(header.n_chunks)
+        ]
 
     @property
     def data_path(self) -> Path:
@@ -180,7 +182,7 @@ class StoredModel:
         if self.cipher is None:
             raise ValueError(f"{self.model_id} is not encrypted")
         return self.cipher.decryption(
-            chunk_nonce(i), addr, n, self._aad[i], self.tags[i * 16 : i * 16 + 16]
+            chunk_nonce(i), addr, n, self.chunk_aads[i], self.tags[i * 16 : i * 16 + 16]
         )
 
     def _finish(self, i: int, stream: Decryption) -> None:
