@@ -65,7 +65,7 @@ def compile_cubin(source: str, arch: int) -> bytes:
         "create",
     )
     try:
-        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-O3"]
+        opts = [f"--gpu-architecture=sm_{arch}".encode()]
         status = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         if status != 0:
             size = ctypes.c_size_t()
