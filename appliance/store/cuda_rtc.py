@@ -94,6 +94,10 @@ class CudaModule:
 
     def __init__(self, source: str, device_index: int, arch: int):
         self._cuda = ctypes.CDLL("libcuda.so.1")
+        # Launches go through a handle that keeps the GIL: a launch takes microseconds, and
+        # releasing and retaking the GIL around it costs more when 16 loader threads contend.
+        self._cuda_gil = ctypes.PyDLL("libcuda.so.1")
+        self._local = threading.local()
         self._device_index = device_index
         self._ensure_context()
         image = compile_cubin(source, arch)
@@ -140,9 +144,11 @@ class CudaModule:
         stream: int,
     ) -> None:
         """Queue kernel `name` on `stream` (a CUstream handle, e.g. torch's `.cuda_stream`)."""
-        self._ensure_context()
+        if not getattr(self._local, "has_context", False):
+            self._ensure_context()
+            self._local.has_context = True
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        status = self._cuda.cuLaunchKernel(
+        status = self._cuda_gil.cuLaunchKernel(
             self._function(name),
             ctypes.c_uint(grid[0]),
             ctypes.c_uint(grid[1]),
