@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
-from appliance.store.decrypt_pool import DecryptPool
 from appliance.store.importer import import_checkpoint
 from appliance.store.loader import (
     PinnedRing,
     load_from_host,
     load_to_gpu,
-    load_to_gpu_with_pool,
     load_to_host,
 )
 from appliance.store.model import AccessRequest, StoredModel
@@ -247,12 +245,6 @@ def main() -> int:
     ring = PinnedRing(args.threads, 16 << 20)
     ring32 = PinnedRing(args.threads, 32 << 20)
 
-    # Decrypt worker processes, started once and kept (like the pinned ring).
-    t0 = time.perf_counter()
-    pool = DecryptPool(args.threads, 16 << 20)
-    res["decrypt_pool_start_s"] = round(time.perf_counter() - t0, 3)
-    log(f"decrypt pool of {args.threads} workers started in {res['decrypt_pool_start_s']} s")
-
     # GPU decryption: the first use compiles the kernels (then cached on disk).
     from appliance.store.gpu_decrypt import GpuDecryptor
 
@@ -277,9 +269,8 @@ def main() -> int:
     source = {k: v for shard in shards for k, v in load_file(str(shard), device="cuda").items()}
     for label, load in (
         ("plain", lambda: load_to_gpu(plain, ring=ring)),
-        ("enc threads", lambda: load_to_gpu(enc, ring=ring)),
-        ("enc pool", lambda: load_to_gpu_with_pool(enc, pool)),
-        ("enc gpu", lambda: load_to_gpu(enc, ring=ring, gpu_decrypt=True)),
+        ("enc gpu", lambda: load_to_gpu(enc, ring=ring)),
+        ("enc cpu threads", lambda: load_to_gpu(enc, ring=ring, gpu_decrypt=False)),
     ):
         try:
             flat, views = load()
@@ -361,14 +352,13 @@ def main() -> int:
         gc.collect()
 
     # Page cache: plaintext; encrypted decrypted on the GPU (the default with a GPU), by threads
-    # of this process, and by the pool of worker processes.
+    # of this process; 32 MiB staging units.
     for key, m, load in (
         ("page_cache_plain", plain, lambda: load_to_gpu(plain, ring=ring, threads=args.threads)),
-        ("page_cache_enc", enc, lambda: load_to_gpu(enc, ring=ring, gpu_decrypt=True)),
-        ("page_cache_enc_gpu_32MiB", enc, lambda: load_to_gpu(enc, ring=ring32, gpu_decrypt=True)),
+        ("page_cache_enc", enc, lambda: load_to_gpu(enc, ring=ring)),
+        ("page_cache_enc_gpu_32MiB", enc, lambda: load_to_gpu(enc, ring=ring32)),
         ("page_cache_plain_32MiB", plain, lambda: load_to_gpu(plain, ring=ring32)),
-        ("page_cache_enc_threads", enc, lambda: load_to_gpu(enc, ring=ring, threads=args.threads)),
-        ("page_cache_enc_pool", enc, lambda: load_to_gpu_with_pool(enc, pool)),
+        ("page_cache_enc_threads", enc, lambda: load_to_gpu(enc, ring=ring, gpu_decrypt=False)),
     ):
         warm([m.data_path])
         measure(key, load, args.repeats, before=lambda m=m: warm([m.data_path]))
@@ -390,10 +380,12 @@ def main() -> int:
                 args.cold_repeats,
                 before=drop_caches,
             )
-            for name, m in (("plain", plain), ("enc_threads", enc)):
+            for name, m, on_gpu in (("plain", plain, True), ("enc_threads", enc, False)):
                 measure(
                     f"disk_cold_{name}_{tag}",
-                    lambda m=m, d=direct: load_to_gpu(m, ring=ring, threads=args.threads, direct=d),
+                    lambda m=m, d=direct, g=on_gpu: load_to_gpu(
+                        m, ring=ring, direct=d, gpu_decrypt=g
+                    ),
                     args.cold_repeats,
                     before=drop_caches,
                 )
@@ -401,7 +393,7 @@ def main() -> int:
             tag = "direct" if direct else "buffered"
             measure(
                 f"disk_cold_enc_gpu_{tag}",
-                lambda d=direct: load_to_gpu(enc, ring=ring, direct=d, gpu_decrypt=True),
+                lambda d=direct: load_to_gpu(enc, ring=ring, direct=d),
                 args.cold_repeats,
                 before=drop_caches,
             )
@@ -435,8 +427,12 @@ def main() -> int:
             return build
 
         for key, m, load in (
-            ("ttft_store_enc_s", enc, lambda: load_to_gpu(enc, ring=ring, gpu_decrypt=True)),
-            ("ttft_store_enc_threads_s", enc, lambda: load_to_gpu(enc, ring=ring)),
+            ("ttft_store_enc_s", enc, lambda: load_to_gpu(enc, ring=ring)),
+            (
+                "ttft_store_enc_threads_s",
+                enc,
+                lambda: load_to_gpu(enc, ring=ring, gpu_decrypt=False),
+            ),
             ("ttft_store_plain_s", plain, lambda: load_to_gpu(plain, ring=ring)),
         ):
             warm([m.data_path])
@@ -490,13 +486,11 @@ def main() -> int:
             res["ttft_store_enc_s"] / res["ttft_from_pretrained_s"], 3
         )
     res["safetensors_warm_GBps_baseline"] = st_warm
-    pool.close()
     save()
     rows = [
         ("host tier (pinned) -> GPU", "host_tier_plain_GBps", "host_tier_enc_GBps"),
         ("page cache -> GPU (default)", "page_cache_plain_GBps", "page_cache_enc_GBps"),
         ("page cache -> GPU, CPU threads decrypt", None, "page_cache_enc_threads_GBps"),
-        ("page cache -> GPU, CPU processes decrypt", None, "page_cache_enc_pool_GBps"),
         ("cold disk, buffered", "disk_cold_plain_buffered_GBps", "disk_cold_enc_gpu_buffered_GBps"),
         ("cold disk, O_DIRECT", "disk_cold_plain_direct_GBps", "disk_cold_enc_gpu_direct_GBps"),
         ("cold disk, buffered, CPU threads decrypt", None, "disk_cold_enc_threads_buffered_GBps"),
@@ -520,7 +514,6 @@ def main() -> int:
         "disk_vs_raw_read",
         "encrypted_vs_plaintext",
         "encrypted_vs_plaintext_min",
-        "decrypt_pool_start_s",
         "gpu_decrypt_first_setup_s",
         "gpu_decrypt_setup_s",
         "gpu_decrypt_kernels_GBps",

@@ -44,6 +44,12 @@ class StoreSettings(BaseModel):
     loader_threads: int = Field(default=0, ge=0, le=256)
     """Threads that read and decrypt a model; 0: one per CPU core, at most 16."""
 
+    gpu_decrypt: bool = True
+    """Decrypt on the GPU a model is loaded onto: the ciphertext is copied and decrypted in
+    device memory, so plaintext never exists in host memory, and the load runs as fast as a
+    plaintext one. Falls back to CPU threads where NVRTC (shipped with torch's CUDA build) is
+    missing."""
+
     host_cache_gib: float = Field(default=0.0, ge=0)
     """Budget of a node's host-memory tier (decrypted models in page-locked memory, evicted least
     recently used first). 0 disables the tier."""

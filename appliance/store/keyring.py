@@ -54,6 +54,7 @@ def load_spec(settings: ApplianceSettings, model_id: str) -> StoreLoadSpec:
         roles=list(settings.store.load_roles),
         trusted_signers=trusted_signers(settings),
         threads=settings.store.loader_threads,
+        gpu_decrypt=settings.store.gpu_decrypt,
         host_socket=str(host_socket_path(settings, "{node}")),
     )
 

@@ -5,19 +5,22 @@ device allocation per GPU. Plaintext exists only in memory."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from appliance.store.decrypt_pool import STALL_S, DecryptPool, DecryptPoolError
 from appliance.store.model import StoredModel, read_exact
 from security.aesgcm import address_of
 
 if TYPE_CHECKING:
     import torch
+
+    from appliance.store.gpu_decrypt import GpuDecryptor
+
+log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = min(16, os.cpu_count() or 1)
 
@@ -151,13 +154,26 @@ class PinnedRing:
         threading.Thread(target=self.wipe, name="pinned-ring-wipe", daemon=True).start()
 
 
+def _gpu_decryptor(model: StoredModel, device) -> GpuDecryptor | None:
+    """A GPU decryptor for the model, or None (decryption on CPU threads) where the kernels
+    cannot be built here."""
+    from appliance.store.cuda_rtc import CudaRtcError
+    from appliance.store.gpu_decrypt import GpuDecryptor
+
+    try:
+        return GpuDecryptor(model, device)
+    except CudaRtcError as exc:
+        log.warning("decrypting %s on CPU threads: %s", model.model_id, exc)
+        return None
+
+
 def load_to_gpu(
     model: StoredModel,
     device: str | torch.device = "cuda",
     ring: PinnedRing | None = None,
     threads: int = DEFAULT_THREADS,
     direct: bool = False,
-    gpu_decrypt: bool = False,
+    gpu_decrypt: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model's tensors on one GPU, loaded by threads of this process: one device allocation
     and named views into it.
@@ -170,11 +186,7 @@ def load_to_gpu(
     """
     import torch
 
-    decryptor = None
-    if gpu_decrypt and model.encrypted:
-        from appliance.store.gpu_decrypt import GpuDecryptor
-
-        decryptor = GpuDecryptor(model, device)
+    decryptor = _gpu_decryptor(model, device) if gpu_decrypt and model.encrypted else None
     chunk = model.header.chunk_bytes
     ring = ring or PinnedRing(threads, max(chunk, DEFAULT_UNIT_BYTES // chunk * chunk))
     unit = ring.unit_bytes
@@ -231,84 +243,6 @@ def load_to_gpu(
             decryptor.close()
         elif model.encrypted:
             ring.wipe_later()
-    return flat, tensor_views(model, flat)
-
-
-def load_with_pool(
-    model: StoredModel, pool: DecryptPool, copy: Callable[[int, int, int], Any]
-) -> None:
-    """Fill the pool's slots with the model's plaintext, unit by unit, and hand each filled
-    slot to `copy(slot, data_offset, n)`, which starts moving it to its destination and returns
-    something whose `query()` says when the slot may be filled again."""
-    unit, chunk = pool.unit_bytes, model.header.chunk_bytes
-    if unit % chunk:
-        raise ValueError("the staging unit must be a multiple of the chunk size")
-    units = iter(range(-(-model.data_bytes // unit)))
-    # Slots in worker-interleaved order, so the first fills spread over every worker.
-    free = [w * pool.slots + s for s in range(pool.slots) for w in range(pool.workers)][::-1]
-    filling: dict[int, tuple[int, int]] = {}
-    copying: list[tuple[int, Any]] = []
-    more = True
-    pool.open(model)
-    while True:
-        still = []
-        for slot, done in copying:
-            if done.query():
-                free.append(slot)
-            else:
-                still.append((slot, done))
-        copying = still
-        while more and free:
-            u = next(units, None)
-            if u is None:
-                more = False
-                break
-            slot = free.pop()
-            offset = u * unit
-            n = min(unit, model.data_bytes - offset)
-            pool.fill(slot, offset, n)
-            filling[slot] = (offset, n)
-        if not filling and not copying and not more:
-            return
-        if not filling:
-            time.sleep(0.0002)  # only copies in flight
-            continue
-        # Short waits while copies are in flight, so their slots are refilled promptly.
-        ready = pool.finished(0.0005 if copying else STALL_S)
-        if not ready and not copying:
-            raise DecryptPoolError(f"no decrypt worker answered in {STALL_S:.0f} s")
-        for slot in ready:
-            offset, n = filling.pop(slot)
-            copying.append((slot, copy(slot, offset, n)))
-
-
-def load_to_gpu_with_pool(
-    model: StoredModel, pool: DecryptPool, device: str | torch.device = "cuda"
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The model's tensors on one GPU, decrypted by the pool's worker processes into page-locked
-    staging slots and copied from there, one stream per worker."""
-    import torch
-
-    flat = torch.empty(model.data_bytes, dtype=torch.uint8, device=device)
-    staging = pool.pinned()
-    streams = [torch.cuda.Stream(device) for _ in range(pool.workers)]
-
-    def copy(slot: int, offset: int, n: int) -> torch.cuda.Event:
-        start = pool.slot_offset(slot)
-        with torch.cuda.stream(streams[slot // pool.slots]):
-            flat[offset : offset + n].copy_(staging[start : start + n], non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        return done
-
-    with pool.lock:
-        try:
-            load_with_pool(model, pool, copy)
-            torch.cuda.synchronize(device)
-        finally:
-            if pool.busy():
-                pool.drain()
-            pool.wipe_later()  # runs once this load lets go of the lock
     return flat, tensor_views(model, flat)
 
 

@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-
-
-def map_file(fd: int, nbytes: int) -> tuple[mmap.mmap, int]:
-    """A private read mapping of a whole file and its address (pages fault in on first use)."""
-    # Writable only so ctypes can take its address; it is private and never written.
-    mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    anchor = ctypes.c_char.from_buffer(mm)
-    addr = ctypes.addressof(anchor)
-    del anchor  # no export left, so the map can be closed
-    return mm, addr
 
 
 def mapping_address(mm: mmap.mmap) -> int:

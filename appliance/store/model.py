@@ -3,7 +3,6 @@ and reads (and decrypts) chunks of its tensor file."""
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from appliance.store.format import (
     key_context,
     plain_index_digest,
 )
-from security.aesgcm import AesGcm, AuthenticationFailed, Decryption, address_of
+from security.aesgcm import AesGcm, AuthenticationFailed, address_of
 from security.keys import KeyEncryptionKey, rewrap_data_key, unwrap_data_key
 from security.policy import PolicyRefused, SignedPolicy, check_policy
 
@@ -150,44 +149,14 @@ class StoredModel:
         start = i * self.header.chunk_bytes
         return start, min(self.header.chunk_bytes, self.data_bytes - start)
 
-    def decrypt_chunk(self, i: int, addr: int, n: int, src: int | None = None) -> None:
-        """Decrypt chunk i (n bytes at `src`, default in place) into `addr`; when the model is not
-        encrypted, copy it (or do nothing in place)."""
+    def decrypt_chunk(self, i: int, addr: int, n: int) -> None:
+        """Decrypt chunk i (n bytes at `addr`) in place; nothing to do when not encrypted."""
         if self.cipher is None:
-            if src is not None and src != addr:
-                ctypes.memmove(addr, src, n)
             return
-        stream = self._decryption(i, addr, n)
-        stream.update(addr if src is None else src, n)
-        self._finish(i, stream)
-
-    def read_decrypt_chunk(self, fd: int, i: int, addr: int, bounce: memoryview) -> None:
-        """Read encrypted chunk i from fd through `bounce` (a small buffer that stays in the CPU
-        cache) and decrypt it piece by piece into `addr`: the destination is written once, where
-        reading into it and decrypting in place would pass over it twice."""
-        offset, n = self.chunk_span(i)
-        stream = self._decryption(i, addr, n)
-        bounce_addr = address_of(bounce)
         try:
-            for start in range(0, n, len(bounce)):
-                piece = min(len(bounce), n - start)
-                read_exact(fd, bounce[:piece], offset + start)
-                stream.update(bounce_addr, piece)
-        except BaseException:
-            ctypes.memset(addr, 0, n)  # unauthenticated plaintext must not stay behind
-            raise
-        self._finish(i, stream)
-
-    def _decryption(self, i: int, addr: int, n: int) -> Decryption:
-        if self.cipher is None:
-            raise ValueError(f"{self.model_id} is not encrypted")
-        return self.cipher.decryption(
-            chunk_nonce(i), addr, n, self.chunk_aads[i], self.tags[i * 16 : i * 16 + 16]
-        )
-
-    def _finish(self, i: int, stream: Decryption) -> None:
-        try:
-            stream.finish()
+            self.cipher.decrypt_into(
+                chunk_nonce(i), addr, n, addr, self.chunk_aads[i], self.tags[i * 16 : i * 16 + 16]
+            )
         except AuthenticationFailed:
             raise StoreIntegrityError(
                 f"chunk {i} of {self.model_id}/{DATA_FILE} failed authentication: it was "

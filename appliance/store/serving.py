@@ -42,6 +42,7 @@ class StoreLoadSpec:
     roles: list[str] = field(default_factory=list)
     trusted_signers: list[str] = field(default_factory=list)
     threads: int = 0
+    gpu_decrypt: bool = True
     # The node's host-tier socket; `{node}` is the node the instance runs on.
     host_socket: str = ""
 
@@ -148,7 +149,9 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
         source = "the host tier"
     else:
         if device.type == "cuda":
-            flat, views = load_to_gpu(stored, device=device, threads=threads)
+            flat, views = load_to_gpu(
+                stored, device=device, threads=threads, gpu_decrypt=spec.gpu_decrypt
+            )
         else:
             flat, views = load_to_host(stored, threads=threads)
         loaded = model.load_weights(iter(views.items()))

@@ -18,7 +18,6 @@ from appliance.store.importer import import_checkpoint
 from appliance.store.loader import load_to_host
 from appliance.store.model import AccessRequest, StoredModel, StoreIntegrityError, rotate_key
 from appliance.store.tiers import HostTier, TierFull
-from security.aesgcm import address_of
 from security.keys import KeyEncryptionKey, WrongKey, generate_key_file
 from security.policy import LoadPolicy, PolicyRefused, generate_signing_key, load_signing_key
 from security.policy import sign_policy as sign
@@ -157,37 +156,6 @@ def test_truncated_data_or_tags_are_refused(stored, keys):
         f.truncate((path / DATA_FILE).stat().st_size - 4096)
     with pytest.raises(StoreIntegrityError, match="truncated"):
         StoredModel.open(path, kek=kek, access=access(pub))
-
-
-def test_chunks_read_through_a_small_bounce_buffer(stored, keys):
-    """A chunk read in pieces smaller than itself decrypts to the same bytes; a file cut short
-    mid-chunk is refused and leaves no plaintext in the destination."""
-    path, _ = stored
-    kek, _, pub = keys
-    model = StoredModel.open(path, kek=kek, access=access(pub))
-    whole, _ = load_to_host(model, threads=1)
-    dest = bytearray(model.data_bytes)
-    bounce = memoryview(bytearray(1000))  # not a divisor of the 4096-byte chunk
-    fd = os.open(model.data_path, os.O_RDONLY)
-    try:
-        for i in range(model.header.n_chunks):
-            offset, _n = model.chunk_span(i)
-            model.read_decrypt_chunk(fd, i, address_of(dest) + offset, bounce)
-    finally:
-        os.close(fd)
-    assert bytes(dest) == bytes(whole.numpy())
-    last = model.header.n_chunks - 1
-    offset, n = model.chunk_span(last)
-    with (path / DATA_FILE).open("r+b") as f:
-        f.truncate(offset + 2500)
-    dest = bytearray(n)
-    fd = os.open(model.data_path, os.O_RDONLY)
-    try:
-        with pytest.raises(StoreIntegrityError, match="unexpected end of file"):
-            model.read_decrypt_chunk(fd, last, address_of(dest), bounce)
-    finally:
-        os.close(fd)
-    assert bytes(dest) == bytes(n)
 
 
 def test_altered_index_or_header_is_refused(stored, keys):
