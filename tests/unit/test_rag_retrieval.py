@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from appliance.errors import ApplianceError
 from rag.bm25 import BM25, tokenize
-from rag.embeddings import Embedder, default_model_dir
+from rag.embeddings import Embedder, cpu_has_native_bfloat16, default_model_dir
 from rag.errors import KnowledgeBaseNotFound
 from rag.reranking import Reranker
 from rag.retrieval import Retriever, reciprocal_rank_fusion
@@ -77,6 +78,24 @@ def test_embeddings_are_normalized_batched_and_the_model_loaded_once(store: Know
     assert vectors.shape == (3, 384)
     assert [round(float((v**2).sum()), 4) for v in vectors] == [1.0, 1.0, 1.0]
     assert embedder._model is store.embedder._model  # the cache, shared by path and device
+
+
+def test_bfloat16_vectors_agree_with_float32(tmp_path):
+    texts = ["The pump bearings are greased every 500 hours.", "Quarterly revenue rose by 4%."]
+    exact = Embedder(precision="float32", device="cpu").embed(texts)
+    fast = Embedder(precision="bfloat16", device="cpu").embed(texts)
+    assert fast.dtype == exact.dtype == np.float32
+    assert [round(float((v**2).sum()), 4) for v in fast] == [1.0, 1.0]
+    assert min(float(c) for c in (fast * exact).sum(axis=1)) > 0.999
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bfloat16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert not cpu_has_native_bfloat16(info)
+    assert not cpu_has_native_bfloat16(tmp_path / "missing")
 
 
 # Retrieval
