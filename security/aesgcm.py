@@ -67,7 +67,7 @@ class AesGcm:
         self._algorithm = algorithms.AES(bytes(key))
 
     def key_bytes(self) -> bytes:
-        """The key, for a helper process that decrypts on this one's behalf (never to disk)."""
+        """The key, for the GPU decryption kernels' tables (never to disk)."""
         return self._algorithm.key
 
     def encrypt_into(self, nonce: bytes, src: int, n: int, dst: int, aad: bytes = b"") -> bytes:
@@ -90,22 +90,22 @@ class AesGcm:
 
         Raises AuthenticationFailed on a bad tag; dst is then zeroed, never left half-trusted.
         """
-        _check_span(src, n, dst)
-        stream = self.decryption(nonce, dst, n, aad, tag)
-        stream.update(src, n)
-        stream.finish()
-
-    def decryption(
-        self, nonce: bytes, dst: int, n: int, aad: bytes = b"", tag: bytes = b""
-    ) -> Decryption:
-        """A decryption of n bytes into dst fed piece by piece (see Decryption)."""
         _check_nonce(nonce)
+        _check_span(src, n, dst)
         if len(tag) != TAG_BYTES:
             raise ValueError(f"AES-GCM tag must be {TAG_BYTES} bytes, got {len(tag)}")
         ctx = Cipher(self._algorithm, modes.GCM(nonce, tag)).decryptor()
         if aad:
             ctx.authenticate_additional_data(aad)
-        return Decryption(ctx, dst, n)
+        if n:
+            ctx.update_into(_view(src, n), _view(dst, n + _SLACK))
+        try:
+            ctx.finalize()
+        except InvalidTag:
+            # The plaintext was written before the tag could be checked: do not leave it there.
+            if n:
+                ctypes.memset(dst, 0, n)
+            raise AuthenticationFailed(_BAD_TAG) from None
 
     def encrypt(
         self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes = b""
@@ -122,41 +122,6 @@ class AesGcm:
         buf = bytearray(ciphertext)
         self.decrypt_into(nonce, _addr(buf), len(buf), _addr(buf), aad, tag)
         return bytes(buf)
-
-
-class Decryption:
-    """One ciphertext decrypted in pieces, in order, into consecutive bytes at `dst`.
-
-    Lets a loader read a chunk through a small cache-resident buffer and decrypt from there into
-    its destination: one pass over memory instead of a read into the destination and a second
-    pass decrypting in place. The tag is checked by `finish()`; on a bad tag (or ciphertext of the
-    wrong length) all n bytes at dst are zeroed.
-    """
-
-    def __init__(self, ctx: Any, dst: int, n: int):
-        self._ctx, self._dst, self._n, self._done = ctx, dst, n, 0
-
-    def update(self, src: int, n: int) -> None:
-        """Decrypt the next n bytes of ciphertext at src."""
-        if self._done + n > self._n:
-            raise ValueError(f"{self._done + n} bytes fed to a decryption of {self._n}")
-        if n:
-            _check_span(src, n, self._dst)
-            # The destination view is _SLACK bytes longer than what is written (see _SLACK).
-            self._ctx.update_into(_view(src, n), _view(self._dst + self._done, n + _SLACK))
-            self._done += n
-
-    def finish(self) -> None:
-        """Check the tag; raise AuthenticationFailed (destination zeroed) if it does not match."""
-        try:
-            if self._done != self._n:
-                raise InvalidTag
-            self._ctx.finalize()
-        except InvalidTag:
-            # The plaintext was written before the tag could be checked: do not leave it there.
-            if self._n:
-                ctypes.memset(self._dst, 0, self._n)
-            raise AuthenticationFailed(_BAD_TAG) from None
 
 
 _BAD_TAG = "AES-GCM authentication failed: wrong key, wrong associated data, or tampered data"

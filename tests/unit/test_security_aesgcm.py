@@ -170,27 +170,3 @@ def test_threads_with_one_bad_buffer():
 
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(decrypt, range(4))) == [True, True, False, True]
-
-
-def test_piecewise_decryption_matches_one_shot():
-    cipher, plain, ct, tag = _sealed()
-    src, out = bytearray(ct), bytearray(len(ct))
-    stream = cipher.decryption(NONCE, address_of(out), len(out), AAD, tag)
-    for start in range(0, len(src), 1000):  # odd-sized pieces, not whole AES blocks
-        piece = min(1000, len(src) - start)
-        stream.update(address_of(src) + start, piece)
-    stream.finish()
-    assert bytes(out) == plain
-
-
-def test_piecewise_decryption_refuses_short_or_long_input_and_zeroes():
-    cipher, _, ct, tag = _sealed()
-    src, out = bytearray(ct), bytearray(len(ct))
-    stream = cipher.decryption(NONCE, address_of(out), len(out), AAD, tag)
-    stream.update(address_of(src), len(src) - 16)
-    with pytest.raises(AuthenticationFailed):
-        stream.finish()  # 16 bytes never fed: refused, and what was written is gone
-    assert bytes(out) == bytes(len(out))
-    stream = cipher.decryption(NONCE, address_of(out), len(out), AAD, tag)
-    with pytest.raises(ValueError, match="fed to a decryption"):
-        stream.update(address_of(src), len(src) + 1)
