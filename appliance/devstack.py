@@ -143,26 +143,20 @@ def write_config(settings: ApplianceSettings, path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_gateway(settings: ApplianceSettings, timeout: float = 60.0) -> Iterator[str]:
-    """Run `appliance gateway` as a subprocess; yields its base URL; on exit stops the gateway,
-    then cancels every instance job it started and waits for them to end."""
+def _running_service(
+    settings: ApplianceSettings, command: str, port: int, timeout: float
+) -> Iterator[str]:
+    """Run `appliance <command>` on loopback as a subprocess and wait for its /health; yields
+    its base URL; stops it on exit (SIGTERM, then SIGKILL)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    config = write_config(settings, settings.state_dir / "gateway-config.yaml")
-    log_path = settings.state_dir / "gateway-test.log"
-    url = f"http://127.0.0.1:{settings.gateway.port}"
+    config = write_config(settings, settings.state_dir / f"{command}-config.yaml")
+    log_path = settings.state_dir / f"{command}-test.log"
+    url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    argv = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), command]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "appliance.cli.main",
-                "--config",
-                str(config),
-                "gateway",
-                "--host",
-                "127.0.0.1",
-            ],
+            [*argv, "--host", "127.0.0.1"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -172,14 +166,18 @@ def running_gateway(settings: ApplianceSettings, timeout: float = 60.0) -> Itera
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {proc.returncode}:\n{tail(log_path, 40)}")
+                raise RuntimeError(
+                    f"{command} exited with {proc.returncode}:\n{tail(log_path, 40)}"
+                )
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway not healthy after {timeout} s:\n{tail(log_path, 40)}")
+                raise RuntimeError(
+                    f"{command} not healthy after {timeout} s:\n{tail(log_path, 40)}"
+                )
             time.sleep(0.2)
         yield url
     finally:
@@ -189,7 +187,25 @@ def running_gateway(settings: ApplianceSettings, timeout: float = 60.0) -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def running_gateway(settings: ApplianceSettings, timeout: float = 60.0) -> Iterator[str]:
+    """Run `appliance gateway` as a subprocess; yields its base URL; on exit stops the gateway,
+    then cancels every instance job it started and waits for them to end."""
+    try:
+        with _running_service(settings, "gateway", settings.gateway.port, timeout) as url:
+            yield url
+    finally:
         cancel_instances(settings)
+
+
+@contextlib.contextmanager
+def running_webapp(settings: ApplianceSettings, timeout: float = 90.0) -> Iterator[str]:
+    """Run `appliance webapp` as a subprocess (it reaches the gateway `settings` describe);
+    yields its base URL and stops it on exit."""
+    with _running_service(settings, "webapp", settings.webapp.port, timeout) as url:
+        yield url
 
 
 def cancel_instances(settings: ApplianceSettings, timeout: float = 30.0) -> None:

@@ -25,6 +25,13 @@ OFFLINE_ENV: dict[str, str] = {
     "GRADIO_ANALYTICS_ENABLED": "False",
 }
 
+
+def gradio_environment(upload_dir: os.PathLike[str] | str) -> dict[str, str]:
+    """What the web app sets before importing gradio: offline, and uploads in `upload_dir`
+    (gradio's GRADIO_TEMP_DIR) rather than /tmp/gradio."""
+    return {**OFFLINE_ENV, "GRADIO_TEMP_DIR": str(upload_dir)}
+
+
 environment_variables: dict[str, Callable[[], Any]] = {
     # Path of the YAML configuration file. Default: /etc/appliance/config.yaml when it exists.
     "APPLIANCE_CONFIG": lambda: os.environ.get("APPLIANCE_CONFIG"),
@@ -43,11 +50,17 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Tests and benchmarks: where built artefacts (the tiny model) are cached between runs.
     # Default: <repository>/.state/test-cache.
     "APPLIANCE_TEST_CACHE": lambda: os.environ.get("APPLIANCE_TEST_CACHE"),
+    # Tests: where the browser tests save their screenshots. Default:
+    # <repository>/.state/test-artifacts.
+    "APPLIANCE_TEST_ARTIFACTS": lambda: os.environ.get("APPLIANCE_TEST_ARTIFACTS"),
     # Passphrase of the store's key-encryption key, when there is no key file (a secret: it is
     # never read from the YAML file).
     "APPLIANCE_STORE_PASSPHRASE": lambda: os.environ.get("APPLIANCE_STORE_PASSPHRASE"),
     # An administrator's API key, for `appliance instances` once the gateway has keys.
     "APPLIANCE_API_KEY": lambda: os.environ.get("APPLIANCE_API_KEY"),
+    # Gradio's: where the web app's uploads wait until they are sent to the gateway. Set by the
+    # web app (see gradio_environment).
+    "GRADIO_TEMP_DIR": lambda: os.environ.get("GRADIO_TEMP_DIR"),
     # vLLM CPU backend: KV-cache size in GiB (without it vLLM wants 90% of RAM free).
     "VLLM_CPU_KVCACHE_SPACE": lambda: os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
 }

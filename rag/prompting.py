@@ -37,6 +37,8 @@ class Citation:
     page: int | None
     sheet: str | None
     snippet: str
+    passage: str
+    """The whole passage the model was shown, for the user to open."""
 
 
 @dataclass(frozen=True)
@@ -90,4 +92,6 @@ def parse_citations(answer: str, hits: Sequence[Hit]) -> CitedAnswer:
 def _citation(number: int, hit: Hit) -> Citation:
     chunk = hit.chunk
     snippet = textwrap.shorten(chunk.text, _SNIPPET_CHARS, placeholder=" …")
-    return Citation(number, chunk.document_id, chunk.filename, chunk.page, chunk.sheet, snippet)
+    return Citation(
+        number, chunk.document_id, chunk.filename, chunk.page, chunk.sheet, snippet, chunk.text
+    )

@@ -10,16 +10,19 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from appliance.errors import ApplianceError
+from security.secret_files import replace_secret_file
 
 KEY_PREFIX = "ak-"
 Role = Literal["admin", "user"]
+# "api": made by an administrator for a script; "session": handed out when a user signs in with
+# a password (the web app), short-lived and revoked at sign-out.
+KeyKind = Literal["api", "session"]
 
 
 class KeyRefused(ApplianceError):
@@ -48,6 +51,10 @@ class ApiKeyRecord:
     created_at: str = ""
     expires_at: str | None = None
     revoked_at: str | None = None
+    kind: KeyKind = "api"
+
+    def expired(self, now: dt.datetime) -> bool:
+        return bool(self.expires_at) and dt.datetime.fromisoformat(self.expires_at) <= now
 
     def principal(self) -> Principal:
         return Principal(self.user, frozenset(self.groups), self.role == "admin", self.key_id)
@@ -73,14 +80,8 @@ class ApiKeyStore:
         return [ApiKeyRecord(**r) for r in json.loads(self.path.read_text())["keys"]]
 
     def _write(self, records: list[ApiKeyRecord]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"keys": [asdict(r) for r in records]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        data = json.dumps({"keys": [asdict(r) for r in records]}, indent=1)
+        replace_secret_file(self.path, data.encode())
 
     def create(
         self,
@@ -88,8 +89,10 @@ class ApiKeyStore:
         role: Role = "user",
         groups: list[str] | None = None,
         expires_at: dt.datetime | None = None,
+        kind: KeyKind = "api",
     ) -> tuple[str, ApiKeyRecord]:
-        """A new key for `user`: (the key, shown this once; its stored record)."""
+        """A new key for `user`: (the key, shown this once; its stored record). Sessions that
+        have ended are dropped from the file on the way (API keys stay, for the record)."""
         key_id = secrets.token_hex(4)
         secret = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(24)}"
         record = ApiKeyRecord(
@@ -100,21 +103,40 @@ class ApiKeyStore:
             groups=sorted(groups or []),
             created_at=_now().isoformat(timespec="seconds"),
             expires_at=expires_at.isoformat(timespec="seconds") if expires_at else None,
+            kind=kind,
         )
-        self._write([*self.records(), record])
+        now = _now()
+        kept = [
+            r for r in self.records() if r.kind == "api" or not (r.revoked_at or r.expired(now))
+        ]
+        self._write([*kept, record])
         return secret, record
 
-    def revoke(self, key_id: str) -> ApiKeyRecord:
+    def revoke(self, key_id: str, user: str | None = None) -> ApiKeyRecord:
+        """Revoke a key (only one of `user`'s, when given)."""
         records = self.records()
         for r in records:
-            if r.key_id == key_id:
+            if r.key_id == key_id and user in (None, r.user):
                 r.revoked_at = r.revoked_at or _now().isoformat(timespec="seconds")
                 self._write(records)
                 return r
         raise KeyRefused(f"no API key with id {key_id}")
 
+    def revoke_user(self, user: str) -> int:
+        """Revoke every key of `user` (an account removed or disabled); how many were live."""
+        records, now, count = self.records(), _now().isoformat(timespec="seconds"), 0
+        for r in records:
+            if r.user == user and not r.revoked_at:
+                r.revoked_at, count = now, count + 1
+        self._write(records)
+        return count
+
     def authenticate(self, secret: str | None) -> Principal:
         """The principal of a presented key; KeyRefused says why not."""
+        return self.check(secret).principal()
+
+    def check(self, secret: str | None) -> ApiKeyRecord:
+        """The record of a presented key that is valid now; KeyRefused says why not."""
         if not secret:
             raise KeyRefused("an API key is required (Authorization: Bearer <key>)")
         presented = _hash(secret)
@@ -122,7 +144,7 @@ class ApiKeyStore:
             if hmac.compare_digest(r.key_hash, presented):
                 if r.revoked_at:
                     raise KeyRefused(f"API key {r.key_id} was revoked at {r.revoked_at}")
-                if r.expires_at and dt.datetime.fromisoformat(r.expires_at) <= _now():
+                if r.expired(_now()):
                     raise KeyRefused(f"API key {r.key_id} expired at {r.expires_at}")
-                return r.principal()
+                return r
         raise KeyRefused("unknown API key")

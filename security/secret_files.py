@@ -47,6 +47,17 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
     os.close(fd)
 
 
+def replace_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `path` (mode 0600) atomically: readers see the old file or the new one, never half."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    write_secret_file(tmp, data)
+    os.replace(tmp, p)
+
+
 def read_secret_file(path: str | os.PathLike[str], *, size: int, what: str = "key file") -> bytes:
     """The `size` bytes of a secret file that only its owner can read or write."""
     p = Path(path)

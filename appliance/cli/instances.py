@@ -7,6 +7,7 @@ import httpx
 
 from appliance import envs
 from appliance.cli.context import CliContext, pass_ctx
+from appliance.cli.table import echo_table
 from appliance.errors import ApplianceError
 
 
@@ -47,9 +48,7 @@ def list_instances(ctx: CliContext) -> None:
                 i["url"] or i["reason"] or "-",
             )
         )
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    echo_table(rows)
 
 
 @instances_group.command("start")

@@ -6,6 +6,7 @@ import click
 
 from appliance.cli.context import CliContext, pass_ctx
 from appliance.cli.models import parse_expiry
+from appliance.cli.table import echo_table
 
 
 @click.group("keys")
@@ -38,15 +39,13 @@ def list_keys(ctx: CliContext) -> None:
     """List keys (ids, users, roles, expiry, revocation; never the keys)."""
     from security.api_keys import ApiKeyStore
 
-    rows = [("ID", "USER", "ROLE", "GROUPS", "EXPIRES", "REVOKED")]
+    rows = [("ID", "KIND", "USER", "ROLE", "GROUPS", "EXPIRES", "REVOKED")]
     for r in ApiKeyStore(ctx.settings.api_keys_file).records():
         rows.append(
-            (r.key_id, r.user, r.role, ",".join(r.groups) or "-", r.expires_at or "never",
+            (r.key_id, r.kind, r.user, r.role, ",".join(r.groups) or "-", r.expires_at or "never",
              r.revoked_at or "-")
         )  # fmt: skip
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    echo_table(rows)
 
 
 @keys_group.command("revoke")

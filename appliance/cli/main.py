@@ -37,9 +37,31 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
 
 def _register() -> None:
     # Subcommand modules are imported here, not at the top, so each one stays independent.
-    from appliance.cli import cluster, config_cmd, gateway, instances, keys, models, stack, store
+    from appliance.cli import (
+        cluster,
+        config_cmd,
+        gateway,
+        instances,
+        keys,
+        models,
+        stack,
+        store,
+        users,
+        webapp,
+    )
 
-    for module in (cluster, config_cmd, gateway, instances, keys, models, stack, store):
+    for module in (
+        cluster,
+        config_cmd,
+        gateway,
+        instances,
+        keys,
+        models,
+        stack,
+        store,
+        users,
+        webapp,
+    ):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from appliance.cli.context import CliContext, pass_ctx
+from appliance.cli.table import echo_table
 from appliance.errors import ApplianceError
 
 
@@ -25,17 +26,10 @@ def list_models(ctx: CliContext) -> None:
     settings = ctx.settings
     rows = [("NAME", "KIND", "PARAMS", "DISK", "NEEDS", "INSTALLED")]
     for m in load_catalog(settings):
-        r = m.resources
-        needs = f"{r.gpus} GPU, {r.gpu_memory_gb:g} GB" if r.gpus else "CPU"
-        if r.gpus and r.cpu_fallback:
-            needs += " (or CPU)"
         size = f"{m.size_gb:g} GB"
-        rows.append(
-            (m.name, m.kind, m.parameters, size, needs, "yes" if m.installed(settings) else "no")
-        )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        installed = "yes" if m.installed(settings) else "no"
+        rows.append((m.name, m.kind, m.parameters, size, m.needs(), installed))
+    echo_table(rows)
 
 
 @models_group.command("add")

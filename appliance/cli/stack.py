@@ -9,13 +9,7 @@ import click
 import httpx
 
 from appliance.cli.context import CliContext, pass_ctx
-from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
-
-
-def _gateway_url(settings: ApplianceSettings) -> str:
-    host = settings.gateway.host
-    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{settings.gateway.port}"
 
 
 def _wait_healthy(url: str, timeout: float) -> bool:
@@ -52,7 +46,7 @@ def up(ctx: CliContext, no_tiny: bool) -> None:
             click.echo("building the tiny chat model (once, about 3 minutes) ...")
             report = build_tiny_model(tiny_dir, progress=click.echo)
             click.echo(f"tiny model: {report.summary()}")
-    url = _gateway_url(settings)
+    url = settings.gateway_url
     pidfile = settings.state_dir / "gateway.pid"
     log_file = settings.log_dir / "gateway.log"
     if read_pid(pidfile) is None:
@@ -97,7 +91,7 @@ def status(ctx: CliContext) -> None:
         from appliance.slurm.local_cluster import LocalCluster
 
         click.echo(LocalCluster(settings).status().render())
-    url = _gateway_url(settings)
+    url = settings.gateway_url
     try:
         models = httpx.get(url + "/v1/models", timeout=5).json()["data"]
     except httpx.HTTPError:

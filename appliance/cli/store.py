@@ -8,6 +8,7 @@ import click
 
 from appliance.cli.context import CliContext, pass_ctx
 from appliance.cli.models import policy_options, signed_policy
+from appliance.cli.table import echo_table
 
 
 @click.group("store")
@@ -59,9 +60,7 @@ def list_stored(ctx: CliContext) -> None:
                 p.get("not_after") or "never",
             )
         )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    echo_table(rows)
 
 
 @store_group.command("rotate-key")

@@ -49,3 +49,14 @@ class GatewaySettings(BaseModel):
 
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Largest accepted request body; bigger bodies get HTTP 413."""
+
+    session_ttl_s: float = Field(default=12 * 3600, gt=0, le=30 * 24 * 3600)
+    """How long a sign-in (username and password, e.g. in the web app) stays valid. Signing
+    out ends it earlier."""
+
+    sign_in_max_failures: int = Field(default=5, ge=1, le=1000)
+    """Failed sign-ins for one username within `sign_in_lockout_s` after which further tries are
+    refused (HTTP 429) until the window has passed."""
+
+    sign_in_lockout_s: float = Field(default=300.0, gt=0, le=86400)
+    """The window of `sign_in_max_failures`."""

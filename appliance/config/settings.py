@@ -20,6 +20,7 @@ from appliance.config.cluster import ClusterSettings
 from appliance.config.gateway import GatewaySettings
 from appliance.config.serving import ServingSettings
 from appliance.config.store import StoreSettings
+from appliance.config.webapp import WebappSettings
 from appliance.errors import ApplianceError
 from rag.settings import RagSettings
 
@@ -100,6 +101,9 @@ class ApplianceSettings(BaseSettings):
     rag: RagSettings = Field(default_factory=RagSettings)
     """Knowledge bases: storage, embeddings, chunking, retrieval (section `rag`)."""
 
+    webapp: WebappSettings = Field(default_factory=WebappSettings)
+    """The web app: chat, knowledge bases, models (section `webapp`)."""
+
     # Set by load_settings: which file the values came from (not a configuration field).
     _config_file: Path | None = None
 
@@ -151,6 +155,24 @@ class ApplianceSettings(BaseSettings):
     @property
     def api_keys_file(self) -> Path:
         return self.state_dir / "keys" / "api-keys.json"
+
+    @property
+    def users_file(self) -> Path:
+        return self.state_dir / "keys" / "users.json"
+
+    @property
+    def conversations_dir(self) -> Path:
+        return self.state_dir / "conversations"
+
+    @property
+    def gateway_url(self) -> str:
+        """The gateway's base URL as clients on this host (the CLI) reach it."""
+        host = self.gateway.host
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.gateway.port}"
+
+    @property
+    def webapp_dir(self) -> Path:
+        return self.state_dir / "webapp"
 
     @property
     def user_catalog_file(self) -> Path:

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.config import ApplianceSettings
+from appliance.gateway import account
 from appliance.gateway.auth import Authenticator
 from appliance.gateway.forward import Forwarder
 from appliance.gateway.knowledge import KnowledgeService
@@ -65,7 +66,7 @@ def create_app(
             catalog,
             manager,
             Forwarder(settings, manager, client),
-            Authenticator(settings.api_keys_file),
+            Authenticator(settings.api_keys_file, settings.users_file, settings.gateway),
             KnowledgeService(settings),
         )
         log.info("gateway ready; %d models in the catalog", len(catalog))
@@ -76,7 +77,7 @@ def create_app(
             await client.close()
 
     app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
-    for part in (router, api, admin_api, knowledge_router):
+    for part in (router, api, admin_api, knowledge_router, account.sign_in_router, account.router):
         app.include_router(part)
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,50 +1,97 @@
-"""Who a request acts for: its API key's principal, or the local administrator while the
-appliance has no keys at all (single-user mode, as the CPU demo starts)."""
+"""Who a request acts for: its API key's (or sign-in session's) principal, or the local
+administrator while the appliance has no accounts at all (single-user mode, as the CPU demo
+starts). Also signs users in with a password, with a lockout after repeated failures."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import time
 from pathlib import Path
 
 from fastapi import Request
 
+from appliance.config.gateway import GatewaySettings
 from appliance.gateway.protocol import RequestError
-from security.api_keys import ApiKeyStore, KeyRefused, Principal
+from security.api_keys import ApiKeyRecord, ApiKeyStore, KeyRefused, Principal
+from security.users import SignInRefused, UserStore
 
 LOCAL_ADMIN = Principal("local", admin=True)
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return st.st_mtime_ns, st.st_size
+    except FileNotFoundError:
+        return 0, 0
+
+
 class Authenticator:
-    """Checks API keys against the keys file, re-read only when the file changes."""
+    """Checks API keys and passwords against the keys and accounts files; whether any account
+    exists is re-read only when one of the files changes."""
 
-    def __init__(self, path: Path):
-        self.store = ApiKeyStore(path)
-        self._stamp: tuple[int, int] | None = None
-        self._has_keys = False
+    def __init__(self, keys_file: Path, users_file: Path, settings: GatewaySettings):
+        self.keys = ApiKeyStore(keys_file)
+        self.users = UserStore(users_file)
+        self.settings = settings
+        self._stamps: tuple | None = None
+        self._has_accounts = False
+        self._failures: dict[str, list[float]] = {}
 
-    def _refresh(self) -> None:
-        try:
-            st = os.stat(self.store.path)
-            stamp = (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = (0, 0)
-        if stamp != self._stamp:
-            self._stamp = stamp
-            self._has_keys = bool(stamp[1]) and bool(self.store.records())
+    @property
+    def single_user(self) -> bool:
+        """No keys and no users: every request acts as the local administrator."""
+        stamps = (_stamp(self.keys.path), _stamp(self.users.path))
+        if stamps != self._stamps:
+            self._stamps = stamps
+            self._has_accounts = bool(self.keys.records() or self.users.records())
+        return not self._has_accounts
 
-    def principal(self, authorization: str | None) -> Principal:
-        self._refresh()
-        if not self._has_keys:
-            return LOCAL_ADMIN
+    def key_record(self, authorization: str | None) -> ApiKeyRecord | None:
+        """The valid key a request presents (None in single-user mode); 401 otherwise."""
+        if self.single_user:
+            return None
         secret = None
         if authorization and authorization.lower().startswith("bearer "):
             secret = authorization[7:].strip()
         try:
-            return self.store.authenticate(secret)
+            return self.keys.check(secret)
         except KeyRefused as exc:
             raise RequestError(
                 401, str(exc), type="authentication_error", code="invalid_api_key"
             ) from None
+
+    def principal(self, authorization: str | None) -> Principal:
+        record = self.key_record(authorization)
+        return LOCAL_ADMIN if record is None else record.principal()
+
+    def sign_in(self, username: str, password: str) -> tuple[str, ApiKeyRecord]:
+        """A new session key for a user's password; 401 if wrong, 429 while locked out."""
+        now = time.monotonic()
+        window = self.settings.sign_in_lockout_s
+        recent = [t for t in self._failures.get(username, []) if now - t < window]
+        if len(recent) >= self.settings.sign_in_max_failures:
+            wait = int(window - (now - recent[0])) + 1
+            raise RequestError(
+                429,
+                f"too many failed sign-ins for {username}; try again in {wait} s",
+                type="rate_limit_error",
+                code="sign_in_locked",
+                headers={"retry-after": str(wait)},
+            )
+        try:
+            user = self.users.verify(username, password)
+        except SignInRefused as exc:
+            self._failures[username] = [*recent, now]
+            raise RequestError(
+                401, str(exc), type="authentication_error", code="sign_in_refused"
+            ) from None
+        self._failures.pop(username, None)
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.settings.session_ttl_s)
+        return self.keys.create(
+            user.username, user.role, user.groups, expires_at=expires, kind="session"
+        )
 
 
 def principal(request: Request) -> Principal:

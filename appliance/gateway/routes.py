@@ -36,6 +36,10 @@ def _model_entry(gw, spec) -> dict:
         "max_model_len": spec.max_model_len,
         "instances": sum(1 for i in insts if i.routable),
         "description": spec.description,
+        "parameters": spec.parameters,
+        "size_gb": spec.size_gb,
+        "needs": spec.needs(),
+        "resources": spec.resources.model_dump(),
     }
 
 
@@ -50,14 +54,45 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [_model_entry(gw, spec) for spec in gw.catalog]}
 
 
+@api.post("/v1/models/{model}/warm")
+async def warm_model(model: str, request: Request):
+    """Start the model if nothing serves it yet (any user may: a chat request would too)."""
+    gw = _state(request)
+    spec = gw.catalog.get(model)
+    if spec is None:
+        return _unknown_model(model)
+    if not spec.installed(gw.settings):
+        return _not_installed(spec.name)
+    try:
+        await gw.manager.warm(model)
+    except ApplianceError as exc:
+        return RequestError(409, str(exc), code="cannot_start").response()
+    return JSONResponse(_model_entry(gw, spec), status_code=202)
+
+
+def _unknown_model(model: str) -> Response:
+    return RequestError(
+        404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
+    ).response()
+
+
+def _not_installed(model: str) -> Response:
+    return RequestError(
+        503,
+        f"The model '{model}' is in the catalog but not installed on this appliance; "
+        f"an administrator can import it with `appliance models import`.",
+        type="server_error",
+        param="model",
+        code="model_not_installed",
+    ).response()
+
+
 @api.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request):
     gw = _state(request)
     spec = gw.catalog.get(model)
     if spec is None:
-        return RequestError(
-            404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
-        ).response()
+        return _unknown_model(model)
     return _model_entry(gw, spec)
 
 
@@ -76,14 +111,7 @@ async def _openai_call(request: Request, path: str) -> Response:
     except RequestError as exc:
         return exc.response()
     if not spec.installed(gw.settings):
-        return RequestError(
-            503,
-            f"The model '{spec.name}' is in the catalog but not installed on this appliance; "
-            f"an administrator can import it with `appliance models import`.",
-            type="server_error",
-            param="model",
-            code="model_not_installed",
-        ).response()
+        return _not_installed(spec.name)
     if path == "/v1/chat/completions" and "knowledge_bases" in body:
         from appliance.gateway.knowledge import grounded_chat
 
@@ -121,9 +149,7 @@ async def list_instances(request: Request) -> dict:
 async def start_model(model: str, request: Request):
     gw = _state(request)
     if model not in gw.catalog:
-        return RequestError(
-            404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
-        ).response()
+        return _unknown_model(model)
     try:
         inst = await gw.manager.launch(model)
     except ApplianceError as exc:

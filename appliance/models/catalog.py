@@ -51,6 +51,14 @@ class ModelSpec(BaseModel):
     idle_timeout_s: float | None = Field(default=None, ge=0)
     vllm_args: list[str] = Field(default_factory=list)
 
+    def needs(self) -> str:
+        """What one instance needs, for people: "CPU", "1 GPU, 16 GB (or CPU)"."""
+        r = self.resources
+        if not r.gpus:
+            return "CPU"
+        needs = f"{r.gpus} GPU, {r.gpu_memory_gb:g} GB"
+        return needs + " (or CPU)" if r.cpu_fallback else needs
+
     @property
     def source_kind(self) -> str:
         return self.source.split(":", 1)[0]

@@ -233,6 +233,12 @@ class InstanceManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
 
+    async def warm(self, model: str) -> None:
+        """Start an instance of `model` unless one is ready or on its way (what a first request
+        would do, without waiting for it)."""
+        if self.model_state(model) == "stopped":
+            await self._ensure_starting(model, set())
+
     async def _ensure_starting(self, model: str, exclude: set[int]) -> None:
         # One launch at a time, so concurrent first requests share one new instance.
         async with self._launch_lock:

@@ -1,0 +1,26 @@
+"""`appliance webapp`: run the web app in the foreground."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from appliance.cli.context import CliContext, pass_ctx
+
+
+@click.command("webapp")
+@click.option("--host", default=None, help="Override webapp.host for this run.")
+@click.option("--port", type=int, default=None, help="Override webapp.port for this run.")
+@pass_ctx
+def webapp(ctx: CliContext, host: str | None, port: int | None) -> None:
+    """Run the web app (chat, knowledge bases, models) in the foreground; it talks to the
+    gateway's API (`appliance up` runs both in the background)."""
+    from appliance.webapp.server import run_webapp
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    run_webapp(ctx.settings, host, port)
+
+
+COMMANDS = [webapp]

@@ -1,0 +1,187 @@
+"""Signing in and out, who am I, and the conversations a user chose to save on the appliance."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+
+from appliance.gateway.auth import principal
+from appliance.gateway.protocol import RequestError
+from security.api_keys import KeyRefused, Principal
+from security.secret_files import replace_secret_file
+
+sign_in_router = APIRouter(prefix="/v1/auth")
+router = APIRouter(dependencies=[Depends(principal)])
+Who = Annotated[Principal, Depends(principal)]
+CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _auth(request: Request):
+    return request.app.state.gateway.auth
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    return body
+
+
+def _account(who: Principal, **extra) -> dict[str, Any]:
+    return {
+        "user": who.user,
+        "role": "admin" if who.admin else "user",
+        "groups": sorted(who.groups),
+        **extra,
+    }
+
+
+@sign_in_router.post("/sign_in")
+async def sign_in(request: Request) -> dict:
+    """Exchange a username and password (or an API key) for a token to send as the bearer key."""
+    auth = _auth(request)
+    body = await _json_object(request)
+    if auth.single_user:
+        return _account(principal(request), token="", kind="none", single_user=True)
+    if isinstance(body.get("api_key"), str):
+        try:
+            record = auth.keys.check(body["api_key"])
+        except KeyRefused as exc:
+            raise RequestError(401, str(exc), type="authentication_error") from None
+        return _account(
+            record.principal(), token=body["api_key"], kind=record.kind,
+            expires_at=record.expires_at, single_user=False,
+        )  # fmt: skip
+    username, password = body.get("username"), body.get("password")
+    if not isinstance(username, str) or not isinstance(password, str):
+        raise RequestError(400, "send 'username' and 'password', or 'api_key'")
+    secret, record = await asyncio.to_thread(auth.sign_in, username, password)
+    return _account(
+        record.principal(), token=secret, kind="session", expires_at=record.expires_at,
+        single_user=False,
+    )  # fmt: skip
+
+
+@router.post("/v1/auth/sign_out")
+async def sign_out(request: Request) -> dict:
+    """End the presented sign-in session (an API key stays valid: revoke it with `keys`)."""
+    auth = _auth(request)
+    record = auth.key_record(request.headers.get("authorization"))
+    if record is not None and record.kind == "session":
+        await asyncio.to_thread(auth.keys.revoke, record.key_id)
+        return {"signed_out": True}
+    return {"signed_out": False}
+
+
+@router.get("/v1/me")
+async def me(request: Request, who: Who) -> dict:
+    auth = _auth(request)
+    record = auth.key_record(request.headers.get("authorization"))
+    return _account(
+        who,
+        single_user=record is None,
+        kind=record.kind if record else "none",
+        expires_at=record.expires_at if record else None,
+    )
+
+
+# ----- conversations saved on the appliance (only when a user turns saving on) ---------------
+
+
+class ConversationStore:
+    """One 0600 JSON file per conversation, in a directory per user."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _dir(self, user: str) -> Path:
+        # Hashed: user names from API keys are free text and must not shape paths.
+        return self.root / hashlib.sha256(user.encode()).hexdigest()[:32]
+
+    def _path(self, user: str, conversation_id: str) -> Path:
+        if not CONVERSATION_ID.match(conversation_id):
+            raise RequestError(400, "a conversation id is 1-64 letters, digits, '_' or '-'")
+        return self._dir(user) / f"{conversation_id}.json"
+
+    def list(self, user: str) -> list[dict[str, Any]]:
+        out = []
+        for path in sorted(self._dir(user).glob("*.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue  # a file being replaced right now, or damaged: skip, do not fail the list
+        return sorted(out, key=lambda c: c.get("updated_at", ""), reverse=True)
+
+    def get(self, user: str, conversation_id: str) -> dict[str, Any]:
+        try:
+            return json.loads(self._path(user, conversation_id).read_text())
+        except FileNotFoundError:
+            raise RequestError(404, f"no saved conversation {conversation_id}") from None
+
+    def put(self, user: str, conversation_id: str, conversation: dict[str, Any]) -> None:
+        if not isinstance(conversation.get("messages"), list):
+            raise RequestError(400, "a conversation needs a 'messages' list", param="messages")
+        conversation["id"] = conversation_id
+        path = self._path(user, conversation_id)
+        replace_secret_file(path, json.dumps(conversation).encode())
+
+    def delete(self, user: str, conversation_id: str | None = None) -> int:
+        paths = (
+            [self._path(user, conversation_id)]
+            if conversation_id
+            else list(self._dir(user).glob("*.json"))
+        )
+        deleted = 0
+        for path in paths:
+            try:
+                path.unlink()
+                deleted += 1
+            except FileNotFoundError:
+                pass
+        return deleted
+
+
+def _conversations(request: Request) -> ConversationStore:
+    return ConversationStore(request.app.state.gateway.settings.conversations_dir)
+
+
+@router.get("/v1/conversations")
+async def list_conversations(request: Request, who: Who) -> dict:
+    data = await asyncio.to_thread(_conversations(request).list, who.user)
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/conversations/{conversation_id}")
+async def get_conversation(conversation_id: str, request: Request, who: Who) -> dict:
+    return await asyncio.to_thread(_conversations(request).get, who.user, conversation_id)
+
+
+@router.put("/v1/conversations/{conversation_id}")
+async def put_conversation(conversation_id: str, request: Request, who: Who) -> dict:
+    limit = request.app.state.gateway.settings.gateway.max_request_bytes
+    raw = await request.body()
+    if len(raw) > limit:
+        raise RequestError(413, f"the conversation is larger than {limit} bytes")
+    body = await _json_object(request)
+    await asyncio.to_thread(_conversations(request).put, who.user, conversation_id, body)
+    return {"id": conversation_id, "saved": True}
+
+
+@router.delete("/v1/conversations/{conversation_id}")
+async def delete_conversation(conversation_id: str, request: Request, who: Who) -> dict:
+    deleted = await asyncio.to_thread(_conversations(request).delete, who.user, conversation_id)
+    return {"id": conversation_id, "deleted": bool(deleted)}
+
+
+@router.delete("/v1/conversations")
+async def delete_all_conversations(request: Request, who: Who) -> dict:
+    return {"deleted": await asyncio.to_thread(_conversations(request).delete, who.user)}

@@ -1,0 +1,88 @@
+"""The web app's page: header, sign-in, and the Chat, Knowledge and Models tabs, wired so that
+signing in or out refreshes every tab for the user."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from appliance.config import ApplianceSettings
+from appliance.webapp.chat import build_chat
+from appliance.webapp.client import GatewayClient
+from appliance.webapp.context import WebContext, is_admin, signed_in
+from appliance.webapp.knowledge import build_knowledge
+from appliance.webapp.models_view import build_models
+from appliance.webapp.signin import build_signin, check_session, sign_out
+
+# Readable on a laptop and a phone: no side margins on small screens, the chat fills the height.
+CSS = """
+.gradio-container { max-width: 1400px !important; margin: auto; }
+#topbar { align-items: center; }
+#who { text-align: right; }
+.sign-in { max-width: 420px; margin: 2rem auto; }
+@media (max-width: 640px) {
+  .gradio-container { padding: 4px !important; }
+  #chatbot { height: 55vh !important; }
+  /* On a phone the chat comes first; the conversation list follows it. */
+  #conversations { order: 2; }
+}
+"""
+
+
+def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -> gr.Blocks:
+    """The Blocks app; `secret` encrypts what the browser keeps (sign-in, conversations)."""
+    title = settings.webapp.title
+    # Cached uploads older than an hour go (they are also deleted right after use).
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
+        session = gr.BrowserState({}, storage_key="appliance-session", secret=secret)
+        store = gr.BrowserState({}, storage_key="appliance-conversations", secret=secret)
+        ctx = WebContext(settings, client, session, store)
+        with gr.Row(elem_id="topbar"):
+            gr.Markdown(f"## {title}", elem_id="title")
+            who = gr.Markdown("", elem_id="who")
+            sign_out_btn = gr.Button("Sign out", size="sm", visible=False, elem_id="sign-out",
+                                     scale=0, min_width=100)  # fmt: skip
+        signin = build_signin(ctx)
+        with gr.Column(visible=False, elem_id="main") as main, gr.Tabs():
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                chat = build_chat(ctx)
+            with gr.Tab("Knowledge", id="knowledge", elem_id="tab-knowledge"):
+                knowledge = build_knowledge(ctx)
+            with gr.Tab("Models", id="models", elem_id="tab-models"):
+                models = build_models(ctx)
+
+        def show(session_value):
+            on = signed_in(session_value)
+            if not on:
+                label = ""
+            elif session_value.get("single_user"):
+                label = "Single-user mode: no accounts are set up; you act as the administrator."
+            else:
+                role = " (administrator)" if is_admin(session_value) else ""
+                label = f"Signed in as **{session_value['user']}**{role}"
+            return (
+                gr.Column(visible=not on),
+                gr.Column(visible=on),
+                label,
+                gr.Button(visible=on and not session_value.get("single_user")),
+            )
+
+        shown = [signin.column, main, who, sign_out_btn]
+
+        def after_session_change(dep):
+            dep = dep.then(show, [session], shown)
+            for view in (chat, knowledge, models):
+                dep = view.on_sign_in(dep)
+            return dep
+
+        async def restore(session_value):
+            return await check_session(ctx, session_value)
+
+        after_session_change(blocks.load(restore, [session], [session]))
+        for event in (signin.password_event, signin.key_event):
+            after_session_change(event)
+
+        async def leave(session_value):
+            return await sign_out(ctx, session_value)
+
+        after_session_change(sign_out_btn.click(leave, [session], [session]))
+    return blocks

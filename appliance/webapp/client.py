@@ -1,0 +1,204 @@
+"""The web app's client of the gateway's HTTP API: everything the app does goes through here,
+so a script with an API key can do the same."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from appliance.errors import ApplianceError
+
+
+class GatewayError(ApplianceError):
+    """The gateway refused a call or could not be reached; the message is its explanation."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ChatEvent:
+    """One thing that happened in a streamed chat answer."""
+
+    kind: str
+    """"waiting" (an instance is starting), "delta", "citations", "error" or "done"."""
+    text: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return body["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500] or f"HTTP {response.status_code}"
+
+
+def parse_sse_line(line: str) -> ChatEvent | None:
+    """A chat stream line as an event (None for blank lines and data the app does not use)."""
+    if line.startswith(":"):
+        return ChatEvent("waiting", line[1:].strip())
+    if not line.startswith("data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == "[DONE]":
+        return ChatEvent("done")
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return None
+    if "error" in event:
+        error = event["error"]
+        return ChatEvent("error", error.get("message", str(error)), error)
+    choices = event.get("choices") or []
+    if not choices:
+        if "citations" in event:
+            return ChatEvent("citations", data=event)
+        return None
+    delta = choices[0].get("delta") or {}
+    return ChatEvent("delta", delta.get("content") or "", {"finish_reason": choices[0].get(
+        "finish_reason")})  # fmt: skip
+
+
+class GatewayClient:
+    """Async calls to the gateway, each with the signed-in user's token as its bearer key."""
+
+    def __init__(self, base_url: str, timeout: float = 600.0):
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0)
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @staticmethod
+    def _headers(token: str | None) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+    async def _call(self, method: str, path: str, token: str | None = None, **kw) -> Any:
+        try:
+            response = await self._http.request(method, path, headers=self._headers(token), **kw)
+        except httpx.HTTPError as exc:
+            raise GatewayError(503, f"the gateway cannot be reached ({exc!r})") from None
+        if response.status_code >= 400:
+            raise GatewayError(response.status_code, _error_message(response))
+        return response.json()
+
+    # ----- account --------------------------------------------------------------------------
+
+    async def sign_in(self, username: str, password: str) -> dict[str, Any]:
+        body = {"username": username, "password": password}
+        return await self._call("POST", "/v1/auth/sign_in", json=body)
+
+    async def sign_in_with_key(self, api_key: str) -> dict[str, Any]:
+        return await self._call("POST", "/v1/auth/sign_in", json={"api_key": api_key})
+
+    async def sign_out(self, token: str) -> None:
+        await self._call("POST", "/v1/auth/sign_out", token)
+
+    async def me(self, token: str | None) -> dict[str, Any]:
+        return await self._call("GET", "/v1/me", token)
+
+    # ----- models ---------------------------------------------------------------------------
+
+    async def models(self, token: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/v1/models", token))["data"]
+
+    async def warm(self, token: str, model: str) -> dict[str, Any]:
+        """Start `model` if nothing serves it yet; its catalog entry with the new state."""
+        return await self._call("POST", f"/v1/models/{quote(model, safe='')}/warm", token)
+
+    async def instances(self, token: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/admin/instances", token))["instances"]
+
+    async def start_model(self, token: str, model: str) -> dict[str, Any]:
+        return await self._call("POST", f"/admin/models/{quote(model, safe='')}/start", token)
+
+    async def stop_instance(self, token: str, job_id: int) -> dict[str, Any]:
+        return await self._call("POST", f"/admin/instances/{int(job_id)}/stop", token)
+
+    async def chat_stream(self, token: str, body: dict[str, Any]) -> AsyncIterator[ChatEvent]:
+        """A streamed chat completion as events; errors (also HTTP ones) come as an error event."""
+        body = {**body, "stream": True}
+        try:
+            async with self._http.stream(
+                "POST", "/v1/chat/completions", json=body, headers=self._headers(token)
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    yield ChatEvent("error", _error_message(response))
+                    return
+                async for line in response.aiter_lines():
+                    event = parse_sse_line(line)
+                    if event is not None:
+                        yield event
+        except httpx.HTTPError as exc:
+            yield ChatEvent("error", f"the connection to the gateway broke ({exc!r})")
+
+    # ----- knowledge bases ------------------------------------------------------------------
+
+    async def knowledge_bases(self, token: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/v1/knowledge_bases", token))["data"]
+
+    async def create_knowledge_base(
+        self, token: str, name: str, readers: list[str], groups: list[str]
+    ) -> dict[str, Any]:
+        body = {"name": name, "readers": readers, "groups": groups}
+        return await self._call("POST", "/v1/knowledge_bases", token, json=body)
+
+    async def share_knowledge_base(
+        self, token: str, name: str, readers: list[str], groups: list[str]
+    ) -> dict[str, Any]:
+        body = {"readers": readers, "groups": groups}
+        return await self._call("POST", f"/v1/knowledge_bases/{_seg(name)}/share", token, json=body)
+
+    async def delete_knowledge_base(self, token: str, name: str) -> None:
+        await self._call("DELETE", f"/v1/knowledge_bases/{_seg(name)}", token)
+
+    async def documents(self, token: str, kb: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", f"/v1/knowledge_bases/{_seg(kb)}/documents", token))["data"]
+
+    async def upload(self, token: str, kb: str, path: Path, filename: str) -> dict[str, Any]:
+        """Upload one file; {"results": [...], "errors": [...]} as the gateway reports them."""
+        with path.open("rb") as f:
+            files = [("files", (filename, f, "application/octet-stream"))]
+            return await self._call(
+                "POST", f"/v1/knowledge_bases/{_seg(kb)}/documents", token, files=files
+            )
+
+    async def delete_document(self, token: str, kb: str, filename: str) -> None:
+        await self._call(
+            "DELETE", f"/v1/knowledge_bases/{_seg(kb)}/documents/{_seg(filename)}", token
+        )
+
+    async def query(self, token: str, kb: str, text: str, top_k: int = 5) -> list[dict[str, Any]]:
+        body = {"query": text, "top_k": top_k}
+        return (
+            await self._call("POST", f"/v1/knowledge_bases/{_seg(kb)}/query", token, json=body)
+        )["data"]
+
+    # ----- conversations saved on the appliance ---------------------------------------------
+
+    async def saved_conversations(self, token: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/v1/conversations", token))["data"]
+
+    async def save_conversation(self, token: str, conversation: dict[str, Any]) -> None:
+        path = f"/v1/conversations/{_seg(conversation['id'])}"
+        await self._call("PUT", path, token, json=conversation)
+
+    async def delete_saved_conversation(self, token: str, conversation_id: str | None) -> None:
+        path = "/v1/conversations" + (f"/{_seg(conversation_id)}" if conversation_id else "")
+        await self._call("DELETE", path, token)
+
+
+def _seg(value: str) -> str:
+    """A path segment, quoted so names with '/', '?' or '#' reach the gateway intact."""
+    return quote(value, safe="")

