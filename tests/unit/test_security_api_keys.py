@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+from appliance.config.gateway import GatewaySettings
 from appliance.gateway.auth import LOCAL_ADMIN, Authenticator
 from appliance.gateway.protocol import RequestError
 from security.api_keys import ApiKeyStore, KeyRefused
@@ -39,10 +40,34 @@ def test_expired_key_is_refused(tmp_path):
 
 
 def test_gateway_is_single_user_until_the_first_key(tmp_path):
-    auth = Authenticator(tmp_path / "keys.json")
+    auth = Authenticator(tmp_path / "keys.json", tmp_path / "users.json", GatewaySettings())
     assert auth.principal(None) == LOCAL_ADMIN
     secret, _ = ApiKeyStore(tmp_path / "keys.json").create("root", role="admin")
     with pytest.raises(RequestError) as err:
         auth.principal(None)
     assert err.value.status == 401 and err.value.code == "invalid_api_key"
     assert auth.principal(f"Bearer {secret}").admin
+
+
+def test_sessions_that_ended_are_dropped_but_api_keys_are_kept(tmp_path):
+    store = ApiKeyStore(tmp_path / "keys.json")
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    _, old_key = store.create("carol", expires_at=past)
+    _, old_session = store.create("carol", expires_at=past, kind="session")
+    _, revoked = store.create("carol", kind="session")
+    store.revoke(revoked.key_id)
+    store.create("carol", kind="session")
+    kept = {r.key_id for r in store.records()}
+    assert old_key.key_id in kept
+    assert old_session.key_id not in kept and revoked.key_id not in kept
+
+
+def test_revoking_a_user_revokes_all_their_keys(tmp_path):
+    store = ApiKeyStore(tmp_path / "keys.json")
+    mine = [store.create("dave")[0], store.create("dave", kind="session")[0]]
+    other, _ = store.create("erin")
+    assert store.revoke_user("dave") == 2
+    for secret in mine:
+        with pytest.raises(KeyRefused, match="revoked"):
+            store.authenticate(secret)
+    assert store.authenticate(other).user == "erin"
