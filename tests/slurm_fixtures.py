@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from appliance.config import ApplianceSettings
-from appliance.devstack import local_cluster_settings, running_local_cluster
+from appliance.config import ApplianceSettings, load_settings
+from appliance.devstack import free_port, local_cluster_settings, running_local_cluster
 
 
 def require_local_slurm() -> None:
@@ -33,3 +34,28 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Applianc
     settings = local_cluster_settings(state_dir, nodes=2, gpus_per_node=2)
     with running_local_cluster(settings):
         yield settings
+
+
+def tiny_catalog(tiny_model_dir: Path, extra: str = "") -> str:
+    """A catalog (YAML) with the tiny chat model sized for the test cluster, plus `extra`."""
+    return (
+        f"models:\n  - name: tiny-chat\n    source: dir:{tiny_model_dir}\n"
+        "    max_model_len: 512\n    resources: {cpus: 1, memory_gb: 3}\n" + extra
+    )
+
+
+def stack_settings(
+    slurm_cluster: ApplianceSettings, state_dir: Path, catalog: str, **sections: dict
+) -> ApplianceSettings:
+    """Settings of a gateway on a free port that uses the running `slurm_cluster`, with its own
+    state under `state_dir` and `catalog` (YAML) as its only catalog; `sections` are merged in."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "catalog.yaml").write_text(catalog)
+    base = slurm_cluster.model_dump(mode="json")
+    base["cluster"].update(mode="existing", slurm_conf=str(slurm_cluster.slurm_conf))
+    base["state_dir"] = str(state_dir / "state")
+    base["gateway"].update(port=free_port(), health_interval_s=1.0, start_timeout_s=240)
+    base["catalog"] = {"files": [str(state_dir / "catalog.yaml")], "include_presets": False}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return load_settings(**base)

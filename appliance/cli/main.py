@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -35,34 +36,16 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
     ctx.obj = CliContext(config_file=config_file)
 
 
-def _register() -> None:
-    # Subcommand modules are imported here, not at the top, so each one stays independent.
-    from appliance.cli import (
-        cluster,
-        config_cmd,
-        gateway,
-        instances,
-        keys,
-        models,
-        stack,
-        store,
-        users,
-        webapp,
-    )
+# Subcommand modules, imported when the CLI runs rather than at the top, so each stays independent.
+_COMMAND_MODULES = (
+    "cluster", "config_cmd", "gateway", "instances", "keys", "models", "stack", "store", "users",
+    "webapp",
+)  # fmt: skip
 
-    for module in (
-        cluster,
-        config_cmd,
-        gateway,
-        instances,
-        keys,
-        models,
-        stack,
-        store,
-        users,
-        webapp,
-    ):
-        for command in module.COMMANDS:
+
+def _register() -> None:
+    for name in _COMMAND_MODULES:
+        for command in importlib.import_module(f"appliance.cli.{name}").COMMANDS:
             cli.add_command(command)
 
 

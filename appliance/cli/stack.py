@@ -1,4 +1,5 @@
-"""`appliance up|down|status`: the whole stack (local Slurm, tiny model, gateway) in one go."""
+"""`appliance up|down|status`: the whole stack (local Slurm, tiny model, gateway, web app) in one
+go."""
 
 from __future__ import annotations
 
@@ -28,9 +29,8 @@ def _wait_healthy(url: str, timeout: float) -> bool:
 @click.option("--no-tiny", is_flag=True, help="Do not build the tiny model if it is missing.")
 @pass_ctx
 def up(ctx: CliContext, no_tiny: bool) -> None:
-    """Start everything: local Slurm cluster, tiny model (built once), gateway. Safe to repeat."""
-    from appliance.daemon import read_pid, start_detached, tail
-
+    """Start everything: local Slurm cluster, tiny model (built once), gateway, web app. Safe to
+    repeat."""
     settings = ctx.settings
     if settings.cluster.mode == "local":
         from appliance.slurm.local_cluster import LocalCluster
@@ -47,34 +47,53 @@ def up(ctx: CliContext, no_tiny: bool) -> None:
             report = build_tiny_model(tiny_dir, progress=click.echo)
             click.echo(f"tiny model: {report.summary()}")
     url = settings.gateway_url
-    pidfile = settings.state_dir / "gateway.pid"
-    log_file = settings.log_dir / "gateway.log"
+    _start_service(ctx, "gateway", url)
+    web_url = None
+    if settings.webapp.enabled:
+        host = settings.webapp.host
+        web_url = (
+            f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{settings.webapp.port}"
+        )
+        _start_service(ctx, "webapp", web_url)
+    click.echo(f"\ngateway:     {url}  (log: {settings.log_dir / 'gateway.log'})")
+    click.echo(f"OpenAI API:  {url}/v1   e.g. curl {url}/v1/models")
+    if web_url:
+        click.echo(f"web app:     {web_url}  (log: {settings.log_dir / 'webapp.log'})")
+    click.echo(
+        "models start on the first request (scale from zero); `appliance instances list` shows them"
+    )
+
+
+def _start_service(ctx: CliContext, command: str, url: str) -> None:
+    """Start `appliance <command>` in the background unless it runs; wait for its /health."""
+    from appliance.daemon import read_pid, start_detached, tail
+
+    settings = ctx.settings
+    pidfile = settings.state_dir / f"{command}.pid"
+    log_file = settings.log_dir / f"{command}.log"
     if read_pid(pidfile) is None:
         argv = [sys.executable, "-m", "appliance.cli.main"]
         if ctx.config_file:
             argv += ["--config", str(ctx.config_file)]
-        start_detached([*argv, "gateway"], log_file, pidfile)
-    if not _wait_healthy(url, 60):
+        start_detached([*argv, command], log_file, pidfile)
+    if not _wait_healthy(url, 90):
         raise ApplianceError(
-            f"the gateway did not come up; last lines of {log_file}:\n" + tail(log_file)
+            f"the {command} did not come up; last lines of {log_file}:\n" + tail(log_file)
         )
-    click.echo(f"\ngateway:     {url}  (log: {log_file})")
-    click.echo(f"OpenAI API:  {url}/v1   e.g. curl {url}/v1/models")
-    click.echo(
-        "models start on the first request (scale from zero); `appliance instances list` shows them"
-    )
 
 
 @click.command("down")
 @click.option("--keep-cluster", is_flag=True, help="Stop the gateway and instances only.")
 @pass_ctx
 def down(ctx: CliContext, keep_cluster: bool) -> None:
-    """Stop the gateway, its model instances and (unless --keep-cluster) the local cluster."""
+    """Stop the web app, the gateway, its model instances and (unless --keep-cluster) the local
+    cluster."""
     from appliance.daemon import stop_pid
 
     settings = ctx.settings
-    if stop_pid(settings.state_dir / "gateway.pid"):
-        click.echo("gateway stopped")
+    for service in ("webapp", "gateway"):
+        if stop_pid(settings.state_dir / f"{service}.pid"):
+            click.echo(f"{service} stopped")
     if settings.cluster.mode == "local" and not keep_cluster:
         from appliance.slurm.local_cluster import LocalCluster
 

@@ -167,8 +167,12 @@ class ApplianceSettings(BaseSettings):
     @property
     def gateway_url(self) -> str:
         """The gateway's base URL as clients on this host (the CLI) reach it."""
-        host = self.gateway.host
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.gateway.port}"
+        return _local_url(self.gateway.host, self.gateway.port)
+
+    @property
+    def webapp_url(self) -> str:
+        """The web app's base URL as seen from this host."""
+        return _local_url(self.webapp.host, self.webapp.port)
 
     @property
     def webapp_dir(self) -> Path:
@@ -186,6 +190,11 @@ class ApplianceSettings(BaseSettings):
 
             return LocalClusterPaths(self.slurm_dir).slurm_conf
         return self.cluster.slurm_conf
+
+
+def _local_url(host: str, port: int) -> str:
+    # A wildcard bind address is reached on loopback from this host.
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
 
 # The YAML path for the settings being built; pydantic-settings builds sources per class, so the

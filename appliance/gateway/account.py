@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from appliance.gateway.auth import principal
-from appliance.gateway.protocol import RequestError
+from appliance.gateway.protocol import RequestError, json_object
 from security.api_keys import KeyRefused, Principal
 from security.secret_files import replace_secret_file
 
@@ -24,16 +24,6 @@ CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def _auth(request: Request):
     return request.app.state.gateway.auth
-
-
-async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise RequestError(400, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "the body must be a JSON object")
-    return body
 
 
 def _account(who: Principal, **extra) -> dict[str, Any]:
@@ -49,7 +39,7 @@ def _account(who: Principal, **extra) -> dict[str, Any]:
 async def sign_in(request: Request) -> dict:
     """Exchange a username and password (or an API key) for a token to send as the bearer key."""
     auth = _auth(request)
-    body = await _json_object(request)
+    body = await json_object(request)
     if auth.single_user:
         return _account(principal(request), token="", kind="none", single_user=True)
     if isinstance(body.get("api_key"), str):
@@ -171,7 +161,7 @@ async def put_conversation(conversation_id: str, request: Request, who: Who) -> 
     raw = await request.body()
     if len(raw) > limit:
         raise RequestError(413, f"the conversation is larger than {limit} bytes")
-    body = await _json_object(request)
+    body = await json_object(request)
     await asyncio.to_thread(_conversations(request).put, who.user, conversation_id, body)
     return {"id": conversation_id, "saved": True}
 

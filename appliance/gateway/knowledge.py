@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.gateway.auth import principal
-from appliance.gateway.protocol import RequestError
+from appliance.gateway.protocol import RequestError, json_object
 from security.api_keys import Principal
 
 router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(principal)])
@@ -88,16 +88,6 @@ def _describe(kb, documents: int | None = None) -> dict[str, Any]:
     return out
 
 
-async def _json(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise RequestError(400, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "the body must be a JSON object")
-    return body
-
-
 @router.get("")
 async def list_knowledge_bases(request: Request, who: Who) -> dict:
     def fn(store, _r):
@@ -110,7 +100,7 @@ async def list_knowledge_bases(request: Request, who: Who) -> dict:
 
 @router.post("", status_code=201)
 async def create_knowledge_base(request: Request, who: Who) -> dict:
-    body = await _json(request)
+    body = await json_object(request)
     name = body.get("name")
     if not isinstance(name, str):
         raise RequestError(400, "'name' is required", param="name")
@@ -128,7 +118,7 @@ async def delete_knowledge_base(name: str, request: Request, who: Who) -> dict:
 
 @router.post("/{name}/share")
 async def share_knowledge_base(name: str, request: Request, who: Who) -> dict:
-    body = await _json(request)
+    body = await json_object(request)
     kb = await _service(request).run(
         lambda s, _r: s.share(who, name, body.get("readers", []), body.get("groups", []))
     )
@@ -189,7 +179,7 @@ async def delete_document(name: str, filename: str, request: Request, who: Who) 
 
 @router.post("/{name}/query")
 async def query(name: str, request: Request, who: Who) -> dict:
-    body = await _json(request)
+    body = await json_object(request)
     text = body.get("query")
     if not isinstance(text, str) or not text.strip():
         raise RequestError(400, "'query' is required", param="query")

@@ -49,6 +49,17 @@ class RequestError(Exception):
         return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
 
 
+async def json_object(request) -> dict[str, Any]:
+    """A request's body as a JSON object; a 400 error body otherwise."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    return body
+
+
 def server_error(message: str, code: str = "instance_failed", status: int = 502) -> RequestError:
     return RequestError(status, message, type="server_error", code=code)
 

@@ -15,7 +15,7 @@ from appliance.webapp.signin import build_signin, check_session, sign_out
 
 # Readable on a laptop and a phone: no side margins on small screens, the chat fills the height.
 CSS = """
-.gradio-container { max-width: 1400px !important; margin: auto; }
+.gradio-container { width: 100% !important; max-width: 1400px !important; margin: auto; }
 #topbar { align-items: center; }
 #who { text-align: right; }
 .sign-in { max-width: 420px; margin: 2rem auto; }

@@ -228,9 +228,11 @@ def build_chat(ctx: WebContext) -> ChatView:
                     continue
                 if event is None:
                     break
+                first_words = event.kind == "delta" and not stream.answer
                 stream.apply(event)
-                # Deltas come faster than a browser repaints: show them when the queue is empty.
-                if events.empty():
+                # Deltas can come faster than a browser repaints: show them when the queue is
+                # empty, but the first words at once, however fast the rest follows.
+                if events.empty() or (first_words and stream.answer):
                     yield [*history, *stream.messages()]
             yield [*history, *stream.messages()]
         finally:

@@ -28,8 +28,8 @@ def catalog_rows(models: list[dict[str, Any]]) -> list[list[Any]]:
         [
             m["id"],
             m.get("kind", ""),
-            m.get("parameters", ""),
-            f"{m.get('size_gb', 0):g} GB",
+            m.get("parameters") or "-",
+            f"{m['size_gb']:g} GB" if m.get("size_gb") else "-",
             m.get("needs", ""),
             "yes" if m.get("installed") else "no",
             m.get("state", ""),

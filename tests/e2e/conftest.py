@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from appliance import envs
-from appliance.config import ApplianceSettings, load_settings
+from appliance.config import ApplianceSettings
 from appliance.devstack import free_port, running_gateway, running_webapp
 from security.users import UserStore
+from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 CHROMIUM = Path("/usr/bin/chromium")
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
@@ -33,19 +34,13 @@ def web_stack(
     slurm_cluster, tiny_model_dir, tmp_path_factory
 ) -> Iterator[tuple[str, ApplianceSettings]]:
     """(web app URL, settings) of a running gateway and web app with users alice (admin) and bob."""
-    tmp = tmp_path_factory.mktemp("web")
-    (tmp / "catalog.yaml").write_text(
-        f"models:\n  - name: tiny-chat\n    source: dir:{tiny_model_dir}\n"
-        "    max_model_len: 512\n    resources: {cpus: 1, memory_gb: 3}\n"
+    settings = stack_settings(
+        slurm_cluster,
+        tmp_path_factory.mktemp("web"),
+        tiny_catalog(tiny_model_dir),
+        rag={"max_upload_bytes": 2 * 1024 * 1024},
+        webapp={"port": free_port()},
     )
-    base = slurm_cluster.model_dump(mode="json")
-    base["cluster"].update(mode="existing", slurm_conf=str(slurm_cluster.slurm_conf))
-    base["state_dir"] = str(tmp / "state")
-    base["gateway"].update(port=free_port(), health_interval_s=1.0, start_timeout_s=240)
-    base["catalog"] = {"files": [str(tmp / "catalog.yaml")], "include_presets": False}
-    base["rag"] = {"max_upload_bytes": 2 * 1024 * 1024}
-    base["webapp"] = {"port": free_port()}
-    settings = load_settings(**base)
     users = UserStore(settings.users_file)
     users.add("alice", PASSWORDS["alice"], "admin")
     users.add("bob", PASSWORDS["bob"], "user")

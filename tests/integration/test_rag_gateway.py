@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
-from appliance.config import load_settings
-from appliance.devstack import free_port, running_gateway
+from appliance.devstack import running_gateway
 from security.api_keys import ApiKeyStore
+from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
 
@@ -29,17 +29,8 @@ BINARY = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 4
 @pytest.fixture(scope="module")
 def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ragw")
-    (tmp / "catalog.yaml").write_text(
-        f"models:\n  - name: tiny-chat\n    source: dir:{tiny_model_dir}\n"
-        "    max_model_len: 512\n    resources: {cpus: 1, memory_gb: 3}\n"
-    )
-    base = slurm_cluster.model_dump(mode="json")
-    base["cluster"].update(mode="existing", slurm_conf=str(slurm_cluster.slurm_conf))
-    base["state_dir"] = str(tmp / "state")
-    base["gateway"].update(port=free_port(), health_interval_s=1.0, start_timeout_s=240)
-    base["catalog"] = {"files": [str(tmp / "catalog.yaml")], "include_presets": False}
-    base["rag"] = {"max_upload_bytes": 64 * 1024}
-    settings = load_settings(**base)
+    rag = {"max_upload_bytes": 64 * 1024}
+    settings = stack_settings(slurm_cluster, tmp, tiny_catalog(tiny_model_dir), rag=rag)
     keys = ApiKeyStore(settings.api_keys_file)
     users = {
         "alice": keys.create("alice")[0],
