@@ -84,8 +84,7 @@ class AnswerStream:
         if self.answer or not (self.waiting or self.error):
             out.append({"role": "assistant", "content": self.answer})
         if self.finish_reason == "length":
-            out.append(_note("The answer reached the max tokens limit", "Raise *Max tokens* in "
-                             "the settings below and regenerate for a longer answer."))  # fmt: skip
+            out.append(_note("The answer reached the max tokens limit: raise it in Settings"))
         if self.sources and render.citations_title(self.sources):
             out.append(_note(render.citations_title(self.sources),
                              render.citations_markdown(self.sources)))  # fmt: skip
@@ -158,7 +157,9 @@ def build_chat(ctx: WebContext) -> ChatView:
                 system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
                 with gr.Row():
                     temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
-                    max_tokens = gr.Slider(16, 4096, value=512, step=16, label="Max tokens")
+                    max_tokens = gr.Slider(
+                        16, 4096, value=512, step=16, label="Max tokens", elem_id="max-tokens"
+                    )
     timer = gr.Timer(5.0)
 
     # ----- models and knowledge bases in the pickers ------------------------------------------
@@ -258,6 +259,14 @@ def build_chat(ctx: WebContext) -> ChatView:
         history = conv.plain_messages(history or [])
         return [*history[: edit.index], {"role": "user", "content": edit.value}]
 
+    def stopped(history):
+        """A start-up box left spinning by Stop says it was stopped."""
+        history = conv.plain_messages(history or [])
+        for m in history:
+            if (m.get("metadata") or {}).get("status") == "pending":
+                m["metadata"] = {"title": "Stopped while the model was starting", "status": "done"}
+        return history
+
     def undo(history):
         history = conv.plain_messages(history or [])
         last_user = max((i for i, m in enumerate(history) if m["role"] == "user"), default=None)
@@ -320,7 +329,7 @@ def build_chat(ctx: WebContext) -> ChatView:
         event.then(**save_args).then(**picker_args)
     chatbot.undo(undo, chatbot, [chatbot, message]).then(**save_args)
     # Stop cancels the answer (keeping what came so far) and saves the conversation as it is.
-    stop_btn.click(**save_args, cancels=answering)
+    stop_btn.click(stopped, chatbot, chatbot, cancels=answering, **quiet).then(**save_args)
 
     # ----- conversations ----------------------------------------------------------------------
 

@@ -91,9 +91,11 @@ def build_knowledge(ctx: WebContext) -> KnowledgeView:
     hits = gr.Markdown("", elem_id="kb-hits")
     with gr.Accordion("Share or delete this knowledge base", open=False):
         with gr.Row():
-            share_readers = gr.Textbox(label="Readers (user names)", max_lines=1)
-            share_groups = gr.Textbox(label="Groups", max_lines=1)
-        share_btn = gr.Button("Share")
+            share_readers = gr.Textbox(
+                label="Readers (user names)", max_lines=1, elem_id="kb-share-readers"
+            )
+            share_groups = gr.Textbox(label="Groups", max_lines=1, elem_id="kb-share-groups")
+        share_btn = gr.Button("Share", elem_id="kb-share")
         confirm = gr.Textbox(label="Type the knowledge base's name to delete it", max_lines=1)
         delete_kb_btn = gr.Button("Delete knowledge base", variant="stop")
 

@@ -35,8 +35,12 @@ def build_models(ctx: WebContext) -> ModelsView:
             start_model = gr.Dropdown(label="Model", choices=[], scale=3)
             start_btn = gr.Button("Start an instance", variant="primary", scale=1)
         with gr.Row():
-            stop_job = gr.Dropdown(label="Instance (Slurm job)", choices=[], scale=3)
-            stop_btn = gr.Button("Stop the instance", variant="stop", scale=1)
+            stop_job = gr.Dropdown(
+                label="Instance (Slurm job)", choices=[], scale=3, elem_id="stop-job"
+            )
+            stop_btn = gr.Button(
+                "Stop the instance", variant="stop", scale=1, elem_id="stop-instance"
+            )
     timer = gr.Timer(5.0)
 
     async def refresh(session):

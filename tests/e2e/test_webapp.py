@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Page, expect
 
+from security.api_keys import ApiKeyStore
 from tests.e2e.conftest import PASSWORDS
 from tests.unit.rag_samples import text_pdf
 
@@ -138,17 +139,23 @@ def test_upload_a_pdf_and_a_word_file_with_status_per_file(visit, documents):
     visit.shot("02-documents", full_page=True)
 
 
-def test_first_question_starts_the_model_and_the_answer_streams(visit):
+def test_stop_while_the_model_starts_then_regenerate(visit):
     page = visit.page
     visit.tab("Chat")
     expect(page.locator("#model-picker input")).to_have_value("tiny-chat · ○ stopped")
     page.locator("#message textarea").fill("Tell me about Japan.")
     page.locator("#send").click()
-    expect(page.locator("#chatbot")).to_contain_text("Starting tiny-chat", timeout=30_000)
+    chat = page.locator("#chatbot")
+    expect(chat).to_contain_text("Starting tiny-chat", timeout=30_000)
     visit.shot("03-model-starting")
-    expect(page.locator("#chatbot")).to_contain_text("Started tiny-chat", timeout=START_TIMEOUT_MS)
+    page.locator("#stop").click()
+    expect(chat).to_contain_text("Stopped while the model was starting")
+    expect(page.locator("#conversation-list label")).to_have_count(1)  # kept, question and all
+    chat.get_by_role("button", name="Retry").click()
+    expect(chat).to_contain_text("Started tiny-chat", timeout=START_TIMEOUT_MS)
+    expect(chat).not_to_contain_text("Stopped while")
     # The conversation is saved (in the browser) once the answer is complete.
-    expect(page.locator("#conversation-list label")).to_have_count(1, timeout=60_000)
+    expect(page.locator("#model-status")).to_contain_text("running", timeout=60_000)
     answer = visit.chat_text().split("Tell me about Japan.", 1)[1]
     assert len(answer.strip()) > 20, answer
     visit.shot("04-first-answer")
@@ -186,27 +193,54 @@ def test_answer_from_the_knowledge_base_streams_with_a_citation(visit):
     visit.shot("05-citation")
 
 
+def test_edit_and_resend_renders_markdown_and_settings_apply(visit):
+    page = visit.page
+    chat = page.locator("#chatbot")
+    page.locator("#new-chat").click()
+    visit.pick("#kb-picker", "plant")  # deselect: this chat is not about the knowledge base
+    page.locator("#message textarea").fill("Tell me about Japan.")
+    page.locator("#send").click()
+    expect(page.locator("#conversation-list label")).to_have_count(3)
+    chat.get_by_role("button", name="Edit").first.click()
+    chat.locator("textarea").fill("What color is the **sky**?")
+    chat.get_by_role("button", name="Submit").click()
+    expect(chat.locator("strong")).to_have_text("sky")  # the question is rendered as Markdown
+    expect(chat).not_to_contain_text("Japan", timeout=60_000)
+    expect(page.locator("#conversation-list label").first).to_contain_text("What color is the")
+    # Settings: a max tokens of 16 cuts the next answer short, and the chat says so.
+    page.get_by_text("Settings").click()
+    page.locator("#max-tokens input[type=number]").fill("16")
+    page.locator("#max-tokens input[type=number]").press("Tab")
+    page.locator("#message textarea").fill("Tell me a long story about the sea.")
+    page.locator("#send").click()
+    expect(chat).to_contain_text("max tokens limit", timeout=60_000)
+    visit.shot("06-edited-and-cut-short")
+
+
 def test_conversations_stay_in_the_browser_and_can_be_exported_and_deleted(visit):
     page = visit.page
     page.reload()
     expect(page.locator("#who")).to_contain_text("alice")  # the sign-in survived the reload
     items = page.locator("#conversation-list label")
-    expect(items).to_have_count(2)
-    expect(items.first).to_contain_text("What is the part number")
+    expect(items).to_have_count(3)
     with page.expect_download() as download:
         page.locator("#export").click()
     exported = json.loads(Path(download.value.path()).read_text())
     assert exported["user"] == "alice"
     assert [c["title"] for c in exported["conversations"]] == [
+        "What color is the **sky**?",
         "What is the part number of the coolant pump?",
         "Tell me about Japan.",
     ]
+    assert exported["conversations"][0]["messages"][-1]["metadata"]["title"].startswith(
+        "The answer reached the max tokens"
+    )
     # Nothing of it is on the appliance: saving there is off unless the user turns it on.
-    items.first.click()
+    items.nth(1).click()
     expect(page.locator("#chatbot")).to_contain_text("XK-4471")
     page.locator("#delete-chat").click()
-    expect(items).to_have_count(1)
-    visit.shot("06-conversations")
+    expect(items).to_have_count(2)
+    visit.shot("07-conversations")
 
 
 def test_admins_see_where_instances_run(visit):
@@ -214,7 +248,7 @@ def test_admins_see_where_instances_run(visit):
     visit.tab("Models")
     expect(page.locator("#catalog")).to_contain_text("tiny-chat")
     expect(page.locator("#instances")).to_contain_text("ready", timeout=15_000)
-    visit.shot("07-models-admin")
+    visit.shot("08-models-admin")
 
 
 def test_deleting_a_document_removes_it_from_answers(visit):
@@ -228,7 +262,7 @@ def test_deleting_a_document_removes_it_from_answers(visit):
     page.locator("#kb-search").click()
     expect(page.locator("#kb-hits")).to_contain_text("holidays.docx")
     expect(page.locator("#kb-hits")).not_to_contain_text("pump.pdf")
-    visit.shot("08-document-deleted", full_page=True)
+    visit.shot("09-document-deleted", full_page=True)
 
 
 def test_another_user_sees_nothing_of_the_first(visit):
@@ -249,18 +283,21 @@ def test_another_user_sees_nothing_of_the_first(visit):
     visit.tab("Models")
     expect(page.locator("#catalog")).to_contain_text("tiny-chat")
     expect(page.locator("#instances")).to_be_hidden()
-    visit.shot("09-other-user")
+    visit.shot("10-other-user")
 
 
-def test_works_offline_and_on_a_phone(visit, browser, web_stack, artifacts):
-    url, _ = web_stack
+def test_works_offline_and_on_a_phone_with_an_api_key(visit, browser, web_stack, artifacts):
+    url, settings = web_stack
     assert visit.hosts == {urlsplit(url).netloc}, f"requests left the appliance: {visit.hosts}"
     phone = open_visit(
         browser, url, artifacts, viewport={"width": 390, "height": 844}, is_mobile=True,
         has_touch=True, device_scale_factor=2,
     )  # fmt: skip
+    key, _ = ApiKeyStore(settings.api_keys_file).create("bob")
     try:
-        phone.sign_in("bob")
+        phone.page.get_by_role("tab", name="API key").click()
+        phone.page.get_by_label("API key").fill(key)
+        phone.page.get_by_role("button", name="Sign in with the key").click()
         expect(phone.page.locator("#who")).to_contain_text("bob")
         phone.page.locator("#message textarea").fill("What color is the sky?")
         phone.page.locator("#send").click()
@@ -268,7 +305,44 @@ def test_works_offline_and_on_a_phone(visit, browser, web_stack, artifacts):
         overflow = phone.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 1, f"the page is {overflow} px wider than a phone screen"
         phone.page.evaluate("window.scrollTo(0, 0)")
-        phone.shot("10-phone")
+        phone.shot("11-phone")
         assert phone.hosts == {urlsplit(url).netloc}
     finally:
         phone.page.context.close()
+
+
+def test_sharing_lets_another_user_read_but_not_change(visit):
+    page = visit.page
+    page.locator("#sign-out").click()
+    visit.sign_in("alice")
+    visit.tab("Knowledge")
+    page.get_by_text("Share or delete this knowledge base").click()
+    page.locator("#kb-share-readers input, #kb-share-readers textarea").first.fill("bob")
+    page.locator("#kb-share").click()
+    expect(page.locator("#kb-info")).to_contain_text("readers: bob")
+    page.locator("#sign-out").click()
+    visit.sign_in("bob")
+    expect(page.locator("#who")).to_contain_text("bob")
+    visit.tab("Knowledge")
+    expect(page.locator("#kb-info")).to_contain_text("plant")
+    expect(page.locator("#kb-documents")).to_contain_text("holidays.docx")
+    visit.pick("#kb-doc-select", "holidays.docx")
+    page.locator("#kb-doc-delete").click()
+    expect(
+        page.get_by_text("may read but not change").first
+    ).to_be_visible()  # the gateway's refusal, shown
+    expect(page.locator("#kb-documents")).to_contain_text("holidays.docx")
+    visit.shot("12-shared-read-only")
+
+
+def test_admin_stops_the_instance(visit):
+    page = visit.page
+    page.locator("#sign-out").click()
+    visit.sign_in("alice")
+    visit.tab("Models")
+    expect(page.locator("#instances")).to_contain_text("ready", timeout=15_000)
+    page.locator("#stop-job input").click()
+    page.get_by_role("option").first.click()
+    page.locator("#stop-instance").click()
+    expect(page.locator("#catalog")).to_contain_text("stopped", timeout=60_000)
+    visit.shot("13-instance-stopped")
