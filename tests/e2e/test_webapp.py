@@ -97,6 +97,7 @@ def documents(tmp_path_factory) -> dict[str, Path]:
         ),
         "holidays.docx": holidays_docx(),
         "broken.pdf": b"%PDF-1.4\n this is not really a PDF",
+        "big.txt": b"word " * (3 * 1024 * 1024 // 5),
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -122,7 +123,13 @@ def test_upload_a_pdf_and_a_word_file_with_status_per_file(visit, documents):
     page.locator("#kb-new-name input, #kb-new-name textarea").first.fill("plant")
     page.locator("#kb-create").click()
     expect(page.locator("#kb-info")).to_contain_text("plant")
-    page.locator("#kb-files input[type=file]").set_input_files(list(documents.values()))
+    # Larger than rag.max_upload_bytes (2 MiB here): refused at once, with the limit named.
+    page.locator("#kb-files input[type=file]").set_input_files(documents["big.txt"])
+    expect(page.get_by_text("exceed").first).to_be_visible()
+    visit.shot("02-too-large")
+    page.locator("#kb-files input[type=file]").set_input_files(
+        [documents[n] for n in ("pump.pdf", "holidays.docx", "broken.pdf")]
+    )
     expect(page.locator("#kb-files")).to_contain_text("34.0 B")  # the last file is in
     page.locator("#kb-upload").click()
     status = page.locator("#kb-upload-status")
@@ -136,7 +143,7 @@ def test_upload_a_pdf_and_a_word_file_with_status_per_file(visit, documents):
     expect(listed).to_contain_text("pump.pdf")
     expect(listed).to_contain_text("holidays.docx")
     expect(listed).not_to_contain_text("broken.pdf")
-    visit.shot("02-documents", full_page=True)
+    visit.shot("03-documents", full_page=True)
 
 
 def test_stop_while_the_model_starts_then_regenerate(visit):
