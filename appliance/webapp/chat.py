@@ -175,18 +175,23 @@ def build_chat(ctx: WebContext) -> ChatView:
             return gr.skip(), gr.skip(), gr.skip()
         choices = render.model_choices(models)
         names = [value for _, value in choices]
+        # The values are set only when they must change: this runs on a timer, and its inputs may
+        # be older than a choice the user made meanwhile, which must not be undone.
+        model_update = gr.Dropdown(choices=choices)
         if chosen not in names:
             chosen = next((m["id"] for m in models if m.get("state") == "running"), None) or (
                 names[0] if names else None
             )
+            model_update = gr.Dropdown(choices=choices, value=chosen)
         kb_names = [kb["name"] for kb in bases]
+        kb_update = gr.Dropdown(choices=kb_names)
+        if any(k not in kb_names for k in chosen_kbs or []):
+            kb_update = gr.Dropdown(
+                choices=kb_names, value=[k for k in chosen_kbs if k in kb_names]
+            )
         state = next((m for m in models if m["id"] == chosen), None)
         status = "" if state is None else _status_line(state)
-        return (
-            gr.Dropdown(choices=choices, value=chosen),
-            gr.Dropdown(choices=kb_names, value=[k for k in (chosen_kbs or []) if k in kb_names]),
-            status,
-        )
+        return model_update, kb_update, status
 
     pickers = [model, kbs, model_status]
 
