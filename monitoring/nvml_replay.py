@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 _ERROR = "__nvml_error__"
+_SEQUENCE = "__sequence__"
 
 
 def _jsonable(value: Any) -> Any:
@@ -99,8 +100,11 @@ class ReplayNvml:
         return cls(json.loads(Path(path).read_text())["calls"])
 
     def __getattr__(self, name: str) -> Any:
-        if not name.startswith("nvml") or name in ("nvmlInit", "nvmlShutdown"):
-            return getattr(self._real, name) if not name.startswith("nvml") else _noop
+        real = getattr(self._real, name)
+        if not (name.startswith("nvml") and callable(real)):
+            return real  # constants (NVML_*, nvmlEventType*) and NVMLError
+        if name in ("nvmlInit", "nvmlShutdown"):
+            return _noop
 
         def call(*args):
             key = _key(name, args)
@@ -108,12 +112,14 @@ class ReplayNvml:
                 # Not captured: the GPU was not asked this; answer like an unsupported query.
                 raise self._real.NVMLError(self._real.NVML_ERROR_NOT_SUPPORTED)
             answer = self.calls[key]
+            if isinstance(answer, dict) and _SEQUENCE in answer:
+                # Answers in turn (e.g. one event, then a timeout); the last one repeats.
+                sequence = answer[_SEQUENCE]
+                answer = sequence.pop(0) if len(sequence) > 1 else sequence[0]
             if isinstance(answer, dict) and _ERROR in answer:
                 raise self._real.NVMLError(answer[_ERROR])
             if isinstance(answer, dict) and "handle" in answer:
                 return _Handle(answer["handle"])
-            if name == "nvmlEventSetWait_v2":
-                return _namespace(answer)
             return _namespace(answer)
 
         return call
