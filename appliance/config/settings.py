@@ -18,6 +18,7 @@ from appliance import envs
 from appliance.config.catalog import CatalogSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.config.gateway import GatewaySettings
+from appliance.config.monitoring import MonitoringSettings
 from appliance.config.serving import ServingSettings
 from appliance.config.store import StoreSettings
 from appliance.config.webapp import WebappSettings
@@ -100,6 +101,9 @@ class ApplianceSettings(BaseSettings):
 
     rag: RagSettings = Field(default_factory=RagSettings)
     """Knowledge bases: storage, embeddings, chunking, retrieval (section `rag`)."""
+
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    """Metrics, history and node health checks (section `monitoring`)."""
 
     webapp: WebappSettings = Field(default_factory=WebappSettings)
     """The web app: chat, knowledge bases, models (section `webapp`)."""

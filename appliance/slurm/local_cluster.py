@@ -17,9 +17,11 @@ from appliance.errors import ApplianceError
 from appliance.slurm.client import SlurmClient, SlurmNode
 from appliance.slurm.conf import (
     ClusterLayout,
+    HealthCheck,
     detect_host_facts,
     plan_cluster,
     render_gres_conf,
+    render_health_check_script,
     render_slurm_conf,
 )
 from appliance.slurm.daemons import (
@@ -152,7 +154,8 @@ class LocalCluster:
         ensure_slurm_installed(self.runner)
         facts = detect_host_facts(self.runner, user=pwd.getpwuid(os.geteuid()).pw_name)
         layout = plan_cluster(self.cluster, self.paths.root, facts)
-        slurm_conf = render_slurm_conf(self.cluster, self.paths.root, facts)
+        health = HealthCheck(self.paths.health_check, self.settings.monitoring.health_interval_s)
+        slurm_conf = render_slurm_conf(self.cluster, self.paths.root, facts, health)
         gres_conf = render_gres_conf(self.cluster, self.paths.root, facts)
 
         self._make_dirs(layout)
@@ -163,6 +166,7 @@ class LocalCluster:
             running = {}
         _write_if_changed(self.paths.slurm_conf, slurm_conf)
         _write_if_changed(self.paths.gres_conf, gres_conf)
+        self._write_health_check()
         stale = [d for k, d in running.items() if k.startswith("slurmd:") and not _in(k, layout)]
         self._stop(stale)
         self._pids = {k: d.pid for k, d in running.items() if d not in stale}
@@ -256,6 +260,18 @@ class LocalCluster:
                 f"under {self.paths.node_spool(longest)} would exceed the "
                 f"{MAX_SOCKET_PATH}-character limit of Unix socket paths; choose a shorter one"
             )
+
+    def _write_health_check(self) -> None:
+        """The health check and the settings it reads (it runs under slurmd, not under us)."""
+        import sys
+
+        import yaml
+
+        settings = self.settings.model_dump(mode="json")
+        _write_if_changed(self.paths.health_config, yaml.safe_dump(settings, sort_keys=False))
+        script = render_health_check_script(sys.executable, self.paths.health_config)
+        _write_if_changed(self.paths.health_check, script)
+        self.paths.health_check.chmod(0o755)
 
     def _make_dirs(self, layout: ClusterLayout) -> None:
         for directory in (self.paths.state, self.paths.log, self.paths.run):

@@ -22,6 +22,16 @@ class LocalClusterPaths:
         return self.root / "slurm.conf"
 
     @property
+    def health_check(self) -> Path:
+        """The node health check Slurm runs (HealthCheckProgram)."""
+        return self.root / "healthcheck.sh"
+
+    @property
+    def health_config(self) -> Path:
+        """The settings the health check reads (written at `up`)."""
+        return self.root / "health-config.yaml"
+
+    @property
     def gres_conf(self) -> Path:
         # Slurm reads gres.conf from the directory of slurm.conf; the name is fixed.
         return self.root / "gres.conf"

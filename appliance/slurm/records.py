@@ -78,6 +78,9 @@ class SlurmNode:
     """Allocated generic resources, e.g. ``gpu:1(IDX:0),shard:0(IDX:N/A)``."""
     reason: str = ""
     """Why the node is drained or down, as the admin or Slurm set it."""
+    partitions: list[str] = field(default_factory=list)
+    cpu_load: float | None = None
+    """The node's load average as slurmd reports it (1-minute, in CPUs)."""
 
     @property
     def base_state(self) -> str:
@@ -194,7 +197,15 @@ def node_from_json(data: dict[str, Any]) -> SlurmNode:
         gres=_clean_gres(_text(data.get("gres"))),
         gres_used=_clean_gres(_text(data.get("gres_used"))),
         reason=_text(data.get("reason")),
+        partitions=[_text(p) for p in data.get("partitions") or []],
+        cpu_load=_load_average(data.get("cpu_load")),
     )
+
+
+def _load_average(value: Any) -> float | None:
+    # Slurm reports the load average times 100 as an integer.
+    number = _number(value)
+    return None if number is None else number / 100
 
 
 def _clean_gres(text: str) -> str:

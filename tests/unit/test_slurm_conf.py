@@ -13,6 +13,7 @@ import pytest
 from appliance.config.cluster import ClusterSettings
 from appliance.errors import ApplianceError
 from appliance.slurm.conf import (
+    HealthCheck,
     HostFacts,
     detect_host_facts,
     node_memory_mb,
@@ -20,6 +21,7 @@ from appliance.slurm.conf import (
     parse_slurmd_c,
     plan_cluster,
     render_gres_conf,
+    render_health_check_script,
     render_slurm_conf,
 )
 from appliance.slurm.runner import CommandError
@@ -69,11 +71,21 @@ def check_golden(name: str, text: str) -> None:
     assert text == path.read_text(), f"{name} differs from the golden file"
 
 
+HEALTH = HealthCheck(SLURM_DIR / "healthcheck.sh", 60)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case):
     cluster, facts = CASES[case]
-    check_golden(f"{case}.slurm.conf", render_slurm_conf(cluster, SLURM_DIR, facts))
+    check_golden(f"{case}.slurm.conf", render_slurm_conf(cluster, SLURM_DIR, facts, HEALTH))
     check_golden(f"{case}.gres.conf", render_gres_conf(cluster, SLURM_DIR, facts))
+
+
+def test_golden_health_check_script():
+    script = render_health_check_script(
+        "/opt/appliance/.venv/bin/python", SLURM_DIR / "health-config.yaml"
+    )
+    check_golden("healthcheck.sh", script)
 
 
 def test_simulated_gpus_are_separate_devices_per_node():
