@@ -1,4 +1,4 @@
-"""Health checks and what they do to a node: drain with the reason, resume only what they drained."""
+"""Health checks and what they do to a node: drain with the reason, resume only their own."""
 
 from __future__ import annotations
 
