@@ -44,12 +44,15 @@ class Monitor:
         history: History | None = None,
         live: Iterable[Callable[[], Iterable[Metric]]] = (),
         tick_s: float = 1.0,
+        history_step_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ):
         self.sources = list(sources)
         self.history = history or History()
         self.live = list(live)
         self.tick_s = tick_s
+        self.history_step_s = history_step_s
+        self._history_due = 0.0
         self.clock = clock
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -81,7 +84,9 @@ class Monitor:
                     source.families, source.last_success = families, now
                 else:
                     source.families = []
-        self.history.record(now, self.collect())
+        if now >= self._history_due:
+            self._history_due = now + self.history_step_s
+            self.history.record(now, self.collect())
 
     def collect(self) -> list[Metric]:
         """The latest metrics of every collector, the live ones, and the collectors' state."""

@@ -38,7 +38,7 @@ def slurm_families(nodes: list[SlurmNode], jobs: list[SlurmJob]) -> list[Metric]
     out.append(GaugeMetricFamily("slurm_nodes_total", "Nodes in the cluster.", len(nodes)))
 
     labels = ["node", "state", "partition", "reason"]
-    node_info = GaugeMetricFamily("slurm_node_info", "Each node's state (value 1).", labels)
+    node_info = GaugeMetricFamily("slurm_node_info", "Each node's state (value 1).", labels=labels)
     per_node = {
         "slurm_node_cpus_total": ("CPUs of the node.", lambda n: n.cpus),
         "slurm_node_cpus_alloc": ("CPUs allocated on the node.", lambda n: n.alloc_cpus),

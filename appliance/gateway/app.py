@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.config import ApplianceSettings
-from appliance.gateway import account
+from appliance.gateway import account, monitoring_api
 from appliance.gateway.auth import Authenticator
 from appliance.gateway.forward import Forwarder
 from appliance.gateway.knowledge import KnowledgeService
@@ -24,6 +24,10 @@ from appliance.models.catalog import Catalog, load_catalog
 from appliance.serving.manager import InstanceManager
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
+from monitoring.history import History
+from monitoring.monitor import Monitor
+from monitoring.requests import RequestMetrics
+from monitoring.vllm_metrics import Target
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,40 @@ class GatewayState:
     forwarder: Forwarder
     auth: Authenticator
     knowledge: KnowledgeService
+    requests: RequestMetrics
+    monitor: Monitor | None
+
+
+def _monitor(
+    settings: ApplianceSettings,
+    slurm: SlurmClient,
+    manager: InstanceManager,
+    requests: RequestMetrics,
+) -> Monitor | None:
+    """The collectors, started on their own thread (Slurm and scrapes block; the loop must not)."""
+    from monitoring.sources import gateway_sources
+
+    mon = settings.monitoring
+    if not mon.enabled:
+        return None
+
+    def targets() -> list[Target]:
+        return [
+            Target(i.job_id, i.model, i.node or "", i.url)
+            for i in list(manager.instances())
+            if i.routable and i.url
+        ]
+
+    sources, _, _ = gateway_sources(settings, slurm, targets)
+    monitor = Monitor(
+        sources,
+        History(mon.history_points, mon.history_max_series),
+        live=[requests.collect],
+        tick_s=mon.interval_s,
+        history_step_s=mon.history_step_s,
+    )
+    monitor.start()
+    return monitor
 
 
 def create_app(
@@ -61,6 +99,8 @@ def create_app(
         )
         manager = InstanceManager(settings, catalog, slurm)
         await manager.start()
+        requests = RequestMetrics()
+        monitor = _monitor(settings, slurm, manager, requests)
         app.state.gateway = GatewayState(
             settings,
             catalog,
@@ -68,16 +108,21 @@ def create_app(
             Forwarder(settings, manager, client),
             Authenticator(settings.api_keys_file, settings.users_file, settings.gateway),
             KnowledgeService(settings),
+            requests,
+            monitor,
         )
         log.info("gateway ready; %d models in the catalog", len(catalog))
         try:
             yield
         finally:
+            if monitor is not None:
+                monitor.stop()
             await manager.close()
             await client.close()
 
     app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
-    for part in (router, api, admin_api, knowledge_router, account.sign_in_router, account.router):
+    parts = (router, api, admin_api, knowledge_router, account.sign_in_router, account.router)
+    for part in (*parts, monitoring_api.router):
         app.include_router(part)
 
     @app.exception_handler(StarletteHTTPException)

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from appliance.errors import ApplianceError
 from appliance.gateway.auth import admin, principal
+from appliance.gateway.observe import observed
 from appliance.gateway.protocol import RequestError, parse_body, validate_request
 
 router = APIRouter()
@@ -112,13 +113,21 @@ async def _openai_call(request: Request, path: str) -> Response:
         return exc.response()
     if not spec.installed(gw.settings):
         return _not_installed(spec.name)
-    if path == "/v1/chat/completions" and "knowledge_bases" in body:
-        from appliance.gateway.knowledge import grounded_chat
+    stream = bool(body.get("stream", False))
 
-        return await grounded_chat(
-            request, body, lambda data, stream: gw.forwarder.forward(path, data, spec.name, stream)
-        )
-    return await gw.forwarder.forward(path, raw, spec.name, bool(body.get("stream", False)))
+    async def call() -> Response:
+        if path == "/v1/chat/completions" and "knowledge_bases" in body:
+            from appliance.gateway.knowledge import grounded_chat
+
+            return await grounded_chat(
+                request,
+                body,
+                lambda data, stream: gw.forwarder.forward(path, data, spec.name, stream),
+            )
+        return await gw.forwarder.forward(path, raw, spec.name, stream)
+
+    who = principal(request)
+    return await observed(request, who, spec.name, path.rsplit("/", 1)[-1], stream, call)
 
 
 @api.post("/v1/chat/completions")

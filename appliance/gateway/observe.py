@@ -1,0 +1,97 @@
+"""Records each OpenAI request the gateway serves: id, user, model, the instance (Slurm job) and
+node it ran on, status, latency, time to first byte and tokens (monitoring/requests.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from appliance.gateway.forward import INSTANCE_HEADER
+from monitoring.requests import RequestRecord, new_request_id
+from security.api_keys import Principal
+
+REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Parsing a big answer for its usage would cost more than it tells.
+_MAX_PARSED = 1 << 20
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _CLIENT_ID.match(given) else new_request_id()
+
+
+async def observed(
+    request: Request,
+    who: Principal,
+    model: str,
+    endpoint: str,
+    stream: bool,
+    call: Callable[[], Awaitable[Response]],
+) -> Response:
+    gw = request.app.state.gateway
+    metrics = gw.requests
+    record = metrics.start(
+        RequestRecord(_request_id(request), who.user, model, endpoint, time.time(), stream)
+    )
+    try:
+        response = await call()
+    except BaseException:
+        record.status, record.error = 500, "the gateway failed"
+        metrics.finish(record)
+        raise
+    response.headers[REQUEST_ID_HEADER] = record.id
+    job = response.headers.get(INSTANCE_HEADER)
+    if job and job.isdigit():
+        record.job_id = int(job)
+        inst = gw.manager.get(record.job_id)
+        record.node = inst.node if inst else None
+    record.status = response.status_code
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = _counted(response.body_iterator, record, metrics)
+        return response
+    record.first_byte_s = time.time() - record.started_at
+    body = getattr(response, "body", b"")
+    if response.status_code >= 400:
+        record.error = _error_text(body)
+    elif body and len(body) < _MAX_PARSED:
+        try:
+            usage = json.loads(body).get("usage") or {}
+            record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            record.completion_tokens = int(usage.get("completion_tokens") or 0)
+        except (ValueError, AttributeError, TypeError):
+            pass
+    metrics.finish(record)
+    return response
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return body[:300].decode(errors="replace")
+
+
+async def _counted(
+    events: AsyncIterator[bytes], record: RequestRecord, metrics
+) -> AsyncIterator[bytes]:
+    """Relay a stream, counting its chunks (vLLM sends about one token per chunk)."""
+    try:
+        async for chunk in events:
+            if record.first_byte_s is None and b"data: {" in chunk:
+                record.first_byte_s = time.time() - record.started_at
+            record.completion_tokens += chunk.count(b'"delta":{"content"')
+            if b'data: {"error"' in chunk:
+                record.status, record.error = 502, _error_text(chunk.split(b"data: ", 1)[1])
+            yield chunk
+    except BaseException:
+        record.status = record.status if record.status >= 400 else 499
+        record.error = record.error or "the client went away"
+        raise
+    finally:
+        metrics.finish(record)
