@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from prometheus_client.core import Metric
 
-# Histogram buckets and creation stamps make many series and say little on a dashboard.
+# Histogram buckets, creation stamps and per-CPU counters make many series and say little on a
+# dashboard (appliance_cpu_busy_ratio says what the CPU counters would).
 _SKIP_SUFFIXES = ("_bucket", "_created")
+_SKIP_NAMES = frozenset({"node_cpu_seconds_total"})
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class History:
         with self._lock:
             for family in families:
                 for s in family.samples:
-                    if s.name.endswith(_SKIP_SUFFIXES):
+                    if s.name.endswith(_SKIP_SUFFIXES) or s.name in _SKIP_NAMES:
                         continue
                     key = (s.name, tuple(sorted(s.labels.items())))
                     ring = self._series.get(key)

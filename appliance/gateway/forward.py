@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from fastapi.responses import Response, StreamingResponse
@@ -51,9 +51,18 @@ class Forwarder:
         self.manager = manager
         self.client = client
 
-    async def forward(self, path: str, raw: bytes, model: str, stream: bool) -> Response:
+    async def forward(
+        self,
+        path: str,
+        raw: bytes,
+        model: str,
+        stream: bool,
+        on_instance: Callable[[Instance], None] | None = None,
+    ) -> Response:
+        """Serve the request on an instance of `model`; `on_instance` learns each instance a
+        stream is sent to once it is chosen (after a wait for a starting one, too)."""
         if stream:
-            return await self._stream(path, raw, model)
+            return await self._stream(path, raw, model, on_instance)
         return await self._unary(path, raw, model)
 
     # ----- plain requests -----------------------------------------------------------------
@@ -104,22 +113,26 @@ class Forwarder:
         """Send the request; the caller reads the body as it comes and releases the response."""
         return await self.client.post(inst.url + path, data=raw, headers=JSON_HEADERS)
 
-    async def _stream(self, path: str, raw: bytes, model: str) -> Response:
+    async def _stream(self, path: str, raw: bytes, model: str, on_instance=None) -> Response:
         inst = self.manager.try_acquire(model)
         if inst is None:
-            return self._streaming(self._events(path, raw, model, set(), None, None))
+            return self._streaming(self._events(path, raw, model, set(), None, None, on_instance))
         # A ready instance: open upstream first so its status code (e.g. a 400 for a too long
         # prompt) reaches the client as a normal error response.
         try:
             upstream = await self._open(inst, path, raw)
         except UPSTREAM_ERRORS:
             self.manager.release(inst, failed=True)
-            return self._streaming(self._events(path, raw, model, {inst.job_id}, None, None))
+            return self._streaming(
+                self._events(path, raw, model, {inst.job_id}, None, None, on_instance)
+            )
         if upstream.status >= 500:
             # The instance is failing and nothing was sent yet: go on with another instance.
             upstream.close()
             self.manager.release(inst, failed=True)
-            return self._streaming(self._events(path, raw, model, {inst.job_id}, None, None))
+            return self._streaming(
+                self._events(path, raw, model, {inst.job_id}, None, None, on_instance)
+            )
         if upstream.status != 200:
             body = await upstream.read()
             upstream.release()
@@ -129,7 +142,9 @@ class Forwarder:
                 status_code=upstream.status,
                 media_type=upstream.headers.get("content-type"),
             )
-        return self._streaming(self._events(path, raw, model, set(), inst, upstream), inst.job_id)
+        return self._streaming(
+            self._events(path, raw, model, set(), inst, upstream, on_instance), inst.job_id
+        )
 
     @staticmethod
     def _streaming(events: AsyncIterator[bytes], job_id: int | None = None) -> StreamingResponse:
@@ -176,6 +191,7 @@ class Forwarder:
         exclude: set[int],
         inst: Instance | None,
         upstream: aiohttp.ClientResponse | None,
+        on_instance: Callable[[Instance], None] | None = None,
     ) -> AsyncIterator[bytes]:
         """The bytes of the streamed response, across retries and waits."""
         max_retries = self.settings.gateway.max_retries
@@ -189,6 +205,8 @@ class Forwarder:
                     yield _acquire_error(model, exc).sse_event()
                     return
                 inst = holder[0]
+                if on_instance is not None:
+                    on_instance(inst)
             if upstream is None:
                 try:
                     upstream = await self._open(inst, path, raw)

@@ -32,15 +32,19 @@ async def observed(
     model: str,
     endpoint: str,
     stream: bool,
-    call: Callable[[], Awaitable[Response]],
+    call: Callable[[Callable], Awaitable[Response]],
 ) -> Response:
     gw = request.app.state.gateway
     metrics = gw.requests
     record = metrics.start(
         RequestRecord(_request_id(request), who.user, model, endpoint, time.time(), stream)
     )
+
+    def on_instance(inst) -> None:  # a stream that waited for an instance learns it late
+        record.job_id, record.node = inst.job_id, inst.node
+
     try:
-        response = await call()
+        response = await call(on_instance)
     except BaseException:
         record.status, record.error = 500, "the gateway failed"
         metrics.finish(record)

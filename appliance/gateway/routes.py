@@ -115,19 +115,21 @@ async def _openai_call(request: Request, path: str) -> Response:
         return _not_installed(spec.name)
     stream = bool(body.get("stream", False))
 
-    async def call() -> Response:
+    async def call(on_instance) -> Response:
         if path == "/v1/chat/completions" and "knowledge_bases" in body:
             from appliance.gateway.knowledge import grounded_chat
 
             return await grounded_chat(
                 request,
                 body,
-                lambda data, stream: gw.forwarder.forward(path, data, spec.name, stream),
+                lambda data, stream: gw.forwarder.forward(
+                    path, data, spec.name, stream, on_instance
+                ),
             )
-        return await gw.forwarder.forward(path, raw, spec.name, stream)
+        return await gw.forwarder.forward(path, raw, spec.name, stream, on_instance)
 
     who = principal(request)
-    return await observed(request, who, spec.name, path.rsplit("/", 1)[-1], stream, call)
+    return await observed(request, who, spec.name, path.removeprefix("/v1/"), stream, call)
 
 
 @api.post("/v1/chat/completions")

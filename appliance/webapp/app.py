@@ -11,6 +11,7 @@ from appliance.webapp.client import GatewayClient
 from appliance.webapp.context import WebContext, is_admin, signed_in
 from appliance.webapp.knowledge import build_knowledge
 from appliance.webapp.models_view import build_models
+from appliance.webapp.monitoring_view import build_monitoring
 from appliance.webapp.signin import build_signin, check_session, sign_out
 
 # Readable on a laptop and a phone: no side margins on small screens, the chat fills the height.
@@ -49,6 +50,8 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
                 knowledge = build_knowledge(ctx)
             with gr.Tab("Models", id="models", elem_id="tab-models"):
                 models = build_models(ctx)
+            with gr.Tab("Monitoring", id="monitoring", elem_id="tab-monitoring"):
+                monitoring = build_monitoring(ctx)
 
         def show(session_value):
             on = signed_in(session_value)
@@ -70,7 +73,7 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
 
         def after_session_change(dep):
             dep = dep.then(show, [session], shown)
-            for view in (chat, knowledge, models):
+            for view in (chat, knowledge, models, monitoring):
                 dep = view.on_sign_in(dep)
             return dep
 

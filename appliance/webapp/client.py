@@ -185,6 +185,26 @@ class GatewayClient:
             await self._call("POST", f"/v1/knowledge_bases/{_seg(kb)}/query", token, json=body)
         )["data"]
 
+    # ----- monitoring (administrators) ------------------------------------------------------
+
+    async def monitoring_status(self, token: str) -> dict[str, Any]:
+        return await self._call("GET", "/admin/monitoring/status", token)
+
+    async def series(
+        self, token: str, name: str, since_s: float = 3600, **labels: str
+    ) -> list[dict[str, Any]]:
+        params = {"name": name, "since_s": since_s, **labels}
+        return (await self._call("GET", "/admin/monitoring/series", token, params=params))["series"]
+
+    async def recent_requests(self, token: str, limit: int = 50) -> list[dict[str, Any]]:
+        params = {"limit": limit}
+        return (await self._call("GET", "/admin/monitoring/requests", token, params=params))[
+            "requests"
+        ]
+
+    async def search(self, token: str, query: str) -> dict[str, Any]:
+        return await self._call("GET", "/admin/monitoring/search", token, params={"q": query})
+
     # ----- conversations saved on the appliance ---------------------------------------------
 
     async def saved_conversations(self, token: str) -> list[dict[str, Any]]:
