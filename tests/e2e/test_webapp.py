@@ -21,6 +21,9 @@ from tests.unit.rag_samples import text_pdf
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow, pytest.mark.e2e]
 
+# Assertions wait this long by default: the first knowledge-base call loads Chroma and the
+# embedding model, which takes seconds on 2 busy cores.
+expect.set_options(timeout=30_000)
 START_TIMEOUT_MS = 240_000  # the first answer waits for an instance to start (about 25 s)
 QUESTION = "What is the part number of the coolant pump?"
 
@@ -258,6 +261,27 @@ def test_admins_see_where_instances_run(visit):
     visit.shot("08-models-admin")
 
 
+def test_monitoring_dashboards_drill_down_and_topology(visit):
+    page = visit.page
+    visit.tab("Monitoring")
+    expect(page.locator("#mon-alerts")).to_contain_text("alerts", timeout=20_000)
+    expect(page.locator("#mon-alerts")).to_contain_text("gpu")  # no NVML here: said plainly
+    expect(page.locator("#mon-cluster-0")).to_contain_text("CPUs allocated")
+    expect(page.locator("#mon-requests")).to_contain_text("tiny-chat")
+    page.get_by_label("Node", exact=True).check()
+    expect(page.locator("#mon-node-0")).to_be_visible()
+    expect(page.locator("#mon-cluster-0")).to_be_hidden()
+    page.get_by_label("Task", exact=True).check()
+    expect(page.locator("#mon-task-0")).to_contain_text("Requests per second")
+    page.locator("#mon-query input, #mon-query textarea").first.fill("tiny-chat")
+    page.locator("#mon-search").click()
+    topology = page.locator("#mon-topology")
+    expect(topology).to_contain_text("instance")
+    expect(topology).to_contain_text("node")
+    expect(topology).to_contain_text("health")
+    visit.shot("09-monitoring", full_page=True)
+
+
 def test_deleting_a_document_removes_it_from_answers(visit):
     page = visit.page
     visit.tab("Knowledge")
@@ -290,6 +314,9 @@ def test_another_user_sees_nothing_of_the_first(visit):
     visit.tab("Models")
     expect(page.locator("#catalog")).to_contain_text("tiny-chat")
     expect(page.locator("#instances")).to_be_hidden()
+    visit.tab("Monitoring")
+    expect(page.locator("#mon-note")).to_contain_text("for administrators")
+    expect(page.locator("#mon-body")).to_be_hidden()
     visit.shot("10-other-user")
 
 
