@@ -19,6 +19,7 @@ from monitoring.monitor import Source
 from monitoring.nvml import NvmlReader, NvmlUnavailable
 from monitoring.slurm_metrics import slurm_families
 from monitoring.system_metrics import system_families
+from monitoring.training_metrics import training_families
 from monitoring.vllm_metrics import Target, scrape
 
 
@@ -97,5 +98,11 @@ def gateway_sources(
         Source("slurm", "cluster", snapshot.refresh, mon.cluster_interval_s),
         Source("node_health", "node", snapshot.node_health, mon.cluster_interval_s),
         Source("instances", "task", instances, mon.task_interval_s),
+        Source(
+            "training",
+            "task",
+            lambda: training_families(settings.training_dir),
+            mon.task_interval_s,
+        ),
     ]
     return sources, snapshot, gpu

@@ -165,6 +165,10 @@ class ApplianceSettings(BaseSettings):
         return self.state_dir / "keys" / "users.json"
 
     @property
+    def training_dir(self) -> Path:
+        return self.state_dir / "training"
+
+    @property
     def conversations_dir(self) -> Path:
         return self.state_dir / "conversations"
 

@@ -48,7 +48,16 @@ async def status(request: Request) -> dict:
 async def series(request: Request, name: str, since_s: float = 3600) -> dict:
     """The history of metric `name`; other query parameters select labels (node=n1)."""
     labels = {k: v for k, v in request.query_params.items() if k not in ("name", "since_s")}
-    found = _monitor(request).history.query(name, time.time() - since_s, **labels)
+    history = _monitor(request).history
+    url = request.app.state.gateway.settings.monitoring.prometheus_url
+    if url:
+        from monitoring.prometheus_history import PrometheusHistory
+
+        history = PrometheusHistory(url)
+    try:
+        found = await asyncio.to_thread(history.query, name, time.time() - since_s, **labels)
+    except Exception as exc:  # the Prometheus server is down or refuses the query
+        raise RequestError(502, f"history is not available: {exc}") from None
     return {"name": name, "series": [{"labels": s.labels, "points": s.points} for s in found]}
 
 

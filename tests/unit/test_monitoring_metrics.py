@@ -15,8 +15,10 @@ from monitoring.alerts import RULES, active_alerts, rules_yaml
 from monitoring.files import shipped_files
 from monitoring.history import History, rate
 from monitoring.monitor import Monitor, Source
+from monitoring.prometheus_history import PrometheusHistory, selector
 from monitoring.slurm_metrics import slurm_families
 from monitoring.system_metrics import system_families
+from monitoring.training_metrics import training_families
 
 SLURM = Path(__file__).parent / "testdata" / "slurm"
 GOLDEN = Path(__file__).resolve().parents[2] / "monitoring" / "prometheus"
@@ -85,3 +87,44 @@ def test_shipped_rules_and_dashboards_are_generated_from_their_sources():
     for level in ("component", "node", "cluster", "task"):
         board = json.loads((GOLDEN.parent / "grafana" / f"appliance-{level}.json").read_text())
         assert board["panels"] and all(p["targets"] for p in board["panels"])
+
+
+def test_training_progress_files_become_metrics_with_an_eta(tmp_path):
+    run = tmp_path / "lora-1"
+    run.mkdir()
+    progress = {"job_id": 7, "model": "tiny-chat", "user": "alice", "step": 25,
+                "total_steps": 100, "loss": 1.5, "learning_rate": 2e-4, "tokens_per_s": 900.0,
+                "started_at": 1000.0, "updated_at": 1050.0, "state": "running"}  # fmt: skip
+    (run / "progress.json").write_text(json.dumps(progress))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "progress.json").write_text("{half")
+    monitor = Monitor([Source("training", "task", lambda: training_families(tmp_path))])
+    monitor.refresh(force=True)
+    families = parse(monitor)
+    assert families["appliance_training_loss"].samples[0].value == 1.5
+    assert families["appliance_training_eta_seconds"].samples[0].value == 150.0  # 75 steps at 2/s
+    assert families["appliance_training_step"].samples[0].labels["run"] == "lora-1"
+
+
+def test_history_from_prometheus_uses_range_queries():
+    asked = {}
+
+    class Answer:
+        def raise_for_status(self):
+            pass
+
+        def json(self):
+            return {"status": "success", "data": {"resultType": "matrix", "result": [
+                {"metric": {"__name__": "vllm:num_requests_running", "job_id": "3"},
+                 "values": [[1700000000, "1"], [1700000015, "2"]]}]}}  # fmt: skip
+
+    def get(url, params):
+        asked.update(url=url, **params)
+        return Answer()
+
+    history = PrometheusHistory("http://prom:9090/", get=get)
+    (series,) = history.query("vllm:num_requests_running", since=0, job_id="3")
+    assert asked["url"] == "http://prom:9090/api/v1/query_range"
+    assert asked["query"] == 'vllm:num_requests_running{job_id="3"}'
+    assert series.labels == {"job_id": "3"} and series.points == [(1.7e9, 1.0), (1.7e9 + 15, 2.0)]
+    assert selector("up", {"a": 'x"y'}) == 'up{a="x\\"y"}'
