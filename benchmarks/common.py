@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from appliance.config import ApplianceSettings
 from appliance.devstack import (
     free_port,
     local_cluster_settings,
@@ -88,18 +89,30 @@ def print_table(title: str, rows: list[tuple]) -> None:
 def tiny_stack(prefix: str) -> Iterator[str]:
     """A one-node local Slurm cluster and a gateway serving only the tiny model (instances are
     never retired while the benchmark runs); yields the gateway's URL; stops everything."""
+    with tiny_cluster_stack(prefix) as (url, _settings):
+        yield url
+
+
+@contextlib.contextmanager
+def tiny_cluster_stack(
+    prefix: str, nodes: int = 1, max_instances: int = 1, **sections
+) -> Iterator[tuple[str, ApplianceSettings]]:
+    """Like tiny_stack, with `nodes` nodes and up to `max_instances` instances of the tiny
+    model; yields (gateway URL, settings)."""
     if not tiny_model_exists(TINY):
         build_tiny_model(TINY)
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         catalog = Path(tmp) / "catalog.yaml"
         catalog.write_text(
             f"models:\n  - name: {MODEL}\n    source: dir:{TINY}\n    max_model_len: 512\n"
-            "    resources: {cpus: 1, memory_gb: 4}\n"
+            f"    max_instances: {max_instances}\n    resources: {{cpus: 1, memory_gb: 4}}\n"
         )
         settings = local_cluster_settings(
             Path(tmp) / "state",
+            nodes=nodes,
             gateway={"port": free_port(), "idle_timeout_s": 0},
             catalog={"files": [str(catalog)], "include_presets": False},
+            **sections,
         )
         with running_local_cluster(settings), running_gateway(settings) as url:
-            yield url
+            yield url, settings

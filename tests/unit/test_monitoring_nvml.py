@@ -18,7 +18,8 @@ from monitoring.gpu_metrics import DCGM_FIELDS, gpu_families
 from monitoring.nvml import NvmlReader, NvmlUnavailable
 from monitoring.nvml_replay import ReplayNvml
 
-CAPTURE = Path(__file__).parent / "testdata" / "nvml" / "h200.json"
+CAPTURES = Path(__file__).parent / "testdata" / "nvml"
+CAPTURE = CAPTURES / "h200.json"
 NOT_SUPPORTED = 3  # NVML_ERROR_NOT_SUPPORTED
 TIMEOUT = 10  # NVML_ERROR_TIMEOUT
 
@@ -34,6 +35,12 @@ def read(calls: dict):
         return reader.read()
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("name", ["h100.json", "h200.json"])
+def test_every_capture_replays_as_it_read_on_its_gpu(name):
+    capture = json.loads((CAPTURES / name).read_text())
+    assert [asdict(r) for r in read(capture["calls"])] == capture["readings"]
 
 
 def test_replayed_capture_reads_as_it_did_on_the_gpu(capture):
