@@ -9,6 +9,7 @@ prefix so `down()` cancels them. For a cluster of another shape, use `running_lo
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +60,14 @@ def stack_settings(
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return load_settings(**base)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    """The first truthy value of `predicate()`, polled until `timeout`; AssertionError after."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -17,6 +17,7 @@ from appliance.devstack import free_port, running_gateway
 from appliance.serving.endpoint import read_endpoint
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
+from tests.slurm_fixtures import wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
 
@@ -62,16 +63,6 @@ def client(stack):
 def instances(url: str, model: str | None = None) -> list[dict]:
     data = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
     return [i for i in data if model is None or i["model"] == model]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # ----- bad requests (no instance is started for them) --------------------------------------

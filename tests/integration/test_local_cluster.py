@@ -7,9 +7,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -20,23 +19,9 @@ from appliance.slurm.client import SlurmClient, SlurmJob
 from appliance.slurm.daemons import find_daemons
 from appliance.slurm.local_cluster import LocalCluster
 from appliance.slurm.runner import LocalRunner
-from tests.slurm_fixtures import require_local_slurm
+from tests.slurm_fixtures import require_local_slurm, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(120)]
-
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.2)
 
 
 class Jobs:

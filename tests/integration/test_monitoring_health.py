@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
 
 import httpx
 import pytest
@@ -19,19 +18,9 @@ from appliance.devstack import (
 )
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
-from tests.slurm_fixtures import require_local_slurm, tiny_catalog
+from tests.slurm_fixtures import require_local_slurm, tiny_catalog, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @contextlib.contextmanager
