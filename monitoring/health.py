@@ -72,6 +72,29 @@ def check_cpus(expected: int) -> CheckResult:
     return CheckResult("cpus", True, f"{count} CPUs")
 
 
+def check_services(names: list[str]) -> list[CheckResult]:
+    """Each named process is running (matched on the process name or its command's first
+    words, so `python -m` services can be named too)."""
+    running: set[str] = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        running.add(proc.info.get("name") or "")
+        cmdline = proc.info.get("cmdline") or []
+        running.update(Path(part).name for part in cmdline[:3])
+    return [
+        CheckResult(
+            f"service {n}", n in running, "running" if n in running else f"{n} is not running"
+        )
+        for n in names
+    ]
+
+
+def munge_required(slurm_conf: Path | None) -> bool:
+    try:
+        return "auth/munge" in (slurm_conf.read_text() if slurm_conf else "")
+    except OSError:
+        return False
+
+
 def gpu_files(gres_conf: Path | None, node: str) -> list[str]:
     """The GPU device files gres.conf gives the node."""
     if gres_conf is None or not gres_conf.exists():
@@ -127,6 +150,10 @@ def run_checks(
         results.append(check_memory(node.real_memory_mb * 2**20))
     if node is not None and node.cpus:
         results.append(check_cpus(node.cpus))
+    services = list(mon.required_services)
+    if munge_required(settings.slurm_conf) and "munged" not in services:
+        services.append("munged")
+    results += check_services(services)
     gres_conf = settings.slurm_conf.with_name("gres.conf") if settings.slurm_conf else None
     files = gpu_files(gres_conf, node_name)
     expected = mon.expected_gpus if mon.expected_gpus is not None else len(files)

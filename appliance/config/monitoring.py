@@ -52,5 +52,9 @@ class MonitoringSettings(BaseModel):
     min_memory_gb: float | None = Field(default=None, ge=0)
     """Memory a node must have; default: what slurm.conf configures for the node (RealMemory)."""
 
+    required_services: list[str] = Field(default_factory=list)
+    """Process names that must be running on every node (e.g. an exporter, the store service);
+    `munged` is added when slurm.conf authenticates with munge."""
+
     health_interval_s: int = Field(default=60, ge=10, le=86400)
     """How often Slurm runs the node health check on every node (HealthCheckInterval)."""

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from appliance.slurm.records import SlurmNode
-from monitoring.health import CheckResult, apply, check_gpus, check_scratch, drain_reason
+from monitoring.health import (
+    CheckResult,
+    apply,
+    check_gpus,
+    check_scratch,
+    check_services,
+    drain_reason,
+)
 
 
 class RecordingClient:
@@ -27,6 +34,12 @@ def test_missing_gpu_devices_fail(tmp_path):
     results = check_gpus(2, [str(present), str(tmp_path / "gpu1")])
     assert not results[0].ok and "1 of 2 GPUs" in results[0].detail and "gpu1" in results[0].detail
     assert check_gpus(1, [str(present)])[0].ok
+
+
+def test_required_services_must_run():
+    results = check_services(["python", "no-such-daemon"])
+    assert [r.ok for r in results] == [True, False]
+    assert results[1].detail == "no-such-daemon is not running"
 
 
 def test_drain_then_resume_only_what_it_drained():
