@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from appliance.cli import audit
 from appliance.cli.context import CliContext, pass_ctx
 from appliance.cli.models import parse_expiry
 from appliance.cli.table import echo_table
@@ -29,6 +30,8 @@ def create(
     secret, record = ApiKeyStore(ctx.settings.api_keys_file).create(
         user, "admin" if admin else "user", list(groups), parse_expiry(expires)
     )
+    audit.record(ctx, "key_create", record.key_id, user=user, role=record.role, groups=list(groups),
+                 expires_at=record.expires_at)  # fmt: skip
     click.echo(f"key {record.key_id} for {user} ({record.role}); store it now, it is not kept:")
     click.echo(secret)
 
@@ -56,6 +59,7 @@ def revoke(ctx: CliContext, key_id: str) -> None:
     from security.api_keys import ApiKeyStore
 
     record = ApiKeyStore(ctx.settings.api_keys_file).revoke(key_id)
+    audit.record(ctx, "key_revoke", record.key_id, user=record.user)
     click.echo(f"revoked key {record.key_id} of {record.user}")
 
 

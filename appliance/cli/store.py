@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from appliance.cli import audit
 from appliance.cli.context import CliContext, pass_ctx
 from appliance.cli.models import policy_options, signed_policy
 from appliance.cli.table import echo_table
@@ -81,6 +82,7 @@ def rotate(ctx: CliContext, new_key_file: Path) -> None:
         if (d / "header.json").exists():
             rotate_key(d, old, new)
             count += 1
+    audit.record(ctx, "store_key_rotate", old.key_id, new_key=new.key_id, models=count)
     click.echo(f"rewrapped {count} models from key {old.key_id} to key {new.key_id}")
 
 
@@ -101,6 +103,7 @@ def set_model_policy(
 
     signed = signed_policy(ctx, model, users, roles, hosts, expires)
     set_policy(ctx.settings.store_root / model, signed)
+    audit.record(ctx, "policy_change", model, policy=signed["policy"])
     click.echo(f"policy of {model} replaced: {signed['policy']}")
 
 

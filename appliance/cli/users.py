@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from appliance.cli import audit
 from appliance.cli.context import CliContext, pass_ctx
 from appliance.cli.table import echo_table
 
@@ -36,6 +37,7 @@ def add(
     record = UserStore(ctx.settings.users_file).add(
         username, _read_password(password_stdin), "admin" if admin else "user", list(groups)
     )
+    audit.record(ctx, "user_add", username, role=record.role, groups=record.groups)
     click.echo(f"user {record.username} ({record.role}) created")
 
 
@@ -70,6 +72,7 @@ def passwd(ctx: CliContext, username: str, password_stdin: bool) -> None:
 
     UserStore(ctx.settings.users_file).set_password(username, _read_password(password_stdin))
     _end_sessions(ApiKeyStore(ctx.settings.api_keys_file), username)
+    audit.record(ctx, "password_change", username)
     click.echo(f"password of {username} changed")
 
 
@@ -89,6 +92,7 @@ def disable(ctx: CliContext, username: str) -> None:
 
     UserStore(ctx.settings.users_file).set_disabled(username, True)
     count = ApiKeyStore(ctx.settings.api_keys_file).revoke_user(username)
+    audit.record(ctx, "user_disable", username, keys_revoked=count)
     click.echo(f"{username} disabled; {count} keys and sessions revoked")
 
 
@@ -100,6 +104,7 @@ def enable(ctx: CliContext, username: str) -> None:
     from security.users import UserStore
 
     UserStore(ctx.settings.users_file).set_disabled(username, False)
+    audit.record(ctx, "user_enable", username)
     click.echo(f"{username} enabled")
 
 
@@ -113,6 +118,7 @@ def remove(ctx: CliContext, username: str) -> None:
 
     UserStore(ctx.settings.users_file).remove(username)
     count = ApiKeyStore(ctx.settings.api_keys_file).revoke_user(username)
+    audit.record(ctx, "user_remove", username, keys_revoked=count)
     click.echo(f"{username} removed; {count} keys and sessions revoked")
 
 

@@ -19,6 +19,7 @@ from appliance.config.catalog import CatalogSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.config.gateway import GatewaySettings
 from appliance.config.monitoring import MonitoringSettings
+from appliance.config.security import SecuritySettings
 from appliance.config.serving import ServingSettings
 from appliance.config.store import StoreSettings
 from appliance.config.webapp import WebappSettings
@@ -105,6 +106,9 @@ class ApplianceSettings(BaseSettings):
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     """Metrics, history and node health checks (section `monitoring`)."""
 
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    """Quotas, rate limits and the audit log (section `security`)."""
+
     webapp: WebappSettings = Field(default_factory=WebappSettings)
     """The web app: chat, knowledge bases, models (section `webapp`)."""
 
@@ -163,6 +167,10 @@ class ApplianceSettings(BaseSettings):
     @property
     def users_file(self) -> Path:
         return self.state_dir / "keys" / "users.json"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.state_dir / "audit"
 
     @property
     def training_dir(self) -> Path:

@@ -11,13 +11,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from appliance.gateway.auth import principal
+from appliance.gateway.audit_events import audit
+from appliance.gateway.auth import admin, principal
 from appliance.gateway.protocol import RequestError, json_object
 from security.api_keys import KeyRefused, Principal
 from security.secret_files import replace_secret_file
 
 sign_in_router = APIRouter(prefix="/v1/auth")
 router = APIRouter(dependencies=[Depends(principal)])
+admin_router = APIRouter(dependencies=[Depends(admin)])
 Who = Annotated[Principal, Depends(principal)]
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -46,7 +48,9 @@ async def sign_in(request: Request) -> dict:
         try:
             record = auth.keys.check(body["api_key"])
         except KeyRefused as exc:
+            await audit(request, "?", "sign_in_refused", "api_key", reason=str(exc))
             raise RequestError(401, str(exc), type="authentication_error") from None
+        await audit(request, record.user, "sign_in", "api_key", key_id=record.key_id)
         return _account(
             record.principal(), token=body["api_key"], kind=record.kind,
             expires_at=record.expires_at, single_user=False,
@@ -54,7 +58,12 @@ async def sign_in(request: Request) -> dict:
     username, password = body.get("username"), body.get("password")
     if not isinstance(username, str) or not isinstance(password, str):
         raise RequestError(400, "send 'username' and 'password', or 'api_key'")
-    secret, record = await asyncio.to_thread(auth.sign_in, username, password)
+    try:
+        secret, record = await asyncio.to_thread(auth.sign_in, username, password)
+    except RequestError as exc:
+        await audit(request, username[:64], "sign_in_refused", "password", reason=exc.message)
+        raise
+    await audit(request, record.user, "sign_in", "password", key_id=record.key_id)
     return _account(
         record.principal(), token=secret, kind="session", expires_at=record.expires_at,
         single_user=False,
@@ -68,6 +77,7 @@ async def sign_out(request: Request) -> dict:
     record = auth.key_record(request.headers.get("authorization"))
     if record is not None and record.kind == "session":
         await asyncio.to_thread(auth.keys.revoke, record.key_id)
+        await audit(request, record.user, "sign_out", "session", key_id=record.key_id)
         return {"signed_out": True}
     return {"signed_out": False}
 
@@ -82,6 +92,19 @@ async def me(request: Request, who: Who) -> dict:
         kind=record.kind if record else "none",
         expires_at=record.expires_at if record else None,
     )
+
+
+@router.get("/v1/usage")
+async def my_usage(request: Request, who: Who) -> dict:
+    """The caller's use against its limits: as a user, and with the key it presents."""
+    quotas = request.app.state.gateway.quotas
+    rows = quotas.usage("user", who.user) + (quotas.usage("key", who.key_id) if who.key_id else [])
+    return {"object": "list", "data": rows}
+
+
+@admin_router.get("/admin/usage")
+async def all_usage(request: Request) -> dict:
+    return {"object": "list", "data": request.app.state.gateway.quotas.usage()}
 
 
 # ----- conversations saved on the appliance (only when a user turns saving on) ---------------

@@ -28,6 +28,8 @@ from monitoring.history import History
 from monitoring.monitor import Monitor
 from monitoring.requests import RequestMetrics
 from monitoring.vllm_metrics import Target
+from security.audit import AuditLog
+from security.quotas import Quotas
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class GatewayState:
     knowledge: KnowledgeService
     requests: RequestMetrics
     monitor: Monitor | None
+    audit: AuditLog
+    quotas: Quotas
 
 
 def _monitor(
@@ -100,16 +104,21 @@ def create_app(
         manager = InstanceManager(settings, catalog, slurm)
         await manager.start()
         requests = RequestMetrics()
+        audit = AuditLog(settings.audit_dir)
+        auth = Authenticator(settings.api_keys_file, settings.users_file, settings.gateway)
+        auth.audit = audit
         monitor = _monitor(settings, slurm, manager, requests)
         app.state.gateway = GatewayState(
             settings,
             catalog,
             manager,
             Forwarder(settings, manager, client),
-            Authenticator(settings.api_keys_file, settings.users_file, settings.gateway),
+            auth,
             KnowledgeService(settings),
             requests,
             monitor,
+            audit,
+            Quotas(settings.security),
         )
         log.info("gateway ready; %d models in the catalog", len(catalog))
         try:
@@ -121,7 +130,8 @@ def create_app(
             await client.close()
 
     app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
-    parts = (router, api, admin_api, knowledge_router, account.sign_in_router, account.router)
+    parts = (router, api, admin_api, knowledge_router, account.sign_in_router, account.router,
+             account.admin_router)  # fmt: skip
     for part in (*parts, monitoring_api.router):
         app.include_router(part)
 

@@ -5,6 +5,7 @@ starts). Also signs users in with a password, with a lockout after repeated fail
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,9 +15,12 @@ from fastapi import Request
 from appliance.config.gateway import GatewaySettings
 from appliance.gateway.protocol import RequestError
 from security.api_keys import ApiKeyRecord, ApiKeyStore, KeyRefused, Principal
+from security.audit import AuditLog
 from security.users import SignInRefused, UserStore
 
 LOCAL_ADMIN = Principal("local", admin=True)
+KEY_USE_EVERY_S = 3600.0
+log = logging.getLogger(__name__)
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -38,6 +42,8 @@ class Authenticator:
         self._stamps: tuple | None = None
         self._has_accounts = False
         self._failures: dict[str, list[float]] = {}
+        self.audit: AuditLog | None = None
+        self._key_logged: dict[str, float] = {}
 
     @property
     def single_user(self) -> bool:
@@ -56,11 +62,27 @@ class Authenticator:
         if authorization and authorization.lower().startswith("bearer "):
             secret = authorization[7:].strip()
         try:
-            return self.keys.check(secret)
+            record = self.keys.check(secret)
         except KeyRefused as exc:
             raise RequestError(
                 401, str(exc), type="authentication_error", code="invalid_api_key"
             ) from None
+        self._log_key_use(record)
+        return record
+
+    def _log_key_use(self, record: ApiKeyRecord) -> None:
+        """Key use goes into the audit log once an hour per key (every request would drown
+        the log; the requests themselves are in the request records)."""
+        now = time.monotonic()
+        if self.audit is None or now - self._key_logged.get(record.key_id, -KEY_USE_EVERY_S) < (
+            KEY_USE_EVERY_S
+        ):
+            return
+        self._key_logged[record.key_id] = now
+        try:
+            self.audit.append(record.user, "key_use", record.key_id, kind=record.kind)
+        except Exception:  # a full disk must not refuse every request
+            log.exception("could not record the use of key %s", record.key_id)
 
     def principal(self, authorization: str | None) -> Principal:
         record = self.key_record(authorization)

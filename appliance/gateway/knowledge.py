@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
+from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import principal
 from appliance.gateway.protocol import RequestError, json_object
 from security.api_keys import Principal
@@ -105,23 +106,24 @@ async def create_knowledge_base(request: Request, who: Who) -> dict:
     if not isinstance(name, str):
         raise RequestError(400, "'name' is required", param="name")
     readers, groups = body.get("readers", []), body.get("groups", [])
-    return _describe(
-        await _service(request).run(lambda s, _r: s.create(who, name, readers, groups)), 0
-    )
+    kb = await _service(request).run(lambda s, _r: s.create(who, name, readers, groups))
+    await audit(request, who.user, "kb_create", name, readers=readers, groups=groups)
+    return _describe(kb, 0)
 
 
 @router.delete("/{name}")
 async def delete_knowledge_base(name: str, request: Request, who: Who) -> dict:
     await _service(request).run(lambda s, _r: s.delete(who, name))
+    await audit(request, who.user, "kb_delete", name)
     return {"name": name, "deleted": True}
 
 
 @router.post("/{name}/share")
 async def share_knowledge_base(name: str, request: Request, who: Who) -> dict:
     body = await json_object(request)
-    kb = await _service(request).run(
-        lambda s, _r: s.share(who, name, body.get("readers", []), body.get("groups", []))
-    )
+    readers, groups = body.get("readers", []), body.get("groups", [])
+    kb = await _service(request).run(lambda s, _r: s.share(who, name, readers, groups))
+    await audit(request, who.user, "kb_share", name, readers=readers, groups=groups)
     return _describe(kb)
 
 
@@ -168,12 +170,19 @@ async def upload_documents(name: str, request: Request, who: Who) -> dict:
             "errors": [{"filename": getattr(e, "filename", ""), "message": str(e)} for e in errors],
         }
 
-    return await service.run(fn)
+    outcome = await service.run(fn)
+    await audit(
+        request, who.user, "upload", name,
+        added=[(r["filename"], r["status"]) for r in outcome["results"]],
+        refused=[e["filename"] for e in outcome["errors"]],
+    )  # fmt: skip
+    return outcome
 
 
 @router.delete("/{name}/documents/{filename}")
 async def delete_document(name: str, filename: str, request: Request, who: Who) -> dict:
     await _service(request).run(lambda s, _r: s.delete_document(who, name, filename))
+    await audit(request, who.user, "document_delete", name, filename=filename)
     return {"filename": filename, "deleted": True}
 
 

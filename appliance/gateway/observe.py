@@ -7,13 +7,17 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from appliance.gateway.audit_events import audit
 from appliance.gateway.forward import INSTANCE_HEADER
+from appliance.gateway.protocol import RequestError
 from monitoring.requests import RequestRecord, new_request_id
 from security.api_keys import Principal
+from security.quotas import QuotaExceeded
 
 REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -33,12 +37,24 @@ async def observed(
     endpoint: str,
     stream: bool,
     call: Callable[[Callable], Awaitable[Response]],
+    prompt: Any = None,
 ) -> Response:
     gw = request.app.state.gateway
-    metrics = gw.requests
-    record = metrics.start(
-        RequestRecord(_request_id(request), who.user, model, endpoint, time.time(), stream)
-    )
+    try:
+        ticket = gw.quotas.admit(who.user, who.key_id, stream)
+    except QuotaExceeded as exc:
+        return RequestError(
+            429, str(exc), type="rate_limit_error", code="quota_exceeded",
+            headers={"retry-after": str(exc.retry_after_s)},
+        ).response()  # fmt: skip
+    if gw.settings.security.audit_prompts and prompt is not None:
+        await audit(request, who.user, "prompt", model, endpoint=endpoint, prompt=prompt)
+    record = RequestRecord(_request_id(request), who.user, model, endpoint, time.time(), stream)
+    gw.requests.start(record)
+
+    def finish(record: RequestRecord) -> None:
+        gw.requests.finish(record)
+        gw.quotas.done(ticket, record.prompt_tokens + record.completion_tokens)
 
     def on_instance(inst) -> None:  # a stream that waited for an instance learns it late
         record.job_id, record.node = inst.job_id, inst.node
@@ -47,7 +63,7 @@ async def observed(
         response = await call(on_instance)
     except BaseException:
         record.status, record.error = 500, "the gateway failed"
-        metrics.finish(record)
+        finish(record)
         raise
     response.headers[REQUEST_ID_HEADER] = record.id
     job = response.headers.get(INSTANCE_HEADER)
@@ -57,7 +73,7 @@ async def observed(
         record.node = inst.node if inst else None
     record.status = response.status_code
     if isinstance(response, StreamingResponse):
-        response.body_iterator = _counted(response.body_iterator, record, metrics)
+        response.body_iterator = _counted(response.body_iterator, record, finish)
         return response
     record.first_byte_s = time.time() - record.started_at
     body = getattr(response, "body", b"")
@@ -70,7 +86,7 @@ async def observed(
             record.completion_tokens = int(usage.get("completion_tokens") or 0)
         except (ValueError, AttributeError, TypeError):
             pass
-    metrics.finish(record)
+    finish(record)
     return response
 
 
@@ -82,7 +98,7 @@ def _error_text(body: bytes) -> str:
 
 
 async def _counted(
-    events: AsyncIterator[bytes], record: RequestRecord, metrics
+    events: AsyncIterator[bytes], record: RequestRecord, finish: Callable[[RequestRecord], None]
 ) -> AsyncIterator[bytes]:
     """Relay a stream, counting its chunks (vLLM sends about one token per chunk)."""
     try:
@@ -98,4 +114,4 @@ async def _counted(
         record.error = record.error or "the client went away"
         raise
     finally:
-        metrics.finish(record)
+        finish(record)

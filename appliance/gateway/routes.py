@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from appliance.errors import ApplianceError
+from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import admin, principal
 from appliance.gateway.observe import observed
 from appliance.gateway.protocol import RequestError, parse_body, validate_request
@@ -64,10 +65,13 @@ async def warm_model(model: str, request: Request):
         return _unknown_model(model)
     if not spec.installed(gw.settings):
         return _not_installed(spec.name)
+    was = gw.manager.model_state(model)
     try:
         await gw.manager.warm(model)
     except ApplianceError as exc:
         return RequestError(409, str(exc), code="cannot_start").response()
+    if was == "stopped":
+        await audit(request, principal(request).user, "model_start", model, by="warm")
     return JSONResponse(_model_entry(gw, spec), status_code=202)
 
 
@@ -129,7 +133,9 @@ async def _openai_call(request: Request, path: str) -> Response:
         return await gw.forwarder.forward(path, raw, spec.name, stream, on_instance)
 
     who = principal(request)
-    return await observed(request, who, spec.name, path.removeprefix("/v1/"), stream, call)
+    prompt = body.get("messages", body.get("prompt"))
+    endpoint = path.removeprefix("/v1/")
+    return await observed(request, who, spec.name, endpoint, stream, call, prompt)
 
 
 @api.post("/v1/chat/completions")
@@ -165,6 +171,7 @@ async def start_model(model: str, request: Request):
         inst = await gw.manager.launch(model)
     except ApplianceError as exc:
         return RequestError(409, str(exc), code="cannot_start").response()
+    await audit(request, principal(request).user, "model_start", model, job_id=inst.job_id)
     return JSONResponse(inst.describe(), status_code=202)
 
 
@@ -175,4 +182,5 @@ async def stop_instance(job_id: int, request: Request):
     if inst is None:
         return RequestError(404, f"No instance with job id {job_id}.").response()
     await gw.manager.retire(inst, "stopped by an administrator")
+    await audit(request, principal(request).user, "instance_stop", inst.model, job_id=job_id)
     return inst.describe()

@@ -3,11 +3,16 @@ lockout, conversations saved per user, and warming a model. Real gateway, real S
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import httpx
 import pytest
 
 from appliance.devstack import running_gateway
 from security.api_keys import ApiKeyStore
+from security.audit import AuditLog
 from security.users import UserStore
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
@@ -23,6 +28,7 @@ def gateway(slurm_cluster, tiny_model_dir, tmp_path_factory):
         tmp,
         tiny_catalog(tiny_model_dir, absent),
         gateway={"sign_in_max_failures": 3, "max_request_bytes": 4096},
+        security={"user_quotas": {"quota": {"requests_per_minute": 2}}},
     )
     with running_gateway(settings) as url:
         yield url, settings
@@ -119,3 +125,44 @@ def test_warming_a_model_starts_it_once(gateway):
     admin_key, _ = ApiKeyStore(gateway[1].api_keys_file).create("root", role="admin")
     instances = call(url, "GET", "/admin/instances", admin_key).json()["instances"]
     assert len([i for i in instances if i["model"] == "tiny-chat"]) == 1
+
+
+def test_quota_refuses_the_request_after_the_limit(gateway):
+    url, settings = gateway
+    UserStore(settings.users_file).add("quota", "quota-password")
+    token = sign_in(url, "quota", "quota-password").json()["token"]
+    chat = {"model": "tiny-chat", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    for _ in range(2):
+        resp = httpx.post(url + "/v1/chat/completions", json=chat, timeout=300,
+                          headers={"authorization": f"Bearer {token}"})  # fmt: skip
+        assert resp.status_code == 200, resp.text
+    refused = httpx.post(url + "/v1/chat/completions", json=chat, timeout=30,
+                         headers={"authorization": f"Bearer {token}"})  # fmt: skip
+    assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["error"]["code"] == "quota_exceeded"
+    usage = {u["kind"]: u for u in call(url, "GET", "/v1/usage", token).json()["data"]}
+    assert usage["user"]["requests_last_minute"] == 2 and usage["user"]["tokens_today"] > 0
+    assert usage["user"]["limits"]["requests_per_minute"] == 2
+
+
+def test_audit_log_records_actions_and_finds_tampering(gateway):
+    _, settings = gateway
+    log = AuditLog(settings.audit_dir)
+    actions = {(e["actor"], e["action"]) for e in log.entries()}
+    for expected in [("bob", "sign_in"), ("alice", "sign_in_refused"), ("bob", "sign_out"),
+                     ("carol", "sign_in"), ("bob", "model_start"), ("quota", "key_use")]:  # fmt: skip
+        assert expected in actions, (expected, sorted(actions))
+    assert not any(e["action"] == "prompt" for e in log.entries())  # prompts are off by default
+    config = settings.state_dir / "gateway-config.yaml"
+    cli = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), "audit", "verify"]
+    ok = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "intact" in ok.stdout, ok.stderr
+    text = log.path.read_text().splitlines()
+    text[1] = (
+        text[1].replace('"sign_in"', '"sign_out"', 1)
+        if '"sign_in"' in text[1]
+        else text[1][:-2] + " }"
+    )
+    log.path.write_text("\n".join(text) + "\n")
+    bad = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "TAMPERED at line 2" in bad.stderr, bad.stderr

@@ -1,0 +1,40 @@
+"""Configuration of quotas, rate limits and the audit log."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Limits(BaseModel):
+    """Limits for one user or key; None: no limit."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Requests in any 60 seconds."""
+
+    tokens_per_day: int | None = Field(default=None, ge=1)
+    """Prompt and completion tokens per UTC day."""
+
+    concurrent_streams: int | None = Field(default=None, ge=1)
+    """Streamed answers at the same time."""
+
+
+class SecuritySettings(BaseModel):
+    """Who may use how much, and what the audit log records."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    quotas: Limits = Field(default_factory=Limits)
+    """Limits for every user and every key, unless set below. Each request counts against both
+    its key and its user."""
+
+    user_quotas: dict[str, Limits] = Field(default_factory=dict)
+    """Limits of particular users, by user name (replacing `quotas` for them)."""
+
+    key_quotas: dict[str, Limits] = Field(default_factory=dict)
+    """Limits of particular API keys, by key id (replacing `quotas` for them)."""
+
+    audit_prompts: bool = False
+    """Record the messages of chat and completion requests in the audit log. Off: the log says
+    who asked which model, never what."""

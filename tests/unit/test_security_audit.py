@@ -1,0 +1,74 @@
+"""The audit log: every kind of tampering (edit, delete, insert, swap, cut the tail, forge
+without the key) is found and named by line."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from security.audit import AuditLog
+
+
+@pytest.fixture
+def log(tmp_path) -> AuditLog:
+    log = AuditLog(tmp_path / "audit")
+    for i in range(5):
+        log.append(f"user{i}", "sign_in", "password", client="127.0.0.1")
+    return log
+
+
+def lines(log: AuditLog) -> list[str]:
+    return log.path.read_text().splitlines()
+
+
+def rewrite(log: AuditLog, new: list[str]) -> None:
+    log.path.write_text("\n".join(new) + "\n")
+
+
+def test_intact_log_verifies_and_secrets_are_private(log):
+    result = log.verify()
+    assert result.ok and result.entries == 5
+    assert stat.S_IMODE(log.key_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(log.path.stat().st_mode) == 0o600
+    assert [e["seq"] for e in log.entries()] == [1, 2, 3, 4, 5]
+
+
+def test_an_edited_entry_is_found(log):
+    text = lines(log)
+    entry = json.loads(text[2])
+    entry["actor"] = "mallory"
+    text[2] = json.dumps(entry)
+    rewrite(log, text)
+    result = log.verify()
+    assert not result.ok and result.line == 3 and "altered" in result.problem
+
+
+@pytest.mark.parametrize(
+    ("change", "line"),
+    [
+        (lambda t: t[:1] + t[2:], 2),  # a line removed
+        (lambda t: [t[0], t[2], t[1], *t[3:]], 2),  # two lines swapped
+        (lambda t: [t[0], t[0], *t[1:]], 2),  # a line repeated
+        (lambda t: t[:4], 4),  # the last line cut off
+    ],
+)
+def test_removed_reordered_or_cut_entries_are_found(log, change, line):
+    rewrite(log, change(lines(log)))
+    result = log.verify()
+    assert not result.ok and result.line == line, result
+
+
+def test_a_chain_forged_without_the_key_does_not_verify(log, tmp_path):
+    forger = AuditLog(tmp_path / "forger")
+    forger.append("mallory", "key_create", "abcd")
+    text = [*lines(log), lines(forger)[0].replace('"seq": 1', '"seq": 6')]
+    rewrite(log, text)
+    result = log.verify()
+    assert not result.ok and result.line == 6
+
+
+def test_appends_continue_the_chain(log):
+    log.append("root", "policy_change", "tiny-chat", policy={"users": ["alice"]})
+    assert log.verify().ok and log.verify().entries == 6
