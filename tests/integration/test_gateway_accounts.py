@@ -3,7 +3,6 @@ lockout, conversations saved per user, and warming a model. Real gateway, real S
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
