@@ -50,6 +50,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Tests and benchmarks: where built artefacts (the tiny model) are cached between runs.
     # Default: <repository>/.state/test-cache.
     "APPLIANCE_TEST_CACHE": lambda: os.environ.get("APPLIANCE_TEST_CACHE"),
+    # Set by sshd for a forced command: what the client asked to run (the breaker parses it,
+    # never runs it).
+    "SSH_ORIGINAL_COMMAND": lambda: os.environ.get("SSH_ORIGINAL_COMMAND"),
     # Tests: where the browser tests save their screenshots. Default:
     # <repository>/.state/test-artifacts.
     "APPLIANCE_TEST_ARTIFACTS": lambda: os.environ.get("APPLIANCE_TEST_ARTIFACTS"),

@@ -38,8 +38,8 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
 
 # Subcommand modules, imported when the CLI runs rather than at the top, so each stays independent.
 _COMMAND_MODULES = (
-    "audit", "cluster", "config_cmd", "gateway", "health", "instances", "keys", "models", "stack",
-    "store", "users", "webapp",
+    "audit", "breaker", "cluster", "config_cmd", "gateway", "health", "instances", "keys",
+    "models", "stack", "store", "users", "webapp",
 )  # fmt: skip
 
 

@@ -1,0 +1,104 @@
+"""The breaker's grammar. A command is one line of at most 256 characters from a small
+alphabet (no quotes, ';', '|', '&', '$', backticks, spaces other than single separators, no
+newlines), a known verb, exactly its number of fields, and each field matching its own strict
+pattern. Anything else is refused before anything is looked up, opened or run.
+
+    ping                                 -> pong
+    list-instances                       -> the cluster's instances (JSON)
+    start MODEL                          -> submit an instance of a catalog model
+    stop JOB_ID                          -> cancel an instance job
+    forward JOB_ID METHOD PATH           -> one HTTP request to a registered instance; the body
+                                            comes on stdin, the answer (streamed) on stdout
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_LINE = 256
+_LINE = re.compile(r"^[A-Za-z0-9._/:-]+(?: [A-Za-z0-9._/:-]+)*$")
+MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+JOB_ID = re.compile(r"^[1-9][0-9]{0,9}$")
+METHODS = frozenset({"GET", "POST"})
+# The only paths an instance may be asked for, exactly.
+PATHS = frozenset({
+    "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+    "/v1/embeddings",
+})  # fmt: skip
+
+
+class Refused(ValueError):
+    """The command is not in the grammar; the message says which rule it broke."""
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Is the breaker there?"""
+
+
+@dataclass(frozen=True)
+class ListInstances:
+    """The instances the cluster runs."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """Submit an instance of a catalog model."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Cancel an instance job."""
+
+    job_id: int
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One HTTP request to a registered instance."""
+
+    job_id: int
+    method: str
+    path: str
+
+
+Command = Ping | ListInstances | Start | Stop | Forward
+
+
+def _field(value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not pattern.match(value):
+        raise Refused(f"invalid {what}")
+    return value
+
+
+def parse(line: str | None) -> Command:
+    """The command `line` spells, or Refused."""
+    if not line:
+        raise Refused("empty command")
+    if len(line) > MAX_LINE:
+        raise Refused(f"command longer than {MAX_LINE} characters")
+    if not _LINE.match(line):
+        raise Refused("command has characters or spacing outside the grammar")
+    verb, *args = line.split(" ")
+    arity = {"ping": 0, "list-instances": 0, "start": 1, "stop": 1, "forward": 3}
+    if verb not in arity:
+        raise Refused("unknown verb")
+    if len(args) != arity[verb]:
+        raise Refused(f"{verb} takes {arity[verb]} field(s)")
+    if verb == "ping":
+        return Ping()
+    if verb == "list-instances":
+        return ListInstances()
+    if verb == "start":
+        return Start(_field(args[0], MODEL, "model name"))
+    if verb == "stop":
+        return Stop(int(_field(args[0], JOB_ID, "job id")))
+    job_id, method, path = args
+    if method not in METHODS:
+        raise Refused("invalid method")
+    if path not in PATHS:
+        raise Refused("path not allowed")
+    return Forward(int(_field(job_id, JOB_ID, "job id")), method, path)
