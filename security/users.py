@@ -100,7 +100,7 @@ class UserStore:
     def add(
         self, username: str, password: str, role: Role = "user", groups: list[str] | None = None
     ) -> UserRecord:
-        if not USERNAME.match(username):
+        if not USERNAME.fullmatch(username):
             raise UserError(
                 f"invalid username {username!r}: lowercase letters, digits, '_', '.', '-', "
                 "starting with a letter or '_', at most 32 characters"

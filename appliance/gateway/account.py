@@ -121,7 +121,7 @@ class ConversationStore:
         return self.root / hashlib.sha256(user.encode()).hexdigest()[:32]
 
     def _path(self, user: str, conversation_id: str) -> Path:
-        if not CONVERSATION_ID.match(conversation_id):
+        if not CONVERSATION_ID.fullmatch(conversation_id):
             raise RequestError(400, "a conversation id is 1-64 letters, digits, '_' or '-'")
         return self._dir(user) / f"{conversation_id}.json"
 

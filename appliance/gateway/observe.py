@@ -27,7 +27,7 @@ _MAX_PARSED = 1 << 20
 
 def _request_id(request: Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _CLIENT_ID.match(given) else new_request_id()
+    return given if _CLIENT_ID.fullmatch(given) else new_request_id()
 
 
 async def observed(

@@ -17,7 +17,7 @@ def resolve_source(source: str) -> tuple[Path, str]:
     path = Path(source).expanduser()
     if path.is_dir():
         return path.resolve(), path.resolve().name
-    if not HUB_ID.match(source):
+    if not HUB_ID.fullmatch(source):
         raise ApplianceError(f"{source} is neither a directory nor a Hugging Face hub id")
     try:
         from huggingface_hub import snapshot_download

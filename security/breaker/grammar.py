@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 MAX_LINE = 256
+# Patterns are applied with fullmatch: `$` alone would let a trailing newline through.
 _LINE = re.compile(r"^[A-Za-z0-9._/:-]+(?: [A-Za-z0-9._/:-]+)*$")
 MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 JOB_ID = re.compile(r"^[1-9][0-9]{0,9}$")
@@ -69,7 +70,7 @@ Command = Ping | ListInstances | Start | Stop | Forward
 
 
 def _field(value: str, pattern: re.Pattern[str], what: str) -> str:
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise Refused(f"invalid {what}")
     return value
 
@@ -80,7 +81,7 @@ def parse(line: str | None) -> Command:
         raise Refused("empty command")
     if len(line) > MAX_LINE:
         raise Refused(f"command longer than {MAX_LINE} characters")
-    if not _LINE.match(line):
+    if not _LINE.fullmatch(line):
         raise Refused("command has characters or spacing outside the grammar")
     verb, *args = line.split(" ")
     arity = {"ping": 0, "list-instances": 0, "start": 1, "stop": 1, "forward": 3}

@@ -28,6 +28,7 @@ def test_accounts_keep_only_password_hashes(tmp_path):
     [
         ("Alice", "long enough", "invalid username"),
         ("../root", "long enough", "invalid username"),
+        ("carol\n", "long enough", "invalid username"),
         ("bob", "short", "at least 8"),
         ("alice", "long enough", "already exists"),
     ],
