@@ -142,16 +142,19 @@ def write_config(settings: ApplianceSettings, path: Path) -> Path:
     return path
 
 
+def _loopback_url(port: int, tls: bool) -> str:
+    return f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+
 @contextlib.contextmanager
 def _running_service(
-    settings: ApplianceSettings, command: str, port: int, timeout: float
+    settings: ApplianceSettings, command: str, url: str, timeout: float
 ) -> Iterator[str]:
     """Run `appliance <command>` on loopback as a subprocess and wait for its /health; yields
     its base URL; stops it on exit (SIGTERM, then SIGKILL)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     config = write_config(settings, settings.state_dir / f"{command}-config.yaml")
     log_path = settings.state_dir / f"{command}-test.log"
-    url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     argv = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), command]
     with log_path.open("ab") as log:
@@ -170,7 +173,8 @@ def _running_service(
                     f"{command} exited with {proc.returncode}:\n{tail(log_path, 40)}"
                 )
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                health = httpx.get(url + "/health", timeout=1, verify=settings.tls_verify)
+                if health.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -194,7 +198,8 @@ def running_gateway(settings: ApplianceSettings, timeout: float = 60.0) -> Itera
     """Run `appliance gateway` as a subprocess; yields its base URL; on exit stops the gateway,
     then cancels every instance job it started and waits for them to end."""
     try:
-        with _running_service(settings, "gateway", settings.gateway.port, timeout) as url:
+        url = _loopback_url(settings.gateway.port, settings.gateway.tls)
+        with _running_service(settings, "gateway", url, timeout) as url:
             yield url
     finally:
         cancel_instances(settings)
@@ -204,7 +209,8 @@ def running_gateway(settings: ApplianceSettings, timeout: float = 60.0) -> Itera
 def running_webapp(settings: ApplianceSettings, timeout: float = 90.0) -> Iterator[str]:
     """Run `appliance webapp` as a subprocess (it reaches the gateway `settings` describe);
     yields its base URL and stops it on exit."""
-    with _running_service(settings, "webapp", settings.webapp.port, timeout) as url:
+    url = _loopback_url(settings.webapp.port, settings.webapp.tls)
+    with _running_service(settings, "webapp", url, timeout) as url:
         yield url
 
 

@@ -13,11 +13,11 @@ from appliance.cli.context import CliContext, pass_ctx
 from appliance.errors import ApplianceError
 
 
-def _wait_healthy(url: str, timeout: float) -> bool:
+def _wait_healthy(url: str, timeout: float, verify: str | bool = True) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + "/health", timeout=2, verify=verify).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -76,7 +76,7 @@ def _start_service(ctx: CliContext, command: str, url: str) -> None:
         if ctx.config_file:
             argv += ["--config", str(ctx.config_file)]
         start_detached([*argv, command], log_file, pidfile)
-    if not _wait_healthy(url, 90):
+    if not _wait_healthy(url, 90, settings.tls_verify):
         raise ApplianceError(
             f"the {command} did not come up; last lines of {log_file}:\n" + tail(log_file)
         )
@@ -112,7 +112,7 @@ def status(ctx: CliContext) -> None:
         click.echo(LocalCluster(settings).status().render())
     url = settings.gateway_url
     try:
-        models = httpx.get(url + "/v1/models", timeout=5).json()["data"]
+        models = httpx.get(url + "/v1/models", timeout=5, verify=settings.tls_verify).json()["data"]
     except httpx.HTTPError:
         click.echo(f"gateway: not answering at {url}")
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -49,6 +51,16 @@ class GatewaySettings(BaseModel):
 
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Largest accepted request body; bigger bodies get HTTP 413."""
+
+    tls: bool = False
+    """Serve HTTPS. Without `tls_cert`/`tls_key`, a self-signed certificate is made at the first
+    start in <state_dir>/tls/ (clients then need that certificate to trust the gateway)."""
+
+    tls_cert: Path | None = None
+    """PEM certificate (chain) the operator provides."""
+
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert` (mode 0600)."""
 
     session_ttl_s: float = Field(default=12 * 3600, gt=0, le=30 * 24 * 3600)
     """How long a sign-in (username and password, e.g. in the web app) stays valid. Signing

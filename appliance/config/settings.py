@@ -183,12 +183,26 @@ class ApplianceSettings(BaseSettings):
     @property
     def gateway_url(self) -> str:
         """The gateway's base URL as clients on this host (the CLI) reach it."""
-        return _local_url(self.gateway.host, self.gateway.port)
+        return _local_url(self.gateway.host, self.gateway.port, self.gateway.tls)
 
     @property
     def webapp_url(self) -> str:
         """The web app's base URL as seen from this host."""
-        return _local_url(self.webapp.host, self.webapp.port)
+        return _local_url(self.webapp.host, self.webapp.port, self.webapp.tls)
+
+    @property
+    def tls_verify(self) -> str | bool:
+        """What local clients verify the gateway's certificate with (True: the system's CAs)."""
+        return str(self.tls_files[0]) if self.gateway.tls else True
+
+    @property
+    def tls_files(self) -> tuple[Path, Path]:
+        """(certificate, key) of the gateway and the web app."""
+        tls_dir = self.state_dir / "tls"
+        return (
+            self.gateway.tls_cert or tls_dir / "appliance.crt",
+            self.gateway.tls_key or tls_dir / "appliance.key",
+        )
 
     @property
     def webapp_dir(self) -> Path:
@@ -208,9 +222,10 @@ class ApplianceSettings(BaseSettings):
         return self.cluster.slurm_conf
 
 
-def _local_url(host: str, port: int) -> str:
+def _local_url(host: str, port: int, tls: bool = False) -> str:
     # A wildcard bind address is reached on loopback from this host.
-    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
 
 # The YAML path for the settings being built; pydantic-settings builds sources per class, so the

@@ -23,6 +23,9 @@ class WebappSettings(BaseModel):
     """Base URL of the gateway's API, as the web app's server reaches it. Default: the gateway
     of this configuration (gateway.host and gateway.port)."""
 
+    tls: bool = False
+    """Serve HTTPS with the gateway's certificate (gateway.tls_cert, or the one made for it)."""
+
     title: str = "Appliance"
     """Name shown in the browser tab and the page header."""
 

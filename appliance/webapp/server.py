@@ -45,7 +45,9 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
     from appliance.webapp.client import GatewayClient
 
     client = GatewayClient(
-        settings.webapp.gateway_url or settings.gateway_url, settings.webapp.request_timeout_s
+        settings.webapp.gateway_url or settings.gateway_url,
+        settings.webapp.request_timeout_s,
+        verify=settings.tls_verify,
     )
 
     @contextlib.asynccontextmanager
@@ -83,8 +85,15 @@ def run_webapp(settings: ApplianceSettings, host: str | None = None, port: int |
     import uvicorn
 
     app = create_webapp(settings)
+    tls = {}
+    if settings.webapp.tls:
+        from security.tls import ensure_certificate
+
+        cert, key = ensure_certificate(*settings.tls_files)
+        tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     uvicorn.run(
         app,
+        **tls,
         host=host or settings.webapp.host,
         port=port or settings.webapp.port,
         log_level="info",

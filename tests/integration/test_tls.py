@@ -1,0 +1,40 @@
+"""TLS: the gateway and the web app serve HTTPS with a certificate made at first start (or the
+operator's); clients verify it; the key is private; plain HTTP gets nothing."""
+
+from __future__ import annotations
+
+import ssl
+import stat
+
+import httpx
+import pytest
+from cryptography import x509
+
+from appliance.devstack import free_port, running_gateway, running_webapp
+from tests.slurm_fixtures import stack_settings, tiny_catalog
+
+pytestmark = [pytest.mark.slurm]
+
+
+def test_gateway_and_webapp_serve_https(slurm_cluster, tiny_model_dir, tmp_path):
+    settings = stack_settings(
+        slurm_cluster, tmp_path, tiny_catalog(tiny_model_dir),
+        gateway={"tls": True}, webapp={"tls": True, "port": free_port()},
+    )  # fmt: skip
+    cert_path, key_path = settings.tls_files
+    with running_gateway(settings) as url, running_webapp(settings) as web:
+        assert url.startswith("https://") and web.startswith("https://")
+        assert httpx.get(url + "/health", verify=str(cert_path)).json() == {"status": "ok"}
+        assert httpx.get(web + "/health", verify=str(cert_path)).status_code == 200
+        with pytest.raises(httpx.ConnectError):  # an unknown certificate is not trusted
+            httpx.get(url + "/health", verify=ssl.create_default_context())
+        plain = url.replace("https://", "http://")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(plain + "/health", timeout=5)
+        # The web app reaches the gateway over TLS too (its sign-in check goes through).
+        page = httpx.get(web + "/", verify=str(cert_path))
+        assert page.status_code == 200
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
