@@ -176,7 +176,7 @@ def _running_service(
                 health = httpx.get(url + "/health", timeout=1, verify=settings.tls_verify)
                 if health.status_code == 200:
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, FileNotFoundError):  # not up, or no certificate made yet
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(

@@ -10,16 +10,18 @@ import click
 import httpx
 
 from appliance.cli.context import CliContext, pass_ctx
+from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 
 
-def _wait_healthy(url: str, timeout: float, verify: str | bool = True) -> bool:
+def _wait_healthy(url: str, timeout: float, settings: ApplianceSettings) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
+            verify = settings.tls_verify
             if httpx.get(url + "/health", timeout=2, verify=verify).status_code == 200:
                 return True
-        except httpx.HTTPError:
+        except (httpx.HTTPError, FileNotFoundError):  # not up, or no certificate made yet
             pass
         time.sleep(0.3)
     return False
@@ -76,7 +78,7 @@ def _start_service(ctx: CliContext, command: str, url: str) -> None:
         if ctx.config_file:
             argv += ["--config", str(ctx.config_file)]
         start_detached([*argv, command], log_file, pidfile)
-    if not _wait_healthy(url, 90, settings.tls_verify):
+    if not _wait_healthy(url, 90, settings):
         raise ApplianceError(
             f"the {command} did not come up; last lines of {log_file}:\n" + tail(log_file)
         )
@@ -113,7 +115,7 @@ def status(ctx: CliContext) -> None:
     url = settings.gateway_url
     try:
         models = httpx.get(url + "/v1/models", timeout=5, verify=settings.tls_verify).json()["data"]
-    except httpx.HTTPError:
+    except (httpx.HTTPError, FileNotFoundError):
         click.echo(f"gateway: not answering at {url}")
         return
     click.echo(f"gateway: {url}")

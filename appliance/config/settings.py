@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +192,14 @@ class ApplianceSettings(BaseSettings):
         return _local_url(self.webapp.host, self.webapp.port, self.webapp.tls)
 
     @property
-    def tls_verify(self) -> str | bool:
-        """What local clients verify the gateway's certificate with (True: the system's CAs)."""
-        return str(self.tls_files[0]) if self.gateway.tls else True
+    def tls_verify(self) -> ssl.SSLContext | bool:
+        """What local clients verify the gateway's certificate with (True: the system's CAs).
+        Raises FileNotFoundError while the gateway has not made its certificate yet."""
+        if not self.gateway.tls:
+            return True
+        from security.tls import client_context
+
+        return client_context(self.tls_files[0])
 
     @property
     def tls_files(self) -> tuple[Path, Path]:

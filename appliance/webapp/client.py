@@ -70,7 +70,7 @@ def parse_sse_line(line: str) -> ChatEvent | None:
 class GatewayClient:
     """Async calls to the gateway, each with the signed-in user's token as its bearer key."""
 
-    def __init__(self, base_url: str, timeout: float = 600.0, verify: str | bool = True):
+    def __init__(self, base_url: str, timeout: float = 600.0, verify: Any = True):
         self.base_url = base_url.rstrip("/")
         self._http = httpx.AsyncClient(
             base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0), verify=verify

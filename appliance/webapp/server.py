@@ -44,6 +44,11 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
     from appliance.webapp.app import CSS, build_app
     from appliance.webapp.client import GatewayClient
 
+    if settings.gateway.tls:
+        from security.tls import ensure_certificate
+
+        # The gateway makes the certificate at its first start; if this starts first, it does.
+        ensure_certificate(*settings.tls_files)
     client = GatewayClient(
         settings.webapp.gateway_url or settings.gateway_url,
         settings.webapp.request_timeout_s,

@@ -107,10 +107,10 @@ def test_injection_attempts_are_refused_and_run_nothing(breaker, attempt):
 
 def test_port_forwarding_and_a_shell_are_not_given(breaker):
     ssh, _, canary = breaker
-    tunnel = subprocess.run([*ssh[:-1], "-N", "-L", f"{free_port()}:127.0.0.1:22",
-                             "-o", "ExitOnForwardFailure=yes", ssh[-1]],
+    # A direct TCP channel through the server (what -L and -W ask for) is refused at once.
+    tunnel = subprocess.run([*ssh[:-1], "-W", "127.0.0.1:22", ssh[-1]], input=b"",
                             capture_output=True, timeout=30)  # fmt: skip
-    assert tunnel.returncode != 0
+    assert tunnel.returncode != 0 and b"forwarding failed" in tunnel.stderr, tunnel.stderr
     shell = subprocess.run([*ssh, "-T"], input=f"touch {canary}\n".encode(),
                            capture_output=True, timeout=30)  # fmt: skip
     assert shell.returncode == EX_REFUSED and not canary.exists()

@@ -11,6 +11,7 @@ import pytest
 from cryptography import x509
 
 from appliance.devstack import free_port, running_gateway, running_webapp
+from security.tls import client_context
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm]
@@ -23,16 +24,17 @@ def test_gateway_and_webapp_serve_https(slurm_cluster, tiny_model_dir, tmp_path)
     )  # fmt: skip
     cert_path, key_path = settings.tls_files
     with running_gateway(settings) as url, running_webapp(settings) as web:
+        trust = client_context(cert_path)
         assert url.startswith("https://") and web.startswith("https://")
-        assert httpx.get(url + "/health", verify=str(cert_path)).json() == {"status": "ok"}
-        assert httpx.get(web + "/health", verify=str(cert_path)).status_code == 200
+        assert httpx.get(url + "/health", verify=trust).json() == {"status": "ok"}
+        assert httpx.get(web + "/health", verify=trust).status_code == 200
         with pytest.raises(httpx.ConnectError):  # an unknown certificate is not trusted
             httpx.get(url + "/health", verify=ssl.create_default_context())
         plain = url.replace("https://", "http://")
         with pytest.raises(httpx.HTTPError):
             httpx.get(plain + "/health", timeout=5)
         # The web app reaches the gateway over TLS too (its sign-in check goes through).
-        page = httpx.get(web + "/", verify=str(cert_path))
+        page = httpx.get(web + "/", verify=trust)
         assert page.status_code == 200
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
