@@ -12,14 +12,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from appliance.gateway.audit_events import audit
-from appliance.gateway.auth import admin, principal
+from appliance.gateway.auth import principal
 from appliance.gateway.protocol import RequestError, json_object
 from security.api_keys import KeyRefused, Principal
 from security.secret_files import replace_secret_file
 
 sign_in_router = APIRouter(prefix="/v1/auth")
 router = APIRouter(dependencies=[Depends(principal)])
-admin_router = APIRouter(dependencies=[Depends(admin)])
 Who = Annotated[Principal, Depends(principal)]
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -100,11 +99,6 @@ async def my_usage(request: Request, who: Who) -> dict:
     quotas = request.app.state.gateway.quotas
     rows = quotas.usage("user", who.user) + (quotas.usage("key", who.key_id) if who.key_id else [])
     return {"object": "list", "data": rows}
-
-
-@admin_router.get("/admin/usage")
-async def all_usage(request: Request) -> dict:
-    return {"object": "list", "data": request.app.state.gateway.quotas.usage()}
 
 
 # ----- conversations saved on the appliance (only when a user turns saving on) ---------------

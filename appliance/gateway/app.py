@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.config import ApplianceSettings
-from appliance.gateway import account, monitoring_api
+from appliance.gateway import account, admin_accounts, monitoring_api
 from appliance.gateway.auth import Authenticator
 from appliance.gateway.forward import Forwarder
 from appliance.gateway.knowledge import KnowledgeService
@@ -131,7 +131,7 @@ def create_app(
 
     app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
     parts = (router, api, admin_api, knowledge_router, account.sign_in_router, account.router,
-             account.admin_router)  # fmt: skip
+             admin_accounts.router)  # fmt: skip
     for part in (*parts, monitoring_api.router):
         app.include_router(part)
 

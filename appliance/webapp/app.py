@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from appliance.config import ApplianceSettings
+from appliance.webapp.admin_view import build_admin
 from appliance.webapp.chat import build_chat
 from appliance.webapp.client import GatewayClient
 from appliance.webapp.context import WebContext, is_admin, signed_in
@@ -52,6 +53,8 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
                 models = build_models(ctx)
             with gr.Tab("Monitoring", id="monitoring", elem_id="tab-monitoring"):
                 monitoring = build_monitoring(ctx)
+            with gr.Tab("Admin", id="admin", elem_id="tab-admin"):
+                admin = build_admin(ctx)
 
         def show(session_value):
             on = signed_in(session_value)
@@ -73,7 +76,7 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
 
         def after_session_change(dep):
             dep = dep.then(show, [session], shown)
-            for view in (chat, knowledge, models, monitoring):
+            for view in (chat, knowledge, models, monitoring, admin):
                 dep = view.on_sign_in(dep)
             return dep
 

@@ -205,6 +205,42 @@ class GatewayClient:
     async def search(self, token: str, query: str) -> dict[str, Any]:
         return await self._call("GET", "/admin/monitoring/search", token, params={"q": query})
 
+    # ----- accounts, usage and audit ----------------------------------------------------------
+
+    async def my_usage(self, token: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/v1/usage", token))["data"]
+
+    async def users(self, token: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/admin/users", token))["data"]
+
+    async def add_user(
+        self, token: str, user: str, password: str, role: str, groups: list[str]
+    ) -> dict[str, Any]:
+        body = {"user": user, "password": password, "role": role, "groups": groups}
+        return await self._call("POST", "/admin/users", token, json=body)
+
+    async def set_user_enabled(self, token: str, user: str, enabled: bool) -> dict[str, Any]:
+        action = "enable" if enabled else "disable"
+        return await self._call("POST", f"/admin/users/{_seg(user)}/{action}", token)
+
+    async def keys(self, token: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/admin/keys", token))["data"]
+
+    async def create_key(
+        self, token: str, user: str, role: str, expires_in_days: float | None
+    ) -> dict[str, Any]:
+        body = {"user": user, "role": role, "expires_in_days": expires_in_days}
+        return await self._call("POST", "/admin/keys", token, json=body)
+
+    async def revoke_key(self, token: str, key_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/admin/keys/{_seg(key_id)}/revoke", token)
+
+    async def usage(self, token: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/admin/usage", token))["data"]
+
+    async def audit(self, token: str, limit: int = 50) -> dict[str, Any]:
+        return await self._call("GET", "/admin/audit", token, params={"limit": limit})
+
     # ----- conversations saved on the appliance ---------------------------------------------
 
     async def saved_conversations(self, token: str) -> list[dict[str, Any]]:

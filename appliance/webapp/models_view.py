@@ -22,6 +22,7 @@ class ModelsView:
 
 
 def build_models(ctx: WebContext) -> ModelsView:
+    my_usage = gr.Markdown("", elem_id="my-usage")
     catalog = gr.Dataframe(
         headers=render.CATALOG_HEADERS, value=[], interactive=False, label="Catalog",
         elem_id="catalog",
@@ -45,14 +46,18 @@ def build_models(ctx: WebContext) -> ModelsView:
 
     async def refresh(session):
         if not signed_in(session):
-            return [], gr.Group(visible=False), [], gr.skip(), gr.skip()
+            return [], gr.Group(visible=False), [], gr.skip(), gr.skip(), ""
         token = token_of(session)
         try:
             models = await ctx.client.models(token)
+            usage = render.usage_markdown(await ctx.client.my_usage(token))
         except GatewayError:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if not is_admin(session):
-            return render.catalog_rows(models), gr.Group(visible=False), [], gr.skip(), gr.skip()
+            return (
+                render.catalog_rows(models), gr.Group(visible=False), [], gr.skip(), gr.skip(),
+                usage,
+            )  # fmt: skip
         try:
             live = await ctx.client.instances(token)
         except GatewayError:
@@ -66,9 +71,10 @@ def build_models(ctx: WebContext) -> ModelsView:
             render.instance_rows(live),
             gr.Dropdown(choices=[m["id"] for m in models if m.get("installed")]),
             gr.Dropdown(choices=jobs),
+            usage,
         )
 
-    shown = [catalog, admin_box, instances, start_model, stop_job]
+    shown = [catalog, admin_box, instances, start_model, stop_job, my_usage]
     timer.tick(refresh, [ctx.session], shown, show_progress="hidden")
 
     async def start(session, model):

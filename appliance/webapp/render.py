@@ -123,3 +123,18 @@ def hits_markdown(hits: list[dict[str, Any]]) -> str:
 def split_names(text: str) -> list[str]:
     """ "alice, bob carol" -> ["alice", "bob", "carol"] (readers and groups as typed)."""
     return [n for n in text.replace(",", " ").split() if n]
+
+
+def usage_markdown(rows: list[dict[str, Any]]) -> str:
+    """A user's own use against their limits, one line per user and key."""
+    parts = []
+    for u in rows:
+        limits = u.get("limits") or {}
+        rpm, tpd = limits.get("requests_per_minute"), limits.get("tokens_per_day")
+        who = "You" if u["kind"] == "user" else f"Key {u['name']}"
+        parts.append(
+            f"{who}: {u['requests_last_minute']} requests in the last minute"
+            f"{f' (limit {rpm})' if rpm else ''}, {u['tokens_today']} tokens today"
+            f"{f' (limit {tpd})' if tpd else ''}."
+        )
+    return "**Your usage.** " + " ".join(parts) if parts else "**Your usage.** No requests yet."

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -282,6 +283,25 @@ def test_monitoring_dashboards_drill_down_and_topology(visit):
     visit.shot("09-monitoring", full_page=True)
 
 
+def test_admin_tab_adds_a_user_and_shows_a_new_key_once(visit):
+    page = visit.page
+    visit.tab("Admin")
+    expect(page.locator("#admin-users")).to_contain_text("alice")
+    page.locator("#admin-new-user input, #admin-new-user textarea").first.fill("erin")
+    page.locator("#admin-new-password input").fill("erin-password-3")
+    page.locator("#admin-add-user").click()
+    expect(page.locator("#admin-users")).to_contain_text("erin")
+    page.locator("#admin-key-user input, #admin-key-user textarea").first.fill("erin")
+    page.locator("#admin-create-key").click()
+    expect(page.locator("#admin-new-key textarea, #admin-new-key input").first).to_have_value(
+        re.compile(r"^ak-")
+    )
+    expect(page.locator("#admin-keys")).to_contain_text("erin")
+    expect(page.locator("#admin-audit-status")).to_contain_text("intact")
+    expect(page.locator("#admin-audit")).to_contain_text("user_add")
+    visit.shot("10-admin", full_page=True)
+
+
 def test_deleting_a_document_removes_it_from_answers(visit):
     page = visit.page
     visit.tab("Knowledge")
@@ -317,6 +337,11 @@ def test_another_user_sees_nothing_of_the_first(visit):
     visit.tab("Monitoring")
     expect(page.locator("#mon-note")).to_contain_text("for administrators")
     expect(page.locator("#mon-body")).to_be_hidden()
+    visit.tab("Admin")
+    expect(page.locator("#admin-note")).to_be_visible()
+    expect(page.locator("#admin-body")).to_be_hidden()
+    visit.tab("Models")
+    expect(page.locator("#my-usage")).to_contain_text("Your usage")
     visit.shot("10-other-user")
 
 

@@ -126,6 +126,34 @@ def test_warming_a_model_starts_it_once(gateway):
     assert len([i for i in instances if i["model"] == "tiny-chat"]) == 1
 
 
+def test_admins_manage_users_and_keys_through_the_api(gateway):
+    url, settings = gateway
+    root, _ = ApiKeyStore(settings.api_keys_file).create("root", role="admin")
+    bob = sign_in(url, "bob", "bob-password").json()["token"]
+    assert call(url, "GET", "/admin/users", bob).status_code == 403
+    body = {"user": "dora", "password": "dora-password", "groups": ["ml"]}
+    assert call(url, "POST", "/admin/users", root, json=body).status_code == 201
+    assert sign_in(url, "dora", "dora-password").status_code == 200
+    short = call(url, "POST", "/admin/users", root, json={"user": "eve", "password": "x"})
+    assert short.status_code == 400 and "at least 8" in short.json()["error"]["message"]
+    made = call(url, "POST", "/admin/keys", root, json={"user": "dora", "expires_in_days": 30})
+    key = made.json()["key"]
+    assert made.status_code == 201 and key.startswith("ak-") and made.json()["expires_at"]
+    listed = call(url, "GET", "/admin/keys", root).json()["data"]
+    assert all("key_hash" not in k and "key" not in k for k in listed)
+    assert call(url, "GET", "/v1/me", key).json()["user"] == "dora"
+    assert call(url, "POST", f"/admin/keys/{made.json()['key_id']}/revoke", root).is_success
+    assert call(url, "GET", "/v1/me", key).status_code == 401
+    disabled = call(url, "POST", "/admin/users/dora/disable", root).json()
+    assert disabled["disabled"] and disabled["keys_revoked"] >= 1  # her sign-in session too
+    refused = sign_in(url, "dora", "dora-password")
+    assert refused.status_code == 401 and "disabled" in refused.json()["error"]["message"]
+    log = call(url, "GET", "/admin/audit", root, params={"limit": 500}).json()
+    assert log["verification"]["ok"]
+    done = {(e["actor"], e["action"], e["target"]) for e in log["entries"]}
+    assert {("root", "user_add", "dora"), ("root", "user_disable", "dora")} <= done
+
+
 def test_quota_refuses_the_request_after_the_limit(gateway):
     url, settings = gateway
     UserStore(settings.users_file).add("quota", "quota-password")
