@@ -51,6 +51,8 @@ class BreakerActions:
     def _instances(self) -> list[dict]:
         out = []
         for job in self.slurm.jobs(job_name_prefix(self.settings)):
+            if not job.active:
+                continue  # squeue still lists jobs that ended a few minutes ago
             endpoint = read_endpoint(self.settings.instances_dir, job.job_id)
             out.append({
                 "job_id": job.job_id,
