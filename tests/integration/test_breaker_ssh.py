@@ -117,7 +117,7 @@ def test_port_forwarding_and_a_shell_are_not_given(breaker):
 
 
 def test_a_chat_answer_streams_through_the_breaker(breaker):
-    ssh, settings, _ = breaker
+    ssh, _, _ = breaker
     started = run(ssh, "start tiny-chat")
     assert started.returncode == 0, started.stderr
     job_id = json.loads(started.stdout)["job_id"]
