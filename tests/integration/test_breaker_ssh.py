@@ -148,7 +148,10 @@ def test_a_chat_answer_streams_through_the_breaker(breaker):
 def test_other_jobs_can_be_neither_stopped_nor_reached(breaker):
     ssh, settings, _ = breaker
     slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
-    other = slurm.submit("#!/bin/sh\n#SBATCH --job-name=batch-work\n#SBATCH --mem=100\nsleep 300\n")
+    other = slurm.submit(
+        "#!/bin/sh\n#SBATCH --job-name=batch-work\n#SBATCH --output=/dev/null\n"
+        "#SBATCH --mem=100\nsleep 300\n"
+    )
     try:
         for line in (f"stop {other}", f"forward {other} GET /health"):
             refused = run(ssh, line)
