@@ -158,7 +158,7 @@ def build_chat(ctx: WebContext) -> ChatView:
                 with gr.Row():
                     temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
                     max_tokens = gr.Slider(
-                        16, 4096, value=512, step=16, label="Max tokens", elem_id="max-tokens"
+                        1, 4096, value=512, step=1, label="Max tokens", elem_id="max-tokens"
                     )
     timer = gr.Timer(5.0)
 

@@ -218,13 +218,16 @@ def test_edit_and_resend_renders_markdown_and_settings_apply(visit):
     expect(chat.locator("strong")).to_have_text("sky")  # the question is rendered as Markdown
     expect(chat).not_to_contain_text("Japan", timeout=60_000)
     expect(page.locator("#conversation-list label").first).to_contain_text("What color is the")
-    # Settings: a max tokens of 16 cuts the next answer short, and the chat says so.
+    # Settings: a max tokens of 4 cuts the next answer short, and the chat says so.
     page.get_by_text("Settings").click()
-    page.locator("#max-tokens input[type=number]").fill("16")
+    page.locator("#max-tokens input[type=number]").fill("4")
     page.locator("#max-tokens input[type=number]").press("Tab")
     page.locator("#message textarea").fill("Tell me a long story about the sea.")
     page.locator("#send").click()
     expect(chat).to_contain_text("max tokens limit", timeout=60_000)
+    # The conversation is saved in the browser right after the answer: give it that moment
+    # before the next step reloads the page.
+    page.wait_for_timeout(3000)
     visit.shot("06-edited-and-cut-short")
 
 
