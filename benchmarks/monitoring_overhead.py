@@ -102,7 +102,7 @@ def main() -> None:
                 update={"cluster_interval_s": 1.0, "task_interval_s": 1.0})}),
         }  # fmt: skip
         for name, config in configs.items():
-            sources, _, _ = gateway_sources(config, slurm, lambda: targets)
+            sources = gateway_sources(config, slurm, lambda: targets)
             monitor = Monitor(sources, History(), tick_s=1.0, history_step_s=5.0)
             share, status = run_monitor(monitor, args.seconds)
             per = {k: round(v["duration_s"] * 1000, 2) for k, v in status.items()}

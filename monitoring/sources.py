@@ -43,10 +43,6 @@ class GpuSource:
                 raise
         return gpu_families(self._reader.read(), self.hostname)
 
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-
 
 class SlurmSnapshot:
     """The latest sinfo and squeue answers; the cluster and node collectors share them."""
@@ -81,7 +77,7 @@ class SlurmSnapshot:
 
 def gateway_sources(
     settings: ApplianceSettings, slurm: SlurmClient, targets: Callable[[], list[Target]]
-) -> tuple[list[Source], SlurmSnapshot, GpuSource]:
+) -> list[Source]:
     mon = settings.monitoring
     snapshot = SlurmSnapshot(slurm)
     gpu = GpuSource()
@@ -105,4 +101,4 @@ def gateway_sources(
             mon.task_interval_s,
         ),
     ]
-    return sources, snapshot, gpu
+    return sources

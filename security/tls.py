@@ -77,3 +77,11 @@ def ensure_certificate(cert_path: Path, key_path: Path) -> tuple[Path, Path]:
     if not cert_path.exists() and not key_path.exists():
         make_self_signed(cert_path, key_path)
     return cert_path, key_path
+
+
+def server_options(enabled: bool, cert_path: Path, key_path: Path) -> dict[str, str]:
+    """uvicorn's TLS arguments: none when off; else the certificate, made first if missing."""
+    if not enabled:
+        return {}
+    cert, key = ensure_certificate(cert_path, key_path)
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}

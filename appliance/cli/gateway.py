@@ -32,15 +32,11 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
     # httpx logs every health probe at INFO; keep the gateway's log about the gateway.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     app = create_app(settings)
-    tls = {}
-    if settings.gateway.tls:
-        from security.tls import ensure_certificate
+    from security.tls import server_options
 
-        cert, key = ensure_certificate(*settings.tls_files)
-        tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     uvicorn.run(
         app,
-        **tls,
+        **server_options(settings.gateway.tls, *settings.tls_files),
         host=host or settings.gateway.host,
         port=port or settings.gateway.port,
         log_level=log_level,

@@ -70,7 +70,7 @@ def _monitor(
             if i.routable and i.url
         ]
 
-    sources, _, _ = gateway_sources(settings, slurm, targets)
+    sources = gateway_sources(settings, slurm, targets)
     monitor = Monitor(
         sources,
         History(mon.history_points, mon.history_max_series),

@@ -90,15 +90,11 @@ def run_webapp(settings: ApplianceSettings, host: str | None = None, port: int |
     import uvicorn
 
     app = create_webapp(settings)
-    tls = {}
-    if settings.webapp.tls:
-        from security.tls import ensure_certificate
+    from security.tls import server_options
 
-        cert, key = ensure_certificate(*settings.tls_files)
-        tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     uvicorn.run(
         app,
-        **tls,
+        **server_options(settings.webapp.tls, *settings.tls_files),
         host=host or settings.webapp.host,
         port=port or settings.webapp.port,
         log_level="info",
