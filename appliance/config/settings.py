@@ -16,6 +16,7 @@ from pydantic_settings import (
 )
 
 from appliance import envs
+from appliance.config.breaker import BreakerSettings
 from appliance.config.catalog import CatalogSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.config.gateway import GatewaySettings
@@ -91,6 +92,9 @@ class ApplianceSettings(BaseSettings):
 
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     """The OpenAI-compatible gateway (section `gateway`)."""
+
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    """How the gateway reaches the cluster through the SSH circuit breaker (section `breaker`)."""
 
     serving: ServingSettings = Field(default_factory=ServingSettings)
     """Model instances (section `serving`)."""

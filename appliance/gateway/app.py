@@ -21,6 +21,7 @@ from appliance.gateway.knowledge import router as knowledge_router
 from appliance.gateway.protocol import RequestError
 from appliance.gateway.routes import admin_api, api, router
 from appliance.models.catalog import Catalog, load_catalog
+from appliance.serving.access import cluster_access
 from appliance.serving.manager import InstanceManager
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
@@ -67,7 +68,7 @@ def _monitor(
         return [
             Target(i.job_id, i.model, i.node or "", i.url)
             for i in list(manager.instances())
-            if i.routable and i.url
+            if i.routable and i.url and i.url.startswith("http")
         ]
 
     sources = gateway_sources(settings, slurm, targets)
@@ -101,7 +102,7 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=2048, limit_per_host=0),
             auto_decompress=False,
         )
-        manager = InstanceManager(settings, catalog, slurm)
+        manager = InstanceManager(settings, catalog, cluster_access(settings, slurm, client))
         await manager.start()
         requests = RequestMetrics()
         audit = AuditLog(settings.audit_dir)
@@ -112,7 +113,7 @@ def create_app(
             settings,
             catalog,
             manager,
-            Forwarder(settings, manager, client),
+            Forwarder(settings, manager),
             auth,
             KnowledgeService(settings),
             requests,

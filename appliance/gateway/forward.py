@@ -15,16 +15,16 @@ from fastapi.responses import Response, StreamingResponse
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.gateway.protocol import RequestError, server_error
+from appliance.serving.access import UpstreamError
 from appliance.serving.instance import Instance
 from appliance.serving.manager import InstanceManager, InstanceStartError, InstanceWaitTimeout
 
 log = logging.getLogger(__name__)
 
-JSON_HEADERS = {"content-type": "application/json"}
 INSTANCE_HEADER = "x-appliance-instance"
 # What a failing instance looks like from the client side: connection refused or reset, a body
 # cut short, or no answer in time.
-UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, UpstreamError)
 DONE_MARKER = b"data: [DONE]"
 # vLLM ends the requests of an engine that died with this finish reason (and then [DONE]): a
 # truncated answer that looks complete unless the gateway says otherwise.
@@ -44,12 +44,9 @@ def _acquire_error(model: str, exc: Exception) -> RequestError:
 class Forwarder:
     """Sends requests to instances chosen by the manager."""
 
-    def __init__(
-        self, settings: ApplianceSettings, manager: InstanceManager, client: aiohttp.ClientSession
-    ):
+    def __init__(self, settings: ApplianceSettings, manager: InstanceManager):
         self.settings = settings
         self.manager = manager
-        self.client = client
 
     async def forward(
         self,
@@ -76,12 +73,13 @@ class Forwarder:
             except ApplianceError as exc:
                 return _acquire_error(model, exc).response()
             try:
-                async with self.client.post(
-                    inst.url + path, data=raw, headers=JSON_HEADERS
-                ) as resp:
+                resp = await self._open(inst, path, raw)
+                try:
                     content = await resp.read()
                     status = resp.status
                     media_type = resp.headers.get("content-type", "application/json")
+                finally:
+                    resp.release()
             except UPSTREAM_ERRORS as exc:
                 self.manager.release(inst, failed=True)
                 exclude.add(inst.job_id)
@@ -111,7 +109,7 @@ class Forwarder:
 
     async def _open(self, inst: Instance, path: str, raw: bytes) -> aiohttp.ClientResponse:
         """Send the request; the caller reads the body as it comes and releases the response."""
-        return await self.client.post(inst.url + path, data=raw, headers=JSON_HEADERS)
+        return await self.manager.access.open(inst, path, raw)
 
     async def _stream(self, path: str, raw: bytes, model: str, on_instance=None) -> Response:
         inst = self.manager.try_acquire(model)

@@ -181,6 +181,10 @@ async def stop_instance(job_id: int, request: Request):
     inst = gw.manager.get(job_id)
     if inst is None:
         return RequestError(404, f"No instance with job id {job_id}.").response()
-    await gw.manager.retire(inst, "stopped by an administrator")
+    try:
+        await gw.manager.retire(inst, "stopped by an administrator")
+    except ApplianceError as exc:
+        message = f"cannot stop instance {job_id}: {exc}"
+        return RequestError(502, message, code="cannot_stop").response()
     await audit(request, principal(request).user, "instance_stop", inst.model, job_id=job_id)
     return inst.describe()

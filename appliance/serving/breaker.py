@@ -5,21 +5,21 @@ only catalog models started, only the instance's own endpoint (from its endpoint
 from __future__ import annotations
 
 import json
-import re
 from typing import BinaryIO
 
 import httpx
 
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import load_catalog
+from appliance.serving.access import gpu_count
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.resources import plan_request
 from appliance.serving.sbatch import job_name_prefix, render_instance_script
 from appliance.slurm.client import SlurmClient
 from security.breaker.grammar import Command, Forward, ListInstances, Ping, Refused, Start, Stop
 
-_GPUS = re.compile(r"gpu(?::[^:,()]+)?:(\d+)")
-CHUNK = 64 * 1024
+# A health probe of an instance on its node, as part of a listing.
+HEALTH_TIMEOUT_S = 2.0
 
 
 def _line(out: BinaryIO, data: dict) -> None:
@@ -42,28 +42,38 @@ class BreakerActions:
         elif isinstance(command, Start):
             _line(stdout, {"job_id": self._start(command.model)})
         elif isinstance(command, Stop):
-            self._instance_job(command.job_id)
-            self.slurm.cancel(command.job_id)
+            if self._instance_job(command.job_id, missing_ok=True) is not None:
+                self.slurm.cancel(command.job_id)
             _line(stdout, {"stopped": command.job_id})
         elif isinstance(command, Forward):
             self._forward(command, stdin, stdout)
 
     def _instances(self) -> list[dict]:
+        """Instance jobs Slurm still lists (ended ones too, so the gateway learns how they
+        ended), with a health probe of each registered running one."""
         out = []
-        for job in self.slurm.jobs(job_name_prefix(self.settings)):
-            if not job.active:
-                continue  # squeue still lists jobs that ended a few minutes ago
-            endpoint = read_endpoint(self.settings.instances_dir, job.job_id)
-            out.append({
-                "job_id": job.job_id,
-                "model": job.name.removeprefix(job_name_prefix(self.settings)),
-                "state": job.state,
-                "reason": job.reason,
-                "node": job.nodes[0] if job.nodes else "",
-                "registered": endpoint is not None,
-                "phases": endpoint.phases if endpoint else {},
-            })  # fmt: skip
+        with httpx.Client(timeout=HEALTH_TIMEOUT_S) as client:
+            for job in self.slurm.jobs(job_name_prefix(self.settings)):
+                endpoint = read_endpoint(self.settings.instances_dir, job.job_id)
+                running = job.state == "RUNNING" and endpoint is not None
+                out.append({
+                    "job_id": job.job_id,
+                    "model": job.name.removeprefix(job_name_prefix(self.settings)),
+                    "state": job.state,
+                    "reason": job.reason,
+                    "node": job.nodes[0] if job.nodes else "",
+                    "submit_time": job.submit_time,
+                    "registered": running,
+                    "healthy": running and self._healthy(client, endpoint.url),
+                    "phases": endpoint.phases if endpoint else {},
+                })  # fmt: skip
         return out
+
+    def _healthy(self, client: httpx.Client, url: str) -> bool:
+        try:
+            return client.get(url + self.settings.serving.health_path).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def _start(self, model: str) -> int:
         spec = load_catalog(self.settings).get(model)
@@ -71,15 +81,19 @@ class BreakerActions:
             raise Refused("unknown model")
         if not spec.installed(self.settings):
             raise Refused("model not installed")
-        gpus = max((sum(map(int, _GPUS.findall(n.gres))) for n in self.slurm.nodes()), default=0)
+        gpus = max((gpu_count(n.gres) for n in self.slurm.nodes()), default=0)
         request = plan_request(spec, self.settings, gpus)
         script = render_instance_script(self.settings, spec, request, spec.model_dir(self.settings))
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
         return self.slurm.submit(script)
 
-    def _instance_job(self, job_id: int):
+    def _instance_job(self, job_id: int, missing_ok: bool = False):
+        """The job if it is an instance of this appliance (None for a job Slurm no longer
+        lists, with `missing_ok`); any other job is refused."""
         job = self.slurm.job(job_id)
+        if job is None and missing_ok:
+            return None
         if job is None or not job.name.startswith(job_name_prefix(self.settings)):
             raise Refused("not an instance job of this appliance")
         return job
@@ -100,6 +114,8 @@ class BreakerActions:
         ) as response:  # fmt: skip
             _line(stdout, {"status": response.status_code,
                            "content_type": response.headers.get("content-type", "")})  # fmt: skip
-            for chunk in response.iter_raw(CHUNK):
+            # No chunk size: httpx would hold bytes back until a chunk is full, and a stream's
+            # tokens must go out as they come.
+            for chunk in response.iter_raw():
                 stdout.write(chunk)
                 stdout.flush()

@@ -8,18 +8,12 @@ import contextlib
 import logging
 import time
 from collections import deque
-from pathlib import Path
-
-import aiohttp
 
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog
-from appliance.serving.endpoint import read_endpoint
+from appliance.serving.access import ClusterAccess, InstanceJob
 from appliance.serving.instance import ACTIVE_STATES, Instance, InstanceState
-from appliance.serving.resources import InstanceRequest, plan_request
-from appliance.serving.sbatch import job_name_prefix, model_from_job_name, render_instance_script
-from appliance.slurm.client import SlurmClient, SlurmJob
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +37,6 @@ class InstanceWaitTimeout(ApplianceError):
     """No instance of the model became ready within the configured time."""
 
 
-def _log_tail(path: Path, lines: int) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            tail = f.read().decode(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "\n".join(tail)
-
-
 class InstanceManager:
     """Owns the instances of every model; one per gateway process."""
 
@@ -61,22 +44,16 @@ class InstanceManager:
         self,
         settings: ApplianceSettings,
         catalog: Catalog,
-        slurm: SlurmClient,
-        probe_client: aiohttp.ClientSession | None = None,
+        access: ClusterAccess,
     ):
         self.settings = settings
         self.catalog = catalog
-        self.slurm = slurm
-        self._probe = probe_client or aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=2.0)
-        )
+        self.access = access
         self._instances: dict[int, Instance] = {}
         self._changed = asyncio.Condition()
         self._launch_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._cluster_gpus = 0
-        self._node_addr: dict[str, str] = {}
         self._start_failures: dict[str, deque[float]] = {}
         self._last_error: dict[str, str] = {}
         self._last_job_poll = 0.0
@@ -88,7 +65,7 @@ class InstanceManager:
 
     async def start(self) -> None:
         """Learn the cluster, adopt instances left by an earlier gateway, start the loop."""
-        await self._refresh_nodes()
+        await self.access.start()
         await self._poll_jobs()
         self._task = asyncio.create_task(self._run(), name="instance-manager")
 
@@ -99,8 +76,8 @@ class InstanceManager:
                 await self._task
         if stop_instances:
             for inst in list(self._instances.values()):
-                await asyncio.to_thread(self.slurm.cancel, inst.job_id)
-        await self._probe.close()
+                await self.access.cancel(inst.job_id)
+        await self.access.close()
 
     # ----- queries ------------------------------------------------------------------------
 
@@ -132,53 +109,29 @@ class InstanceManager:
                 f"model {model} already has {len(active)} instance(s); its max_instances is "
                 f"{spec.max_instances}"
             )
-        if not spec.installed(self.settings):
-            raise ApplianceError(
-                f"model {model} is not installed on this appliance "
-                f"(expected files in {spec.model_dir(self.settings)})"
-            )
-        request = plan_request(spec, self.settings, self._cluster_gpus)
-        node = await self._place(spec.name, request) if spec.source_kind == "store" else None
-        script = render_instance_script(
-            self.settings, spec, request, spec.model_dir(self.settings), nodelist=node
-        )
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
-        job_id = await asyncio.to_thread(self.slurm.submit, script)
+        submitted_at = time.time()
+        job_id = await self.access.submit(spec)
         inst = Instance(
-            job_id=job_id, model=model, state=InstanceState.PENDING, submitted_at=time.time()
+            job_id=job_id, model=model, state=InstanceState.PENDING, submitted_at=submitted_at
         )
         self._instances[job_id] = inst
-        log.info("launched instance job %s for %s (%s)", job_id, model, request)
+        log.info("launched instance job %s for %s", job_id, model)
         await self._notify()
         return inst
-
-    async def _place(self, model: str, request: InstanceRequest) -> str | None:
-        """The node where a stored model's instance starts soonest, or None for Slurm's choice."""
-        from appliance.store.placement import place
-
-        try:
-            node, ranking = await place(self.settings, self.slurm, self._probe, model, request)
-        except ApplianceError as exc:
-            log.warning("placement of %s skipped: %s", model, exc)
-            return None
-        if ranking:
-            log.info(
-                "placing %s on %s; estimates: %s",
-                model,
-                node or "any node (Slurm decides)",
-                "; ".join(e.describe() for e in ranking),
-            )
-        return node
 
     async def retire(self, inst: Instance, reason: str) -> None:
         """Cancel an instance's job; it stops receiving requests at once."""
         if inst.state in (InstanceState.STOPPING, InstanceState.GONE):
             return
         log.info("stopping instance %s of %s: %s", inst.job_id, inst.model, reason)
+        before = (inst.state, inst.reason)
         inst.state = InstanceState.STOPPING
         inst.reason = reason
-        await asyncio.to_thread(self.slurm.cancel, inst.job_id)
+        try:
+            await self.access.cancel(inst.job_id)
+        except ApplianceError:
+            inst.state, inst.reason = before  # still running: keep it in the books as it was
+            raise
         await self._notify()
 
     # ----- routing ------------------------------------------------------------------------
@@ -336,32 +289,21 @@ class InstanceManager:
         await self._autoscale()
         await self._notify()
 
-    async def _refresh_nodes(self) -> None:
-        try:
-            nodes = await asyncio.to_thread(self.slurm.nodes)
-        except ApplianceError as exc:
-            log.warning("cannot list Slurm nodes: %s", exc)
-            return
-        self._node_addr = {n.name: n.address or n.name for n in nodes}
-        self._cluster_gpus = max((_gpu_count(n.gres) for n in nodes), default=0)
-
     async def _poll_jobs(self) -> None:
         polled_at = time.time()
-        jobs = await asyncio.to_thread(self.slurm.jobs, job_name_prefix(self.settings))
+        jobs = await self.access.jobs()
         self._last_job_poll = time.time()
-        by_id: dict[int, SlurmJob] = {j.job_id: j for j in jobs}
+        by_id: dict[int, InstanceJob] = {j.job_id: j for j in jobs}
         for job in jobs:
-            if job.job_id not in self._instances and job.active:
-                model = model_from_job_name(self.settings, job.name)
-                if model is not None and model in self.catalog:
-                    # Left by an earlier gateway: adopt rather than orphan it.
-                    log.info("adopting instance job %s of %s", job.job_id, model)
-                    self._instances[job.job_id] = Instance(
-                        job_id=job.job_id,
-                        model=model,
-                        state=InstanceState.PENDING,
-                        submitted_at=job.submit_time or time.time(),
-                    )
+            if job.job_id not in self._instances and job.active and job.model in self.catalog:
+                # Left by an earlier gateway: adopt rather than orphan it.
+                log.info("adopting instance job %s of %s", job.job_id, job.model)
+                self._instances[job.job_id] = Instance(
+                    job_id=job.job_id,
+                    model=job.model,
+                    state=InstanceState.PENDING,
+                    submitted_at=job.submit_time or time.time(),
+                )
         for inst in list(self._instances.values()):
             job = by_id.get(inst.job_id)
             if job is None and inst.submitted_at >= polled_at:
@@ -374,15 +316,13 @@ class InstanceManager:
             elif inst.state is InstanceState.PENDING:
                 inst.state = InstanceState.STARTING
                 inst.reason = ""
-                inst.node = job.nodes[0] if job.nodes else ""
-                if inst.node and inst.node not in self._node_addr:
-                    await self._refresh_nodes()
+                inst.node = job.node
 
-    def _forget(self, inst: Instance, job: SlurmJob | None) -> None:
+    def _forget(self, inst: Instance, job: InstanceJob | None) -> None:
         """The job has ended: drop the instance; record why, if it never became ready."""
         if inst.state in (InstanceState.PENDING, InstanceState.STARTING):
             state = job.state if job else "ended"
-            tail = _log_tail(self._log_path(inst), self.settings.serving.log_tail_lines)
+            tail = self.access.failure_detail(inst)
             self._last_error[inst.model] = (
                 f"instance job {inst.job_id} {state.lower()} before it was ready"
                 + (f"; last log lines:\n{tail}" if tail else "")
@@ -392,9 +332,6 @@ class InstanceManager:
         inst.state = InstanceState.GONE
         del self._instances[inst.job_id]
 
-    def _log_path(self, inst: Instance) -> Path:
-        return self.settings.log_dir / f"instance-{inst.model}-{inst.job_id}.log"
-
     def _recent_failures(self, model: str) -> list[float]:
         cutoff = time.time() - START_FAILURE_COOLDOWN_S
         return [t for t in self._start_failures.get(model, ()) if t >= cutoff]
@@ -402,16 +339,13 @@ class InstanceManager:
     async def _check(self, inst: Instance) -> None:
         now = time.time()
         if inst.state is InstanceState.STARTING:
-            endpoint = read_endpoint(self.settings.instances_dir, inst.job_id)
-            if endpoint is None:
+            address = await self.access.address(inst)
+            if address is None:
                 return
-            inst.phases = dict(endpoint.phases)
-            host = endpoint.host
-            if host in ("0.0.0.0", "::"):
-                host = self._node_addr.get(inst.node, inst.node)
-            inst.url = f"http://{host}:{endpoint.port}"
-            if not await self._healthy(inst):
-                started = endpoint.phases.get("job_started_at", inst.submitted_at)
+            inst.phases = dict(address.phases)
+            inst.url = address.url
+            if not await self.access.healthy(inst):
+                started = address.phases.get("job_started_at", inst.submitted_at)
                 if now - started > self.settings.gateway.start_timeout_s:
                     await self.retire(inst, "did not become healthy in time")
                 return
@@ -419,7 +353,7 @@ class InstanceManager:
             inst.ready_at = now
             # The launcher records readiness itself (its probe runs every 0.1 s); if the gateway
             # saw it first, its own observation stands in, one tick late at most.
-            latest = read_endpoint(self.settings.instances_dir, inst.job_id) or endpoint
+            latest = await self.access.address(inst) or address
             inst.phases = {**latest.phases}
             inst.phases.setdefault("weights_loaded_at", now)
             inst.phases.setdefault("ready_at", now)
@@ -435,7 +369,7 @@ class InstanceManager:
             if not due:
                 return
             previous_probe, inst.last_probe = inst.last_probe, now
-            if await self._healthy(inst) or (
+            if await self.access.healthy(inst) or (
                 inst.state is InstanceState.READY and inst.last_data >= previous_probe
             ):
                 if inst.state is InstanceState.UNHEALTHY:
@@ -453,15 +387,6 @@ class InstanceManager:
                 since = inst.phases.setdefault("unhealthy_since", now)
                 if now - since > UNHEALTHY_GRACE_S:
                     await self.retire(inst, "unhealthy for too long")
-
-    async def _healthy(self, inst: Instance) -> bool:
-        if inst.url is None:
-            return False
-        try:
-            async with self._probe.get(inst.url + self.settings.serving.health_path) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
 
     async def _autoscale(self) -> None:
         now = time.time()
@@ -489,13 +414,3 @@ class InstanceManager:
                 if inst.routable and inst.inflight == 0 and now - inst.last_used >= idle_limit:
                     await self.retire(inst, f"idle for {idle_limit:g} s")
                     keep -= 1
-
-
-def _gpu_count(gres: str) -> int:
-    """GPUs in a Slurm GRES string such as `gpu:2,shard:8` or `gpu:a100:4(S:0)`."""
-    total = 0
-    for item in gres.split(","):
-        parts = item.split("(")[0].split(":")
-        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
-            total += int(parts[-1])
-    return total

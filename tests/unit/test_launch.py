@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from appliance.serving.access import gpu_count
 from appliance.serving.endpoint import InstanceEndpoint, read_endpoint, write_endpoint
 from appliance.serving.launch import parse_args, server_command, server_env
-from appliance.serving.manager import _gpu_count
 
 BASE = [
     "--model",
@@ -64,7 +64,7 @@ def test_endpoint_file_roundtrip(tmp_path: Path):
 
 
 def test_gpu_count_from_gres():
-    assert _gpu_count("gpu:2,shard:8") == 2
-    assert _gpu_count("gpu:a100:4(S:0-1)") == 4
-    assert _gpu_count("(null)") == 0
-    assert _gpu_count("") == 0
+    assert gpu_count("gpu:2,shard:8") == 2
+    assert gpu_count("gpu:a100:4(S:0-1)") == 4
+    assert gpu_count("(null)") == 0
+    assert gpu_count("") == 0

@@ -1,0 +1,235 @@
+"""How the gateway reaches the cluster. DirectAccess runs Slurm's commands and calls instances on
+their nodes; BreakerAccess (appliance/serving/breaker_client.py) does both through the SSH circuit
+breaker. The instance manager and the forwarder only talk to a ClusterAccess."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from appliance.config import ApplianceSettings
+from appliance.errors import ApplianceError
+from appliance.models.catalog import ModelSpec
+from appliance.serving.endpoint import read_endpoint
+from appliance.serving.instance import Instance
+from appliance.serving.resources import InstanceRequest, plan_request
+from appliance.serving.sbatch import job_name_prefix, model_from_job_name, render_instance_script
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.records import ACTIVE_JOB_STATES
+
+log = logging.getLogger(__name__)
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+class UpstreamError(Exception):
+    """An instance could not be reached, or broke off, on a transport other than plain HTTP."""
+
+
+@dataclass
+class InstanceJob:
+    """An instance's Slurm job as the cluster reports it."""
+
+    job_id: int
+    model: str
+    state: str
+    reason: str = ""
+    node: str = ""
+    submit_time: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the job still waits for, holds or releases resources."""
+        return self.state in ACTIVE_JOB_STATES
+
+
+@dataclass
+class InstanceAddress:
+    """Where a started instance answers, and the start-up phases its job recorded."""
+
+    url: str
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in a Slurm GRES string such as `gpu:2,shard:8` or `gpu:a100:4(S:0)`."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last `lines` lines of a log file ("" when it cannot be read)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            tail = f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join(tail)
+
+
+class ClusterAccess(ABC):
+    """What the gateway may do on the cluster: instance jobs and requests to instances."""
+
+    async def start(self) -> None:  # noqa: B027 - most ways need no start
+        """Learn what is needed about the cluster before the first job poll."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Release connections."""
+
+    @abstractmethod
+    async def submit(self, spec: ModelSpec) -> int:
+        """Submit one instance job of `spec`; its job id."""
+
+    @abstractmethod
+    async def cancel(self, job_id: int) -> None:
+        """Cancel an instance job (a finished one is fine)."""
+
+    @abstractmethod
+    async def jobs(self) -> list[InstanceJob]:
+        """The instance jobs of this appliance that Slurm still lists (ended ones too, for a
+        few minutes: their state says how they ended)."""
+
+    @abstractmethod
+    async def address(self, inst: Instance) -> InstanceAddress | None:
+        """Where the instance answers, once its job has registered it."""
+
+    @abstractmethod
+    async def healthy(self, inst: Instance) -> bool:
+        """Whether the instance answers its health check."""
+
+    @abstractmethod
+    async def open(self, inst: Instance, path: str, raw: bytes):
+        """POST `raw` to `path` on the instance. The answer has aiohttp's ClientResponse surface
+        (status, headers, read, content.iter_any, release, close); failures raise
+        aiohttp.ClientError, TimeoutError or UpstreamError."""
+
+    def failure_detail(self, inst: Instance) -> str:
+        """What is known of why an instance's job ended before it was ready."""
+        return ""
+
+
+class DirectAccess(ClusterAccess):
+    """Slurm commands on this host; instances reached over HTTP on their nodes."""
+
+    def __init__(
+        self, settings: ApplianceSettings, slurm: SlurmClient, client: aiohttp.ClientSession
+    ):
+        self.settings = settings
+        self.slurm = slurm
+        self.client = client
+        self._probe = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        self._node_addr: dict[str, str] = {}
+        self._cluster_gpus = 0
+
+    async def start(self) -> None:
+        await self._refresh_nodes()
+
+    async def close(self) -> None:
+        await self._probe.close()
+
+    async def _refresh_nodes(self) -> None:
+        try:
+            nodes = await asyncio.to_thread(self.slurm.nodes)
+        except ApplianceError as exc:
+            log.warning("cannot list Slurm nodes: %s", exc)
+            return
+        self._node_addr = {n.name: n.address or n.name for n in nodes}
+        self._cluster_gpus = max((gpu_count(n.gres) for n in nodes), default=0)
+
+    async def submit(self, spec: ModelSpec) -> int:
+        if not spec.installed(self.settings):
+            raise ApplianceError(
+                f"model {spec.name} is not installed on this appliance "
+                f"(expected files in {spec.model_dir(self.settings)})"
+            )
+        request = plan_request(spec, self.settings, self._cluster_gpus)
+        node = await self._place(spec.name, request) if spec.source_kind == "store" else None
+        script = render_instance_script(
+            self.settings, spec, request, spec.model_dir(self.settings), nodelist=node
+        )
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        job_id = await asyncio.to_thread(self.slurm.submit, script)
+        log.info("submitted instance job %s of %s (%s)", job_id, spec.name, request)
+        return job_id
+
+    async def _place(self, model: str, request: InstanceRequest) -> str | None:
+        """The node where a stored model's instance starts soonest, or None for Slurm's choice."""
+        from appliance.store.placement import place
+
+        try:
+            node, ranking = await place(self.settings, self.slurm, self._probe, model, request)
+        except ApplianceError as exc:
+            log.warning("placement of %s skipped: %s", model, exc)
+            return None
+        if ranking:
+            log.info(
+                "placing %s on %s; estimates: %s",
+                model,
+                node or "any node (Slurm decides)",
+                "; ".join(e.describe() for e in ranking),
+            )
+        return node
+
+    async def cancel(self, job_id: int) -> None:
+        await asyncio.to_thread(self.slurm.cancel, job_id)
+
+    async def jobs(self) -> list[InstanceJob]:
+        found = []
+        for job in await asyncio.to_thread(self.slurm.jobs, job_name_prefix(self.settings)):
+            model = model_from_job_name(self.settings, job.name)
+            if model is not None:
+                node = job.nodes[0] if job.nodes else ""
+                found.append(
+                    InstanceJob(job.job_id, model, job.state, job.reason, node, job.submit_time)
+                )
+        if any(j.node and j.node not in self._node_addr for j in found):
+            await self._refresh_nodes()
+        return found
+
+    async def address(self, inst: Instance) -> InstanceAddress | None:
+        endpoint = read_endpoint(self.settings.instances_dir, inst.job_id)
+        if endpoint is None:
+            return None
+        host = endpoint.host
+        if host in ("0.0.0.0", "::"):
+            host = self._node_addr.get(inst.node, inst.node)
+        return InstanceAddress(f"http://{host}:{endpoint.port}", dict(endpoint.phases))
+
+    async def healthy(self, inst: Instance) -> bool:
+        if inst.url is None:
+            return False
+        try:
+            async with self._probe.get(inst.url + self.settings.serving.health_path) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def open(self, inst: Instance, path: str, raw: bytes) -> aiohttp.ClientResponse:
+        return await self.client.post(inst.url + path, data=raw, headers=JSON_HEADERS)
+
+    def failure_detail(self, inst: Instance) -> str:
+        path = self.settings.log_dir / f"instance-{inst.model}-{inst.job_id}.log"
+        return log_tail(path, self.settings.serving.log_tail_lines)
+
+
+def cluster_access(
+    settings: ApplianceSettings, slurm: SlurmClient, client: aiohttp.ClientSession
+) -> ClusterAccess:
+    """The configured way to the cluster: through the breaker when it is enabled."""
+    if settings.breaker.enabled:
+        from appliance.serving.breaker_client import BreakerAccess
+
+        return BreakerAccess(settings)
+    return DirectAccess(settings, slurm, client)
