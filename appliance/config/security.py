@@ -38,3 +38,9 @@ class SecuritySettings(BaseModel):
     audit_prompts: bool = False
     """Record the messages of chat and completion requests in the audit log. Off: the log says
     who asked which model, never what."""
+
+    service_user: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    """Account the gateway and the web app run as when started by root: they hand it the state
+    they write (keys, audit log, logs, instance endpoints, knowledge bases, conversations), then
+    give up root for good. Instances and training jobs are submitted, and so run, as this
+    account. The installer creates `appliance` for this. None: run as whoever starts them."""

@@ -1,0 +1,89 @@
+"""Running a service as an unprivileged account: hand it the state it writes, then give up root
+for good (real, effective and saved ids, and supplementary groups)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+from appliance.config import ApplianceSettings
+from appliance.errors import ApplianceError
+
+
+class PrivilegeError(ApplianceError):
+    """The service account is missing, or root could not be given up."""
+
+
+def service_dirs(settings: ApplianceSettings) -> list[Path]:
+    """What the services (and the jobs they submit) write or must read alone: everything under
+    the state directory except the local Slurm cluster's own files, which stay root's."""
+    keys = settings.api_keys_file.parent
+    return [
+        keys, settings.kek_file.parent, settings.signing_key_file.parent, settings.audit_dir,
+        settings.log_dir, settings.instances_dir, settings.rag_dir, settings.conversations_dir,
+        settings.webapp_dir, settings.training_dir, settings.tls_files[0].parent,
+        settings.models_dir, settings.store_root, service_home(settings),
+    ]  # fmt: skip
+
+
+def service_home(settings: ApplianceSettings) -> Path:
+    """HOME of the services and their jobs (caches of vLLM and torch): a system account usually
+    has no home of its own."""
+    return settings.state_dir / "home"
+
+
+def hand_over(settings: ApplianceSettings, account: pwd.struct_passwd) -> None:
+    """Make the service directories (created if missing) and everything in them the account's.
+    Symlinks are changed themselves, never followed: a link planted in a service directory
+    cannot hand the account a file elsewhere."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.state_dir, 0o755)  # the account must be able to pass through
+    for top in dict.fromkeys(service_dirs(settings)):
+        top.mkdir(parents=True, exist_ok=True)
+        for root, dirs, files in os.walk(top):
+            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                info = os.lstat(name)
+                if (info.st_uid, info.st_gid) != (account.pw_uid, account.pw_gid):
+                    os.chown(name, account.pw_uid, account.pw_gid, follow_symlinks=False)
+
+
+def drop_to(user: str, home: Path) -> pwd.struct_passwd:
+    """Become `user` (with `home` as HOME) for the rest of this process; raises if root could
+    be regained."""
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(
+            f"service account {user!r} does not exist (the installer creates it; or "
+            f"`useradd --system --no-create-home {user}`)"
+        ) from None
+    if account.pw_uid == 0:
+        raise PrivilegeError(f"service account {user!r} is root; choose an unprivileged one")
+    os.setgroups(os.getgrouplist(user, account.pw_gid))
+    os.setresgid(account.pw_gid, account.pw_gid, account.pw_gid)
+    os.setresuid(account.pw_uid, account.pw_uid, account.pw_uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:  # pragma: no cover - the kernel refused to drop the saved id
+        raise PrivilegeError("root could be regained after dropping privileges")
+    os.environ.update(HOME=str(home), USER=user, LOGNAME=user)
+    os.umask(0o077)
+    return account
+
+
+def run_as_service_user(settings: ApplianceSettings) -> None:
+    """If this process is root and a service account is configured, hand it the state and
+    become it. Anyone else keeps running as they are."""
+    user = settings.security.service_user
+    if user is None or os.geteuid() != 0:
+        return
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        account = None
+    if account is not None:
+        hand_over(settings, account)
+    drop_to(user, service_home(settings))
