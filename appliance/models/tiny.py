@@ -330,6 +330,10 @@ def _save_model(model: Any, tokenizer: Tokenizer, out_dir: Path) -> None:
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
+    # transformers writes the weights through a private temporary file (mode 0600); the model
+    # is no secret, and the account that serves it may not be the one that built it.
+    for path in out_dir.glob("*.safetensors"):
+        path.chmod(0o644)
 
 
 # --- atomic output -----------------------------------------------------------------------------

@@ -4,9 +4,14 @@ account too; a chat answer still comes back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import shutil
+import stat
 import subprocess
+import tempfile
+from pathlib import Path
 
 import openai
 import psutil
@@ -32,15 +37,45 @@ def account():
     return pwd.getpwnam(ACCOUNT)
 
 
+@contextlib.contextmanager
+def reachable(path: Path):
+    """Let other accounts pass through `path`'s parents (pytest makes its folders 0700) for
+    the test, as /etc/appliance and /var/lib/appliance are on an installed system."""
+    changed = []
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)
+            changed.append((parent, stat.S_IMODE(mode)))
+    try:
+        yield
+    finally:
+        for parent, mode in changed:
+            os.chmod(parent, mode)
+
+
+@pytest.fixture
+def public_tmp():
+    path = Path(tempfile.mkdtemp(prefix="appliance-svc-", dir="/var/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def test_the_gateway_and_its_instances_run_unprivileged(slurm_cluster, tiny_model_dir,
-                                                         tmp_path_factory, account):  # fmt: skip
-    tmp = tmp_path_factory.mktemp("service-user")
+                                                         public_tmp, account):  # fmt: skip
+    tmp = public_tmp
     settings = stack_settings(slurm_cluster, tmp, tiny_catalog(tiny_model_dir),
                               security={"service_user": ACCOUNT})  # fmt: skip
     # Made by root before the start (as an earlier install would have): handed over too.
     settings.audit_dir.mkdir(parents=True)
     (settings.audit_dir / "old.jsonl").write_text("")
-    with running_gateway(settings) as url:
+    with (
+        reachable(settings.slurm_conf),
+        reachable(tiny_model_dir / "config.json"),
+        reachable(Path(os.__file__)),  # this Python may live under /root (pyenv)
+        running_gateway(settings) as url,
+    ):
         (conn,) = [c for c in psutil.net_connections("tcp")
                    if c.laddr.port == settings.gateway.port and c.status == "LISTEN"]  # fmt: skip
         uids = psutil.Process(conn.pid).uids()
@@ -64,6 +99,5 @@ def test_the_gateway_and_its_instances_run_unprivileged(slurm_cluster, tiny_mode
         assert squeue.stdout.strip() == ACCOUNT
     for path in (settings.audit_dir / "old.jsonl", settings.audit_dir, settings.log_dir):
         assert path.stat().st_uid == account.pw_uid, path
-    # What the gateway wrote itself is private to the account.
-    written = [p for p in settings.audit_dir.iterdir() if p.name != "old.jsonl"]
-    assert written and all(p.stat().st_mode & 0o077 == 0 for p in written)
+    # What the account's processes write is private to it (umask 077, passed on to its jobs).
+    assert endpoint.stat().st_mode & 0o077 == 0
