@@ -176,39 +176,27 @@ def import_model(
     Without --user/--role the model may be loaded by the serving identity's roles
     (store.load_roles); without --host, on any host; without --expires, with no end date.
     """
-    from appliance.models.catalog import ModelResources, ModelSpec, add_local_model
-    from appliance.store import keyring
+    from appliance.models.catalog import ModelResources
     from appliance.store.hub import resolve_source
-    from appliance.store.importer import import_checkpoint
+    from appliance.store.publish import publish_checkpoint
 
     settings = ctx.settings
     directory, default_name = resolve_source(source)
     name = name or default_name
     encrypt = settings.store.encrypt and not no_encrypt
-    kek = policy = None
-    if encrypt:
-        for line in keyring.init_keys(settings):
-            click.echo(line)
-        kek = keyring.store_kek(settings, create_kdf=True)
-        policy = signed_policy(ctx, name, users, roles, hosts, expires)
-    path = import_checkpoint(
+    spec = publish_checkpoint(
+        settings,
         directory,
-        settings.store_root,
         name,
-        kek=kek,
-        policy=policy,
-        chunk_bytes=settings.store.chunk_mib << 20,
-        progress=True,
-        replace=replace,
-    )
-    spec = ModelSpec(
-        name=name,
-        source=f"store:{name}",
+        encrypt=encrypt,
+        policy=lambda: signed_policy(ctx, name, users, roles, hosts, expires),
         max_model_len=max_model_len,
-        size_gb=round(sum(f.stat().st_size for f in path.iterdir()) / 1e9, 3),
         resources=ModelResources(gpus=gpus, gpu_memory_gb=gpu_memory_gb, cpu_fallback=gpus == 0),
+        replace=replace,
+        progress=True,
+        say=click.echo,
     )
-    add_local_model(settings, spec)
+    path = spec.model_dir(settings)
     state = "encrypted" if encrypt else "plaintext"
     click.echo(f"imported {name} ({state}, verified) into {path}; added to the catalog")
 

@@ -24,6 +24,7 @@ from appliance.config.monitoring import MonitoringSettings
 from appliance.config.security import SecuritySettings
 from appliance.config.serving import ServingSettings
 from appliance.config.store import StoreSettings
+from appliance.config.training import TrainingSettings
 from appliance.config.webapp import WebappSettings
 from appliance.errors import ApplianceError
 from rag.settings import RagSettings
@@ -113,6 +114,9 @@ class ApplianceSettings(BaseSettings):
 
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     """Quotas, rate limits and the audit log (section `security`)."""
+
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    """Fine-tuning jobs: default hyperparameters, limits, resources (section `training`)."""
 
     webapp: WebappSettings = Field(default_factory=WebappSettings)
     """The web app: chat, knowledge bases, models (section `webapp`)."""

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.config import ApplianceSettings
-from appliance.gateway import account, admin_accounts, monitoring_api
+from appliance.gateway import account, admin_accounts, fine_tuning, monitoring_api
 from appliance.gateway.auth import Authenticator
 from appliance.gateway.forward import Forwarder
 from appliance.gateway.knowledge import KnowledgeService
@@ -49,6 +49,7 @@ class GatewayState:
     monitor: Monitor | None
     audit: AuditLog
     quotas: Quotas
+    slurm: SlurmClient
 
 
 def _monitor(
@@ -120,6 +121,7 @@ def create_app(
             monitor,
             audit,
             Quotas(settings.security),
+            slurm,
         )
         log.info("gateway ready; %d models in the catalog", len(catalog))
         try:
@@ -133,7 +135,7 @@ def create_app(
     app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
     parts = (router, api, admin_api, knowledge_router, account.sign_in_router, account.router,
              admin_accounts.router)  # fmt: skip
-    for part in (*parts, monitoring_api.router):
+    for part in (*parts, monitoring_api.router, fine_tuning.router):
         app.include_router(part)
 
     @app.exception_handler(StarletteHTTPException)

@@ -22,8 +22,10 @@ class RequestError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        details: list[str] | None = None,
     ):
         super().__init__(message)
+        self.details = details
         self.headers = headers
         self.status = status
         self.message = message
@@ -38,6 +40,7 @@ class RequestError(Exception):
                 "type": self.type,
                 "param": self.param,
                 "code": self.code,
+                **({"details": self.details} if self.details else {}),
             }
         }
 

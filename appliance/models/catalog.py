@@ -98,8 +98,22 @@ class ModelSpec(BaseModel):
 class Catalog:
     """All models the stack knows, by name; later sources override earlier ones."""
 
-    def __init__(self, models: list[ModelSpec]):
+    def __init__(self, models: list[ModelSpec], settings: ApplianceSettings | None = None):
         self._models = {m.name: m for m in models}
+        self._settings = settings
+        self._stamp = _stamp(settings) if settings is not None else None
+
+    def refresh(self) -> bool:
+        """Read the catalog files again if one changed (a model imported or fine-tuned while
+        the gateway runs); True when it did. Cheap enough for every tick: one stat per file."""
+        if self._settings is None:
+            return False
+        stamp = _stamp(self._settings)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a broken file is reported once, not on every tick
+        self._models = load_catalog(self._settings)._models
+        return True
 
     def __contains__(self, name: str) -> bool:
         return name in self._models
@@ -138,6 +152,18 @@ def _read_entries(path: Path) -> list[ModelSpec]:
     return models
 
 
+def _stamp(settings: ApplianceSettings) -> tuple:
+    files = [*settings.catalog.files, settings.user_catalog_file]
+    out = []
+    for path in files:
+        try:
+            info = Path(path).stat()
+            out.append((info.st_mtime_ns, info.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def load_catalog(settings: ApplianceSettings) -> Catalog:
     """Presets, then configured catalog files, then the models added with `appliance models add`."""
     models: list[ModelSpec] = []
@@ -147,7 +173,7 @@ def load_catalog(settings: ApplianceSettings) -> Catalog:
         models += _read_entries(path)
     if settings.user_catalog_file.exists():
         models += _read_entries(settings.user_catalog_file)
-    return Catalog(models)
+    return Catalog(models, settings)
 
 
 def add_local_model(settings: ApplianceSettings, spec: ModelSpec) -> None:

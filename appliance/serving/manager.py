@@ -282,6 +282,11 @@ class InstanceManager:
 
     async def _tick(self) -> None:
         now = time.time()
+        try:
+            if self.catalog.refresh():
+                log.info("catalog changed; %d models now", len(self.catalog))
+        except ApplianceError as exc:  # a broken edit: keep serving the catalog we have
+            log.warning("catalog not reloaded: %s", exc)
         busy = any(i.state is not InstanceState.READY for i in self._instances.values())
         if busy or now - self._last_job_poll >= self.settings.gateway.job_poll_interval_s:
             await self._poll_jobs()

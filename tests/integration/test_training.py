@@ -1,0 +1,125 @@
+"""Fine-tuning end to end on the local Slurm cluster with the tiny model: datasets with
+problems are refused with line numbers; a job trains, is killed in the middle and resumes from
+its checkpoint, is requeued (as on preemption) and resumes again, beats the base model on the
+held-out examples, lands encrypted in the store and answers through the gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from appliance.devstack import running_gateway
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.runner import LocalRunner
+from appliance.store.format import HEADER_FILE
+from tests.slurm_fixtures import stack_settings, tiny_catalog, wait_for
+
+pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
+SAMPLE = Path(__file__).parents[2] / "examples" / "fine-tune-sample.jsonl"
+
+
+@pytest.fixture(scope="module")
+def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("training")
+    settings = stack_settings(slurm_cluster, tmp, tiny_catalog(tiny_model_dir),
+                              training={"cpus": 1, "memory_gb": 2})  # fmt: skip
+    with running_gateway(settings) as url:
+        yield settings, url
+
+
+def upload(url: str, data: bytes, name: str = "data.jsonl") -> httpx.Response:
+    return httpx.post(url + "/v1/files", files={"file": (name, data)},
+                      data={"purpose": "fine-tune"}, timeout=60)  # fmt: skip
+
+
+def test_datasets_with_problems_are_refused_with_line_numbers(stack):
+    settings, url = stack
+    lines = SAMPLE.read_text().splitlines()[:6]
+    lines[1] = '{"messages": [{"role": "user", "content": "hi"}'  # cut short
+    lines[2] = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"content": "x"}]})
+    lines[4] = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": "  "}]})  # fmt: skip
+    refused = upload(url, "\n".join(lines).encode())
+    assert refused.status_code == 400
+    details = refused.json()["error"]["details"]
+    assert [d.split(":")[0] for d in details] == ["line 2", "line 3", "line 5"], details
+    assert "no role" in details[1] and "empty" in details[2]
+    assert not list((settings.training_dir / "files").glob("*.jsonl"))  # nothing was kept
+
+    # Lengths are counted with the model's tokenizer when a job is made from the file.
+    long = json.loads(lines[0])
+    long["messages"][-1]["content"] = "the pump " * 400
+    data = "\n".join([*SAMPLE.read_text().splitlines()[:6], json.dumps(long)]).encode()
+    file_id = upload(url, data).json()["id"]
+    made = httpx.post(url + "/v1/fine_tuning/jobs", timeout=60,
+                      json={"model": "tiny-chat", "training_file": file_id})  # fmt: skip
+    assert made.status_code == 400, made.text
+    (problem,) = made.json()["error"]["details"]
+    assert problem.startswith("line 7: ") and "tokens, more than the 512 allowed" in problem
+    assert not list(settings.training_dir.glob("ft-*"))  # nothing was queued
+
+
+def trainer_pid(job_dir: Path) -> int | None:
+    found = subprocess.run(["pgrep", "-f", f"appliance.training.run --job-dir {job_dir}"],
+                           capture_output=True, text=True)  # fmt: skip
+    pids = [int(p) for p in found.stdout.split()]
+    return pids[0] if pids else None
+
+
+def test_a_job_resumes_after_a_kill_and_a_requeue_and_its_model_answers(stack):
+    settings, url = stack
+    file_id = upload(url, SAMPLE.read_bytes(), "maintenance.jsonl").json()["id"]
+    hp = {"max_steps": 240, "learning_rate": 1e-3, "checkpoint_every": 20, "batch_size": 4}
+    made = httpx.post(url + "/v1/fine_tuning/jobs", timeout=120,
+                      json={"model": "tiny-chat", "training_file": file_id,
+                            "hyperparameters": hp, "suffix": "maint"})  # fmt: skip
+    assert made.status_code == 200, made.text
+    job = made.json()
+    assert job["fine_tuned_model"] is None and job["output_model"] == "tiny-chat-ft-maint"
+    job_dir = settings.training_dir / job["id"]
+
+    def get() -> dict:
+        return httpx.get(url + f"/v1/fine_tuning/jobs/{job['id']}", timeout=30).json()
+
+    # Killed (as by the OOM killer) after a checkpoint: the job restarts the trainer.
+    wait_for(lambda: (get()["progress"]["checkpoint_step"] or 0) >= 20, 180, "a checkpoint")
+    os.kill(trainer_pid(job_dir), signal.SIGKILL)
+    wait_for(lambda: (get()["progress"]["resumes"] or 0) >= 1, 120, "the trainer to resume")
+    # Requeued (as on preemption): it checkpoints on Slurm's signal and resumes in the new run.
+    slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
+    step_before = get()["progress"]["step"]
+    subprocess.run(["scontrol", "requeue", str(job["slurm"]["job_id"])], check=True,
+                   env={**os.environ, "SLURM_CONF": str(settings.slurm_conf)})  # fmt: skip
+    wait_for(lambda: (get()["progress"]["resumes"] or 0) >= 2, 300, "the requeued job to resume")
+    assert get()["progress"]["resumed_from"] >= step_before - 20
+
+    done = wait_for(lambda: (v := get())["status"] in ("succeeded", "failed") and v, 600,
+                    "the job to finish")  # fmt: skip
+    assert done["status"] == "succeeded", done
+    result = done["result"]
+    assert result["tuned_eval_loss"] < result["base_eval_loss"], result
+    log = (job_dir / "train.log").read_text()
+    assert "restart 1 of 3 from the last checkpoint" in log
+    assert not (job_dir / "checkpoints").exists()  # the deltas went with the success
+    assert (settings.store_root / "tiny-chat-ft-maint" / HEADER_FILE).exists()
+    header = json.loads((settings.store_root / "tiny-chat-ft-maint" / HEADER_FILE).read_text())
+    assert header["encrypted"] is True
+    wait_for(lambda: not ((j := slurm.job(job["slurm"]["job_id"])) and j.active), 60,
+             "the Slurm job to end")  # fmt: skip
+
+    models = {m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
+    assert "tiny-chat-ft-maint" in models
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
+    answer = client.chat.completions.create(
+        model="tiny-chat-ft-maint", max_tokens=16, temperature=0,
+        messages=[{"role": "system", "content": "You are the plant's maintenance assistant."},
+                  {"role": "user", "content": "Tell me about the spare parts."}],
+    )  # fmt: skip
+    assert answer.choices[0].message.content.strip()
