@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import click
-import httpx
 
-from appliance import envs
+from appliance.cli.api import gateway_call
 from appliance.cli.context import CliContext, pass_ctx
 from appliance.cli.table import echo_table
-from appliance.errors import ApplianceError
 
 
 def _call(ctx: CliContext, method: str, path: str) -> dict:
-    gw = ctx.settings.gateway
-    url = f"http://{gw.host if gw.host != '0.0.0.0' else '127.0.0.1'}:{gw.port}{path}"
-    key = envs.APPLIANCE_API_KEY
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    try:
-        resp = httpx.request(method, url, timeout=30, headers=headers)
-    except httpx.HTTPError as exc:
-        raise ApplianceError(f"the gateway at {url} does not answer ({exc}); is it up?") from None
-    data = resp.json()
-    if resp.status_code >= 400:
-        raise ApplianceError(data.get("error", {}).get("message", resp.text))
-    return data
+    return gateway_call(ctx, method, path, timeout=30)
 
 
 @click.group("instances")

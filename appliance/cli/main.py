@@ -39,7 +39,7 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
 # Subcommand modules, imported when the CLI runs rather than at the top, so each stays independent.
 _COMMAND_MODULES = (
     "audit", "breaker", "cluster", "config_cmd", "gateway", "health", "instances", "keys",
-    "models", "stack", "store", "users", "webapp",
+    "models", "stack", "store", "train", "users", "webapp",
 )  # fmt: skip
 
 

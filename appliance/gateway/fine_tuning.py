@@ -157,6 +157,13 @@ async def job_events(job_id: str, request: Request, who: Who) -> dict:
                                        for line in text.splitlines()]}  # fmt: skip
 
 
+@router.get("/fine_tuning/jobs/{job_id}/metrics")
+async def job_metrics(job_id: str, request: Request, who: Who) -> dict:
+    """Loss and learning rate at each step, for plots."""
+    job = _job(request, who, job_id)
+    return {"object": "list", "data": service.step_metrics(_gw(request).settings, job)}
+
+
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request, who: Who) -> dict:
     gw = _gw(request)

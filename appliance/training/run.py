@@ -25,12 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import torch
+    from transformers.utils import logging as hf_logging
 
     from appliance.config import load_settings
     from appliance.training.jobs import TrainingJob, read_json, write_json
     from appliance.training.publish import publish_tuned
     from appliance.training.trainer import Stopped, Trainer
 
+    hf_logging.disable_progress_bar()  # bars redrawn in a log file are noise
     directory = args.job_dir
     job_data = read_json(directory / "job.json")
     settings_data = read_json(directory / "settings.json")

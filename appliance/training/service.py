@@ -87,10 +87,9 @@ def _write_lines(path, examples) -> None:
     path.write_text("".join(json.dumps(e.to_json()) + "\n" for e in examples))
 
 
-def create_job(
+def prepare_job(
     settings: ApplianceSettings,
     catalog: Catalog,
-    slurm: SlurmClient,
     *,
     user: str,
     model: str,
@@ -99,7 +98,7 @@ def create_job(
     overrides: dict[str, Any] | None = None,
     suffix: str | None = None,
 ) -> TrainingJob:
-    """Check everything, then write the job's folder and queue it on Slurm."""
+    """Check everything, then write the job's folder (nothing is queued yet)."""
     spec = base_model(settings, catalog, model)
     hp = hyperparameters(settings, overrides)
     job_id = new_job_id()
@@ -124,16 +123,40 @@ def create_job(
         write_json(directory / "settings.json", settings.model_dump(mode="json"))
         os.chmod(directory / "settings.json", 0o600)
         save_job(settings, job)
-        gpus = settings.training.gpus if settings.training.gpus is not None else min(
-            spec.resources.gpus, 1)  # fmt: skip
-        mem_gb = settings.training.memory_gb + (spec.size_gb * 4 if gpus == 0 else 0)
-        script = render_training_script(settings, job, gpus, int(mem_gb * 1024))
-        job.slurm_job_id = slurm.submit(script)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)  # nothing half-made is left behind
         raise
+    return job
+
+
+def submit_job(
+    settings: ApplianceSettings, catalog: Catalog, slurm: SlurmClient, job: TrainingJob
+) -> TrainingJob:
+    """Queue a prepared job on Slurm with the GPUs its base model needs (none on CPU)."""
+    spec = catalog.get(job.model)
+    gpus = settings.training.gpus
+    if gpus is None:
+        gpus = min(spec.resources.gpus, 1) if spec else 0
+    # Host memory: on CPU the weights in float32 with room for activations; on a GPU node
+    # the checkpoint passes through host memory once while loading.
+    size = spec.size_gb if spec else 0
+    mem_gb = settings.training.memory_gb + size * (4 if gpus == 0 else 1.5)
+    try:
+        job.slurm_job_id = slurm.submit(
+            render_training_script(settings, job, gpus, int(mem_gb * 1024))
+        )
+    except BaseException:
+        shutil.rmtree(job_dir(settings, job.id), ignore_errors=True)
+        raise
     save_job(settings, job)
     return job
+
+
+def create_job(
+    settings: ApplianceSettings, catalog: Catalog, slurm: SlurmClient, **request: Any
+) -> TrainingJob:
+    """Check everything, write the job's folder and queue it on Slurm (see prepare_job)."""
+    return submit_job(settings, catalog, slurm, prepare_job(settings, catalog, **request))
 
 
 def training_slurm_jobs(settings: ApplianceSettings, slurm: SlurmClient) -> dict[int, SlurmJob]:
@@ -191,6 +214,25 @@ def cancel_job(settings: ApplianceSettings, slurm: SlurmClient, job: TrainingJob
     if job.slurm_job_id is not None:
         slurm.cancel(job.slurm_job_id)
     return job
+
+
+def step_metrics(settings: ApplianceSettings, job: TrainingJob, limit: int = 2000) -> list[dict]:
+    """Loss and learning rate per step; a resumed run's steps replace the ones it repeats."""
+    path = job_dir(settings, job.id) / "metrics.jsonl"
+    by_step: dict[int, dict] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            point = json.loads(line)
+            by_step[int(point["step"])] = point
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    points = [by_step[s] for s in sorted(by_step)]
+    stride = max(1, len(points) // limit)
+    return points[::stride]
 
 
 def log_tail(settings: ApplianceSettings, job: TrainingJob, lines: int = 40) -> str:

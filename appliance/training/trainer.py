@@ -42,7 +42,7 @@ def read_examples(path: Path, tokenizer: Any) -> list[Encoded]:
     return [Encoded(*encode(tokenizer, json.loads(line))) for line in path.read_text().splitlines()]
 
 
-def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[Encoded], pad_id: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     width = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -51,7 +51,8 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, : len(e.ids)] = torch.tensor(e.ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         mask[i, : len(e.ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "labels": labels.to(device)}  # fmt: skip
 
 
 def total_steps(hp: Hyperparameters, n_train: int) -> int:
@@ -73,12 +74,14 @@ def batch_at(step: int, examples: list[Encoded], batch_size: int, seed: int) -> 
 
 
 @torch.no_grad()
-def evaluate(model: Any, examples: list[Encoded], pad_id: int, batch_size: int) -> float:
+def evaluate(
+    model: Any, examples: list[Encoded], pad_id: int, batch_size: int, device: str = "cpu"
+) -> float:
     """Mean loss per answer token over the held-out examples."""
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id)
+        batch = collate(examples[i : i + batch_size], pad_id, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
         shift_labels = batch["labels"][:, 1:].reshape(-1)
@@ -163,7 +166,9 @@ class Trainer:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         train = read_examples(self.dir / "train.jsonl", tokenizer)
         held_out = read_examples(self.dir / "eval.jsonl", tokenizer)
-        base = AutoModelForCausalLM.from_pretrained(self.job.base_dir, dtype=torch.float32)
+        # bf16 on a GPU (what such models are trained in); float32 on CPU, where bf16 is slow.
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(self.job.base_dir, dtype=dtype)
         lora = LoraConfig(
             r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
             target_modules=hp.target_modules, task_type="CAUSAL_LM",
@@ -196,15 +201,17 @@ class Trainer:
         if extra.get("base_eval_loss") is None:
             self.write_progress(state="evaluating", step=0, total_steps=steps)
             with model.disable_adapter():
-                extra["base_eval_loss"] = evaluate(model, held_out, pad_id, hp.batch_size)
+                extra["base_eval_loss"] = evaluate(
+                    model, held_out, pad_id, hp.batch_size, self.device
+                )
             log.info("base model: held-out loss %.4f", extra["base_eval_loss"])
-        self.write_progress(state="running", total_steps=steps,
+        self.write_progress(state="running", total_steps=steps, device=self.device,
                             base_eval_loss=extra["base_eval_loss"])  # fmt: skip
 
         model.train()
         window_tokens, window_start = 0, time.monotonic()
         while step < steps:
-            batch = collate(batch_at(step, train, hp.batch_size, hp.seed), pad_id)
+            batch = collate(batch_at(step, train, hp.batch_size, hp.seed), pad_id, self.device)
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -214,6 +221,9 @@ class Trainer:
             step += 1
             window_tokens += int(batch["attention_mask"].sum())
             elapsed = time.monotonic() - window_start
+            point = {"step": step, "loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0]}
+            with (self.dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(point) + "\n")
             self.write_progress(
                 step=step, loss=round(loss.item(), 5),
                 learning_rate=scheduler.get_last_lr()[0],
@@ -225,7 +235,7 @@ class Trainer:
                 self.write_progress(state="stopped")
                 raise Stopped(f"stopped by signal {self.stop.signal} after step {step}")
         self.write_progress(state="evaluating")
-        tuned = evaluate(model, held_out, pad_id, hp.batch_size)
+        tuned = evaluate(model, held_out, pad_id, hp.batch_size, self.device)
         base_loss = extra["base_eval_loss"]
         result = {
             "base_eval_loss": base_loss, "base_perplexity": math.exp(min(base_loss, 50)),

@@ -1,5 +1,5 @@
-"""The web app's page: header, sign-in, and the Chat, Knowledge and Models tabs, wired so that
-signing in or out refreshes every tab for the user."""
+"""The web app's page: header, sign-in, and the Chat, Knowledge, Models, Training, Monitoring
+and Admin tabs, wired so that signing in or out refreshes every tab for the user."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from appliance.webapp.knowledge import build_knowledge
 from appliance.webapp.models_view import build_models
 from appliance.webapp.monitoring_view import build_monitoring
 from appliance.webapp.signin import build_signin, check_session, sign_out
+from appliance.webapp.training_view import build_training
 
 # Readable on a laptop and a phone: no side margins on small screens, the chat fills the height.
 CSS = """
@@ -51,6 +52,8 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
                 knowledge = build_knowledge(ctx)
             with gr.Tab("Models", id="models", elem_id="tab-models"):
                 models = build_models(ctx)
+            with gr.Tab("Training", id="training", elem_id="tab-training"):
+                training = build_training(ctx)
             with gr.Tab("Monitoring", id="monitoring", elem_id="tab-monitoring"):
                 monitoring = build_monitoring(ctx)
             with gr.Tab("Admin", id="admin", elem_id="tab-admin"):
@@ -76,7 +79,7 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
 
         def after_session_change(dep):
             dep = dep.then(show, [session], shown)
-            for view in (chat, knowledge, models, monitoring, admin):
+            for view in (chat, knowledge, models, training, monitoring, admin):
                 dep = view.on_sign_in(dep)
             return dep
 

@@ -241,6 +241,31 @@ class GatewayClient:
     async def audit(self, token: str, limit: int = 50) -> dict[str, Any]:
         return await self._call("GET", "/admin/audit", token, params={"limit": limit})
 
+    # ----- fine-tuning ------------------------------------------------------------------------
+
+    async def upload_dataset(self, token: str, path: Path, filename: str) -> dict[str, Any]:
+        with path.open("rb") as f:
+            files = [("file", (filename, f, "application/jsonl"))]
+            return await self._call("POST", "/v1/files", token, files=files,
+                                    data={"purpose": "fine-tune"})  # fmt: skip
+
+    async def create_fine_tune(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._call("POST", "/v1/fine_tuning/jobs", token, json=body)
+
+    async def fine_tunes(self, token: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/v1/fine_tuning/jobs", token))["data"]
+
+    async def cancel_fine_tune(self, token: str, job_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/fine_tuning/jobs/{_seg(job_id)}/cancel", token)
+
+    async def fine_tune_log(self, token: str, job_id: str) -> str:
+        data = await self._call("GET", f"/v1/fine_tuning/jobs/{_seg(job_id)}/events", token)
+        return "\n".join(e["message"] for e in data["data"])
+
+    async def fine_tune_metrics(self, token: str, job_id: str) -> list[dict[str, Any]]:
+        path = f"/v1/fine_tuning/jobs/{_seg(job_id)}/metrics"
+        return (await self._call("GET", path, token))["data"]
+
     # ----- conversations saved on the appliance ---------------------------------------------
 
     async def saved_conversations(self, token: str) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ def web_stack(
         tiny_catalog(tiny_model_dir),
         rag={"max_upload_bytes": 2 * 1024 * 1024},
         webapp={"port": free_port()},
+        training={"cpus": 1, "memory_gb": 2},
     )
     users = UserStore(settings.users_file)
     users.add("alice", PASSWORDS["alice"], "admin")

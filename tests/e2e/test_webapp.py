@@ -265,6 +265,39 @@ def test_admins_see_where_instances_run(visit):
     visit.shot("08-models-admin")
 
 
+def test_fine_tune_from_the_training_tab(visit, tmp_path):
+    page = visit.page
+    visit.tab("Training")
+    visit.pick("#ft-model", "tiny-chat")
+    sample = Path(__file__).parents[2] / "examples" / "fine-tune-sample.jsonl"
+    broken = tmp_path / "broken.jsonl"
+    lines = sample.read_text().splitlines()[:8]
+    lines[2] = '{"messages": [{"role": "user", "content": "cut'
+    broken.write_text("\n".join(lines))
+    page.locator("#ft-dataset input[type=file]").set_input_files(broken)
+    page.locator("#ft-start").click()
+    expect(page.get_by_text("line 3: not valid JSON").first).to_be_visible()
+    visit.shot("08a-training-refused")
+    page.locator('#ft-dataset button[aria-label="Clear"]').click()
+    page.locator("#ft-dataset input[type=file]").set_input_files(sample)
+    page.get_by_text("Hyperparameters").click()
+    page.locator("#ft-steps input").fill("30")
+    page.locator("#ft-lr input").fill("0.001")
+    page.locator("#ft-suffix input, #ft-suffix textarea").first.fill("e2e")
+    page.locator("#ft-start").click()
+    expect(page.locator("#ft-outcome")).to_contain_text("tiny-chat-ft-e2e")
+    jobs = page.locator("#ft-jobs")
+    expect(jobs).to_contain_text("succeeded", timeout=240_000)
+    expect(jobs).to_contain_text("30 / 30")
+    expect(jobs).to_contain_text("→")  # held-out loss of base and tuned model
+    expect(page.locator("#ft-loss")).to_be_visible()
+    page.locator("#ft-log-btn").click()
+    expect(page.locator("#ft-log textarea")).to_have_value(re.compile("tuned model: held-out"))
+    visit.shot("08b-training-done", full_page=True)
+    visit.tab("Models")
+    expect(page.locator("#catalog")).to_contain_text("tiny-chat-ft-e2e", timeout=15_000)
+
+
 def test_monitoring_dashboards_drill_down_and_topology(visit):
     page = visit.page
     visit.tab("Monitoring")

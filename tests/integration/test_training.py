@@ -9,13 +9,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from appliance.devstack import running_gateway
+from appliance.devstack import running_gateway, write_config
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 from appliance.store.format import HEADER_FILE
@@ -123,3 +124,34 @@ def test_a_job_resumes_after_a_kill_and_a_requeue_and_its_model_answers(stack):
                   {"role": "user", "content": "Tell me about the spare parts."}],
     )  # fmt: skip
     assert answer.choices[0].message.content.strip()
+
+
+def cli(settings, *args: str) -> subprocess.CompletedProcess:
+    config = write_config(settings, settings.state_dir / "cli-config.yaml")
+    return subprocess.run([sys.executable, "-m", "appliance.cli.main", "--config", str(config),
+                           *args], capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_the_cli_refuses_a_bad_dataset_and_cancels_a_job(stack, tmp_path):
+    settings, url = stack
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*SAMPLE.read_text().splitlines()[:5], "not json"]))
+    refused = cli(settings, "train", "start", "tiny-chat", str(bad))
+    assert refused.returncode != 0 and "line 6: not valid JSON" in refused.stderr, refused
+
+    started = cli(settings, "train", "start", "tiny-chat", str(SAMPLE), "--max-steps", "5000")
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.split()[0]
+    get = lambda: httpx.get(url + f"/v1/fine_tuning/jobs/{job_id}", timeout=30).json()  # noqa: E731
+    wait_for(lambda: (get()["progress"]["step"] or 0) >= 3, 180, "the job to train")
+    cancelled = cli(settings, "train", "cancel", job_id)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stderr
+    slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
+    slurm_id = get()["slurm"]["job_id"]
+    wait_for(lambda: not ((j := slurm.job(slurm_id)) and j.active), 60, "the Slurm job to end")
+    view = get()
+    # It stopped on Slurm's signal after writing a checkpoint, and is not requeued.
+    assert view["status"] == "cancelled" and view["trainer_state"] == "stopped", view
+    assert (settings.training_dir / job_id / "checkpoints").exists()
+    listed = cli(settings, "train", "list")
+    assert job_id in listed.stdout and "cancelled" in listed.stdout

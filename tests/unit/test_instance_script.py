@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,7 @@ from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelResources, ModelSpec
 from appliance.serving.resources import plan_request
 from appliance.serving.sbatch import model_from_job_name, render_instance_script
-
-GOLDEN = Path(__file__).parent / "golden"
-# Regenerate golden files with: APPLIANCE_UPDATE_GOLDEN=1 pytest tests/unit
-UPDATE = os.environ.get("APPLIANCE_UPDATE_GOLDEN") == "1"
+from tests.golden import check_golden
 
 
 def settings(**extra):
@@ -45,13 +41,6 @@ BIG = ModelSpec(
     vllm_args=["--dtype", "bf16"],
     resources=ModelResources(gpus=4, gpu_memory_gb=300, memory_gb=128, cpus=16),
 )
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE:
-        path.write_text(text)
-    assert text == path.read_text(), f"{name} changed; if intended, regenerate golden files"
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,10 @@
 """slurm.conf / gres.conf rendering (golden files) and host detection from captured output.
 
-Regenerate the golden files with: APPLIANCE_UPDATE_GOLDEN=1 pytest tests/unit/test_slurm_conf.py
+Golden files: tests/golden.py.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -25,10 +24,9 @@ from appliance.slurm.conf import (
     render_slurm_conf,
 )
 from appliance.slurm.runner import CommandError
+from tests.golden import check_golden
 from tests.unit.slurm_replay import TESTDATA, ReplayRunner, capture
 
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE = os.environ.get("APPLIANCE_UPDATE_GOLDEN") == "1"
 SLURM_DIR = Path("/var/lib/appliance/slurm")
 HOST = HostFacts(hostname="gpu-host", cpus=16, real_memory_mb=64000)
 
@@ -61,14 +59,6 @@ CASES = {
         ),
     ),
 }
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE:
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with APPLIANCE_UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), f"{name} differs from the golden file"
 
 
 HEALTH = HealthCheck(SLURM_DIR / "healthcheck.sh", 60)
