@@ -115,6 +115,9 @@ def test_a_job_resumes_after_a_kill_and_a_requeue_and_its_model_answers(stack):
     wait_for(lambda: not ((j := slurm.job(job["slurm"]["job_id"])) and j.active), 60,
              "the Slurm job to end")  # fmt: skip
 
+    # Exported to monitoring, labelled with the job.
+    metrics = httpx.get(url + "/metrics", timeout=30).text
+    assert f'appliance_training_step{{job_id="{job["id"]}"' in metrics
     models = {m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
     assert "tiny-chat-ft-maint" in models
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
