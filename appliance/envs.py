@@ -64,6 +64,11 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Gradio's: where the web app's uploads wait until they are sent to the gateway. Set by the
     # web app (see gradio_environment).
     "GRADIO_TEMP_DIR": lambda: os.environ.get("GRADIO_TEMP_DIR"),
+    # Set by the launcher for the vLLM of a `lora: true` model: JSON with the base model's catalog
+    # name and how to open adapters in the store (appliance/store/lora.py resolves them).
+    "APPLIANCE_LORA_STORE": lambda: os.environ.get("APPLIANCE_LORA_STORE"),
+    # vLLM's: load LoRA adapters named in requests at run time (set with APPLIANCE_LORA_STORE).
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": lambda: os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
     # vLLM CPU backend: KV-cache size in GiB (without it vLLM wants 90% of RAM free).
     "VLLM_CPU_KVCACHE_SPACE": lambda: os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
 }

@@ -31,6 +31,12 @@ class ServingSettings(BaseModel):
     extra_vllm_args: list[str] = Field(default_factory=list)
     """Extra arguments appended to every vLLM command line."""
 
+    max_lora_rank: int = Field(default=64, ge=1, le=512)
+    """Largest LoRA rank an instance of a `lora: true` model can load (vLLM --max-lora-rank)."""
+
+    max_loras: int = Field(default=4, ge=1, le=256)
+    """LoRA adapters one instance holds at once (vLLM --max-loras); more are swapped in."""
+
     bind_host: str = "127.0.0.1"
     """Address instance servers bind to on their node. Set 0.0.0.0 (or the node's address) when
     the gateway runs on another host than the compute nodes."""

@@ -26,13 +26,15 @@ def _state(request: Request):
 
 def _model_entry(gw, spec) -> dict:
     manager = gw.manager
-    insts = manager.instances(spec.name)
+    # An adapter runs on its base model's instances: their state is its state.
+    insts = manager.instances(spec.serving_model)
     return {
         "id": spec.name,
         "object": "model",
         "created": STARTED,
         "owned_by": "appliance",
-        "state": manager.model_state(spec.name),
+        "state": manager.model_state(spec.serving_model),
+        "base_model": spec.base_model,
         "installed": spec.installed(gw.settings),
         "kind": spec.kind,
         "max_model_len": spec.max_model_len,
@@ -65,6 +67,7 @@ async def warm_model(model: str, request: Request):
         return _unknown_model(model)
     if not spec.installed(gw.settings):
         return _not_installed(spec.name)
+    model = spec.serving_model
     was = gw.manager.model_state(model)
     try:
         await gw.manager.warm(model)
@@ -117,6 +120,10 @@ async def _openai_call(request: Request, path: str) -> Response:
         return exc.response()
     if not spec.installed(gw.settings):
         return _not_installed(spec.name)
+    serving = spec.serving_model  # an adapter's requests go to its base model's instances
+    base = gw.catalog.get(serving)
+    if base is None or not base.installed(gw.settings):
+        return _not_installed(serving)
     stream = bool(body.get("stream", False))
 
     async def call(on_instance) -> Response:
@@ -126,11 +133,9 @@ async def _openai_call(request: Request, path: str) -> Response:
             return await grounded_chat(
                 request,
                 body,
-                lambda data, stream: gw.forwarder.forward(
-                    path, data, spec.name, stream, on_instance
-                ),
+                lambda data, stream: gw.forwarder.forward(path, data, serving, stream, on_instance),
             )
-        return await gw.forwarder.forward(path, raw, spec.name, stream, on_instance)
+        return await gw.forwarder.forward(path, raw, serving, stream, on_instance)
 
     who = principal(request)
     prompt = body.get("messages", body.get("prompt"))
@@ -167,6 +172,7 @@ async def start_model(model: str, request: Request):
     gw = _state(request)
     if model not in gw.catalog:
         return _unknown_model(model)
+    model = gw.catalog.get(model).serving_model
     try:
         inst = await gw.manager.launch(model)
     except ApplianceError as exc:

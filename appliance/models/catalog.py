@@ -50,6 +50,21 @@ class ModelSpec(BaseModel):
     max_instances: int = Field(default=1, ge=1, le=64)
     idle_timeout_s: float | None = Field(default=None, ge=0)
     vllm_args: list[str] = Field(default_factory=list)
+    lora: bool = Field(
+        default=False,
+        description="Instances serve this model's LoRA adapters (vLLM --enable-lora); its "
+        "fine-tunes are then stored as adapters, else as merged weights.",
+    )
+    base_model: str | None = Field(
+        default=None,
+        description="This entry is a LoRA adapter (in the store) served on instances of "
+        "base_model.",
+    )
+
+    @property
+    def serving_model(self) -> str:
+        """The model whose instances serve requests for this one."""
+        return self.base_model or self.name
 
     def needs(self) -> str:
         """What one instance needs, for people: "CPU", "1 GPU, 16 GB (or CPU)"."""

@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="JSON StoreLoadSpec: load the model from the encrypted store (model-path holds it).",
     )
+    p.add_argument(
+        "--lora-store",
+        default=None,
+        help="JSON: serve LoRA adapters of this model from the encrypted store "
+        "(appliance/store/lora.py).",
+    )
     p.add_argument("extra", nargs="*", help="Extra arguments for the model server (after --).")
     return p.parse_args(argv)
 
@@ -127,6 +133,9 @@ def server_env(args: argparse.Namespace, device: str) -> dict[str, str]:
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.cpu_kv_cache_gib:g}"
     env["PYTHONUNBUFFERED"] = "1"
+    if getattr(args, "lora_store", None):
+        env["APPLIANCE_LORA_STORE"] = args.lora_store
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
 
 

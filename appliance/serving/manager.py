@@ -103,6 +103,8 @@ class InstanceManager:
         spec = self.catalog.get(model)
         if spec is None:
             raise ApplianceError(f"unknown model {model!r}")
+        if spec.base_model:
+            raise ApplianceError(f"{model} is a LoRA adapter: it runs on {spec.base_model}")
         active = [i for i in self.instances(model) if i.state in ACTIVE_STATES]
         if len(active) >= spec.max_instances:
             raise ApplianceError(

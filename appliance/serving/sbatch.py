@@ -78,6 +78,10 @@ def render_instance_script(
         from appliance.store.keyring import load_spec
 
         options.append(("--store-spec", load_spec(settings, spec.name).to_json()))
+    if spec.lora:
+        from appliance.store.lora import lora_store_json
+
+        options.append(("--lora-store", lora_store_json(settings, spec.name)))
     if serving.enforce_eager:
         options.append(("--enforce-eager", None))
     if request.gpu_memory_utilization is not None:
@@ -87,6 +91,9 @@ def render_instance_script(
     parts = [f"{q(str(serving.python))} -m appliance.serving.launch"]
     parts += [flag if value is None else f"{flag} {q(value)}" for flag, value in options]
     extra = [*spec.vllm_args, *serving.extra_vllm_args]
+    if spec.lora:
+        extra = ["--enable-lora", "--max-lora-rank", str(serving.max_lora_rank),
+                 "--max-loras", str(serving.max_loras), *extra]  # fmt: skip
     if extra:
         parts.append("-- " + " ".join(q(a) for a in extra))
     # exec: the launcher becomes the job's main process and receives Slurm's signals directly.

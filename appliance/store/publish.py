@@ -22,6 +22,7 @@ def publish_checkpoint(
     max_model_len: int,
     resources: ModelResources,
     description: str = "",
+    base_model: str | None = None,
     replace: bool = False,
     progress: bool = False,
     say: Callable[[str], None] = lambda _line: None,
@@ -54,6 +55,7 @@ def publish_checkpoint(
         max_model_len=max_model_len,
         size_gb=round(sum(f.stat().st_size for f in path.iterdir()) / 1e9, 3),
         resources=resources,
+        base_model=base_model,
     )
     add_local_model(settings, spec)
     return spec

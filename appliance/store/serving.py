@@ -167,7 +167,14 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
 
 
 def register() -> None:
-    """vLLM general-plugin entry point: make the `appliance-store` load format known."""
+    """vLLM general-plugin entry point: make the `appliance-store` load format known, and the
+    store's LoRA adapters for an instance of a `lora: true` model."""
+    from appliance import envs
+
+    if envs.APPLIANCE_LORA_STORE:
+        from appliance.store.lora import register_resolver
+
+        register_resolver(envs.APPLIANCE_LORA_STORE)
     from vllm.model_executor.model_loader import register_model_loader
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 

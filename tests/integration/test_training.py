@@ -1,7 +1,8 @@
-"""Fine-tuning end to end on the local Slurm cluster with the tiny model: datasets with
-problems are refused with line numbers; a job trains, is killed in the middle and resumes from
-its checkpoint, is requeued (as on preemption) and resumes again, beats the base model on the
-held-out examples, lands encrypted in the store and answers through the gateway."""
+"""Fine-tuning end to end on the local Slurm cluster with the tiny model (`lora: true`): datasets
+with problems are refused with line numbers; a job trains, is killed in the middle and resumes
+from its checkpoint, is requeued (as on preemption) and resumes again, beats the base model on
+the held-out examples, lands encrypted in the store as a LoRA adapter and answers through the
+gateway on the base model's instance."""
 
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ SAMPLE = Path(__file__).parents[2] / "examples" / "fine-tune-sample.jsonl"
 @pytest.fixture(scope="module")
 def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("training")
-    settings = stack_settings(slurm_cluster, tmp, tiny_catalog(tiny_model_dir),
+    catalog = tiny_catalog(tiny_model_dir).replace(
+        "    max_model_len: 512\n", "    max_model_len: 512\n    lora: true\n"
+    )
+    settings = stack_settings(slurm_cluster, tmp, catalog,
                               training={"cpus": 1, "memory_gb": 2})  # fmt: skip
     with running_gateway(settings) as url:
         yield settings, url
@@ -118,15 +122,22 @@ def test_a_job_resumes_after_a_kill_and_a_requeue_and_its_model_answers(stack):
     # Exported to monitoring, labelled with the job.
     metrics = httpx.get(url + "/metrics", timeout=30).text
     assert f'appliance_training_step{{job_id="{job["id"]}"' in metrics
-    models = {m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
-    assert "tiny-chat-ft-maint" in models
+    models = {m["id"]: m for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
+    assert models["tiny-chat-ft-maint"]["base_model"] == "tiny-chat"
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
-    answer = client.chat.completions.create(
-        model="tiny-chat-ft-maint", max_tokens=16, temperature=0,
-        messages=[{"role": "system", "content": "You are the plant's maintenance assistant."},
-                  {"role": "user", "content": "Tell me about the spare parts."}],
-    )  # fmt: skip
-    assert answer.choices[0].message.content.strip()
+    messages = [{"role": "system", "content": "You are the plant's maintenance assistant."},
+                {"role": "user", "content": "Tell me about the spare parts."}]  # fmt: skip
+    tuned = client.chat.completions.create(
+        model="tiny-chat-ft-maint", max_tokens=16, temperature=0, messages=messages
+    )
+    base = client.chat.completions.create(
+        model="tiny-chat", max_tokens=16, temperature=0, messages=messages
+    )
+    assert tuned.model == "tiny-chat-ft-maint" and tuned.choices[0].message.content.strip()
+    assert tuned.choices[0].message.content != base.choices[0].message.content
+    # Both answered by one instance of the base model.
+    (inst,) = httpx.get(url + "/admin/instances", timeout=30).json()["instances"]
+    assert inst["model"] == "tiny-chat" and inst["served"] == 2
 
 
 def cli(settings, *args: str) -> subprocess.CompletedProcess:

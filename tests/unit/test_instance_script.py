@@ -106,3 +106,23 @@ def test_stored_model_script_golden(tmp_path):
         "instance-store.sbatch",
         render_instance_script(s, stored, req, stored.model_dir(s), nodelist="n2"),
     )
+
+
+def test_lora_model_script_golden(tmp_path):
+    """A model whose instances serve its LoRA adapters from the store: vLLM's LoRA flags, and
+    what the launcher needs to open adapters."""
+    base = ModelSpec(
+        name="chat-8b",
+        source="hf:x/chat-8b",
+        lora=True,
+        resources=ModelResources(gpus=1, gpu_memory_gb=20, memory_gb=32, cpus=4),
+    )
+    s = settings(
+        store={"signing_key_file": str(tmp_path / "absent.key"), "trusted_signers": ["cd" * 32]}
+    )
+    req = plan_request(base, s, 2)
+    check_golden(
+        "instance-lora.sbatch", render_instance_script(s, base, req, Path("/models/chat-8b"))
+    )
+    adapter = ModelSpec(name="chat-8b-ft-x", source="store:chat-8b-ft-x", base_model="chat-8b")
+    assert adapter.serving_model == "chat-8b" and base.serving_model == "chat-8b"
