@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import random
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +229,75 @@ def cancel_instances(settings: ApplianceSettings, timeout: float = 30.0) -> None
         for job in jobs:
             client.cancel(job.job_id)
         time.sleep(0.5)
+
+
+@dataclass(frozen=True)
+class BreakerSshd:
+    """A running sshd on loopback whose client key can only run the breaker."""
+
+    port: int
+    directory: Path
+
+    @property
+    def client_key(self) -> Path:
+        return self.directory / "client"
+
+    def known_hosts(self, path: Path) -> Path:
+        """Write the host's key as ssh-keyscan would; returns `path`."""
+        path.write_text(f"[127.0.0.1]:{self.port} {(self.directory / 'host.pub').read_text()}")
+        return path
+
+    def breaker_section(self, known_hosts: Path, **extra: object) -> dict:
+        """The `breaker` settings of a gateway that reaches the cluster through this sshd."""
+        return {"enabled": True, "host": "127.0.0.1", "port": self.port,
+                "user": pwd.getpwuid(os.getuid()).pw_name, "identity_file": str(self.client_key),
+                "known_hosts_file": str(self.known_hosts(known_hosts)), **extra}  # fmt: skip
+
+
+@contextlib.contextmanager
+def running_breaker_sshd(
+    cluster_settings: ApplianceSettings, directory: Path
+) -> Iterator[BreakerSshd]:
+    """sshd on a free loopback port with a generated host key and a client key pinned to
+    `appliance breaker serve` for `cluster_settings` (the cluster side); stopped on exit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = write_config(cluster_settings, directory / "breaker-config.yaml")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)],
+                       check=True)  # fmt: skip
+    from appliance.cli.breaker import authorized_key_line
+
+    pub = (directory / "client.pub").read_text()
+    (directory / "authorized_keys").write_text(
+        authorized_key_line(sys.executable, config, pub) + "\n"
+    )
+    port = free_port()
+    (directory / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host'}\n"
+        f"PidFile {directory / 'sshd.pid'}\nAuthorizedKeysFile {directory / 'authorized_keys'}\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+        "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPrintMotd no\n"
+        "AllowTcpForwarding no\nX11Forwarding no\nPermitTTY no\nPermitUserEnvironment no\n"
+        "MaxSessions 64\nLogLevel ERROR\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    with (directory / "sshd.log").open("wb") as log:
+        sshd = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not _listening(port):
+            if time.monotonic() > deadline or sshd.poll() is not None:
+                raise RuntimeError((directory / "sshd.log").read_text())
+            time.sleep(0.1)
+        yield BreakerSshd(port, directory)
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -50,7 +50,10 @@ class InstanceManager:
         self.catalog = catalog
         self.access = access
         self._instances: dict[int, Instance] = {}
-        self._changed = asyncio.Condition()
+        # Set (and replaced) whenever instances change; waiters keep the one they saw. An Event
+        # rather than a Condition: Python 3.11's Condition.wait, cancelled by wait_for's timeout
+        # under load, can leave its lock released and the waiter fails on exit.
+        self._changed = asyncio.Event()
         self._launch_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -163,6 +166,7 @@ class InstanceManager:
         deadline = loop.time() + timeout
         seen_failures = len(self._recent_failures(model))
         while True:
+            changed = self._changed  # before looking: a change after the look wakes us
             inst = self.try_acquire(model, exclude)
             if inst is not None:
                 return inst
@@ -184,9 +188,8 @@ class InstanceManager:
                     f"no instance of {model} became ready within {timeout:g} s"
                     + (f" ({detail})" if detail else "")
                 )
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
 
     async def warm(self, model: str) -> None:
         """Start an instance of `model` unless one is ready or on its way (what a first request
@@ -260,8 +263,8 @@ class InstanceManager:
     # ----- the loop -----------------------------------------------------------------------
 
     async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def _run(self) -> None:
         while True:

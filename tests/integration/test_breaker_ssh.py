@@ -7,10 +7,7 @@ configured with `breaker.enabled` and no Slurm of its own serves the OpenAI API 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,8 +15,13 @@ import httpx
 import openai
 import pytest
 
-from appliance.cli.breaker import EX_REFUSED, authorized_key_line
-from appliance.devstack import cancel_instances, free_port, running_gateway, write_config
+from appliance.cli.breaker import EX_REFUSED
+from appliance.devstack import (
+    BreakerSshd,
+    cancel_instances,
+    running_breaker_sshd,
+    running_gateway,
+)
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 from tests.slurm_fixtures import stack_settings, tiny_catalog, wait_for
@@ -34,8 +36,7 @@ class Breaker(NamedTuple):
     ssh: list[str]
     settings: object
     canary: Path
-    port: int
-    dir: Path
+    sshd: BreakerSshd
 
 
 @pytest.fixture(scope="module")
@@ -46,45 +47,15 @@ def breaker(slurm_cluster, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("breaker")
     settings = stack_settings(slurm_cluster, tmp, tiny_catalog(tiny_model_dir))
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    config = write_config(settings, tmp / "breaker-config.yaml")
-    for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / name)],
-                       check=True)  # fmt: skip
-    pub = (tmp / "client.pub").read_text()
-    (tmp / "authorized_keys").write_text(authorized_key_line(sys.executable, config, pub) + "\n")
-    port = free_port()
-    (tmp / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp / 'host'}\n"
-        f"PidFile {tmp / 'sshd.pid'}\nAuthorizedKeysFile {tmp / 'authorized_keys'}\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-        "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPrintMotd no\n"
-        "AllowTcpForwarding no\nX11Forwarding no\nPermitTTY no\nPermitUserEnvironment no\n"
-        "MaxSessions 64\nLogLevel ERROR\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-    with (tmp / "sshd.log").open("wb") as log:
-        sshd = subprocess.Popen(
-            [str(SSHD), "-D", "-e", "-f", str(tmp / "sshd_config")],
-            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-        )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline or sshd.poll() is not None:
-                raise RuntimeError((tmp / "sshd.log").read_text())
-            time.sleep(0.1)
-        ssh = [
-            "ssh", "-p", str(port), "-i", str(tmp / "client"), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", "root@127.0.0.1",
-        ]  # fmt: skip
-        yield Breaker(ssh, settings, tmp / "canary", port, tmp)
+        with running_breaker_sshd(settings, tmp) as sshd:
+            ssh = [
+                "ssh", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "root@127.0.0.1",
+            ]  # fmt: skip
+            yield Breaker(ssh, settings, tmp / "canary", sshd)
     finally:
-        sshd.terminate()
-        sshd.wait(timeout=10)
         # Instances started through the breaker, gone before the next module's gateway looks.
         cancel_instances(settings)
 
@@ -183,15 +154,11 @@ def web_tier(breaker, tiny_model_dir, tmp_path_factory):
     """A gateway with `breaker.enabled`, its own state directory and a Slurm configuration that
     does not exist: it can reach the cluster through the breaker or not at all."""
     tmp = tmp_path_factory.mktemp("web-tier")
-    known_hosts = tmp / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{breaker.port} {(breaker.dir / 'host.pub').read_text()}")
     settings = stack_settings(
         breaker.settings, tmp, tiny_catalog(tiny_model_dir),
         cluster={"slurm_conf": str(tmp / "no-slurm-here.conf")},
         gateway={"keepalive_interval_s": 1.0},
-        breaker={"enabled": True, "host": "127.0.0.1", "port": breaker.port, "user": "root",
-                 "identity_file": str(breaker.dir / "client"),
-                 "known_hosts_file": str(known_hosts), "list_interval_s": 0.5},
+        breaker=breaker.sshd.breaker_section(tmp / "known_hosts", list_interval_s=0.5),
     )  # fmt: skip
     with running_gateway(settings, timeout=120) as url:
         yield settings, url
