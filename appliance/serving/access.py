@@ -20,7 +20,7 @@ from appliance.serving.instance import Instance
 from appliance.serving.resources import InstanceRequest, plan_request
 from appliance.serving.sbatch import job_name_prefix, model_from_job_name, render_instance_script
 from appliance.slurm.client import SlurmClient
-from appliance.slurm.records import ACTIVE_JOB_STATES
+from appliance.slurm.records import ACTIVE_JOB_STATES, gpu_count
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,6 @@ class InstanceAddress:
 
     url: str
     phases: dict[str, float] = field(default_factory=dict)
-
-
-def gpu_count(gres: str) -> int:
-    """GPUs in a Slurm GRES string such as `gpu:2,shard:8` or `gpu:a100:4(S:0)`."""
-    total = 0
-    for item in gres.split(","):
-        parts = item.split("(")[0].split(":")
-        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
-            total += int(parts[-1])
-    return total
 
 
 def log_tail(path: Path, lines: int) -> str:

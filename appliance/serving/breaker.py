@@ -11,11 +11,11 @@ import httpx
 
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import load_catalog
-from appliance.serving.access import gpu_count
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.resources import plan_request
 from appliance.serving.sbatch import job_name_prefix, render_instance_script
 from appliance.slurm.client import SlurmClient
+from appliance.slurm.records import gpu_count
 from security.breaker.grammar import Command, Forward, ListInstances, Ping, Refused, Start, Stop
 
 # A health probe of an instance on its node, as part of a listing.

@@ -262,3 +262,13 @@ def _unique(nodes: Iterable[SlurmNode]) -> list[SlurmNode]:
     for node in nodes:
         seen.setdefault(node.name, node)
     return list(seen.values())
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in a Slurm GRES string such as `gpu:2,shard:8` or `gpu:a100:4(S:0)`."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total

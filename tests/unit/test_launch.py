@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.serving.access import gpu_count
 from appliance.serving.endpoint import InstanceEndpoint, read_endpoint, write_endpoint
 from appliance.serving.launch import parse_args, server_command, server_env
+from appliance.slurm.records import gpu_count
 
 BASE = [
     "--model",
