@@ -238,31 +238,44 @@ def test_scale_up_on_queue_depth(stack, client, tmp_path):
     )
 
 
-def test_instance_killed_mid_stream(stack, client, tmp_path):
-    settings, url = stack
-    client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
-    # The stream under test must find a ready instance at once (its response then names it);
-    # after heavy load a health probe may have timed out and briefly marked it unhealthy.
-    wait_for(
-        lambda: any(i["state"] == "ready" for i in instances(url, "tiny-chat")),
-        60,
-        "a ready tiny-chat instance",
-    )
-    # The tiny model is fast: the stream under test asks for 16 sequences of 480 tokens and
-    # twelve other requests add 4 each, so the batch takes seconds and the kill lands mid-stream.
-    others = start_streams(url, long_stream_body(), 12, tmp_path)
-    try:
-        time.sleep(0.5)
+def open_routed_stream(client, url: str, attempts: int = 3):
+    """(context, response) of a long stream that went straight to a ready instance, so its
+    response names the instance. On 2 busy cores a health probe can time out and briefly take
+    the only instance out of routing; the gateway then waits for one and cannot name it in
+    headers already sent: close that stream and try again."""
+    for _ in range(attempts):
+        wait_for(
+            lambda: any(i["state"] == "ready" for i in instances(url, "tiny-chat")),
+            60,
+            "a ready tiny-chat instance",
+        )
         # with_streaming_response: the body is read as it arrives (with_raw_response reads it
         # all before returning, which would put the kill after the end of the stream).
-        with client.chat.completions.with_streaming_response.create(
+        stream = client.chat.completions.with_streaming_response.create(
             model="tiny-chat",
             messages=MESSAGES,
             stream=True,
             n=16,
             max_tokens=480,
             extra_body={"ignore_eos": True, "min_tokens": 480},
-        ) as raw:
+        )
+        raw = stream.__enter__()
+        if "x-appliance-instance" in raw.headers:
+            return stream, raw
+        stream.__exit__(None, None, None)
+    raise AssertionError(f"no stream went straight to a ready instance in {attempts} tries")
+
+
+def test_instance_killed_mid_stream(stack, client, tmp_path):
+    settings, url = stack
+    client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
+    # The tiny model is fast: the stream under test asks for 16 sequences of 480 tokens and
+    # twelve other requests add 4 each, so the batch takes seconds and the kill lands mid-stream.
+    others = start_streams(url, long_stream_body(), 12, tmp_path)
+    try:
+        time.sleep(0.5)
+        stream, raw = open_routed_stream(client, url)
+        try:
             job_id = int(raw.headers["x-appliance-instance"])
             chunks = iter(raw.parse())
             next(chunks)
@@ -276,6 +289,8 @@ def test_instance_killed_mid_stream(stack, client, tmp_path):
                             finished[choice.index] = choice.finish_reason
             except openai.APIError as exc:
                 error = exc
+        finally:
+            stream.__exit__(None, None, None)
         for proc in others:
             proc.wait(timeout=120)
     finally:
