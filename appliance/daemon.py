@@ -25,7 +25,11 @@ def read_pid(pidfile: Path) -> int | None:
 
 
 def start_detached(
-    argv: list[str], log_file: Path, pidfile: Path, env: dict[str, str] | None = None
+    argv: list[str],
+    log_file: Path,
+    pidfile: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> int:
     """Start `argv` in its own session (it outlives the caller) and record its pid."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +42,7 @@ def start_detached(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=env,
+            cwd=cwd,
         )
     pidfile.write_text(f"{proc.pid}\n")
     return proc.pid

@@ -69,9 +69,16 @@ def drop_to(user: str, home: Path) -> pwd.struct_passwd:
         pass
     else:  # pragma: no cover - the kernel refused to drop the saved id
         raise PrivilegeError("root could be regained after dropping privileges")
-    os.environ.update(HOME=str(home), USER=user, LOGNAME=user)
+    # root's PATH may name directories the account cannot enter (/root/...): a missing program
+    # then fails with "permission denied" instead of "not found". Keep the entries it can use.
+    path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and _enterable(d)]
+    os.environ.update(HOME=str(home), USER=user, LOGNAME=user, PATH=os.pathsep.join(path))
     os.umask(0o077)
     return account
+
+
+def _enterable(directory: str) -> bool:
+    return os.access(directory, os.X_OK)
 
 
 def run_as_service_user(settings: ApplianceSettings) -> None:

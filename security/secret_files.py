@@ -55,6 +55,14 @@ def replace_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     write_secret_file(tmp, data)
+    if os.geteuid() == 0:
+        # root editing a service's file (`appliance keys create` on an installed system, the
+        # installer) keeps it the service's: the owner of the file it replaces, or of its folder.
+        try:
+            owner = p.lstat()
+        except FileNotFoundError:
+            owner = p.parent.stat()
+        os.chown(tmp, owner.st_uid, owner.st_gid)
     os.replace(tmp, p)
 
 

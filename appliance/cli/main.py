@@ -38,7 +38,8 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
 
 # Subcommand modules, imported when the CLI runs rather than at the top, so each stays independent.
 _COMMAND_MODULES = (
-    "audit", "breaker", "cluster", "config_cmd", "gateway", "health", "instances", "keys",
+    "audit", "breaker", "cluster", "config_cmd", "gateway", "health", "install", "instances",
+    "keys",
     "models", "stack", "store", "train", "users", "webapp",
 )  # fmt: skip
 

@@ -23,6 +23,15 @@ class ClusterSettings(BaseModel):
     slurm_conf: Path | None = None
     """slurm.conf of an existing cluster (mode `existing`). Unset: Slurm's own default."""
 
+    auth: Literal["none", "munge"] = "none"
+    """How the Slurm daemons authenticate each other and users. `munge` (munged must run, as
+    the installer sets it up) for every real cluster; `none` only for a single-host demo, where
+    any local account could submit jobs as any other."""
+
+    cgroups: bool = False
+    """Confine jobs with cgroups (CPU cores, memory, GPU devices; writes cgroup.conf). Needs a
+    delegated cgroup tree, as systemd provides; off in containers without one."""
+
     partition: str = Field(default="appliance", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """Partition that model instances are submitted to."""
 

@@ -136,6 +136,11 @@ class ApplianceSettings(BaseSettings):
         # Precedence: explicit arguments, then environment, then the YAML file, then defaults.
         return (init_settings, env_settings, _YamlSource(settings_cls, _CURRENT_FILE[0]))
 
+    @property
+    def config_file(self) -> Path | None:
+        """The YAML file these settings were read from, if any."""
+        return self._config_file
+
     # Derived locations, so every module agrees where things live.
     @property
     def slurm_dir(self) -> Path:

@@ -12,7 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 
-PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+# JSON (which YAML readers also read), so the installer plans with the standard library alone,
+# before any package is installed. Sizes are on-disk bf16 sizes; gpu_memory_gb is what one
+# instance needs with a modest KV cache.
+PRESETS_FILE = Path(__file__).with_name("presets.json")
 
 
 class ModelResources(BaseModel):

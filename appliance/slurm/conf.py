@@ -14,6 +14,7 @@ from pathlib import Path
 
 from appliance.config.cluster import ClusterSettings
 from appliance.errors import ApplianceError
+from appliance.slurm.cgroup import CGROUP_CONF_BODY
 from appliance.slurm.paths import LocalClusterPaths
 from appliance.slurm.runner import CommandError, CommandRunner
 
@@ -208,9 +209,7 @@ def render_slurm_conf(
         f"SlurmctldPort={cluster.controller_port}",
         f"SlurmUser={facts.user}",
         f"SlurmdUser={facts.user}",
-        "# No munge on a single host: the daemons trust each other.",
-        "AuthType=auth/none",
-        "CredType=cred/none",
+        *_auth_lines(cluster),
         f"StateSaveLocation={paths.state}",
         f"SlurmdSpoolDir={paths.spool}/%n",
         f"SlurmctldPidFile={paths.run}/slurmctld.pid",
@@ -220,9 +219,7 @@ def render_slurm_conf(
         "JobCompType=jobcomp/filetxt",
         f"JobCompLoc={paths.log}/jobcomp.txt",
         "AccountingStorageType=accounting_storage/none",
-        # No cgroups here (containers, no systemd): plain process tracking, no task confinement.
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
+        *_confinement_lines(cluster),
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core_Memory",
         f"DefMemPerCPU={DEF_MEM_PER_CPU_MB}",
@@ -254,6 +251,29 @@ def render_slurm_conf(
         f"PartitionName={cluster.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
     )
     return _HEADER + "\n".join(lines) + "\n"
+
+
+def _auth_lines(cluster: ClusterSettings) -> list[str]:
+    if cluster.auth == "munge":
+        return ["AuthType=auth/munge", "CredType=cred/munge"]
+    return ["# No munge on a single host: the daemons trust each other.",
+            "AuthType=auth/none", "CredType=cred/none"]  # fmt: skip
+
+
+def _confinement_lines(cluster: ClusterSettings) -> list[str]:
+    if cluster.cgroups:
+        return [
+            "ProctrackType=proctrack/cgroup",
+            "TaskPlugin=task/cgroup,task/affinity",
+            "JobAcctGatherType=jobacct_gather/cgroup",
+        ]
+    # Without a delegated cgroup tree (containers, no systemd): plain process tracking.
+    return ["ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none"]
+
+
+def render_cgroup_conf() -> str:
+    """cgroup.conf of the local cluster (written only with `cluster.cgroups`)."""
+    return _HEADER + CGROUP_CONF_BODY
 
 
 def _node_gres(node: NodePlan, layout: ClusterLayout) -> str:

@@ -20,6 +20,7 @@ from appliance.slurm.conf import (
     HealthCheck,
     detect_host_facts,
     plan_cluster,
+    render_cgroup_conf,
     render_gres_conf,
     render_health_check_script,
     render_slurm_conf,
@@ -166,6 +167,8 @@ class LocalCluster:
             running = {}
         _write_if_changed(self.paths.slurm_conf, slurm_conf)
         _write_if_changed(self.paths.gres_conf, gres_conf)
+        if self.cluster.cgroups:
+            _write_if_changed(self.paths.cgroup_conf, render_cgroup_conf())
         self._write_health_check()
         stale = [d for k, d in running.items() if k.startswith("slurmd:") and not _in(k, layout)]
         self._stop(stale)

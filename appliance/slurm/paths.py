@@ -32,6 +32,10 @@ class LocalClusterPaths:
         return self.root / "health-config.yaml"
 
     @property
+    def cgroup_conf(self) -> Path:
+        return self.root / "cgroup.conf"
+
+    @property
     def gres_conf(self) -> Path:
         # Slurm reads gres.conf from the directory of slurm.conf; the name is fixed.
         return self.root / "gres.conf"

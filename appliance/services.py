@@ -1,0 +1,111 @@
+"""Start, stop and report an installed appliance's services: systemd units where systemd runs,
+otherwise the `appliance supervise` process (pid file in the state directory)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from appliance.config import ApplianceSettings
+from appliance.errors import ApplianceError
+
+HEALTH_TIMEOUT_S = 240
+
+
+class ServiceManager:
+    """The installed services of one configuration, in the installer's service mode."""
+
+    def __init__(self, settings: ApplianceSettings, config_file: Path, mode: str):
+        self.settings = settings
+        self.config_file = config_file
+        self.mode = mode
+        self.pidfile = settings.state_dir / "supervisor.pid"
+        self.log_file = settings.log_dir / "supervisor.log"
+
+    @property
+    def units(self) -> list[str]:
+        units = ["appliance-cluster"] if self.settings.cluster.mode == "local" else []
+        return [*units, "appliance-gateway", "appliance-webapp"]
+
+    def running(self) -> bool:
+        if self.mode == "systemd":
+            return all(_systemctl("is-active", "--quiet", u).returncode == 0 for u in self.units)
+        from appliance.daemon import read_pid
+
+        return read_pid(self.pidfile) is not None
+
+    def start(self, restart: bool = False) -> bool:
+        """Start what is not running (everything, with `restart`); wait until the gateway and
+        the web app answer. True when something was (re)started."""
+        acted = not self.running() or restart
+        if self.mode == "systemd":
+            _systemctl("daemon-reload")
+            verb = "restart" if restart else "start"
+            for unit in self.units:
+                _systemctl("enable", unit)
+                done = _systemctl(verb, unit)
+                if done.returncode:
+                    raise ApplianceError(f"systemctl {verb} {unit} failed: {done.stderr.strip()}")
+        elif acted:
+            from appliance.daemon import start_detached
+
+            self.stop()
+            argv = [sys.executable, "-m", "appliance.cli.main", "--config",
+                    str(self.config_file), "supervise"]  # fmt: skip
+            # A daemon holds no working directory (and must not import from a checkout there).
+            start_detached(argv, self.log_file, self.pidfile, cwd=Path("/"))
+        self.wait_healthy()
+        return acted
+
+    def stop(self) -> bool:
+        if self.mode == "systemd":
+            for unit in reversed(self.units):
+                _systemctl("stop", unit)
+            return True
+        from appliance.daemon import stop_pid
+
+        return stop_pid(self.pidfile, timeout=120)
+
+    def wait_healthy(self) -> None:
+        urls = [self.settings.gateway_url]
+        if self.settings.webapp.enabled:
+            urls.append(self.settings.webapp_url)
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        for url in urls:
+            while not _answers(url, self.settings):
+                if time.monotonic() > deadline:
+                    raise ApplianceError(
+                        f"{url} did not answer within {HEALTH_TIMEOUT_S} s; see the logs in "
+                        f"{self.settings.log_dir}"
+                    )
+                if self.mode == "supervisor" and not self.running():
+                    from appliance.daemon import tail
+
+                    raise ApplianceError(
+                        f"the supervisor exited; last lines of {self.log_file}:\n"
+                        + tail(self.log_file)
+                    )
+                time.sleep(1)
+
+    def describe(self) -> str:
+        if self.mode == "systemd":
+            return "systemd units " + ", ".join(self.units)
+        from appliance.daemon import read_pid
+
+        pid = read_pid(self.pidfile)
+        return f"`appliance supervise` (pid {pid}, log {self.log_file})" if pid else "stopped"
+
+
+def _answers(url: str, settings: ApplianceSettings) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=3, verify=settings.tls_verify).is_success
+    except (httpx.HTTPError, FileNotFoundError):
+        return False
+
+
+def _systemctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)

@@ -1,0 +1,223 @@
+"""The installer's second stage, in the appliance's own environment: service account, files,
+certificate, keys, administrator, models, services, self-test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from installer.files import written_files
+from installer.manifest import Manifest
+from installer.plan import EMBEDDING_MODEL, ModelChoice, Plan
+from installer.report import Report, fail, write_if_changed
+
+
+def configure(plan: Plan, report: Report) -> int:
+    from appliance.config import load_settings
+    from appliance.errors import ApplianceError
+
+    manifest = Manifest.load(plan.layout.manifest)
+    manifest.service_mode = plan.service_mode
+    credentials = None
+    try:
+        report.section("Service account and configuration")
+        _service_user(plan, report, manifest)
+        changed_files = _write_files(plan, report, manifest)
+        manifest.save(plan.layout.manifest)
+        settings = load_settings(plan.layout.config)
+        if plan.profile.services:
+            _tls(plan, report)
+            _keys(settings, report)
+            credentials = _admin(plan, settings, report)
+        _slurm_extras(plan, report, manifest)
+        manifest.save(plan.layout.manifest)
+        if plan.profile.services:
+            report.section("Models")
+            for choice in plan.models:
+                _model(settings, choice, report)
+        _hand_over(plan, settings)
+        report.section("Services")
+        from appliance.services import ServiceManager
+
+        services = ServiceManager(settings, plan.layout.config, plan.service_mode)
+        # New code or configuration takes a restart to take effect.
+        restart = changed_files or "Python environment" in report.changed
+        started = services.start(restart=restart)
+        report.step("services", started, services.describe())
+        passed = True
+        if plan.profile.services and plan.options.self_test:
+            from installer.selftest import self_test
+
+            report.section("Self-test")
+            chat = next((m.name for m in plan.models if m.name != EMBEDDING_MODEL), None)
+            passed = self_test(settings, chat, report)
+    except ApplianceError as exc:
+        fail(str(exc))
+    print()
+    if plan.profile.services:
+        print(f"Web app:     {settings.webapp_url}")
+        print(f"OpenAI API:  {settings.gateway_url}/v1")
+        print(f"Certificate: {plan.layout.tls_cert} (self-signed; give it to clients to verify)")
+        if credentials:
+            user, password, key = credentials
+            print("\nAdministrator (shown this once; keep it safe):")
+            print(f"  user      {user}\n  password  {password}\n  API key   {key}")
+    print(f"Command:     {plan.layout.command} (status, models, users, uninstall ...)")
+    print(report.summary())
+    return 0 if passed else 1
+
+
+def _service_user(plan: Plan, report: Report, manifest: Manifest) -> None:
+    name = plan.options.service_user
+    if not name or os.geteuid() != 0:
+        return
+    try:
+        pwd.getpwnam(name)
+        report.step(f"service account {name}", False, "exists")
+        return
+    except KeyError:
+        pass
+    argv = [
+        "useradd",
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--home-dir",
+        str(plan.layout.state / "home"),
+        "--shell",
+        "/usr/sbin/nologin",
+        name,
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode:
+        fail(f"cannot create the service account {name}: {done.stderr.strip()}")
+    manifest.service_user, manifest.service_user_created = name, True
+    report.step(f"service account {name}", True, "created (the services run as it)")
+
+
+def _hand_over(plan: Plan, settings) -> None:
+    """What this run wrote as root under the state directory becomes the service account's."""
+    if plan.options.service_user and os.geteuid() == 0:
+        from security.privileges import hand_over
+
+        hand_over(settings, pwd.getpwnam(plan.options.service_user))
+
+
+def _write_files(plan: Plan, report: Report, manifest: Manifest) -> bool:
+    changed = []
+    for path, _what, text in written_files(plan):
+        if text is None:
+            continue
+        executable = text.startswith("#!")
+        if write_if_changed(path, text, 0o755 if executable else 0o644):
+            changed.append(path)
+    manifest.add_files([p for p, _w, t in written_files(plan) if t is not None])
+    names = ", ".join(str(p) for p in changed)
+    report.step("configuration files", bool(changed), names or "as planned")
+    return bool(changed)
+
+
+def _tls(plan: Plan, report: Report) -> None:
+    from security.tls import make_self_signed
+
+    cert, key = plan.layout.tls_cert, plan.layout.tls_key
+    if cert.exists() and key.exists():
+        report.step("TLS certificate", False, str(cert))
+        return
+    make_self_signed(cert, key)
+    report.step("TLS certificate", True, f"self-signed, {cert}")
+
+
+def _keys(settings, report: Report) -> None:
+    from appliance.store import keyring
+
+    lines = keyring.init_keys(settings)
+    report.step("store keys", bool(lines), "; ".join(lines) or "present")
+
+
+def _admin(plan: Plan, settings, report: Report) -> tuple[str, str, str] | None:
+    from security.api_keys import ApiKeyStore
+    from security.users import UserStore
+
+    name = plan.options.admin
+    users = UserStore(settings.users_file)
+    if users.get(name):
+        report.step(f"administrator {name}", False, "exists (password and keys unchanged)")
+        return None
+    password = secrets.token_urlsafe(12)
+    users.add(name, password, role="admin")
+    key, _record = ApiKeyStore(settings.api_keys_file).create(name, role="admin")
+    report.step(f"administrator {name}", True, "created; password and API key printed at the end")
+    return name, password, key
+
+
+def _slurm_extras(plan: Plan, report: Report, manifest: Manifest) -> None:
+    """Multi-node only: the worker's copy of the head's munge key."""
+    if plan.profile.name != "worker" or plan.options.munge_key is None:
+        return
+    target = plan.layout.munge_key
+    new = plan.options.munge_key.read_bytes()
+    if target.exists() and target.read_bytes() == new:
+        report.step("munge key", False, "the head's")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(new)
+    os.chmod(target, 0o400)
+    with contextlib.suppress(LookupError, PermissionError):
+        shutil.chown(target, "munge", "munge")
+    manifest.add_files([target])
+    report.step("munge key", True, "copied from --munge-key")
+
+
+def _model(settings, choice: ModelChoice, report: Report) -> None:
+    from appliance.models.catalog import load_catalog
+    from appliance.store import keyring
+    from appliance.store.publish import publish_checkpoint
+
+    if choice.name == EMBEDDING_MODEL:
+        report.step(choice.name, False, "served from its Python package")
+        return
+    catalog = load_catalog(settings)
+    spec = catalog.get(choice.name)
+    if spec.source == f"store:{choice.name}" and spec.model_dir(settings).is_dir():
+        report.step(choice.name, False, "in the model store (encrypted)")
+        return
+    with tempfile.TemporaryDirectory(dir=settings.state_dir, prefix=".import-") as tmp:
+        directory = _fetch(choice, Path(tmp), report)
+        publish_checkpoint(
+            settings,
+            directory,
+            choice.name,
+            encrypt=True,
+            policy=lambda: keyring.sign_policy(
+                settings, choice.name, users=[], roles=[], hosts=[], not_after=None
+            ),
+            max_model_len=spec.max_model_len,
+            resources=spec.resources,
+            description=spec.description,
+            replace=True,
+            say=report.say,
+        )
+    report.step(choice.name, True, f"imported encrypted from {choice.origin}")
+
+
+def _fetch(choice: ModelChoice, tmp: Path, report: Report) -> Path:
+    kind, _, ref = choice.origin.partition(":")
+    if kind == "dir":
+        return Path(ref)
+    if kind == "hub":
+        from appliance.store.hub import resolve_source
+
+        report.say(f"downloading {ref} from the model hub ...")
+        return resolve_source(ref)[0]
+    from appliance.models.tiny import build_tiny_model
+
+    report.say("building the tiny model (about 3 minutes on 2 cores) ...")
+    build_tiny_model(tmp / choice.name, progress=report.say)
+    return tmp / choice.name

@@ -1,0 +1,250 @@
+"""The text of every file the installer writes, as pure functions of the plan (golden-tested:
+tests/unit/golden/installer/<profile>/).
+
+Standard library only. The local cluster's slurm.conf and gres.conf come from
+appliance/slurm/conf.py, which `appliance cluster up` also uses; the multi-node ones are here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from appliance.slurm.cgroup import CGROUP_CONF_BODY
+from installer.plan import Plan
+
+HEADER = "# Written by the appliance installer ({what}); re-running it rewrites this file.\n"
+# Memory Slurm gives a job per allocated CPU unless the job asks (MB).
+DEF_MEM_PER_CPU_MB = 2000
+# Upper bound of dynamic nodes (workers register themselves, up to this many).
+MAX_NODE_COUNT = 256
+
+
+def _yaml_scalar(value) -> str:
+    # JSON strings, numbers and booleans are valid YAML scalars.
+    return json.dumps(str(value) if isinstance(value, Path) else value)
+
+
+def render_config(plan: Plan) -> str:
+    """/etc/appliance/config.yaml: the stack's settings for this machine (docs/configuration.md
+    describes every field)."""
+    o, p, layout = plan.options, plan.profile, plan.layout
+    cluster: dict = {"name": o.cluster_name, "auth": "munge" if p.munge else "none"}
+    if p.cgroups:
+        cluster["cgroups"] = True
+    if p.local_cluster:
+        cluster.update(mode="local", controller_port=o.controller_port, node_port_base=o.node_port)
+    else:
+        cluster.update(mode="existing", slurm_conf=layout.slurm_etc / "slurm.conf")
+    sections: dict[str, dict] = {"cluster": cluster}
+    if p.services:
+        sections["gateway"] = {
+            "host": o.bind,
+            "port": o.gateway_port,
+            "tls": True,
+            "tls_cert": layout.tls_cert,
+            "tls_key": layout.tls_key,
+        }
+        sections["webapp"] = {"host": o.bind, "port": o.webapp_port, "tls": True}
+    if o.service_user:
+        sections["security"] = {"service_user": o.service_user}
+    if p.serving == "gpu":
+        sections["monitoring"] = {"expected_gpus": len(plan.hardware.gpus)}
+    lines = [HEADER.format(what=f"profile {p.name}").rstrip()]
+    lines.append(f"state_dir: {_yaml_scalar(layout.state)}")
+    for section, values in sections.items():
+        lines.append(f"{section}:")
+        lines += [f"  {key}: {_yaml_scalar(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_command(plan: Plan) -> str:
+    """/usr/local/bin/appliance: the venv's command, bound to this installation's config."""
+    layout = plan.layout
+    return (
+        "#!/bin/sh\n"
+        + HEADER.format(what="the appliance command")
+        + f'exec "{layout.venv}/bin/appliance" --config "{layout.config}" "$@"\n'
+    )
+
+
+def render_units(plan: Plan) -> dict[str, str]:
+    """systemd units of the appliance's own services (Debian ships munge's and Slurm's)."""
+    if not plan.hardware.systemd:
+        return {}
+    layout, p = plan.layout, plan.profile
+    command = f"{layout.venv}/bin/appliance --config {layout.config}"
+    header = HEADER.format(what="systemd unit")
+    units = {}
+    after = "network-online.target" + (" munge.service" if p.munge else "")
+    if p.local_cluster:
+        units["appliance-cluster.service"] = (
+            f"{header}[Unit]\nDescription=appliance: Slurm controller and nodes on this host\n"
+            f"Wants=network-online.target\nAfter={after}\n\n"
+            "[Service]\nType=oneshot\nRemainAfterExit=yes\n"
+            f"ExecStart={command} cluster up\nExecStop={command} cluster down\n"
+            # slurmd and slurmctld are this unit's processes; cgroups for jobs need delegation.
+            "Delegate=yes\nKillMode=process\nTimeoutStartSec=300\n\n"
+            "[Install]\nWantedBy=multi-user.target\n"
+        )
+        after = "appliance-cluster.service"
+    elif p.name == "head":
+        after = "slurmctld.service"
+    if p.services:
+        for name, what in (("gateway", "OpenAI-compatible gateway"), ("webapp", "web app")):
+            needs = after if name == "gateway" else "appliance-gateway.service"
+            units[f"appliance-{name}.service"] = (
+                f"{header}[Unit]\nDescription=appliance: {what}\n"
+                f"Wants={needs}\nAfter={needs}\n\n"
+                f"[Service]\nExecStart={command} {name}\nRestart=on-failure\nRestartSec=5\n"
+                "KillMode=mixed\nTimeoutStopSec=60\n\n"
+                "[Install]\nWantedBy=multi-user.target\n"
+            )
+    return units
+
+
+def render_cluster_slurm_conf(plan: Plan) -> str:
+    """slurm.conf of a multi-node cluster: the head serves it to every node (configless), and
+    nodes register themselves with their detected hardware (dynamic nodes, `slurmd -Z`)."""
+    o, p = plan.options, plan.profile
+    lines = [
+        f"ClusterName={o.cluster_name}",
+        f"SlurmctldHost={plan.hardware.hostname}",
+        f"SlurmctldPort={o.controller_port}",
+        f"SlurmdPort={o.node_port}",
+        "SlurmUser=slurm",
+        "AuthType=auth/munge",
+        "CredType=cred/munge",
+        "# Nodes fetch this file from slurmctld and join as dynamic nodes (slurmd -Z).",
+        "SlurmctldParameters=enable_configless",
+        f"MaxNodeCount={MAX_NODE_COUNT}",
+        "TreeWidth=65533",
+        "StateSaveLocation=/var/lib/slurm/slurmctld",
+        "SlurmdSpoolDir=/var/lib/slurm/slurmd",
+        "SlurmctldPidFile=/run/slurmctld.pid",
+        "SlurmdPidFile=/run/slurmd.pid",
+        "SlurmctldLogFile=/var/log/slurm/slurmctld.log",
+        "SlurmdLogFile=/var/log/slurm/slurmd.log",
+        "JobCompType=jobcomp/filetxt",
+        "JobCompLoc=/var/log/slurm/jobcomp.txt",
+        "AccountingStorageType=accounting_storage/none",
+    ]
+    if p.cgroups:
+        lines += [
+            "ProctrackType=proctrack/cgroup",
+            "TaskPlugin=task/cgroup,task/affinity",
+            "JobAcctGatherType=jobacct_gather/cgroup",
+        ]
+    else:
+        lines += ["ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none"]
+    lines += [
+        "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core_Memory",
+        f"DefMemPerCPU={DEF_MEM_PER_CPU_MB}",
+        "ReturnToService=2",
+        "KillWait=30",
+        "MpiDefault=none",
+        "MailProg=/bin/true",
+        f"HealthCheckProgram={plan.layout.command.parent / 'appliance-healthcheck'}",
+        "HealthCheckInterval=60",
+        "HealthCheckNodeState=ANY",
+        "GresTypes=gpu",
+        "# Dynamic nodes belong to every partition that lists ALL.",
+        "PartitionName=appliance Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+    ]
+    return HEADER.format(what="multi-node Slurm") + "\n".join(lines) + "\n"
+
+
+def _devices(count: int) -> str:
+    return "/dev/nvidia0" if count == 1 else f"/dev/nvidia[0-{count - 1}]"
+
+
+def render_cluster_gres_conf(plan: Plan) -> str:
+    """gres.conf of a multi-node cluster: each node's GPU device files, by node name
+    (Debian's Slurm has no NVML autodetection)."""
+    hw = plan.hardware
+    lines = ["AutoDetect=off"]
+    if hw.gpus:
+        lines.append(
+            f"NodeName={hw.hostname} Name=gpu Type={hw.gpus[0].kind} File={_devices(len(hw.gpus))}"
+        )
+    lines += [
+        f"NodeName={w.name} Name=gpu File={_devices(w.gpus)}"
+        for w in plan.options.workers
+        if w.gpus
+    ]
+    return HEADER.format(what="multi-node Slurm GPUs") + "\n".join(lines) + "\n"
+
+
+def render_slurmd_defaults(plan: Plan) -> str:
+    """/etc/default/slurmd: Debian's slurmd unit fetches the configuration from the head and
+    registers this node with its GPUs. systemd splits the value on spaces without honouring
+    quotes, so each option is one word."""
+    o, hw = plan.options, plan.hardware
+    head = o.head if plan.profile.name == "worker" else hw.hostname
+    options = [f"--conf-server={head}:{o.controller_port}", "-Z"]
+    if hw.gpus:
+        options.append(f"--conf=Gres=gpu:{len(hw.gpus)}")
+    return HEADER.format(what="slurmd options") + f'SLURMD_OPTIONS="{" ".join(options)}"\n'
+
+
+def render_health_check(plan: Plan) -> str:
+    """The node health check slurmd runs (drains a failing node)."""
+    return (
+        "#!/bin/sh\n"
+        + HEADER.format(what="Slurm HealthCheckProgram")
+        + f'exec "{plan.layout.command}" health-check --apply\n'
+    )
+
+
+def written_files(plan: Plan) -> list[tuple[Path, str, str | None]]:
+    """(path, what it is, its text) of every file the installer writes; text None for files
+    made while installing (keys, certificates, the local cluster's Slurm configuration)."""
+    layout, p = plan.layout, plan.profile
+    files: list[tuple[Path, str, str | None]] = [
+        (layout.config, "appliance configuration", render_config(plan)),
+        (layout.command, "the `appliance` command of this installation", render_command(plan)),
+    ]
+    if p.local_cluster:
+        slurm = layout.state / "slurm"
+        files += [
+            (slurm / "slurm.conf", "Slurm, from the detected hardware", None),
+            (slurm / "gres.conf", "Slurm GPUs", None),
+        ]
+        if p.cgroups:
+            files.append((slurm / "cgroup.conf", "Slurm job confinement", None))
+    else:
+        if p.name == "head":
+            files += [
+                (
+                    layout.slurm_etc / "slurm.conf",
+                    "Slurm, served to every node",
+                    render_cluster_slurm_conf(plan),
+                ),
+                (
+                    layout.slurm_etc / "gres.conf",
+                    "Slurm GPUs per node",
+                    render_cluster_gres_conf(plan),
+                ),
+            ]
+            if p.cgroups:
+                cgroup = HEADER.format(what="Slurm cgroups") + CGROUP_CONF_BODY
+                files.append((layout.slurm_etc / "cgroup.conf", "Slurm job confinement", cgroup))
+        files.append(
+            (
+                layout.command.parent / "appliance-healthcheck",
+                "node health check",
+                render_health_check(plan),
+            )
+        )
+        if p.name == "worker" or plan.hardware.gpus:
+            files.append(
+                (layout.slurmd_defaults, "slurmd joins the cluster", render_slurmd_defaults(plan))
+            )
+        if p.name == "worker":
+            files.append((layout.munge_key, "the head's munge key", None))
+    if p.services:
+        files.append((layout.tls_cert, "TLS certificate (self-signed; key beside it, 0600)", None))
+    for name, text in render_units(plan).items():
+        files.append((layout.systemd_dir / name, "systemd unit", text))
+    return files

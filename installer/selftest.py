@@ -1,0 +1,111 @@
+"""The installer's self-test: a chat answer, a knowledge-base answer with its source, a metrics
+scrape and the web app, through the installed services as a client would use them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import httpx
+
+from installer.report import Report
+
+KB = "installer-self-test"
+DOCUMENT = (
+    "Installation note. The appliance on this server was installed by the installer. "
+    "The self-test code word is AMBER-7731. Questions about the code word refer to this note.\n"
+)
+CHAT_TIMEOUT_S = 600  # the first request starts an instance (scale from zero)
+
+
+def self_test(settings, chat_model: str | None, report: Report) -> bool:
+    """Run every check; print a line each and return whether all passed. A short-lived key is
+    made for the test and revoked after it."""
+    from security.api_keys import ApiKeyStore
+
+    keys = ApiKeyStore(settings.api_keys_file)
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)
+    key, record = keys.create("installer-self-test", role="admin", expires_at=expires)
+    client = httpx.Client(
+        base_url=settings.gateway_url,
+        headers={"authorization": f"Bearer {key}"},
+        verify=settings.tls_verify,
+        timeout=CHAT_TIMEOUT_S,
+    )
+    results = []
+    try:
+        for name, check in (
+            ("chat completion", lambda: _chat(client, chat_model)),
+            ("knowledge base", lambda: _rag(client, chat_model)),
+            ("metrics scrape", lambda: _metrics(client)),
+            ("web app", lambda: _webapp(settings)),
+        ):
+            started = time.monotonic()
+            try:
+                detail = check()
+                ok = True
+            except (AssertionError, httpx.HTTPError, KeyError, ValueError) as exc:
+                ok, detail = False, str(exc) or type(exc).__name__
+            took = time.monotonic() - started
+            results.append(ok)
+            print(f"  [{'pass' if ok else 'FAIL'}] {name} ({took:.1f} s): {detail}", flush=True)
+    finally:
+        client.close()
+        keys.revoke(record.key_id)
+    passed = all(results)
+    report.say("self-test passed" if passed else "self-test FAILED: see the lines above")
+    return passed
+
+
+def _chat(client: httpx.Client, model: str | None) -> str:
+    assert model, "no chat model installed"
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    resp = client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, f"HTTP {resp.status_code}: {resp.text[:300]}"
+    text = resp.json()["choices"][0]["message"]["content"]
+    assert text.strip(), "empty answer"
+    return f"{model} answered {text.strip()[:40]!r}"
+
+
+def _rag(client: httpx.Client, model: str | None) -> str:
+    client.delete(f"/v1/knowledge_bases/{KB}")  # left over from an interrupted run
+    resp = client.post("/v1/knowledge_bases", json={"name": KB})
+    assert resp.status_code == 201, f"HTTP {resp.status_code}: {resp.text[:300]}"
+    try:
+        files = [("files", ("install-note.md", DOCUMENT.encode(), "text/markdown"))]
+        resp = client.post(f"/v1/knowledge_bases/{KB}/documents", files=files)
+        assert resp.status_code == 200 and not resp.json()["errors"], resp.text[:300]
+        body = {
+            "model": model,
+            "max_tokens": 16,
+            "knowledge_bases": [KB],
+            "messages": [{"role": "user", "content": "What is the self-test code word?"}],
+        }
+        resp = client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 200, f"HTTP {resp.status_code}: {resp.text[:300]}"
+        data = resp.json()
+        sources = data.get("citations") or data.get("sources") or []
+        assert sources and sources[0]["filename"] == "install-note.md", f"sources: {sources}"
+        return "answered with the ingested document as its source"
+    finally:
+        client.delete(f"/v1/knowledge_bases/{KB}")
+
+
+def _metrics(client: httpx.Client) -> str:
+    resp = client.get("/metrics")
+    assert resp.status_code == 200, f"HTTP {resp.status_code}"
+    families = {line.split()[2] for line in resp.text.splitlines() if line.startswith("# TYPE ")}
+    for needed in ("node_cpu_seconds_total", "node_memory_MemTotal_bytes", "slurm_node_cpus_total"):
+        assert any(f.startswith(needed.rsplit("_", 1)[0]) for f in families), f"no {needed}"
+    return f"{len(families)} metric families"
+
+
+def _webapp(settings) -> str:
+    resp = httpx.get(settings.webapp_url + "/", verify=settings.tls_verify, timeout=30)
+    assert resp.status_code == 200, f"HTTP {resp.status_code}"
+    return settings.webapp_url
