@@ -258,6 +258,16 @@ def _check(plan: Plan) -> None:
         plan.blockers.append(f"{hw.arch}: the pinned torch and vLLM wheels are built for x86_64")
     if str(o.prefix) == "/" and os.geteuid() != 0 and not o.dry_run:
         plan.blockers.append("installing into / needs root: run it with sudo")
+    if o.service_user:
+        closed = [
+            d for d in [o.prefix, *o.prefix.parents] if d.exists() and not d.stat().st_mode & 1
+        ]
+        if closed:
+            plan.blockers.append(
+                f"{closed[0]} is closed to other accounts (mode "
+                f"{closed[0].stat().st_mode & 0o777:o}): the service account {o.service_user} could not reach the installation; "
+                f"chmod o+x {closed[0]}, or choose another --prefix"
+            )
     if plan.profile.name == "worker" and not o.munge_key:
         plan.blockers.append("a worker needs --munge-key (a copy of the head's munge.key)")
     if plan.profile.name == "head" and not (hw.gpus or o.workers):

@@ -1,0 +1,160 @@
+"""The installer's plan (`--dry-run` output) and every file it writes, for hardware captured on
+real machines (tests/unit/testdata/hardware/README.md): golden files under
+tests/unit/golden/installer/<case>/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance.config.cluster import ClusterSettings
+from appliance.config.monitoring import MonitoringSettings
+from appliance.slurm.conf import (
+    HealthCheck,
+    HostFacts,
+    render_cgroup_conf,
+    render_gres_conf,
+    render_slurm_conf,
+)
+from appliance.slurm.paths import LocalClusterPaths
+from installer.files import written_files
+from installer.hardware import RecordedProbe, detect, parse_df, parse_gpus
+from installer.options import parse
+from installer.plan import make_plan
+from installer.profile import choose_profile, fit_presets, load_presets, proposed_models
+from tests.golden import GOLDEN, UPDATE, check_golden
+
+HARDWARE = Path(__file__).parent / "testdata" / "hardware"
+
+CASES = {
+    "cpu-only": ("cpu-only", ["--offline"]),
+    "h100x1": ("h100x1", []),
+    "h200x8": ("h200x8", []),
+    "two-node-head": ("gpu01", ["--role", "head", "--worker", "gpu02:8"]),
+    "two-node-worker": ("gpu02", ["--role", "worker", "--head", "gpu01",
+                                  "--munge-key", "/root/munge.key"]),
+}  # fmt: skip
+
+
+def _plan(case: str):
+    capture, argv = CASES[case]
+    probe = RecordedProbe.load(HARDWARE / f"{capture}.json")
+    options = parse(["--dry-run", *argv])
+    return make_plan(options, detect(probe), probe, online=True)
+
+
+def _local_slurm_files(plan) -> dict[str, str]:
+    """What `appliance cluster up` writes for this installation's configuration."""
+    config = yaml.safe_load(next(t for p, _w, t in written_files(plan) if p.name == "config.yaml"))
+    cluster = ClusterSettings(**config["cluster"])
+    hw = plan.hardware
+    facts = HostFacts(
+        hostname=hw.hostname,
+        cpus=hw.cpus,
+        real_memory_mb=hw.memory_mib,
+        gpu_devices=tuple(f"/dev/nvidia{g.index}" for g in hw.gpus),
+    )
+    slurm_dir = plan.layout.state / "slurm"
+    health = HealthCheck(
+        LocalClusterPaths(slurm_dir).health_check, MonitoringSettings().health_interval_s
+    )
+    files = {
+        "slurm.conf": render_slurm_conf(cluster, slurm_dir, facts, health),
+        "gres.conf": render_gres_conf(cluster, slurm_dir, facts),
+    }
+    if cluster.cgroups:
+        files["cgroup.conf"] = render_cgroup_conf()
+    return files
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_and_files_match_golden(case: str):
+    plan = _plan(case)
+    check_golden(f"installer/{case}/plan.txt", plan.render())
+    expected = set()
+    for path, _what, text in written_files(plan):
+        if text is None:
+            continue
+        name = str(path).lstrip("/").replace("/", "__")
+        expected.add(name)
+        check_golden(f"installer/{case}/{name}", text)
+    if plan.profile.local_cluster:
+        for name, text in _local_slurm_files(plan).items():
+            expected.add(f"local-cluster__{name}")
+            check_golden(f"installer/{case}/local-cluster__{name}", text)
+    on_disk = {p.name for p in (GOLDEN / "installer" / case).iterdir()} - {"plan.txt"}
+    if not UPDATE:
+        assert on_disk == expected, "stale or missing golden files"
+
+
+def test_profiles_follow_the_hardware():
+    assert _plan("cpu-only").profile.name == "cpu-demo"
+    gpu = _plan("h100x1")
+    assert gpu.profile.name == "gpu-server" and gpu.profile.munge and gpu.profile.cgroups
+    assert gpu.python_steps[0] == ["torch==2.11.0"]
+    assert _plan("two-node-head").profile.name == "head"
+    worker = _plan("two-node-worker")
+    assert worker.profile.name == "worker" and not worker.profile.services
+
+
+def test_presets_are_sized_to_gpu_memory():
+    presets = load_presets()
+    h100 = detect(RecordedProbe.load(HARDWARE / "h100x1.json"))
+    fits = {f.name: f.fits for f in fit_presets(presets, h100)}
+    # 80 GB at 0.9 utilisation: 14B models fit, the 70B one needs 4 GPUs.
+    assert fits["qwen2.5-14b-instruct"] and fits["phi-4"]
+    assert not fits["llama-3.3-70b-instruct"]
+    h200x8 = detect(RecordedProbe.load(HARDWARE / "h200x8.json"))
+    fitting = fit_presets(presets, h200x8)
+    assert all(f.fits for f in fitting)
+    profile = choose_profile(h200x8, parse([]))
+    assert proposed_models(fitting, profile) == ["llama-3.3-70b-instruct"]
+
+
+def test_offline_without_a_directory_builds_the_tiny_model():
+    capture, _ = CASES["h100x1"]
+    probe = RecordedProbe.load(HARDWARE / f"{capture}.json")
+    plan = make_plan(parse(["--dry-run", "--offline"]), detect(probe), probe, online=False)
+    assert [m.name for m in plan.models] == ["tiny-chat", "all-minilm-l6-v2"]
+    assert any("needs the model hub" in w for w in plan.warnings)
+
+
+def test_offline_directory_import(tmp_path):
+    (tmp_path / "Qwen2.5-7B-Instruct").mkdir()
+    (tmp_path / "Qwen2.5-7B-Instruct" / "config.json").write_text("{}")
+    probe = RecordedProbe.load(HARDWARE / "h100x1.json")
+    argv = ["--dry-run", "--models-dir", str(tmp_path), "--models", "qwen2.5-7b-instruct,phi-4"]
+    plan = make_plan(parse(argv), detect(probe), probe, online=False)
+    origins = {m.name: m.origin for m in plan.models}
+    assert origins["qwen2.5-7b-instruct"] == f"dir:{tmp_path / 'Qwen2.5-7B-Instruct'}"
+    assert "phi-4" not in origins and any("phi-4 not found" in w for w in plan.warnings)
+
+
+def test_bad_requests_are_refused_before_anything_changes():
+    probe = RecordedProbe.load(HARDWARE / "cpu-only.json")
+    hw = detect(probe)
+    plan = make_plan(parse(["--dry-run", "--models", "gpt-9"]), hw, probe, online=False)
+    assert plan.blockers == ["unknown preset(s): gpt-9"]
+    worker = make_plan(parse(["--dry-run", "--role", "worker", "--head", "h"]), hw, probe, False)
+    assert any("--munge-key" in b for b in worker.blockers)
+    with pytest.raises(SystemExit):
+        parse(["--role", "worker"])  # a worker needs its head
+
+
+def test_detection_parsers():
+    gpus, driver = parse_gpus(
+        "0, NVIDIA H100 80GB HBM3, 81559, 00000000:18:00.0, 580.159.04\n"
+        "1, NVIDIA H100 80GB HBM3, 81559, 00000000:2A:00.0, 580.159.04\n"
+    )
+    assert [g.kind for g in gpus] == ["h100", "h100"] and driver == "580.159.04"
+    assert round(gpus[0].memory_gb, 1) == 85.5
+    assert parse_gpus(None) == ((), None)
+    disks = parse_df(
+        "Filesystem Type 1-blocks Used Available Capacity Mounted on\n"
+        "/dev/vda ext4 1000 10 990 1% /\n"
+        "tmpfs tmpfs 64 0 64 0% /run\n"
+        "overlay overlay 500 0 500 0% /var/lib/docker/x\n"
+    )
+    assert [d.mount for d in disks] == ["/", "/var/lib/docker/x"]
