@@ -265,7 +265,8 @@ def _check(plan: Plan) -> None:
         if closed:
             plan.blockers.append(
                 f"{closed[0]} is closed to other accounts (mode "
-                f"{closed[0].stat().st_mode & 0o777:o}): the service account {o.service_user} could not reach the installation; "
+                f"{closed[0].stat().st_mode & 0o777:o}): the service account "
+                f"{o.service_user} could not reach the installation; "
                 f"chmod o+x {closed[0]}, or choose another --prefix"
             )
     if plan.profile.name == "worker" and not o.munge_key:
