@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from appliance.slurm.cgroup import CGROUP_CONF_BODY
+from appliance.slurm.partitions import default_partition_lines, preemption_lines
 from installer.plan import Plan
 
 HEADER = "# Written by the appliance installer ({what}); re-running it rewrites this file.\n"
@@ -50,6 +51,9 @@ def render_config(plan: Plan) -> str:
         sections["security"] = {"service_user": o.service_user}
     if p.serving == "gpu":
         sections["monitoring"] = {"expected_gpus": len(plan.hardware.gpus)}
+    if p.name == "head":
+        # A shared cluster runs batch work: serve in its gaps, above each model's pinned minimum.
+        sections["serving"] = {"preemptible": True}
     lines = [HEADER.format(what=f"profile {p.name}").rstrip()]
     lines.append(f"state_dir: {_yaml_scalar(layout.state)}")
     for section, values in sections.items():
@@ -143,6 +147,7 @@ def render_cluster_slurm_conf(plan: Plan) -> str:
         f"DefMemPerCPU={DEF_MEM_PER_CPU_MB}",
         "ReturnToService=2",
         "KillWait=30",
+        *preemption_lines(),
         "MpiDefault=none",
         "MailProg=/bin/true",
         f"HealthCheckProgram={plan.layout.command.parent / 'appliance-healthcheck'}",
@@ -150,7 +155,7 @@ def render_cluster_slurm_conf(plan: Plan) -> str:
         "HealthCheckNodeState=ANY",
         "GresTypes=gpu",
         "# Dynamic nodes belong to every partition that lists ALL.",
-        "PartitionName=appliance Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+        *default_partition_lines(),
     ]
     return HEADER.format(what="multi-node Slurm") + "\n".join(lines) + "\n"
 

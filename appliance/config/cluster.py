@@ -7,6 +7,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from appliance.slurm.partitions import (
+    BATCH_PARTITION,
+    GRACE_S,
+    PREEMPTIBLE_PARTITION,
+    SERVING_PARTITION,
+)
+
 
 class ClusterSettings(BaseModel):
     """Which Slurm cluster runs the instances, and the shape of the local one the stack starts."""
@@ -32,8 +39,27 @@ class ClusterSettings(BaseModel):
     """Confine jobs with cgroups (CPU cores, memory, GPU devices; writes cgroup.conf). Needs a
     delegated cgroup tree, as systemd provides; off in containers without one."""
 
-    partition: str = Field(default="appliance", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    """Partition that model instances are submitted to."""
+    partition: str = Field(default=SERVING_PARTITION, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Partition of the instances that batch work must not take away: a model's first
+    `min_instances` instances, and every instance while preemptible serving is off. Training jobs
+    run here too."""
+
+    preemptible_partition: str | None = Field(
+        default=PREEMPTIBLE_PARTITION, pattern=r"^[A-Za-z0-9_.-]{1,64}$"
+    )
+    """Low-priority partition for instances above a model's `min_instances` when the model (or
+    `serving.preemptible`) allows it: batch jobs preempt them, after `preempt_grace_s`, and the
+    gateway moves their running requests to other instances first. Unset: no preemptible
+    serving."""
+
+    preempt_grace_s: int = Field(default=GRACE_S, ge=5, le=3600)
+    """Slurm GraceTime of the preemptible partition: seconds between the preemption signal and
+    the kill. The gateway moves an instance's requests within it; a batch job waits at most this
+    long (and usually only until the requests have moved)."""
+
+    batch_partition: str | None = Field(default=BATCH_PARTITION, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """The local cluster's default partition for ordinary batch work. Its jobs preempt
+    preemptible instances and never the pinned ones (same priority tier as `partition`)."""
 
     nodes: int = Field(default=1, ge=1, le=64)
     """Number of slurmd nodes of the local cluster. Several nodes on one host simulate a real

@@ -26,6 +26,16 @@ class GatewaySettings(BaseModel):
     instance is queued, starting, stopping or failing its health checks, jobs are polled on every
     check instead. Each poll costs the gateway host and slurmctld a little CPU."""
 
+    preemption_poll_interval_s: float = Field(default=2.0, ge=0.5, le=60)
+    """Seconds between job-state polls while preemptible instances run: Slurm reports a
+    preemption only in the job list, so this is how late the gateway may learn of one (keep it
+    well inside `cluster.preempt_grace_s`)."""
+
+    drain_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    """How long an instance that is leaving for another reason than preemption (its node is
+    drained, consolidation) keeps serving the requests that could not move, before it is
+    stopped."""
+
     start_timeout_s: float = Field(default=300.0, gt=0, le=3600)
     """How long a request waits for an instance of its model to become ready (scale from zero)
     before it gets an error."""

@@ -48,5 +48,11 @@ class ServingSettings(BaseModel):
     log_tail_lines: int = Field(default=20, ge=0, le=1000)
     """Lines of an instance's log quoted in the error when it fails to start."""
 
+    preemptible: bool = False
+    """Serve in the gaps of the batch schedule: a model's instances above its `min_instances`
+    run in `cluster.preemptible_partition`, batch jobs preempt them, and the gateway moves their
+    running requests to other instances within the grace time. A model's own `preemptible`
+    overrides it. The installer turns it on for a cluster that runs batch work (head)."""
+
     health_path: str = "/health"
     """Path of an instance's server that answers 200 once it can serve."""

@@ -52,6 +52,12 @@ class ModelSpec(BaseModel):
     min_instances: int = Field(default=0, ge=0, le=64)
     max_instances: int = Field(default=1, ge=1, le=64)
     idle_timeout_s: float | None = Field(default=None, ge=0)
+    preemptible: bool | None = Field(
+        default=None,
+        description="Instances above min_instances run in the preemptible partition, where batch "
+        "jobs may take their resources back (running requests move to other instances first). "
+        "Unset: serving.preemptible.",
+    )
     vllm_args: list[str] = Field(default_factory=list)
     lora: bool = Field(
         default=False,

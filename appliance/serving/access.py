@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from appliance.slurm.records import ACTIVE_JOB_STATES, gpu_count
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = {"content-type": "application/json"}
+# Node states (drained or not) are re-read at most this often; a drain is an admin's action.
+NODE_STATE_MAX_AGE_S = 5.0
 
 
 class UpstreamError(Exception):
@@ -41,6 +44,13 @@ class InstanceJob:
     reason: str = ""
     node: str = ""
     submit_time: float | None = None
+    partition: str = ""
+    preempted_at: float | None = None
+    """When Slurm chose the job for preemption (its grace time began)."""
+    leave_by: float | None = None
+    """A preempted job's end of grace time."""
+    node_drained: bool = False
+    """Its node is drained (or draining): it should hand its work over and go."""
 
     @property
     def active(self) -> bool:
@@ -78,8 +88,11 @@ class ClusterAccess(ABC):
         """Release connections."""
 
     @abstractmethod
-    async def submit(self, spec: ModelSpec) -> int:
-        """Submit one instance job of `spec`; its job id."""
+    async def submit(
+        self, spec: ModelSpec, preemptible: bool = False, avoid: frozenset[str] = frozenset()
+    ) -> int:
+        """Submit one instance job of `spec`, in the preemptible partition if `preemptible`,
+        on none of the nodes in `avoid` (where an instance is leaving); its job id."""
 
     @abstractmethod
     async def cancel(self, job_id: int) -> None:
@@ -120,6 +133,8 @@ class DirectAccess(ClusterAccess):
         self.client = client
         self._probe = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
         self._node_addr: dict[str, str] = {}
+        self._drained: set[str] = set()
+        self._nodes_at = 0.0
         self._cluster_gpus = 0
 
     async def start(self) -> None:
@@ -135,18 +150,28 @@ class DirectAccess(ClusterAccess):
             log.warning("cannot list Slurm nodes: %s", exc)
             return
         self._node_addr = {n.name: n.address or n.name for n in nodes}
+        self._drained = {n.name for n in nodes if n.drained}
+        self._nodes_at = time.monotonic()
         self._cluster_gpus = max((gpu_count(n.gres) for n in nodes), default=0)
 
-    async def submit(self, spec: ModelSpec) -> int:
+    async def submit(
+        self, spec: ModelSpec, preemptible: bool = False, avoid: frozenset[str] = frozenset()
+    ) -> int:
         if not spec.installed(self.settings):
             raise ApplianceError(
                 f"model {spec.name} is not installed on this appliance "
                 f"(expected files in {spec.model_dir(self.settings)})"
             )
         request = plan_request(spec, self.settings, self._cluster_gpus)
-        node = await self._place(spec.name, request) if spec.source_kind == "store" else None
+        node = await self._place(spec.name, request, avoid) if spec.source_kind == "store" else None
         script = render_instance_script(
-            self.settings, spec, request, spec.model_dir(self.settings), nodelist=node
+            self.settings,
+            spec,
+            request,
+            spec.model_dir(self.settings),
+            nodelist=node,
+            preemptible=preemptible,
+            exclude=avoid,
         )
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
@@ -154,12 +179,16 @@ class DirectAccess(ClusterAccess):
         log.info("submitted instance job %s of %s (%s)", job_id, spec.name, request)
         return job_id
 
-    async def _place(self, model: str, request: InstanceRequest) -> str | None:
+    async def _place(
+        self, model: str, request: InstanceRequest, avoid: frozenset[str]
+    ) -> str | None:
         """The node where a stored model's instance starts soonest, or None for Slurm's choice."""
         from appliance.store.placement import place
 
         try:
-            node, ranking = await place(self.settings, self.slurm, self._probe, model, request)
+            node, ranking = await place(
+                self.settings, self.slurm, self._probe, model, request, avoid
+            )
         except ApplianceError as exc:
             log.warning("placement of %s skipped: %s", model, exc)
             return None
@@ -182,10 +211,23 @@ class DirectAccess(ClusterAccess):
             if model is not None:
                 node = job.nodes[0] if job.nodes else ""
                 found.append(
-                    InstanceJob(job.job_id, model, job.state, job.reason, node, job.submit_time)
+                    InstanceJob(
+                        job.job_id,
+                        model,
+                        job.state,
+                        job.reason,
+                        node,
+                        job.submit_time,
+                        partition=job.partition,
+                        preempted_at=job.preempt_time,
+                        leave_by=job.end_time if job.preempt_time else None,
+                    )
                 )
-        if any(j.node and j.node not in self._node_addr for j in found):
+        stale = time.monotonic() - self._nodes_at >= NODE_STATE_MAX_AGE_S
+        if stale or any(j.node and j.node not in self._node_addr for j in found):
             await self._refresh_nodes()
+        for job in found:
+            job.node_drained = job.node in self._drained
         return found
 
     async def address(self, inst: Instance) -> InstanceAddress | None:

@@ -40,7 +40,7 @@ class BreakerActions:
         elif isinstance(command, ListInstances):
             _line(stdout, {"instances": self._instances()})
         elif isinstance(command, Start):
-            _line(stdout, {"job_id": self._start(command.model)})
+            _line(stdout, {"job_id": self._start(command.model, command.preemptible)})
         elif isinstance(command, Stop):
             if self._instance_job(command.job_id, missing_ok=True) is not None:
                 self.slurm.cancel(command.job_id)
@@ -52,8 +52,10 @@ class BreakerActions:
         """Instance jobs Slurm still lists (ended ones too, so the gateway learns how they
         ended), with a health probe of each registered running one."""
         out = []
+        jobs = self.slurm.jobs(job_name_prefix(self.settings))
+        drained = {n.name for n in self.slurm.nodes() if n.drained} if jobs else set()
         with httpx.Client(timeout=HEALTH_TIMEOUT_S) as client:
-            for job in self.slurm.jobs(job_name_prefix(self.settings)):
+            for job in jobs:
                 endpoint = read_endpoint(self.settings.instances_dir, job.job_id)
                 running = job.state == "RUNNING" and endpoint is not None
                 out.append({
@@ -66,6 +68,10 @@ class BreakerActions:
                     "registered": running,
                     "healthy": running and self._healthy(client, endpoint.url),
                     "phases": endpoint.phases if endpoint else {},
+                    "partition": job.partition,
+                    "preempted_at": job.preempt_time,
+                    "leave_by": job.end_time if job.preempt_time else None,
+                    "node_drained": bool(job.nodes) and job.nodes[0] in drained,
                 })  # fmt: skip
         return out
 
@@ -75,7 +81,7 @@ class BreakerActions:
         except httpx.HTTPError:
             return False
 
-    def _start(self, model: str) -> int:
+    def _start(self, model: str, preemptible: bool) -> int:
         spec = load_catalog(self.settings).get(model)
         if spec is None:
             raise Refused("unknown model")
@@ -83,7 +89,9 @@ class BreakerActions:
             raise Refused("model not installed")
         gpus = max((gpu_count(n.gres) for n in self.slurm.nodes()), default=0)
         request = plan_request(spec, self.settings, gpus)
-        script = render_instance_script(self.settings, spec, request, spec.model_dir(self.settings))
+        script = render_instance_script(
+            self.settings, spec, request, spec.model_dir(self.settings), preemptible=preemptible
+        )
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
         return self.slurm.submit(script)

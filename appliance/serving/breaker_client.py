@@ -199,8 +199,13 @@ class BreakerAccess(ClusterAccess):
                 self._listed_at = time.monotonic()
             return self._listing
 
-    async def submit(self, spec: ModelSpec) -> int:
-        answer = await self.client.call(f"start {spec.name}")
+    async def submit(
+        self, spec: ModelSpec, preemptible: bool = False, avoid: frozenset[str] = frozenset()
+    ) -> int:
+        # `avoid` cannot be passed: the grammar has no node names. Slurm schedules nothing on a
+        # drained node, and a preempting batch job holds the other's resources.
+        verb = "start-preemptible" if preemptible else "start"
+        answer = await self.client.call(f"{verb} {spec.name}")
         self._listed_at = 0.0  # the next poll must see the new job
         return int(answer["job_id"])
 
@@ -211,7 +216,8 @@ class BreakerAccess(ClusterAccess):
     async def jobs(self) -> list[InstanceJob]:
         return [
             InstanceJob(i["job_id"], i["model"], i["state"], i.get("reason", ""), i.get("node", ""),
-                        i.get("submit_time"))
+                        i.get("submit_time"), i.get("partition", ""), i.get("preempted_at"),
+                        i.get("leave_by"), bool(i.get("node_drained")))
             for i in (await self._instances()).values()
         ]  # fmt: skip
 

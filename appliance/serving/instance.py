@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -14,6 +15,8 @@ class InstanceState(StrEnum):
     STARTING = "starting"  # job running, server not healthy yet
     READY = "ready"  # healthy: requests are routed to it
     UNHEALTHY = "unhealthy"  # failing health checks: not routed to
+    DRAINING = "draining"  # about to go (preempted, node drained, consolidated): its running
+    # requests move to other instances, no new ones come; then it is stopped
     STOPPING = "stopping"  # cancelled, waiting for Slurm to end it
     GONE = "gone"  # the job has ended
 
@@ -42,6 +45,12 @@ class Instance:
     # times out because the machine is busy generating.
     last_data: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    preemptible: bool = False
+    """Runs in the preemptible partition (batch jobs may take its resources back)."""
+    leave_by: float | None = None
+    """While draining: when it will be gone (a preempted job's end of grace time)."""
+    move_requests: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    """Set when the instance starts draining: its streams move to another instance."""
 
     @property
     def routable(self) -> bool:
@@ -62,4 +71,6 @@ class Instance:
             "submitted_at": self.submitted_at,
             "ready_at": self.ready_at,
             "phases": self.phases,
+            "preemptible": self.preemptible,
+            "leave_by": self.leave_by,
         }

@@ -101,8 +101,29 @@ class InstanceManager:
 
     # ----- launching and stopping ---------------------------------------------------------
 
-    async def launch(self, model: str) -> Instance:
-        """Submit one instance job for `model` (does not wait for it to become ready)."""
+    def changed(self) -> asyncio.Event:
+        """Set at the next change of any instance (a new one ready, one draining, ...)."""
+        return self._changed
+
+    def _preemptible(self, model: str) -> bool:
+        """Whether the next instance of `model` goes to the preemptible partition: only above
+        its min_instances pinned ones, and only where the model and the cluster allow it."""
+        spec = self.catalog.get(model)
+        if spec is None or not self.settings.cluster.preemptible_partition:
+            return False
+        allowed = (
+            spec.preemptible
+            if spec.preemptible is not None
+            else (self.settings.serving.preemptible)
+        )
+        pinned = [
+            i for i in self.instances(model) if i.state in ACTIVE_STATES and not i.preemptible
+        ]
+        return allowed and len(pinned) >= spec.min_instances
+
+    async def launch(self, model: str, avoid: frozenset[str] = frozenset()) -> Instance:
+        """Submit one instance job for `model` (does not wait for it to become ready), on none
+        of the nodes in `avoid`."""
         spec = self.catalog.get(model)
         if spec is None:
             raise ApplianceError(f"unknown model {model!r}")
@@ -115,12 +136,18 @@ class InstanceManager:
                 f"{spec.max_instances}"
             )
         submitted_at = time.time()
-        job_id = await self.access.submit(spec)
+        preemptible = self._preemptible(model)
+        job_id = await self.access.submit(spec, preemptible, avoid)
         inst = Instance(
-            job_id=job_id, model=model, state=InstanceState.PENDING, submitted_at=submitted_at
+            job_id=job_id,
+            model=model,
+            state=InstanceState.PENDING,
+            submitted_at=submitted_at,
+            preemptible=preemptible,
         )
         self._instances[job_id] = inst
-        log.info("launched instance job %s for %s", job_id, model)
+        kind = "preemptible instance" if preemptible else "instance"
+        log.info("launched %s job %s for %s", kind, job_id, model)
         await self._notify()
         return inst
 
@@ -138,6 +165,48 @@ class InstanceManager:
             inst.state, inst.reason = before  # still running: keep it in the books as it was
             raise
         await self._notify()
+
+    async def drain(self, inst: Instance, reason: str, leave_by: float | None = None) -> None:
+        """Take `inst` out of routing and move its running requests elsewhere; it is stopped
+        once they have moved (or at `leave_by`). An instance not serving yet just stops."""
+        if inst.state in (InstanceState.PENDING, InstanceState.STARTING):
+            await self.retire(inst, reason)
+            return
+        if inst.state not in (InstanceState.READY, InstanceState.UNHEALTHY):
+            return
+        now = time.time()
+        log.info("draining instance %s of %s (%d in flight): %s", inst.job_id, inst.model,
+                 inst.inflight, reason)  # fmt: skip
+        inst.state = InstanceState.DRAINING
+        inst.reason = reason
+        inst.leave_by = leave_by or now + self.settings.gateway.drain_timeout_s
+        inst.phases["draining_at"] = now
+        inst.move_requests.set()
+        others = [
+            i
+            for i in self.instances(inst.model)
+            if i.state in ACTIVE_STATES and i.node != inst.node
+        ]
+        if inst.inflight and not others:
+            # Nowhere to move to: start an instance now (placement by start-up time picks the
+            # node where it loads fastest); the requests keep running here until it is ready.
+            try:
+                async with self._launch_lock:
+                    await self.launch(inst.model, avoid=frozenset({inst.node} - {""}))
+            except ApplianceError as exc:
+                log.warning("no replacement for draining instance %s: %s", inst.job_id, exc)
+        await self._notify()
+        self._wake.set()
+
+    async def _finish_draining(self, now: float) -> None:
+        for inst in self.instances():
+            if inst.state is not InstanceState.DRAINING:
+                continue
+            if inst.inflight == 0:
+                await self.retire(inst, f"{inst.reason}; its requests have moved")
+            elif inst.leave_by is not None and now >= inst.leave_by:
+                await self.retire(inst, f"{inst.reason}; out of time with {inst.inflight} "
+                                  "request(s) still running")  # fmt: skip
 
     # ----- routing ------------------------------------------------------------------------
 
@@ -275,7 +344,13 @@ class InstanceManager:
             except Exception:  # keep serving: one bad tick must not stop health checking
                 log.exception("instance manager tick failed")
             busy = any(
-                i.state in (InstanceState.PENDING, InstanceState.STARTING, InstanceState.STOPPING)
+                i.state
+                in (
+                    InstanceState.PENDING,
+                    InstanceState.STARTING,
+                    InstanceState.STOPPING,
+                    InstanceState.DRAINING,
+                )
                 for i in self._instances.values()
             )
             self._wake.clear()
@@ -293,9 +368,15 @@ class InstanceManager:
         except ApplianceError as exc:  # a broken edit: keep serving the catalog we have
             log.warning("catalog not reloaded: %s", exc)
         busy = any(i.state is not InstanceState.READY for i in self._instances.values())
-        if busy or now - self._last_job_poll >= self.settings.gateway.job_poll_interval_s:
+        gw = self.settings.gateway
+        interval = gw.job_poll_interval_s
+        if any(i.preemptible for i in self._instances.values()):
+            # A preemption is only seen in the job list: look often enough to use the grace time.
+            interval = min(interval, gw.preemption_poll_interval_s)
+        if busy or now - self._last_job_poll >= interval:
             await self._poll_jobs()
         await asyncio.gather(*(self._check(i) for i in list(self._instances.values())))
+        await self._finish_draining(now)
         await self._autoscale()
         await self._notify()
 
@@ -313,6 +394,8 @@ class InstanceManager:
                     model=job.model,
                     state=InstanceState.PENDING,
                     submitted_at=job.submit_time or time.time(),
+                    preemptible=bool(job.partition)
+                    and job.partition == self.settings.cluster.preemptible_partition,
                 )
         for inst in list(self._instances.values()):
             job = by_id.get(inst.job_id)
@@ -327,6 +410,10 @@ class InstanceManager:
                 inst.state = InstanceState.STARTING
                 inst.reason = ""
                 inst.node = job.node
+            if job.preempted_at and inst.state is not InstanceState.DRAINING:
+                await self.drain(inst, "preempted by a batch job", job.leave_by)
+            elif job.node_drained and inst.state is not InstanceState.DRAINING:
+                await self.drain(inst, f"node {job.node} is drained")
 
     def _forget(self, inst: Instance, job: InstanceJob | None) -> None:
         """The job has ended: drop the instance; record why, if it never became ready."""

@@ -33,15 +33,21 @@ def render_instance_script(
     request: InstanceRequest,
     model_dir: Path,
     nodelist: str | None = None,
+    preemptible: bool = False,
+    exclude: frozenset[str] = frozenset(),
 ) -> str:
     """The sbatch script: Slurm directives, then the launcher that runs the model server.
-    `nodelist` pins the job to a node (placement by start-up time)."""
+    `nodelist` pins the job to a node (placement by start-up time); a `preemptible` instance
+    runs in the partition batch jobs preempt; `exclude` keeps it off nodes it is leaving."""
     q = shlex.quote
     log = settings.log_dir / f"instance-{spec.name}-%j.log"
+    partition = settings.cluster.partition
+    if preemptible and settings.cluster.preemptible_partition:
+        partition = settings.cluster.preemptible_partition
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name(settings, spec.name)}",
-        f"#SBATCH --partition={settings.cluster.partition}",
+        f"#SBATCH --partition={partition}",
         f"#SBATCH --output={log}",
         f"#SBATCH --chdir={settings.state_dir}",
         "#SBATCH --nodes=1",
@@ -53,6 +59,8 @@ def render_instance_script(
         lines.append(f"#SBATCH --gres={request.gres}")
     if nodelist:
         lines.append(f"#SBATCH --nodelist={nodelist}")
+    if exclude:
+        lines.append(f"#SBATCH --exclude={','.join(sorted(exclude))}")
     lines += [
         f"#SBATCH --comment=appliance-instance:{spec.name}",
         # An instance that dies is replaced by the gateway, not requeued by Slurm.

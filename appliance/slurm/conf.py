@@ -15,6 +15,7 @@ from pathlib import Path
 from appliance.config.cluster import ClusterSettings
 from appliance.errors import ApplianceError
 from appliance.slurm.cgroup import CGROUP_CONF_BODY
+from appliance.slurm.partitions import partition_lines, preemption_lines
 from appliance.slurm.paths import LocalClusterPaths
 from appliance.slurm.runner import CommandError, CommandRunner
 
@@ -226,6 +227,7 @@ def render_slurm_conf(
         "# A node that comes back after a crash becomes usable again without an admin.",
         "ReturnToService=2",
         f"KillWait={cluster.kill_wait_s}",
+        *(preemption_lines() if cluster.preemptible_partition else []),
         "MpiDefault=none",
         "MailProg=/bin/true",
     ]
@@ -247,10 +249,18 @@ def render_slurm_conf(
         if gres:
             line += f" Gres={gres}"
         lines.append(line + " State=UNKNOWN")
-    lines.append(
-        f"PartitionName={cluster.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
-    )
+    lines += cluster_partition_lines(cluster)
     return _HEADER + "\n".join(lines) + "\n"
+
+
+def cluster_partition_lines(cluster: ClusterSettings) -> list[str]:
+    """The partitions `cluster` settings describe (batch, pinned and preemptible serving)."""
+    return partition_lines(
+        cluster.partition,
+        cluster.preemptible_partition,
+        cluster.preempt_grace_s,
+        cluster.batch_partition,
+    )
 
 
 def _auth_lines(cluster: ClusterSettings) -> list[str]:

@@ -54,6 +54,11 @@ class SlurmJob:
     """Allocated trackable resources, e.g. ``cpu=1,mem=1000M,node=1,billing=1``."""
     exit_code: int | None = None
     """Exit status of the batch script once finished: 0-255, or 128+N when killed by signal N."""
+    partition: str = ""
+    preempt_time: float | None = None
+    """When Slurm chose the job for preemption (its grace time began); None if it was not."""
+    end_time: float | None = None
+    """When the job ends or ended; for a preempted job, the end of its grace time."""
 
     @property
     def active(self) -> bool:
@@ -173,6 +178,9 @@ def job_from_json(data: dict[str, Any]) -> SlurmJob:
         start_time=_time(data.get("start_time")),
         comment=_text(data.get("comment")),
         tres_alloc=_text(data.get("tres_alloc_str")),
+        partition=_text(data.get("partition")),
+        preempt_time=_time(data.get("preempt_time")),
+        end_time=_time(data.get("end_time")),
     )
     if state == "PENDING":
         job.start_time = None

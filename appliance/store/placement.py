@@ -139,8 +139,10 @@ async def place(
     session: aiohttp.ClientSession,
     model_id: str,
     request: InstanceRequest,
+    avoid: frozenset[str] = frozenset(),
 ) -> tuple[str | None, list[NodeEstimate]]:
-    """Ask the nodes' store services what they hold and choose where to start the instance."""
-    nodes = await asyncio.to_thread(slurm.nodes)
+    """Ask the nodes' store services what they hold and choose where to start the instance,
+    on none of the nodes in `avoid` (where an instance of the model is being preempted)."""
+    nodes = [n for n in await asyncio.to_thread(slurm.nodes) if n.name not in avoid]
     inventories = await fetch_inventories(session, service_urls(settings, nodes))
     return choose_node(model_id, nodes, inventories, request)

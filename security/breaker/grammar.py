@@ -6,6 +6,7 @@ pattern. Anything else is refused before anything is looked up, opened or run.
     ping                                 -> pong
     list-instances                       -> the cluster's instances (JSON)
     start MODEL                          -> submit an instance of a catalog model
+    start-preemptible MODEL              -> the same, in the partition batch jobs preempt
     stop JOB_ID                          -> cancel an instance job
     forward JOB_ID METHOD PATH           -> one HTTP request to a registered instance; the body
                                             comes on stdin, the answer (streamed) on stdout
@@ -45,9 +46,10 @@ class ListInstances:
 
 @dataclass(frozen=True)
 class Start:
-    """Submit an instance of a catalog model."""
+    """Submit an instance of a catalog model (preemptible: in the partition batch preempts)."""
 
     model: str
+    preemptible: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,10 @@ def parse(line: str | None) -> Command:
     if not _LINE.fullmatch(line):
         raise Refused("command has characters or spacing outside the grammar")
     verb, *args = line.split(" ")
-    arity = {"ping": 0, "list-instances": 0, "start": 1, "stop": 1, "forward": 3}
+    arity = {
+        "ping": 0, "list-instances": 0, "start": 1, "start-preemptible": 1, "stop": 1,
+        "forward": 3,
+    }  # fmt: skip
     if verb not in arity:
         raise Refused("unknown verb")
     if len(args) != arity[verb]:
@@ -93,8 +98,8 @@ def parse(line: str | None) -> Command:
         return Ping()
     if verb == "list-instances":
         return ListInstances()
-    if verb == "start":
-        return Start(_field(args[0], MODEL, "model name"))
+    if verb in ("start", "start-preemptible"):
+        return Start(_field(args[0], MODEL, "model name"), preemptible=verb != "start")
     if verb == "stop":
         return Stop(int(_field(args[0], JOB_ID, "job id")))
     job_id, method, path = args

@@ -1,0 +1,232 @@
+"""Relays one streamed response across instances: waits for one (scale from zero), retries on
+another while nothing was sent, and moves a resumable stream to another instance when its own is
+leaving or has failed, so the client's answer goes on without a gap or a repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from appliance.errors import ApplianceError
+from appliance.gateway.migration import StreamRecord
+from appliance.gateway.protocol import RequestError, server_error
+from appliance.gateway.upstream import UPSTREAM_ERRORS, acquire_error
+from appliance.serving.instance import Instance
+
+if TYPE_CHECKING:
+    from appliance.gateway.forward import Forwarder
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER = b"data: [DONE]"
+# vLLM ends the requests of an engine that died with this finish reason (and then [DONE]): a
+# truncated answer that looks complete unless the gateway says otherwise.
+ABORTED_MARKER = b'"finish_reason":"abort"'
+# An error event from the instance (vLLM sends one, then [DONE], when its engine dies).
+UPSTREAM_ERROR_MARKER = b'data: {"error"'
+
+
+@dataclass
+class _Outcome:
+    """How relaying from one instance ended."""
+
+    done: bool = False
+    target: Instance | None = None  # moved: the instance it continues on
+    failure: str = ""
+
+
+class Stream:
+    """One streamed response, from the first instance to [DONE]."""
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        path: str,
+        request: bytes,
+        model: str,
+        record: StreamRecord | None,
+        on_instance: Callable[[Instance], None] | None,
+    ):
+        self.forwarder = forwarder
+        self.manager = forwarder.manager
+        self.settings = forwarder.settings
+        self.path = path
+        self.request = request
+        self.model = model
+        self.record = record
+        self.on_instance = on_instance
+        self.exclude: set[int] = set()
+        self.sent = False
+        self.continued = False
+        self.failures = 0
+
+    def _next_request(self) -> tuple[str, bytes]:
+        if self.continued and self.record is not None:
+            return self.record.continuation()
+        return self.path, self.request
+
+    async def run(self, inst: Instance | None = None, upstream=None) -> AsyncIterator[bytes]:
+        """The bytes of the streamed response, across waits, retries and moves."""
+        max_retries = self.settings.gateway.max_retries
+        while True:
+            if inst is None:
+                holder: list[Instance] = []
+                try:
+                    async for comment in self._wait_for_instance(holder):
+                        yield comment
+                except ApplianceError as exc:
+                    yield acquire_error(self.model, exc).sse_event()
+                    return
+                inst = holder[0]
+                if self.on_instance is not None:
+                    self.on_instance(inst)
+            if upstream is None:
+                path, body = self._next_request()
+                try:
+                    upstream = await self.forwarder.open(inst, path, body)
+                except UPSTREAM_ERRORS as exc:
+                    self._failed(inst, repr(exc))
+                    inst = None
+                    if self.failures > max_retries:
+                        yield server_error(
+                            f"the instances of {self.model} failed: {exc!r}"
+                        ).sse_event()
+                        return
+                    continue
+                if upstream.status >= 500 and self.failures < max_retries:
+                    upstream.close()
+                    self._failed(inst, f"HTTP {upstream.status}")
+                    inst, upstream = None, None
+                    continue
+                if upstream.status != 200:
+                    body = await upstream.read()
+                    upstream.release()
+                    self.manager.release(inst)
+                    yield RequestError(
+                        upstream.status, body.decode(errors="replace"), type="server_error"
+                    ).sse_event()
+                    return
+            outcome = _Outcome()
+            try:
+                async for out in self._relay(inst, upstream, outcome):
+                    yield out
+            except BaseException:
+                # The client went away (cancellation or generator close): the instances are fine.
+                self.manager.release(inst)
+                if outcome.target is not None:
+                    self.manager.release(outcome.target)
+                raise
+            if outcome.done:
+                self.manager.release(inst)
+                return
+            if outcome.target is not None:
+                log.info("moved a stream of %s from instance %s to %s after %d tokens (%s)",
+                         self.model, inst.job_id, outcome.target.job_id,
+                         self.record.complete if self.record else 0, inst.reason)  # fmt: skip
+                self.manager.release(inst)
+                inst, upstream = outcome.target, None
+                self.continued = True
+                if self.on_instance is not None:
+                    self.on_instance(inst)
+                continue
+            self._failed(inst, outcome.failure)
+            resumable = self.record is not None and self.record.resumable
+            if self.failures <= max_retries and (not self.sent or resumable):
+                # Nothing sent: start over elsewhere; something sent: continue from its tokens.
+                self.continued = self.continued or self.sent
+                inst, upstream = None, None
+                continue
+            yield server_error(
+                f"instance {inst.job_id} of {self.model} failed in the middle of the response "
+                f"({outcome.failure}); the answer is incomplete, please retry"
+            ).sse_event()
+            return
+
+    def _failed(self, inst: Instance, reason: str) -> None:
+        self.manager.release(inst, failed=True)
+        self.exclude.add(inst.job_id)
+        self.failures += 1
+        log.warning("instance %s broke a stream of %s: %s", inst.job_id, self.model, reason)
+
+    async def _relay(self, inst: Instance, upstream, outcome: _Outcome) -> AsyncIterator[bytes]:
+        """Events from one instance, until [DONE], a failure, or a move (when the instance is
+        leaving and another one can take the stream)."""
+        record = self.record
+        buffer = b""
+        finished = False
+        try:
+            async for chunk in upstream.content.iter_any():
+                buffer += chunk
+                while (cut := buffer.find(b"\n\n")) >= 0:
+                    event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+                    if event.startswith(DONE_MARKER):
+                        outcome.done = True
+                        yield event
+                        return
+                    if ABORTED_MARKER in event or event.startswith(UPSTREAM_ERROR_MARKER):
+                        outcome.failure = "the instance aborted the request or reported an error"
+                        if record is None:
+                            yield event  # nothing to continue from: the client sees it all
+                        return
+                    out = self._client_bytes(event)
+                    if out:
+                        yield out
+                        self.sent = True
+                    inst.last_data = time.time()
+                    if inst.move_requests.is_set() and record is not None and record.resumable:
+                        target = self.manager.try_acquire(self.model, self.exclude | {inst.job_id})
+                        if target is not None:
+                            outcome.target = target
+                            return
+            finished = True
+            outcome.failure = "the stream ended before [DONE]"
+        except UPSTREAM_ERRORS as exc:
+            outcome.failure = repr(exc)
+        finally:
+            # A finished body returns the connection to the pool; anything else drops it.
+            if finished:
+                upstream.release()
+            else:
+                upstream.close()
+
+    def _client_bytes(self, event: bytes) -> bytes:
+        if self.record is None:
+            return event
+        try:
+            return self.record.relay(event, self.continued)
+        except (ValueError, TypeError, AttributeError):
+            return event  # not the JSON we expect: pass it on as it came
+
+    async def _wait_for_instance(self, holder: list[Instance]) -> AsyncIterator[bytes]:
+        """Wait for an instance, sending SSE comments so the client's connection stays open."""
+        gw = self.settings.gateway
+        model = self.model
+        task = asyncio.create_task(self.manager.acquire(model, gw.start_timeout_s, self.exclude))
+        try:
+            yield f": waiting for an instance of {model}\n\n".encode()
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=gw.keepalive_interval_s)
+                if done:
+                    break
+                states = (
+                    ", ".join(
+                        f"{i.state.value}{' (' + i.reason + ')' if i.reason else ''}"
+                        for i in self.manager.instances(model)
+                    )
+                    or "none"
+                )
+                yield f": still waiting for {model}: {states}\n\n".encode()
+            holder.append(task.result())
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ApplianceError):
+                    await task
+            elif not holder and not task.cancelled() and task.exception() is None:
+                # The client went away just as the instance came: give it back.
+                self.manager.release(task.result())

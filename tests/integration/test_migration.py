@@ -1,0 +1,182 @@
+"""Preemptible serving and live migration on a real local cluster: a batch job preempts the
+instance that is streaming an answer, or an admin drains its node; the client's answer goes on
+from another instance and equals an undisturbed run's (greedy decoding)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from appliance.devstack import local_cluster_settings, running_gateway, running_local_cluster
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.runner import LocalRunner
+from tests.slurm_fixtures import require_local_slurm, stack_settings, tiny_catalog, wait_for
+
+pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
+
+GRACE_S = 150
+BODY = {
+    "model": "tiny-chat",
+    "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+    "stream": True,
+    "temperature": 0,
+    "seed": 7,
+    "max_tokens": 300,
+    "ignore_eos": True,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-node cluster of its own, with a long grace time: on a 2-core machine a new instance
+    takes up to a minute to start, and the test must see the batch job start within the grace."""
+    require_local_slurm()
+    settings = local_cluster_settings(
+        tmp_path_factory.mktemp("mig-slurm"), nodes=2, cluster={"preempt_grace_s": GRACE_S}
+    )
+    with running_local_cluster(settings):
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def stack(cluster, tiny_model_dir, tmp_path_factory):
+    catalog = tiny_catalog(
+        tiny_model_dir, ""
+    ).replace("    max_model_len: 512\n", "    max_model_len: 512\n    max_instances: 2\n"
+              "    idle_timeout_s: 0\n    preemptible: true\n")  # fmt: skip
+    settings = stack_settings(
+        cluster,
+        tmp_path_factory.mktemp("mig"),
+        catalog,
+        gateway={"preemption_poll_interval_s": 0.5, "keepalive_interval_s": 1.0},
+    )
+    with running_gateway(settings) as url:
+        yield settings, url
+
+
+def instances(url: str) -> list[dict]:
+    return httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
+
+
+def slurm(cluster) -> SlurmClient:
+    return SlurmClient(LocalRunner(), cluster.slurm_conf)
+
+
+class SlowReader(threading.Thread):
+    """A client that reads a stream slowly (a person's terminal, a slow link): the answer takes
+    longer than starting a new instance, so the move happens mid-stream."""
+
+    def __init__(self, url: str, delay_s: float):
+        super().__init__(daemon=True)
+        self.url, self.delay_s = url, delay_s
+        self.text, self.events, self.error = "", [], None
+        self.instance: int | None = None
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with httpx.stream(
+                "POST", self.url + "/v1/chat/completions", json=BODY, timeout=600
+            ) as resp:
+                self.instance = int(resp.headers["x-appliance-instance"])
+                for line in resp.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    self.events.append(line[6:])
+                    if line[6:] != "[DONE]":
+                        chunk = json.loads(line[6:])
+                        assert "error" not in chunk, chunk
+                        for choice in chunk["choices"]:
+                            self.text += choice["delta"].get("content") or ""
+                    if len(self.events) == 5:
+                        self.started.set()
+                    time.sleep(self.delay_s)
+        except Exception as exc:  # reported by the test
+            self.error = exc
+            self.started.set()
+
+
+def undisturbed_answer(url: str) -> str:
+    text = ""
+    with httpx.stream("POST", url + "/v1/chat/completions", json=BODY, timeout=300) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    text += choice["delta"].get("content") or ""
+    return text
+
+
+def ready_node(url: str, job_id: int) -> str:
+    inst = next(i for i in instances(url) if i["job_id"] == job_id)
+    return inst["node"]
+
+
+def test_a_batch_job_preempts_a_streaming_instance_and_the_answer_goes_on(cluster, stack):
+    settings, url = stack
+    expected = undisturbed_answer(url)  # starts the first (preemptible) instance
+    assert len(expected) > 200
+    [first] = [i for i in instances(url) if i["state"] == "ready"]
+    assert first["preemptible"]
+
+    reader = SlowReader(url, delay_s=0.2)
+    reader.start()
+    assert reader.started.wait(120) and reader.error is None
+    assert reader.instance == first["job_id"]
+    # Ordinary batch work that needs the whole node the instance runs on.
+    submitted = time.time()
+    batch = slurm(cluster).submit(
+        "#!/bin/bash\n"
+        f"#SBATCH --job-name={cluster.cluster.name}-batch\n"
+        f"#SBATCH --partition={cluster.cluster.batch_partition}\n"
+        f"#SBATCH --nodelist={first['node']}\n#SBATCH --exclusive\n"
+        f"#SBATCH --output={settings.log_dir}/batch-%j.out\n"
+        "sleep 2\n"
+    )
+    try:
+        job = wait_for(
+            lambda: (j := slurm(cluster).job(batch)) and j.start_time and j,
+            GRACE_S + 30,
+            "the batch job to start",
+        )
+        reader.join(timeout=300)
+        assert not reader.is_alive() and reader.error is None, reader.error
+    finally:
+        subprocess.run(["scancel", str(batch)], env={"SLURM_CONF": str(cluster.slurm_conf)})
+    assert job.start_time - submitted < GRACE_S
+    assert reader.events[-1] == "[DONE]"
+    assert reader.text == expected
+    # The answer came from a second instance, on the other node, after the first was released.
+    assert first["job_id"] not in [i["job_id"] for i in instances(url)]
+
+
+def test_draining_a_node_moves_its_streams(cluster, stack):
+    _, url = stack
+    expected = undisturbed_answer(url)
+    reader = SlowReader(url, delay_s=0.2)
+    reader.start()
+    assert reader.started.wait(120) and reader.error is None
+    node = ready_node(url, reader.instance)
+    env = {"SLURM_CONF": str(cluster.slurm_conf), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
+    subprocess.run(
+        ["scontrol", "update", f"nodename={node}", "state=drain", "reason=maintenance"],
+        env=env, check=True,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: reader.instance not in [i["job_id"] for i in instances(url)],
+            240,
+            "the instance on the drained node to go",
+        )
+        reader.join(timeout=300)
+        assert not reader.is_alive() and reader.error is None, reader.error
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=env)
+    assert reader.events[-1] == "[DONE]"
+    assert reader.text == expected
+    assert all(i["node"] != node for i in instances(url))

@@ -1,0 +1,163 @@
+"""Token-based migration: what the gateway records from a stream, the continuation it sends,
+and how the continuation's chunks are turned back into the client's stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance.gateway.migration import StreamRecord, not_resumable
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def chat_chunk(content=None, ids=None, finish=None, role=None, prompt_ids=None) -> bytes:
+    delta = {}
+    if role:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    if ids is not None:
+        choice["token_ids"] = ids
+    data = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 100,
+            "model": "tiny-chat", "choices": [choice]}  # fmt: skip
+    if prompt_ids is not None:
+        data["prompt_token_ids"] = prompt_ids
+    return event(data)
+
+
+def completion_chunk(text, ids, finish=None, usage=None) -> bytes:
+    data = {"id": "cmpl-9", "object": "text_completion", "created": 555, "model": "tiny-chat",
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                         "stop_reason": None, "token_ids": ids}]}  # fmt: skip
+    if usage is not None:
+        data["usage"] = usage
+    return event(data)
+
+
+def decode(out: bytes) -> dict:
+    assert out.startswith(b"data: ") and out.endswith(b"\n\n")
+    return json.loads(out[6:])
+
+
+def chat_record(**body) -> StreamRecord:
+    request = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
+               "stream": True, "temperature": 0, "max_tokens": 10, **body}  # fmt: skip
+    record = StreamRecord.open(CHAT, json.dumps(request).encode())
+    assert record is not None
+    return record
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        (CHAT, {"n": 2}, "several choices"),
+        (CHAT, {"logprobs": True}, "log probabilities"),
+        (CHAT, {"frequency_penalty": 0.5}, "presence or frequency penalty"),
+        (CHAT, {"tools": [{"type": "function"}]}, "tool calls"),
+        (CHAT, {"response_format": {"type": "json_object"}}, "structured output"),
+        (CHAT, {"guided_json": {"type": "object"}}, "structured output"),
+        (COMPLETIONS, {"prompt": ["a", "b"]}, "several prompts"),
+        (COMPLETIONS, {"prompt": "a", "echo": True}, "echo or suffix"),
+        ("/v1/embeddings", {}, "not a completion"),
+    ],
+)
+def test_streams_that_cannot_be_continued_from_tokens_are_left_in_place(path, body, reason):
+    assert not_resumable(path, body) == reason
+    assert StreamRecord.open(path, json.dumps(body).encode()) is None
+
+
+def test_plain_streams_are_resumable():
+    assert not_resumable(CHAT, {"messages": [], "temperature": 0, "seed": 1}) is None
+    assert not_resumable(CHAT, {"tools": [{"type": "function"}], "tool_choice": "none"}) is None
+    assert not_resumable(COMPLETIONS, {"prompt": [1, 2, 3]}) is None
+    assert not_resumable(COMPLETIONS, {"prompt": ["one prompt"]}) is None
+
+
+def test_the_instance_is_asked_for_token_ids_and_the_client_never_sees_them():
+    record = chat_record()
+    assert json.loads(record.first_request())["return_token_ids"] is True
+    first = decode(record.relay(chat_chunk("", [], role="assistant", prompt_ids=[1, 2, 3]), False))
+    assert "prompt_token_ids" not in first and first["choices"][0]["delta"]["role"] == "assistant"
+    out = decode(record.relay(chat_chunk("Hello", [7]), False))
+    assert "token_ids" not in out["choices"][0]
+    assert out["choices"][0]["delta"]["content"] == "Hello"
+    # vLLM sends a chunk for a token whose text it holds back only because ids were asked for.
+    assert record.relay(chat_chunk(None, [8]), False) == b""
+    assert record.prompt_ids == [1, 2, 3]
+    assert record.generated == [7, 8] and record.complete == 1 and record.resumable
+
+
+def test_a_client_that_asked_for_token_ids_keeps_them():
+    record = chat_record(return_token_ids=True)
+    first = decode(record.relay(chat_chunk("", [], role="assistant", prompt_ids=[1, 2]), False))
+    assert first["prompt_token_ids"] == [1, 2]
+    assert decode(record.relay(chat_chunk(None, [5]), False))["choices"][0]["token_ids"] == [5]
+
+
+def test_the_continuation_is_the_prompt_plus_the_tokens_the_client_has():
+    record = chat_record(max_tokens=10, min_tokens=4, seed=3, tools=[], stop=["\n\n"])
+    record.relay(chat_chunk("", [], role="assistant", prompt_ids=[1, 2, 3]), False)
+    record.relay(chat_chunk("Hel", [40]), False)
+    record.relay(chat_chunk("lo", [41]), False)
+    record.relay(chat_chunk(None, [42]), False)  # half a character, held back
+    path, raw = record.continuation()
+    body = json.loads(raw)
+    assert path == COMPLETIONS
+    # The held-back token is generated again, so its character comes out whole.
+    assert body["prompt"] == [1, 2, 3, 40, 41]
+    assert body["max_tokens"] == 8 and body["min_tokens"] == 2
+    assert body["seed"] == 3 and body["temperature"] == 0 and body["stop"] == ["\n\n"]
+    assert body["stream"] is True and body["return_token_ids"] is True
+    assert "messages" not in body and "tools" not in body
+    assert record.tokens == 5
+
+
+def test_continued_chunks_look_like_the_clients_stream():
+    record = chat_record(stream_options={"include_usage": True})
+    record.relay(chat_chunk("", [], role="assistant", prompt_ids=[1, 2, 3]), False)
+    record.relay(chat_chunk("Hel", [40]), False)
+    record.continuation()
+    # The target's first chunk repeats the whole prompt's ids: dropped with them.
+    assert record.relay(completion_chunk("", []), True) == b""
+    out = decode(record.relay(completion_chunk("lo", [41]), True))
+    assert out["id"] == "chatcmpl-1" and out["created"] == 100
+    assert out["object"] == "chat.completion.chunk" and out["model"] == "tiny-chat"
+    assert out["choices"] == [
+        {"index": 0, "delta": {"content": "lo"}, "logprobs": None, "finish_reason": None}
+    ]
+    last = decode(record.relay(completion_chunk("!", [42], finish="length"), True))
+    assert last["choices"][0]["finish_reason"] == "length" and record.finished
+    assert not record.resumable
+    usage = {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    tail = event({"id": "cmpl-9", "object": "text_completion", "created": 555,
+                  "model": "tiny-chat", "choices": [], "usage": usage})  # fmt: skip
+    out = decode(record.relay(tail, True))
+    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+def test_a_completion_stream_continues_as_completion_chunks():
+    body = {"model": "tiny-chat", "prompt": "Once", "stream": True, "max_tokens": 5}
+    record = StreamRecord.open(COMPLETIONS, json.dumps(body).encode())
+    first = completion_chunk(" upon", [11])
+    data = json.loads(first[6:])
+    data["prompt_token_ids"] = [9]
+    out = decode(record.relay(event(data), False))
+    assert out["choices"][0]["text"] == " upon" and "prompt_token_ids" not in out
+    _, raw = record.continuation()
+    assert json.loads(raw)["prompt"] == [9, 11] and json.loads(raw)["max_tokens"] == 4
+    out = decode(record.relay(completion_chunk(" a", [12]), True))
+    assert out["object"] == "text_completion" and out["choices"][0]["text"] == " a"
+    assert out["id"] == "cmpl-9" and out["created"] == 555
+
+
+def test_comments_pass_through_unchanged():
+    record = chat_record()
+    assert record.relay(b": keep-alive\n\n", False) == b": keep-alive\n\n"
