@@ -145,8 +145,37 @@ def capture(prefix: str, conf: Path) -> None:
     wait_until(lambda: slurm.job(multi).state == "RUNNING")
     rec.rec("squeue_multinode", ["squeue", "--json"], "a -N2 job running on n[1-2]")
     slurm.cancel(multi)
+    wait_until(lambda: not slurm.job(multi).active)
+    capture_preemption(rec, slurm, prefix)
     rec.save()
 
 
+def capture_preemption(rec: Recorder, slurm: SlurmClient, prefix: str) -> None:
+    """A preemptible instance job in its grace time: a batch job needs its node."""
+    options = ("--partition=appliance-preemptible", "--mem=100M", "--nodelist=n1")
+    instance = slurm.submit(script(f"{prefix}-inst-tiny", "sleep 300", *options))
+    wait_until(lambda: slurm.job(instance).state == "RUNNING")
+    batch = slurm.submit(script(f"{prefix}-batch", "sleep 5", "--exclusive", "--nodelist=n1"))
+    wait_until(lambda: slurm.job(instance).preempt_time is not None)
+    rec.rec("squeue_preempted", ["squeue", "--json"], "instance job preempted, batch job waiting")
+    slurm.cancel(instance)
+    slurm.cancel(batch)
+
+
+def capture_preemption_only() -> None:
+    """Only the preemption capture (added later than the rest), on a fresh cluster."""
+    with (
+        tempfile.TemporaryDirectory(prefix="slurm-capture-") as tmp,
+        running_local_cluster(settings := local_cluster_settings(Path(tmp), nodes=2)) as cluster,
+    ):
+        rec = Recorder(cluster.paths.slurm_conf, OUT)
+        rec.index = json.loads((OUT / "index.json").read_text())
+        capture_preemption(rec, SlurmClient(LocalRunner(), cluster.paths.slurm_conf),
+                           settings.cluster.name)  # fmt: skip
+        rec.save()
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    capture_preemption_only() if "--preemption-only" in sys.argv else main()

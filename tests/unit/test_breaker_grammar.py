@@ -27,6 +27,7 @@ VALID = {
     "list-instances": ListInstances(),
     "start tiny-chat": Start("tiny-chat"),
     "start Qwen2.5-7B": Start("Qwen2.5-7B"),
+    "start-preemptible tiny-chat": Start("tiny-chat", preemptible=True),
     "stop 42": Stop(42),
     "forward 7 POST /v1/chat/completions": Forward(7, "POST", "/v1/chat/completions"),
     "forward 7 GET /health": Forward(7, "GET", "/health"),

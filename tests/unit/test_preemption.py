@@ -1,0 +1,143 @@
+"""Preemptible serving against Slurm output captured from a real preemption (22.05): the job
+list shows it, the instance manager drains the instance, replaces it away from its node, and
+pins a model's first min_instances instances where batch jobs cannot take them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+
+from appliance.config import ApplianceSettings
+from appliance.config.cluster import ClusterSettings
+from appliance.models.catalog import Catalog, ModelSpec
+from appliance.serving.access import DirectAccess
+from appliance.serving.instance import InstanceState
+from appliance.serving.manager import InstanceManager
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.records import parse_squeue_json
+from appliance.slurm.runner import CommandResult
+from tests.unit.slurm_replay import TESTDATA, ReplayRunner
+
+PREEMPTED = (TESTDATA / "squeue_preempted.stdout").read_text()
+GRACE_END = next(j["end_time"] for j in json.loads(PREEMPTED)["jobs"] if j["preempt_time"])
+# The capture's cluster name: its jobs are <cluster>-inst-tiny and <cluster>-batch.
+CLUSTER = next(
+    j["name"].split("-inst-")[0] for j in json.loads(PREEMPTED)["jobs"] if "-inst-" in j["name"]
+)
+
+
+def test_a_preempted_job_shows_when_its_grace_time_began_and_ends():
+    jobs = {j.name.removeprefix(CLUSTER + "-"): j for j in parse_squeue_json(PREEMPTED)}
+    inst, batch = jobs["inst-tiny"], jobs["batch"]
+    assert (inst.state, inst.partition) == ("RUNNING", "appliance-preemptible")
+    assert inst.preempt_time and inst.end_time == inst.preempt_time + 60  # GraceTime=60
+    assert (batch.state, batch.partition, batch.preempt_time) == ("PENDING", "batch", None)
+
+
+async def manager(tmp_path: Path, **spec) -> tuple[InstanceManager, ReplayRunner]:
+    """A manager on captured output: one running instance job of `tiny` that is preempted."""
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    settings = ApplianceSettings(
+        state_dir=tmp_path / "state",
+        cluster=ClusterSettings(name=CLUSTER, mode="existing"),
+    )
+    catalog = Catalog([ModelSpec(name="tiny", source=f"dir:{model_dir}", **spec)], settings)
+    runner = ReplayRunner().replay("squeue_preempted", "sinfo_idle", "sbatch_ok")
+    runner.answer(["scancel", "1"], CommandResult(["scancel", "1"], 0, "", ""))
+    slurm = SlurmClient(runner, settings.slurm_conf)
+    access = DirectAccess(settings, slurm, aiohttp.ClientSession())
+    return InstanceManager(settings, catalog, access), runner
+
+
+def before_preemption() -> CommandResult:
+    """The captured listing as it was a moment earlier: the same jobs, none preempted yet."""
+    data = json.loads(PREEMPTED)
+    for job in data["jobs"]:
+        job["preempt_time"] = job["end_time"] = 0
+    return CommandResult(["squeue", "--json"], 0, json.dumps(data), "")
+
+
+def sbatch_scripts(runner: ReplayRunner) -> list[str]:
+    return [c.input or "" for c in runner.calls if c.argv[0] == "sbatch"]
+
+
+def cancelled(runner: ReplayRunner) -> list[str]:
+    return [c.argv[-1] for c in runner.calls if c.argv[0] == "scancel"]
+
+
+def run(scenario) -> None:
+    async def wrapped():
+        mgr, _ = await scenario()
+        await mgr.access.client.close()
+        await mgr.access.close()
+
+    asyncio.run(wrapped())
+
+
+def test_an_instance_preempted_while_starting_just_stops(tmp_path):
+    async def scenario():
+        mgr, runner = await manager(tmp_path, max_instances=2, preemptible=True)
+        await mgr._poll_jobs()  # adopts the running job, learns of the preemption
+        [inst] = mgr.instances()
+        assert inst.preemptible and inst.node == "n1"
+        assert inst.state is InstanceState.STOPPING and "preempted" in inst.reason
+        assert cancelled(runner) == ["1"] and sbatch_scripts(runner) == []
+        return mgr, runner
+
+    run(scenario)
+
+
+def test_a_serving_instance_drains_and_a_replacement_starts_off_its_node(tmp_path):
+    async def scenario():
+        mgr, runner = await manager(tmp_path, max_instances=2, preemptible=True)
+        runner.answer(["squeue", "--json"], before_preemption())
+        await mgr._poll_jobs()
+        [inst] = mgr.instances()
+        # Serving one stream when the preemption is seen:
+        inst.state, inst.url, inst.inflight = InstanceState.READY, "http://n1:1", 1
+        runner.replay("squeue_preempted")
+        await mgr._poll_jobs()
+        assert inst.state is InstanceState.DRAINING and inst.move_requests.is_set()
+        assert not inst.routable and inst.leave_by == GRACE_END
+        # Nowhere to move to: a new instance starts now, not on the preempted node.
+        [script] = sbatch_scripts(runner)
+        assert "#SBATCH --exclude=n1" in script
+        assert "#SBATCH --partition=appliance-preemptible" in script
+        # Once its stream has moved, it is released at once (the batch job need not wait).
+        await mgr._finish_draining(GRACE_END - 30)
+        assert cancelled(runner) == []
+        inst.inflight = 0
+        await mgr._finish_draining(GRACE_END - 30)
+        assert inst.state is InstanceState.STOPPING and cancelled(runner) == ["1"]
+        return mgr, runner
+
+    run(scenario)
+
+
+def test_the_first_min_instances_are_pinned_where_batch_jobs_cannot_preempt(tmp_path):
+    async def scenario():
+        mgr, runner = await manager(tmp_path, min_instances=1, max_instances=3, preemptible=True)
+        first = await mgr.launch("tiny")
+        second = await mgr.launch("tiny")
+        assert (first.preemptible, second.preemptible) == (False, True)
+        pinned, spare = sbatch_scripts(runner)
+        assert "#SBATCH --partition=appliance\n" in pinned
+        assert "#SBATCH --partition=appliance-preemptible\n" in spare
+        return mgr, runner
+
+    run(scenario)
+
+
+def test_without_preemptible_serving_every_instance_is_pinned(tmp_path):
+    async def scenario():
+        mgr, runner = await manager(tmp_path, max_instances=2)  # serving.preemptible: false
+        assert not (await mgr.launch("tiny")).preemptible
+        assert "#SBATCH --partition=appliance\n" in sbatch_scripts(runner)[0]
+        return mgr, runner
+
+    run(scenario)
