@@ -95,10 +95,10 @@ def tiny_stack(prefix: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def tiny_cluster_stack(
-    prefix: str, nodes: int = 1, max_instances: int = 1, **sections
+    prefix: str, nodes: int = 1, max_instances: int = 1, gateway: dict | None = None, **sections
 ) -> Iterator[tuple[str, ApplianceSettings]]:
     """Like tiny_stack, with `nodes` nodes and up to `max_instances` instances of the tiny
-    model; yields (gateway URL, settings)."""
+    model, and `gateway` settings merged in; yields (gateway URL, settings)."""
     if not tiny_model_exists(TINY):
         build_tiny_model(TINY)
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
@@ -110,7 +110,7 @@ def tiny_cluster_stack(
         settings = local_cluster_settings(
             Path(tmp) / "state",
             nodes=nodes,
-            gateway={"port": free_port(), "idle_timeout_s": 0},
+            gateway={"port": free_port(), "idle_timeout_s": 0, **(gateway or {})},
             catalog={"files": [str(catalog)], "include_presets": False},
             **sections,
         )

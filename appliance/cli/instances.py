@@ -1,4 +1,5 @@
-"""`appliance instances`: see, start and stop model instances through the gateway's admin API."""
+"""`appliance instances`: see, start, drain and stop model instances through the gateway's admin
+API."""
 
 from __future__ import annotations
 
@@ -54,6 +55,15 @@ def stop(ctx: CliContext, job_id: int) -> None:
     """Stop the instance running as Slurm job JOB_ID."""
     _call(ctx, "POST", f"/admin/instances/{job_id}/stop")
     click.echo(f"stopping job {job_id}")
+
+
+@instances_group.command("drain")
+@click.argument("job_id", type=int)
+@pass_ctx
+def drain(ctx: CliContext, job_id: int) -> None:
+    """Move the running answers of instance JOB_ID to other instances, then stop it."""
+    i = _call(ctx, "POST", f"/admin/instances/{job_id}/drain")
+    click.echo(f"draining job {job_id}: {i['inflight']} request(s) to move")
 
 
 COMMANDS = [instances_group]

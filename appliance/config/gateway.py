@@ -36,6 +36,22 @@ class GatewaySettings(BaseModel):
     drained, consolidation) keeps serving the requests that could not move, before it is
     stopped."""
 
+    rebalance: bool = True
+    """Move running streams between a model's instances: from a busy instance to an idle one
+    (when their in-flight counts differ by two or more), and off an instance the others can
+    cover so it can be stopped (consolidation). Only moves the cost model approves
+    (docs/preemption.md)."""
+
+    rebalance_prefill_speedup: float = Field(default=20.0, ge=1, le=10000)
+    """The rebalancing cost model's one constant: how many times faster an instance recomputes
+    a token in a prefill than it generates one. A stream moves when its remaining tokens times
+    this exceed the tokens the move recomputes (prompt plus generated). Higher: moves more
+    readily."""
+
+    consolidate_after_s: float = Field(default=60.0, gt=0)
+    """An instance that has been given no new request for this long, and whose streams the
+    model's other instances can take, is drained and stopped."""
+
     start_timeout_s: float = Field(default=300.0, gt=0, le=3600)
     """How long a request waits for an instance of its model to become ready (scale from zero)
     before it gets an error."""

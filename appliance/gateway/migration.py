@@ -71,7 +71,7 @@ def _encode(data: dict[str, Any]) -> bytes:
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class StreamRecord:
     """One resumable stream: its request and the tokens the client has received so far."""
 
@@ -110,6 +110,20 @@ class StreamRecord:
     def tokens(self) -> int:
         """Tokens a move recomputes (prompt and generated)."""
         return len(self.prompt_ids or ()) + self.complete
+
+    def remaining(self, max_model_len: int) -> int:
+        """Tokens still to generate, at most (the request's limit, else the context's)."""
+        limit = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+        left = max_model_len - len(self.prompt_ids or ()) - len(self.generated)
+        if limit:
+            left = min(left, int(limit) - len(self.generated))
+        return max(0, left)
+
+    def worth_moving(self, max_model_len: int, prefill_speedup: float) -> bool:
+        """The rebalancing cost model (docs/preemption.md): a move recomputes `tokens` in one
+        prefill, which costs about 1/`prefill_speedup` of generating as many; it pays when the
+        tokens still to come outweigh that."""
+        return self.remaining(max_model_len) * prefill_speedup >= self.tokens
 
     @property
     def resumable(self) -> bool:

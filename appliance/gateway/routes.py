@@ -194,3 +194,30 @@ async def stop_instance(job_id: int, request: Request):
         return RequestError(502, message, code="cannot_stop").response()
     await audit(request, principal(request).user, "instance_stop", inst.model, job_id=job_id)
     return inst.describe()
+
+
+@admin_api.post("/instances/{job_id}/drain")
+async def drain_instance(job_id: int, request: Request):
+    """Move the instance's running streams to other instances, then stop it (maintenance)."""
+    gw = _state(request)
+    inst = gw.manager.get(job_id)
+    if inst is None:
+        return RequestError(404, f"No instance with job id {job_id}.").response()
+    await gw.manager.drain(inst, "drained by an administrator")
+    await audit(request, principal(request).user, "instance_drain", inst.model, job_id=job_id)
+    return inst.describe()
+
+
+@admin_api.post("/instances/{job_id}/move")
+async def move_streams(job_id: int, request: Request, streams: int = 1):
+    """Move up to `streams` of the instance's running streams to its model's other instances;
+    the instance keeps serving."""
+    gw = _state(request)
+    inst = gw.manager.get(job_id)
+    if inst is None:
+        return RequestError(404, f"No instance with job id {job_id}.").response()
+    if streams < 1:
+        return RequestError(400, "streams must be at least 1.", param="streams").response()
+    gw.manager.request_moves(inst, streams, forced=True)
+    await audit(request, principal(request).user, "instance_move", inst.model, job_id=job_id)
+    return inst.describe()

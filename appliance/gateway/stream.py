@@ -159,6 +159,8 @@ class Stream:
         record = self.record
         buffer = b""
         finished = False
+        if record is not None:
+            inst.streams.add(record)  # the rebalancer looks at what it would cost to move
         try:
             async for chunk in upstream.content.iter_any():
                 buffer += chunk
@@ -178,9 +180,14 @@ class Stream:
                         yield out
                         self.sent = True
                     inst.last_data = time.time()
-                    if inst.move_requests.is_set() and record is not None and record.resumable:
+                    if (
+                        record is not None
+                        and record.resumable
+                        and self.manager.should_move(inst, record)
+                    ):
                         target = self.manager.try_acquire(self.model, self.exclude | {inst.job_id})
                         if target is not None:
+                            self.manager.moved(inst)
                             outcome.target = target
                             return
             finished = True
@@ -188,6 +195,7 @@ class Stream:
         except UPSTREAM_ERRORS as exc:
             outcome.failure = repr(exc)
         finally:
+            inst.streams.discard(record)
             # A finished body returns the connection to the pool; anything else drops it.
             if finished:
                 upstream.release()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -37,6 +36,8 @@ class Instance:
     inflight: int = 0
     served: int = 0
     last_used: float = field(default_factory=time.time)
+    last_acquired: float = field(default_factory=time.time)
+    """When a request was last routed to it (releases do not count)."""
     ready_at: float | None = None
     reason: str = ""
     health_failures: int = 0
@@ -49,8 +50,13 @@ class Instance:
     """Runs in the preemptible partition (batch jobs may take its resources back)."""
     leave_by: float | None = None
     """While draining: when it will be gone (a preempted job's end of grace time)."""
-    move_requests: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    """Set when the instance starts draining: its streams move to another instance."""
+    move_quota: int = 0
+    """How many of its streams should move to another instance (rebalancing); while it is
+    draining, all of them do."""
+    move_forced: bool = False
+    """The moves were asked for by an administrator: no cost check."""
+    streams: set = field(default_factory=set, repr=False)
+    """The resumable streams it is serving (appliance/gateway/migration.py StreamRecord)."""
 
     @property
     def routable(self) -> bool:
@@ -73,4 +79,6 @@ class Instance:
             "phases": self.phases,
             "preemptible": self.preemptible,
             "leave_by": self.leave_by,
+            "resumable_streams": len(self.streams),
+            "move_quota": self.move_quota,
         }

