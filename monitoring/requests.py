@@ -36,6 +36,8 @@ class RequestRecord:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     error: str = ""
+    moves: int = 0
+    """Times the request went on on another instance (a move, or a retry after a failure)."""
     done: bool = field(default=False)
 
     def describe(self) -> dict:
@@ -65,6 +67,12 @@ class RequestMetrics:
             "appliance_tokens", "Tokens processed, by model, user and kind (prompt, completion).",
             ["model", "user", "kind"], registry=self.registry,
         )  # fmt: skip
+        self._moves = Counter(
+            "appliance_request_moves",
+            "Requests that went on on another instance (preemption, drain, rebalancing, or a "
+            "failed instance), by model.",
+            ["model"], registry=self.registry,
+        )  # fmt: skip
         self._in_flight: dict[str, RequestRecord] = {}
         self._recent: deque[RequestRecord] = deque(maxlen=recent)
         self._lock = threading.Lock()
@@ -91,6 +99,10 @@ class RequestMetrics:
         with self._lock:
             self._in_flight.pop(record.id, None)
             self._recent.append(record)
+
+    def moved(self, record: RequestRecord) -> None:
+        record.moves += 1
+        self._moves.labels(record.model).inc()
 
     def recent(self) -> list[RequestRecord]:
         with self._lock:

@@ -56,7 +56,9 @@ async def observed(
         gw.requests.finish(record)
         gw.quotas.done(ticket, record.prompt_tokens + record.completion_tokens)
 
-    def on_instance(inst) -> None:  # a stream that waited for an instance learns it late
+    def on_instance(inst) -> None:  # a stream learns its instance late, or moves
+        if record.job_id is not None and record.job_id != inst.job_id:
+            gw.requests.moved(record)
         record.job_id, record.node = inst.job_id, inst.node
 
     try:
