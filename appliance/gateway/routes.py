@@ -12,6 +12,7 @@ from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import admin, principal
 from appliance.gateway.observe import observed
 from appliance.gateway.protocol import RequestError, parse_body, validate_request
+from appliance.serving.instance import Instance
 
 router = APIRouter()
 # Every route but /health needs a principal (a valid API key once any key exists).
@@ -181,12 +182,17 @@ async def start_model(model: str, request: Request):
     return JSONResponse(inst.describe(), status_code=202)
 
 
+def _instance(request: Request, job_id: int) -> Instance:
+    inst = _state(request).manager.get(job_id)
+    if inst is None:
+        raise RequestError(404, f"No instance with job id {job_id}.")
+    return inst
+
+
 @admin_api.post("/instances/{job_id}/stop")
 async def stop_instance(job_id: int, request: Request):
     gw = _state(request)
-    inst = gw.manager.get(job_id)
-    if inst is None:
-        return RequestError(404, f"No instance with job id {job_id}.").response()
+    inst = _instance(request, job_id)
     try:
         await gw.manager.retire(inst, "stopped by an administrator")
     except ApplianceError as exc:
@@ -199,11 +205,8 @@ async def stop_instance(job_id: int, request: Request):
 @admin_api.post("/instances/{job_id}/drain")
 async def drain_instance(job_id: int, request: Request):
     """Move the instance's running streams to other instances, then stop it (maintenance)."""
-    gw = _state(request)
-    inst = gw.manager.get(job_id)
-    if inst is None:
-        return RequestError(404, f"No instance with job id {job_id}.").response()
-    await gw.manager.drain(inst, "drained by an administrator")
+    inst = _instance(request, job_id)
+    await _state(request).manager.drain(inst, "drained by an administrator")
     await audit(request, principal(request).user, "instance_drain", inst.model, job_id=job_id)
     return inst.describe()
 
@@ -212,12 +215,9 @@ async def drain_instance(job_id: int, request: Request):
 async def move_streams(job_id: int, request: Request, streams: int = 1):
     """Move up to `streams` of the instance's running streams to its model's other instances;
     the instance keeps serving."""
-    gw = _state(request)
-    inst = gw.manager.get(job_id)
-    if inst is None:
-        return RequestError(404, f"No instance with job id {job_id}.").response()
+    inst = _instance(request, job_id)
     if streams < 1:
         return RequestError(400, "streams must be at least 1.", param="streams").response()
-    gw.manager.request_moves(inst, streams, forced=True)
+    _state(request).manager.request_moves(inst, streams, forced=True)
     await audit(request, principal(request).user, "instance_move", inst.model, job_id=job_id)
     return inst.describe()

@@ -1,6 +1,7 @@
 """Preemptible serving against Slurm output captured from a real preemption (22.05): the job
 list shows it, the instance manager drains the instance, replaces it away from its node, and
-pins a model's first min_instances instances where batch jobs cannot take them."""
+pins a model's first min_instances instances where batch jobs cannot take them; and the
+rebalancer's decisions (busy to idle, consolidation, the cost model)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import aiohttp
 
 from appliance.config import ApplianceSettings
 from appliance.config.cluster import ClusterSettings
+from appliance.gateway.migration import StreamRecord
 from appliance.models.catalog import Catalog, ModelSpec
 from appliance.serving.access import DirectAccess
-from appliance.serving.instance import InstanceState
+from appliance.serving.instance import Instance, InstanceState
 from appliance.serving.manager import InstanceManager
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import parse_squeue_json
@@ -138,6 +140,74 @@ def test_without_preemptible_serving_every_instance_is_pinned(tmp_path):
         mgr, runner = await manager(tmp_path, max_instances=2)  # serving.preemptible: false
         assert not (await mgr.launch("tiny")).preemptible
         assert "#SBATCH --partition=appliance\n" in sbatch_scripts(runner)[0]
+        return mgr, runner
+
+    run(scenario)
+
+
+def ready(mgr: InstanceManager, job_id: int, inflight: int, **fields) -> Instance:
+    inst = Instance(job_id=job_id, model="tiny", state=InstanceState.READY, submitted_at=0.0,
+                    url=f"http://n1:{job_id}", inflight=inflight, **fields)  # fmt: skip
+    mgr._instances[job_id] = inst
+    return inst
+
+
+def stream(prompt: int, generated: int, max_tokens: int | None) -> StreamRecord:
+    body = {"model": "tiny", "messages": [], "stream": True}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    record = StreamRecord.open("/v1/chat/completions", json.dumps(body).encode())
+    record.prompt_ids, record.generated = list(range(prompt)), list(range(generated))
+    record.complete = generated
+    return record
+
+
+def test_a_busy_instance_hands_half_the_difference_to_an_idle_one(tmp_path):
+    async def scenario():
+        mgr, runner = await manager(tmp_path, max_instances=2)
+        busy, idle = ready(mgr, 11, 5), ready(mgr, 12, 1)
+        await mgr._rebalance(now=0.0)
+        assert (busy.move_quota, idle.move_quota) == (2, 0)
+        # Only streams the cost model approves move: K=20 by default.
+        assert mgr.should_move(busy, stream(prompt=100, generated=50, max_tokens=400))
+        assert not mgr.should_move(busy, stream(prompt=400, generated=90, max_tokens=100))
+        assert not mgr.should_move(idle, stream(prompt=1, generated=1, max_tokens=400))
+        mgr.moved(busy)
+        mgr.moved(busy)
+        assert busy.move_quota == 0
+        # An administrator's moves skip the check; a draining instance's streams all move.
+        mgr.request_moves(idle, 1, forced=True)
+        assert mgr.should_move(idle, stream(prompt=400, generated=90, max_tokens=100))
+        return mgr, runner
+
+    run(scenario)
+
+
+def test_an_instance_the_others_can_cover_is_consolidated_away(tmp_path):
+    async def scenario():
+        mgr, runner = await manager(tmp_path, max_instances=3)
+        now = 1000.0
+        old = ready(mgr, 21, 1, last_acquired=now - 120, preemptible=True)
+        old.streams.add(stream(prompt=20, generated=10, max_tokens=200))
+        fresh = ready(mgr, 22, 1, last_acquired=now - 5)
+        fresh.streams.add(stream(prompt=20, generated=10, max_tokens=200))
+        await mgr._rebalance(now)
+        assert old.state is InstanceState.DRAINING and "consolidating" in old.reason
+        assert fresh.state is InstanceState.READY
+        return mgr, runner
+
+    run(scenario)
+
+
+def test_no_consolidation_when_a_stream_could_not_move(tmp_path):
+    async def scenario():
+        mgr, runner = await manager(tmp_path, max_instances=3)
+        now = 1000.0
+        old = ready(mgr, 21, 2, last_acquired=now - 120)
+        old.streams.add(stream(prompt=20, generated=10, max_tokens=200))  # the other: n=2
+        ready(mgr, 22, 1, last_acquired=now - 5)
+        await mgr._rebalance(now)
+        assert old.state is InstanceState.READY
         return mgr, runner
 
     run(scenario)
