@@ -156,17 +156,21 @@ class StreamRecord:
         data = json.loads(event[6:])
         if continued:
             data = self._as_client_chunk(data)
-        elif self.prompt_ids is None:
-            self.prompt_ids = list(data.get("prompt_token_ids") or [])
+        elif self.chunk_id is None:
+            # An engine that does not know return_token_ids leaves prompt_ids None: the stream
+            # is then relayed as it comes, and not resumable.
+            self.prompt_ids = data.get("prompt_token_ids")
             self.chunk_id, self.created = data.get("id"), data.get("created")
             self.model = data.get("model")
         if not self.client_wants_ids:
             data.pop("prompt_token_ids", None)
         carries = self.client_wants_ids or data.get("usage") is not None
         for choice in data.get("choices") or []:
-            ids = choice.get("token_ids") or []
+            ids = choice.get("token_ids")
             text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-            self.generated += ids
+            if ids is None and text:
+                self.prompt_ids = None  # text without its tokens: no exact continuation
+            self.generated += ids or []
             if text:
                 self.complete = len(self.generated)
             if choice.get("finish_reason"):

@@ -161,3 +161,15 @@ def test_a_completion_stream_continues_as_completion_chunks():
 def test_comments_pass_through_unchanged():
     record = chat_record()
     assert record.relay(b": keep-alive\n\n", False) == b": keep-alive\n\n"
+
+
+def test_an_engine_without_token_ids_leaves_the_stream_where_it_is():
+    record = chat_record()
+    first = decode(record.relay(chat_chunk("", None, role="assistant"), False))
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert decode(record.relay(chat_chunk("Hello", None), False))
+    assert not record.resumable
+    record = chat_record()
+    record.relay(chat_chunk("", [], role="assistant", prompt_ids=[1]), False)
+    record.relay(chat_chunk("Hi", None), False)  # text without its token ids
+    assert not record.resumable
