@@ -6,7 +6,8 @@ Two tiny-model instances on a 2-node local cluster. For each prompt length and m
 same greedy request streams twice: undisturbed (the baseline, in the same run), and moved once
 to the other instance after that many tokens (through the admin API's `move`, the mechanism
 preemption, node drains and rebalancing use). Every moved answer is compared with the
-undisturbed one: a stream is broken when its text differs, it errors, or it ends early.
+undisturbed one: a stream is broken when its text or its tokens differ, it errors, or it ends
+early.
 
 Run: .venv/bin/python -m benchmarks.migration [--repeats 3]
 """
@@ -34,11 +35,16 @@ def prompt_of(tokens: int) -> str:
 
 
 def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after: int | None):
-    """(text, arrival times of the text chunks, prompt tokens, moved?, error) of one answer."""
+    """((text, token ids), arrival times of the tokens, prompt tokens, moved?, error) of one
+    answer."""
+    # Token ids asked for: every token then comes as its own event, also one whose text the
+    # detokenizer holds back (the tiny model, made to ignore EOS, emits some without text).
     body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True,
+            "ignore_eos": True, "stream": True, "return_token_ids": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     text, times, prompt_tokens, error, job = "", [], 0, None, None
+    ids: list[int] = []
+    requested = False
     with client.stream("POST", url + "/v1/completions", json=body) as resp:
         job = int(resp.headers["x-appliance-instance"])
         for line in resp.iter_lines():
@@ -51,19 +57,22 @@ def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after:
             if event.get("usage"):
                 prompt_tokens = event["usage"]["prompt_tokens"]
             for choice in event.get("choices") or []:
-                if choice.get("text"):
-                    text += choice["text"]
+                text += choice.get("text") or ""
+                if choice.get("token_ids"):
+                    ids += choice["token_ids"]
                     times.append(time.perf_counter())
-            if move_after is not None and len(times) == move_after:
+            if move_after is not None and len(times) == move_after and not requested:
+                requested = True
                 moved_at = time.perf_counter()
                 client.post(url + f"/admin/instances/{job}/move", params={"streams": 1})
                 times.append(moved_at)  # marks where the move was asked for
     moved = False
-    if move_after is not None:
+    if requested:
         inst = [i for i in client.get(url + "/admin/instances").json()["instances"]
                 if i["job_id"] == job]  # fmt: skip
         moved = not inst or inst[0]["move_quota"] == 0
-    return text, times, prompt_tokens, moved, error
+    # The answer: its text and its token ids (both must match the undisturbed run's).
+    return (text, ids), times, prompt_tokens, moved, error
 
 
 def gaps_ms(times: list[float]) -> list[float]:
