@@ -158,8 +158,10 @@ class StreamRecord:
             data = self._as_client_chunk(data)
         elif self.chunk_id is None:
             # An engine that does not know return_token_ids leaves prompt_ids None: the stream
-            # is then relayed as it comes, and not resumable.
-            self.prompt_ids = data.get("prompt_token_ids")
+            # is then relayed as it comes, and not resumable. Chat chunks carry the prompt's
+            # ids at the top, completion chunks in their choice.
+            choices = data.get("choices") or [{}]
+            self.prompt_ids = data.get("prompt_token_ids") or choices[0].get("prompt_token_ids")
             self.chunk_id, self.created = data.get("id"), data.get("created")
             self.model = data.get("model")
         if not self.client_wants_ids:
@@ -178,6 +180,7 @@ class StreamRecord:
                 self.complete = len(self.generated)
             if not self.client_wants_ids:
                 choice.pop("token_ids", None)
+                choice.pop("prompt_token_ids", None)
             carries = carries or bool(
                 text
                 or choice.get("finish_reason")

@@ -4,6 +4,7 @@ and how the continuation's chunks are turned back into the client's stream."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -148,9 +149,11 @@ def test_a_completion_stream_continues_as_completion_chunks():
     record = StreamRecord.open(COMPLETIONS, json.dumps(body).encode())
     first = completion_chunk(" upon", [11])
     data = json.loads(first[6:])
-    data["prompt_token_ids"] = [9]
+    data["choices"][0]["prompt_token_ids"] = [9]  # vLLM puts them in the choice here
     out = decode(record.relay(event(data), False))
-    assert out["choices"][0]["text"] == " upon" and "prompt_token_ids" not in out
+    assert out["choices"][0]["text"] == " upon"
+    assert "prompt_token_ids" not in out["choices"][0] and "token_ids" not in out["choices"][0]
+    assert record.resumable
     _, raw = record.continuation()
     assert json.loads(raw)["prompt"] == [9, 11] and json.loads(raw)["max_tokens"] == 4
     out = decode(record.relay(completion_chunk(" a", [12]), True))
@@ -173,3 +176,58 @@ def test_an_engine_without_token_ids_leaves_the_stream_where_it_is():
     record.relay(chat_chunk("", [], role="assistant", prompt_ids=[1]), False)
     record.relay(chat_chunk("Hi", None), False)  # text without its token ids
     assert not record.resumable
+
+
+VLLM = Path(__file__).parent / "testdata" / "vllm"
+CUT = 12  # events relayed before the move (tests/unit/capture_vllm_streams.py)
+
+
+def events(name: str) -> list[bytes]:
+    raw = (VLLM / f"{name}.sse").read_bytes()
+    return [e + b"\n\n" for e in raw.split(b"\n\n") if e]
+
+
+def client_text(chunks: list[bytes], chat: bool) -> tuple[str, list[dict]]:
+    text, datas = "", []
+    for out in chunks:
+        if out.startswith(b"data: {"):
+            data = decode(out)
+            datas.append(data)
+            for choice in data["choices"]:
+                text += (choice["delta"].get("content") or "") if chat else choice["text"]
+    return text, datas
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "body"),
+    [
+        ("chat", CHAT, {"model": "tiny-chat", "messages": [{"role": "user",
+         "content": "Tell me a story about the sea."}], "stream": True, "temperature": 0,
+         "max_tokens": 40, "ignore_eos": True, "stream_options": {"include_usage": True}}),
+        ("completion", COMPLETIONS, {"model": "tiny-chat", "prompt": "Once upon a time",
+         "stream": True, "temperature": 0, "max_tokens": 40, "ignore_eos": True}),
+    ],
+)  # fmt: skip
+def test_a_real_stream_moved_mid_answer_reads_as_the_undisturbed_one(name, path, body):
+    """Captured vLLM output: the whole greedy answer, and the continuation a second server
+    streamed for the request the gateway built after CUT events."""
+    chat = path == CHAT
+    whole = StreamRecord.open(path, json.dumps(body).encode())
+    expected, _ = client_text([whole.relay(e, False) for e in events(name)[:-1]], chat)
+
+    record = StreamRecord.open(path, json.dumps(body).encode())
+    before = [record.relay(e, False) for e in events(name)[:CUT]]
+    next_path, request = record.continuation()
+    assert next_path == COMPLETIONS
+    assert json.loads(request) == json.loads((VLLM / f"{name}.continuation.json").read_bytes())
+    after = [record.relay(e, True) for e in events(f"{name}.continuation")[:-1]]
+    text, datas = client_text(before + after, chat)
+    assert text == expected and len(text) > 50
+    original = decode(events(name)[0])
+    assert {d["id"] for d in datas} == {original["id"]}
+    assert {d["created"] for d in datas} == {original["created"]}
+    assert all("token_ids" not in c and "prompt_token_ids" not in c
+               for d in datas for c in d["choices"])  # fmt: skip
+    if chat:  # usage over the whole answer, as the undisturbed stream reported it
+        assert datas[-1]["usage"]["prompt_tokens"] == 16
+        assert datas[-1]["usage"]["completion_tokens"] == 40
