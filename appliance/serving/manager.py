@@ -14,6 +14,7 @@ from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog
 from appliance.serving.access import ClusterAccess, InstanceJob
 from appliance.serving.instance import ACTIVE_STATES, Instance, InstanceState
+from appliance.serving.rebalance import Rebalancer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class InstanceManager:
         # Models with a scale-up launch under way (at most one each), and its tasks.
         self._scaling: set[str] = set()
         self._background: set[asyncio.Task] = set()
+        self._rebalancer = Rebalancer(self)
 
     # ----- lifecycle of the manager -------------------------------------------------------
 
@@ -221,54 +223,6 @@ class InstanceManager:
         administrator asked, no cost check)."""
         inst.move_quota = count
         inst.move_forced = forced
-
-    async def _rebalance(self, now: float) -> None:
-        """Even out a model's streams, and consolidate them to free an instance (cost model in
-        docs/preemption.md)."""
-        gw = self.settings.gateway
-        if not gw.rebalance:
-            return
-        for spec in self.catalog:
-            ready = [i for i in self.instances(spec.name) if i.routable]
-            if len(ready) < 2:
-                continue
-            busiest = max(ready, key=lambda i: i.inflight)
-            idlest = min(ready, key=lambda i: i.inflight)
-            gap = busiest.inflight - idlest.inflight
-            if gap >= 2 and not busiest.move_quota:
-                self.request_moves(busiest, gap // 2)
-                log.info("rebalancing %s: moving up to %d stream(s) from instance %s to %s",
-                         spec.name, gap // 2, busiest.job_id, idlest.job_id)  # fmt: skip
-                continue
-            await self._consolidate(spec, ready, now)
-
-    async def _consolidate(self, spec, ready: list[Instance], now: float) -> None:
-        """Drain an instance whose few streams the others can take, when it has had no new
-        request for a while: its resources go back (to batch work, another model) early."""
-        gw = self.settings.gateway
-        active = [i for i in self.instances(spec.name) if i.state in ACTIVE_STATES]
-        if len(active) <= spec.min_instances:
-            return
-        total = sum(i.inflight for i in ready)
-        if total > (len(ready) - 1) * gw.scale_up_queue_depth / 2:
-            return  # the rest would be busy enough to scale up again
-        max_len = spec.max_model_len
-        candidates = [
-            i
-            for i in ready
-            if i.inflight
-            and len(i.streams) == i.inflight  # every stream can move
-            and now - i.last_acquired >= gw.consolidate_after_s
-            and all(r.worth_moving(max_len, gw.rebalance_prefill_speedup) for r in i.streams)
-        ]
-        if not candidates:
-            return
-        # Preemptible ones first (their resources belong to batch work), then the least busy.
-        inst = min(candidates, key=lambda i: (not i.preemptible, i.inflight, -(i.ready_at or 0)))
-        pinned = [i for i in active if not i.preemptible and i is not inst]
-        if not inst.preemptible and len(pinned) < spec.min_instances:
-            return
-        await self.drain(inst, "consolidating: the other instances can take its streams")
 
     async def _finish_draining(self, now: float) -> None:
         for inst in self.instances():
@@ -449,7 +403,7 @@ class InstanceManager:
             await self._poll_jobs()
         await asyncio.gather(*(self._check(i) for i in list(self._instances.values())))
         await self._finish_draining(now)
-        await self._rebalance(now)
+        await self._rebalancer.tick(now)
         await self._autoscale()
         await self._notify()
 

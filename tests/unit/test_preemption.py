@@ -166,7 +166,7 @@ def test_a_busy_instance_hands_half_the_difference_to_an_idle_one(tmp_path):
     async def scenario():
         mgr, runner = await manager(tmp_path, max_instances=2)
         busy, idle = ready(mgr, 11, 5), ready(mgr, 12, 1)
-        await mgr._rebalance(now=0.0)
+        await mgr._rebalancer.tick(now=0.0)
         assert (busy.move_quota, idle.move_quota) == (2, 0)
         # Only streams the cost model approves move: K=20 by default.
         assert mgr.should_move(busy, stream(prompt=100, generated=50, max_tokens=400))
@@ -191,7 +191,7 @@ def test_an_instance_the_others_can_cover_is_consolidated_away(tmp_path):
         old.streams.add(stream(prompt=20, generated=10, max_tokens=200))
         fresh = ready(mgr, 22, 1, last_acquired=now - 5)
         fresh.streams.add(stream(prompt=20, generated=10, max_tokens=200))
-        await mgr._rebalance(now)
+        await mgr._rebalancer.tick(now)
         assert old.state is InstanceState.DRAINING and "consolidating" in old.reason
         assert fresh.state is InstanceState.READY
         return mgr, runner
@@ -206,7 +206,7 @@ def test_no_consolidation_when_a_stream_could_not_move(tmp_path):
         old = ready(mgr, 21, 2, last_acquired=now - 120)
         old.streams.add(stream(prompt=20, generated=10, max_tokens=200))  # the other: n=2
         ready(mgr, 22, 1, last_acquired=now - 5)
-        await mgr._rebalance(now)
+        await mgr._rebalancer.tick(now)
         assert old.state is InstanceState.READY
         return mgr, runner
 
