@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from appliance.atomic_files import read_json_object
 from appliance.config import load_settings
 from appliance.models.catalog import Catalog, ModelSpec
 from appliance.models.tiny import build_tiny_model, tiny_model_exists
-from appliance.training.jobs import job_dir, read_json
+from appliance.training.jobs import job_dir
 from appliance.training.service import prepare_job
 from appliance.training.trainer import Trainer
 from benchmarks.common import TINY, print_table, write_result
@@ -38,7 +39,7 @@ def train_on(device: str, steps: int, batch_size: int) -> dict:
         started = time.monotonic()
         result = Trainer(job, directory, device).run()
         wall = time.monotonic() - started
-        progress = read_json(directory / "progress.json") or {}
+        progress = read_json_object(directory / "progress.json") or {}
     return {"device": device, "steps": steps, "batch_size": batch_size,
             "tokens_per_s": progress["tokens_per_s"], "wall_s": round(wall, 2),
             "base_eval_loss": result["base_eval_loss"],

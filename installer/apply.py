@@ -12,10 +12,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from appliance.atomic_files import write_if_changed
 from installer.files import written_files
 from installer.manifest import Manifest
 from installer.plan import EMBEDDING_MODEL, ModelChoice, Plan
-from installer.report import Report, fail, write_if_changed
+from installer.report import Report, fail
 
 
 def configure(plan: Plan, report: Report) -> int:

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from appliance.atomic_files import write_json
+
 
 @dataclass
 class Manifest:
@@ -28,10 +30,7 @@ class Manifest:
             return cls()
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        tmp.replace(path)
+        write_json(path, asdict(self))
 
     def add_files(self, paths: list[Path]) -> None:
         self.files = sorted(set(self.files) | {str(p) for p in paths})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,18 +47,3 @@ def fail(message: str, code: int = 1) -> None:
     """Stop the installer with a message for the operator (no traceback)."""
     print(f"\ninstall failed: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
-
-
-def write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
-    """Write `text` atomically unless the file already holds it; True when written."""
-    try:
-        if path.read_text() == text and (path.stat().st_mode & 0o777) == mode:
-            return False
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    tmp.replace(path)
-    return True

@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from appliance.atomic_files import write_text
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 
@@ -205,8 +206,5 @@ def add_local_model(settings: ApplianceSettings, spec: ModelSpec) -> None:
     path = settings.user_catalog_file
     existing = _read_entries(path) if path.exists() else []
     kept = [m for m in existing if m.name != spec.name] + [spec]
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"models": [m.model_dump(mode="json", exclude_defaults=True) for m in kept]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(payload, sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(payload, sort_keys=False))

@@ -18,8 +18,8 @@ from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.instance import Instance
-from appliance.serving.resources import InstanceRequest, plan_request
-from appliance.serving.sbatch import job_name_prefix, model_from_job_name, render_instance_script
+from appliance.serving.sbatch import job_name_prefix, model_from_job_name
+from appliance.serving.submission import instance_script
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import ACTIVE_JOB_STATES, gpu_count
 
@@ -157,49 +157,13 @@ class DirectAccess(ClusterAccess):
     async def submit(
         self, spec: ModelSpec, preemptible: bool = False, avoid: frozenset[str] = frozenset()
     ) -> int:
-        if not spec.installed(self.settings):
-            raise ApplianceError(
-                f"model {spec.name} is not installed on this appliance "
-                f"(expected files in {spec.model_dir(self.settings)})"
-            )
-        request = plan_request(spec, self.settings, self._cluster_gpus)
-        node = await self._place(spec.name, request, avoid) if spec.source_kind == "store" else None
-        script = render_instance_script(
-            self.settings,
-            spec,
-            request,
-            spec.model_dir(self.settings),
-            nodelist=node,
-            preemptible=preemptible,
-            exclude=avoid,
-        )
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        script = await instance_script(
+            self.settings, self.slurm, self._probe, spec, self._cluster_gpus,
+            preemptible=preemptible, avoid=avoid,
+        )  # fmt: skip
         job_id = await asyncio.to_thread(self.slurm.submit, script)
-        log.info("submitted instance job %s of %s (%s)", job_id, spec.name, request)
+        log.info("submitted instance job %s of %s", job_id, spec.name)
         return job_id
-
-    async def _place(
-        self, model: str, request: InstanceRequest, avoid: frozenset[str]
-    ) -> str | None:
-        """The node where a stored model's instance starts soonest, or None for Slurm's choice."""
-        from appliance.store.placement import place
-
-        try:
-            node, ranking = await place(
-                self.settings, self.slurm, self._probe, model, request, avoid
-            )
-        except ApplianceError as exc:
-            log.warning("placement of %s skipped: %s", model, exc)
-            return None
-        if ranking:
-            log.info(
-                "placing %s on %s; estimates: %s",
-                model,
-                node or "any node (Slurm decides)",
-                "; ".join(e.describe() for e in ranking),
-            )
-        return node
 
     async def cancel(self, job_id: int) -> None:
         await asyncio.to_thread(self.slurm.cancel, job_id)

@@ -1,19 +1,22 @@
 """The cluster side of the circuit breaker: what each command of the grammar does
 (security/breaker/grammar.py). Only instance jobs of this appliance can be stopped or reached,
-only catalog models started, only the instance's own endpoint (from its endpoint file) called."""
+only catalog models started (placed as the gateway's direct access places them), only the
+instance's own endpoint (from its endpoint file) called."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import BinaryIO
 
+import aiohttp
 import httpx
 
 from appliance.config import ApplianceSettings
-from appliance.models.catalog import load_catalog
+from appliance.models.catalog import ModelSpec, load_catalog
 from appliance.serving.endpoint import read_endpoint
-from appliance.serving.resources import plan_request
-from appliance.serving.sbatch import job_name_prefix, render_instance_script
+from appliance.serving.sbatch import job_name_prefix
+from appliance.serving.submission import ModelNotInstalled, instance_script
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import gpu_count
 from security.breaker.grammar import Command, Forward, ListInstances, Ping, Refused, Start, Stop
@@ -40,7 +43,7 @@ class BreakerActions:
         elif isinstance(command, ListInstances):
             _line(stdout, {"instances": self._instances()})
         elif isinstance(command, Start):
-            _line(stdout, {"job_id": self._start(command.model, command.preemptible)})
+            _line(stdout, {"job_id": self._start(command)})
         elif isinstance(command, Stop):
             if self._instance_job(command.job_id, missing_ok=True) is not None:
                 self.slurm.cancel(command.job_id)
@@ -81,35 +84,38 @@ class BreakerActions:
         except httpx.HTTPError:
             return False
 
-    def _start(self, model: str, preemptible: bool) -> int:
-        spec = load_catalog(self.settings).get(model)
+    def _start(self, command: Start) -> int:
+        spec = load_catalog(self.settings).get(command.model)
         if spec is None:
             raise Refused("unknown model")
-        if not spec.installed(self.settings):
-            raise Refused("model not installed")
         gpus = max((gpu_count(n.gres) for n in self.slurm.nodes()), default=0)
-        request = plan_request(spec, self.settings, gpus)
-        script = render_instance_script(
-            self.settings, spec, request, spec.model_dir(self.settings), preemptible=preemptible
-        )
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            script = asyncio.run(self._script(spec, gpus, command))
+        except ModelNotInstalled:
+            raise Refused("model not installed") from None
         return self.slurm.submit(script)
 
-    def _instance_job(self, job_id: int, missing_ok: bool = False):
-        """The job if it is an instance of this appliance (None for a job Slurm no longer
-        lists, with `missing_ok`); any other job is refused."""
-        job = self.slurm.job(job_id)
-        if job is None and missing_ok:
+    async def _script(self, spec: ModelSpec, gpus: int, command: Start) -> str:
+        async with aiohttp.ClientSession() as probe:  # asks the nodes' store services
+            return await instance_script(
+                self.settings, self.slurm, probe, spec, gpus,
+                preemptible=command.preemptible, avoid=command.avoid,
+            )  # fmt: skip
+
+    def _instance_job(self, job_id: int, missing_ok: bool = False) -> str | None:
+        """The job's state if it is an instance of this appliance (None for a job Slurm no
+        longer lists, with `missing_ok`); any other job is refused."""
+        found = self.slurm.job_state(job_id)
+        if found is None and missing_ok:
             return None
-        if job is None or not job.name.startswith(job_name_prefix(self.settings)):
+        if found is None or not found[1].startswith(job_name_prefix(self.settings)):
             raise Refused("not an instance job of this appliance")
-        return job
+        return found[0]
 
     def _forward(self, command: Forward, stdin: BinaryIO, stdout: BinaryIO) -> None:
-        job = self._instance_job(command.job_id)
+        state = self._instance_job(command.job_id)
         endpoint = read_endpoint(self.settings.instances_dir, command.job_id)
-        if job.state != "RUNNING" or endpoint is None:
+        if state != "RUNNING" or endpoint is None:
             raise Refused("instance not running")
         limit = self.settings.gateway.max_request_bytes
         body = stdin.read(limit + 1) if command.method == "POST" else b""

@@ -25,6 +25,7 @@ from appliance.serving.access import (
     UpstreamError,
 )
 from appliance.serving.instance import Instance
+from security.breaker.grammar import MAX_AVOID
 
 log = logging.getLogger(__name__)
 
@@ -92,25 +93,48 @@ class BreakerClient:
             pass  # the breaker refused before reading: its answer says why
         return proc
 
-    async def call(self, line: str, timeout: float = 60.0) -> dict:
-        """Run a command that answers one JSON line."""
+    async def session(
+        self, line: str, body: bytes = b"", timeout: float = 60.0
+    ) -> tuple[asyncio.subprocess.Process, bytes]:
+        """Start the command and read the first line of its answer; the caller reads the rest.
+        A session the shared connection refuses (sshd's MaxSessions) is retried once on a
+        connection of its own. TimeoutError (the command killed) when no line came in time,
+        BreakerError when the command ended without one."""
         for shared in (True, False):
-            proc = await self.spawn(line, shared=shared)
+            proc = await self.spawn(line, body, shared)
             try:
-                out, err = await asyncio.wait_for(proc.communicate(), timeout)
+                first = await asyncio.wait_for(proc.stdout.readline(), timeout)
             except TimeoutError:
                 _kill(proc)
                 await proc.wait()
-                message = f"the breaker did not answer {line!r} in {timeout:g} s"
-                raise BreakerError(message) from None
-            if proc.returncode == 0:
-                try:
-                    return json.loads(out.splitlines()[0])
-                except (IndexError, ValueError):
-                    raise BreakerError(f"the breaker's answer to {line!r} is not JSON") from None
+                raise
+            if first:
+                return proc, first
+            await proc.wait()
+            err = await proc.stderr.read()
             if not (shared and _mux_refused(proc.returncode, err)):
                 break
         raise BreakerError(_failure(line, proc.returncode, err))
+
+    async def call(self, line: str, timeout: float = 60.0) -> dict:
+        """Run a command that answers one JSON line."""
+        message = f"the breaker did not answer {line!r} in {timeout:g} s"
+        try:
+            proc, first = await self.session(line, timeout=timeout)
+        except TimeoutError:
+            raise BreakerError(message) from None
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            _kill(proc)
+            await proc.wait()
+            raise BreakerError(message) from None
+        if proc.returncode != 0:
+            raise BreakerError(_failure(line, proc.returncode, err))
+        try:
+            return json.loads(first)
+        except ValueError:
+            raise BreakerError(f"the breaker's answer to {line!r} is not JSON") from None
 
 
 def _mux_refused(returncode: int | None, stderr: bytes) -> bool:
@@ -202,10 +226,11 @@ class BreakerAccess(ClusterAccess):
     async def submit(
         self, spec: ModelSpec, preemptible: bool = False, avoid: frozenset[str] = frozenset()
     ) -> int:
-        # `avoid` cannot be passed: the grammar has no node names. Slurm schedules nothing on a
-        # drained node, and a preempting batch job holds the other's resources.
         verb = "start-preemptible" if preemptible else "start"
-        answer = await self.client.call(f"{verb} {spec.name}")
+        line = f"{verb} {spec.name}"
+        if avoid:
+            line += " avoid " + " ".join(sorted(avoid)[:MAX_AVOID])
+        answer = await self.client.call(line)
         self._listed_at = 0.0  # the next poll must see the new job
         return int(answer["job_id"])
 
@@ -237,23 +262,15 @@ class BreakerAccess(ClusterAccess):
         return bool(entry and entry.get("healthy"))
 
     async def open(self, inst: Instance, path: str, raw: bytes) -> BreakerResponse:
-        line = f"forward {inst.job_id} POST {path}"
         timeout = self.settings.gateway.request_timeout_s
-        for shared in (True, False):
-            proc = await self.client.spawn(line, raw, shared)
-            try:
-                first = await asyncio.wait_for(proc.stdout.readline(), timeout)
-            except TimeoutError:
-                _kill(proc)
-                await proc.wait()
-                message = f"no answer from instance {inst.job_id} in {timeout:g} s"
-                raise UpstreamError(message) from None
-            if first:
-                break
-            await proc.wait()
-            err = await proc.stderr.read()
-            if not (shared and _mux_refused(proc.returncode, err)):
-                raise UpstreamError(_failure(line, proc.returncode, err))
+        try:
+            proc, first = await self.client.session(
+                f"forward {inst.job_id} POST {path}", raw, timeout
+            )
+        except TimeoutError:
+            raise UpstreamError(f"no answer from instance {inst.job_id} in {timeout:g} s") from None
+        except BreakerError as exc:
+            raise UpstreamError(str(exc)) from None
         try:
             head = json.loads(first)
             return BreakerResponse(proc, int(head["status"]), head.get("content_type", ""))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+from appliance.atomic_files import write_text
 
 
 class InstanceEndpoint(BaseModel):
@@ -34,11 +35,7 @@ def endpoint_path(instances_dir: Path, job_id: int) -> Path:
 
 def write_endpoint(instances_dir: Path, endpoint: InstanceEndpoint) -> None:
     """Write atomically: a reader never sees half a file."""
-    instances_dir.mkdir(parents=True, exist_ok=True)
-    path = endpoint_path(instances_dir, endpoint.job_id)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(endpoint.model_dump_json())
-    tmp.replace(path)
+    write_text(endpoint_path(instances_dir, endpoint.job_id), endpoint.model_dump_json())
 
 
 def read_endpoint(instances_dir: Path, job_id: int) -> InstanceEndpoint | None:

@@ -24,6 +24,8 @@ _UNREACHABLE_MARKERS = (
 _ALREADY_GONE_MARKERS = ("already completing or completed", "Invalid job id", "already completed")
 # Node states that need a reason in `scontrol update` (Slurm rejects them without one).
 _STATES_NEEDING_REASON = frozenset({"drain", "down", "fail"})
+# One job's state and name, in any state Slurm still keeps (plain squeue honours --jobs).
+JOB_BRIEF_ARGS = ["--noheader", "--states=all", "--format=%T %j"]
 _NOT_INSTALLED_HINT = (
     "Slurm's command-line tools are not installed here. `appliance cluster up` installs them for "
     "the local cluster (as root); for an existing cluster install its client tools (slurm-client)."
@@ -74,6 +76,17 @@ class SlurmClient:
             if job.job_id == job_id:
                 return job
         return None
+
+    def job_state(self, job_id: int) -> tuple[str, str] | None:
+        """The job's state and name, or None when Slurm no longer knows it. One job's query:
+        `job` reads every job of the cluster, which is slow on a busy one."""
+        result = self._run(["squeue", *JOB_BRIEF_ARGS, f"--jobs={job_id}"], check=False)
+        if not result.ok:
+            if "Invalid job id" in result.stderr:
+                return None
+            raise self._error(result)
+        state, _, name = result.stdout.strip().partition(" ")
+        return (state, name) if state else None
 
     def cancel(self, job_id: int, signal: str | None = None) -> None:
         """Cancel a job, or only send it `signal` (e.g. "TERM", "USR1"); a finished job is fine."""

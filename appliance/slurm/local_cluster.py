@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.atomic_files import write_if_changed
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.slurm.client import SlurmClient, SlurmNode
@@ -165,10 +166,10 @@ class LocalCluster:
             # Slurm reads its config at start; a changed node list needs a full restart.
             self._stop(list(running.values()))
             running = {}
-        _write_if_changed(self.paths.slurm_conf, slurm_conf)
-        _write_if_changed(self.paths.gres_conf, gres_conf)
+        write_if_changed(self.paths.slurm_conf, slurm_conf)
+        write_if_changed(self.paths.gres_conf, gres_conf)
         if self.cluster.cgroups:
-            _write_if_changed(self.paths.cgroup_conf, render_cgroup_conf())
+            write_if_changed(self.paths.cgroup_conf, render_cgroup_conf())
         self._write_health_check()
         stale = [d for k, d in running.items() if k.startswith("slurmd:") and not _in(k, layout)]
         self._stop(stale)
@@ -271,10 +272,9 @@ class LocalCluster:
         import yaml
 
         settings = self.settings.model_dump(mode="json")
-        _write_if_changed(self.paths.health_config, yaml.safe_dump(settings, sort_keys=False))
+        write_if_changed(self.paths.health_config, yaml.safe_dump(settings, sort_keys=False))
         script = render_health_check_script(sys.executable, self.paths.health_config)
-        _write_if_changed(self.paths.health_check, script)
-        self.paths.health_check.chmod(0o755)
+        write_if_changed(self.paths.health_check, script, 0o755)
 
     def _make_dirs(self, layout: ClusterLayout) -> None:
         for directory in (self.paths.state, self.paths.log, self.paths.run):
@@ -448,14 +448,6 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except OSError:
         return None
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if _read(path) == text:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # atomic: a daemon never reads half a file
 
 
 def _make_char_device(path: Path) -> None:

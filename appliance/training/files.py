@@ -10,9 +10,9 @@ import secrets
 import time
 from pathlib import Path
 
+from appliance.atomic_files import read_json_object, write_json
 from appliance.config import ApplianceSettings
 from appliance.training.dataset import parse_dataset
-from appliance.training.jobs import read_json, write_json
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 
@@ -41,7 +41,7 @@ def dataset_file(settings: ApplianceSettings, file_id: str, user: str, admin: bo
     """(file object, bytes) of an upload its owner (or an admin) may use; None otherwise."""
     if not FILE_ID.fullmatch(file_id):
         return None
-    meta = read_json(files_dir(settings) / f"{file_id}.json")
+    meta = read_json_object(files_dir(settings) / f"{file_id}.json")
     if meta is None or (meta.get("user") != user and not admin):
         return None
     return meta, (files_dir(settings) / f"{file_id}.jsonl").read_bytes()
@@ -50,7 +50,7 @@ def dataset_file(settings: ApplianceSettings, file_id: str, user: str, admin: bo
 def list_files(settings: ApplianceSettings, user: str, admin: bool) -> list[dict]:
     out = []
     for path in files_dir(settings).glob("file-*.json"):
-        meta = read_json(path)
+        meta = read_json_object(path)
         if meta and (admin or meta.get("user") == user):
             out.append(meta)
     return sorted(out, key=lambda m: m["created_at"], reverse=True)

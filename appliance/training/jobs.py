@@ -5,8 +5,6 @@ checkpoints/, result.json and train.log."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import secrets
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from appliance.atomic_files import read_json_object, write_json
 from appliance.config import ApplianceSettings
 from appliance.config.training import Hyperparameters
 
@@ -48,28 +47,13 @@ def job_dir(settings: ApplianceSettings, job_id: str) -> Path:
     return settings.training_dir / job_id
 
 
-def write_json(path: Path, data: dict | list) -> None:
-    """Write atomically: readers (the gateway, monitoring) never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def save_job(settings: ApplianceSettings, job: TrainingJob) -> None:
     write_json(job_dir(settings, job.id) / "job.json", job.model_dump(mode="json"))
 
 
 def load_job(settings: ApplianceSettings, job_id: str) -> TrainingJob | None:
     try:
-        data = read_json(job_dir(settings, job_id) / "job.json")
+        data = read_json_object(job_dir(settings, job_id) / "job.json")
     except ValueError:
         return None
     return TrainingJob.model_validate(data) if data else None
@@ -78,7 +62,7 @@ def load_job(settings: ApplianceSettings, job_id: str) -> TrainingJob | None:
 def list_jobs(settings: ApplianceSettings) -> list[TrainingJob]:
     jobs = []
     for path in settings.training_dir.glob("ft-*/job.json"):
-        data = read_json(path)
+        data = read_json_object(path)
         if data:
             jobs.append(TrainingJob.model_validate(data))
     return sorted(jobs, key=lambda j: j.created_at, reverse=True)

@@ -27,15 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from appliance.atomic_files import read_json_object, write_json
     from appliance.config import load_settings
-    from appliance.training.jobs import TrainingJob, read_json, write_json
+    from appliance.training.jobs import TrainingJob
     from appliance.training.publish import publish_tuned
     from appliance.training.trainer import Stopped, Trainer
 
     hf_logging.disable_progress_bar()  # bars redrawn in a log file are noise
     directory = args.job_dir
-    job_data = read_json(directory / "job.json")
-    settings_data = read_json(directory / "settings.json")
+    job_data = read_json_object(directory / "job.json")
+    settings_data = read_json_object(directory / "settings.json")
     if job_data is None or settings_data is None:
         print(f"no job.json or settings.json in {directory}", file=sys.stderr)
         return EX_INVALID

@@ -9,6 +9,7 @@ import re
 import shutil
 from typing import Any
 
+from appliance.atomic_files import read_json_object, write_json
 from appliance.config import ApplianceSettings
 from appliance.config.training import Hyperparameters
 from appliance.errors import ApplianceError
@@ -20,9 +21,7 @@ from appliance.training.jobs import (
     job_dir,
     list_jobs,
     new_job_id,
-    read_json,
     save_job,
-    write_json,
 )
 from appliance.training.sbatch import JOB_NAME_INFIX, render_training_script
 
@@ -170,7 +169,7 @@ def job_view(settings: ApplianceSettings, job: TrainingJob, slurm_job: SlurmJob 
     from monitoring.training_metrics import eta_seconds
 
     directory = job_dir(settings, job.id)
-    progress = read_json(directory / "progress.json") or {}
+    progress = read_json_object(directory / "progress.json") or {}
     state = progress.get("state")
     if job.cancelled:
         status = "cancelled"
@@ -192,7 +191,7 @@ def job_view(settings: ApplianceSettings, job: TrainingJob, slurm_job: SlurmJob 
             "step", "total_steps", "loss", "learning_rate", "tokens_per_s", "checkpoint_step",
             "resumes", "resumed_from", "base_eval_loss", "updated_at", "started_at")},
         "eta_s": eta_seconds(progress) if status == "running" else None,
-        "result": read_json(directory / "result.json"),
+        "result": read_json_object(directory / "result.json"),
         "error": progress.get("error") if status == "failed" else None,
         "slurm": {"job_id": job.slurm_job_id,
                   "state": slurm_job.state if slurm_job else None,
@@ -206,7 +205,7 @@ def visible_jobs(settings: ApplianceSettings, user: str, admin: bool) -> list[Tr
 
 def cancel_job(settings: ApplianceSettings, slurm: SlurmClient, job: TrainingJob) -> TrainingJob:
     """Stop the job (it checkpoints, then ends); a finished job is left as it is."""
-    progress = read_json(job_dir(settings, job.id) / "progress.json") or {}
+    progress = read_json_object(job_dir(settings, job.id) / "progress.json") or {}
     if progress.get("state") in FINAL_STATES:
         raise TrainingError(f"job {job.id} has already {progress['state']}")
     job.cancelled = True

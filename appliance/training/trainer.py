@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from appliance.atomic_files import read_json_object, write_json
 from appliance.config.training import Hyperparameters
 from appliance.training.examples import IGNORE, encode
-from appliance.training.jobs import TrainingJob, read_json, write_json
+from appliance.training.jobs import TrainingJob
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class Trainer:
     # ----- progress ---------------------------------------------------------------------
 
     def write_progress(self, **fields) -> None:
-        current = read_json(self.progress_file) or {
+        current = read_json_object(self.progress_file) or {
             "job_id": self.job.id, "model": self.job.model, "user": self.job.user,
             "started_at": time.time(),
         }  # fmt: skip
@@ -196,7 +197,7 @@ class Trainer:
             self.write_progress(
                 state="running",
                 resumed_from=step,
-                resumes=(read_json(self.progress_file) or {}).get("resumes", 0) + 1,
+                resumes=(read_json_object(self.progress_file) or {}).get("resumes", 0) + 1,
             )
         if extra.get("base_eval_loss") is None:
             self.write_progress(state="evaluating", step=0, total_steps=steps)

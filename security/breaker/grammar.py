@@ -5,8 +5,10 @@ pattern. Anything else is refused before anything is looked up, opened or run.
 
     ping                                 -> pong
     list-instances                       -> the cluster's instances (JSON)
-    start MODEL                          -> submit an instance of a catalog model
-    start-preemptible MODEL              -> the same, in the partition batch jobs preempt
+    start MODEL [avoid NODE...]          -> submit an instance of a catalog model, on none of
+                                            the NODEs (at most 8: where an instance leaves)
+    start-preemptible MODEL [avoid NODE...]
+                                         -> the same, in the partition batch jobs preempt
     stop JOB_ID                          -> cancel an instance job
     forward JOB_ID METHOD PATH           -> one HTTP request to a registered instance; the body
                                             comes on stdin, the answer (streamed) on stdout
@@ -22,6 +24,9 @@ MAX_LINE = 256
 _LINE = re.compile(r"^[A-Za-z0-9._/:-]+(?: [A-Za-z0-9._/:-]+)*$")
 MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 JOB_ID = re.compile(r"^[1-9][0-9]{0,9}$")
+# A Slurm node name (it ends up in `#SBATCH --exclude=`, so no commas, spaces or brackets).
+NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MAX_AVOID = 8
 METHODS = frozenset({"GET", "POST"})
 # The only paths an instance may be asked for, exactly.
 PATHS = frozenset({
@@ -46,10 +51,12 @@ class ListInstances:
 
 @dataclass(frozen=True)
 class Start:
-    """Submit an instance of a catalog model (preemptible: in the partition batch preempts)."""
+    """Submit an instance of a catalog model (preemptible: in the partition batch preempts),
+    on none of the nodes in `avoid`."""
 
     model: str
     preemptible: bool = False
+    avoid: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -86,10 +93,9 @@ def parse(line: str | None) -> Command:
     if not _LINE.fullmatch(line):
         raise Refused("command has characters or spacing outside the grammar")
     verb, *args = line.split(" ")
-    arity = {
-        "ping": 0, "list-instances": 0, "start": 1, "start-preemptible": 1, "stop": 1,
-        "forward": 3,
-    }  # fmt: skip
+    if verb in ("start", "start-preemptible"):
+        return _start(verb, args)
+    arity = {"ping": 0, "list-instances": 0, "stop": 1, "forward": 3}
     if verb not in arity:
         raise Refused("unknown verb")
     if len(args) != arity[verb]:
@@ -98,8 +104,6 @@ def parse(line: str | None) -> Command:
         return Ping()
     if verb == "list-instances":
         return ListInstances()
-    if verb in ("start", "start-preemptible"):
-        return Start(_field(args[0], MODEL, "model name"), preemptible=verb != "start")
     if verb == "stop":
         return Stop(int(_field(args[0], JOB_ID, "job id")))
     job_id, method, path = args
@@ -108,3 +112,14 @@ def parse(line: str | None) -> Command:
     if path not in PATHS:
         raise Refused("path not allowed")
     return Forward(int(_field(job_id, JOB_ID, "job id")), method, path)
+
+
+def _start(verb: str, args: list[str]) -> Start:
+    if not args:
+        raise Refused(f"{verb} takes a model name")
+    model, *rest = args
+    if rest and (rest[0] != "avoid" or not 1 <= len(rest) - 1 <= MAX_AVOID):
+        raise Refused(f"{verb} takes a model name, then optionally `avoid` and 1 to "
+                      f"{MAX_AVOID} node names")  # fmt: skip
+    avoid = frozenset(_field(node, NODE, "node name") for node in rest[1:])
+    return Start(_field(model, MODEL, "model name"), verb == "start-preemptible", avoid)

@@ -130,6 +130,25 @@ def test_a_chat_answer_streams_through_the_breaker(breaker):
     assert json.loads(run(ssh, f"stop {job_id}").stdout) == {"stopped": job_id}
 
 
+def test_a_preemptible_instance_starts_where_it_was_not_asked_to_avoid(breaker):
+    # What the gateway sends when an instance on n1 is being preempted or drained.
+    ssh, settings = breaker[:2]
+    started = run(ssh, "start-preemptible tiny-chat avoid n1")
+    assert started.returncode == 0, started.stderr
+    job_id = json.loads(started.stdout)["job_id"]
+    try:
+        slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
+        job = wait_for(lambda: (j := slurm.job(job_id)).state == "RUNNING" and j, 60,
+                       "the instance job to start")  # fmt: skip
+        assert job.nodes == ["n2"]
+        assert job.partition == settings.cluster.preemptible_partition
+        (listed,) = [i for i in json.loads(run(ssh, "list-instances").stdout)["instances"]
+                     if i["job_id"] == job_id]  # fmt: skip
+        assert listed["partition"] == job.partition and listed["node"] == "n2"
+    finally:
+        run(ssh, f"stop {job_id}")
+
+
 def test_other_jobs_can_be_neither_stopped_nor_reached(breaker):
     ssh, settings = breaker[:2]
     slurm = SlurmClient(LocalRunner(), settings.slurm_conf)

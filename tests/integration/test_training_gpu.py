@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from appliance.atomic_files import read_json_object
 from appliance.config import load_settings
 from appliance.models.catalog import Catalog, ModelResources, ModelSpec
 from appliance.store.format import HEADER_FILE
 from appliance.training import run
-from appliance.training.jobs import job_dir, read_json
+from appliance.training.jobs import job_dir
 from appliance.training.sbatch import render_training_script
 from appliance.training.service import prepare_job
 
@@ -35,7 +36,7 @@ def test_lora_fine_tuning_on_the_gpu(tmp_path, tiny_model_dir):
                       overrides={"max_steps": 60, "learning_rate": 1e-3})  # fmt: skip
     assert "#SBATCH --gres=gpu:1" in render_training_script(settings, job, 1, 4096)
     assert run.main(["--job-dir", str(job_dir(settings, job.id))]) == 0
-    progress = read_json(job_dir(settings, job.id) / "progress.json")
+    progress = read_json_object(job_dir(settings, job.id) / "progress.json")
     assert progress["device"] == "cuda" and progress["state"] == "succeeded"
     result = progress["result"]
     assert result["tuned_eval_loss"] < result["base_eval_loss"], result

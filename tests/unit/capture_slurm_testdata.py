@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from appliance.devstack import local_cluster_settings, running_local_cluster
-from appliance.slurm.client import SlurmClient
+from appliance.slurm.client import JOB_BRIEF_ARGS, SlurmClient
 from appliance.slurm.runner import LocalRunner
 
 OUT = Path(__file__).parent / "testdata" / "slurm"
@@ -147,6 +147,7 @@ def capture(prefix: str, conf: Path) -> None:
     slurm.cancel(multi)
     wait_until(lambda: not slurm.job(multi).active)
     capture_preemption(rec, slurm, prefix)
+    capture_job_lookup(rec, slurm, prefix)
     rec.save()
 
 
@@ -162,20 +163,35 @@ def capture_preemption(rec: Recorder, slurm: SlurmClient, prefix: str) -> None:
     slurm.cancel(batch)
 
 
-def capture_preemption_only() -> None:
-    """Only the preemption capture (added later than the rest), on a fresh cluster."""
+def capture_job_lookup(rec: Recorder, slurm: SlurmClient, prefix: str) -> None:
+    """One job's state and name (the breaker's check before it stops or reaches a job)."""
+    done = slurm.submit(script(f"{prefix}-lookup-done", "true"))
+    running = slurm.submit(script(f"{prefix}-lookup-running", "sleep 300", "--mem=100M"))
+    wait_until(lambda: slurm.job(running).state == "RUNNING" and not slurm.job(done).active)
+    for name, job_id in (("running", running), ("finished", done), ("unknown", 999999)):
+        argv = ["squeue", *JOB_BRIEF_ARGS, f"--jobs={job_id}"]
+        rec.rec(f"squeue_brief_{name}", argv, f"one {name} job's state and name")
+    slurm.cancel(running)
+
+
+# Captures added later than the rest, each runnable alone on a fresh cluster.
+PARTS = {"--preemption-only": capture_preemption, "--lookup-only": capture_job_lookup}
+
+
+def capture_part(part) -> None:
+    """Only one later capture, on a fresh cluster, added to the saved index."""
     with (
         tempfile.TemporaryDirectory(prefix="slurm-capture-") as tmp,
         running_local_cluster(settings := local_cluster_settings(Path(tmp), nodes=2)) as cluster,
     ):
         rec = Recorder(cluster.paths.slurm_conf, OUT)
         rec.index = json.loads((OUT / "index.json").read_text())
-        capture_preemption(rec, SlurmClient(LocalRunner(), cluster.paths.slurm_conf),
-                           settings.cluster.name)  # fmt: skip
+        part(rec, SlurmClient(LocalRunner(), cluster.paths.slurm_conf), settings.cluster.name)
         rec.save()
 
 
 if __name__ == "__main__":
     import sys
 
-    capture_preemption_only() if "--preemption-only" in sys.argv else main()
+    chosen = [part for flag, part in PARTS.items() if flag in sys.argv]
+    capture_part(chosen[0]) if chosen else main()

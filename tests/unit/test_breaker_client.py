@@ -4,6 +4,7 @@ tests/integration/test_breaker_ssh.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -61,3 +62,52 @@ def test_failures_say_whether_the_cluster_refused_or_was_not_reached():
 def test_enabling_the_breaker_needs_a_host_a_key_and_the_host_key():
     with pytest.raises(ConfigError, match="host, identity_file, known_hosts_file"):
         load_settings(breaker={"enabled": True})
+
+
+class ScriptedSsh(BreakerClient):
+    """Runs a shell snippet in place of ssh: one for the shared connection, one for its own."""
+
+    def __init__(self, shared: str, own: str):
+        super().__init__(settings())
+        self.snippets = {True: shared, False: own}
+        self.sessions: list[bool] = []
+
+    def argv(self, line: str, shared: bool = True) -> list[str]:
+        self.sessions.append(shared)
+        return ["sh", "-c", self.snippets[shared]]
+
+
+MUX_REFUSED = "echo 'mux_client_request_session: Session open refused by peer' >&2; exit 255"
+
+
+def test_a_session_the_shared_connection_refuses_runs_on_a_connection_of_its_own():
+    ssh = ScriptedSsh(MUX_REFUSED, "cat >/dev/null; echo '{\"pong\": true}'")
+    assert asyncio.run(ssh.call("ping")) == {"pong": True}
+    assert ssh.sessions == [True, False]
+
+
+@pytest.mark.parametrize(
+    "own,words",
+    [
+        ("echo 'refused: unknown model' >&2; exit 64", "the breaker refused start: unknown model"),
+        ("echo 'not json'", "is not JSON"),
+        ("echo '{}'; echo 'refused: late' >&2; exit 64", "refused start: late"),
+    ],
+)
+def test_refusals_and_garbled_answers_are_breaker_errors(own, words):
+    with pytest.raises(BreakerError, match=words):
+        asyncio.run(ScriptedSsh(MUX_REFUSED, own).call("start x"))
+
+
+def test_a_refusal_on_the_shared_connection_is_not_retried():
+    ssh = ScriptedSsh("echo 'refused: unknown verb' >&2; exit 64", "echo '{}'")
+    with pytest.raises(BreakerError, match="unknown verb"):
+        asyncio.run(ssh.call("x"))
+    assert ssh.sessions == [True]
+
+
+def test_a_silent_breaker_times_out_and_is_stopped():
+    ssh = ScriptedSsh("exec sleep 30", "exec sleep 30")
+    with pytest.raises(BreakerError, match="did not answer"):
+        asyncio.run(ssh.call("ping", timeout=0.5))
+    assert ssh.sessions == [True]

@@ -12,6 +12,7 @@ from appliance.cli.breaker import authorized_key_line
 from security.breaker.grammar import (
     JOB_ID,
     MODEL,
+    NODE,
     PATHS,
     Forward,
     ListInstances,
@@ -28,6 +29,8 @@ VALID = {
     "start tiny-chat": Start("tiny-chat"),
     "start Qwen2.5-7B": Start("Qwen2.5-7B"),
     "start-preemptible tiny-chat": Start("tiny-chat", preemptible=True),
+    "start-preemptible tiny-chat avoid n1": Start("tiny-chat", True, frozenset({"n1"})),
+    "start tiny-chat avoid gpu-01 g_2": Start("tiny-chat", False, frozenset({"gpu-01", "g_2"})),
     "stop 42": Stop(42),
     "forward 7 POST /v1/chat/completions": Forward(7, "POST", "/v1/chat/completions"),
     "forward 7 GET /health": Forward(7, "GET", "/health"),
@@ -44,6 +47,9 @@ INJECTIONS = [
     "forward 7 POST /v1/chat/completions extra", "rm -rf /", "bash", "sh -c id",
     "PING", "ping2", "", "x" * 300, "scp -t /tmp", "start\ttiny-chat", "start tiny-chat\x00",
     "start tiny-chat;", "stop 4 2", "start tiny-chat\n", "stop 42\n", "ping\n",
+    "start tiny-chat avoid", "start tiny-chat n1", "start tiny-chat exclude n1",
+    "start tiny-chat avoid n1,n2", "start tiny-chat avoid n[1-2]", "start tiny-chat avoid -n1",
+    "start tiny-chat avoid ../n1", "start tiny-chat avoid " + " ".join(["n1"] * 9), "start",
 ]  # fmt: skip
 
 
@@ -91,6 +97,7 @@ def test_fuzzing_accepts_only_well_formed_commands():
         assert line == line.strip() and not set(line) & set(";|&$`'\"\\\n\r\t(){}<>*?~!")
         if isinstance(command, Start):
             assert MODEL.fullmatch(command.model)
+            assert all(NODE.fullmatch(n) for n in command.avoid)
         elif isinstance(command, Stop | Forward):
             assert JOB_ID.fullmatch(str(command.job_id))
         if isinstance(command, Forward):

@@ -79,6 +79,24 @@ def test_job_by_id_and_a_job_slurm_forgot():
     assert slurm.job(999_999) is None
 
 
+@pytest.mark.parametrize(
+    "name,state,role",
+    [("squeue_brief_running", "RUNNING", "lookup-running"),
+     ("squeue_brief_finished", "COMPLETED", "lookup-done")],
+)  # fmt: skip
+def test_one_jobs_state_and_name_without_reading_every_job(name, state, role):
+    slurm, runner = client(name)
+    job_id = int(capture(name).argv[-1].removeprefix("--jobs="))
+    found_state, found_name = slurm.job_state(job_id)
+    assert found_state == state and found_name.endswith(f"-{role}")
+    assert "--json" not in runner.calls[0].argv
+
+
+def test_state_of_a_job_slurm_forgot_is_none():
+    slurm, _ = client("squeue_brief_unknown")
+    assert slurm.job_state(999_999) is None
+
+
 def test_multinode_job_has_its_hostlist_expanded():
     slurm, _ = client("squeue_multinode")
     (multi,) = [j for j in slurm.jobs() if j.name.endswith("-multi")]

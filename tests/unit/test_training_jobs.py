@@ -9,10 +9,11 @@ import time
 
 import pytest
 
+from appliance.atomic_files import write_json
 from appliance.config import load_settings
 from appliance.slurm.records import SlurmJob
 from appliance.training.dataset import DatasetError, parse_dataset
-from appliance.training.jobs import TrainingJob, job_dir, save_job, write_json
+from appliance.training.jobs import TrainingJob, job_dir, save_job
 from appliance.training.sbatch import render_training_script
 from appliance.training.service import hyperparameters, job_view, step_metrics
 from appliance.training.trainer import Encoded, batch_at, total_steps
