@@ -7,7 +7,8 @@ the client sees the chunk. It counts only the tokens it has relayed, so when the
 ids plus exactly those tokens as a plain completion prompt. Its KV cache is recomputed from them
 and it generates the rest, which is turned back into the client's format (chat or completion
 chunks, with the original id, creation time and usage counts). Under greedy decoding the
-answer is the one the first instance would have given.
+answer is the one the first instance would have given. Stop strings are held back and searched
+by the gateway (stop_strings.py), since each instance sees only its own part of the answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from appliance.gateway.stop_strings import StopStrings
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -90,6 +93,9 @@ class StreamRecord:
     created: int | None = None
     model: str | None = None
     moves: int = 0
+    stop: StopStrings | None = None
+    ended: bool = False
+    """The gateway found a stop string across a move and ended the answer itself."""
 
     @classmethod
     def open(cls, path: str, raw: bytes) -> StreamRecord | None:
@@ -100,7 +106,7 @@ class StreamRecord:
             return None
         if not isinstance(body, dict) or not_resumable(path, body) is not None:
             return None
-        return cls(path, body, bool(body.get("return_token_ids")))
+        return cls(path, body, bool(body.get("return_token_ids")), stop=StopStrings.of(body))
 
     @property
     def chat(self) -> bool:
@@ -131,7 +137,16 @@ class StreamRecord:
 
     def first_request(self) -> bytes:
         """The client's request, asking the instance for token ids."""
-        return json.dumps({**self.body, "return_token_ids": True}).encode()
+        return json.dumps({**self.body, **self._ask_for}).encode()
+
+    @property
+    def _ask_for(self) -> dict[str, Any]:
+        """What every instance is asked for beyond the client's request: token ids, and stop
+        strings kept in the output (the gateway holds them back itself)."""
+        asked: dict[str, Any] = {"return_token_ids": True}
+        if self.stop is not None:
+            asked["include_stop_str_in_output"] = True
+        return asked
 
     def continuation(self) -> tuple[str, bytes]:
         """The request that continues this stream on another instance."""
@@ -139,7 +154,7 @@ class StreamRecord:
         del self.generated[self.complete :]
         self.base = len(self.generated)
         body = {k: self.body[k] for k in CONTINUATION_FIELDS if k in self.body}
-        body.update(prompt=self.prompt_ids + self.generated, stream=True, return_token_ids=True)
+        body.update(prompt=self.prompt_ids + self.generated, stream=True, **self._ask_for)
         limit = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         if limit:
             body["max_tokens"] = max(1, int(limit) - self.base)
@@ -179,6 +194,8 @@ class StreamRecord:
             if choice.get("finish_reason"):
                 self.finished = True
                 self.complete = len(self.generated)
+            if self.stop is not None and (text or choice.get("finish_reason")):
+                text = self._stop_text(choice, text or "", continued)
             if not self.client_wants_ids:
                 choice.pop("token_ids", None)
                 choice.pop("prompt_token_ids", None)
@@ -190,6 +207,35 @@ class StreamRecord:
                 or (choice.get("delta") or {}).get("reasoning")
             )
         return _encode(data) if carries or not data.get("choices") else b""
+
+    def _stop_text(self, choice: dict[str, Any], text: str, continued: bool) -> str:
+        """The choice's text as the client gets it, with stop strings held back or cut."""
+        assert self.stop is not None
+        text, found = self.stop.pass_on(
+            text, choice.get("stop_reason"), bool(choice.get("finish_reason")),
+            search=continued, generated=len(self.generated),
+        )  # fmt: skip
+        if self.chat:
+            choice["delta"] = {**(choice.get("delta") or {}), "content": text}
+        else:
+            choice["text"] = text
+        if found is not None:
+            choice.update(finish_reason="stop", stop_reason=found)
+            self.finished = self.ended = True
+        return text
+
+    def ending(self) -> bytes:
+        """The end of an answer the gateway ended itself: usage if asked for, then [DONE]."""
+        out = b""
+        if (self.body.get("stream_options") or {}).get("include_usage"):
+            prompt, completion = len(self.prompt_ids or ()), len(self.generated)
+            out = _encode({
+                "id": self.chunk_id, "created": self.created, "model": self.model,
+                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                         "total_tokens": prompt + completion},
+            })  # fmt: skip
+        return out + b"data: [DONE]\n\n"
 
     def _as_client_chunk(self, data: dict[str, Any]) -> dict[str, Any]:
         """A continuation's completion chunk, as the chunk the client's stream would have had."""

@@ -29,6 +29,8 @@ DONE_MARKER = b"data: [DONE]"
 ABORTED_MARKER = b'"finish_reason":"abort"'
 # An error event from the instance (vLLM sends one, then [DONE], when its engine dies).
 UPSTREAM_ERROR_MARKER = b'data: {"error"'
+# How often a stream that waits for its instance's next bytes checks whether it should move.
+STALL_CHECK_S = 1.0
 
 
 class StreamWatcher(Protocol):
@@ -175,8 +177,9 @@ class Stream:
         finished = False
         if record is not None:
             inst.streams.add(record)  # the rebalancer looks at what it would cost to move
+        chunks = aiter(upstream.content.iter_any())
         try:
-            async for chunk in upstream.content.iter_any():
+            while (chunk := await self._next_chunk(chunks, inst, outcome)) is not None:
                 buffer += chunk
                 while (cut := buffer.find(b"\n\n")) >= 0:
                     event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
@@ -196,20 +199,16 @@ class Stream:
                         self.paused_at = None
                         yield out
                         self.sent = True
+                    if record is not None and record.ended:
+                        yield record.ending()  # the upstream goes on: it is closed below
+                        outcome.done = True
+                        return
                     inst.last_data = time.time()
-                    if (
-                        record is not None
-                        and record.resumable
-                        and self.manager.should_move(inst, record)
-                    ):
-                        target = self.manager.try_acquire(self.model, self.exclude | {inst.job_id})
-                        if target is not None:
-                            self.manager.moved(inst)
-                            self.paused_at = time.monotonic()
-                            outcome.target = target
-                            return
-            finished = True
-            outcome.failure = "the stream ended before [DONE]"
+                    if self._move(inst, outcome):
+                        return
+            if outcome.target is None:
+                finished = True
+                outcome.failure = "the stream ended before [DONE]"
         except UPSTREAM_ERRORS as exc:
             outcome.failure = repr(exc)
         finally:
@@ -219,6 +218,38 @@ class Stream:
                 upstream.release()
             else:
                 upstream.close()
+
+    async def _next_chunk(self, chunks, inst: Instance, outcome: _Outcome) -> bytes | None:
+        """The next bytes from the instance; None at their end, or when the stream moved while
+        waiting for them: a leaving instance that stalls does not hold its streams (the part of
+        an event already read is dropped: its tokens were not relayed, so they are recomputed)."""
+        pending = asyncio.ensure_future(anext(chunks))
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=STALL_CHECK_S)
+                if done:
+                    try:
+                        return pending.result()
+                    except StopAsyncIteration:
+                        return None
+                if self._move(inst, outcome):
+                    return None
+        finally:
+            if not pending.done():
+                pending.cancel()
+
+    def _move(self, inst: Instance, outcome: _Outcome) -> bool:
+        """Move the stream off `inst` if it should go and another instance can take it now."""
+        record = self.record
+        if record is None or not record.resumable or not self.manager.should_move(inst, record):
+            return False
+        target = self.manager.try_acquire(self.model, self.exclude | {inst.job_id})
+        if target is None:
+            return False
+        self.manager.moved(inst)
+        self.paused_at = time.monotonic()
+        outcome.target = target
+        return True
 
     def _client_bytes(self, event: bytes) -> bytes:
         if self.record is None:

@@ -4,12 +4,14 @@ from another instance and equals an undisturbed run's (greedy decoding)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from appliance.devstack import local_cluster_settings, running_gateway, running_local_cluster
@@ -68,12 +70,12 @@ def slurm(cluster) -> SlurmClient:
 
 
 class SlowReader(threading.Thread):
-    """A client that reads a stream slowly (a person's terminal, a slow link): the answer takes
-    longer than starting a new instance, so the move happens mid-stream."""
+    """A client that reads a stream, calls `on_start` once 20 events have come (the answer
+    is under way), and from then on reads slowly (a person's terminal, a slow link)."""
 
-    def __init__(self, url: str, delay_s: float):
+    def __init__(self, url: str, delay_s: float, body: dict = BODY, on_start=None):
         super().__init__(daemon=True)
-        self.url, self.delay_s = url, delay_s
+        self.url, self.delay_s, self.body, self.on_start = url, delay_s, body, on_start
         self.text, self.events, self.error = "", [], None
         self.instance: int | None = None
         self.started = threading.Event()
@@ -81,7 +83,7 @@ class SlowReader(threading.Thread):
     def run(self) -> None:
         try:
             with httpx.stream(
-                "POST", self.url + "/v1/chat/completions", json=BODY, timeout=600
+                "POST", self.url + "/v1/chat/completions", json=self.body, timeout=600
             ) as resp:
                 self.instance = int(resp.headers["x-appliance-instance"])
                 for line in resp.iter_lines():
@@ -93,17 +95,20 @@ class SlowReader(threading.Thread):
                         assert "error" not in chunk, chunk
                         for choice in chunk["choices"]:
                             self.text += choice["delta"].get("content") or ""
-                    if len(self.events) == 5:
+                    if len(self.events) == 20:  # the answer is well under way
+                        if self.on_start is not None:
+                            self.on_start()
                         self.started.set()
-                    time.sleep(self.delay_s)
+                    if self.started.is_set():
+                        time.sleep(self.delay_s)
         except Exception as exc:  # reported by the test
             self.error = exc
             self.started.set()
 
 
-def undisturbed_answer(url: str) -> str:
+def undisturbed_answer(url: str, body: dict = BODY) -> str:
     text = ""
-    with httpx.stream("POST", url + "/v1/chat/completions", json=BODY, timeout=300) as resp:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if line.startswith("data: {"):
@@ -112,9 +117,45 @@ def undisturbed_answer(url: str) -> str:
     return text
 
 
-def ready_node(url: str, job_id: int) -> str:
-    inst = next(i for i in instances(url) if i["job_id"] == job_id)
-    return inst["node"]
+def moves(url: str) -> int:
+    """Times the gateway's recent requests went on on another instance."""
+    records = httpx.get(url + "/admin/monitoring/requests?limit=2000", timeout=30).json()
+    return sum(r["moves"] for r in records["requests"])
+
+
+class Engine:
+    """A model instance's engine processes (not its API server), which the test can `stall`
+    (SIGSTOP) mid-answer and let `go_on`. The tiny model answers in under a second where a
+    real model's long answer takes minutes: without a stall the answer would be over before a
+    replacement is up. A stalled engine also shows that the gateway moves a stream off a
+    leaving instance without waiting for its next token. The engine's busy-polling processes
+    get one CPU and the API server the others, so the answer streams as it is made (on two
+    cores they would starve the API server, which then sends the whole answer at the end)."""
+
+    def __init__(self, url: str, job_id: int):
+        address = next(i for i in instances(url) if i["job_id"] == job_id)["url"]
+        port = int(address.rsplit(":", 1)[1])
+        listening = [c.pid for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]  # fmt: skip
+        server = psutil.Process(listening[0])
+        self.processes = server.children(recursive=True)
+        assert self.processes, "the instance's engine runs in processes of its own"
+        cpus = server.cpu_affinity()
+        if len(cpus) > 1:
+            server.cpu_affinity(cpus[1:])
+            for process in self.processes:
+                process.cpu_affinity(cpus[:1])
+
+    def _signal(self, action: str) -> None:
+        for process in self.processes:
+            with contextlib.suppress(psutil.NoSuchProcess):  # its job was cancelled
+                getattr(process, action)()
+
+    def stall(self) -> None:
+        self._signal("suspend")
+
+    def go_on(self) -> None:
+        self._signal("resume")
 
 
 def test_a_batch_job_preempts_a_streaming_instance_and_the_answer_goes_on(cluster, stack):
@@ -124,7 +165,9 @@ def test_a_batch_job_preempts_a_streaming_instance_and_the_answer_goes_on(cluste
     [first] = [i for i in instances(url) if i["state"] == "ready"]
     assert first["preemptible"]
 
-    reader = SlowReader(url, delay_s=0.2)
+    moved_before = moves(url)
+    engine = Engine(url, first["job_id"])
+    reader = SlowReader(url, delay_s=0.05, on_start=engine.stall)
     reader.start()
     assert reader.started.wait(120) and reader.error is None
     assert reader.instance == first["job_id"]
@@ -147,21 +190,41 @@ def test_a_batch_job_preempts_a_streaming_instance_and_the_answer_goes_on(cluste
         reader.join(timeout=300)
         assert not reader.is_alive() and reader.error is None, reader.error
     finally:
+        engine.go_on()
         subprocess.run(["scancel", str(batch)], env={"SLURM_CONF": str(cluster.slurm_conf)})
     assert job.start_time - submitted < GRACE_S
     assert reader.events[-1] == "[DONE]"
     assert reader.text == expected
+    assert moves(url) == moved_before + 1
     # The answer came from a second instance, on the other node, after the first was released.
     assert first["job_id"] not in [i["job_id"] for i in instances(url)]
 
 
+def late_stop_string(answer: str) -> str:
+    """A stop string that first occurs near the end of the answer: after the move."""
+    for start in range(len(answer) - 20, len(answer) // 4, -1):
+        stop = answer[start : start + 12]
+        if answer.find(stop) == start:
+            return stop
+    raise AssertionError(f"no stop string found in {answer!r}")
+
+
 def test_draining_a_node_moves_its_streams(cluster, stack):
+    # With a stop string: the gateway holds back what could start one and finds one that
+    # spans the move, so stop strings end the moved answer where they end the undisturbed one.
     _, url = stack
-    expected = undisturbed_answer(url)
-    reader = SlowReader(url, delay_s=0.2)
+    full = undisturbed_answer(url)
+    body = {**BODY, "stop": [late_stop_string(full)]}
+    expected = undisturbed_answer(url, body)
+    assert expected == full[: full.index(body["stop"][0])]
+    moved_before = moves(url)
+    [serving] = [i for i in instances(url) if i["state"] == "ready"]
+    engine = Engine(url, serving["job_id"])
+    reader = SlowReader(url, delay_s=0.05, body=body, on_start=engine.stall)
     reader.start()
     assert reader.started.wait(120) and reader.error is None
-    node = ready_node(url, reader.instance)
+    assert reader.instance == serving["job_id"]
+    node = serving["node"]
     env = {"SLURM_CONF": str(cluster.slurm_conf), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
     subprocess.run(
         ["scontrol", "update", f"nodename={node}", "state=drain", "reason=maintenance"],
@@ -176,7 +239,9 @@ def test_draining_a_node_moves_its_streams(cluster, stack):
         reader.join(timeout=300)
         assert not reader.is_alive() and reader.error is None, reader.error
     finally:
+        engine.go_on()
         subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=env)
     assert reader.events[-1] == "[DONE]"
     assert reader.text == expected
+    assert moves(url) == moved_before + 1  # the stop string came after the move
     assert all(i["node"] != node for i in instances(url))

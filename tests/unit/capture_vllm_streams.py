@@ -4,7 +4,8 @@
 Starts vLLM's OpenAI server on the tiny model and saves, byte for byte, under
 ``tests/unit/testdata/vllm/``: a greedy chat stream and a greedy completion stream, both with
 `return_token_ids` (as the gateway asks for them), and for each the continuation the gateway
-would send after CUT tokens, as the new instance streams it.
+would send after CUT tokens, as the new instance streams it; and the chat stream again with a
+stop string that begins before the cut and ends after it (`chat_stop`, its request beside it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ COMPLETION = {
 
 
 def capture(client: httpx.Client, url: str, path: str, body: dict, name: str) -> None:
+    (OUT / f"{name}.request.json").write_text(json.dumps(body, indent=1) + "\n")
     record = StreamRecord.open(path, json.dumps(body).encode())
     raw = client.post(url + path, content=record.first_request()).content
     (OUT / f"{name}.sse").write_bytes(raw)
@@ -49,6 +51,19 @@ def capture(client: httpx.Client, url: str, path: str, body: dict, name: str) ->
     (OUT / f"{name}.continuation.sse").write_bytes(
         client.post(url + next_path, content=request).content
     )
+
+
+def spanning_stop() -> str:
+    """A stop string of the greedy chat answer that straddles the cut: the end of the last
+    token relayed before the move and the start of the first one after it."""
+    texts = [
+        choices[0]["delta"].get("content") or ""
+        for e in (OUT / "chat.sse").read_bytes().split(b"\n\n")
+        if e.startswith(b"data: {") and (choices := json.loads(e[6:])["choices"])
+    ]
+    stop = texts[CUT - 1][-2:] + texts[CUT][:2]
+    assert "".join(texts).find(stop) == len("".join(texts[:CUT])) - 2, "not the first occurrence"
+    return stop
 
 
 def main() -> None:
@@ -79,6 +94,8 @@ def main() -> None:
                 time.sleep(1)
             capture(client, url, "/v1/chat/completions", CHAT, "chat")
             capture(client, url, "/v1/completions", COMPLETION, "completion")
+            capture(client, url, "/v1/chat/completions", {**CHAT, "stop": [spanning_stop()]},
+                    "chat_stop")  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -18,7 +18,7 @@ def event(data: dict) -> bytes:
     return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
-def chat_chunk(content=None, ids=None, finish=None, role=None, prompt_ids=None) -> bytes:
+def chat_chunk(content=None, ids=None, finish=None, role=None, prompt_ids=None, stop=None):
     delta = {}
     if role:
         delta["role"] = role
@@ -27,6 +27,8 @@ def chat_chunk(content=None, ids=None, finish=None, role=None, prompt_ids=None) 
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
     if ids is not None:
         choice["token_ids"] = ids
+    if stop is not None:
+        choice["stop_reason"] = stop
     data = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 100,
             "model": "tiny-chat", "choices": [choice]}  # fmt: skip
     if prompt_ids is not None:
@@ -191,7 +193,7 @@ def events(name: str) -> list[bytes]:
 
 def client_text(chunks: list[bytes], chat: bool) -> tuple[str, list[dict]]:
     text, datas = "", []
-    for out in chunks:
+    for out in (e + b"\n\n" for chunk in chunks for e in chunk.split(b"\n\n") if e):
         if out.startswith(b"data: {"):
             data = decode(out)
             datas.append(data)
@@ -201,35 +203,77 @@ def client_text(chunks: list[bytes], chat: bool) -> tuple[str, list[dict]]:
 
 
 @pytest.mark.parametrize(
-    ("name", "path", "body"),
-    [
-        ("chat", CHAT, {"model": "tiny-chat", "messages": [{"role": "user",
-         "content": "Tell me a story about the sea."}], "stream": True, "temperature": 0,
-         "max_tokens": 40, "ignore_eos": True, "stream_options": {"include_usage": True}}),
-        ("completion", COMPLETIONS, {"model": "tiny-chat", "prompt": "Once upon a time",
-         "stream": True, "temperature": 0, "max_tokens": 40, "ignore_eos": True}),
-    ],
-)  # fmt: skip
-def test_a_real_stream_moved_mid_answer_reads_as_the_undisturbed_one(name, path, body):
+    ("name", "path"),
+    [("chat", CHAT), ("completion", COMPLETIONS), ("chat_stop", CHAT)],
+)
+def test_a_real_stream_moved_mid_answer_reads_as_the_undisturbed_one(name, path):
     """Captured vLLM output: the whole greedy answer, and the continuation a second server
-    streamed for the request the gateway built after CUT events."""
+    streamed for the request the gateway built after CUT events. In `chat_stop` a stop string
+    begins before the move and ends after it: neither instance sees it whole."""
     chat = path == CHAT
-    whole = StreamRecord.open(path, json.dumps(body).encode())
-    expected, _ = client_text([whole.relay(e, False) for e in events(name)[:-1]], chat)
+    body = (VLLM / f"{name}.request.json").read_bytes()
+    whole = StreamRecord.open(path, body)
+    undisturbed = [whole.relay(e, False) for e in events(name)[:-1]]
+    expected, expected_datas = client_text(undisturbed, chat)
 
-    record = StreamRecord.open(path, json.dumps(body).encode())
+    record = StreamRecord.open(path, body)
     before = [record.relay(e, False) for e in events(name)[:CUT]]
     next_path, request = record.continuation()
     assert next_path == COMPLETIONS
     assert json.loads(request) == json.loads((VLLM / f"{name}.continuation.json").read_bytes())
-    after = [record.relay(e, True) for e in events(f"{name}.continuation")[:-1]]
+    after = []
+    for e in events(f"{name}.continuation")[:-1]:
+        after.append(record.relay(e, True))
+        if record.ended:  # the gateway found the stop string: it ends the answer itself
+            after.append(record.ending())
+            break
     text, datas = client_text(before + after, chat)
-    assert text == expected and len(text) > 50
+    assert text == expected and len(text) > 30
     original = decode(events(name)[0])
     assert {d["id"] for d in datas} == {original["id"]}
     assert {d["created"] for d in datas} == {original["created"]}
     assert all("token_ids" not in c and "prompt_token_ids" not in c
                for d in datas for c in d["choices"])  # fmt: skip
+    finish = [c["finish_reason"] for d in datas for c in d["choices"] if c["finish_reason"]]
+    assert finish == [c["finish_reason"] for d in expected_datas for c in d["choices"]
+                      if c["finish_reason"]]  # fmt: skip
     if chat:  # usage over the whole answer, as the undisturbed stream reported it
+        assert datas[-1]["usage"] == expected_datas[-1]["usage"]
         assert datas[-1]["usage"]["prompt_tokens"] == 16
-        assert datas[-1]["usage"]["completion_tokens"] == 40
+    if name == "chat_stop":
+        assert record.ended and after[-1].endswith(b"data: [DONE]\n\n")
+        assert finish == ["stop"] and "ge o" not in text
+
+
+def test_text_that_could_begin_a_stop_string_is_held_back_until_it_cannot():
+    record = chat_record(stop=["END", "!"])
+    assert json.loads(record.first_request())["include_stop_str_in_output"] is True
+    record.relay(chat_chunk(role="assistant", content="", prompt_ids=[1, 2]), False)
+    sent = [record.relay(chat_chunk(t, [i]), False) for i, t in enumerate(["ab", "cE", "Nx"])]
+    assert [decode(o)["choices"][0]["delta"]["content"] for o in sent if o] == ["ab", "cE"]
+    assert record.complete == 3  # every token's text is in the gateway's hands
+    final = decode(record.relay(chat_chunk("yEND", [9], finish="stop", stop="END"), False))
+    assert final["choices"][0]["delta"]["content"] == "Nxy"
+
+
+def test_a_client_that_wants_the_stop_string_gets_it_and_nothing_is_held():
+    record = chat_record(stop="END", include_stop_str_in_output=True)
+    record.relay(chat_chunk(role="assistant", content="", prompt_ids=[1, 2]), False)
+    first = decode(record.relay(chat_chunk("aE", [5]), False))
+    assert first["choices"][0]["delta"]["content"] == "aE"  # as vLLM sends it: nothing held
+    record.continuation()
+    out = decode(record.relay(completion_chunk("NDb", [6]), True))
+    assert out["choices"][0]["delta"]["content"] == "ND"
+    assert out["choices"][0]["finish_reason"] == "stop" and record.ended
+
+
+def test_stop_strings_count_only_after_min_tokens():
+    record = chat_record(stop=["ab"], min_tokens=3)
+    record.relay(chat_chunk(role="assistant", content="", prompt_ids=[1, 2]), False)
+    record.relay(chat_chunk("xa", [5]), False)
+    record.continuation()
+    for i, text in enumerate(["b", "ab"]):  # tokens 2 and 3 of min_tokens=3 cannot stop
+        out = decode(record.relay(completion_chunk(text, [6 + i]), True))
+        assert out["choices"][0]["finish_reason"] is None
+    out = decode(record.relay(completion_chunk("xab", [8]), True))
+    assert out["choices"][0]["finish_reason"] == "stop" and record.ended
