@@ -78,6 +78,7 @@ class Stream:
         self.sent = False
         self.continued = False
         self.failures = 0
+        self.last_chunk_at = time.monotonic()
 
     def _next_request(self) -> tuple[str, bytes]:
         if self.continued and self.record is not None:
@@ -177,9 +178,12 @@ class Stream:
         finished = False
         if record is not None:
             inst.streams.add(record)  # the rebalancer looks at what it would cost to move
-        chunks = aiter(upstream.content.iter_any())
+        watchdog = None
+        if record is not None:
+            watchdog = asyncio.create_task(self._watch(inst, upstream, outcome))
         try:
-            while (chunk := await self._next_chunk(chunks, inst, outcome)) is not None:
+            async for chunk in upstream.content.iter_any():
+                self.last_chunk_at = time.monotonic()
                 buffer += chunk
                 while (cut := buffer.find(b"\n\n")) >= 0:
                     event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
@@ -199,6 +203,8 @@ class Stream:
                         self.paused_at = None
                         yield out
                         self.sent = True
+                    if outcome.target is not None:
+                        return  # the watchdog moved the stream while the client was reading
                     if record is not None and record.ended:
                         yield record.ending()  # the upstream goes on: it is closed below
                         outcome.done = True
@@ -210,8 +216,11 @@ class Stream:
                 finished = True
                 outcome.failure = "the stream ended before [DONE]"
         except UPSTREAM_ERRORS as exc:
-            outcome.failure = repr(exc)
+            if outcome.target is None:  # else the watchdog closed it
+                outcome.failure = repr(exc)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             inst.streams.discard(record)
             # A finished body returns the connection to the pool; anything else drops it.
             if finished:
@@ -219,24 +228,17 @@ class Stream:
             else:
                 upstream.close()
 
-    async def _next_chunk(self, chunks, inst: Instance, outcome: _Outcome) -> bytes | None:
-        """The next bytes from the instance; None at their end, or when the stream moved while
-        waiting for them: a leaving instance that stalls does not hold its streams (the part of
-        an event already read is dropped: its tokens were not relayed, so they are recomputed)."""
-        pending = asyncio.ensure_future(anext(chunks))
-        try:
-            while True:
-                done, _ = await asyncio.wait({pending}, timeout=STALL_CHECK_S)
-                if done:
-                    try:
-                        return pending.result()
-                    except StopAsyncIteration:
-                        return None
-                if self._move(inst, outcome):
-                    return None
-        finally:
-            if not pending.done():
-                pending.cancel()
+    async def _watch(self, inst: Instance, upstream, outcome: _Outcome) -> None:
+        """Moves the stream when it should leave `inst` and no bytes have come for a while: a
+        leaving instance that has stalled does not hold its streams. Closing the upstream ends
+        the relay (the part of an event already read is dropped: its tokens were not relayed,
+        so they are recomputed). One task per relay, not one per chunk: relaying stays cheap."""
+        while True:
+            await asyncio.sleep(STALL_CHECK_S)
+            quiet = time.monotonic() - self.last_chunk_at >= STALL_CHECK_S
+            if quiet and self._move(inst, outcome):
+                upstream.close()
+                return
 
     def _move(self, inst: Instance, outcome: _Outcome) -> bool:
         """Move the stream off `inst` if it should go and another instance can take it now."""
