@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
 
 from appliance import envs
@@ -301,3 +302,39 @@ def running_breaker_sshd(
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class InstanceEngine:
+    """The engine processes of a model instance on this machine (not its API server), which
+    tests and benchmarks `stall` (SIGSTOP) mid-answer and let `go_on`: the tiny model answers
+    in under a second, so without a stall an answer is over before a move or a replacement
+    can happen. The engine's busy-polling processes get one CPU and the API server the others,
+    so an answer streams as it is made (on two cores they would starve the API server, which
+    then sends the whole answer at the end)."""
+
+    def __init__(self, instance_url: str):
+        port = int(instance_url.rsplit(":", 1)[1])
+        listening = [c.pid for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]  # fmt: skip
+        if not listening:
+            raise RuntimeError(f"no process listens at {instance_url}")
+        server = psutil.Process(listening[0])
+        self.processes = server.children(recursive=True)
+        if not self.processes:
+            raise RuntimeError(f"the instance at {instance_url} has no engine processes")
+        cpus = server.cpu_affinity()
+        if len(cpus) > 1:
+            server.cpu_affinity(cpus[1:])
+            for process in self.processes:
+                process.cpu_affinity(cpus[:1])
+
+    def _signal(self, action: str) -> None:
+        for process in self.processes:
+            with contextlib.suppress(psutil.NoSuchProcess):  # its job was cancelled
+                getattr(process, action)()
+
+    def stall(self) -> None:
+        self._signal("suspend")
+
+    def go_on(self) -> None:
+        self._signal("resume")

@@ -5,12 +5,16 @@ there), against the prompt's length and the tokens generated before the move.
 Two tiny-model instances on a 2-node local cluster. For each prompt length and move point, the
 same greedy request streams twice: undisturbed (the baseline, in the same run), and moved once
 to the other instance after that many tokens (through the admin API's `move`, the mechanism
-preemption, node drains and rebalancing use). The pause is what the gateway measured for the
-move (last event from the old instance to the first from the new one, in the request's
-monitoring record), against the undisturbed run's time to first token: a move recomputes the
-context in one prefill, like a new request. Every
-moved answer is compared with the undisturbed one: a stream is broken when its text or its
-tokens differ, it errors, or it ends early.
+preemption, node drains and rebalancing use). At the move point the client stalls the old
+instance's engine (SIGSTOP) before it asks for the move: the tiny model makes a token in ~2 ms,
+so without the stall many answers would end before the move is acted on; the gateway then
+moves the stalled stream as it does one that a leaving instance holds. The pause is what the
+gateway measured for the move (from moving the stream to the first event from the new
+instance, in the request's monitoring record), against the undisturbed run's time to first
+token: a move recomputes the context in one prefill, like a new request. Where the stream
+really moved is the client's longest wait between two tokens. Every moved answer is compared
+with the undisturbed one: a stream is broken when its text or its tokens differ, it errors,
+or it ends early.
 
 Run: .venv/bin/python -m benchmarks.migration [--repeats 5]
 """
@@ -18,18 +22,19 @@ Run: .venv/bin/python -m benchmarks.migration [--repeats 5]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
-import threading
 import time
 
 import httpx
 
+from appliance.devstack import InstanceEngine
 from benchmarks.common import MODEL, percentile, print_table, tiny_cluster_stack, write_result
 
 PROMPT_TOKENS = (16, 128, 240)
 MOVE_AFTER = (8, 64, 128)
-# Generated after the move point: long enough that the move is asked for while the gateway is
-# still relaying (the tiny model makes a token in ~2 ms).
+# Generated after the move point: more than can be in flight when the engine is stalled.
 TAIL_TOKENS = 128
 
 
@@ -39,8 +44,16 @@ def prompt_of(tokens: int) -> str:
     return " ".join(words[i % len(words)] for i in range(tokens))
 
 
-def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after: int | None):
-    """One answer: ((text, token ids), token arrival times (from the request's start),
+def stream(
+    client: httpx.Client,
+    url: str,
+    prompt: str,
+    tokens: int,
+    move_after: int | None = None,
+    engines: dict[int, InstanceEngine] | None = None,
+):
+    """One answer, moved off its instance after `move_after` tokens (whose `engines` are
+    stalled for it): ((text, token ids), token arrival times (from the request's start),
     prompt tokens, request id, error)."""
     # Token ids asked for: every token then comes as its own event, also one whose text the
     # detokenizer holds back (the tiny model, made to ignore EOS, emits some without text).
@@ -48,9 +61,12 @@ def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after:
             "ignore_eos": True, "stream": True, "return_token_ids": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     text, times, ids, prompt_tokens, error = "", [], [], 0, None
-    asker = None
+    stalled = None
     started = time.perf_counter()
-    with client.stream("POST", url + "/v1/completions", json=body) as resp:
+    with (
+        contextlib.ExitStack() as stack,
+        client.stream("POST", url + "/v1/completions", json=body) as resp,
+    ):
         job, request_id = int(resp.headers["x-appliance-instance"]), resp.headers["x-request-id"]
         for line in resp.iter_lines():
             if not line.startswith("data: {"):
@@ -63,18 +79,14 @@ def stream(client: httpx.Client, url: str, prompt: str, tokens: int, move_after:
                 prompt_tokens = event["usage"]["prompt_tokens"]
             for choice in event.get("choices") or []:
                 text += choice.get("text") or ""
-                if choice.get("token_ids"):
-                    ids += choice["token_ids"]
-                    times.append(time.perf_counter())
-            if move_after is not None and len(times) == move_after and asker is None:
-                # Asked from another thread: the reading goes on while the call is under way.
+                ids += choice.get("token_ids") or []
+                times += [time.perf_counter()] * (len(ids) - len(times))
+            if move_after is not None and len(times) >= move_after and stalled is None:
+                stalled = engines[job]
+                stalled.stall()
+                stack.callback(stalled.go_on)
                 move = url + f"/admin/instances/{job}/move"
-                asker = threading.Thread(
-                    target=client.post, args=(move,), kwargs={"params": {"streams": 1}}, daemon=True
-                )
-                asker.start()
-    if asker is not None:
-        asker.join(timeout=60)
+                client.post(move, params={"streams": 1}).raise_for_status()
     return (text, ids), [t - started for t in times], prompt_tokens, request_id, error
 
 
@@ -103,22 +115,23 @@ def main() -> None:
             time.sleep(1)
         else:
             raise SystemExit("the two instances did not become ready")
+        engines = {i["job_id"]: InstanceEngine(i["url"]) for i in ready}
         for _ in range(2):
-            stream(client, url, prompt_of(8), 8, None)  # warm both instances
+            stream(client, url, prompt_of(8), 8)  # warm both instances
 
         rows, pauses, ratios, first = [], [], [], []
         total = broken = unmoved = 0
         for prompt_len in PROMPT_TOKENS:
             for move_after in MOVE_AFTER:
-                cell, cell_ratio, cell_first, measured_prompt = [], [], [], 0
+                cell, cell_ratio, cell_first, moved_at, measured_prompt = [], [], [], [], 0
                 for _ in range(args.repeats):
                     tokens = move_after + TAIL_TOKENS
                     prompt = prompt_of(prompt_len)
                     expected, base_times, measured_prompt, _, _ = stream(
-                        client, url, prompt, tokens, None
+                        client, url, prompt, tokens
                     )
-                    answer, _, _, request_id, error = stream(
-                        client, url, prompt, tokens, move_after
+                    answer, times, _, request_id, error = stream(
+                        client, url, prompt, tokens, move_after, engines
                     )
                     total += 1
                     if error or answer != expected:
@@ -130,6 +143,8 @@ def main() -> None:
                     if not moved:  # it was relayed to its end before the move was acted on
                         unmoved += 1
                         continue
+                    gaps = [b - a for a, b in itertools.pairwise(times)]
+                    moved_at.append(gaps.index(max(gaps)) + 1)
                     ttft_ms = base_times[0] * 1000
                     cell.append(moved[0])
                     cell_ratio.append(moved[0] / ttft_ms)
@@ -139,6 +154,7 @@ def main() -> None:
                 first += cell_first
                 rows.append({
                     "prompt_tokens": measured_prompt, "moved_after_tokens": move_after,
+                    "moved_at_token_p50": percentile(moved_at, 50),
                     "pause_p50_ms": round(percentile(cell, 50), 1),
                     "first_token_p50_ms": round(percentile(cell_first, 50), 1),
                     "pause_vs_first_token_p50": round(percentile(cell_ratio, 50), 2),
@@ -157,9 +173,10 @@ def main() -> None:
             "baseline": "the same request streamed undisturbed in the same run: its time to the "
             "first token",
         }
-    table = [("prompt", "moved after", "pause p50 ms", "first token p50 ms", "ratio", "moved")]
+    table = [("prompt", "moved after", "moved at p50", "pause p50 ms", "first token p50 ms",
+              "ratio", "moved")]  # fmt: skip
     table += [
-        (r["prompt_tokens"], r["moved_after_tokens"], r["pause_p50_ms"],
+        (r["prompt_tokens"], r["moved_after_tokens"], r["moved_at_token_p50"], r["pause_p50_ms"],
          r["first_token_p50_ms"], r["pause_vs_first_token_p50"], r["streams_moved"])
         for r in rows
     ]  # fmt: skip

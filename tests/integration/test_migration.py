@@ -4,17 +4,20 @@ from another instance and equals an undisturbed run's (greedy decoding)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import threading
 import time
 
 import httpx
-import psutil
 import pytest
 
-from appliance.devstack import local_cluster_settings, running_gateway, running_local_cluster
+from appliance.devstack import (
+    InstanceEngine,
+    local_cluster_settings,
+    running_gateway,
+    running_local_cluster,
+)
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 from tests.slurm_fixtures import require_local_slurm, stack_settings, tiny_catalog, wait_for
@@ -117,45 +120,14 @@ def undisturbed_answer(url: str, body: dict = BODY) -> str:
     return text
 
 
+def instance_url(url: str, job_id: int) -> str:
+    return next(i for i in instances(url) if i["job_id"] == job_id)["url"]
+
+
 def moves(url: str) -> int:
     """Times the gateway's recent requests went on on another instance."""
     records = httpx.get(url + "/admin/monitoring/requests?limit=2000", timeout=30).json()
     return sum(r["moves"] for r in records["requests"])
-
-
-class Engine:
-    """A model instance's engine processes (not its API server), which the test can `stall`
-    (SIGSTOP) mid-answer and let `go_on`. The tiny model answers in under a second where a
-    real model's long answer takes minutes: without a stall the answer would be over before a
-    replacement is up. A stalled engine also shows that the gateway moves a stream off a
-    leaving instance without waiting for its next token. The engine's busy-polling processes
-    get one CPU and the API server the others, so the answer streams as it is made (on two
-    cores they would starve the API server, which then sends the whole answer at the end)."""
-
-    def __init__(self, url: str, job_id: int):
-        address = next(i for i in instances(url) if i["job_id"] == job_id)["url"]
-        port = int(address.rsplit(":", 1)[1])
-        listening = [c.pid for c in psutil.net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]  # fmt: skip
-        server = psutil.Process(listening[0])
-        self.processes = server.children(recursive=True)
-        assert self.processes, "the instance's engine runs in processes of its own"
-        cpus = server.cpu_affinity()
-        if len(cpus) > 1:
-            server.cpu_affinity(cpus[1:])
-            for process in self.processes:
-                process.cpu_affinity(cpus[:1])
-
-    def _signal(self, action: str) -> None:
-        for process in self.processes:
-            with contextlib.suppress(psutil.NoSuchProcess):  # its job was cancelled
-                getattr(process, action)()
-
-    def stall(self) -> None:
-        self._signal("suspend")
-
-    def go_on(self) -> None:
-        self._signal("resume")
 
 
 def test_a_batch_job_preempts_a_streaming_instance_and_the_answer_goes_on(cluster, stack):
@@ -166,7 +138,7 @@ def test_a_batch_job_preempts_a_streaming_instance_and_the_answer_goes_on(cluste
     assert first["preemptible"]
 
     moved_before = moves(url)
-    engine = Engine(url, first["job_id"])
+    engine = InstanceEngine(instance_url(url, first["job_id"]))
     reader = SlowReader(url, delay_s=0.05, on_start=engine.stall)
     reader.start()
     assert reader.started.wait(120) and reader.error is None
@@ -219,7 +191,7 @@ def test_draining_a_node_moves_its_streams(cluster, stack):
     assert expected == full[: full.index(body["stop"][0])]
     moved_before = moves(url)
     [serving] = [i for i in instances(url) if i["state"] == "ready"]
-    engine = Engine(url, serving["job_id"])
+    engine = InstanceEngine(instance_url(url, serving["job_id"]))
     reader = SlowReader(url, delay_s=0.05, body=body, on_start=engine.stall)
     reader.start()
     assert reader.started.wait(120) and reader.error is None
