@@ -39,8 +39,9 @@ class RequestRecord:
     moves: int = 0
     """Times the request went on on another instance (a move, or a retry after a failure)."""
     move_pauses_ms: list[float] = field(default_factory=list)
-    """For each move of a stream: from its last event out of the old instance to its first out
-    of the new one."""
+    """For each move of a stream: from the gateway moving it (after the last event it relayed
+    from the old instance, or on finding that instance stalled) to its first event out of the
+    new one."""
     done: bool = field(default=False)
 
     def describe(self) -> dict:
@@ -78,8 +79,8 @@ class RequestMetrics:
         )  # fmt: skip
         self._move_pause = Histogram(
             "appliance_request_move_pause_seconds",
-            "Pause a moved stream sees: last event from the old instance to the first from the "
-            "new one.",
+            "Pause a moved stream sees: from the gateway moving it (after the old instance's "
+            "last event, or on finding it stalled) to the first event from the new one.",
             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self._in_flight: dict[str, RequestRecord] = {}
