@@ -222,6 +222,9 @@ def test_edit_and_resend_renders_markdown_and_settings_apply(visit):
     page.get_by_text("Settings").click()
     page.locator("#max-tokens input[type=number]").fill("4")
     page.locator("#max-tokens input[type=number]").press("Tab")
+    # The slider takes the typed value on blur; send only once it has (else the request can
+    # still carry the old 512).
+    expect(page.locator("#max-tokens input[type=range]")).to_have_value("4")
     page.locator("#message textarea").fill("Tell me a long story about the sea.")
     page.locator("#send").click()
     expect(chat).to_contain_text("max tokens limit", timeout=60_000)
