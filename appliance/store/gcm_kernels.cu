@@ -253,16 +253,17 @@ extern "C" __global__ void gcm_decrypt(u8* data, u64 chunk_bytes, u64 c_blocks, 
     }
 }
 
-// One thread per chunk: bad[i] = 1 where the tag does not match. blocks[i] holds chunk i's
-// block count; aad holds each chunk's associated data, zero padded to aad_stride bytes.
+// One thread per chunk of first..end-1: bad[i] = 1 where the tag does not match. blocks[i]
+// holds chunk i's block count; aad holds each chunk's associated data, zero padded to aad_stride
+// bytes.
 extern "C" __global__ void gcm_check(const u64* acc, const u8* aad, const u64* aad_len,
-                                     u64 aad_stride, const u64* blocks, u64 n_chunks,
+                                     u64 aad_stride, const u64* blocks, u64 first, u64 end,
                                      u32 file_no, const u32* tables, u64 h_hi, u64 h_lo,
                                      const u8* tags, int* bad) {
     __shared__ u32 s[TABLE_WORDS];
     load_tables(tables, s);
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_chunks) return;
+    u64 i = first + (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= end) return;
     u128 h = {h_hi, h_lo};
     u128 a = {acc[2 * i], acc[2 * i + 1]};
     bad[i] = chunk_mismatch(a, aad + i * aad_stride, aad_len[i], blocks[i], h, file_no,

@@ -147,18 +147,27 @@ class GpuDecryptor:
             )
             start = end
 
-    def verify(self, flat: torch.Tensor) -> None:
-        """Check every chunk's tag (after all decrypt calls are done); on a mismatch zero `flat`
-        and raise StoreIntegrityError naming the first bad chunk."""
+    def restart(self, first: int, end: int, stream) -> None:
+        """Forget what earlier `decrypt` calls summed for chunks first..end-1, on `stream`: a
+        chunk that two loads share (the boundary of two windows) is decrypted twice."""
         import torch
 
-        n = self.model.header.n_chunks
-        bad = torch.zeros(n, dtype=torch.int32, device=self.device)
+        with torch.cuda.stream(stream):
+            self.acc[2 * first : 2 * end].zero_()
+
+    def verify(self, data: torch.Tensor, first: int = 0, end: int | None = None) -> None:
+        """Check the tags of chunks first..end-1 (all by default), once their `decrypt` calls are
+        done; on a mismatch zero `data` (their plaintext) and raise StoreIntegrityError naming
+        the first bad chunk."""
+        import torch
+
+        end = self.model.header.n_chunks if end is None else end
+        bad = torch.zeros(self.model.header.n_chunks, dtype=torch.int32, device=self.device)
         stream = torch.cuda.current_stream(self.device)
         h_hi, h_lo = split(self.h)
         self.module.launch(
             "gcm_check",
-            (-(-n // BLOCK_THREADS), 1, 1),
+            (max(1, -(-(end - first) // BLOCK_THREADS)), 1, 1),
             BLOCK_THREADS,
             [
                 ctypes.c_void_p(self.acc.data_ptr()),
@@ -166,7 +175,8 @@ class GpuDecryptor:
                 ctypes.c_void_p(self.aad_len.data_ptr()),
                 _u64(self.aad_stride),
                 ctypes.c_void_p(self.block_counts.data_ptr()),
-                _u64(n),
+                _u64(first),
+                _u64(end),
                 ctypes.c_uint32(DATA_FILE_NO),
                 ctypes.c_void_p(self.tables.data_ptr()),
                 _u64(h_hi),
@@ -178,7 +188,7 @@ class GpuDecryptor:
         )
         failed = torch.nonzero(bad).flatten().tolist()  # waits for the check
         if failed:
-            flat.zero_()
+            data.zero_()
             torch.cuda.synchronize(self.device)
             raise StoreIntegrityError(
                 f"chunk {failed[0]} of {self.model.model_id}/{DATA_FILE} failed authentication "

@@ -8,10 +8,12 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.store.format import TensorEntry
 from appliance.store.model import StoredModel, read_exact
 from security.aesgcm import address_of
 
@@ -26,6 +28,9 @@ DEFAULT_THREADS = min(16, os.cpu_count() or 1)
 
 # Bytes a GPU loader thread reads, decrypts and copies at a time (a multiple of the chunk size).
 DEFAULT_UNIT_BYTES = 16 << 20
+# Device memory a streaming load stages through; a larger tensor (an 8B model's 1 GiB embedding)
+# gets a window of its own size. 256 MiB keeps 16 threads busy with whole units.
+DEFAULT_WINDOW_BYTES = 256 << 20
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -167,6 +172,88 @@ def _gpu_decryptor(model: StoredModel, device) -> GpuDecryptor | None:
         return None
 
 
+class _GpuFiller:
+    """Fills device memory with a range of a stored model's chunks, with threads of this process.
+
+    Each thread reads a unit into one of its two pinned slots, decrypts it there, and queues the
+    copy to the GPU on its own stream; it reuses a slot only once that slot's copy is done, so
+    reading, decryption and copies overlap. With a GPU decryptor the ciphertext is copied instead
+    and decrypted on the GPU, on the same stream, right behind its copy: the host never holds
+    plaintext. A range is authenticated before `fill` returns."""
+
+    def __init__(self, model: StoredModel, device, ring, threads, direct, gpu_decrypt):
+        self.model = model
+        self.device = device
+        self.decryptor = _gpu_decryptor(model, device) if gpu_decrypt and model.encrypted else None
+        chunk = model.header.chunk_bytes
+        self.ring = ring or PinnedRing(threads, max(chunk, DEFAULT_UNIT_BYTES // chunk * chunk))
+        if self.ring.unit_bytes % chunk:
+            raise ValueError("the staging unit must be a multiple of the chunk size")
+        self.fd = _open(model, direct)
+
+    def fill(self, dest: torch.Tensor, first: int, end: int) -> None:
+        """Chunks first..end-1, plaintext, into `dest` (uint8 on the device, from its start)."""
+        import torch
+
+        model, ring, decryptor = self.model, self.ring, self.decryptor
+        chunk, unit = model.header.chunk_bytes, self.ring.unit_bytes
+        base = first * chunk
+        stop = min(end * chunk, model.data_bytes)
+        n_units = -(-(stop - base) // unit)
+        per_unit = unit // chunk
+        slots_free = list(range(ring.threads))
+        lock = threading.Lock()
+        local = threading.local()
+        torch.cuda.synchronize(self.device)  # whoever read `dest` before is done with it
+        if decryptor is not None:
+            decryptor.restart(first, end, torch.cuda.current_stream(self.device))
+
+        def one(u: int) -> None:
+            state = getattr(local, "state", None)
+            if state is None:
+                with lock:
+                    pair = ring.slots[slots_free.pop()]
+                state = local.state = (pair, [None, None], torch.cuda.Stream(self.device), [0])
+            pair, events, stream, turn = state
+            k = turn[0]
+            turn[0] ^= 1
+            if events[k] is not None:
+                events[k].synchronize()  # the slot's previous copy must be done before reuse
+            slot = pair[k]
+            offset = base + u * unit
+            n = min(unit, stop - offset)
+            addr = slot.data_ptr()
+            # One read per unit, then decryption in place: every call takes the GIL back, and
+            # with 16 threads fewer, larger calls measured faster (reading through a small buffer
+            # in 1 MiB pieces halved the rate; decrypting from an mmap of the file was slower).
+            read_exact(self.fd, memoryview(slot.numpy())[:n], offset)
+            for j in range(-(-n // chunk) if decryptor is None else 0):
+                i = first + u * per_unit + j
+                c_off, c_n = model.chunk_span(i)
+                model.decrypt_chunk(i, addr + (c_off - offset), c_n)
+            with torch.cuda.stream(stream):
+                target = dest[offset - base : offset - base + n]
+                target.copy_(slot[:n], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                if decryptor is not None:
+                    decryptor.decrypt(target, first + u * per_unit, stream)
+            events[k] = ev
+
+        with ring.lock:
+            _run_parallel(one, n_units, ring.threads)
+            torch.cuda.synchronize(self.device)
+        if decryptor is not None:
+            decryptor.verify(dest[: stop - base], first, end)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.decryptor is not None:
+            self.decryptor.close()
+        elif self.model.encrypted:
+            self.ring.wipe_later()
+
+
 def load_to_gpu(
     model: StoredModel,
     device: str | torch.device = "cuda",
@@ -175,75 +262,94 @@ def load_to_gpu(
     direct: bool = False,
     gpu_decrypt: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The model's tensors on one GPU, loaded by threads of this process: one device allocation
-    and named views into it.
+    """The model's tensors on one GPU: one device allocation and named views into it.
 
-    Each thread reads a unit into one of its two pinned slots, decrypts it there, and queues the
-    copy to the GPU on its own stream; it reuses a slot only once that slot's copy is done, so
-    reading, decryption and copies overlap. `direct` reads with O_DIRECT (cold files: no page
-    cache churn). `gpu_decrypt` copies the ciphertext instead and decrypts it on the GPU, on the
-    same stream, right behind its copy: the host never holds plaintext.
-    """
+    `direct` reads with O_DIRECT (cold files: no page cache churn). `gpu_decrypt` decrypts on
+    the GPU (see _GpuFiller)."""
     import torch
 
-    decryptor = _gpu_decryptor(model, device) if gpu_decrypt and model.encrypted else None
-    chunk = model.header.chunk_bytes
-    ring = ring or PinnedRing(threads, max(chunk, DEFAULT_UNIT_BYTES // chunk * chunk))
-    unit = ring.unit_bytes
-    if unit % chunk:
-        raise ValueError("the staging unit must be a multiple of the chunk size")
-    flat = torch.empty(model.data_bytes, dtype=torch.uint8, device=device)
-    n_units = -(-model.data_bytes // unit)
-    per_unit = unit // chunk
-    fd = _open(model, direct)
-    slots_free = list(range(ring.threads))
-    lock = threading.Lock()
-    local = threading.local()
-
-    def one(u: int) -> None:
-        state = getattr(local, "state", None)
-        if state is None:
-            with lock:
-                pair = ring.slots[slots_free.pop()]
-            state = local.state = (pair, [None, None], torch.cuda.Stream(device), [0])
-        pair, events, stream, turn = state
-        k = turn[0]
-        turn[0] ^= 1
-        if events[k] is not None:
-            events[k].synchronize()  # the slot's previous copy must be done before reuse
-        slot = pair[k]
-        offset = u * unit
-        n = min(unit, model.data_bytes - offset)
-        addr = slot.data_ptr()
-        # One read per unit, then decryption in place: every call takes the GIL back, and with
-        # 16 threads fewer, larger calls measured faster (reading through a small buffer in
-        # 1 MiB pieces halved the rate; decrypting from an mmap of the file was slower too).
-        read_exact(fd, memoryview(slot.numpy())[:n], offset)
-        for j in range(-(-n // chunk) if decryptor is None else 0):
-            i = u * per_unit + j
-            c_off, c_n = model.chunk_span(i)
-            model.decrypt_chunk(i, addr + (c_off - offset), c_n)
-        with torch.cuda.stream(stream):
-            flat[offset : offset + n].copy_(slot[:n], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(stream)
-            if decryptor is not None:
-                decryptor.decrypt(flat[offset : offset + n], u * per_unit, stream)
-        events[k] = ev
-
+    filler = _GpuFiller(model, device, ring, threads, direct, gpu_decrypt)
     try:
-        with ring.lock:
-            _run_parallel(one, n_units, ring.threads)
-            torch.cuda.synchronize(device)
-        if decryptor is not None:
-            decryptor.verify(flat)
+        flat = torch.empty(model.data_bytes, dtype=torch.uint8, device=device)
+        filler.fill(flat, 0, model.header.n_chunks)
     finally:
-        os.close(fd)
-        if decryptor is not None:
-            decryptor.close()
-        elif model.encrypted:
-            ring.wipe_later()
+        filler.close()
     return flat, tensor_views(model, flat)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Chunks first..end-1 of a stored model, and the tensors that lie wholly inside them."""
+
+    first: int
+    end: int
+    tensors: tuple[TensorEntry, ...]
+
+
+def plan_windows(model: StoredModel, window_bytes: int) -> list[Window]:
+    """The model's tensors, in file order, grouped into windows of whole chunks of at most
+    `window_bytes` (a larger tensor gets a window of its own). Neighbouring windows may share a
+    chunk, which is then read twice."""
+    chunk = model.header.chunk_bytes
+    windows: list[Window] = []
+    group: list[TensorEntry] = []
+    for e in sorted(model.index.tensors, key=lambda e: e.offset):
+        if group:
+            first = group[0].offset // chunk
+            end = -(-(e.offset + e.nbytes) // chunk)
+            if (end - first) * chunk > window_bytes:
+                windows.append(_window(group, chunk))
+                group = []
+        group.append(e)
+    if group:
+        windows.append(_window(group, chunk))
+    return windows
+
+
+def _window(group: list[TensorEntry], chunk: int) -> Window:
+    last = max(e.offset + e.nbytes for e in group)
+    return Window(group[0].offset // chunk, -(-last // chunk), tuple(group))
+
+
+def stream_to_gpu(
+    model: StoredModel,
+    device: str | torch.device = "cuda",
+    ring: PinnedRing | None = None,
+    threads: int = DEFAULT_THREADS,
+    direct: bool = False,
+    gpu_decrypt: bool = True,
+    window_bytes: int = DEFAULT_WINDOW_BYTES,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor on the GPU) for every tensor (aliases after their target), through one
+    device window of about `window_bytes` (or the largest tensor): the model is never on the GPU
+    twice. A window is authenticated before any of its tensors is handed out, and is reused once
+    the consumer asks for the next window's first tensor, so the consumer must copy each tensor
+    before it asks for the next window (vLLM's `load_weights` copies each into its parameter)."""
+    import torch
+
+    windows = plan_windows(model, window_bytes)
+    chunk = model.header.chunk_bytes
+    span = max((w.end - w.first) * chunk for w in windows) if windows else 0
+    aliases: dict[str, list[str]] = {}
+    for alias, target in model.index.aliases.items():
+        aliases.setdefault(target, []).append(alias)
+    filler = _GpuFiller(model, device, ring, threads, direct, gpu_decrypt)
+    buf = torch.empty(min(span, model.data_bytes), dtype=torch.uint8, device=device)
+    try:
+        for w in windows:
+            filler.fill(buf, w.first, w.end)
+            base = w.first * chunk
+            for e in w.tensors:
+                view = buf[e.offset - base : e.offset - base + e.nbytes]
+                tensor = view.view(torch_dtype(e.dtype)).reshape(e.shape)
+                yield e.name, tensor
+                for alias in aliases.get(e.name, ()):
+                    yield alias, tensor
+        torch.cuda.synchronize(device)
+    finally:
+        buf.zero_()  # it held plaintext weights
+        filler.close()
+        del buf
 
 
 def load_from_host(
@@ -269,14 +375,20 @@ def load_from_mapping(
     host = torch.frombuffer(mm, dtype=torch.uint8)
     if torch.device(device).type != "cuda":
         return host, tensor_views(model, host)
-    addr, n = address_of(mm), len(mm)
-    cudart = torch.cuda.cudart()
-    registered = cudart.cudaHostRegister(addr, n, 0) == 0
-    try:
-        flat = torch.empty(n, dtype=torch.uint8, device=device)
-        flat.copy_(host, non_blocking=registered)
+    with registered_for_copies(mm, device):
+        flat = torch.empty(len(mm), dtype=torch.uint8, device=device)
+        flat.copy_(host, non_blocking=True)
         torch.cuda.synchronize(device)
-    finally:
-        if registered:
-            cudart.cudaHostUnregister(addr)
     return flat, tensor_views(model, flat)
+
+
+def registered_for_copies(mm, device: str | torch.device = "cuda"):
+    """The mapping page-locked for CUDA while the block runs (copies from it then run at full
+    PCIe speed and can be asynchronous); yields False where the driver refuses, and copies
+    still work, at pageable speed."""
+    import torch
+
+    from appliance.store.host_pinning import pinned
+
+    index = torch.device(device).index
+    return pinned(address_of(mm), len(mm), torch.cuda.current_device() if index is None else index)

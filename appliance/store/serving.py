@@ -8,6 +8,7 @@ pointing at a private directory in memory holding config.json and the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -123,37 +124,50 @@ def remove_model_files(path: Path) -> None:
 
 
 def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
-    """Load a stored model's weights into an initialised vLLM model, in this process only."""
+    """Load a stored model's weights into an initialised vLLM model, in this process only, tensor
+    by tensor into vLLM's own parameters (no second copy of the model on the device)."""
+    import time
+
     import torch
 
     from appliance.store.host_cache import open_from_host_tier
     from appliance.store.loader import (
         DEFAULT_THREADS,
-        load_from_mapping,
-        load_to_gpu,
         load_to_host,
+        registered_for_copies,
+        stream_to_gpu,
+        tensor_views,
     )
     from security.process import disable_core_dumps
 
     disable_core_dumps()
+    t0 = time.perf_counter()
     stored = spec.open()  # the policy is checked whichever tier the bytes come from
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     threads = spec.threads or DEFAULT_THREADS
     socket_path = spec.host_socket_path()
     cached = open_from_host_tier(socket_path, spec.model_id) if socket_path else None
     if cached is not None:
-        with cached:
-            flat, views = load_from_mapping(stored, cached.map, device)
-            loaded = model.load_weights(iter(views.items()))
-            del views, flat  # views into the shared mapping: nothing of ours to wipe
+        # Views straight into the tier's mapping: vLLM copies each tensor (its shard of it,
+        # under tensor parallelism) into its parameter, from page-locked memory on a GPU.
+        pinning = registered_for_copies(cached.map, device) if cuda else contextlib.nullcontext()
+        with cached, pinning:
+            host = torch.frombuffer(cached.map, dtype=torch.uint8)
+            loaded = model.load_weights(iter(tensor_views(stored, host).items()))
+            if cuda:
+                torch.cuda.synchronize(device)
+            del host
         source = "the host tier"
+    elif cuda:
+        loaded = model.load_weights(
+            stream_to_gpu(stored, device=device, threads=threads, gpu_decrypt=spec.gpu_decrypt)
+        )
+        source = "the store"
     else:
-        if device.type == "cuda":
-            flat, views = load_to_gpu(
-                stored, device=device, threads=threads, gpu_decrypt=spec.gpu_decrypt
-            )
-        else:
-            flat, views = load_to_host(stored, threads=threads)
+        flat, views = load_to_host(stored, threads=threads)
         loaded = model.load_weights(iter(views.items()))
         del views
         with torch.no_grad():
@@ -163,7 +177,21 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
     missing = {name for name, _ in model.named_parameters()} - set(loaded or ())
     if loaded is not None and missing:
         raise ValueError(f"model {spec.model_id}: weights missing in the store: {sorted(missing)}")
-    log.info("loaded %s from %s (%d tensors)", spec.model_id, source, len(stored.index.names()))
+    seconds = time.perf_counter() - t0
+    peak = ""
+    if cuda:
+        # Parameters plus whatever the load staged: 1.0 would be the model alone.
+        ratio = torch.cuda.max_memory_allocated(device) / stored.data_bytes
+        peak = f"; load_peak_gpu_bytes_over_model={ratio:.3f}"
+    log.info(
+        "appliance-store: loaded %s from %s (%d tensors, %.2f GB) in %.2f s%s",
+        spec.model_id,
+        source,
+        len(stored.index.names()),
+        stored.data_bytes / 1e9,
+        seconds,
+        peak,
+    )
 
 
 def register() -> None:

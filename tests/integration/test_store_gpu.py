@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from appliance.store.format import DATA_FILE
 from appliance.store.importer import import_checkpoint
-from appliance.store.loader import PinnedRing, load_to_gpu
+from appliance.store.loader import PinnedRing, load_to_gpu, plan_windows, stream_to_gpu
 from appliance.store.model import AccessRequest, StoredModel, StoreIntegrityError
 from security.keys import generate_key_file
 from security.policy import LoadPolicy, generate_signing_key, load_signing_key, sign_policy
@@ -33,7 +33,9 @@ def stored(tmp_path):
         "a": torch.randn(300_001, generator=g).to(torch.bfloat16),
         "b": torch.randn(77, 1001, generator=g),
         "c": torch.arange(12345, dtype=torch.int64),
+        **{f"layer{i}": torch.randn(3000 + 17 * i, generator=g) for i in range(40)},
     }
+    tensors["tied"] = tensors["b"].clone()  # stored once, recorded as an alias
     save_file(tensors, str(src / "model.safetensors"))
     policy = sign_policy(
         LoadPolicy(model_id="m", issuer="t", issued_at=dt.datetime.now(dt.UTC)),
@@ -71,3 +73,43 @@ def test_gpu_decryption_refuses_a_flipped_byte(stored, where):
     chunk = pos // (64 << 10)
     with pytest.raises(StoreIntegrityError, match=rf"chunk {chunk} of m/tensors\.bin failed"):
         load_to_gpu(model, ring=PinnedRing(4, 256 << 10), gpu_decrypt=True)
+
+
+WINDOW = 256 << 10
+
+
+@pytest.mark.parametrize("gpu_decrypt", [True, False])
+def test_streaming_load_equals_the_source_through_one_window(stored, gpu_decrypt):
+    path, kek, who, tensors = stored
+    model = StoredModel.open(path, kek=kek, access=who)
+    assert len(plan_windows(model, WINDOW)) > 3
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    got = {}
+    # As vLLM's load_weights does: copy each tensor before asking for the next.
+    for name, t in stream_to_gpu(
+        model, ring=PinnedRing(4, 128 << 10), gpu_decrypt=gpu_decrypt, window_bytes=WINDOW
+    ):
+        got[name] = t.clone()
+    assert set(got) == set(tensors)
+    for name, t in tensors.items():
+        assert torch.equal(got[name].cpu(), t), name
+    copies = sum(t.nbytes for t in got.values())
+    staged = torch.cuda.max_memory_allocated() - before - copies
+    # One window (the largest tensor, "a", is 600 KB) and the decryptor's tables, not the model.
+    assert staged < model.data_bytes / 2, (staged, model.data_bytes)
+
+
+def test_streaming_load_hands_out_nothing_of_a_window_that_fails(stored):
+    path, kek, who, _ = stored
+    data = bytearray((path / DATA_FILE).read_bytes())
+    data[len(data) - 1] ^= 1  # the last chunk: the last window
+    (path / DATA_FILE).write_bytes(bytes(data))
+    model = StoredModel.open(path, kek=kek, access=who)
+    last = plan_windows(model, WINDOW)[-1]
+    seen = []
+    with pytest.raises(StoreIntegrityError, match="failed authentication"):
+        for name, _t in stream_to_gpu(model, ring=PinnedRing(4, 128 << 10), window_bytes=WINDOW):
+            seen.append(name)
+    assert seen and not {e.name for e in last.tensors} & set(seen)
