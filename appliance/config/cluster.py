@@ -30,6 +30,12 @@ class ClusterSettings(BaseModel):
     slurm_conf: Path | None = None
     """slurm.conf of an existing cluster (mode `existing`). Unset: Slurm's own default."""
 
+    plugin_dir: Path | None = None
+    """Slurm's plugin directory (slurm.conf PluginDir), absolute, for a local cluster whose Slurm
+    is not installed where it was built for, e.g. packages unpacked into a folder with `dpkg -x`
+    (then also put that folder's programs on PATH and its libraries on LD_LIBRARY_PATH). Unset:
+    the directory Slurm was built with."""
+
     auth: Literal["none", "munge"] = "none"
     """How the Slurm daemons authenticate each other and users. `munge` (munged must run, as
     the installer sets it up) for every real cluster; `none` only for a single-host demo, where

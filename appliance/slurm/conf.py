@@ -210,6 +210,7 @@ def render_slurm_conf(
         f"SlurmctldPort={cluster.controller_port}",
         f"SlurmUser={facts.user}",
         f"SlurmdUser={facts.user}",
+        *([f"PluginDir={cluster.plugin_dir}"] if cluster.plugin_dir else []),
         *_auth_lines(cluster),
         f"StateSaveLocation={paths.state}",
         f"SlurmdSpoolDir={paths.spool}/%n",
@@ -281,9 +282,20 @@ def _confinement_lines(cluster: ClusterSettings) -> list[str]:
     return ["ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none"]
 
 
-def render_cgroup_conf() -> str:
-    """cgroup.conf of the local cluster (written only with `cluster.cgroups`)."""
-    return _HEADER + CGROUP_CONF_BODY
+# Without confinement slurmd still loads a cgroup plugin when it starts, and fails if that
+# fails. Autodetection picks cgroup/v2 on a cgroup v2 host, whose start needs systemd over D-Bus
+# (so slurmd fails in a container without systemd); cgroup/v1 starts without touching the cgroup
+# tree on any host. (Slurm 22.05 has no CgroupPlugin=disabled.)
+_UNCONFINED_CGROUP_CONF_BODY = (
+    "# No confinement (cluster.cgroups is off): nothing uses this plugin, but slurmd loads one.\n"
+    "CgroupPlugin=cgroup/v1\n"
+)
+
+
+def render_cgroup_conf(confine: bool = True) -> str:
+    """cgroup.conf of the local cluster: confinement with `cluster.cgroups`, else only a cgroup
+    plugin that slurmd can load on any host."""
+    return _HEADER + (CGROUP_CONF_BODY if confine else _UNCONFINED_CGROUP_CONF_BODY)
 
 
 def _node_gres(node: NodePlan, layout: ClusterLayout) -> str:

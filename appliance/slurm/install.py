@@ -29,6 +29,17 @@ def find_program(name: str) -> str | None:
     return None
 
 
+def slurmstepd_beside(slurmd: str) -> str | None:
+    """The slurmstepd installed with `slurmd` (in its directory, or in that of the file it links
+    to), for ``slurmd -d``: slurmd otherwise runs the one at the path it was built with
+    (/usr/sbin/slurmstepd for Debian's), which a copy unpacked elsewhere does not have."""
+    for directory in (Path(slurmd).parent, Path(slurmd).resolve().parent):
+        candidate = directory / "slurmstepd"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
 def missing_programs() -> list[str]:
     return [name for name in REQUIRED_PROGRAMS if find_program(name) is None]
 

@@ -34,7 +34,7 @@ from appliance.slurm.daemons import (
     start_daemon,
     stop_processes,
 )
-from appliance.slurm.install import ensure_slurm_installed, find_program
+from appliance.slurm.install import ensure_slurm_installed, find_program, slurmstepd_beside
 from appliance.slurm.paths import MAX_SOCKET_PATH, LocalClusterPaths
 from appliance.slurm.runner import CommandRunner, LocalRunner, SlurmCommandError
 
@@ -168,8 +168,7 @@ class LocalCluster:
             running = {}
         write_if_changed(self.paths.slurm_conf, slurm_conf)
         write_if_changed(self.paths.gres_conf, gres_conf)
-        if self.cluster.cgroups:
-            write_if_changed(self.paths.cgroup_conf, render_cgroup_conf())
+        write_if_changed(self.paths.cgroup_conf, render_cgroup_conf(self.cluster.cgroups))
         self._write_health_check()
         stale = [d for k, d in running.items() if k.startswith("slurmd:") and not _in(k, layout)]
         self._stop(stale)
@@ -297,7 +296,9 @@ class LocalCluster:
         if kind == "slurmctld":
             # -D: foreground (we own the process); -i: start even if saved state has problems.
             return [program, "-D", "-i", "-f", conf]
-        return [program, "-D", "-N", str(node), "-f", conf]
+        # The slurmstepd of the same installation, also when it is not where Slurm was built for.
+        stepd = slurmstepd_beside(program) if os.path.isabs(program) else None
+        return [program, "-D", "-N", str(node), *(["-d", stepd] if stepd else []), "-f", conf]
 
     def _output(self, kind: str, node: str | None) -> Path:
         return self.paths.daemon_output(kind if node is None else f"{kind}-{node}")

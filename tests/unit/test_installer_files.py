@@ -64,8 +64,7 @@ def _local_slurm_files(plan) -> dict[str, str]:
         "slurm.conf": render_slurm_conf(cluster, slurm_dir, facts, health),
         "gres.conf": render_gres_conf(cluster, slurm_dir, facts),
     }
-    if cluster.cgroups:
-        files["cgroup.conf"] = render_cgroup_conf()
+    files["cgroup.conf"] = render_cgroup_conf(cluster.cgroups)
     return files
 
 

@@ -19,6 +19,7 @@ from appliance.slurm.conf import (
     parse_nvidia_smi_l,
     parse_slurmd_c,
     plan_cluster,
+    render_cgroup_conf,
     render_gres_conf,
     render_health_check_script,
     render_slurm_conf,
@@ -58,6 +59,11 @@ CASES = {
             gpu_devices=tuple(f"/dev/nvidia{i}" for i in range(4)),
         ),
     ),
+    # Slurm unpacked into a folder (benchmarks/gpu/slurm_unpack.sh): its plugin directory.
+    "slurm-1node-plugin-dir": (
+        ClusterSettings(plugin_dir=Path("/tmp/slurm/usr/lib/x86_64-linux-gnu/slurm-wlm")),
+        HOST,
+    ),
 }
 
 
@@ -69,6 +75,10 @@ def test_golden(case):
     cluster, facts = CASES[case]
     check_golden(f"{case}.slurm.conf", render_slurm_conf(cluster, SLURM_DIR, facts, HEALTH))
     check_golden(f"{case}.gres.conf", render_gres_conf(cluster, SLURM_DIR, facts))
+
+
+def test_golden_cgroup_conf_without_confinement():
+    check_golden("cgroup-unconfined.conf", render_cgroup_conf(confine=False))
 
 
 def test_golden_health_check_script():
