@@ -151,15 +151,21 @@ def _loopback_url(port: int, tls: bool) -> str:
 
 @contextlib.contextmanager
 def _running_service(
-    settings: ApplianceSettings, command: str, url: str, timeout: float
+    settings: ApplianceSettings,
+    command: str,
+    url: str,
+    timeout: float,
+    args: tuple[str, ...] = (),
+    name: str | None = None,
 ) -> Iterator[str]:
-    """Run `appliance <command>` on loopback as a subprocess and wait for its /health; yields
-    its base URL; stops it on exit (SIGTERM, then SIGKILL)."""
+    """Run `appliance <command> [args]` on loopback as a subprocess and wait for its /health;
+    yields its base URL; stops it on exit (SIGTERM, then SIGKILL)."""
+    name = name or command
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    config = write_config(settings, settings.state_dir / f"{command}-config.yaml")
-    log_path = settings.state_dir / f"{command}-test.log"
+    config = write_config(settings, settings.state_dir / f"{name}-config.yaml")
+    log_path = settings.state_dir / f"{name}-test.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    argv = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), command]
+    argv = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), command, *args]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [*argv, "--host", "127.0.0.1"],
@@ -215,6 +221,16 @@ def running_webapp(settings: ApplianceSettings, timeout: float = 90.0) -> Iterat
     yields its base URL and stops it on exit."""
     url = _loopback_url(settings.webapp.port, settings.webapp.tls)
     with _running_service(settings, "webapp", url, timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_store_service(settings: ApplianceSettings, node: str, url: str) -> Iterator[str]:
+    """Run `appliance store serve` for `node` on the loopback port of `url` (the node's entry in
+    store.services); yields the URL and stops the service on exit."""
+    port = url.rsplit(":", 1)[1]
+    args = ("serve", "--node", node, "--port", port)
+    with _running_service(settings, "store", url, 120, args, name=f"store-{node}") as url:
         yield url
 
 

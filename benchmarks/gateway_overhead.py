@@ -23,34 +23,38 @@ import psutil
 from benchmarks.common import MODEL, median, percentile, print_table, tiny_stack, write_result
 
 
-async def one_request(client: httpx.AsyncClient, url: str) -> float:
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1}
+async def one_request(client: httpx.AsyncClient, url: str, model: str = MODEL) -> float:
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1}
     t0 = time.perf_counter()
     resp = await client.post(url + "/v1/completions", json=body)
     resp.raise_for_status()
     return (time.perf_counter() - t0) * 1000
 
 
-async def latency(direct: str, gateway: str, n: int) -> tuple[list[float], list[float]]:
+async def latency(
+    direct: str, gateway: str, n: int, model: str = MODEL
+) -> tuple[list[float], list[float]]:
     """Sequential 1-token requests, alternating between the two paths."""
     d, g = [], []
     async with httpx.AsyncClient(timeout=60) as client:
         for _ in range(10):  # warm both paths' connections
-            await one_request(client, direct)
-            await one_request(client, gateway)
+            await one_request(client, direct, model)
+            await one_request(client, gateway, model)
         for i in range(n):
             first, second = (direct, gateway) if i % 2 == 0 else (gateway, direct)
-            a = await one_request(client, first)
-            b = await one_request(client, second)
+            a = await one_request(client, first, model)
+            b = await one_request(client, second, model)
             (d if first == direct else g).append(a)
             (g if first == direct else d).append(b)
     return d, g
 
 
-async def stream_once(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[int, bool]:
+async def stream_once(
+    client: httpx.AsyncClient, url: str, max_tokens: int, model: str = MODEL
+) -> tuple[int, bool]:
     """Tokens received and whether the stream ended properly with [DONE]."""
     body = {
-        "model": MODEL,
+        "model": model,
         "prompt": "Once upon a time",
         "max_tokens": max_tokens,
         "stream": True,
@@ -76,13 +80,15 @@ async def stream_once(client: httpx.AsyncClient, url: str, max_tokens: int) -> t
     return tokens, done and tokens == max_tokens
 
 
-async def throughput(url: str, concurrency: int, max_tokens: int) -> tuple[float, int, int]:
+async def throughput(
+    url: str, concurrency: int, max_tokens: int, model: str = MODEL
+) -> tuple[float, int, int]:
     """Generated tokens per second with `concurrency` simultaneous streams."""
     limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(
-            *(stream_once(client, url, max_tokens) for _ in range(concurrency)),
+            *(stream_once(client, url, max_tokens, model) for _ in range(concurrency)),
             return_exceptions=True,
         )
         elapsed = time.perf_counter() - t0

@@ -155,6 +155,11 @@ class ApplianceSettings(BaseSettings):
         return self.state_dir / "instances"
 
     @property
+    def compile_cache_dir(self) -> Path:
+        """vLLM's compile caches, one folder per node (serving.launch)."""
+        return self.state_dir / "cache" / "vllm"
+
+    @property
     def models_dir(self) -> Path:
         return self.catalog.models_dir or self.state_dir / "models"
 

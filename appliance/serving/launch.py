@@ -26,7 +26,9 @@ from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
 # Exit code of a launcher that refused to start a model its policy or key does not allow.
 STORE_REFUSED = 3
 # Lines of vLLM's log that mark the end of weight loading (the wording changed across versions).
-WEIGHTS_LOADED = re.compile(r"Loading weights took|Model loading took|weights loaded")
+WEIGHTS_LOADED = re.compile(
+    r"Loading weights took|Model loading took|weights loaded|appliance-store: loaded"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--health-path", default="/health")
+    p.add_argument(
+        "--compile-cache-dir",
+        type=Path,
+        default=None,
+        help="vLLM's compile and CUDA-graph cache; kept per node, in a folder named after it.",
+    )
     p.add_argument(
         "--store-spec",
         default=None,
@@ -133,6 +141,15 @@ def server_env(args: argparse.Namespace, device: str) -> dict[str, str]:
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.cpu_kv_cache_gib:g}"
     env["PYTHONUNBUFFERED"] = "1"
+    if device == "cuda":
+        # FlashInfer's sampler compiles its kernels on the first start of a machine (it was not
+        # ready after 150 s on an H100); PyTorch's sampler needs no compiler.
+        env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    if getattr(args, "compile_cache_dir", None):
+        # Compiled graphs depend on the node's GPUs and software: one cache per node, reused by
+        # every later start there (a start with it warm skips torch.compile's work).
+        node = envs.SLURMD_NODENAME or socket.gethostname()
+        env["VLLM_CACHE_ROOT"] = str(args.compile_cache_dir / node)
     if getattr(args, "lora_store", None):
         env["APPLIANCE_LORA_STORE"] = args.lora_store
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"

@@ -81,6 +81,7 @@ def render_instance_script(
         ("--max-model-len", str(spec.max_model_len)),
         ("--cpu-kv-cache-gib", f"{serving.cpu_kv_cache_gib:g}"),
         ("--health-path", serving.health_path),
+        ("--compile-cache-dir", str(settings.compile_cache_dir)),
     ]
     if spec.source_kind == "store":
         from appliance.store.keyring import load_spec

@@ -45,6 +45,16 @@ def test_vllm_gpu_command():
     assert "VLLM_CPU_KVCACHE_SPACE" not in server_env(args, "cuda")
 
 
+def test_gpu_env_sampler_and_compile_cache_per_node(monkeypatch):
+    monkeypatch.setenv("SLURMD_NODENAME", "gpu07")
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    args = parse_args([*BASE, "--compile-cache-dir", "/var/lib/appliance/cache/vllm"])
+    env = server_env(args, "cuda")
+    assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"  # no JIT compile on a machine's first start
+    assert env["VLLM_CACHE_ROOT"] == "/var/lib/appliance/cache/vllm/gpu07"
+    assert "VLLM_USE_FLASHINFER_SAMPLER" not in server_env(args, "cpu")
+
+
 def test_embedding_command():
     args = parse_args([*BASE, "--engine", "sentence-transformers"])
     cmd = server_command(args, 99, "cpu")
