@@ -216,12 +216,7 @@ class Launcher:
         if not self.args.store_spec:
             return self._serve(self.args)
         from appliance.errors import ApplianceError
-        from appliance.store.serving import (
-            LOAD_FORMAT,
-            StoreLoadSpec,
-            materialize_model_files,
-            remove_model_files,
-        )
+        from appliance.store.serving import LOAD_FORMAT, ModelFiles, StoreLoadSpec
 
         spec = StoreLoadSpec.from_dict(json.loads(self.args.store_spec))
         try:
@@ -234,9 +229,9 @@ class Launcher:
                 self.endpoint.exit_code = STORE_REFUSED
                 write_endpoint(self.args.endpoint_dir, self.endpoint)
             return STORE_REFUSED
-        files = materialize_model_files(stored)
+        files = ModelFiles.claim(stored)
         args = argparse.Namespace(**vars(self.args))
-        args.model_path = files
+        args.model_path = files.path
         args.extra = [
             "--load-format",
             LOAD_FORMAT,
@@ -247,7 +242,7 @@ class Launcher:
         try:
             return self._serve(args)
         finally:
-            remove_model_files(files)
+            files.release()
 
     def _serve(self, args: argparse.Namespace) -> int:
         cmd = server_command(args, self.port, self.device)

@@ -9,11 +9,13 @@ pointing at a private directory in memory holding config.json and the tokenizer.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +31,8 @@ LOAD_FORMAT = "appliance-store"
 # A directory in memory (tmpfs) for the model's config and tokenizer, so nothing decrypted from
 # the store is written to disk; the weights themselves never leave process memory.
 MEMORY_DIRS = (Path("/dev/shm"), Path("/run"))
+# Instances of one model that may run on one node at once (each holds a slot of its files).
+MAX_SLOTS = 64
 
 
 @dataclass
@@ -106,21 +110,65 @@ def load_kek(
     return KeyEncryptionKey.from_kdf_params(passphrase, params)
 
 
-def materialize_model_files(model: StoredModel) -> Path:
-    """config.json, tokenizer and the other small files, in a private directory in memory.
-    The caller removes it (remove_model_files) when the server exits."""
-    base = next((d for d in MEMORY_DIRS if d.is_dir() and os.access(d, os.W_OK)), None)
-    path = Path(tempfile.mkdtemp(prefix=f"appliance-{model.model_id}-", dir=base))
+def _memory_dir() -> Path | None:
+    return next((d for d in MEMORY_DIRS if d.is_dir() and os.access(d, os.W_OK)), None)
+
+
+def _write_files(model: StoredModel, path: Path) -> None:
     for name, content in model.index.files.items():
         target = path / name
         if target.parent != path:  # names come from the authenticated index, but stay flat
             raise ValueError(f"unexpected file name in the index: {name!r}")
         target.write_bytes(content)
+
+
+def materialize_model_files(model: StoredModel) -> Path:
+    """config.json, tokenizer and the other small files, in a new private directory in memory;
+    the caller removes it when it is done."""
+    path = Path(tempfile.mkdtemp(prefix=f"appliance-{model.model_id}-", dir=_memory_dir()))
+    _write_files(model, path)
     return path
 
 
-def remove_model_files(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+class ModelFiles:
+    """A model's small files in a private directory in memory whose path is the same each time
+    the model starts on this node: vLLM keys its compile cache by the model's path, so a random
+    path would recompile on every start. Each running instance holds one slot (a lock file says
+    which are taken); `release` removes the files and frees the slot."""
+
+    def __init__(self, path: Path, lock_fd: int):
+        self.path = path
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def claim(cls, model: StoredModel, base: Path | None = None) -> ModelFiles:
+        base = base or Path(_memory_dir() or tempfile.gettempdir()) / f"appliance-{os.getuid()}"
+        base.mkdir(mode=0o700, exist_ok=True)
+        st = base.lstat()
+        # A folder another account made (or a link) in a shared /dev/shm must not be used.
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{base} is not a private folder of this account")
+        for slot in range(MAX_SLOTS):
+            fd = os.open(base / f"{model.model_id}.{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            files = cls(base / f"{model.model_id}.{slot}", fd)
+            try:
+                shutil.rmtree(files.path, ignore_errors=True)  # what a killed instance left
+                files.path.mkdir(mode=0o700)
+                _write_files(model, files.path)
+            except BaseException:
+                files.release()
+                raise
+            return files
+        raise RuntimeError(f"{MAX_SLOTS} instances of {model.model_id} already run here")
+
+    def release(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock_fd)
 
 
 def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
