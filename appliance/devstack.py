@@ -234,6 +234,35 @@ def running_store_service(settings: ApplianceSettings, node: str, url: str) -> I
         yield url
 
 
+@contextlib.contextmanager
+def running_standby(settings: ApplianceSettings, node: str, timeout: float = 120) -> Iterator[Path]:
+    """Run `appliance standby serve` for `node`; yields its socket once it answers; stops it."""
+    path = settings.standby_socket(node)
+    config = write_config(settings, settings.state_dir / f"standby-{node}-config.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    argv = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), "standby",
+            "serve", "--node", node]  # fmt: skip
+    log_path = settings.state_dir / f"standby-{node}.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while b"ready on" not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"standby did not start:\n{tail(log_path, 40)}")
+            time.sleep(0.2)
+        yield path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 def cancel_instances(settings: ApplianceSettings, timeout: float = 30.0) -> None:
     """Cancel every instance job of this stack and wait (bounded) until Slurm has ended them."""
     client = SlurmClient(LocalRunner(), settings.slurm_conf)

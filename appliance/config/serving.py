@@ -28,6 +28,12 @@ class ServingSettings(BaseModel):
     """Run vLLM on CPU without graph compilation: ready in ~25 s instead of ~80 s, with the same
     throughput for small models. GPU instances always use CUDA graphs."""
 
+    standby: bool = False
+    """Start vLLM instances through each node's warm standby (`appliance standby serve`, one
+    process per node with vLLM and torch already imported, that forks a server for each
+    instance): a cold start skips Python's start and those imports. Where no standby answers,
+    the instance starts the usual way."""
+
     extra_vllm_args: list[str] = Field(default_factory=list)
     """Extra arguments appended to every vLLM command line."""
 

@@ -154,6 +154,10 @@ class ApplianceSettings(BaseSettings):
     def instances_dir(self) -> Path:
         return self.state_dir / "instances"
 
+    def standby_socket(self, node: str) -> Path:
+        """Where a node's warm standby listens (`{node}` in the instances' scripts)."""
+        return self.state_dir / "run" / f"standby-{node}.sock"
+
     @property
     def compile_cache_dir(self) -> Path:
         """vLLM's compile caches, one folder per node (serving.launch)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from appliance import envs
 from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
+from appliance.serving.standby import SERVER_MODULE, StandbyServer
 
 # Exit code of a launcher that refused to start a model its policy or key does not allow.
 STORE_REFUSED = 3
@@ -45,6 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--health-path", default="/health")
+    p.add_argument(
+        "--standby-socket",
+        type=Path,
+        default=None,
+        help="The node's warm standby (appliance.serving.standby): start vLLM through it when "
+        "it answers; `{node}` is this node's name.",
+    )
     p.add_argument(
         "--compile-cache-dir",
         type=Path,
@@ -111,7 +119,7 @@ def server_command(args: argparse.Namespace, port: int, device: str) -> list[str
     cmd = [
         sys.executable,
         "-m",
-        "vllm.entrypoints.openai.api_server",
+        SERVER_MODULE,
         "--model",
         str(args.model_path),
         "--served-model-name",
@@ -178,7 +186,7 @@ class Launcher:
             phases={"job_started_at": float(started)} if started else {},
         )
         self._lock = threading.Lock()
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc: subprocess.Popen[str] | StandbyServer | None = None
 
     def mark(self, phase: str) -> None:
         with self._lock:
@@ -244,6 +252,17 @@ class Launcher:
         finally:
             files.release()
 
+    def _from_standby(self, args: argparse.Namespace, cmd: list[str], env: dict[str, str]):
+        """The vLLM server forked by the node's warm standby, or None (start it here)."""
+        if args.standby_socket is None or args.engine != "vllm":
+            return None
+        node = envs.SLURMD_NODENAME or socket.gethostname()
+        path = Path(str(args.standby_socket).replace("{node}", node))
+        server = StandbyServer.start(path, cmd[cmd.index(SERVER_MODULE) + 1 :], env)
+        if server is not None:
+            print(f"appliance: server started by the standby on {path}", flush=True)
+        return server
+
     def _serve(self, args: argparse.Namespace) -> int:
         cmd = server_command(args, self.port, self.device)
         print(
@@ -252,13 +271,9 @@ class Launcher:
         write_endpoint(self.args.endpoint_dir, self.endpoint)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._forward)
-        self.proc = subprocess.Popen(
-            cmd,
-            env=server_env(args, self.device),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
+        env = server_env(args, self.device)
+        self.proc = self._from_standby(args, cmd, env) or subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
         pump = threading.Thread(target=self._pump_output, daemon=True)
         pump.start()

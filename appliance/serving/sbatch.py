@@ -91,6 +91,8 @@ def render_instance_script(
         from appliance.store.lora import lora_store_json
 
         options.append(("--lora-store", lora_store_json(settings, spec.name)))
+    if serving.standby and spec.engine == "vllm":
+        options.append(("--standby-socket", str(settings.standby_socket("{node}"))))
     if serving.enforce_eager:
         options.append(("--enforce-eager", None))
     if request.gpu_memory_utilization is not None:

@@ -45,7 +45,7 @@ def stack(tmp_path_factory):
     work = Path(os.environ.get("APPLIANCE_GPU_WORK") or tmp_path_factory.mktemp("gpu"))
     args = type("Args", (), {"work": work, "preset": PRESET, "max_model_len": 4096})()
     part_setup(args, {})
-    settings = stack_settings(work, PRESET, [])
+    settings = stack_settings(work, PRESET)
     with running_stack(settings) as (url, store_url):
         # From the store itself, not the host tier: the path that decrypts on the GPU.
         httpx.delete(f"{store_url}/models/{PRESET}/cache", timeout=60)
