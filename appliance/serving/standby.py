@@ -36,16 +36,17 @@ MAX_REQUEST_BYTES = 1 << 20
 KILL_GRACE_S = 10.0
 
 
-def preload() -> None:
+def preload(module: str) -> None:
     """Import what every model server imports, without initialising CUDA."""
     import importlib
 
-    for name in (SERVER_MODULE, "appliance.store.serving", "appliance.store.loader"):
-        importlib.import_module(name)
-    import torch
+    importlib.import_module(module)
+    if module == SERVER_MODULE:
+        importlib.import_module("appliance.store.serving")
+        import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        raise RuntimeError("the standby initialised CUDA: forked servers could not use it")
+        if torch.cuda.is_initialized():
+            raise RuntimeError("the standby initialised CUDA: forked servers could not use it")
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -67,9 +68,10 @@ def _private_socket(path: Path) -> socket.socket:
     return server
 
 
-def serve(path: Path) -> None:
-    """Preload, then fork a server for every request on the socket, until SIGTERM."""
-    preload()
+def serve(path: Path, module: str = SERVER_MODULE) -> None:
+    """Preload, then fork a server (`python -m module`) for every request on the socket, until
+    SIGTERM."""
+    preload(module)
     server = _private_socket(path)
     # Children are reaped as they end; each child resets this for vLLM's own subprocesses.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -94,7 +96,7 @@ def serve(path: Path) -> None:
             pid = os.fork()
             if pid == 0:  # the child: never returns
                 server.close()
-                _become_server(conn, request, fds[0] if fds else None)
+                _become_server(conn, request, fds[0] if fds else None, module)
             conn.close()
             for fd in fds:
                 os.close(fd)
@@ -109,7 +111,7 @@ def _send(conn: socket.socket, message: dict) -> None:
         conn.sendall((json.dumps(message) + "\n").encode())
 
 
-def _become_server(conn: socket.socket, request: dict, out_fd: int | None) -> None:
+def _become_server(conn: socket.socket, request: dict, out_fd: int | None, module: str) -> None:
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -125,9 +127,9 @@ def _become_server(conn: socket.socket, request: dict, out_fd: int | None) -> No
         conn.settimeout(None)
         _send(conn, {"pid": os.getpid()})
         threading.Thread(target=_watch_launcher, args=(conn,), daemon=True).start()
-        sys.argv = [SERVER_MODULE, *request["argv"]]
+        sys.argv = [module, *request["argv"]]
         try:
-            runpy.run_module(SERVER_MODULE, run_name="__main__", alter_sys=True)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -170,12 +172,12 @@ class StandbyServer:
     """The launcher's side: a server started by the node's standby, used like a Popen (stdout to
     read, send_signal, wait, poll)."""
 
-    def __init__(self, conn: socket.socket, stdout, pid: int):
+    def __init__(self, conn: socket.socket, lines, stdout, pid: int):
         self._conn = conn
+        self._lines = lines  # the standby's messages (one reader: its buffer holds what is next)
         self.stdout = stdout
         self.pid = pid
         self.returncode: int | None = None
-        self._lines = conn.makefile("rb")
 
     @classmethod
     def start(
@@ -193,7 +195,8 @@ class StandbyServer:
             socket.send_fds(conn, [json.dumps(body).encode()], [write_fd])
             os.close(write_fd)
             write_fd = -1
-            answer = json.loads(conn.makefile("rb").readline() or b"{}")
+            lines = conn.makefile("rb")
+            answer = json.loads(lines.readline() or b"{}")
             pid = int(answer["pid"])
         except (OSError, ValueError, KeyError) as exc:
             log.warning("standby on %s not used: %s", path, exc)
@@ -203,7 +206,7 @@ class StandbyServer:
                 os.close(write_fd)
             return None
         conn.settimeout(None)
-        return cls(conn, os.fdopen(read_fd, "r", buffering=1), pid)
+        return cls(conn, lines, os.fdopen(read_fd, "r", buffering=1), pid)
 
     def send_signal(self, signum: int) -> None:
         _send(self._conn, {"signal": int(signum)})
@@ -219,8 +222,13 @@ class StandbyServer:
                 with contextlib.suppress(ValueError, KeyError):
                     code = int(json.loads(line)["exit"])
             self.returncode = code
-            self._conn.close()
+            self.close()
         return self.returncode
+
+    def close(self) -> None:
+        """Drop the connection: the standby's child then kills the server."""
+        self._lines.close()
+        self._conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--socket", required=True, type=Path)
+    ap.add_argument("--module", default=SERVER_MODULE, help="The server's module (tests).")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    serve(args.socket)
+    serve(args.socket, args.module)
     return 0
 
 
