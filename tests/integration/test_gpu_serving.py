@@ -43,7 +43,7 @@ EMBEDDING = "all-minilm-l6-v2"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     work = Path(os.environ.get("APPLIANCE_GPU_WORK") or tmp_path_factory.mktemp("gpu"))
-    args = type("Args", (), {"work": work, "preset": PRESET, "max_model_len": 4096})()
+    args = type("Args", (), {"work": work, "preset": PRESET, "max_model_len": 8192})()
     part_setup(args, {})
     settings = stack_settings(work, PRESET)
     with running_stack(settings) as (url, store_url):
