@@ -8,7 +8,6 @@ pointing at a private directory in memory holding config.json and the tokenizer.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -182,7 +181,6 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
     from appliance.store.loader import (
         DEFAULT_THREADS,
         load_to_host,
-        registered_for_copies,
         stream_to_gpu,
         tensor_views,
     )
@@ -199,15 +197,15 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
     socket_path = spec.host_socket_path()
     cached = open_from_host_tier(socket_path, spec.model_id) if socket_path else None
     if cached is not None:
-        # Views straight into the tier's mapping: vLLM copies each tensor (its shard of it,
-        # under tensor parallelism) into its parameter, from page-locked memory on a GPU.
-        pinning = registered_for_copies(cached.map, device) if cuda else contextlib.nullcontext()
-        with cached, pinning:
-            host = torch.frombuffer(cached.map, dtype=torch.uint8)
-            loaded = model.load_weights(iter(tensor_views(stored, host).items()))
+        with cached:
             if cuda:
-                torch.cuda.synchronize(device)
-            del host
+                weights = stream_to_gpu(stored, device=device, threads=threads, mapping=cached.map)
+            else:  # views straight into the tier's mapping: vLLM copies each into its parameter
+                weights = iter(
+                    tensor_views(stored, torch.frombuffer(cached.map, dtype=torch.uint8)).items()
+                )
+            loaded = model.load_weights(weights)
+            del weights
         source = "the host tier"
     elif cuda:
         loaded = model.load_weights(

@@ -54,6 +54,9 @@ install() {
     >"$site/appliance-0.1.0.dist-info/METADATA"
   printf '[vllm.general_plugins]\nappliance_store = appliance.store.serving:register\n' \
     >"$site/appliance-0.1.0.dist-info/entry_points.txt"
+  # The store's load policies bind models to a host fingerprint made from the machine id; a
+  # container image may have none (systemd-machine-id-setup would make one).
+  [ -s /etc/machine-id ] || python3 -c 'import uuid; print(uuid.uuid4().hex)' >/etc/machine-id
   tar -C "$stage" -xf "$stage/slurm-debs.tar"
   "$repo/benchmarks/gpu/slurm_unpack.sh" "$stage/slurm-debs" /tmp/slurm
   cat >"$ENV_FILE" <<ENV

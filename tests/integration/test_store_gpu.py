@@ -4,6 +4,7 @@ decrypted on the GPU equal the source and the CPU path; tampering is refused the
 from __future__ import annotations
 
 import datetime as dt
+import mmap
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ from safetensors.torch import save_file
 
 from appliance.store.format import DATA_FILE
 from appliance.store.importer import import_checkpoint
-from appliance.store.loader import PinnedRing, load_to_gpu, plan_windows, stream_to_gpu
+from appliance.store.loader import (
+    PinnedRing,
+    load_to_gpu,
+    load_to_host,
+    plan_windows,
+    stream_to_gpu,
+)
 from appliance.store.model import AccessRequest, StoredModel, StoreIntegrityError
 from security.keys import generate_key_file
 from security.policy import LoadPolicy, generate_signing_key, load_signing_key, sign_policy
@@ -113,3 +120,19 @@ def test_streaming_load_hands_out_nothing_of_a_window_that_fails(stored):
         for name, _t in stream_to_gpu(model, ring=PinnedRing(4, 128 << 10), window_bytes=WINDOW):
             seen.append(name)
     assert seen and not {e.name for e in last.tensors} & set(seen)
+
+
+def test_streaming_from_a_host_tier_mapping(stored):
+    path, kek, who, tensors = stored
+    model = StoredModel.open(path, kek=kek, access=who)
+    flat, _ = load_to_host(model)
+    mm = mmap.mmap(-1, model.data_bytes)
+    mm[:] = flat.numpy().tobytes()
+    got = {
+        name: t.clone()
+        for name, t in stream_to_gpu(
+            model, ring=PinnedRing(4, 128 << 10), window_bytes=WINDOW, mapping=mm
+        )
+    }
+    for name, t in tensors.items():
+        assert torch.equal(got[name].cpu(), t), name
