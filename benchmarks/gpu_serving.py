@@ -357,6 +357,7 @@ def part_coldstart(args, results: dict) -> None:
     for i in range(args.runs - len(base)):
         log = logs / f"vllm-default-{i + 1}.log"
         base.append(round(vllm_default_start(path, free_port(), log), 3))
+        save(args.work, results)
     variants = results.setdefault("variants", {})
     for name in args.variants:
         vllm_args, standby = VARIANTS[name]
@@ -367,9 +368,11 @@ def part_coldstart(args, results: dict) -> None:
             if not runs:
                 warm = cold_start(url, store_url, settings, args.preset, "host")
                 variants[name]["first_start"] = warm
+                save(args.work, results)
             for _ in range(args.runs):
                 runs.append(cold_start(url, store_url, settings, args.preset, "host"))
                 print(name, json.dumps(runs[-1]), flush=True)
+                save(args.work, results)
             for tier in args.tiers:
                 runs.append(cold_start(url, store_url, settings, args.preset, tier))
                 print(name, json.dumps(runs[-1]), flush=True)
