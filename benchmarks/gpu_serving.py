@@ -67,8 +67,9 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "eager": (["--enforce-eager"], False),
     "standby": ([], True),
     "standby-eager": (["--enforce-eager"], True),
-    # FlashInfer's kernel autotuning runs at every start (13 s seen after the CUDA graphs on an
-    # H100), and graphs for batches above 64 sequences take capture time a cold start pays.
+    # An H100 start spent 13 s in "init engine" after the CUDA graphs; FlashInfer's kernel
+    # autotuning (on by default, at every start) is the suspect this variant tests. Graphs for
+    # batches above 64 sequences are capture time a cold start pays for little.
     "standby-lean": (
         [
             "--kernel-config", '{"enable_flashinfer_autotune": false}',
