@@ -194,12 +194,7 @@ def _running_service(
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        _terminate(proc)
 
 
 @contextlib.contextmanager
@@ -255,12 +250,17 @@ def running_standby(settings: ApplianceSettings, node: str, timeout: float = 120
             time.sleep(0.2)
         yield path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        _terminate(proc)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def cancel_instances(settings: ApplianceSettings, timeout: float = 30.0) -> None:
