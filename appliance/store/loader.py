@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.store.format import TensorEntry
-from appliance.store.model import StoredModel, read_exact
+from appliance.store.model import StoredModel, StoreIntegrityError, read_exact
+from appliance.store.sharding import (
+    LlamaSharding,
+    Shard,
+    byte_range,
+    tensor_shards,
+    zero_outside,
+)
 from security.aesgcm import address_of
 
 if TYPE_CHECKING:
@@ -198,22 +205,37 @@ class _GpuFiller:
             raise ValueError("the staging unit must be a multiple of the chunk size")
         self.fd = _open(model, direct) if mapping is None else -1
 
-    def fill(self, dest: torch.Tensor, first: int, end: int) -> None:
-        """Chunks first..end-1, plaintext, into `dest` (uint8 on the device, from its start)."""
+    def fill(
+        self,
+        dest: torch.Tensor,
+        first: int,
+        end: int,
+        reads: tuple[tuple[int, int], ...] | None = None,
+    ) -> None:
+        """Chunks first..end-1, plaintext, into `dest` (uint8 on the device, chunk `first` at its
+        start). With `reads`, disjoint ranges (a, b) of those chunks, only chunks a..b-1 of each
+        are read, decrypted and authenticated; the rest of `dest` is left as it was."""
         import torch
 
         model, ring, decryptor = self.model, self.ring, self.decryptor
         chunk, unit = model.header.chunk_bytes, self.ring.unit_bytes
         base = first * chunk
-        stop = min(end * chunk, model.data_bytes)
-        n_units = -(-(stop - base) // unit)
-        per_unit = unit // chunk
+        reads = ((first, end),) if reads is None else reads
+        # (offset in the file, bytes, its first chunk) of each unit, range by range.
+        units = []
+        for a, b in reads:
+            lo, hi = a * chunk, min(b * chunk, model.data_bytes)
+            units += [(o, min(unit, hi - o), o // chunk) for o in range(lo, hi, unit)]
         slots_free = list(range(ring.threads))
         lock = threading.Lock()
         local = threading.local()
-        torch.cuda.synchronize(self.device)  # whoever read `dest` before is done with it
         if decryptor is not None:
-            decryptor.restart(first, end, torch.cuda.current_stream(self.device))
+            current = torch.cuda.current_stream(self.device)
+            for a, b in reads:
+                decryptor.restart(a, b, current)
+        # Whoever read `dest` before is done with it, and the sums are reset before any
+        # decryption on the threads' streams.
+        torch.cuda.synchronize(self.device)
 
         def one(u: int) -> None:
             state = getattr(local, "state", None)
@@ -227,8 +249,7 @@ class _GpuFiller:
             if events[k] is not None:
                 events[k].synchronize()  # the slot's previous copy must be done before reuse
             slot = pair[k]
-            offset = base + u * unit
-            n = min(unit, stop - offset)
+            offset, n, c0 = units[u]
             addr = slot.data_ptr()
             # One read per unit, then decryption in place: every call takes the GIL back, and
             # with 16 threads fewer, larger calls measured faster (reading through a small buffer
@@ -238,7 +259,7 @@ class _GpuFiller:
             else:
                 read_exact(self.fd, memoryview(slot.numpy())[:n], offset)
             for j in range(-(-n // chunk) if self.cpu_decrypt else 0):
-                i = first + u * per_unit + j
+                i = c0 + j
                 c_off, c_n = model.chunk_span(i)
                 model.decrypt_chunk(i, addr + (c_off - offset), c_n)
             with torch.cuda.stream(stream):
@@ -247,14 +268,20 @@ class _GpuFiller:
                 ev = torch.cuda.Event()
                 ev.record(stream)
                 if decryptor is not None:
-                    decryptor.decrypt(target, first + u * per_unit, stream)
+                    decryptor.decrypt(target, c0, stream)
             events[k] = ev
 
         with ring.lock:
-            _run_parallel(one, n_units, ring.threads)
+            _run_parallel(one, len(units), ring.threads)
             torch.cuda.synchronize(self.device)
         if decryptor is not None:
-            decryptor.verify(dest[: stop - base], first, end)
+            try:
+                for a, b in reads:
+                    stop = min(b * chunk, model.data_bytes)
+                    decryptor.verify(dest[a * chunk - base : stop - base], a, b)
+            except StoreIntegrityError:
+                dest.zero_()  # the other ranges' plaintext too
+                raise
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -295,13 +322,22 @@ class Window:
     first: int
     end: int
     tensors: tuple[TensorEntry, ...]
+    # The ranges of chunks (a, b) to read: all of first..end-1 unless a tensor-parallel rank
+    # needs only parts of the tensors.
+    reads: tuple[tuple[int, int], ...]
+    # Each tensor's part the rank needs (None: all of it), in the order of `tensors`.
+    shards: tuple[Shard | None, ...]
 
 
-def plan_windows(model: StoredModel, window_bytes: int) -> list[Window]:
+def plan_windows(
+    model: StoredModel, window_bytes: int, shards: LlamaSharding | None = None
+) -> list[Window]:
     """The model's tensors, in file order, grouped into windows of whole chunks of at most
     `window_bytes` (a larger tensor gets a window of its own). Neighbouring windows may share a
-    chunk, which is then read twice."""
+    chunk, which is then read twice. With `shards` (a tensor-parallel rank's split of the
+    model), a window reads only the chunks that hold the parts of its tensors the rank needs."""
     chunk = model.header.chunk_bytes
+    parts = tensor_shards(model.index, shards) if shards is not None else {}
     windows: list[Window] = []
     group: list[TensorEntry] = []
     for e in sorted(model.index.tensors, key=lambda e: e.offset):
@@ -309,17 +345,39 @@ def plan_windows(model: StoredModel, window_bytes: int) -> list[Window]:
             first = group[0].offset // chunk
             end = -(-(e.offset + e.nbytes) // chunk)
             if (end - first) * chunk > window_bytes:
-                windows.append(_window(group, chunk))
+                windows.append(_window(group, chunk, parts))
                 group = []
         group.append(e)
     if group:
-        windows.append(_window(group, chunk))
+        windows.append(_window(group, chunk, parts))
     return windows
 
 
-def _window(group: list[TensorEntry], chunk: int) -> Window:
+def _window(group: list[TensorEntry], chunk: int, parts: dict[str, Shard]) -> Window:
     last = max(e.offset + e.nbytes for e in group)
-    return Window(group[0].offset // chunk, -(-last // chunk), tuple(group))
+    first, end = group[0].offset // chunk, -(-last // chunk)
+    shards = tuple(parts.get(e.name) for e in group)
+    if not parts:
+        return Window(first, end, tuple(group), ((first, end),), shards)
+    spans = []
+    for e, part in zip(group, shards, strict=True):
+        lo, hi = byte_range(e, part)
+        if hi > lo:
+            spans.append((lo // chunk, -(-hi // chunk)))
+    reads: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if reads and a <= reads[-1][1]:  # overlapping or adjacent: one range
+            reads[-1] = (reads[-1][0], max(b, reads[-1][1]))
+        else:
+            reads.append((a, b))
+    return Window(first, end, tuple(group), tuple(reads), shards)
+
+
+def read_bytes(model: StoredModel, windows: list[Window]) -> int:
+    """Bytes of tensors.bin a load through `windows` reads (a chunk two windows share counts
+    twice)."""
+    chunk = model.header.chunk_bytes
+    return sum(min(b * chunk, model.data_bytes) - a * chunk for w in windows for a, b in w.reads)
 
 
 def stream_to_gpu(
@@ -331,6 +389,7 @@ def stream_to_gpu(
     gpu_decrypt: bool = True,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
     mapping=None,
+    shards: LlamaSharding | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor on the GPU) for every tensor (aliases after their target), through one
     device window of about `window_bytes` (or the largest tensor): the model is never on the GPU
@@ -339,10 +398,14 @@ def stream_to_gpu(
     before it asks for the next window (vLLM's `load_weights` copies each into its parameter).
     `mapping`: the model's decrypted bytes from the host tier, copied through the pinned ring
     (measured: page-locking a whole 16 GB mapping and copying tensor by tensor took 9.4 s on an
-    H100, against 1.1 s for the store's file through the ring)."""
+    H100, against 1.1 s for the store's file through the ring).
+    `shards`: a tensor-parallel rank's split of the model (see sharding.py). Each tensor is still
+    handed out whole-shaped (vLLM's weight loaders narrow it), but only the part the rank needs
+    holds the weights and the rest is zero; only the chunks of those parts are read, decrypted
+    and authenticated."""
     import torch
 
-    windows = plan_windows(model, window_bytes)
+    windows = plan_windows(model, window_bytes, shards)
     chunk = model.header.chunk_bytes
     span = max((w.end - w.first) * chunk for w in windows) if windows else 0
     aliases: dict[str, list[str]] = {}
@@ -352,11 +415,16 @@ def stream_to_gpu(
     buf = torch.empty(min(span, model.data_bytes), dtype=torch.uint8, device=device)
     try:
         for w in windows:
-            filler.fill(buf, w.first, w.end)
+            filler.fill(buf, w.first, w.end, w.reads)
             base = w.first * chunk
-            for e in w.tensors:
+            tensors = []
+            for e, part in zip(w.tensors, w.shards, strict=True):
                 view = buf[e.offset - base : e.offset - base + e.nbytes]
                 tensor = view.view(torch_dtype(e.dtype)).reshape(e.shape)
+                if part is not None:
+                    zero_outside(tensor, part)  # chunks not read, or other ranks' rows
+                tensors.append(tensor)
+            for e, tensor in zip(w.tensors, tensors, strict=True):
                 yield e.name, tensor
                 for alias in aliases.get(e.name, ()):
                     yield alias, tensor

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.store.model import AccessRequest, StoredModel
+from appliance.store.sharding import LlamaSharding
 from security.keys import KdfParams, KeyEncryptionKey, KeySetupError
 
 # Under "vllm." so the lines show in the instance log with vLLM's own (it configures that tree).
@@ -180,7 +181,10 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
     from appliance.store.host_cache import open_from_host_tier
     from appliance.store.loader import (
         DEFAULT_THREADS,
+        DEFAULT_WINDOW_BYTES,
         load_to_host,
+        plan_windows,
+        read_bytes,
         stream_to_gpu,
         tensor_views,
     )
@@ -194,12 +198,16 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     threads = spec.threads or DEFAULT_THREADS
+    # Under tensor parallelism each rank reads and decrypts only the parts its weights take.
+    shards = _rank_sharding(model, stored) if cuda else None
     socket_path = spec.host_socket_path()
     cached = open_from_host_tier(socket_path, spec.model_id) if socket_path else None
     if cached is not None:
         with cached:
             if cuda:
-                weights = stream_to_gpu(stored, device=device, threads=threads, mapping=cached.map)
+                weights = stream_to_gpu(
+                    stored, device=device, threads=threads, mapping=cached.map, shards=shards
+                )
             else:  # views straight into the tier's mapping: vLLM copies each into its parameter
                 weights = iter(
                     tensor_views(stored, torch.frombuffer(cached.map, dtype=torch.uint8)).items()
@@ -209,7 +217,13 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
         source = "the host tier"
     elif cuda:
         loaded = model.load_weights(
-            stream_to_gpu(stored, device=device, threads=threads, gpu_decrypt=spec.gpu_decrypt)
+            stream_to_gpu(
+                stored,
+                device=device,
+                threads=threads,
+                gpu_decrypt=spec.gpu_decrypt,
+                shards=shards,
+            )
         )
         source = "the store"
     else:
@@ -229,6 +243,12 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
         # Parameters plus whatever the load staged: 1.0 would be the model alone.
         ratio = torch.cuda.max_memory_allocated(device) / stored.data_bytes
         peak = f"; load_peak_gpu_bytes_over_model={ratio:.3f}"
+    if shards is not None:
+        read = read_bytes(stored, plan_windows(stored, DEFAULT_WINDOW_BYTES, shards))
+        peak += (
+            f"; tensor-parallel rank {shards.rank} of {shards.world} read "
+            f"{read / 1e9:.2f} GB ({read / stored.data_bytes:.3f} of the model)"
+        )
     log.info(
         "appliance-store: loaded %s from %s (%d tensors, %.2f GB) in %.2f s%s",
         spec.model_id,
@@ -238,6 +258,22 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
         seconds,
         peak,
     )
+
+
+def _rank_sharding(model: Any, stored: StoredModel) -> LlamaSharding | None:
+    """This tensor-parallel rank's split of the model's weights, or None: one rank, or a model
+    whose split is not known here (every rank then reads the whole model, as before)."""
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+
+    world = get_tensor_model_parallel_world_size()
+    config = stored.index.files.get("config.json")
+    # The vLLM class decides how the weights are split, whatever config.json names.
+    if world <= 1 or config is None or type(model).__name__ not in LlamaSharding.ARCHITECTURES:
+        return None
+    return LlamaSharding.from_config(config, world, get_tensor_model_parallel_rank())
 
 
 def register() -> None:

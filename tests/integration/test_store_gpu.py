@@ -1,15 +1,18 @@
 """The store's GPU paths on a real GPU (run on the device machine with `pytest -m gpu`): loads
-decrypted on the GPU equal the source and the CPU path; tampering is refused there too."""
+decrypted on the GPU equal the source and the CPU path; tampering is refused there too; a
+simulated tensor-parallel rank gets its parts of the weights and reads only those."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import mmap
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from appliance.store import loader
 from appliance.store.format import DATA_FILE
 from appliance.store.importer import import_checkpoint
 from appliance.store.loader import (
@@ -17,9 +20,11 @@ from appliance.store.loader import (
     load_to_gpu,
     load_to_host,
     plan_windows,
+    read_bytes,
     stream_to_gpu,
 )
 from appliance.store.model import AccessRequest, StoredModel, StoreIntegrityError
+from appliance.store.sharding import LlamaSharding, byte_range, zero_outside
 from security.keys import generate_key_file
 from security.policy import LoadPolicy, generate_signing_key, load_signing_key, sign_policy
 
@@ -136,3 +141,153 @@ def test_streaming_from_a_host_tier_mapping(stored):
     }
     for name, t in tensors.items():
         assert torch.equal(got[name].cpu(), t), name
+
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 512,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 1536,
+    "vocab_size": 1000,
+    "num_hidden_layers": 2,
+}
+
+
+@pytest.fixture
+def stored_llama(tmp_path):
+    """A small Llama-shaped model (Hugging Face names, float32) in the store, 64 KiB chunks."""
+    kek = generate_key_file(tmp_path / "kek.key")
+    pub = generate_signing_key(tmp_path / "signing.key")
+    src = tmp_path / "src"
+    src.mkdir()
+    g = torch.Generator().manual_seed(1)
+    h, inter, vocab = LLAMA["hidden_size"], LLAMA["intermediate_size"], LLAMA["vocab_size"]
+    kv_rows = LLAMA["num_key_value_heads"] * h // LLAMA["num_attention_heads"]
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
+    for i in range(LLAMA["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv_rows, h),
+            p + "self_attn.v_proj.weight": (kv_rows, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
+    # No zeros in the weights: a zero in a rank's part would hide a part left unread.
+    tensors = {n: torch.rand(s, generator=g) + 0.5 for n, s in shapes.items()}
+    save_file(tensors, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(LLAMA))
+    policy = sign_policy(
+        LoadPolicy(model_id="llama", issuer="t", issued_at=dt.datetime.now(dt.UTC)),
+        load_signing_key(tmp_path / "signing.key"),
+    )
+    path = import_checkpoint(
+        src,
+        tmp_path / "store",
+        "llama",
+        kek=kek,
+        policy=policy,
+        chunk_bytes=64 << 10,
+        progress=False,
+    )
+    model = StoredModel.open(path, kek=kek, access=AccessRequest("u", "h", [pub]))
+    return model, tensors
+
+
+def counting_reads(monkeypatch) -> list[int]:
+    """Bytes the loader reads from tensors.bin, one entry a read."""
+    counts: list[int] = []
+    real = loader.read_exact
+
+    def read_exact(fd, view, offset):
+        counts.append(len(view))
+        real(fd, view, offset)
+
+    monkeypatch.setattr(loader, "read_exact", read_exact)
+    return counts
+
+
+@pytest.mark.parametrize("gpu_decrypt", [True, False])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_tensor_parallel_rank_gets_its_parts_and_reads_about_half(
+    stored_llama, monkeypatch, rank, gpu_decrypt
+):
+    model, tensors = stored_llama
+    shards = LlamaSharding.from_config(model.index.files["config.json"], 2, rank)
+    counts = counting_reads(monkeypatch)
+    got = {
+        name: t.clone()
+        for name, t in stream_to_gpu(
+            model,
+            ring=PinnedRing(4, 128 << 10),
+            gpu_decrypt=gpu_decrypt,
+            window_bytes=WINDOW,
+            shards=shards,
+        )
+    }
+    assert set(got) == set(tensors)
+    split = 0
+    for name, want in tensors.items():
+        have = got[name].cpu()
+        part = shards.shard(name, tuple(want.shape))
+        if part is None:
+            assert torch.equal(have, want), name
+            continue
+        split += 1
+        size = part.stop - part.start
+        inside = have.narrow(part.dim, part.start, size)
+        assert torch.equal(inside, want.narrow(part.dim, part.start, size)), name
+        rest = have.clone()
+        rest.narrow(part.dim, part.start, size).zero_()
+        assert not rest.any(), name  # zeros, not another rank's weights nor stale bytes
+    assert split == 2 + 7 * LLAMA["num_hidden_layers"]
+    windows = plan_windows(model, WINDOW, shards)
+    planned = read_bytes(model, windows)
+    assert sum(counts) == planned
+    # Half of each row-split tensor, all of o_proj and down_proj (35% of this model's bytes),
+    # plus at most two chunks a split tensor and one a window (shared with the next).
+    needed = 0
+    for w in windows:
+        for e, p in zip(w.tensors, w.shards, strict=True):
+            lo, hi = byte_range(e, p)
+            needed += hi - lo
+    chunk = model.header.chunk_bytes
+    assert needed <= planned <= needed + chunk * (2 * split + len(windows))
+    assert 0.5 < planned / model.data_bytes < 0.72, planned / model.data_bytes
+
+
+def test_a_tensor_parallel_rank_authenticates_what_it_reads(stored_llama):
+    model, _ = stored_llama
+    shards = LlamaSharding.from_config(model.index.files["config.json"], 2, 1)
+    window = plan_windows(model, WINDOW, shards)[-1]
+    last = window.reads[-1][1] - 1  # a chunk rank 1 reads: the end of lm_head's second half
+    data = bytearray(model.data_path.read_bytes())
+    data[last * model.header.chunk_bytes] ^= 1
+    model.data_path.write_bytes(bytes(data))
+    with pytest.raises(StoreIntegrityError, match=rf"chunk {last} of llama/tensors\.bin"):
+        for _ in stream_to_gpu(
+            model, ring=PinnedRing(4, 128 << 10), window_bytes=WINDOW, shards=shards
+        ):
+            pass
+
+
+def test_a_tensor_parallel_rank_from_a_host_tier_mapping(stored_llama):
+    model, tensors = stored_llama
+    flat, _ = load_to_host(model)
+    mm = mmap.mmap(-1, model.data_bytes)
+    mm[:] = flat.numpy().tobytes()
+    shards = LlamaSharding.from_config(model.index.files["config.json"], 2, 0)
+    for name, t in stream_to_gpu(
+        model, ring=PinnedRing(4, 128 << 10), window_bytes=WINDOW, mapping=mm, shards=shards
+    ):
+        want = tensors[name].clone()
+        part = shards.shard(name, tuple(want.shape))
+        if part is not None:
+            zero_outside(want, part)
+        assert torch.equal(t.cpu(), want), name
