@@ -153,9 +153,10 @@ def server_env(args: argparse.Namespace, device: str) -> dict[str, str]:
         # FlashInfer's sampler compiles its kernels on the first start of a machine (it was not
         # ready after 150 s on an H100); PyTorch's sampler needs no compiler.
         env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    if getattr(args, "compile_cache_dir", None):
+    if device == "cuda" and getattr(args, "compile_cache_dir", None):
         # Compiled graphs depend on the node's GPUs and software: one cache per node, reused by
-        # every later start there (a start with it warm skips torch.compile's work).
+        # every later start there (a start with it warm skips torch.compile's work). CPU
+        # instances run eager and keep vLLM's default cache (its model-inspection results).
         node = envs.SLURMD_NODENAME or socket.gethostname()
         env["VLLM_CACHE_ROOT"] = str(args.compile_cache_dir / node)
     if getattr(args, "lora_store", None):
