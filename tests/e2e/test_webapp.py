@@ -52,6 +52,16 @@ class Visit:
     def shot(self, name: str, full_page: bool = False) -> None:
         self.page.screenshot(path=str(self.artifacts / f"{name}.png"), full_page=full_page)
 
+    def type_number(self, selector: str, value: str) -> None:
+        """Type into a Gradio number box with key presses and leave it: the box takes a value on
+        its change event, which Playwright's fill() does not always fire (Chromium 156)."""
+        box = self.page.locator(selector)
+        box.click()
+        box.press("Control+a")
+        box.press_sequentially(value)
+        box.press("Tab")
+        expect(box).to_have_value(value)
+
     def tab(self, name: str) -> None:
         self.page.get_by_role("tab", name=name).click()
 
@@ -220,11 +230,10 @@ def test_edit_and_resend_renders_markdown_and_settings_apply(visit):
     expect(page.locator("#conversation-list label").first).to_contain_text("What color is the")
     # Settings: a max tokens of 4 cuts the next answer short, and the chat says so.
     page.get_by_text("Settings").click()
-    page.locator("#max-tokens input[type=number]").fill("4")
-    page.locator("#max-tokens input[type=number]").press("Tab")
-    # The slider takes the typed value on blur; send only once it has (else the request can
-    # still carry the old 512).
-    expect(page.locator("#max-tokens input[type=range]")).to_have_value("4")
+    # Set on the slider itself (its number box takes a typed value only on some browsers'
+    # change events), and send only once both show it (else the request can carry the old 512).
+    page.locator("#max-tokens input[type=range]").fill("4")
+    expect(page.locator("#max-tokens input[type=number]")).to_have_value("4")
     page.locator("#message textarea").fill("Tell me a long story about the sea.")
     page.locator("#send").click()
     expect(chat).to_contain_text("max tokens limit", timeout=60_000)
@@ -284,8 +293,8 @@ def test_fine_tune_from_the_training_tab(visit, tmp_path):
     page.locator('#ft-dataset button[aria-label="Clear"]').click()
     page.locator("#ft-dataset input[type=file]").set_input_files(sample)
     page.get_by_text("Hyperparameters").click()
-    page.locator("#ft-steps input").fill("30")
-    page.locator("#ft-lr input").fill("0.001")
+    visit.type_number("#ft-steps input", "30")
+    visit.type_number("#ft-lr input", "0.001")
     page.locator("#ft-suffix input, #ft-suffix textarea").first.fill("e2e")
     page.locator("#ft-start").click()
     expect(page.locator("#ft-outcome")).to_contain_text("tiny-chat-ft-e2e")
