@@ -34,12 +34,30 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def stored(tmp_path):
+def import_tensors(tmp_path, model_id: str, tensors: dict, files: dict | None = None):
+    """The tensors (and small files) imported encrypted into a store under tmp_path, in 64 KiB
+    chunks (many chunks, a short last one, several per staging unit); returns the model's
+    folder, its key and an access request its signed policy admits."""
     kek = generate_key_file(tmp_path / "kek.key")
     pub = generate_signing_key(tmp_path / "signing.key")
     src = tmp_path / "src"
     src.mkdir()
+    save_file(tensors, str(src / "model.safetensors"))
+    for name, text in (files or {}).items():
+        (src / name).write_text(text)
+    policy = sign_policy(
+        LoadPolicy(model_id=model_id, issuer="t", issued_at=dt.datetime.now(dt.UTC)),
+        load_signing_key(tmp_path / "signing.key"),
+    )
+    path = import_checkpoint(
+        src, tmp_path / "store", model_id, kek=kek, policy=policy, chunk_bytes=64 << 10,
+        progress=False,
+    )  # fmt: skip
+    return path, kek, AccessRequest(user="u", host="h", trusted_signers=[pub])
+
+
+@pytest.fixture
+def stored(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {
         "a": torch.randn(300_001, generator=g).to(torch.bfloat16),
@@ -48,16 +66,7 @@ def stored(tmp_path):
         **{f"layer{i}": torch.randn(3000 + 17 * i, generator=g) for i in range(40)},
     }
     tensors["tied"] = tensors["b"].clone()  # stored once, recorded as an alias
-    save_file(tensors, str(src / "model.safetensors"))
-    policy = sign_policy(
-        LoadPolicy(model_id="m", issuer="t", issued_at=dt.datetime.now(dt.UTC)),
-        load_signing_key(tmp_path / "signing.key"),
-    )
-    # 64 KiB chunks: many chunks, a short last one, several per staging unit.
-    path = import_checkpoint(
-        src, tmp_path / "store", "m", kek=kek, policy=policy, chunk_bytes=64 << 10, progress=False
-    )
-    return path, kek, AccessRequest(user="u", host="h", trusted_signers=[pub]), tensors
+    return (*import_tensors(tmp_path, "m", tensors), tensors)
 
 
 def test_gpu_decryption_equals_the_source_and_the_cpu_path(stored):
@@ -157,10 +166,6 @@ LLAMA = {
 @pytest.fixture
 def stored_llama(tmp_path):
     """A small Llama-shaped model (Hugging Face names, float32) in the store, 64 KiB chunks."""
-    kek = generate_key_file(tmp_path / "kek.key")
-    pub = generate_signing_key(tmp_path / "signing.key")
-    src = tmp_path / "src"
-    src.mkdir()
     g = torch.Generator().manual_seed(1)
     h, inter, vocab = LLAMA["hidden_size"], LLAMA["intermediate_size"], LLAMA["vocab_size"]
     kv_rows = LLAMA["num_key_value_heads"] * h // LLAMA["num_attention_heads"]
@@ -181,22 +186,8 @@ def stored_llama(tmp_path):
     shapes |= {"model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
     # No zeros in the weights: a zero in a rank's part would hide a part left unread.
     tensors = {n: torch.rand(s, generator=g) + 0.5 for n, s in shapes.items()}
-    save_file(tensors, str(src / "model.safetensors"))
-    (src / "config.json").write_text(json.dumps(LLAMA))
-    policy = sign_policy(
-        LoadPolicy(model_id="llama", issuer="t", issued_at=dt.datetime.now(dt.UTC)),
-        load_signing_key(tmp_path / "signing.key"),
-    )
-    path = import_checkpoint(
-        src,
-        tmp_path / "store",
-        "llama",
-        kek=kek,
-        policy=policy,
-        chunk_bytes=64 << 10,
-        progress=False,
-    )
-    model = StoredModel.open(path, kek=kek, access=AccessRequest("u", "h", [pub]))
+    path, kek, who = import_tensors(tmp_path, "llama", tensors, {"config.json": json.dumps(LLAMA)})
+    model = StoredModel.open(path, kek=kek, access=who)
     return model, tensors
 
 
