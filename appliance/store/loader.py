@@ -447,31 +447,10 @@ def load_from_host(
     return flat, tensor_views(model, flat)
 
 
-def load_from_mapping(
-    model: StoredModel, mm, device: str | torch.device = "cpu"
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The model's tensors from a mapping of its decrypted bytes (the host tier): views straight
-    into the mapping on CPU, one copy on a GPU (page-locked for the copy when CUDA allows
-    registering the mapping)."""
+def load_from_mapping(model: StoredModel, mm) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's tensors as views straight into a mapping of its decrypted bytes (the host
+    tier), for a CPU instance; a GPU loads from the mapping through `stream_to_gpu`."""
     import torch
 
     host = torch.frombuffer(mm, dtype=torch.uint8)
-    if torch.device(device).type != "cuda":
-        return host, tensor_views(model, host)
-    with registered_for_copies(mm, device):
-        flat = torch.empty(len(mm), dtype=torch.uint8, device=device)
-        flat.copy_(host, non_blocking=True)
-        torch.cuda.synchronize(device)
-    return flat, tensor_views(model, flat)
-
-
-def registered_for_copies(mm, device: str | torch.device = "cuda"):
-    """The mapping page-locked for CUDA while the block runs (copies from it then run at full
-    PCIe speed and can be asynchronous); yields False where the driver refuses, and copies
-    still work, at pageable speed."""
-    import torch
-
-    from appliance.store.host_pinning import pinned
-
-    index = torch.device(device).index
-    return pinned(address_of(mm), len(mm), torch.cuda.current_device() if index is None else index)
+    return host, tensor_views(model, host)

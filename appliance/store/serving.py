@@ -182,11 +182,11 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
     from appliance.store.loader import (
         DEFAULT_THREADS,
         DEFAULT_WINDOW_BYTES,
+        load_from_mapping,
         load_to_host,
         plan_windows,
         read_bytes,
         stream_to_gpu,
-        tensor_views,
     )
     from security.process import disable_core_dumps
 
@@ -209,9 +209,7 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
                     stored, device=device, threads=threads, mapping=cached.map, shards=shards
                 )
             else:  # views straight into the tier's mapping: vLLM copies each into its parameter
-                weights = iter(
-                    tensor_views(stored, torch.frombuffer(cached.map, dtype=torch.uint8)).items()
-                )
+                weights = iter(load_from_mapping(stored, cached.map)[1].items())
             loaded = model.load_weights(weights)
             del weights
         source = "the host tier"

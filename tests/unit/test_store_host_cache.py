@@ -49,12 +49,12 @@ def test_loader_reads_the_model_from_the_services_memory(served):
     assert stat.S_IMODE(mode) == 0o600
     assert stat.S_IMODE(server.socket_path.parent.stat().st_mode) == 0o700
     with open_from_host_tier(server.socket_path, "m") as cached:
-        _, loaded = load_from_mapping(model, cached.map, "cpu")
+        _, loaded = load_from_mapping(model, cached.map)
         assert_same(loaded, tensors)
         # Copy on write: a loader that writes changes its own page, never the tier's.
         loaded["layers.0.w"].add_(1)
     with open_from_host_tier(server.socket_path, "m") as again:
-        _, fresh = load_from_mapping(model, again.map, "cpu")
+        _, fresh = load_from_mapping(model, again.map)
         assert fresh["layers.0.w"].equal(tensors["layers.0.w"])
 
 
