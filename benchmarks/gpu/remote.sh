@@ -7,6 +7,8 @@
 #   benchmarks/gpu/remote.sh run CMD...                      CMD with that environment, e.g.
 #       benchmarks/gpu/remote.sh run python3 -m pytest -m gpu tests/integration
 #       benchmarks/gpu/remote.sh run python3 -m benchmarks.gpu_serving setup
+#   benchmarks/gpu/remote.sh collect DIR                     the benchmark's results and logs
+#                                                            into DIR (the call's $OUT)
 #
 # Everything goes under /tmp: the wheels in /tmp/site (pip --target, PYTHONPATH), Slurm unpacked
 # in /tmp/slurm (never into /), the benchmark's work in /tmp/gpu-serving.
@@ -85,10 +87,21 @@ PY
   echo "ready: . $ENV_FILE"
 }
 
+collect() {
+  # After every part: the lease can end before the next call, and /tmp goes with it.
+  local work=/tmp/gpu-serving
+  mkdir -p "$1"
+  [ -f "$work/results.json" ] && cp "$work/results.json" "$1/"
+  [ -f "$repo/benchmarks/results/gpu_serving.json" ] && cp "$repo/benchmarks/results/gpu_serving.json" "$1/"
+  tar -C "$work" -czf "$1/logs.tar.gz" --ignore-failed-read logs state/logs 2>/dev/null || true
+  ls -la "$1"
+}
+
 case "${1:-}" in
   receive) receive "$2" ;;
   install) install ;;
   check) check ;;
+  collect) collect "$2" ;;
   run) shift; . "$ENV_FILE"; cd "$repo"; exec "$@" ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
