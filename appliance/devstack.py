@@ -239,12 +239,13 @@ def running_standby(settings: ApplianceSettings, node: str, timeout: float = 120
             "serve", "--node", node]  # fmt: skip
     log_path = settings.state_dir / f"standby-{node}.log"
     with log_path.open("ab") as log:
+        start = log.tell()  # an earlier standby's "ready" in the same log does not count
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     try:
         deadline = time.monotonic() + timeout
-        while b"ready on" not in log_path.read_bytes():
+        while b"ready on" not in log_path.read_bytes()[start:]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"standby did not start:\n{tail(log_path, 40)}")
             time.sleep(0.2)

@@ -153,6 +153,10 @@ def server_env(args: argparse.Namespace, device: str) -> dict[str, str]:
         # FlashInfer's sampler compiles its kernels on the first start of a machine (it was not
         # ready after 150 s on an H100); PyTorch's sampler needs no compiler.
         env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        # vLLM's OpenAI server asks for `spawn`, so its engine process imports torch and vLLM
+        # again: 20-29 s of every start on an H100 (docs/gpu.md). The server never initialises
+        # CUDA, so `fork` is safe, and vLLM itself falls back to spawn if CUDA is initialised.
+        env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
     if device == "cuda" and getattr(args, "compile_cache_dir", None):
         # Compiled graphs depend on the node's GPUs and software: one cache per node, reused by
         # every later start there (a start with it warm skips torch.compile's work). CPU

@@ -93,7 +93,7 @@ collect() {
   mkdir -p "$1"
   [ -f "$work/results.json" ] && cp "$work/results.json" "$1/"
   [ -f "$repo/benchmarks/results/gpu_serving.json" ] && cp "$repo/benchmarks/results/gpu_serving.json" "$1/"
-  tar -C "$work" -czf "$1/logs.tar.gz" --ignore-failed-read logs state/logs 2>/dev/null || true
+  (cd "$work" && tar -czf "$1/logs.tar.gz" --ignore-failed-read logs state/logs state/*.log) || true
   ls -la "$1"
 }
 

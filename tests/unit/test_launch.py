@@ -49,12 +49,15 @@ def test_gpu_env_sampler_and_compile_cache_per_node(monkeypatch):
     monkeypatch.setenv("SLURMD_NODENAME", "gpu07")
     monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
     monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
     args = parse_args([*BASE, "--compile-cache-dir", "/var/lib/appliance/cache/vllm"])
     env = server_env(args, "cuda")
     assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"  # no JIT compile on a machine's first start
+    assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"  # the engine skips the imports
     assert env["VLLM_CACHE_ROOT"] == "/var/lib/appliance/cache/vllm/gpu07"
     cpu = server_env(args, "cpu")
     assert "VLLM_USE_FLASHINFER_SAMPLER" not in cpu and "VLLM_CACHE_ROOT" not in cpu
+    assert "VLLM_WORKER_MULTIPROC_METHOD" not in cpu
 
 
 def test_embedding_command():
