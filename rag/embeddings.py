@@ -7,8 +7,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from appliance.config.rag import RagSettings
 from rag.models import Device, load_model, resolve_device
-from rag.settings import RagSettings
 
 if TYPE_CHECKING:
     import numpy as np

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from appliance.config.rag import RagSettings
 from rag.access import KnowledgeBaseACL, Principal, require_read, require_write
 from rag.chunking import Chunk, chunk_document
 from rag.document import ParsedDocument
 from rag.embeddings import Embedder
 from rag.errors import IngestError, KnowledgeBaseError
 from rag.registry import DocumentRecord, KnowledgeBase, Registry, now
-from rag.settings import RagSettings
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import socket
-import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -65,11 +64,6 @@ def make_self_signed(cert_path: Path, key_path: Path, names: list[str] | None = 
         ),
     )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def client_context(cert_path: Path) -> ssl.SSLContext:
-    """What clients on this host verify the appliance's certificate with."""
-    return ssl.create_default_context(cafile=str(cert_path))
 
 
 def ensure_certificate(cert_path: Path, key_path: Path) -> tuple[Path, Path]:

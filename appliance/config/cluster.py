@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.slurm.partitions import (
+from appliance.names import (
     BATCH_PARTITION,
     GRACE_S,
     PREEMPTIBLE_PARTITION,

@@ -21,13 +21,14 @@ from appliance.config.catalog import CatalogSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.config.gateway import GatewaySettings
 from appliance.config.monitoring import MonitoringSettings
+from appliance.config.rag import RagSettings
 from appliance.config.security import SecuritySettings
 from appliance.config.serving import ServingSettings
 from appliance.config.store import StoreSettings
 from appliance.config.training import TrainingSettings
 from appliance.config.webapp import WebappSettings
 from appliance.errors import ApplianceError
-from rag.settings import RagSettings
+from appliance.layout import LocalClusterPaths
 
 DEFAULT_CONFIG_FILE = Path("/etc/appliance/config.yaml")
 
@@ -219,9 +220,8 @@ class ApplianceSettings(BaseSettings):
         Raises FileNotFoundError while the gateway has not made its certificate yet."""
         if not self.gateway.tls:
             return True
-        from security.tls import client_context
-
-        return client_context(self.tls_files[0])
+        # The gateway's certificate is its own CA (security/tls.py makes it self-signed).
+        return ssl.create_default_context(cafile=str(self.tls_files[0]))
 
     @property
     def tls_files(self) -> tuple[Path, Path]:
@@ -243,9 +243,6 @@ class ApplianceSettings(BaseSettings):
     @property
     def slurm_conf(self) -> Path | None:
         if self.cluster.mode == "local":
-            # The local cluster's layout has one owner; this only points at it.
-            from appliance.slurm.paths import LocalClusterPaths
-
             return LocalClusterPaths(self.slurm_dir).slurm_conf
         return self.cluster.slurm_conf
 

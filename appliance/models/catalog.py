@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from appliance.atomic_files import write_text
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
+from appliance.names import STORE_HEADER_FILE
 
 # JSON (which YAML readers also read), so the installer plans with the standard library alone,
 # before any package is installed. Sizes are on-disk bf16 sizes; gpu_memory_gb is what one
@@ -114,9 +115,7 @@ class ModelSpec(BaseModel):
         except ApplianceError:
             return False
         if self.source_kind == "store":
-            from appliance.store.format import HEADER_FILE
-
-            return (directory / HEADER_FILE).exists()
+            return (directory / STORE_HEADER_FILE).exists()
         return (directory / "config.json").exists() or (directory / "modules.json").exists()
 
 

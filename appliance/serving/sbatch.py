@@ -7,7 +7,7 @@ from pathlib import Path
 
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import ModelSpec
-from appliance.serving.resources import InstanceRequest
+from appliance.models.resources import InstanceRequest
 
 # Every instance job's name starts with this, so the gateway can find (and adopt) its own jobs
 # among ordinary batch work on the same cluster.

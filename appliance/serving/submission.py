@@ -11,7 +11,7 @@ import aiohttp
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
-from appliance.serving.resources import InstanceRequest, plan_request
+from appliance.models.resources import InstanceRequest, plan_request
 from appliance.serving.sbatch import render_instance_script
 from appliance.slurm.client import SlurmClient
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from appliance.config.cluster import ClusterSettings
 from appliance.errors import ApplianceError
+from appliance.layout import LocalClusterPaths
 from appliance.slurm.cgroup import CGROUP_CONF_BODY
 from appliance.slurm.partitions import partition_lines, preemption_lines
-from appliance.slurm.paths import LocalClusterPaths
 from appliance.slurm.runner import CommandError, CommandRunner
 
 # Memory kept back for the gateway, the Slurm daemons and the OS when the node size is derived.

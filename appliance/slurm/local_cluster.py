@@ -15,6 +15,7 @@ from pathlib import Path
 from appliance.atomic_files import write_if_changed
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
+from appliance.layout import MAX_SOCKET_PATH, LocalClusterPaths
 from appliance.slurm.client import SlurmClient, SlurmNode
 from appliance.slurm.conf import (
     ClusterLayout,
@@ -35,7 +36,6 @@ from appliance.slurm.daemons import (
     stop_processes,
 )
 from appliance.slurm.install import ensure_slurm_installed, find_program, slurmstepd_beside
-from appliance.slurm.paths import MAX_SOCKET_PATH, LocalClusterPaths
 from appliance.slurm.runner import CommandRunner, LocalRunner, SlurmCommandError
 
 # How often readiness is polled; nodes register about a second after slurmd starts.

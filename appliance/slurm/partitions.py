@@ -3,16 +3,12 @@ preemptible serving (standard library only: the installer's planner renders them
 
 from __future__ import annotations
 
+from appliance.names import BATCH_PARTITION, GRACE_S, PREEMPTIBLE_PARTITION, SERVING_PARTITION
+
 # Batch work and pinned instances share this tier, so neither preempts the other; preemptible
 # instances sit below it and are preempted by both.
 HIGH_TIER = 10
 LOW_TIER = 1
-# Defaults of the `cluster` settings (appliance/config/cluster.py), here so the installer's
-# planner, which runs before any package is installed, renders the same partitions.
-SERVING_PARTITION = "appliance"
-PREEMPTIBLE_PARTITION = "appliance-preemptible"
-BATCH_PARTITION = "batch"
-GRACE_S = 60
 
 
 def preemption_lines() -> list[str]:

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError
+from appliance.names import STORE_HEADER_FILE as HEADER_FILE
 
 FORMAT = "appliance-store/1"
 ALIGN = 4096
 DATA_FILE = "tensors.bin"
 TAGS_FILE = "tags.bin"
-HEADER_FILE = "header.json"
 TAG_BYTES = 16
 DEFAULT_CHUNK_BYTES = 4 << 20
 # Nonce prefixes: 4 bytes naming what is encrypted, 8 bytes of counter.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from appliance.config import ApplianceSettings
-from appliance.serving.resources import InstanceRequest
+from appliance.models.resources import InstanceRequest
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import SlurmNode
 from appliance.store.inventory import NodeInventory

@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance.config.rag import RagSettings
 from appliance.devstack import free_port
 from rag.document import ParsedDocument, Section
 from rag.retrieval import Retriever
-from rag.settings import RagSettings
 from rag.sniff import DocType
 from rag.store import KnowledgeBaseStore
 from security.api_keys import Principal

@@ -11,7 +11,6 @@ import pytest
 from cryptography import x509
 
 from appliance.devstack import free_port, running_gateway, running_webapp
-from security.tls import client_context
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm]
@@ -24,7 +23,7 @@ def test_gateway_and_webapp_serve_https(slurm_cluster, tiny_model_dir, tmp_path)
     )  # fmt: skip
     cert_path, key_path = settings.tls_files
     with running_gateway(settings) as url, running_webapp(settings) as web:
-        trust = client_context(cert_path)
+        trust = settings.tls_verify  # what the appliance's own clients verify with
         assert url.startswith("https://") and web.startswith("https://")
         assert httpx.get(url + "/health", verify=trust).json() == {"status": "ok"}
         assert httpx.get(web + "/health", verify=trust).status_code == 200

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from appliance.config.rag import RagSettings
 from rag.access import Principal
 from rag.document import ParsedDocument, Section
 from rag.embeddings import Embedder
-from rag.settings import RagSettings
 from rag.sniff import DocType
 
 ALICE = Principal("alice")

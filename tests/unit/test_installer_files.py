@@ -11,6 +11,7 @@ import yaml
 
 from appliance.config.cluster import ClusterSettings
 from appliance.config.monitoring import MonitoringSettings
+from appliance.layout import LocalClusterPaths
 from appliance.slurm.conf import (
     HealthCheck,
     HostFacts,
@@ -18,7 +19,6 @@ from appliance.slurm.conf import (
     render_gres_conf,
     render_slurm_conf,
 )
-from appliance.slurm.paths import LocalClusterPaths
 from installer.files import written_files
 from installer.hardware import RecordedProbe, detect, parse_df, parse_gpus
 from installer.options import parse

@@ -9,7 +9,7 @@ import pytest
 from appliance.config import load_settings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelResources, ModelSpec
-from appliance.serving.resources import plan_request
+from appliance.models.resources import plan_request
 from appliance.serving.sbatch import model_from_job_name, render_instance_script
 from tests.golden import check_golden
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from appliance.config.rag import RagSettings
 from rag.access import KnowledgeBaseACL, Principal, require_read, require_write
 from rag.errors import AccessDenied, KnowledgeBaseNotFound
-from rag.settings import RagSettings
 
 ACL = KnowledgeBaseACL("alice", readers=frozenset({"bob"}), groups=frozenset({"eng"}))
 

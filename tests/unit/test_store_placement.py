@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.serving.resources import InstanceRequest
+from appliance.models.resources import InstanceRequest
 from appliance.slurm.records import SlurmNode
 from appliance.store.inventory import Holding, NodeInventory
 from appliance.store.placement import BUSY_WAIT_S, choose_node, fits_now

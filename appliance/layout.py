@@ -1,4 +1,5 @@
-"""Where the local cluster keeps its files: everything lives under one directory."""
+"""Where the appliance keeps its files under its state directory (today: the local Slurm
+cluster's, everything under one directory)."""
 
 from __future__ import annotations
 

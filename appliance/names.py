@@ -1,0 +1,15 @@
+"""Names every layer agrees on: the cluster's partitions and the store's files (standard library
+only: the installer's planner uses them before any package is installed)."""
+
+from __future__ import annotations
+
+# Defaults of the `cluster` settings (appliance/config/cluster.py), rendered by Slurm's
+# configuration (appliance/slurm/partitions.py) and the installer's planner alike.
+SERVING_PARTITION = "appliance"
+PREEMPTIBLE_PARTITION = "appliance-preemptible"
+BATCH_PARTITION = "batch"
+# Seconds a preempted job gets between SIGTERM and its end (the partitions' GraceTime).
+GRACE_S = 60
+
+# A model in the store is a folder with this header (appliance/store/format.py) beside its data.
+STORE_HEADER_FILE = "header.json"
