@@ -3,6 +3,8 @@ only: the installer's planner uses them before any package is installed)."""
 
 from __future__ import annotations
 
+import re
+
 # Defaults of the `cluster` settings (appliance/config/cluster.py), rendered by Slurm's
 # configuration (appliance/slurm/partitions.py) and the installer's planner alike.
 SERVING_PARTITION = "appliance"
@@ -13,3 +15,7 @@ GRACE_S = 60
 
 # A model in the store is a folder with this header (appliance/store/format.py) beside its data.
 STORE_HEADER_FILE = "header.json"
+
+# A model's name: in the catalog, the store, adapters' names and the breaker's grammar (patterns
+# are applied with fullmatch: `$` alone would let a trailing newline through).
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

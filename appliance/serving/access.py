@@ -1,5 +1,5 @@
 """How the gateway reaches the cluster. DirectAccess runs Slurm's commands and calls instances on
-their nodes; BreakerAccess (appliance/serving/breaker_client.py) does both through the SSH circuit
+their nodes; BreakerAccess (appliance/serving/breaker/client.py) does both through the SSH circuit
 breaker. The instance manager and the forwarder only talk to a ClusterAccess."""
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def cluster_access(
 ) -> ClusterAccess:
     """The configured way to the cluster: through the breaker when it is enabled."""
     if settings.breaker.enabled:
-        from appliance.serving.breaker_client import BreakerAccess
+        from appliance.serving.breaker.client import BreakerAccess
 
         return BreakerAccess(settings)
     return DirectAccess(settings, slurm, client)

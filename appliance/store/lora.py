@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import ApplianceSettings
+from appliance.names import MODEL_NAME
 from appliance.store.format import HEADER_FILE
 from appliance.store.serving import StoreLoadSpec, materialize_model_files
-from security.breaker.grammar import MODEL
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,7 +42,7 @@ def materialize_adapter(config: dict[str, Any], name: str) -> Path | None:
 
     from appliance.store.loader import load_to_host
 
-    if not MODEL.fullmatch(name):
+    if not MODEL_NAME.fullmatch(name):
         return None
     model_dir = Path(config["store_root"]) / name
     if not (model_dir / HEADER_FILE).exists():

@@ -11,8 +11,8 @@ import pytest
 
 from appliance.config import ConfigError, load_settings
 from appliance.config.breaker import BreakerSettings
-from appliance.serving import breaker_client
-from appliance.serving.breaker_client import BreakerClient, BreakerError, _failure, control_dir
+from appliance.serving.breaker import client as breaker_client
+from appliance.serving.breaker.client import BreakerClient, BreakerError, _failure, control_dir
 
 
 def settings(**extra) -> BreakerSettings:

@@ -9,9 +9,9 @@ import string
 import pytest
 
 from appliance.cli.breaker import authorized_key_line
-from security.breaker.grammar import (
+from appliance.names import MODEL_NAME
+from appliance.serving.breaker.grammar import (
     JOB_ID,
-    MODEL,
     NODE,
     PATHS,
     Forward,
@@ -96,7 +96,7 @@ def test_fuzzing_accepts_only_well_formed_commands():
         accepted += 1
         assert line == line.strip() and not set(line) & set(";|&$`'\"\\\n\r\t(){}<>*?~!")
         if isinstance(command, Start):
-            assert MODEL.fullmatch(command.model)
+            assert MODEL_NAME.fullmatch(command.model)
             assert all(NODE.fullmatch(n) for n in command.avoid)
         elif isinstance(command, Stop | Forward):
             assert JOB_ID.fullmatch(str(command.job_id))

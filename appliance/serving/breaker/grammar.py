@@ -19,10 +19,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from appliance.names import MODEL_NAME
+
 MAX_LINE = 256
 # Patterns are applied with fullmatch: `$` alone would let a trailing newline through.
 _LINE = re.compile(r"^[A-Za-z0-9._/:-]+(?: [A-Za-z0-9._/:-]+)*$")
-MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 JOB_ID = re.compile(r"^[1-9][0-9]{0,9}$")
 # A Slurm node name (it ends up in `#SBATCH --exclude=`, so no commas, spaces or brackets).
 NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -122,4 +123,4 @@ def _start(verb: str, args: list[str]) -> Start:
         raise Refused(f"{verb} takes a model name, then optionally `avoid` and 1 to "
                       f"{MAX_AVOID} node names")  # fmt: skip
     avoid = frozenset(_field(node, NODE, "node name") for node in rest[1:])
-    return Start(_field(model, MODEL, "model name"), verb == "start-preemptible", avoid)
+    return Start(_field(model, MODEL_NAME, "model name"), verb == "start-preemptible", avoid)

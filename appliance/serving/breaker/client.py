@@ -1,5 +1,5 @@
 """The gateway's side of the circuit breaker: every cluster action is one line of the breaker's
-grammar (security/breaker/grammar.py) sent over SSH to a key that can run nothing else. One SSH
+grammar (grammar.py) sent over SSH to a key that can run nothing else. One SSH
 connection is kept open and each command runs as a new session on it (OpenSSH ControlMaster)."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from appliance.serving.access import (
     InstanceJob,
     UpstreamError,
 )
+from appliance.serving.breaker.grammar import MAX_AVOID
 from appliance.serving.instance import Instance
-from security.breaker.grammar import MAX_AVOID
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The cluster side of the circuit breaker: what each command of the grammar does
-(security/breaker/grammar.py). Only instance jobs of this appliance can be stopped or reached,
+(grammar.py). Only instance jobs of this appliance can be stopped or reached,
 only catalog models started (placed as the gateway's direct access places them), only the
 instance's own endpoint (from its endpoint file) called."""
 
@@ -14,12 +14,20 @@ import httpx
 
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import ModelSpec, load_catalog
+from appliance.serving.breaker.grammar import (
+    Command,
+    Forward,
+    ListInstances,
+    Ping,
+    Refused,
+    Start,
+    Stop,
+)
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.sbatch import job_name_prefix
 from appliance.serving.submission import ModelNotInstalled, instance_script
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import gpu_count
-from security.breaker.grammar import Command, Forward, ListInstances, Ping, Refused, Start, Stop
 
 # A health probe of an instance on its node, as part of a listing.
 HEALTH_TIMEOUT_S = 2.0
