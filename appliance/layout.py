@@ -1,5 +1,5 @@
-"""Where the appliance keeps its files under its state directory (today: the local Slurm
-cluster's, everything under one directory)."""
+"""Where the appliance keeps its state: one layout of the state directory, used by the settings,
+the installer and the local Slurm cluster."""
 
 from __future__ import annotations
 
@@ -77,3 +77,113 @@ class LocalClusterPaths:
     def daemon_output(self, daemon: str) -> Path:
         """A daemon's stdout/stderr: a copy of its log plus errors from before the log opens."""
         return self.log / f"{daemon}.out"
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The state directory's layout (`state_dir`). The configuration may move a few parts
+    elsewhere (the settings apply those overrides); everything else is only here."""
+
+    root: Path
+
+    @property
+    def slurm(self) -> LocalClusterPaths:
+        """The local cluster's files (configs, controller state, spools)."""
+        return LocalClusterPaths(self.root / "slurm")
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def instances(self) -> Path:
+        """One endpoint file per instance job."""
+        return self.root / "instances"
+
+    @property
+    def run(self) -> Path:
+        """Sockets and pid files of the node's services."""
+        return self.root / "run"
+
+    def standby_socket(self, node: str) -> Path:
+        """Where a node's warm standby listens (`{node}` in the instances' scripts)."""
+        return self.run / f"standby-{node}.sock"
+
+    def store_socket(self, node: str) -> Path:
+        """Where a node's store service offers its host tier to local loaders."""
+        return self.run / f"store-{node}.sock"
+
+    @property
+    def supervisor_pid(self) -> Path:
+        return self.root / "supervisor.pid"
+
+    @property
+    def compile_cache(self) -> Path:
+        """vLLM's compile caches, one folder per node (serving.launch)."""
+        return self.root / "cache" / "vllm"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def kek(self) -> Path:
+        return self.keys / "kek.key"
+
+    @property
+    def policy_signing_key(self) -> Path:
+        return self.keys / "policy-signing.key"
+
+    @property
+    def api_keys(self) -> Path:
+        return self.keys / "api-keys.json"
+
+    @property
+    def users(self) -> Path:
+        return self.keys / "users.json"
+
+    @property
+    def browser_secret(self) -> Path:
+        """The key that encrypts what browsers keep for the web app."""
+        return self.keys / "webapp-secret"
+
+    @property
+    def tls(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def rag(self) -> Path:
+        return self.root / "rag"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def training(self) -> Path:
+        return self.root / "training"
+
+    @property
+    def conversations(self) -> Path:
+        return self.root / "conversations"
+
+    @property
+    def webapp(self) -> Path:
+        return self.root / "webapp"
+
+    @property
+    def user_catalog(self) -> Path:
+        return self.root / "catalog.yaml"
+
+    @property
+    def service_home(self) -> Path:
+        """HOME of the services and their jobs: a system account usually has no home."""
+        return self.root / "home"

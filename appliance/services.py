@@ -23,7 +23,7 @@ class ServiceManager:
         self.settings = settings
         self.config_file = config_file
         self.mode = mode
-        self.pidfile = settings.state_dir / "supervisor.pid"
+        self.pidfile = settings.layout.supervisor_pid
         self.log_file = settings.log_dir / "supervisor.log"
 
     @property

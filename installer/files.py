@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from appliance.layout import StateLayout
 from appliance.slurm.cgroup import CGROUP_CONF_BODY
 from appliance.slurm.partitions import default_partition_lines, preemption_lines
 from installer.plan import Plan
@@ -211,13 +212,13 @@ def written_files(plan: Plan) -> list[tuple[Path, str, str | None]]:
         (layout.command, "the `appliance` command of this installation", render_command(plan)),
     ]
     if p.local_cluster:
-        slurm = layout.state / "slurm"
+        slurm = StateLayout(layout.state).slurm
         files += [
-            (slurm / "slurm.conf", "Slurm, from the detected hardware", None),
-            (slurm / "gres.conf", "Slurm GPUs", None),
+            (slurm.slurm_conf, "Slurm, from the detected hardware", None),
+            (slurm.gres_conf, "Slurm GPUs", None),
         ]
         if p.cgroups:
-            files.append((slurm / "cgroup.conf", "Slurm job confinement", None))
+            files.append((slurm.cgroup_conf, "Slurm job confinement", None))
     else:
         if p.name == "head":
             files += [

@@ -30,7 +30,7 @@ def service_dirs(settings: ApplianceSettings) -> list[Path]:
 def service_home(settings: ApplianceSettings) -> Path:
     """HOME of the services and their jobs (caches of vLLM and torch): a system account usually
     has no home of its own."""
-    return settings.state_dir / "home"
+    return settings.layout.service_home
 
 
 def hand_over(settings: ApplianceSettings, account: pwd.struct_passwd) -> None:

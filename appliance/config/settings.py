@@ -28,7 +28,7 @@ from appliance.config.store import StoreSettings
 from appliance.config.training import TrainingSettings
 from appliance.config.webapp import WebappSettings
 from appliance.errors import ApplianceError
-from appliance.layout import LocalClusterPaths
+from appliance.layout import StateLayout
 
 DEFAULT_CONFIG_FILE = Path("/etc/appliance/config.yaml")
 
@@ -142,67 +142,70 @@ class ApplianceSettings(BaseSettings):
         """The YAML file these settings were read from, if any."""
         return self._config_file
 
-    # Derived locations, so every module agrees where things live.
+    # Derived locations: the state layout (appliance/layout.py) with the configuration's
+    # overrides, so every module agrees where things live.
+    @property
+    def layout(self) -> StateLayout:
+        return StateLayout(self.state_dir)
+
     @property
     def slurm_dir(self) -> Path:
-        return self.state_dir / "slurm"
+        return self.layout.slurm.root
 
     @property
     def log_dir(self) -> Path:
-        return self.state_dir / "logs"
+        return self.layout.logs
 
     @property
     def instances_dir(self) -> Path:
-        return self.state_dir / "instances"
+        return self.layout.instances
 
     def standby_socket(self, node: str) -> Path:
-        """Where a node's warm standby listens (`{node}` in the instances' scripts)."""
-        return self.state_dir / "run" / f"standby-{node}.sock"
+        return self.layout.standby_socket(node)
 
     @property
     def compile_cache_dir(self) -> Path:
-        """vLLM's compile caches, one folder per node (serving.launch)."""
-        return self.state_dir / "cache" / "vllm"
+        return self.layout.compile_cache
 
     @property
     def models_dir(self) -> Path:
-        return self.catalog.models_dir or self.state_dir / "models"
+        return self.catalog.models_dir or self.layout.models
 
     @property
     def store_root(self) -> Path:
-        return self.store.root or self.state_dir / "store"
+        return self.store.root or self.layout.store
 
     @property
     def kek_file(self) -> Path:
-        return self.store.key_file or self.state_dir / "keys" / "kek.key"
+        return self.store.key_file or self.layout.kek
 
     @property
     def signing_key_file(self) -> Path:
-        return self.store.signing_key_file or self.state_dir / "keys" / "policy-signing.key"
+        return self.store.signing_key_file or self.layout.policy_signing_key
 
     @property
     def rag_dir(self) -> Path:
-        return self.rag.persist_dir or self.state_dir / "rag"
+        return self.rag.persist_dir or self.layout.rag
 
     @property
     def api_keys_file(self) -> Path:
-        return self.state_dir / "keys" / "api-keys.json"
+        return self.layout.api_keys
 
     @property
     def users_file(self) -> Path:
-        return self.state_dir / "keys" / "users.json"
+        return self.layout.users
 
     @property
     def audit_dir(self) -> Path:
-        return self.state_dir / "audit"
+        return self.layout.audit
 
     @property
     def training_dir(self) -> Path:
-        return self.state_dir / "training"
+        return self.layout.training
 
     @property
     def conversations_dir(self) -> Path:
-        return self.state_dir / "conversations"
+        return self.layout.conversations
 
     @property
     def gateway_url(self) -> str:
@@ -226,24 +229,23 @@ class ApplianceSettings(BaseSettings):
     @property
     def tls_files(self) -> tuple[Path, Path]:
         """(certificate, key) of the gateway and the web app."""
-        tls_dir = self.state_dir / "tls"
         return (
-            self.gateway.tls_cert or tls_dir / "appliance.crt",
-            self.gateway.tls_key or tls_dir / "appliance.key",
+            self.gateway.tls_cert or self.layout.tls / "appliance.crt",
+            self.gateway.tls_key or self.layout.tls / "appliance.key",
         )
 
     @property
     def webapp_dir(self) -> Path:
-        return self.state_dir / "webapp"
+        return self.layout.webapp
 
     @property
     def user_catalog_file(self) -> Path:
-        return self.state_dir / "catalog.yaml"
+        return self.layout.user_catalog
 
     @property
     def slurm_conf(self) -> Path | None:
         if self.cluster.mode == "local":
-            return LocalClusterPaths(self.slurm_dir).slurm_conf
+            return self.layout.slurm.slurm_conf
         return self.cluster.slurm_conf
 
 

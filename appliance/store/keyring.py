@@ -61,7 +61,7 @@ def load_spec(settings: ApplianceSettings, model_id: str) -> StoreLoadSpec:
 
 def host_socket_path(settings: ApplianceSettings, node: str) -> Path:
     """Where a node's store service offers its host tier to local loaders."""
-    return settings.state_dir / "run" / f"store-{node}.sock"
+    return settings.layout.store_socket(node)
 
 
 def trusted_signers(settings: ApplianceSettings) -> list[str]:

@@ -20,7 +20,7 @@ SECRET_BYTES = 32
 def browser_secret(settings: ApplianceSettings) -> str:
     """The key that encrypts what browsers keep for the app; kept across restarts, so a restart
     does not sign everyone out or make their saved conversations unreadable."""
-    path = settings.state_dir / "keys" / "webapp-secret"
+    path = settings.layout.browser_secret
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         with contextlib.suppress(SecretFileError):  # another process wrote it just now
