@@ -29,6 +29,10 @@ class Chunk:
     sheet: str | None
     heading: str | None
     """Heading path where the chunk's own text (after the overlap) starts."""
+    kb: str = ""
+    """The knowledge base that holds it (empty until stored)."""
+    document_id: str = ""
+    """Its document in that knowledge base (empty until stored)."""
 
 
 @dataclass(frozen=True)

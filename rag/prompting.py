@@ -7,8 +7,8 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rag.chunking import Chunk
 from rag.retrieval import Hit
-from rag.store import StoredChunk
 
 SYSTEM_PROMPT = (
     "Answer the question using only the numbered sources in the user's message. After each "
@@ -51,7 +51,7 @@ class CitedAnswer:
     what the model was shown, so the user can check for themselves. Empty otherwise."""
 
 
-def source_label(chunk: StoredChunk) -> str:
+def source_label(chunk: Chunk) -> str:
     """Where a chunk comes from, e.g. "manual.pdf, page 3" or "parts.xlsx, sheet Pumps"."""
     parts = [chunk.filename]
     if chunk.page is not None:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, replace
 
 from rag.access import Principal
 from rag.bm25 import BM25, tokenize
+from rag.chunking import Chunk
 from rag.registry import KnowledgeBase
 from rag.reranking import Reranker
-from rag.store import KnowledgeBaseStore, StoredChunk
+from rag.store import KnowledgeBaseStore
 
 # Keyword indexes kept in memory, least recently used dropped first: each holds its
 # knowledge base's chunk text, so memory grows with the number kept.
@@ -29,21 +30,21 @@ _CACHED_INDEXES = 16
 class Hit:
     """A retrieved chunk with its score (higher is better) and the retrievers that found it."""
 
-    chunk: StoredChunk
+    chunk: Chunk
     score: float
     """Reciprocal rank fusion score, or the reranker's score when one is configured."""
     ranks: Mapping[str, int]
     """1-based rank of the chunk in each retriever that found it: "vector", "keyword"."""
 
 
-def reciprocal_rank_fusion(rankings: Mapping[str, Sequence[StoredChunk]], k: int) -> list[Hit]:
+def reciprocal_rank_fusion(rankings: Mapping[str, Sequence[Chunk]], k: int) -> list[Hit]:
     """Hits scored by the sum of 1 / (k + rank) over the rankings, best first.
 
     Ranks, not scores, are combined: cosine similarity and BM25 scores have unrelated scales.
     """
     scores: dict[tuple[str, str], float] = defaultdict(float)
     ranks: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
-    chunks: dict[tuple[str, str], StoredChunk] = {}
+    chunks: dict[tuple[str, str], Chunk] = {}
     for retriever, ranking in rankings.items():
         for rank, chunk in enumerate(ranking, start=1):
             key = (chunk.kb, chunk.id)
@@ -60,10 +61,10 @@ class _KeywordIndex:
 
     version: tuple[str, int]
     """(collection, generation) of the knowledge base the index was built from."""
-    chunks: list[StoredChunk]
+    chunks: list[Chunk]
     bm25: BM25
 
-    def top(self, tokens: Iterable[str], n: int) -> list[tuple[StoredChunk, float]]:
+    def top(self, tokens: Iterable[str], n: int) -> list[tuple[Chunk, float]]:
         return [(self.chunks[number], score) for number, score in self.bm25.top(tokens, n)]
 
 
@@ -113,14 +114,14 @@ class Retriever:
 
     def _vector_ranking(
         self, principal: Principal, kbs: list[KnowledgeBase], vector: Sequence[float], n: int
-    ) -> list[StoredChunk]:
+    ) -> list[Chunk]:
         # Similarities of one model compare across knowledge bases: merge them by value.
         found = [pair for kb in kbs for pair in self._store.search(principal, kb.name, vector, n)]
         return [chunk for chunk, _ in heapq.nlargest(n, found, key=lambda pair: pair[1])]
 
     def _keyword_ranking(
         self, principal: Principal, kbs: list[KnowledgeBase], query: str, n: int
-    ) -> list[StoredChunk]:
+    ) -> list[Chunk]:
         # BM25 scores of different knowledge bases use different term statistics, but are of
         # the same scale; merging them by value is close enough for a candidate list.
         tokens = tokenize(query)

@@ -41,21 +41,6 @@ _CHUNKS_PER_ADD = 1000
 
 
 @dataclass(frozen=True)
-class StoredChunk:
-    """A chunk as a knowledge base holds it, with where it came from, for citations."""
-
-    id: str
-    text: str
-    kb: str
-    document_id: str
-    filename: str
-    index: int
-    page: int | None
-    sheet: str | None
-    heading: str | None
-
-
-@dataclass(frozen=True)
 class IngestResult:
     """What adding one document did, and how many chunks it has now."""
 
@@ -170,7 +155,7 @@ class KnowledgeBaseStore:
 
     def search(
         self, principal: Principal, name: str, vector: Sequence[float], n: int
-    ) -> list[tuple[StoredChunk, float]]:
+    ) -> list[tuple[Chunk, float]]:
         """The `n` current chunks nearest to `vector`, with their cosine similarity, best first."""
         kb = self.get(principal, name)
         self._check_model(kb)
@@ -203,7 +188,7 @@ class KnowledgeBaseStore:
             fetch *= 4
         return []
 
-    def chunks(self, principal: Principal, name: str) -> list[StoredChunk]:
+    def chunks(self, principal: Principal, name: str) -> list[Chunk]:
         """Every current chunk of the knowledge base, by file name and position."""
         kb = self.get(principal, name)
         versions = sorted(self._current_versions(kb))
@@ -399,8 +384,8 @@ def _metadata(record: DocumentRecord, chunk: Chunk) -> dict[str, str | int]:
     return metadata
 
 
-def _stored(kb: KnowledgeBase, chunk_id: str, text: str, meta: dict[str, Any]) -> StoredChunk:
-    return StoredChunk(
+def _stored(kb: KnowledgeBase, chunk_id: str, text: str, meta: dict[str, Any]) -> Chunk:
+    return Chunk(
         id=chunk_id,
         text=text,
         kb=kb.name,

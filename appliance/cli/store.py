@@ -116,7 +116,7 @@ def serve(ctx: CliContext, node: str | None, host: str, port: int | None) -> Non
     """Run this node's store service: what the node holds, per tier, for placement."""
     import uvicorn
 
-    from appliance.store.service import create_app
+    from appliance.store.node_service import create_app
 
     settings = ctx.settings
     uvicorn.run(

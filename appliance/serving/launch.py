@@ -229,7 +229,7 @@ class Launcher:
         if not self.args.store_spec:
             return self._serve(self.args)
         from appliance.errors import ApplianceError
-        from appliance.store.serving import LOAD_FORMAT, ModelFiles, StoreLoadSpec
+        from appliance.store.vllm_plugin import LOAD_FORMAT, ModelFiles, StoreLoadSpec
 
         spec = StoreLoadSpec.from_dict(json.loads(self.args.store_spec))
         try:

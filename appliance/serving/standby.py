@@ -42,7 +42,7 @@ def preload(module: str) -> None:
 
     importlib.import_module(module)
     if module == SERVER_MODULE:
-        importlib.import_module("appliance.store.serving")
+        importlib.import_module("appliance.store.vllm_plugin")
         import torch
 
         if torch.cuda.is_initialized():

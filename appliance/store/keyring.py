@@ -8,7 +8,7 @@ from pathlib import Path
 
 from appliance import envs
 from appliance.config import ApplianceSettings
-from appliance.store.serving import StoreLoadSpec, load_kek
+from appliance.store.vllm_plugin import StoreLoadSpec, load_kek
 from security.keys import KeyEncryptionKey, generate_key_file
 from security.policy import LoadPolicy, SignedPolicy, generate_signing_key, load_signing_key
 from security.policy import sign_policy as _sign

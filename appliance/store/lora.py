@@ -18,7 +18,7 @@ from typing import Any
 from appliance.config import ApplianceSettings
 from appliance.names import MODEL_NAME
 from appliance.store.format import HEADER_FILE
-from appliance.store.serving import StoreLoadSpec, materialize_model_files
+from appliance.store.vllm_plugin import StoreLoadSpec, materialize_model_files
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"

@@ -54,7 +54,7 @@ install() {
   mkdir -p "$site/appliance-0.1.0.dist-info"
   printf 'Metadata-Version: 2.1\nName: appliance\nVersion: 0.1.0\n' \
     >"$site/appliance-0.1.0.dist-info/METADATA"
-  printf '[vllm.general_plugins]\nappliance_store = appliance.store.serving:register\n' \
+  printf '[vllm.general_plugins]\nappliance_store = appliance.store.vllm_plugin:register\n' \
     >"$site/appliance-0.1.0.dist-info/entry_points.txt"
   # The store's load policies bind models to a host fingerprint made from the machine id; a
   # container image may have none (systemd-machine-id-setup would make one).
@@ -77,7 +77,7 @@ check() {
   python3 - <<'PY'
 import importlib.metadata as md
 import torch, vllm
-import appliance.gateway.app, appliance.store.serving, cryptography
+import appliance.gateway.app, appliance.store.vllm_plugin, cryptography
 plugins = [e.name for e in md.entry_points(group="vllm.general_plugins")]
 assert "appliance_store" in plugins, plugins
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}, vllm {vllm.__version__}, "

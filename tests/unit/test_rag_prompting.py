@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from rag.chunking import Chunk
 from rag.prompting import SYSTEM_PROMPT, build_messages, parse_citations
 from rag.retrieval import Hit
-from rag.store import StoredChunk
 
 
 def _hit(filename: str, text: str, page=None, sheet=None, heading=None) -> Hit:
-    chunk = StoredChunk(
-        f"{filename}-0", text, "kb", f"id-{filename}", filename, 0, page, sheet, heading
+    chunk = Chunk(
+        f"{filename}-0",
+        text,
+        filename,
+        0,
+        page,
+        sheet,
+        heading,
+        kb="kb",
+        document_id=f"id-{filename}",
     )
     return Hit(chunk, 0.5, {"vector": 1})
 

@@ -10,11 +10,12 @@ import pytest
 
 from appliance.errors import ApplianceError
 from rag.bm25 import BM25, tokenize
+from rag.chunking import Chunk
 from rag.embeddings import Embedder, cpu_has_native_bfloat16, default_model_dir
 from rag.errors import KnowledgeBaseNotFound
 from rag.reranking import Reranker
 from rag.retrieval import Retriever, reciprocal_rank_fusion
-from rag.store import KnowledgeBaseStore, StoredChunk
+from rag.store import KnowledgeBaseStore
 from tests.unit.rag_corpus import ALICE, BOB, SMALL_CHUNKS, VALVE_NOTE, corpus, document
 
 
@@ -31,8 +32,8 @@ def retriever(store: KnowledgeBaseStore) -> Retriever:
     return Retriever(store)
 
 
-def _chunk(chunk_id: str) -> StoredChunk:
-    return StoredChunk(chunk_id, chunk_id, "kb", "doc", "f.txt", 0, None, None, None)
+def _chunk(chunk_id: str) -> Chunk:
+    return Chunk(chunk_id, chunk_id, "f.txt", 0, None, None, None, kb="kb", document_id="doc")
 
 
 # Pieces

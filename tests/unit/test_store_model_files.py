@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from appliance.store.serving import ModelFiles
+from appliance.store.vllm_plugin import ModelFiles
 
 
 def fake_model(model_id: str = "m"):
