@@ -20,7 +20,7 @@ from appliance.devstack import (
     running_local_cluster,
     tiny_model_cache_dir,
 )
-from appliance.models.tiny import build_tiny_model, tiny_model_exists
+from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"

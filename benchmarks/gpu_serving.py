@@ -47,7 +47,7 @@ from appliance.devstack import (
     running_store_service,
     write_config,
 )
-from appliance.models.shaped import SHAPES, build_shaped_model
+from appliance.model_builders.shaped import SHAPES, build_shaped_model
 from benchmarks.common import median, percentile, print_table, write_result
 from benchmarks.gateway_overhead import latency, throughput
 

@@ -17,8 +17,8 @@ import torch
 
 from appliance.atomic_files import read_json_object
 from appliance.config import load_settings
+from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 from appliance.models.catalog import Catalog, ModelSpec
-from appliance.models.tiny import build_tiny_model, tiny_model_exists
 from appliance.training.jobs import job_dir
 from appliance.training.service import prepare_job
 from appliance.training.trainer import Trainer

@@ -217,7 +217,7 @@ def _fetch(choice: ModelChoice, tmp: Path, report: Report) -> Path:
 
         report.say(f"downloading {ref} from the model hub ...")
         return resolve_source(ref)[0]
-    from appliance.models.tiny import build_tiny_model
+    from appliance.model_builders.tiny import build_tiny_model
 
     report.say("building the tiny model (about 3 minutes on 2 cores) ...")
     build_tiny_model(tmp / choice.name, progress=report.say)

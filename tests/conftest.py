@@ -13,7 +13,7 @@ pytest_plugins = ["tests.slurm_fixtures"]
 def tiny_model_dir() -> Path:
     """The tiny chat model, built on first use and reused by later runs."""
     from appliance.devstack import tiny_model_cache_dir
-    from appliance.models.tiny import build_tiny_model, tiny_model_exists
+    from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 
     out = tiny_model_cache_dir()
     if not tiny_model_exists(out):

@@ -85,7 +85,7 @@ def add_model(
 @pass_ctx
 def build_tiny(ctx: CliContext, out: Path | None, time_budget: float, force: bool) -> None:
     """Train the tiny chat model offline (tokenizer + small Llama), for tests and the CPU demo."""
-    from appliance.models.tiny import build_tiny_model, tiny_model_exists
+    from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 
     out = out or ctx.settings.models_dir / "tiny-chat"
     if tiny_model_exists(out) and not force:

@@ -41,7 +41,7 @@ def up(ctx: CliContext, no_tiny: bool) -> None:
         status = LocalCluster(settings).up()
         click.echo(status.render())
     if not no_tiny:
-        from appliance.models.tiny import build_tiny_model, tiny_model_exists
+        from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 
         tiny_dir = settings.models_dir / "tiny-chat"
         if not tiny_model_exists(tiny_dir):

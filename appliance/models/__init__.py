@@ -1,1 +1,1 @@
-"""Models: the catalog of presets and local models, and the offline tiny test model."""
+"""Models: the catalog of presets and local models, and what an instance of one asks Slurm for."""

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.models import corpus, tiny
-from appliance.models.tiny import REQUIRED_FILES, build_tiny_model, tiny_model_exists
+from appliance.model_builders import corpus, tiny
+from appliance.model_builders.tiny import REQUIRED_FILES, build_tiny_model, tiny_model_exists
 
 pytestmark = pytest.mark.slow
 

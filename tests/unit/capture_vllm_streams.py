@@ -22,7 +22,7 @@ import httpx
 from appliance import envs
 from appliance.devstack import free_port, tiny_model_cache_dir
 from appliance.gateway.migration import StreamRecord
-from appliance.models.tiny import build_tiny_model, tiny_model_exists
+from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 
 OUT = Path(__file__).parent / "testdata" / "vllm"
 CUT = 12

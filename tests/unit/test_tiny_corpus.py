@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from appliance.models import corpus
-from appliance.models.corpus import END_OF_TEXT, IM_END, IM_START
+from appliance.model_builders import corpus
+from appliance.model_builders.corpus import END_OF_TEXT, IM_END, IM_START
 
 _TURN_RE = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>\n", re.S)
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.models import corpus
+from appliance.model_builders import corpus
 
 if TYPE_CHECKING:  # torch and transformers take seconds to import: only inside the build
     import torch

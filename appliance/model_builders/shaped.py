@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.models import corpus
-from appliance.models.tiny import save_tokenizer
+from appliance.model_builders import corpus
+from appliance.model_builders.tiny import save_tokenizer
 
 # Architectures of the presets (their config.json values that decide speed and memory).
 SHAPES: dict[str, dict[str, Any]] = {
