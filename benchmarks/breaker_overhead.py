@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from appliance.config import ApplianceSettings, load_settings
-from appliance.devstack import free_port, running_breaker_sshd, running_gateway
+from appliance_dev.stack import free_port, running_breaker_sshd, running_gateway
 from benchmarks.common import MODEL, percentile, print_table, tiny_cluster_stack, write_result
 
 

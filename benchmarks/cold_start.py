@@ -15,7 +15,7 @@ import time
 import httpx
 
 from appliance import envs
-from appliance.devstack import free_port
+from appliance_dev.stack import free_port
 from benchmarks.common import TINY, median, print_table, tiny_stack, write_result
 
 BODY = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8, "stream": True}

@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from appliance.config import ApplianceSettings
-from appliance.devstack import (
+from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
+from appliance_dev.stack import (
     free_port,
     local_cluster_settings,
     running_gateway,
     running_local_cluster,
     tiny_model_cache_dir,
 )
-from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"

@@ -38,7 +38,8 @@ from pathlib import Path
 import httpx
 
 from appliance.config import ApplianceSettings
-from appliance.devstack import (
+from appliance.model_builders.shaped import SHAPES, build_shaped_model
+from appliance_dev.stack import (
     free_port,
     local_cluster_settings,
     running_gateway,
@@ -47,7 +48,6 @@ from appliance.devstack import (
     running_store_service,
     write_config,
 )
-from appliance.model_builders.shaped import SHAPES, build_shaped_model
 from benchmarks.common import median, percentile, print_table, write_result
 from benchmarks.gateway_overhead import latency, throughput
 

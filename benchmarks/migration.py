@@ -29,7 +29,7 @@ import time
 
 import httpx
 
-from appliance.devstack import InstanceEngine
+from appliance_dev.stack import InstanceEngine
 from benchmarks.common import MODEL, percentile, print_table, tiny_cluster_stack, write_result
 
 PROMPT_TOKENS = (16, 128, 240)

@@ -12,8 +12,8 @@ pytest_plugins = ["tests.slurm_fixtures"]
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny chat model, built on first use and reused by later runs."""
-    from appliance.devstack import tiny_model_cache_dir
     from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
+    from appliance_dev.stack import tiny_model_cache_dir
 
     out = tiny_model_cache_dir()
     if not tiny_model_exists(out):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceSettings, load_settings
-from appliance.devstack import free_port, local_cluster_settings, running_local_cluster
+from appliance_dev.stack import free_port, local_cluster_settings, running_local_cluster
 
 
 def require_local_slurm() -> None:

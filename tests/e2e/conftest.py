@@ -11,7 +11,7 @@ import pytest
 
 from appliance import envs
 from appliance.config import ApplianceSettings
-from appliance.devstack import free_port, running_gateway, running_webapp
+from appliance_dev.stack import free_port, running_gateway, running_webapp
 from security.users import UserStore
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 

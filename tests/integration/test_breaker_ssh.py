@@ -16,14 +16,14 @@ import openai
 import pytest
 
 from appliance.cli.breaker import EX_REFUSED
-from appliance.devstack import (
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.runner import LocalRunner
+from appliance_dev.stack import (
     BreakerSshd,
     cancel_instances,
     running_breaker_sshd,
     running_gateway,
 )
-from appliance.slurm.client import SlurmClient
-from appliance.slurm.runner import LocalRunner
 from tests.slurm_fixtures import stack_settings, tiny_catalog, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]

@@ -9,7 +9,7 @@ import sys
 import httpx
 import pytest
 
-from appliance.devstack import running_gateway
+from appliance_dev.stack import running_gateway
 from security.api_keys import ApiKeyStore
 from security.audit import AuditLog
 from security.users import UserStore

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.devstack import free_port_block
+from appliance_dev.stack import free_port_block
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceSettings
-from appliance.devstack import local_cluster_settings, running_local_cluster, stop_local_cluster
 from appliance.errors import ApplianceError
 from appliance.slurm.client import SlurmClient, SlurmJob
 from appliance.slurm.daemons import find_daemons
 from appliance.slurm.local_cluster import LocalCluster
 from appliance.slurm.runner import LocalRunner
+from appliance_dev.stack import local_cluster_settings, running_local_cluster, stop_local_cluster
 from tests.slurm_fixtures import require_local_slurm, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(120)]

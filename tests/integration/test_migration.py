@@ -12,14 +12,14 @@ import time
 import httpx
 import pytest
 
-from appliance.devstack import (
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.runner import LocalRunner
+from appliance_dev.stack import (
     InstanceEngine,
     local_cluster_settings,
     running_gateway,
     running_local_cluster,
 )
-from appliance.slurm.client import SlurmClient
-from appliance.slurm.runner import LocalRunner
 from tests.slurm_fixtures import require_local_slurm, stack_settings, tiny_catalog, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.devstack import running_gateway
+from appliance_dev.stack import running_gateway
 from security.api_keys import ApiKeyStore
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 

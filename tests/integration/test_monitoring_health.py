@@ -10,14 +10,14 @@ import subprocess
 import httpx
 import pytest
 
-from appliance.devstack import (
+from appliance.slurm.client import SlurmClient
+from appliance.slurm.runner import LocalRunner
+from appliance_dev.stack import (
     free_port,
     local_cluster_settings,
     running_gateway,
     running_local_cluster,
 )
-from appliance.slurm.client import SlurmClient
-from appliance.slurm.runner import LocalRunner
 from tests.slurm_fixtures import require_local_slurm, tiny_catalog, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -10,10 +10,10 @@ import openai
 import pytest
 
 from appliance.config import load_settings
-from appliance.devstack import free_port, running_gateway
 from appliance.serving.endpoint import read_endpoint
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
+from appliance_dev.stack import free_port, running_gateway
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
 

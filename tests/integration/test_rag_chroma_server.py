@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from appliance.config.rag import RagSettings
-from appliance.devstack import free_port
+from appliance_dev.stack import free_port
 from rag.document import ParsedDocument, Section
 from rag.retrieval import Retriever
 from rag.sniff import DocType

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from appliance.devstack import running_gateway
+from appliance_dev.stack import running_gateway
 from security.api_keys import ApiKeyStore
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 

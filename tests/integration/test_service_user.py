@@ -17,8 +17,8 @@ import openai
 import psutil
 import pytest
 
-from appliance.devstack import running_gateway
 from appliance.serving.endpoint import endpoint_path
+from appliance_dev.stack import running_gateway
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]

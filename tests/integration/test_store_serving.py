@@ -16,7 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from appliance.config import load_settings
-from appliance.devstack import free_port, running_gateway, write_config
+from appliance_dev.stack import free_port, running_gateway, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from appliance.devstack import free_port, running_gateway, running_webapp
+from appliance_dev.stack import free_port, running_gateway, running_webapp
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm]

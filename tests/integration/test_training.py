@@ -17,10 +17,10 @@ import httpx
 import openai
 import pytest
 
-from appliance.devstack import running_gateway, write_config
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 from appliance.store.format import HEADER_FILE
+from appliance_dev.stack import running_gateway, write_config
 from tests.slurm_fixtures import stack_settings, tiny_catalog, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from appliance.devstack import local_cluster_settings, running_local_cluster
 from appliance.slurm.client import JOB_BRIEF_ARGS, SlurmClient
 from appliance.slurm.runner import LocalRunner
+from appliance_dev.stack import local_cluster_settings, running_local_cluster
 
 OUT = Path(__file__).parent / "testdata" / "slurm"
 

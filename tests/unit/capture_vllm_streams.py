@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 
 from appliance import envs
-from appliance.devstack import free_port, tiny_model_cache_dir
 from appliance.gateway.migration import StreamRecord
 from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
+from appliance_dev.stack import free_port, tiny_model_cache_dir
 
 OUT = Path(__file__).parent / "testdata" / "vllm"
 CUT = 12
