@@ -84,7 +84,7 @@ def run(scenario) -> None:
 def test_an_instance_preempted_while_starting_just_stops(tmp_path):
     async def scenario():
         mgr, runner = await manager(tmp_path, max_instances=2, preemptible=True)
-        await mgr._poll_jobs()  # adopts the running job, learns of the preemption
+        await mgr.health.poll_jobs()  # adopts the running job, learns of the preemption
         [inst] = mgr.instances()
         assert inst.preemptible and inst.node == "n1"
         assert inst.state is InstanceState.STOPPING and "preempted" in inst.reason
@@ -98,12 +98,12 @@ def test_a_serving_instance_drains_and_a_replacement_starts_off_its_node(tmp_pat
     async def scenario():
         mgr, runner = await manager(tmp_path, max_instances=2, preemptible=True)
         runner.answer(["squeue", "--json"], before_preemption())
-        await mgr._poll_jobs()
+        await mgr.health.poll_jobs()
         [inst] = mgr.instances()
         # Serving one stream when the preemption is seen:
         inst.state, inst.url, inst.inflight = InstanceState.READY, "http://n1:1", 1
         runner.replay("squeue_preempted")
-        await mgr._poll_jobs()
+        await mgr.health.poll_jobs()
         assert inst.state is InstanceState.DRAINING and inst.move_quota == 1
         assert not inst.routable and inst.leave_by == GRACE_END
         # Nowhere to move to: a new instance starts now, not on the preempted node.
@@ -148,7 +148,7 @@ def test_without_preemptible_serving_every_instance_is_pinned(tmp_path):
 def ready(mgr: InstanceManager, job_id: int, inflight: int, **fields) -> Instance:
     inst = Instance(job_id=job_id, model="tiny", state=InstanceState.READY, submitted_at=0.0,
                     url=f"http://n1:{job_id}", inflight=inflight, **fields)  # fmt: skip
-    mgr._instances[job_id] = inst
+    mgr.registry.add(inst)
     return inst
 
 
