@@ -478,10 +478,8 @@ def wire_chat(ctx: WebContext, c: ChatComponents) -> ChatView:
     pickers = [c.model, c.kbs, c.model_status]
     picker_inputs = [ctx.session, c.model, c.kbs]
     chat_out = [ctx.store, c.current, c.chatbot, c.conversation_list]
-    answer_inputs = [
-        *[c.chatbot, ctx.session, c.model, c.kbs],
-        *[c.system_prompt, c.temperature, c.max_tokens],
-    ]
+    settings = [c.system_prompt, c.temperature, c.max_tokens]
+    answer_inputs = [c.chatbot, ctx.session, c.model, c.kbs, *settings]
     save_args = dict(
         fn=bind(ctx, save),
         inputs=[c.chatbot, c.current, ctx.store, ctx.session, c.model, c.kbs, c.system_prompt],
@@ -499,14 +497,11 @@ def wire_chat(ctx: WebContext, c: ChatComponents) -> ChatView:
         **quiet,
     )
     # .success: no answer is asked for when the message was refused (e.g. empty).
+    respond = dict(fn=bind(ctx, answer), inputs=answer_inputs, outputs=c.chatbot)
     answering = [
-        sent.success(bind(ctx, answer), answer_inputs, c.chatbot),
-        c.chatbot.retry(before_retry, c.chatbot, c.chatbot, **quiet).success(
-            bind(ctx, answer), answer_inputs, c.chatbot
-        ),
-        c.chatbot.edit(before_edit, c.chatbot, c.chatbot, **quiet).success(
-            bind(ctx, answer), answer_inputs, c.chatbot
-        ),
+        sent.success(**respond),
+        c.chatbot.retry(before_retry, c.chatbot, c.chatbot, **quiet).success(**respond),
+        c.chatbot.edit(before_edit, c.chatbot, c.chatbot, **quiet).success(**respond),
     ]
     for event in answering:
         # The model's state line catches up at once (it may have just started).

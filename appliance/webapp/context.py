@@ -33,7 +33,7 @@ def bind(ctx: WebContext, handler: Callable[..., Any]) -> Callable[..., Any]:
     """`handler` with `ctx` as its first argument, for an event's function. It keeps the
     handler's name: Gradio names the event's API endpoint after it."""
     bound = functools.partial(handler, ctx)
-    bound.__name__ = handler.__name__  # type: ignore[attr-defined]
+    bound.__name__ = handler.__name__
     return bound
 
 

@@ -45,7 +45,7 @@ class FakeClient:
 
 def context(client: FakeClient) -> WebContext:
     # The browser state components are not needed by handlers: they get its values.
-    return WebContext(ApplianceSettings(), client, None, None)  # type: ignore[arg-type]
+    return WebContext(ApplianceSettings(), client, None, None)
 
 
 def run(call: Any) -> Any:
