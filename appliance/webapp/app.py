@@ -42,8 +42,9 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
         with gr.Row(elem_id="topbar"):
             gr.Markdown(f"## {title}", elem_id="title")
             who = gr.Markdown("", elem_id="who")
-            sign_out_btn = gr.Button("Sign out", size="sm", visible=False, elem_id="sign-out",
-                                     scale=0, min_width=100)  # fmt: skip
+            sign_out_btn = gr.Button(
+                "Sign out", size="sm", visible=False, elem_id="sign-out", scale=0, min_width=100
+            )
         signin = build_signin(ctx)
         with gr.Column(visible=False, elem_id="main") as main, gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):

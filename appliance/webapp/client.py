@@ -63,8 +63,8 @@ def parse_sse_line(line: str) -> ChatEvent | None:
             return ChatEvent("citations", data=event)
         return None
     delta = choices[0].get("delta") or {}
-    return ChatEvent("delta", delta.get("content") or "", {"finish_reason": choices[0].get(
-        "finish_reason")})  # fmt: skip
+    finish = {"finish_reason": choices[0].get("finish_reason")}
+    return ChatEvent("delta", delta.get("content") or "", finish)
 
 
 class GatewayClient:
@@ -246,8 +246,8 @@ class GatewayClient:
     async def upload_dataset(self, token: str, path: Path, filename: str) -> dict[str, Any]:
         with path.open("rb") as f:
             files = [("file", (filename, f, "application/jsonl"))]
-            return await self._call("POST", "/v1/files", token, files=files,
-                                    data={"purpose": "fine-tune"})  # fmt: skip
+            data = {"purpose": "fine-tune"}
+            return await self._call("POST", "/v1/files", token, files=files, data=data)
 
     async def create_fine_tune(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self._call("POST", "/v1/fine_tuning/jobs", token, json=body)

@@ -3,7 +3,8 @@ and turning gateway refusals into messages for the user."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,6 +27,14 @@ class WebContext:
     client: GatewayClient
     session: gr.BrowserState
     store: gr.BrowserState
+
+
+def bind(ctx: WebContext, handler: Callable[..., Any]) -> Callable[..., Any]:
+    """`handler` with `ctx` as its first argument, for an event's function. It keeps the
+    handler's name: Gradio names the event's API endpoint after it."""
+    bound = functools.partial(handler, ctx)
+    bound.__name__ = handler.__name__
+    return bound
 
 
 def signed_in(session: Session | None) -> bool:

@@ -13,13 +13,12 @@ import gradio as gr
 
 from appliance.webapp import render
 from appliance.webapp.client import GatewayError
-from appliance.webapp.context import WebContext, gateway, signed_in, token_of
+from appliance.webapp.context import WebContext, bind, gateway, signed_in, token_of
 
 UPLOAD_HEADERS = ["File", "Status", "Details"]
-FILE_TYPES = [
-    ".pdf", ".docx", ".xlsx", ".csv", ".txt", ".md", ".markdown", ".html", ".htm",
-    ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp",
-]  # fmt: skip
+_DOCUMENT_TYPES = [".pdf", ".docx", ".xlsx", ".csv", ".txt", ".md", ".markdown", ".html", ".htm"]
+_IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"]
+FILE_TYPES = _DOCUMENT_TYPES + _IMAGE_TYPES
 
 
 @dataclass
@@ -54,7 +53,34 @@ def _kb_info(kb: dict[str, Any] | None) -> str:
     )
 
 
-def build_knowledge(ctx: WebContext) -> KnowledgeView:
+@dataclass
+class KnowledgeComponents:
+    """The Knowledge tab's components."""
+
+    kb: gr.Dropdown
+    refresh_btn: gr.Button
+    info: gr.Markdown
+    new_name: gr.Textbox
+    new_readers: gr.Textbox
+    new_groups: gr.Textbox
+    create_btn: gr.Button
+    files: gr.File
+    upload_btn: gr.Button
+    upload_status: gr.Dataframe
+    documents: gr.Dataframe
+    doc_pick: gr.Dropdown
+    delete_doc_btn: gr.Button
+    query: gr.Textbox
+    search_btn: gr.Button
+    hits: gr.Markdown
+    share_readers: gr.Textbox
+    share_groups: gr.Textbox
+    share_btn: gr.Button
+    confirm: gr.Textbox
+    delete_kb_btn: gr.Button
+
+
+def knowledge_components() -> KnowledgeComponents:
     with gr.Row():
         kb = gr.Dropdown(label="Knowledge base", choices=[], scale=3, elem_id="kb-select")
         refresh_btn = gr.Button("Refresh", size="sm", scale=1, min_width=80)
@@ -76,17 +102,25 @@ def build_knowledge(ctx: WebContext) -> KnowledgeView:
         headers=UPLOAD_HEADERS, value=[], interactive=False, wrap=True, elem_id="kb-upload-status"
     )
     documents = gr.Dataframe(
-        headers=render.DOCUMENT_HEADERS, value=[], interactive=False, elem_id="kb-documents",
+        headers=render.DOCUMENT_HEADERS,
+        value=[],
+        interactive=False,
+        elem_id="kb-documents",
         label="Documents",
-    )  # fmt: skip
+    )
     with gr.Row():
         doc_pick = gr.Dropdown(label="Document", choices=[], scale=3, elem_id="kb-doc-select")
         delete_doc_btn = gr.Button(
             "Delete document", variant="stop", scale=1, min_width=120, elem_id="kb-doc-delete"
         )
     with gr.Row():
-        query = gr.Textbox(label="Search", placeholder="Words or a question", scale=4,
-                           max_lines=1, elem_id="kb-query")  # fmt: skip
+        query = gr.Textbox(
+            label="Search",
+            placeholder="Words or a question",
+            scale=4,
+            max_lines=1,
+            elem_id="kb-query",
+        )
         search_btn = gr.Button("Search", scale=1, min_width=80, elem_id="kb-search")
     hits = gr.Markdown("", elem_id="kb-hits")
     with gr.Accordion("Share or delete this knowledge base", open=False):
@@ -98,132 +132,163 @@ def build_knowledge(ctx: WebContext) -> KnowledgeView:
         share_btn = gr.Button("Share", elem_id="kb-share")
         confirm = gr.Textbox(label="Type the knowledge base's name to delete it", max_lines=1)
         delete_kb_btn = gr.Button("Delete knowledge base", variant="stop")
+    return KnowledgeComponents(
+        kb,
+        refresh_btn,
+        info,
+        new_name,
+        new_readers,
+        new_groups,
+        create_btn,
+        files,
+        upload_btn,
+        upload_status,
+        documents,
+        doc_pick,
+        delete_doc_btn,
+        query,
+        search_btn,
+        hits,
+        share_readers,
+        share_groups,
+        share_btn,
+        confirm,
+        delete_kb_btn,
+    )
 
-    async def refresh(session, chosen):
-        if not signed_in(session):
-            return gr.Dropdown(choices=[], value=None), "", [], gr.Dropdown(choices=[], value=None)
-        bases = await gateway(ctx.client.knowledge_bases(token_of(session)))
-        names = [b["name"] for b in bases]
-        chosen = chosen if chosen in names else (names[0] if names else None)
-        current = next((b for b in bases if b["name"] == chosen), None)
-        docs = await gateway(ctx.client.documents(token_of(session), chosen)) if chosen else []
-        filenames = [d["filename"] for d in docs]
-        return (
-            gr.Dropdown(choices=names, value=chosen),
-            _kb_info(current),
-            render.document_rows(docs),
-            gr.Dropdown(choices=filenames, value=None),
+
+async def refresh(ctx: WebContext, session, chosen):
+    """The user's knowledge bases, the chosen one's details and its documents."""
+    if not signed_in(session):
+        return gr.Dropdown(choices=[], value=None), "", [], gr.Dropdown(choices=[], value=None)
+    bases = await gateway(ctx.client.knowledge_bases(token_of(session)))
+    names = [b["name"] for b in bases]
+    chosen = chosen if chosen in names else (names[0] if names else None)
+    current = next((b for b in bases if b["name"] == chosen), None)
+    docs = await gateway(ctx.client.documents(token_of(session), chosen)) if chosen else []
+    filenames = [d["filename"] for d in docs]
+    return (
+        gr.Dropdown(choices=names, value=chosen),
+        _kb_info(current),
+        render.document_rows(docs),
+        gr.Dropdown(choices=filenames, value=None),
+    )
+
+
+async def create(ctx: WebContext, session, name, readers, groups):
+    name = name.strip()
+    if not name:
+        gr.Warning("Give the knowledge base a name.")
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    who, groups = render.split_names(readers), render.split_names(groups)
+    await gateway(ctx.client.create_knowledge_base(token_of(session), name, who, groups))
+    gr.Info(f"Knowledge base {name} created.")
+    return gr.Dropdown(choices=[name], value=name), "", "", ""
+
+
+async def upload(ctx: WebContext, session, chosen, paths):
+    """Send the dropped files one by one, showing each file's progress and outcome."""
+    if not chosen or not paths:
+        gr.Warning(
+            "Drop one or more files first."
+            if chosen
+            else "Choose or create a knowledge base first."
         )
-
-    shown = [kb, info, documents, doc_pick]
-    refresh_btn.click(refresh, [ctx.session, kb], shown)
-    kb.input(refresh, [ctx.session, kb], shown)
-
-    async def create(session, name, readers, groups):
-        name = name.strip()
-        if not name:
-            gr.Warning("Give the knowledge base a name.")
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        who, groups = render.split_names(readers), render.split_names(groups)
-        await gateway(ctx.client.create_knowledge_base(token_of(session), name, who, groups))
-        gr.Info(f"Knowledge base {name} created.")
-        return gr.Dropdown(choices=[name], value=name), "", "", ""
-
-    create_btn.click(
-        create,
-        [ctx.session, new_name, new_readers, new_groups],
-        [kb, new_name, new_readers, new_groups],
-    ).then(refresh, [ctx.session, kb], shown)
-
-    async def upload(session, chosen, paths):
-        """Send the dropped files one by one, showing each file's progress and outcome."""
-        if not chosen or not paths:
-            gr.Warning(
-                "Drop one or more files first."
-                if chosen
-                else "Choose or create a knowledge base first."
-            )
-            yield gr.skip(), gr.skip()
-            return
-        token = token_of(session)
-        uploads = [Path(p) for p in paths]
-        rows = [[p.name, "waiting", ""] for p in uploads]
-        yield rows, gr.skip()
-        try:
-            for row, path in zip(rows, uploads, strict=True):
-                row[1] = "uploading and reading"
-                yield rows, gr.skip()
-                try:
-                    result = await ctx.client.upload(token, chosen, path, path.name)
-                except GatewayError as exc:
-                    row[1], row[2] = "refused", str(exc)
-                else:
-                    for added in result.get("results", []):
-                        row[1], row[2] = added["status"], f"{added['chunks']} passages"
-                    for error in result.get("errors", []):
-                        row[1], row[2] = "refused", _reason(error["message"], path.name)
-                finally:
-                    _forget_upload(path)
-                yield rows, gr.skip()
-        finally:
-            for path in uploads:
+        yield gr.skip(), gr.skip()
+        return
+    token = token_of(session)
+    uploads = [Path(p) for p in paths]
+    rows = [[p.name, "waiting", ""] for p in uploads]
+    yield rows, gr.skip()
+    try:
+        for row, path in zip(rows, uploads, strict=True):
+            row[1] = "uploading and reading"
+            yield rows, gr.skip()
+            try:
+                result = await ctx.client.upload(token, chosen, path, path.name)
+            except GatewayError as exc:
+                row[1], row[2] = "refused", str(exc)
+            else:
+                for added in result.get("results", []):
+                    row[1], row[2] = added["status"], f"{added['chunks']} passages"
+                for error in result.get("errors", []):
+                    row[1], row[2] = "refused", _reason(error["message"], path.name)
+            finally:
                 _forget_upload(path)
-        yield rows, None
+            yield rows, gr.skip()
+    finally:
+        for path in uploads:
+            _forget_upload(path)
+    yield rows, None
 
-    upload_btn.click(upload, [ctx.session, kb, files], [upload_status, files]).then(
-        refresh, [ctx.session, kb], shown
+
+async def delete_document(ctx: WebContext, session, chosen, filename):
+    if not chosen or not filename:
+        gr.Warning("Choose a document first.")
+        return
+    await gateway(ctx.client.delete_document(token_of(session), chosen, filename))
+    gr.Info(f"{filename} deleted from {chosen}.")
+
+
+async def search(ctx: WebContext, session, chosen, text):
+    if not chosen:
+        gr.Warning("Choose a knowledge base first.")
+        return gr.skip()
+    if not text.strip():
+        return ""
+    return render.hits_markdown(await gateway(ctx.client.query(token_of(session), chosen, text)))
+
+
+async def share(ctx: WebContext, session, chosen, readers, groups):
+    if not chosen:
+        gr.Warning("Choose a knowledge base first.")
+        return
+    who, groups = render.split_names(readers), render.split_names(groups)
+    await gateway(ctx.client.share_knowledge_base(token_of(session), chosen, who, groups))
+    gr.Info(f"{chosen} is shared.")
+
+
+async def delete_kb(ctx: WebContext, session, chosen, typed):
+    if not chosen or typed.strip() != chosen:
+        gr.Warning("Type the knowledge base's name exactly to delete it.")
+        return gr.skip(), gr.skip()
+    await gateway(ctx.client.delete_knowledge_base(token_of(session), chosen))
+    gr.Info(f"{chosen} deleted.")
+    return None, ""
+
+
+def build_knowledge(ctx: WebContext) -> KnowledgeView:
+    return wire_knowledge(ctx, knowledge_components())
+
+
+def wire_knowledge(ctx: WebContext, c: KnowledgeComponents) -> KnowledgeView:
+    """Connect the tab's components to its handlers; every change shows the tab afresh."""
+    shown = [c.kb, c.info, c.documents, c.doc_pick]
+    again = dict(fn=bind(ctx, refresh), inputs=[ctx.session, c.kb], outputs=shown)
+    c.refresh_btn.click(**again)
+    c.kb.input(**again)
+    new = [c.new_name, c.new_readers, c.new_groups]
+    c.create_btn.click(bind(ctx, create), [ctx.session, *new], [c.kb, *new]).then(**again)
+    c.upload_btn.click(
+        bind(ctx, upload), [ctx.session, c.kb, c.files], [c.upload_status, c.files]
+    ).then(**again)
+    document = [ctx.session, c.kb, c.doc_pick]
+    c.delete_doc_btn.click(bind(ctx, delete_document), document, None).then(**again)
+    gr.on(
+        [c.search_btn.click, c.query.submit],
+        bind(ctx, search),
+        [ctx.session, c.kb, c.query],
+        [c.hits],
     )
-
-    async def delete_document(session, chosen, filename):
-        if not chosen or not filename:
-            gr.Warning("Choose a document first.")
-            return
-        await gateway(ctx.client.delete_document(token_of(session), chosen, filename))
-        gr.Info(f"{filename} deleted from {chosen}.")
-
-    delete_doc_btn.click(delete_document, [ctx.session, kb, doc_pick], None).then(
-        refresh, [ctx.session, kb], shown
-    )
-
-    async def search(session, chosen, text):
-        if not chosen:
-            gr.Warning("Choose a knowledge base first.")
-            return gr.skip()
-        if not text.strip():
-            return ""
-        return render.hits_markdown(
-            await gateway(ctx.client.query(token_of(session), chosen, text))
-        )
-
-    gr.on([search_btn.click, query.submit], search, [ctx.session, kb, query], [hits])
-
-    async def share(session, chosen, readers, groups):
-        if not chosen:
-            gr.Warning("Choose a knowledge base first.")
-            return
-        who, groups = render.split_names(readers), render.split_names(groups)
-        await gateway(ctx.client.share_knowledge_base(token_of(session), chosen, who, groups))
-        gr.Info(f"{chosen} is shared.")
-
-    share_btn.click(share, [ctx.session, kb, share_readers, share_groups], None).then(
-        refresh, [ctx.session, kb], shown
-    )
-
-    async def delete_kb(session, chosen, typed):
-        if not chosen or typed.strip() != chosen:
-            gr.Warning("Type the knowledge base's name exactly to delete it.")
-            return gr.skip(), gr.skip()
-        await gateway(ctx.client.delete_knowledge_base(token_of(session), chosen))
-        gr.Info(f"{chosen} deleted.")
-        return None, ""
-
-    delete_kb_btn.click(delete_kb, [ctx.session, kb, confirm], [kb, confirm]).then(
-        refresh, [ctx.session, kb], shown
-    )
+    sharing = [ctx.session, c.kb, c.share_readers, c.share_groups]
+    c.share_btn.click(bind(ctx, share), sharing, None).then(**again)
+    c.delete_kb_btn.click(
+        bind(ctx, delete_kb), [ctx.session, c.kb, c.confirm], [c.kb, c.confirm]
+    ).then(**again)
 
     def on_sign_in(dep):
-        return dep.then(refresh, [ctx.session, kb], shown).then(
-            lambda: ([], "", None), None, [upload_status, hits, files]
+        return dep.then(**again).then(
+            lambda: ([], "", None), None, [c.upload_status, c.hits, c.files]
         )
 
     return KnowledgeView(on_sign_in)
