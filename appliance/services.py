@@ -54,8 +54,14 @@ class ServiceManager:
             from appliance.daemon import start_detached
 
             self.stop()
-            argv = [sys.executable, "-m", "appliance.cli.main", "--config",
-                    str(self.config_file), "supervise"]  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "appliance.cli.main",
+                "--config",
+                str(self.config_file),
+                "supervise",
+            ]
             # A daemon holds no working directory (and must not import from a checkout there).
             start_detached(argv, self.log_file, self.pidfile, cwd=Path("/"))
         self.wait_healthy()

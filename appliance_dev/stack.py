@@ -235,8 +235,17 @@ def running_standby(settings: ApplianceSettings, node: str, timeout: float = 120
     path = settings.standby_socket(node)
     config = write_config(settings, settings.state_dir / f"standby-{node}-config.yaml")
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    argv = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), "standby",
-            "serve", "--node", node]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "appliance.cli.main",
+        "--config",
+        str(config),
+        "standby",
+        "serve",
+        "--node",
+        node,
+    ]
     log_path = settings.state_dir / f"standby-{node}.log"
     with log_path.open("ab") as log:
         start = log.tell()  # an earlier standby's "ready" in the same log does not count
@@ -296,9 +305,15 @@ class BreakerSshd:
 
     def breaker_section(self, known_hosts: Path, **extra: object) -> dict:
         """The `breaker` settings of a gateway that reaches the cluster through this sshd."""
-        return {"enabled": True, "host": "127.0.0.1", "port": self.port,
-                "user": pwd.getpwuid(os.getuid()).pw_name, "identity_file": str(self.client_key),
-                "known_hosts_file": str(self.known_hosts(known_hosts)), **extra}  # fmt: skip
+        return {
+            "enabled": True,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": pwd.getpwuid(os.getuid()).pw_name,
+            "identity_file": str(self.client_key),
+            "known_hosts_file": str(self.known_hosts(known_hosts)),
+            **extra,
+        }
 
 
 @contextlib.contextmanager
@@ -310,8 +325,9 @@ def running_breaker_sshd(
     directory.mkdir(parents=True, exist_ok=True)
     config = write_config(cluster_settings, directory / "breaker-config.yaml")
     for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)], check=True
+        )
     from appliance.cli.breaker import authorized_key_line
 
     pub = (directory / "client.pub").read_text()
@@ -331,8 +347,10 @@ def running_breaker_sshd(
     with (directory / "sshd.log").open("wb") as log:
         sshd = subprocess.Popen(
             ["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")],
-            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 20
         while not _listening(port):
@@ -360,8 +378,11 @@ class InstanceEngine:
 
     def __init__(self, instance_url: str):
         port = int(instance_url.rsplit(":", 1)[1])
-        listening = [c.pid for c in psutil.net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]  # fmt: skip
+        listening = [
+            c.pid
+            for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
         if not listening:
             raise RuntimeError(f"no process listens at {instance_url}")
         server = psutil.Process(listening[0])

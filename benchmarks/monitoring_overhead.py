@@ -98,16 +98,24 @@ def main() -> None:
 
         configs = {
             "defaults": settings,
-            "all at 1 Hz": settings.model_copy(update={"monitoring": settings.monitoring.model_copy(
-                update={"cluster_interval_s": 1.0, "task_interval_s": 1.0})}),
-        }  # fmt: skip
+            "all at 1 Hz": settings.model_copy(
+                update={
+                    "monitoring": settings.monitoring.model_copy(
+                        update={"cluster_interval_s": 1.0, "task_interval_s": 1.0}
+                    )
+                }
+            ),
+        }
         for name, config in configs.items():
             sources = gateway_sources(config, slurm, lambda: targets)
             monitor = Monitor(sources, History(), tick_s=1.0, history_step_s=5.0)
             share, status = run_monitor(monitor, args.seconds)
             per = {k: round(v["duration_s"] * 1000, 2) for k, v in status.items()}
-            results[name] = {"cpu_share_of_core": round(share, 5), "last_run_ms": per,
-                             "up": {k: v["up"] for k, v in status.items()}}  # fmt: skip
+            results[name] = {
+                "cpu_share_of_core": round(share, 5),
+                "last_run_ms": per,
+                "up": {k: v["up"] for k, v in status.items()},
+            }
             rows.append((name, f"{share:.5f}", f"{share / base_share:.1f}"))
         print_table(f"Collector CPU at a 1 s tick, {args.seconds:.0f} s each, nodes {nodes}", rows)
 
@@ -118,10 +126,12 @@ def main() -> None:
         h50, h99 = percentile(health, 50), percentile(health, 99)
         print_table(
             f"GET latency, {args.scrapes} requests each (/metrics is {size} bytes)",
-            [("endpoint", "p50 ms", "p99 ms", "p50 vs /health"),
-             ("/health (baseline)", f"{h50:.2f}", f"{h99:.2f}", "1.0"),
-             ("/metrics", f"{s50:.2f}", f"{s99:.2f}", f"{s50 / h50:.1f}")],
-        )  # fmt: skip
+            [
+                ("endpoint", "p50 ms", "p99 ms", "p50 vs /health"),
+                ("/health (baseline)", f"{h50:.2f}", f"{h99:.2f}", "1.0"),
+                ("/metrics", f"{s50:.2f}", f"{s99:.2f}", f"{s50 / h50:.1f}"),
+            ],
+        )
     share = results["defaults"]["cpu_share_of_core"]
     path = write_result(
         "monitoring_overhead",

@@ -31,19 +31,33 @@ def train_on(device: str, steps: int, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="appliance-train-bench-") as tmp:
         settings = load_settings(state_dir=tmp, catalog={"include_presets": False})
         spec = ModelSpec(name="tiny-chat", source=f"dir:{TINY}", max_model_len=512)
-        job = prepare_job(settings, Catalog([spec]), user="bench", model="tiny-chat",
-                          data=SAMPLE.read_bytes(),
-                          overrides={"max_steps": steps, "batch_size": batch_size,
-                                     "learning_rate": 1e-3, "checkpoint_every": steps})  # fmt: skip
+        job = prepare_job(
+            settings,
+            Catalog([spec]),
+            user="bench",
+            model="tiny-chat",
+            data=SAMPLE.read_bytes(),
+            overrides={
+                "max_steps": steps,
+                "batch_size": batch_size,
+                "learning_rate": 1e-3,
+                "checkpoint_every": steps,
+            },
+        )
         directory = job_dir(settings, job.id)
         started = time.monotonic()
         result = Trainer(job, directory, device).run()
         wall = time.monotonic() - started
         progress = read_json_object(directory / "progress.json") or {}
-    return {"device": device, "steps": steps, "batch_size": batch_size,
-            "tokens_per_s": progress["tokens_per_s"], "wall_s": round(wall, 2),
-            "base_eval_loss": result["base_eval_loss"],
-            "tuned_eval_loss": result["tuned_eval_loss"]}  # fmt: skip
+    return {
+        "device": device,
+        "steps": steps,
+        "batch_size": batch_size,
+        "tokens_per_s": progress["tokens_per_s"],
+        "wall_s": round(wall, 2),
+        "base_eval_loss": result["base_eval_loss"],
+        "tuned_eval_loss": result["tuned_eval_loss"],
+    }
 
 
 def main() -> None:
@@ -59,12 +73,21 @@ def main() -> None:
     rows = [("device", "steps", "tokens/s", "ratio to CPU", "wall s", "held-out loss")]
     for r in runs:
         r["ratio_to_cpu"] = round(r["tokens_per_s"] / baseline, 2)
-        rows.append((r["device"], r["steps"], r["tokens_per_s"], r["ratio_to_cpu"], r["wall_s"],
-                     f"{r['base_eval_loss']:.3f} -> {r['tuned_eval_loss']:.3f}"))  # fmt: skip
+        rows.append(
+            (
+                r["device"],
+                r["steps"],
+                r["tokens_per_s"],
+                r["ratio_to_cpu"],
+                r["wall_s"],
+                f"{r['base_eval_loss']:.3f} -> {r['tuned_eval_loss']:.3f}",
+            )
+        )
     print_table("LoRA fine-tuning of the tiny model (the appliance's trainer)", rows)
     extra = {"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
-    path = write_result("training_speed", {"runs": runs, "cpu_threads": torch.get_num_threads(),
-                                           **extra})  # fmt: skip
+    path = write_result(
+        "training_speed", {"runs": runs, "cpu_threads": torch.get_num_threads(), **extra}
+    )
     print(f"\nresults: {path}")
 
 

@@ -21,8 +21,12 @@ class Alert:
     labels: dict[str, str]
 
     def describe(self) -> dict:
-        return {"rule": self.rule, "severity": self.severity, "summary": self.summary,
-                "labels": self.labels}  # fmt: skip
+        return {
+            "rule": self.rule,
+            "severity": self.severity,
+            "summary": self.summary,
+            "labels": self.labels,
+        }
 
 
 @dataclass(frozen=True)
@@ -41,33 +45,76 @@ class Rule:
 
 
 RULES = [
-    Rule("ApplianceNodeUnhealthy", "critical", "appliance_node_healthy == 0", "1m",
-         "Node {node} failed its health check or is down", "appliance_node_healthy",
-         lambda v, _: v == 0),
-    Rule("ApplianceCollectorDown", "warning", 'appliance_collector_up{collector!="gpu"} == 0',
-         "5m", "Collector {collector} ({level}) is not working", "appliance_collector_up",
-         lambda v, labels: v == 0 and labels.get("collector") != "gpu"),
-    Rule("ApplianceGpuUnhealthy", "critical", "appliance_gpu_healthy == 0", "1m",
-         "GPU {gpu} on {Hostname} reports a fault", "appliance_gpu_healthy",
-         lambda v, _: v == 0),
-    Rule("ApplianceGpuXidError", "critical", "DCGM_FI_DEV_XID_ERRORS != 0", "0m",
-         "GPU {gpu} on {Hostname} had XID error {value}", "DCGM_FI_DEV_XID_ERRORS",
-         lambda v, _: v != 0),
-    Rule("ApplianceFilesystemAlmostFull", "warning",
-         "node_filesystem_avail_bytes / node_filesystem_size_bytes < 0.10", "10m",
-         "{mountpoint} has less than 10% free space"),
-    Rule("ApplianceKvCacheFull", "warning", "vllm:kv_cache_usage_perc > 0.95", "5m",
-         "Instance {job_id} of {appliance_model} has a full KV cache",
-         "vllm:kv_cache_usage_perc", lambda v, _: v > 0.95),
-    Rule("ApplianceJobsWaitForResources", "info",
-         'slurm_queue_pending_reason{reason="Resources"} > 0', "15m",
-         "Jobs wait for resources", "slurm_queue_pending_reason",
-         lambda v, labels: v > 0 and labels.get("reason") == "Resources"),
-    Rule("ApplianceRequestErrors", "warning",
-         'sum(rate(appliance_requests_total{status=~"5.."}[5m])) '
-         "/ sum(rate(appliance_requests_total[5m])) > 0.05", "5m",
-         "More than 5% of requests fail"),
-]  # fmt: skip
+    Rule(
+        "ApplianceNodeUnhealthy",
+        "critical",
+        "appliance_node_healthy == 0",
+        "1m",
+        "Node {node} failed its health check or is down",
+        "appliance_node_healthy",
+        lambda v, _: v == 0,
+    ),
+    Rule(
+        "ApplianceCollectorDown",
+        "warning",
+        'appliance_collector_up{collector!="gpu"} == 0',
+        "5m",
+        "Collector {collector} ({level}) is not working",
+        "appliance_collector_up",
+        lambda v, labels: v == 0 and labels.get("collector") != "gpu",
+    ),
+    Rule(
+        "ApplianceGpuUnhealthy",
+        "critical",
+        "appliance_gpu_healthy == 0",
+        "1m",
+        "GPU {gpu} on {Hostname} reports a fault",
+        "appliance_gpu_healthy",
+        lambda v, _: v == 0,
+    ),
+    Rule(
+        "ApplianceGpuXidError",
+        "critical",
+        "DCGM_FI_DEV_XID_ERRORS != 0",
+        "0m",
+        "GPU {gpu} on {Hostname} had XID error {value}",
+        "DCGM_FI_DEV_XID_ERRORS",
+        lambda v, _: v != 0,
+    ),
+    Rule(
+        "ApplianceFilesystemAlmostFull",
+        "warning",
+        "node_filesystem_avail_bytes / node_filesystem_size_bytes < 0.10",
+        "10m",
+        "{mountpoint} has less than 10% free space",
+    ),
+    Rule(
+        "ApplianceKvCacheFull",
+        "warning",
+        "vllm:kv_cache_usage_perc > 0.95",
+        "5m",
+        "Instance {job_id} of {appliance_model} has a full KV cache",
+        "vllm:kv_cache_usage_perc",
+        lambda v, _: v > 0.95,
+    ),
+    Rule(
+        "ApplianceJobsWaitForResources",
+        "info",
+        'slurm_queue_pending_reason{reason="Resources"} > 0',
+        "15m",
+        "Jobs wait for resources",
+        "slurm_queue_pending_reason",
+        lambda v, labels: v > 0 and labels.get("reason") == "Resources",
+    ),
+    Rule(
+        "ApplianceRequestErrors",
+        "warning",
+        'sum(rate(appliance_requests_total{status=~"5.."}[5m])) '
+        "/ sum(rate(appliance_requests_total[5m])) > 0.05",
+        "5m",
+        "More than 5% of requests fail",
+    ),
+]
 
 
 def active_alerts(families: Iterable[Metric]) -> list[Alert]:

@@ -93,13 +93,15 @@ class Monitor:
         with self._lock:
             out = [f for s in self.sources for f in s.families]
             up = GaugeMetricFamily(
-                "appliance_collector_up", "1 when the collector's last run worked.",
+                "appliance_collector_up",
+                "1 when the collector's last run worked.",
                 labels=["collector", "level"],
-            )  # fmt: skip
+            )
             duration = GaugeMetricFamily(
-                "appliance_collector_duration_seconds", "How long the collector's last run took.",
+                "appliance_collector_duration_seconds",
+                "How long the collector's last run took.",
                 labels=["collector"],
-            )  # fmt: skip
+            )
             for s in self.sources:
                 up.add_metric([s.name, s.level], 1 if s.up else 0)
                 duration.add_metric([s.name], s.duration_s)
@@ -110,11 +112,17 @@ class Monitor:
     def status(self) -> list[dict]:
         with self._lock:
             return [
-                {"collector": s.name, "level": s.level, "up": s.up, "error": s.error,
-                 "duration_s": round(s.duration_s, 4), "interval_s": s.interval_s,
-                 "last_success": s.last_success}
+                {
+                    "collector": s.name,
+                    "level": s.level,
+                    "up": s.up,
+                    "error": s.error,
+                    "duration_s": round(s.duration_s, 4),
+                    "interval_s": s.interval_s,
+                    "last_success": s.last_success,
+                }
                 for s in self.sources
-            ]  # fmt: skip
+            ]
 
     def render(self) -> bytes:
         """The Prometheus text exposition of `collect()`."""

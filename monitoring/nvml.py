@@ -201,13 +201,17 @@ class NvmlReader:
         r.memory_clock_mhz = get("memory_clock", nvml.nvmlDeviceGetClockInfo, nvml.NVML_CLOCK_MEM)
         r.throttle_reasons = get("throttle_reasons", nvml.nvmlDeviceGetCurrentClocksEventReasons)
         r.ecc_corrected_volatile = get(
-            "ecc_corrected", nvml.nvmlDeviceGetTotalEccErrors,
-            nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, nvml.NVML_VOLATILE_ECC,
-        )  # fmt: skip
+            "ecc_corrected",
+            nvml.nvmlDeviceGetTotalEccErrors,
+            nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
+            nvml.NVML_VOLATILE_ECC,
+        )
         r.ecc_uncorrected_volatile = get(
-            "ecc_uncorrected", nvml.nvmlDeviceGetTotalEccErrors,
-            nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC,
-        )  # fmt: skip
+            "ecc_uncorrected",
+            nvml.nvmlDeviceGetTotalEccErrors,
+            nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+            nvml.NVML_VOLATILE_ECC,
+        )
         rows = get("remapped_rows", nvml.nvmlDeviceGetRemappedRows)
         if rows is not None:
             correctable, uncorrectable, pending, failed = rows

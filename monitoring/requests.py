@@ -55,34 +55,46 @@ class RequestMetrics:
     def __init__(self, recent: int = 2000):
         self.registry = CollectorRegistry(auto_describe=False)
         self._requests = Counter(
-            "appliance_requests", "Requests served, by model, user, endpoint and status.",
-            ["model", "user", "endpoint", "status"], registry=self.registry,
-        )  # fmt: skip
+            "appliance_requests",
+            "Requests served, by model, user, endpoint and status.",
+            ["model", "user", "endpoint", "status"],
+            registry=self.registry,
+        )
         self._duration = Histogram(
-            "appliance_request_duration_seconds", "Time from request to its last byte.",
-            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "appliance_request_duration_seconds",
+            "Time from request to its last byte.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._first_byte = Histogram(
             "appliance_request_first_byte_seconds",
             "Time to the first byte of the answer (the first token when streamed).",
-            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._tokens = Counter(
-            "appliance_tokens", "Tokens processed, by model, user and kind (prompt, completion).",
-            ["model", "user", "kind"], registry=self.registry,
-        )  # fmt: skip
+            "appliance_tokens",
+            "Tokens processed, by model, user and kind (prompt, completion).",
+            ["model", "user", "kind"],
+            registry=self.registry,
+        )
         self._moves = Counter(
             "appliance_request_moves",
             "Requests that went on on another instance (preemption, drain, rebalancing, or a "
             "failed instance), by model.",
-            ["model"], registry=self.registry,
-        )  # fmt: skip
+            ["model"],
+            registry=self.registry,
+        )
         self._move_pause = Histogram(
             "appliance_request_move_pause_seconds",
             "Pause a moved stream sees: from the gateway moving it (after the old instance's "
             "last event, or on finding it stalled) to the first event from the new one.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._in_flight: dict[str, RequestRecord] = {}
         self._recent: deque[RequestRecord] = deque(maxlen=recent)
         self._lock = threading.Lock()

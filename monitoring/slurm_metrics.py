@@ -42,15 +42,21 @@ def slurm_families(nodes: list[SlurmNode], jobs: list[SlurmJob]) -> list[Metric]
     per_node = {
         "slurm_node_cpus_total": ("CPUs of the node.", lambda n: n.cpus),
         "slurm_node_cpus_alloc": ("CPUs allocated on the node.", lambda n: n.alloc_cpus),
-        "slurm_node_memory_total_bytes": ("Memory of the node.",
-                                          lambda n: n.real_memory_mb * 2**20),
-        "slurm_node_memory_alloc_bytes": ("Memory allocated on the node.",
-                                          lambda n: n.alloc_memory_mb * 2**20),
+        "slurm_node_memory_total_bytes": (
+            "Memory of the node.",
+            lambda n: n.real_memory_mb * 2**20,
+        ),
+        "slurm_node_memory_alloc_bytes": (
+            "Memory allocated on the node.",
+            lambda n: n.alloc_memory_mb * 2**20,
+        ),
         "slurm_node_gpus_total": ("GPUs of the node.", lambda n: _gres(n.gres, "gpu")),
-        "slurm_node_gpus_alloc": ("GPUs allocated on the node.",
-                                  lambda n: _gres(n.gres_used, "gpu")),
+        "slurm_node_gpus_alloc": (
+            "GPUs allocated on the node.",
+            lambda n: _gres(n.gres_used, "gpu"),
+        ),
         "slurm_node_cpu_load": ("Load average slurmd reports.", lambda n: n.cpu_load),
-    }  # fmt: skip
+    }
     families = {
         name: GaugeMetricFamily(name, doc, labels=["node"]) for name, (doc, _) in per_node.items()
     }
@@ -92,9 +98,10 @@ def slurm_families(nodes: list[SlurmNode], jobs: list[SlurmJob]) -> list[Metric]
         reasons.add_metric([reason or "None"], count)
     out.append(reasons)
     job_info = GaugeMetricFamily(
-        "slurm_job_info", "Each job's state and reason (value 1).",
+        "slurm_job_info",
+        "Each job's state and reason (value 1).",
         labels=["job_id", "name", "state", "reason", "nodes", "exit_code"],
-    )  # fmt: skip
+    )
     for j in jobs:
         exit_code = "" if j.exit_code is None else str(j.exit_code)
         nodes_text = ",".join(j.nodes)

@@ -69,8 +69,9 @@ class SlurmSnapshot:
         )
         for n in nodes:
             bad = (n.drained and n.reason.startswith(REASON_PREFIX)) or n.base_state in (
-                "down", "fail"
-            )  # fmt: skip
+                "down",
+                "fail",
+            )
             healthy.add_metric([n.name], 0 if bad else 1)
         return [healthy]
 

@@ -24,9 +24,10 @@ def system_families() -> list[Metric]:
     out: list[Metric] = [cpu]
     # Busy share of all CPUs since the previous reading: what a dashboard plots, without a rate.
     busy = GaugeMetricFamily(
-        "appliance_cpu_busy_ratio", "Share of CPU time busy since the previous reading (0-1).",
+        "appliance_cpu_busy_ratio",
+        "Share of CPU time busy since the previous reading (0-1).",
         psutil.cpu_percent(interval=None) / 100,
-    )  # fmt: skip
+    )
     out.append(busy)
     for minutes, value in zip((1, 5, 15), os.getloadavg(), strict=True):
         out.append(GaugeMetricFamily(f"node_load{minutes}", f"{minutes}m load average.", value))

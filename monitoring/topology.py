@@ -23,8 +23,13 @@ class Graph:
 
     def add(self, node_id: str, kind: str, label: str, status: str = "ok", **detail) -> str:
         if node_id not in self.nodes or status == "fault":
-            self.nodes[node_id] = {"id": node_id, "kind": kind, "label": label, "status": status,
-                                   **detail}  # fmt: skip
+            self.nodes[node_id] = {
+                "id": node_id,
+                "kind": kind,
+                "label": label,
+                "status": status,
+                **detail,
+            }
         return node_id
 
     def link(self, a: str, b: str) -> None:
@@ -34,16 +39,18 @@ class Graph:
 
 def _add_node(g: Graph, families: list[Metric], node: str) -> str:
     """A Slurm node with its CPUs, GPUs and health."""
-    info = next((s for s in _samples(families, "slurm_node_info") if s.labels["node"] == node),
-                None)  # fmt: skip
+    info = next(
+        (s for s in _samples(families, "slurm_node_info") if s.labels["node"] == node), None
+    )
     healthy = next(
         (s.value for s in _samples(families, "appliance_node_healthy") if s.labels["node"] == node),
         1,
     )
     state = info.labels["state"] if info else "unknown"
     reason = info.labels.get("reason", "") if info else ""
-    nid = g.add(f"node:{node}", "node", f"{node} ({state})", "ok" if healthy else "fault",
-                reason=reason)  # fmt: skip
+    nid = g.add(
+        f"node:{node}", "node", f"{node} ({state})", "ok" if healthy else "fault", reason=reason
+    )
     values = {s.name: s.value for f in families for s in f.samples if s.labels.get("node") == node}
     alloc, total = values.get("slurm_node_cpus_alloc", 0), values.get("slurm_node_cpus_total", 0)
     load = values.get("slurm_node_cpu_load", 0)
@@ -56,9 +63,12 @@ def _add_node(g: Graph, families: list[Metric], node: str) -> str:
         g.link(nid, gid)
     for s in _samples(families, "appliance_gpu_healthy"):
         if s.labels.get("Hostname") in (node, info.labels.get("node") if info else None):
-            gpu = g.add(f"gpu:{node}:{s.labels['gpu']}", "gpu",
-                        f"GPU {s.labels['gpu']} {s.labels.get('modelName', '')}",
-                        "ok" if s.value else "fault")  # fmt: skip
+            gpu = g.add(
+                f"gpu:{node}:{s.labels['gpu']}",
+                "gpu",
+                f"GPU {s.labels['gpu']} {s.labels.get('modelName', '')}",
+                "ok" if s.value else "fault",
+            )
             g.link(nid, gpu)
     health = g.add(f"health:{node}", "health", reason or "healthy", "ok" if healthy else "fault")
     g.link(nid, health)
@@ -68,9 +78,13 @@ def _add_node(g: Graph, families: list[Metric], node: str) -> str:
 def _add_instance(g: Graph, families: list[Metric], inst) -> str:
     d = inst.describe() if hasattr(inst, "describe") else inst
     status = "fault" if d["state"] in ("failed", "unhealthy") else "ok"
-    iid = g.add(f"job:{d['job_id']}", "instance",
-                f"job {d['job_id']}: {d['model']} ({d['state']})", status,
-                in_flight=d.get("inflight", 0))  # fmt: skip
+    iid = g.add(
+        f"job:{d['job_id']}",
+        "instance",
+        f"job {d['job_id']}: {d['model']} ({d['state']})",
+        status,
+        in_flight=d.get("inflight", 0),
+    )
     if d.get("node"):
         g.link(iid, _add_node(g, families, d["node"]))
     return iid
@@ -83,9 +97,12 @@ def search(query: str, families: list[Metric], instances: list, requests: list) 
     by_job = {i.job_id: i for i in instances}
 
     def add_request(r) -> None:
-        rid = g.add(f"request:{r.id}", "request",
-                    f"{r.id}: {r.user} -> {r.model} ({r.status or 'running'})",
-                    "fault" if r.status >= 500 or r.error else "ok")  # fmt: skip
+        rid = g.add(
+            f"request:{r.id}",
+            "request",
+            f"{r.id}: {r.user} -> {r.model} ({r.status or 'running'})",
+            "fault" if r.status >= 500 or r.error else "ok",
+        )
         if r.job_id in by_job:
             g.link(rid, _add_instance(g, families, by_job[r.job_id]))
         elif r.node:
@@ -102,8 +119,12 @@ def search(query: str, families: list[Metric], instances: list, requests: list) 
     for s in _samples(families, "slurm_job_info"):
         if query == s.labels["job_id"] and int(query) not in by_job:
             matches.append({"kind": "job", "id": query})
-            jid = g.add(f"job:{query}", "job", f"job {query}: {s.labels['name']} "
-                        f"({s.labels['state']} {s.labels['reason']})".strip())  # fmt: skip
+            jid = g.add(
+                f"job:{query}",
+                "job",
+                f"job {query}: {s.labels['name']} "
+                f"({s.labels['state']} {s.labels['reason']})".strip(),
+            )
             for node in filter(None, s.labels["nodes"].split(",")):
                 g.link(jid, _add_node(g, families, node))
     for s in _samples(families, "slurm_node_info"):

@@ -126,9 +126,12 @@ class AuditLog:
                 return Verification(False, count, "the line is not an audit entry", number)
             if body["seq"] != number:
                 return Verification(
-                    False, count, f"entry number {body['seq']} where {number} was expected "
-                    "(a line was removed, inserted or moved)", number,
-                )  # fmt: skip
+                    False,
+                    count,
+                    f"entry number {body['seq']} where {number} was expected "
+                    "(a line was removed, inserted or moved)",
+                    number,
+                )
             if linked != prev:
                 return Verification(
                     False, count, "the link to the previous entry is broken", number
@@ -139,8 +142,12 @@ class AuditLog:
         seq, head_mac = self._head()
         if seq != count or head_mac != prev:
             return Verification(
-                False, count, f"the log ends at entry {count} but {seq} were written "
-                "(entries at the end were removed)" if seq > count else
-                "the log does not match its head", count or None,
-            )  # fmt: skip
+                False,
+                count,
+                f"the log ends at entry {count} but {seq} were written "
+                "(entries at the end were removed)"
+                if seq > count
+                else "the log does not match its head",
+                count or None,
+            )
         return Verification(True, count)

@@ -20,11 +20,21 @@ def service_dirs(settings: ApplianceSettings) -> list[Path]:
     the state directory except the local Slurm cluster's own files, which stay root's."""
     keys = settings.api_keys_file.parent
     return [
-        keys, settings.kek_file.parent, settings.signing_key_file.parent, settings.audit_dir,
-        settings.log_dir, settings.instances_dir, settings.rag_dir, settings.conversations_dir,
-        settings.webapp_dir, settings.training_dir, settings.tls_files[0].parent,
-        settings.models_dir, settings.store_root, service_home(settings),
-    ]  # fmt: skip
+        keys,
+        settings.kek_file.parent,
+        settings.signing_key_file.parent,
+        settings.audit_dir,
+        settings.log_dir,
+        settings.instances_dir,
+        settings.rag_dir,
+        settings.conversations_dir,
+        settings.webapp_dir,
+        settings.training_dir,
+        settings.tls_files[0].parent,
+        settings.models_dir,
+        settings.store_root,
+        service_home(settings),
+    ]
 
 
 def service_home(settings: ApplianceSettings) -> Path:

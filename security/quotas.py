@@ -107,11 +107,16 @@ class Quotas:
             for k, n in list(self._usage):
                 if (kind is None or k == kind) and (name is None or n == name):
                     usage, limits = self._usage_of((k, n)), self._limits(k, n)
-                    out.append({
-                        "kind": k, "name": n, "day": usage.day,
-                        "requests_last_minute": len(usage.requests),
-                        "tokens_today": usage.tokens, "streams_open": usage.streams,
-                        "requests_total": usage.total_requests,
-                        "limits": limits.model_dump(),
-                    })  # fmt: skip
+                    out.append(
+                        {
+                            "kind": k,
+                            "name": n,
+                            "day": usage.day,
+                            "requests_last_minute": len(usage.requests),
+                            "tokens_today": usage.tokens,
+                            "streams_open": usage.streams,
+                            "requests_total": usage.total_requests,
+                            "limits": limits.model_dump(),
+                        }
+                    )
         return out

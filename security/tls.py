@@ -28,10 +28,12 @@ def make_self_signed(cert_path: Path, key_path: Path, names: list[str] | None = 
     """Write a new self-signed certificate and its key (0600); refuses to replace a key."""
     names = names or host_names()
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64]),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "appliance"),
-    ])  # fmt: skip
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64]),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "appliance"),
+        ]
+    )
     alt = []
     for n in names:
         try:

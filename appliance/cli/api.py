@@ -20,8 +20,9 @@ def gateway_call(ctx: CliContext, method: str, path: str, timeout: float = 60, *
     key = envs.APPLIANCE_API_KEY
     headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
-        resp = httpx.request(method, url, timeout=timeout, headers=headers,
-                             verify=settings.tls_verify, **kwargs)  # fmt: skip
+        resp = httpx.request(
+            method, url, timeout=timeout, headers=headers, verify=settings.tls_verify, **kwargs
+        )
     except (httpx.HTTPError, FileNotFoundError) as exc:
         raise ApplianceError(f"the gateway at {url} does not answer ({exc}); is it up?") from None
     try:

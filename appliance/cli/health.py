@@ -12,8 +12,12 @@ from appliance.cli.context import CliContext, pass_ctx
 
 @click.command("health-check")
 @click.option("--node", default=None, help="Slurm node name (default: $SLURMD_NODENAME, host).")
-@click.option("--apply", "apply_", is_flag=True, help="Drain the node if a check fails, resume "
-              "it when all pass (what Slurm runs).")  # fmt: skip
+@click.option(
+    "--apply",
+    "apply_",
+    is_flag=True,
+    help="Drain the node if a check fails, resume it when all pass (what Slurm runs).",
+)
 @pass_ctx
 def health_check(ctx: CliContext, node: str | None, apply_: bool) -> None:
     """Check this node: scratch space, memory, CPUs, GPUs. Exit status 1 when a check fails."""

@@ -30,8 +30,15 @@ def create(
     secret, record = ApiKeyStore(ctx.settings.api_keys_file).create(
         user, "admin" if admin else "user", list(groups), parse_expiry(expires)
     )
-    audit.record(ctx, "key_create", record.key_id, user=user, role=record.role, groups=list(groups),
-                 expires_at=record.expires_at)  # fmt: skip
+    audit.record(
+        ctx,
+        "key_create",
+        record.key_id,
+        user=user,
+        role=record.role,
+        groups=list(groups),
+        expires_at=record.expires_at,
+    )
     click.echo(f"key {record.key_id} for {user} ({record.role}); store it now, it is not kept:")
     click.echo(secret)
 
@@ -45,9 +52,16 @@ def list_keys(ctx: CliContext) -> None:
     rows = [("ID", "KIND", "USER", "ROLE", "GROUPS", "EXPIRES", "REVOKED")]
     for r in ApiKeyStore(ctx.settings.api_keys_file).records():
         rows.append(
-            (r.key_id, r.kind, r.user, r.role, ",".join(r.groups) or "-", r.expires_at or "never",
-             r.revoked_at or "-")
-        )  # fmt: skip
+            (
+                r.key_id,
+                r.kind,
+                r.user,
+                r.role,
+                ",".join(r.groups) or "-",
+                r.expires_at or "never",
+                r.revoked_at or "-",
+            )
+        )
     echo_table(rows)
 
 

@@ -38,10 +38,23 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
 
 # Subcommand modules, imported when the CLI runs rather than at the top, so each stays independent.
 _COMMAND_MODULES = (
-    "audit", "breaker", "cluster", "config_cmd", "gateway", "health", "install", "instances",
+    "audit",
+    "breaker",
+    "cluster",
+    "config_cmd",
+    "gateway",
+    "health",
+    "install",
+    "instances",
     "keys",
-    "models", "stack", "standby", "store", "train", "users", "webapp",
-)  # fmt: skip
+    "models",
+    "stack",
+    "standby",
+    "store",
+    "train",
+    "users",
+    "webapp",
+)
 
 
 def _register() -> None:

@@ -41,22 +41,38 @@ def _line(job: dict) -> str:
 @click.option("--lora-rank", type=int, default=None, help="LoRA rank r (16).")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends.")
 @pass_ctx
-def start(ctx: CliContext, model: str, dataset: Path, suffix: str | None, wait: bool,
-          **hyper: float | int | None) -> None:  # fmt: skip
+def start(
+    ctx: CliContext,
+    model: str,
+    dataset: Path,
+    suffix: str | None,
+    wait: bool,
+    **hyper: float | int | None,
+) -> None:
     """Check DATASET (JSONL: chat messages or prompt/completion pairs) and queue a job that
     fine-tunes MODEL on it. Problems are listed by line before anything is queued."""
     with dataset.open("rb") as f:
-        uploaded = gateway_call(ctx, "POST", "/v1/files", timeout=300,
-                                files={"file": (dataset.name, f)},
-                                data={"purpose": "fine-tune"})  # fmt: skip
-    body = {"model": model, "training_file": uploaded["id"],
-            "hyperparameters": {k: v for k, v in hyper.items() if v is not None}}  # fmt: skip
+        uploaded = gateway_call(
+            ctx,
+            "POST",
+            "/v1/files",
+            timeout=300,
+            files={"file": (dataset.name, f)},
+            data={"purpose": "fine-tune"},
+        )
+    body = {
+        "model": model,
+        "training_file": uploaded["id"],
+        "hyperparameters": {k: v for k, v in hyper.items() if v is not None},
+    }
     if suffix:
         body["suffix"] = suffix
     job = gateway_call(ctx, "POST", "/v1/fine_tuning/jobs", timeout=300, json=body)
-    click.echo(f"{job['id']} queued: {job['train_examples']} training and "
-               f"{job['eval_examples']} held-out examples; the result will be "
-               f"{job['output_model']}")  # fmt: skip
+    click.echo(
+        f"{job['id']} queued: {job['train_examples']} training and "
+        f"{job['eval_examples']} held-out examples; the result will be "
+        f"{job['output_model']}"
+    )
     if wait:
         _follow(ctx, job["id"])
 
@@ -75,9 +91,11 @@ def _follow(ctx: CliContext, job_id: str) -> None:
     if job["status"] != "succeeded":
         raise ApplianceError(f"job {job_id} {job['status']}: {job.get('error') or ''}".strip())
     r = job["result"]
-    click.echo(f"held-out loss {r['base_eval_loss']:.4f} -> {r['tuned_eval_loss']:.4f} "
-               f"(perplexity {r['base_perplexity']:.1f} -> {r['tuned_perplexity']:.1f}); "
-               f"chat with model {job['fine_tuned_model']}")  # fmt: skip
+    click.echo(
+        f"held-out loss {r['base_eval_loss']:.4f} -> {r['tuned_eval_loss']:.4f} "
+        f"(perplexity {r['base_perplexity']:.1f} -> {r['tuned_perplexity']:.1f}); "
+        f"chat with model {job['fine_tuned_model']}"
+    )
 
 
 @train_group.command("list")
@@ -87,10 +105,17 @@ def list_jobs(ctx: CliContext) -> None:
     rows = [("JOB", "MODEL", "USER", "STATUS", "STEP", "LOSS", "RESULT")]
     for j in gateway_call(ctx, "GET", "/v1/fine_tuning/jobs")["data"]:
         p = j["progress"]
-        rows.append((j["id"], j["model"], j["user"], j["status"],
-                     f"{p['step'] or 0}/{p['total_steps'] or '?'}",
-                     f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
-                     j["fine_tuned_model"] or j["output_model"]))  # fmt: skip
+        rows.append(
+            (
+                j["id"],
+                j["model"],
+                j["user"],
+                j["status"],
+                f"{p['step'] or 0}/{p['total_steps'] or '?'}",
+                f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
+                j["fine_tuned_model"] or j["output_model"],
+            )
+        )
     echo_table(rows)
 
 

@@ -51,9 +51,12 @@ async def sign_in(request: Request) -> dict:
             raise RequestError(401, str(exc), type="authentication_error") from None
         await audit(request, record.user, "sign_in", "api_key", key_id=record.key_id)
         return _account(
-            record.principal(), token=body["api_key"], kind=record.kind,
-            expires_at=record.expires_at, single_user=False,
-        )  # fmt: skip
+            record.principal(),
+            token=body["api_key"],
+            kind=record.kind,
+            expires_at=record.expires_at,
+            single_user=False,
+        )
     username, password = body.get("username"), body.get("password")
     if not isinstance(username, str) or not isinstance(password, str):
         raise RequestError(400, "send 'username' and 'password', or 'api_key'")
@@ -64,9 +67,12 @@ async def sign_in(request: Request) -> dict:
         raise
     await audit(request, record.user, "sign_in", "password", key_id=record.key_id)
     return _account(
-        record.principal(), token=secret, kind="session", expires_at=record.expires_at,
+        record.principal(),
+        token=secret,
+        kind="session",
+        expires_at=record.expires_at,
         single_user=False,
-    )  # fmt: skip
+    )
 
 
 @router.post("/v1/auth/sign_out")

@@ -32,8 +32,13 @@ async def _run(fn, *args):
 
 
 def _user(record) -> dict:
-    return {"user": record.username, "role": record.role, "groups": record.groups,
-            "created_at": record.created_at, "disabled": record.disabled}  # fmt: skip
+    return {
+        "user": record.username,
+        "role": record.role,
+        "groups": record.groups,
+        "created_at": record.created_at,
+        "disabled": record.disabled,
+    }
 
 
 def _key(record) -> dict:
@@ -100,8 +105,15 @@ async def create_key(request: Request, who: Admin) -> dict:
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
     groups = [g for g in body.get("groups") or [] if isinstance(g, str)]
     secret, record = await _run(_auth(request).keys.create, user, role, groups, expires)
-    await audit(request, who.user, "key_create", record.key_id, user=user, role=role,
-                expires_at=record.expires_at)  # fmt: skip
+    await audit(
+        request,
+        who.user,
+        "key_create",
+        record.key_id,
+        user=user,
+        role=role,
+        expires_at=record.expires_at,
+    )
     return {**_key(record), "key": secret}
 
 

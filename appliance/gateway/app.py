@@ -133,8 +133,15 @@ def create_app(
             await client.close()
 
     app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
-    parts = (router, api, admin_api, knowledge_router, account.sign_in_router, account.router,
-             admin_accounts.router)  # fmt: skip
+    parts = (
+        router,
+        api,
+        admin_api,
+        knowledge_router,
+        account.sign_in_router,
+        account.router,
+        admin_accounts.router,
+    )
     for part in (*parts, monitoring_api.router, fine_tuning.router):
         app.include_router(part)
 

@@ -26,15 +26,18 @@ Who = Annotated[Principal, Depends(principal)]
 def _gw(request: Request):
     gw = request.app.state.gateway
     if gw.settings.breaker.enabled:
-        message = ("fine-tuning needs direct access to Slurm; this gateway reaches the cluster "
-                   "through the breaker only")  # fmt: skip
+        message = (
+            "fine-tuning needs direct access to Slurm; this gateway reaches the cluster "
+            "through the breaker only"
+        )
         raise RequestError(501, message, code="not_available")
     return gw
 
 
 def _dataset_error(exc: DatasetError) -> RequestError:
-    return RequestError(400, str(exc), param="training_file", code="invalid_dataset",
-                        details=exc.problems)  # fmt: skip
+    return RequestError(
+        400, str(exc), param="training_file", code="invalid_dataset", details=exc.problems
+    )
 
 
 @router.post("/files")
@@ -45,8 +48,9 @@ async def upload_file(request: Request, who: Who) -> dict:
     if declared is None or not declared.isdigit():
         raise RequestError(411, "uploads need a Content-Length header")
     if int(declared) > limit + 64 * 1024:  # the multipart framing on top of the file
-        raise RequestError(413, f"the dataset is larger than {limit} bytes "
-                           "(training.max_dataset_bytes)")  # fmt: skip
+        raise RequestError(
+            413, f"the dataset is larger than {limit} bytes (training.max_dataset_bytes)"
+        )
     form = await request.form(max_files=1)
     try:
         upload = form.get("file")
@@ -63,8 +67,15 @@ async def upload_file(request: Request, who: Who) -> dict:
         meta = await asyncio.to_thread(files.save_dataset, gw.settings, who.user, filename, data)
     except DatasetError as exc:
         raise _dataset_error(exc) from None
-    await audit(request, who.user, "upload", meta["id"], filename=meta["filename"],
-                purpose="fine-tune", bytes=len(data))  # fmt: skip
+    await audit(
+        request,
+        who.user,
+        "upload",
+        meta["id"],
+        filename=meta["filename"],
+        purpose="fine-tune",
+        bytes=len(data),
+    )
     return meta
 
 
@@ -116,18 +127,32 @@ async def create_job(request: Request, who: Who) -> dict:
     try:
         job = await asyncio.to_thread(
             lambda: service.create_job(
-                gw.settings, gw.catalog, gw.slurm, user=who.user, model=model, data=data,
-                dataset_name=meta["filename"], overrides=hp, suffix=body.get("suffix"),
+                gw.settings,
+                gw.catalog,
+                gw.slurm,
+                user=who.user,
+                model=model,
+                data=data,
+                dataset_name=meta["filename"],
+                overrides=hp,
+                suffix=body.get("suffix"),
             )
-        )  # fmt: skip
+        )
     except DatasetError as exc:
         raise _dataset_error(exc) from None
     except ValueError as exc:  # hyperparameters out of range (pydantic)
         raise RequestError(400, f"hyperparameters: {exc}", param="hyperparameters") from None
     except ApplianceError as exc:
         raise RequestError(400, str(exc), code="cannot_fine_tune") from None
-    await audit(request, who.user, "training_start", model, job_id=job.id,
-                slurm_job_id=job.slurm_job_id, output_model=job.output_model)  # fmt: skip
+    await audit(
+        request,
+        who.user,
+        "training_start",
+        model,
+        job_id=job.id,
+        slurm_job_id=job.slurm_job_id,
+        output_model=job.output_model,
+    )
     return await _view(request, job)
 
 
@@ -153,8 +178,12 @@ async def job_events(job_id: str, request: Request, who: Who) -> dict:
     """The job's log, newest last (what the trainer and its supervisor printed)."""
     job = _job(request, who, job_id)
     text = service.log_tail(_gw(request).settings, job, 200)
-    return {"object": "list", "data": [{"object": "fine_tuning.job.event", "message": line}
-                                       for line in text.splitlines()]}  # fmt: skip
+    return {
+        "object": "list",
+        "data": [
+            {"object": "fine_tuning.job.event", "message": line} for line in text.splitlines()
+        ],
+    }
 
 
 @router.get("/fine_tuning/jobs/{job_id}/metrics")

@@ -172,10 +172,13 @@ async def upload_documents(name: str, request: Request, who: Who) -> dict:
 
     outcome = await service.run(fn)
     await audit(
-        request, who.user, "upload", name,
+        request,
+        who.user,
+        "upload",
+        name,
         added=[(r["filename"], r["status"]) for r in outcome["results"]],
         refused=[e["filename"] for e in outcome["errors"]],
-    )  # fmt: skip
+    )
     return outcome
 
 
@@ -269,8 +272,11 @@ async def _with_citations(events: AsyncIterator[bytes], citations_of) -> AsyncIt
         out = []
         for line in lines:
             if line.startswith(DONE_EVENT):
-                event = {"object": "chat.completion.chunk", "choices": [], **citations_of(
-                    "".join(answer))}  # fmt: skip
+                event = {
+                    "object": "chat.completion.chunk",
+                    "choices": [],
+                    **citations_of("".join(answer)),
+                }
                 out.append(b"data: " + json.dumps(event).encode() + b"\n\n")
             elif line.startswith(b"data: {"):
                 try:

@@ -24,11 +24,27 @@ COMPLETIONS_PATH = "/v1/completions"
 # Request fields that carry over to the continuation (a plain completion): sampling and stop
 # settings. Everything else (messages, tools, templates) is already in the prompt's token ids.
 CONTINUATION_FIELDS = (
-    "model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-    "ignore_eos", "repetition_penalty", "length_penalty", "skip_special_tokens",
-    "spaces_between_special_tokens", "include_stop_str_in_output", "logit_bias",
-    "allowed_token_ids", "bad_words", "user", "priority", "stream_options",
-)  # fmt: skip
+    "model",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "repetition_penalty",
+    "length_penalty",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "user",
+    "priority",
+    "stream_options",
+)
 
 
 def not_resumable(path: str, body: dict[str, Any]) -> str | None:
@@ -212,9 +228,12 @@ class StreamRecord:
         """The choice's text as the client gets it, with stop strings held back or cut."""
         assert self.stop is not None
         text, found = self.stop.pass_on(
-            text, choice.get("stop_reason"), bool(choice.get("finish_reason")),
-            search=continued, generated=len(self.generated),
-        )  # fmt: skip
+            text,
+            choice.get("stop_reason"),
+            bool(choice.get("finish_reason")),
+            search=continued,
+            generated=len(self.generated),
+        )
         if self.chat:
             choice["delta"] = {**(choice.get("delta") or {}), "content": text}
         else:
@@ -229,12 +248,20 @@ class StreamRecord:
         out = b""
         if (self.body.get("stream_options") or {}).get("include_usage"):
             prompt, completion = len(self.prompt_ids or ()), len(self.generated)
-            out = _encode({
-                "id": self.chunk_id, "created": self.created, "model": self.model,
-                "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                         "total_tokens": prompt + completion},
-            })  # fmt: skip
+            out = _encode(
+                {
+                    "id": self.chunk_id,
+                    "created": self.created,
+                    "model": self.model,
+                    "object": "chat.completion.chunk" if self.chat else "text_completion",
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": completion,
+                        "total_tokens": prompt + completion,
+                    },
+                }
+            )
         return out + b"data: [DONE]\n\n"
 
     def _as_client_chunk(self, data: dict[str, Any]) -> dict[str, Any]:

@@ -59,9 +59,12 @@ async def observed(
         ticket = gw.quotas.admit(who.user, who.key_id, stream)
     except QuotaExceeded as exc:
         return RequestError(
-            429, str(exc), type="rate_limit_error", code="quota_exceeded",
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="quota_exceeded",
             headers={"retry-after": str(exc.retry_after_s)},
-        ).response()  # fmt: skip
+        ).response()
     if gw.settings.security.audit_prompts and prompt is not None:
         await audit(request, who.user, "prompt", model, endpoint=endpoint, prompt=prompt)
     record = RequestRecord(_request_id(request), who.user, model, endpoint, time.time(), stream)

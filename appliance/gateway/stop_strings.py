@@ -29,8 +29,9 @@ class StopStrings:
         stops = tuple(s for s in ([stop] if isinstance(stop, str) else stop or ()) if s)
         if not stops or not all(isinstance(s, str) for s in stops):
             return None
-        return cls(stops, bool(body.get("include_stop_str_in_output")),
-                   int(body.get("min_tokens") or 0))  # fmt: skip
+        return cls(
+            stops, bool(body.get("include_stop_str_in_output")), int(body.get("min_tokens") or 0)
+        )
 
     @property
     def hold(self) -> int:

@@ -140,9 +140,14 @@ class Stream:
                 self.manager.release(inst)
                 return
             if outcome.target is not None:
-                log.info("moved a stream of %s from instance %s to %s after %d tokens (%s)",
-                         self.model, inst.job_id, outcome.target.job_id,
-                         self.record.complete if self.record else 0, inst.reason)  # fmt: skip
+                log.info(
+                    "moved a stream of %s from instance %s to %s after %d tokens (%s)",
+                    self.model,
+                    inst.job_id,
+                    outcome.target.job_id,
+                    self.record.complete if self.record else 0,
+                    inst.reason,
+                )
                 self.manager.release(inst)
                 inst, upstream = outcome.target, None
                 self.continued = True

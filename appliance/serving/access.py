@@ -158,9 +158,14 @@ class DirectAccess(ClusterAccess):
         self, spec: ModelSpec, preemptible: bool = False, avoid: frozenset[str] = frozenset()
     ) -> int:
         script = await instance_script(
-            self.settings, self.slurm, self._probe, spec, self._cluster_gpus,
-            preemptible=preemptible, avoid=avoid,
-        )  # fmt: skip
+            self.settings,
+            self.slurm,
+            self._probe,
+            spec,
+            self._cluster_gpus,
+            preemptible=preemptible,
+            avoid=avoid,
+        )
         job_id = await asyncio.to_thread(self.slurm.submit, script)
         log.info("submitted instance job %s of %s", job_id, spec.name)
         return job_id

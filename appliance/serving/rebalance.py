@@ -35,8 +35,13 @@ class Rebalancer:
             if gap >= 2 and not busiest.move_quota:
                 # Each moving stream goes to the least busy instance: half the gap evens it.
                 self.manager.request_moves(busiest, gap // 2)
-                log.info("rebalancing %s: moving up to %d stream(s) from instance %s to %s",
-                         spec.name, gap // 2, busiest.job_id, idlest.job_id)  # fmt: skip
+                log.info(
+                    "rebalancing %s: moving up to %d stream(s) from instance %s to %s",
+                    spec.name,
+                    gap // 2,
+                    busiest.job_id,
+                    idlest.job_id,
+                )
                 continue
             await self._consolidate(spec, ready, now)
 

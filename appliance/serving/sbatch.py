@@ -103,8 +103,14 @@ def render_instance_script(
     parts += [flag if value is None else f"{flag} {q(value)}" for flag, value in options]
     extra = [*spec.vllm_args, *serving.extra_vllm_args]
     if spec.lora:
-        extra = ["--enable-lora", "--max-lora-rank", str(serving.max_lora_rank),
-                 "--max-loras", str(serving.max_loras), *extra]  # fmt: skip
+        extra = [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(serving.max_lora_rank),
+            "--max-loras",
+            str(serving.max_loras),
+            *extra,
+        ]
     if extra:
         parts.append("-- " + " ".join(q(a) for a in extra))
     # exec: the launcher becomes the job's main process and receives Slurm's signals directly.

@@ -267,8 +267,11 @@ def cluster_partition_lines(cluster: ClusterSettings) -> list[str]:
 def _auth_lines(cluster: ClusterSettings) -> list[str]:
     if cluster.auth == "munge":
         return ["AuthType=auth/munge", "CredType=cred/munge"]
-    return ["# No munge on a single host: the daemons trust each other.",
-            "AuthType=auth/none", "CredType=cred/none"]  # fmt: skip
+    return [
+        "# No munge on a single host: the daemons trust each other.",
+        "AuthType=auth/none",
+        "CredType=cred/none",
+    ]
 
 
 def _confinement_lines(cluster: ClusterSettings) -> list[str]:

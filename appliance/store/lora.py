@@ -30,8 +30,11 @@ def lora_store_json(settings: ApplianceSettings, base: str) -> str:
     from appliance.store.keyring import load_spec
 
     template = asdict(load_spec(settings, base))
-    return json.dumps({"base": base, "store_root": str(settings.store_root), "spec": template},
-                      sort_keys=True, separators=(",", ":"))  # fmt: skip
+    return json.dumps(
+        {"base": base, "store_root": str(settings.store_root), "spec": template},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
 
 
 def materialize_adapter(config: dict[str, Any], name: str) -> Path | None:

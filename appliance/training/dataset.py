@@ -23,8 +23,9 @@ class DatasetError(ApplianceError):
     def __init__(self, problems: list[str], total: int | None = None):
         self.problems = problems
         more = f" (showing {len(problems)} of {total})" if total and total > len(problems) else ""
-        super().__init__(f"the dataset has {total or len(problems)} problem(s){more}:\n"
-                         + "\n".join(problems))  # fmt: skip
+        super().__init__(
+            f"the dataset has {total or len(problems)} problem(s){more}:\n" + "\n".join(problems)
+        )
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ def _chat(obj: dict, line: int) -> Example:
         if "role" not in m:
             raise ValueError(f"message {i} has no role")
         if m["role"] not in ROLES:
-            raise ValueError(f"message {i} has role {m['role']!r}; expected one of "
-                             f"{', '.join(sorted(ROLES))}")  # fmt: skip
+            raise ValueError(
+                f"message {i} has role {m['role']!r}; expected one of {', '.join(sorted(ROLES))}"
+            )
         if not isinstance(m.get("content"), str) or not m["content"].strip():
             raise ValueError(f"message {i} ({m['role']}) has empty or missing content")
         if set(m) - {"role", "content", "name"}:
@@ -135,8 +137,10 @@ def parse_dataset(
                 continue
         examples.append(example)
     if not problems and len(examples) < min_examples:
-        problems.append(f"{len(examples)} example(s); at least {min_examples} are needed "
-                        "(some are held out for evaluation)")  # fmt: skip
+        problems.append(
+            f"{len(examples)} example(s); at least {min_examples} are needed "
+            "(some are held out for evaluation)"
+        )
     if problems:
         raise DatasetError(problems[:MAX_PROBLEMS], len(problems))
     order = list(range(len(examples)))

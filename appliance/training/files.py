@@ -30,9 +30,16 @@ def save_dataset(settings: ApplianceSettings, user: str, filename: str, data: by
     fd = os.open(directory / f"{file_id}.jsonl", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    meta = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-            "filename": os.path.basename(filename)[:200], "purpose": "fine-tune", "user": user,
-            "examples": sum(1 for line in data.splitlines() if line.strip())}  # fmt: skip
+    meta = {
+        "id": file_id,
+        "object": "file",
+        "bytes": len(data),
+        "created_at": int(time.time()),
+        "filename": os.path.basename(filename)[:200],
+        "purpose": "fine-tune",
+        "user": user,
+        "examples": sum(1 for line in data.splitlines() if line.strip()),
+    }
     write_json(directory / f"{file_id}.json", meta)
     return meta
 

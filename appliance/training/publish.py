@@ -50,8 +50,11 @@ def publish_tuned(settings: ApplianceSettings, job: TrainingJob, model: Any) -> 
 
     base_spec = load_catalog(settings).get(job.model)
     as_adapter = bool(base_spec and base_spec.lora)
-    work = Path(tempfile.mkdtemp(prefix=f"appliance-{job.id}-",
-                                 dir=MEMORY_DIR if MEMORY_DIR.is_dir() else None))  # fmt: skip
+    work = Path(
+        tempfile.mkdtemp(
+            prefix=f"appliance-{job.id}-", dir=MEMORY_DIR if MEMORY_DIR.is_dir() else None
+        )
+    )
     try:
         if as_adapter:
             _write_adapter(model, job.model, work)

@@ -40,11 +40,14 @@ def base_model(settings: ApplianceSettings, catalog: Catalog, name: str) -> Mode
     if spec is None:
         raise TrainingError(f"unknown model {name!r}")
     if spec.kind == "embedding" or spec.engine != "vllm":
-        raise TrainingError(f"model {name} is an embedding model; only chat and completion "
-                            "models can be fine-tuned")  # fmt: skip
+        raise TrainingError(
+            f"model {name} is an embedding model; only chat and completion models can be fine-tuned"
+        )
     if spec.source_kind == "store":
-        raise TrainingError(f"model {name} is held in the encrypted store; fine-tuning starts "
-                            "from a model's plain checkpoint (its import source)")  # fmt: skip
+        raise TrainingError(
+            f"model {name} is held in the encrypted store; fine-tuning starts "
+            "from a model's plain checkpoint (its import source)"
+        )
     if not spec.installed(settings):
         raise TrainingError(f"model {name} is not installed on this appliance")
     return spec
@@ -59,8 +62,9 @@ def check_dataset(
     from appliance.training.examples import token_count
 
     if len(data) > settings.training.max_dataset_bytes:
-        raise TrainingError(f"the dataset is {len(data)} bytes; the limit is "
-                            f"{settings.training.max_dataset_bytes}")  # fmt: skip
+        raise TrainingError(
+            f"the dataset is {len(data)} bytes; the limit is {settings.training.max_dataset_bytes}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir(settings))
     max_tokens = min(hp.max_seq_len, spec.max_model_len)
     return parse_dataset(
@@ -105,15 +109,22 @@ def prepare_job(
         raise TrainingError("suffix: 1-24 lower-case letters, digits and '-'")
     output = f"{model}-ft-{suffix or job_id[3:9]}"
     if output in catalog or len(output) > 64:
-        raise TrainingError(f"a model named {output} already exists or the name is too long; "
-                            "choose another suffix")  # fmt: skip
+        raise TrainingError(
+            f"a model named {output} already exists or the name is too long; choose another suffix"
+        )
     dataset = check_dataset(settings, spec, data, hp)
     job = TrainingJob(
-        id=job_id, model=model, base_dir=str(spec.model_dir(settings)), output_model=output,
-        user=user, hyperparameters=hp, format=dataset.format,
-        train_examples=len(dataset.train), eval_examples=len(dataset.eval),
+        id=job_id,
+        model=model,
+        base_dir=str(spec.model_dir(settings)),
+        output_model=output,
+        user=user,
+        hyperparameters=hp,
+        format=dataset.format,
+        train_examples=len(dataset.train),
+        eval_examples=len(dataset.eval),
         dataset_name=dataset_name[:200],
-    )  # fmt: skip
+    )
     directory = job_dir(settings, job_id)
     directory.mkdir(parents=True, mode=0o700)
     try:
@@ -187,16 +198,31 @@ def job_view(settings: ApplianceSettings, job: TrainingJob, slurm_job: SlurmJob 
         "status": status,
         "trainer_state": state,
         "fine_tuned_model": job.output_model if status == "succeeded" else None,
-        "progress": {k: progress.get(k) for k in (
-            "step", "total_steps", "loss", "learning_rate", "tokens_per_s", "checkpoint_step",
-            "resumes", "resumed_from", "base_eval_loss", "updated_at", "started_at")},
+        "progress": {
+            k: progress.get(k)
+            for k in (
+                "step",
+                "total_steps",
+                "loss",
+                "learning_rate",
+                "tokens_per_s",
+                "checkpoint_step",
+                "resumes",
+                "resumed_from",
+                "base_eval_loss",
+                "updated_at",
+                "started_at",
+            )
+        },
         "eta_s": eta_seconds(progress) if status == "running" else None,
         "result": read_json_object(directory / "result.json"),
         "error": progress.get("error") if status == "failed" else None,
-        "slurm": {"job_id": job.slurm_job_id,
-                  "state": slurm_job.state if slurm_job else None,
-                  "reason": slurm_job.reason if slurm_job else None},
-    }  # fmt: skip
+        "slurm": {
+            "job_id": job.slurm_job_id,
+            "state": slurm_job.state if slurm_job else None,
+            "reason": slurm_job.reason if slurm_job else None,
+        },
+    }
 
 
 def visible_jobs(settings: ApplianceSettings, user: str, admin: bool) -> list[TrainingJob]:

@@ -52,8 +52,11 @@ def collate(batch: list[Encoded], pad_id: int, device: str = "cpu") -> dict[str,
         ids[i, : len(e.ids)] = torch.tensor(e.ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         mask[i, : len(e.ids)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "labels": labels.to(device)}  # fmt: skip
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": labels.to(device),
+    }
 
 
 def total_steps(hp: Hyperparameters, n_train: int) -> int:
@@ -122,9 +125,11 @@ class Trainer:
 
     def write_progress(self, **fields) -> None:
         current = read_json_object(self.progress_file) or {
-            "job_id": self.job.id, "model": self.job.model, "user": self.job.user,
+            "job_id": self.job.id,
+            "model": self.job.model,
+            "user": self.job.user,
             "started_at": time.time(),
-        }  # fmt: skip
+        }
         write_json(self.progress_file, {**current, **fields, "updated_at": time.time()})
 
     # ----- checkpoints ------------------------------------------------------------------
@@ -142,10 +147,15 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "step": step, "torch_rng": torch.get_rng_state(), **extra},
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "torch_rng": torch.get_rng_state(),
+                **extra,
+            },
             tmp / "trainer_state.pt",
-        )  # fmt: skip
+        )
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -171,17 +181,22 @@ class Trainer:
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         base = AutoModelForCausalLM.from_pretrained(self.job.base_dir, dtype=dtype)
         lora = LoraConfig(
-            r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-            target_modules=hp.target_modules, task_type="CAUSAL_LM",
-        )  # fmt: skip
+            r=hp.lora_rank,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=hp.target_modules,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(base, lora).to(self.device)
         steps = total_steps(hp, len(train))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=0.0)
         scheduler = get_scheduler(
             hp.schedule if hp.schedule != "constant" else "constant_with_warmup",
-            optimizer, num_warmup_steps=int(hp.warmup_fraction * steps), num_training_steps=steps,
-        )  # fmt: skip
+            optimizer,
+            num_warmup_steps=int(hp.warmup_fraction * steps),
+            num_training_steps=steps,
+        )
 
         step, extra = 0, {}
         checkpoint = self.latest_checkpoint()
@@ -206,8 +221,12 @@ class Trainer:
                     model, held_out, pad_id, hp.batch_size, self.device
                 )
             log.info("base model: held-out loss %.4f", extra["base_eval_loss"])
-        self.write_progress(state="running", total_steps=steps, device=self.device,
-                            base_eval_loss=extra["base_eval_loss"])  # fmt: skip
+        self.write_progress(
+            state="running",
+            total_steps=steps,
+            device=self.device,
+            base_eval_loss=extra["base_eval_loss"],
+        )
 
         model.train()
         window_tokens, window_start = 0, time.monotonic()
@@ -226,10 +245,11 @@ class Trainer:
             with (self.dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(point) + "\n")
             self.write_progress(
-                step=step, loss=round(loss.item(), 5),
+                step=step,
+                loss=round(loss.item(), 5),
                 learning_rate=scheduler.get_last_lr()[0],
                 tokens_per_s=round(window_tokens / elapsed, 1) if elapsed > 0 else None,
-            )  # fmt: skip
+            )
             if step % hp.checkpoint_every == 0 or self.stop.signal is not None:
                 self.save_checkpoint(model, optimizer, scheduler, step, extra)
             if self.stop.signal is not None and step < steps:
@@ -239,10 +259,14 @@ class Trainer:
         tuned = evaluate(model, held_out, pad_id, hp.batch_size, self.device)
         base_loss = extra["base_eval_loss"]
         result = {
-            "base_eval_loss": base_loss, "base_perplexity": math.exp(min(base_loss, 50)),
-            "tuned_eval_loss": tuned, "tuned_perplexity": math.exp(min(tuned, 50)),
-            "eval_examples": len(held_out), "train_examples": len(train), "steps": steps,
-        }  # fmt: skip
+            "base_eval_loss": base_loss,
+            "base_perplexity": math.exp(min(base_loss, 50)),
+            "tuned_eval_loss": tuned,
+            "tuned_perplexity": math.exp(min(tuned, 50)),
+            "eval_examples": len(held_out),
+            "train_examples": len(train),
+            "steps": steps,
+        }
         log.info("tuned model: held-out loss %.4f (base %.4f)", tuned, base_loss)
         self.model, self.tokenizer = model, tokenizer
         return result

@@ -16,10 +16,31 @@ _SKIPPED = {"script", "style", "title", "nav", "noscript", "template", "svg", "i
 _HEADINGS = {f"h{level}": level for level in range(1, 7)}
 # Elements that end a run of text: each gives its own paragraph.
 _BLOCKS = {
-    "p", "div", "section", "article", "main", "aside", "header", "footer", "blockquote", "pre",
-    "ul", "ol", "li", "dl", "dt", "dd", "br", "hr", "figure", "figcaption", "address", "details",
-    "summary", "caption",
-}  # fmt: skip
+    "p",
+    "div",
+    "section",
+    "article",
+    "main",
+    "aside",
+    "header",
+    "footer",
+    "blockquote",
+    "pre",
+    "ul",
+    "ol",
+    "li",
+    "dl",
+    "dt",
+    "dd",
+    "br",
+    "hr",
+    "figure",
+    "figcaption",
+    "address",
+    "details",
+    "summary",
+    "caption",
+}
 _CELLS = {"td", "th"}
 
 

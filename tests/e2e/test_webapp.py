@@ -397,9 +397,14 @@ def test_works_offline_and_on_a_phone_with_an_api_key(visit, browser, web_stack,
     url, settings = web_stack
     assert visit.hosts == {urlsplit(url).netloc}, f"requests left the appliance: {visit.hosts}"
     phone = open_visit(
-        browser, url, artifacts, viewport={"width": 390, "height": 844}, is_mobile=True,
-        has_touch=True, device_scale_factor=2,
-    )  # fmt: skip
+        browser,
+        url,
+        artifacts,
+        viewport={"width": 390, "height": 844},
+        is_mobile=True,
+        has_touch=True,
+        device_scale_factor=2,
+    )
     key, _ = ApiKeyStore(settings.api_keys_file).create("bob")
     try:
         phone.page.get_by_role("tab", name="API key").click()

@@ -50,10 +50,21 @@ def breaker(slurm_cluster, tiny_model_dir, tmp_path_factory):
     try:
         with running_breaker_sshd(settings, tmp) as sshd:
             ssh = [
-                "ssh", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", "BatchMode=yes",
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "LogLevel=ERROR", "root@127.0.0.1",
-            ]  # fmt: skip
+                "ssh",
+                "-p",
+                str(sshd.port),
+                "-i",
+                str(sshd.client_key),
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "root@127.0.0.1",
+            ]
             yield Breaker(ssh, settings, tmp / "canary", sshd)
     finally:
         # Instances started through the breaker, gone before the next module's gateway looks.
@@ -74,12 +85,22 @@ def test_ping_and_listing(breaker):
 
 
 INJECTIONS = [
-    "ping; touch {canary}", "ping && touch {canary}", "ping | touch {canary}",
-    "ping `touch {canary}`", "start $(touch {canary})", "ping\ntouch {canary}",
-    "touch {canary}", "sh -c 'touch {canary}'", "start tiny-chat;touch {canary}",
-    "forward 1 POST /v1/../../{canary}", "start " + "a" * 5000, "stop 1;touch {canary}",
-    "scp -t {canary}", "rsync --server . {canary}", "",
-]  # fmt: skip
+    "ping; touch {canary}",
+    "ping && touch {canary}",
+    "ping | touch {canary}",
+    "ping `touch {canary}`",
+    "start $(touch {canary})",
+    "ping\ntouch {canary}",
+    "touch {canary}",
+    "sh -c 'touch {canary}'",
+    "start tiny-chat;touch {canary}",
+    "forward 1 POST /v1/../../{canary}",
+    "start " + "a" * 5000,
+    "stop 1;touch {canary}",
+    "scp -t {canary}",
+    "rsync --server . {canary}",
+    "",
+]
 
 
 @pytest.mark.parametrize("attempt", INJECTIONS)
@@ -93,11 +114,13 @@ def test_injection_attempts_are_refused_and_run_nothing(breaker, attempt):
 def test_port_forwarding_and_a_shell_are_not_given(breaker):
     ssh, _, canary = breaker[:3]
     # A direct TCP channel through the server (what -L and -W ask for) is refused at once.
-    tunnel = subprocess.run([*ssh[:-1], "-W", "127.0.0.1:22", ssh[-1]], input=b"",
-                            capture_output=True, timeout=30)  # fmt: skip
+    tunnel = subprocess.run(
+        [*ssh[:-1], "-W", "127.0.0.1:22", ssh[-1]], input=b"", capture_output=True, timeout=30
+    )
     assert tunnel.returncode != 0 and b"forwarding failed" in tunnel.stderr, tunnel.stderr
-    shell = subprocess.run([*ssh, "-T"], input=f"touch {canary}\n".encode(),
-                           capture_output=True, timeout=30)  # fmt: skip
+    shell = subprocess.run(
+        [*ssh, "-T"], input=f"touch {canary}\n".encode(), capture_output=True, timeout=30
+    )
     assert shell.returncode == EX_REFUSED and not canary.exists()
 
 
@@ -112,10 +135,18 @@ def test_a_chat_answer_streams_through_the_breaker(breaker):
         return result.returncode == 0 and json.loads(result.stdout.split(b"\n")[0])["status"] == 200
 
     wait_for(healthy, 240, "the instance to answer through the breaker", interval=2)
-    body = {"model": "tiny-chat", "stream": True, "max_tokens": 24, "temperature": 0,
-            "messages": [{"role": "user", "content": "Tell me about Japan."}]}  # fmt: skip
-    proc = subprocess.Popen([*ssh, f"forward {job_id} POST /v1/chat/completions"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    body = {
+        "model": "tiny-chat",
+        "stream": True,
+        "max_tokens": 24,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Tell me about Japan."}],
+    }
+    proc = subprocess.Popen(
+        [*ssh, f"forward {job_id} POST /v1/chat/completions"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     proc.stdin.write(json.dumps(body).encode())
     proc.stdin.close()
     head = json.loads(proc.stdout.readline())
@@ -138,12 +169,18 @@ def test_a_preemptible_instance_starts_where_it_was_not_asked_to_avoid(breaker):
     job_id = json.loads(started.stdout)["job_id"]
     try:
         slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
-        job = wait_for(lambda: (j := slurm.job(job_id)).state == "RUNNING" and j, 60,
-                       "the instance job to start")  # fmt: skip
+        job = wait_for(
+            lambda: (j := slurm.job(job_id)).state == "RUNNING" and j,
+            60,
+            "the instance job to start",
+        )
         assert job.nodes == ["n2"]
         assert job.partition == settings.cluster.preemptible_partition
-        (listed,) = [i for i in json.loads(run(ssh, "list-instances").stdout)["instances"]
-                     if i["job_id"] == job_id]  # fmt: skip
+        (listed,) = [
+            i
+            for i in json.loads(run(ssh, "list-instances").stdout)["instances"]
+            if i["job_id"] == job_id
+        ]
         assert listed["partition"] == job.partition and listed["node"] == "n2"
     finally:
         run(ssh, f"stop {job_id}")
@@ -174,11 +211,13 @@ def web_tier(breaker, tiny_model_dir, tmp_path_factory):
     does not exist: it can reach the cluster through the breaker or not at all."""
     tmp = tmp_path_factory.mktemp("web-tier")
     settings = stack_settings(
-        breaker.settings, tmp, tiny_catalog(tiny_model_dir),
+        breaker.settings,
+        tmp,
+        tiny_catalog(tiny_model_dir),
         cluster={"slurm_conf": str(tmp / "no-slurm-here.conf")},
         gateway={"keepalive_interval_s": 1.0},
         breaker=breaker.sshd.breaker_section(tmp / "known_hosts", list_interval_s=0.5),
-    )  # fmt: skip
+    )
     with running_gateway(settings, timeout=120) as url:
         yield settings, url
 
@@ -209,7 +248,13 @@ def test_the_openai_api_streams_through_the_breaker(breaker, web_tier):
     stopped = httpx.post(url + f"/admin/instances/{inst['job_id']}/stop", timeout=60)
     assert stopped.status_code == 200, stopped.text
     slurm = SlurmClient(LocalRunner(), breaker.settings.slurm_conf)
-    wait_for(lambda: not (slurm.job(inst["job_id"]) and slurm.job(inst["job_id"]).active), 60,
-             "the instance job to end")  # fmt: skip
-    wait_for(lambda: not httpx.get(url + "/admin/instances", timeout=10).json()["instances"], 30,
-             "the gateway to forget the instance")  # fmt: skip
+    wait_for(
+        lambda: not (slurm.job(inst["job_id"]) and slurm.job(inst["job_id"]).active),
+        60,
+        "the instance job to end",
+    )
+    wait_for(
+        lambda: not httpx.get(url + "/admin/instances", timeout=10).json()["instances"],
+        30,
+        "the gateway to forget the instance",
+    )

@@ -94,8 +94,11 @@ def test_saved_conversations_belong_to_their_user(gateway):
     url, settings = gateway
     bob = sign_in(url, "bob", "bob-password").json()["token"]
     dave_key, _ = ApiKeyStore(settings.api_keys_file).create("dave")
-    chat = {"title": "pumps", "messages": [{"role": "user", "content": "XK-4471?"}],
-            "updated_at": "2026-11-21T10:00:00+00:00"}  # fmt: skip
+    chat = {
+        "title": "pumps",
+        "messages": [{"role": "user", "content": "XK-4471?"}],
+        "updated_at": "2026-11-21T10:00:00+00:00",
+    }
     assert call(url, "PUT", "/v1/conversations/c1", bob, json=chat).status_code == 200
     saved = call(url, "GET", "/v1/conversations", bob).json()["data"]
     assert [c["id"] for c in saved] == ["c1"] and saved[0]["title"] == "pumps"
@@ -160,11 +163,19 @@ def test_quota_refuses_the_request_after_the_limit(gateway):
     token = sign_in(url, "quota", "quota-password").json()["token"]
     chat = {"model": "tiny-chat", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
     for _ in range(2):
-        resp = httpx.post(url + "/v1/chat/completions", json=chat, timeout=300,
-                          headers={"authorization": f"Bearer {token}"})  # fmt: skip
+        resp = httpx.post(
+            url + "/v1/chat/completions",
+            json=chat,
+            timeout=300,
+            headers={"authorization": f"Bearer {token}"},
+        )
         assert resp.status_code == 200, resp.text
-    refused = httpx.post(url + "/v1/chat/completions", json=chat, timeout=30,
-                         headers={"authorization": f"Bearer {token}"})  # fmt: skip
+    refused = httpx.post(
+        url + "/v1/chat/completions",
+        json=chat,
+        timeout=30,
+        headers={"authorization": f"Bearer {token}"},
+    )
     assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
     assert refused.json()["error"]["code"] == "quota_exceeded"
     usage = {u["kind"]: u for u in call(url, "GET", "/v1/usage", token).json()["data"]}
@@ -176,8 +187,14 @@ def test_audit_log_records_actions_and_finds_tampering(gateway):
     _, settings = gateway
     log = AuditLog(settings.audit_dir)
     actions = {(e["actor"], e["action"]) for e in log.entries()}
-    expected = [("bob", "sign_in"), ("alice", "sign_in_refused"), ("bob", "sign_out"),
-                ("carol", "sign_in"), ("bob", "model_start"), ("quota", "key_use")]  # fmt: skip
+    expected = [
+        ("bob", "sign_in"),
+        ("alice", "sign_in_refused"),
+        ("bob", "sign_out"),
+        ("carol", "sign_in"),
+        ("bob", "model_start"),
+        ("quota", "key_use"),
+    ]
     for pair in expected:
         assert pair in actions, (pair, sorted(actions))
     assert not any(e["action"] == "prompt" for e in log.entries())  # prompts are off by default

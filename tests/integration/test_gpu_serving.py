@@ -71,9 +71,11 @@ def test_chat_from_a_stopped_model_starts_a_gpu_instance(stack, client):
     assert endpoint["device"] == "cuda" and endpoint["gpus"] == "0", endpoint
     squeue = subprocess.run(
         ["squeue", "-h", "-j", str(inst["job_id"]), "-o", "%b"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={**os.environ, "SLURM_CONF": str(settings.slurm_conf)},
-    )  # fmt: skip
+    )
     assert "gpu" in squeue.stdout, squeue
     log = instance_log(settings, inst)
     assert f"appliance-store: loaded {PRESET} from the store" in log, log[-3000:]

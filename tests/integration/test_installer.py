@@ -67,11 +67,24 @@ def test_install_rerun_and_uninstall(prefix, tiny_model_dir):
     base = free_port_block(4)
     argv = [
         str(REPO / "installer" / "install.sh"),
-        "--prefix", str(root), "--offline", "--models-dir", str(tiny_model_dir.parent),
-        "--bind", "127.0.0.1", "--gateway-port", str(base), "--webapp-port", str(base + 1),
-        "--controller-port", str(base + 2), "--node-port", str(base + 3),
-        "--service-user", user,
-    ]  # fmt: skip
+        "--prefix",
+        str(root),
+        "--offline",
+        "--models-dir",
+        str(tiny_model_dir.parent),
+        "--bind",
+        "127.0.0.1",
+        "--gateway-port",
+        str(base),
+        "--webapp-port",
+        str(base + 1),
+        "--controller-port",
+        str(base + 2),
+        "--node-port",
+        str(base + 3),
+        "--service-user",
+        user,
+    ]
 
     dry = _run([*argv, "--dry-run"], timeout=120)
     assert dry.returncode == 0, dry.stderr
@@ -93,8 +106,9 @@ def test_install_rerun_and_uninstall(prefix, tiny_model_dir):
     supervisor_pid = int((root / "var/lib/appliance/supervisor.pid").read_text())
     gateway_users = {
         pwd.getpwuid(os.stat(f"/proc/{p}").st_uid).pw_name
-        for p in _processes_under(root) if p != supervisor_pid and _is_gateway(p)
-    }  # fmt: skip
+        for p in _processes_under(root)
+        if p != supervisor_pid and _is_gateway(p)
+    }
     assert gateway_users == {user}
 
     second = _run(argv)

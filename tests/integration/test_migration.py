@@ -50,10 +50,11 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(cluster, tiny_model_dir, tmp_path_factory):
-    catalog = tiny_catalog(
-        tiny_model_dir, ""
-    ).replace("    max_model_len: 512\n", "    max_model_len: 512\n    max_instances: 2\n"
-              "    idle_timeout_s: 0\n    preemptible: true\n")  # fmt: skip
+    catalog = tiny_catalog(tiny_model_dir, "").replace(
+        "    max_model_len: 512\n",
+        "    max_model_len: 512\n    max_instances: 2\n"
+        "    idle_timeout_s: 0\n    preemptible: true\n",
+    )
     settings = stack_settings(
         cluster,
         tmp_path_factory.mktemp("mig"),
@@ -244,8 +245,9 @@ def test_draining_a_node_moves_its_streams(cluster, stack):
     env = {"SLURM_CONF": str(cluster.slurm_conf), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
     subprocess.run(
         ["scontrol", "update", f"nodename={node}", "state=drain", "reason=maintenance"],
-        env=env, check=True,
-    )  # fmt: skip
+        env=env,
+        check=True,
+    )
     try:
         wait_for(
             lambda: reader.instance not in [i["job_id"] for i in instances(url)],

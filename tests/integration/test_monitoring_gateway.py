@@ -19,29 +19,51 @@ pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
 
 # Family names as prometheus_client's parser reports them (counters without "_total").
 EXPECTED = {
-    "component": ["node_cpu_seconds", "node_memory_MemAvailable_bytes", "node_load1",
-                  "node_filesystem_avail_bytes", "node_network_receive_bytes",
-                  "node_disk_read_bytes"],
+    "component": [
+        "node_cpu_seconds",
+        "node_memory_MemAvailable_bytes",
+        "node_load1",
+        "node_filesystem_avail_bytes",
+        "node_network_receive_bytes",
+        "node_disk_read_bytes",
+    ],
     "node": ["appliance_node_healthy"],
-    "cluster": ["slurm_nodes_idle", "slurm_nodes_total", "slurm_node_info",
-                "slurm_node_cpus_alloc", "slurm_cpus_total", "slurm_gpus_total",
-                "slurm_queue_pending", "slurm_queue_running", "slurm_job_info"],
-    "task": ["vllm:num_requests_running", "vllm:num_requests_waiting",
-             "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds",
-             "vllm:inter_token_latency_seconds", "vllm:generation_tokens",
-             "appliance_requests", "appliance_request_duration_seconds",
-             "appliance_request_first_byte_seconds", "appliance_tokens"],
+    "cluster": [
+        "slurm_nodes_idle",
+        "slurm_nodes_total",
+        "slurm_node_info",
+        "slurm_node_cpus_alloc",
+        "slurm_cpus_total",
+        "slurm_gpus_total",
+        "slurm_queue_pending",
+        "slurm_queue_running",
+        "slurm_job_info",
+    ],
+    "task": [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:generation_tokens",
+        "appliance_requests",
+        "appliance_request_duration_seconds",
+        "appliance_request_first_byte_seconds",
+        "appliance_tokens",
+    ],
     "monitoring": ["appliance_collector_up", "appliance_collector_duration_seconds"],
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
 def gateway(slurm_cluster, tiny_model_dir, tmp_path_factory):
     monitoring = {"cluster_interval_s": 1, "task_interval_s": 1, "history_step_s": 1}
     settings = stack_settings(
-        slurm_cluster, tmp_path_factory.mktemp("mon"), tiny_catalog(tiny_model_dir),
+        slurm_cluster,
+        tmp_path_factory.mktemp("mon"),
+        tiny_catalog(tiny_model_dir),
         monitoring=monitoring,
-    )  # fmt: skip
+    )
     keys = ApiKeyStore(settings.api_keys_file)
     admin, _ = keys.create("root", role="admin")
     user, _ = keys.create("carol")
@@ -60,10 +82,13 @@ def test_metrics_at_every_level_parse_with_their_standard_names(gateway):
     chat = httpx.post(
         url + "/v1/chat/completions",
         headers={"authorization": f"Bearer {keys['user']}", "x-request-id": "req-test-1"},
-        json={"model": "tiny-chat", "max_tokens": 16,
-              "messages": [{"role": "user", "content": "What color is the sky?"}]},
+        json={
+            "model": "tiny-chat",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "What color is the sky?"}],
+        },
         timeout=300,
-    )  # fmt: skip
+    )
     assert chat.status_code == 200 and chat.headers["x-request-id"] == "req-test-1"
     time.sleep(3)  # a scrape of the new instance and a Slurm refresh
     assert get(gateway, "/metrics", "user").status_code == 403

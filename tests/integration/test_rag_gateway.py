@@ -54,7 +54,7 @@ def test_upload_refuses_bad_files_one_by_one(stack):
         ("files", ("../../etc/holidays.txt", HOLIDAYS.encode(), "text/plain")),
         ("files", ("report.pdf", BINARY, "application/pdf")),
         ("files", ("empty.txt", b"", "text/plain")),
-    ]  # fmt: skip
+    ]
     resp = call(stack, "alice", "POST", "/v1/knowledge_bases/plant/documents", files=files)
     assert resp.status_code == 200, resp.text
     body = resp.json()

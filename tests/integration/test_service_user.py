@@ -32,8 +32,10 @@ def account():
     try:
         pwd.getpwnam(ACCOUNT)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        ACCOUNT], check=True)  # fmt: skip
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", ACCOUNT],
+            check=True,
+        )
     return pwd.getpwnam(ACCOUNT)
 
 
@@ -62,11 +64,13 @@ def public_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_the_gateway_and_its_instances_run_unprivileged(slurm_cluster, tiny_model_dir,
-                                                         public_tmp, account):  # fmt: skip
+def test_the_gateway_and_its_instances_run_unprivileged(
+    slurm_cluster, tiny_model_dir, public_tmp, account
+):
     tmp = public_tmp
-    settings = stack_settings(slurm_cluster, tmp, tiny_catalog(tiny_model_dir),
-                              security={"service_user": ACCOUNT})  # fmt: skip
+    settings = stack_settings(
+        slurm_cluster, tmp, tiny_catalog(tiny_model_dir), security={"service_user": ACCOUNT}
+    )
     # Made by root before the start (as an earlier install would have): handed over too.
     settings.audit_dir.mkdir(parents=True)
     (settings.audit_dir / "old.jsonl").write_text("")
@@ -76,14 +80,16 @@ def test_the_gateway_and_its_instances_run_unprivileged(slurm_cluster, tiny_mode
         reachable(Path(os.__file__)),  # this Python may live under /root (pyenv)
         running_gateway(settings) as url,
     ):
-        (conn,) = [c for c in psutil.net_connections("tcp")
-                   if c.laddr.port == settings.gateway.port and c.status == "LISTEN"]  # fmt: skip
+        (conn,) = [
+            c
+            for c in psutil.net_connections("tcp")
+            if c.laddr.port == settings.gateway.port and c.status == "LISTEN"
+        ]
         uids = psutil.Process(conn.pid).uids()
         assert set(uids) == {account.pw_uid}, uids  # real, effective and saved: no way back
         assert psutil.Process(conn.pid).gids().effective == account.pw_gid
 
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300,
-                               max_retries=0)  # fmt: skip
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
         answer = client.chat.completions.create(
             model="tiny-chat", messages=[{"role": "user", "content": "Hello"}], max_tokens=8
         )
@@ -93,9 +99,13 @@ def test_the_gateway_and_its_instances_run_unprivileged(slurm_cluster, tiny_mode
         assert endpoint.stat().st_uid == account.pw_uid
         job_id = int(endpoint.stem)
         assert endpoint_path(settings.instances_dir, job_id) == endpoint
-        squeue = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%u"],
-                                env={**os.environ, "SLURM_CONF": str(settings.slurm_conf)},
-                                capture_output=True, text=True, check=True)  # fmt: skip
+        squeue = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%u"],
+            env={**os.environ, "SLURM_CONF": str(settings.slurm_conf)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert squeue.stdout.strip() == ACCOUNT
     for path in (settings.audit_dir / "old.jsonl", settings.audit_dir, settings.log_dir):
         assert path.stat().st_uid == account.pw_uid, path

@@ -50,9 +50,14 @@ def import_tensors(tmp_path, model_id: str, tensors: dict, files: dict | None = 
         load_signing_key(tmp_path / "signing.key"),
     )
     path = import_checkpoint(
-        src, tmp_path / "store", model_id, kek=kek, policy=policy, chunk_bytes=64 << 10,
+        src,
+        tmp_path / "store",
+        model_id,
+        kek=kek,
+        policy=policy,
+        chunk_bytes=64 << 10,
         progress=False,
-    )  # fmt: skip
+    )
     return path, kek, AccessRequest(user="u", host="h", trusted_signers=[pub])
 
 

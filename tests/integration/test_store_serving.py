@@ -68,17 +68,37 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
     config = write_config(settings, tmp / "config.yaml")
     for name, extra in (("tiny-secret", []), ("tiny-elsewhere", ["--host", OTHER_HOST])):
         out = appliance(
-            config, "models", "import", str(tiny_model_dir), "--name", name,
-            "--max-model-len", "512", *extra,
-        )  # fmt: skip
+            config,
+            "models",
+            "import",
+            str(tiny_model_dir),
+            "--name",
+            name,
+            "--max-model-len",
+            "512",
+            *extra,
+        )
         assert out.returncode == 0, out.stderr
         assert f"imported {name} (encrypted, verified)" in out.stdout
     service = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli.main", "--config", str(config), "store", "serve",
-         "--node", "n2", "--host", "127.0.0.1", "--port", str(service_port)],
+        [
+            sys.executable,
+            "-m",
+            "appliance.cli.main",
+            "--config",
+            str(config),
+            "store",
+            "serve",
+            "--node",
+            "n2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(service_port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     try:
         wait_for_health(f"http://127.0.0.1:{service_port}/health", 60)
         with running_gateway(settings) as url:

@@ -18,9 +18,12 @@ pytestmark = [pytest.mark.slurm]
 
 def test_gateway_and_webapp_serve_https(slurm_cluster, tiny_model_dir, tmp_path):
     settings = stack_settings(
-        slurm_cluster, tmp_path, tiny_catalog(tiny_model_dir),
-        gateway={"tls": True}, webapp={"tls": True, "port": free_port()},
-    )  # fmt: skip
+        slurm_cluster,
+        tmp_path,
+        tiny_catalog(tiny_model_dir),
+        gateway={"tls": True},
+        webapp={"tls": True, "port": free_port()},
+    )
     cert_path, key_path = settings.tls_files
     with running_gateway(settings) as url, running_webapp(settings) as web:
         trust = settings.tls_verify  # what the appliance's own clients verify with

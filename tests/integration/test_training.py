@@ -33,15 +33,15 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
     catalog = tiny_catalog(tiny_model_dir).replace(
         "    max_model_len: 512\n", "    max_model_len: 512\n    lora: true\n"
     )
-    settings = stack_settings(slurm_cluster, tmp, catalog,
-                              training={"cpus": 1, "memory_gb": 2})  # fmt: skip
+    settings = stack_settings(slurm_cluster, tmp, catalog, training={"cpus": 1, "memory_gb": 2})
     with running_gateway(settings) as url:
         yield settings, url
 
 
 def upload(url: str, data: bytes, name: str = "data.jsonl") -> httpx.Response:
-    return httpx.post(url + "/v1/files", files={"file": (name, data)},
-                      data={"purpose": "fine-tune"}, timeout=60)  # fmt: skip
+    return httpx.post(
+        url + "/v1/files", files={"file": (name, data)}, data={"purpose": "fine-tune"}, timeout=60
+    )
 
 
 def test_datasets_with_problems_are_refused_with_line_numbers(stack):
@@ -49,8 +49,9 @@ def test_datasets_with_problems_are_refused_with_line_numbers(stack):
     lines = SAMPLE.read_text().splitlines()[:6]
     lines[1] = '{"messages": [{"role": "user", "content": "hi"}'  # cut short
     lines[2] = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"content": "x"}]})
-    lines[4] = json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                        {"role": "assistant", "content": "  "}]})  # fmt: skip
+    lines[4] = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}
+    )
     refused = upload(url, "\n".join(lines).encode())
     assert refused.status_code == 400
     details = refused.json()["error"]["details"]
@@ -63,8 +64,11 @@ def test_datasets_with_problems_are_refused_with_line_numbers(stack):
     long["messages"][-1]["content"] = "the pump " * 400
     data = "\n".join([*SAMPLE.read_text().splitlines()[:6], json.dumps(long)]).encode()
     file_id = upload(url, data).json()["id"]
-    made = httpx.post(url + "/v1/fine_tuning/jobs", timeout=60,
-                      json={"model": "tiny-chat", "training_file": file_id})  # fmt: skip
+    made = httpx.post(
+        url + "/v1/fine_tuning/jobs",
+        timeout=60,
+        json={"model": "tiny-chat", "training_file": file_id},
+    )
     assert made.status_code == 400, made.text
     (problem,) = made.json()["error"]["details"]
     assert problem.startswith("line 7: ") and "tokens, more than the 512 allowed" in problem
@@ -72,8 +76,11 @@ def test_datasets_with_problems_are_refused_with_line_numbers(stack):
 
 
 def trainer_pid(job_dir: Path) -> int | None:
-    found = subprocess.run(["pgrep", "-f", f"appliance.training.run --job-dir {job_dir}"],
-                           capture_output=True, text=True)  # fmt: skip
+    found = subprocess.run(
+        ["pgrep", "-f", f"appliance.training.run --job-dir {job_dir}"],
+        capture_output=True,
+        text=True,
+    )
     pids = [int(p) for p in found.stdout.split()]
     return pids[0] if pids else None
 
@@ -82,9 +89,16 @@ def test_a_job_resumes_after_a_kill_and_a_requeue_and_its_model_answers(stack):
     settings, url = stack
     file_id = upload(url, SAMPLE.read_bytes(), "maintenance.jsonl").json()["id"]
     hp = {"max_steps": 240, "learning_rate": 1e-3, "checkpoint_every": 20, "batch_size": 4}
-    made = httpx.post(url + "/v1/fine_tuning/jobs", timeout=120,
-                      json={"model": "tiny-chat", "training_file": file_id,
-                            "hyperparameters": hp, "suffix": "maint"})  # fmt: skip
+    made = httpx.post(
+        url + "/v1/fine_tuning/jobs",
+        timeout=120,
+        json={
+            "model": "tiny-chat",
+            "training_file": file_id,
+            "hyperparameters": hp,
+            "suffix": "maint",
+        },
+    )
     assert made.status_code == 200, made.text
     job = made.json()
     assert job["fine_tuned_model"] is None and job["output_model"] == "tiny-chat-ft-maint"
@@ -100,13 +114,17 @@ def test_a_job_resumes_after_a_kill_and_a_requeue_and_its_model_answers(stack):
     # Requeued (as on preemption): it checkpoints on Slurm's signal and resumes in the new run.
     slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
     step_before = get()["progress"]["step"]
-    subprocess.run(["scontrol", "requeue", str(job["slurm"]["job_id"])], check=True,
-                   env={**os.environ, "SLURM_CONF": str(settings.slurm_conf)})  # fmt: skip
+    subprocess.run(
+        ["scontrol", "requeue", str(job["slurm"]["job_id"])],
+        check=True,
+        env={**os.environ, "SLURM_CONF": str(settings.slurm_conf)},
+    )
     wait_for(lambda: (get()["progress"]["resumes"] or 0) >= 2, 300, "the requeued job to resume")
     assert get()["progress"]["resumed_from"] >= step_before - 20
 
-    done = wait_for(lambda: (v := get())["status"] in ("succeeded", "failed") and v, 600,
-                    "the job to finish")  # fmt: skip
+    done = wait_for(
+        lambda: (v := get())["status"] in ("succeeded", "failed") and v, 600, "the job to finish"
+    )
     assert done["status"] == "succeeded", done
     result = done["result"]
     assert result["tuned_eval_loss"] < result["base_eval_loss"], result
@@ -116,8 +134,11 @@ def test_a_job_resumes_after_a_kill_and_a_requeue_and_its_model_answers(stack):
     assert (settings.store_root / "tiny-chat-ft-maint" / HEADER_FILE).exists()
     header = json.loads((settings.store_root / "tiny-chat-ft-maint" / HEADER_FILE).read_text())
     assert header["encrypted"] is True
-    wait_for(lambda: not ((j := slurm.job(job["slurm"]["job_id"])) and j.active), 60,
-             "the Slurm job to end")  # fmt: skip
+    wait_for(
+        lambda: not ((j := slurm.job(job["slurm"]["job_id"])) and j.active),
+        60,
+        "the Slurm job to end",
+    )
 
     # Exported to monitoring, labelled with the job.
     metrics = httpx.get(url + "/metrics", timeout=30).text
@@ -125,8 +146,10 @@ def test_a_job_resumes_after_a_kill_and_a_requeue_and_its_model_answers(stack):
     models = {m["id"]: m for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
     assert models["tiny-chat-ft-maint"]["base_model"] == "tiny-chat"
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
-    messages = [{"role": "system", "content": "You are the plant's maintenance assistant."},
-                {"role": "user", "content": "Tell me about the spare parts."}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "You are the plant's maintenance assistant."},
+        {"role": "user", "content": "Tell me about the spare parts."},
+    ]
     tuned = client.chat.completions.create(
         model="tiny-chat-ft-maint", max_tokens=16, temperature=0, messages=messages
     )
@@ -142,8 +165,12 @@ def test_a_job_resumes_after_a_kill_and_a_requeue_and_its_model_answers(stack):
 
 def cli(settings, *args: str) -> subprocess.CompletedProcess:
     config = write_config(settings, settings.state_dir / "cli-config.yaml")
-    return subprocess.run([sys.executable, "-m", "appliance.cli.main", "--config", str(config),
-                           *args], capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_the_cli_refuses_a_bad_dataset_and_cancels_a_job(stack, tmp_path):

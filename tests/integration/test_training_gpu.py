@@ -27,13 +27,22 @@ SAMPLE = Path(__file__).parents[2] / "examples" / "fine-tune-sample.jsonl"
 
 
 def test_lora_fine_tuning_on_the_gpu(tmp_path, tiny_model_dir):
-    settings = load_settings(state_dir=str(tmp_path / "state"),
-                             catalog={"include_presets": False})  # fmt: skip
-    spec = ModelSpec(name="tiny-chat", source=f"dir:{tiny_model_dir}", max_model_len=512,
-                     resources=ModelResources(gpus=1, gpu_memory_gb=1))  # fmt: skip
-    job = prepare_job(settings, Catalog([spec]), user="alice", model="tiny-chat",
-                      data=SAMPLE.read_bytes(), suffix="gpu",
-                      overrides={"max_steps": 60, "learning_rate": 1e-3})  # fmt: skip
+    settings = load_settings(state_dir=str(tmp_path / "state"), catalog={"include_presets": False})
+    spec = ModelSpec(
+        name="tiny-chat",
+        source=f"dir:{tiny_model_dir}",
+        max_model_len=512,
+        resources=ModelResources(gpus=1, gpu_memory_gb=1),
+    )
+    job = prepare_job(
+        settings,
+        Catalog([spec]),
+        user="alice",
+        model="tiny-chat",
+        data=SAMPLE.read_bytes(),
+        suffix="gpu",
+        overrides={"max_steps": 60, "learning_rate": 1e-3},
+    )
     assert "#SBATCH --gres=gpu:1" in render_training_script(settings, job, 1, 4096)
     assert run.main(["--job-dir", str(job_dir(settings, job.id))]) == 0
     progress = read_json_object(job_dir(settings, job.id) / "progress.json")
@@ -42,5 +51,12 @@ def test_lora_fine_tuning_on_the_gpu(tmp_path, tiny_model_dir):
     assert result["tuned_eval_loss"] < result["base_eval_loss"], result
     header = json.loads((settings.store_root / "tiny-chat-ft-gpu" / HEADER_FILE).read_text())
     assert header["encrypted"] is True
-    print(json.dumps({"gpu": torch.cuda.get_device_name(), **result,
-                      "tokens_per_s": progress["tokens_per_s"]}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "gpu": torch.cuda.get_device_name(),
+                **result,
+                "tokens_per_s": progress["tokens_per_s"],
+            }
+        )
+    )

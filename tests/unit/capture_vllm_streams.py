@@ -29,13 +29,20 @@ CUT = 12
 CHAT = {
     "model": "tiny-chat",
     "messages": [{"role": "user", "content": "Tell me a story about the sea."}],
-    "stream": True, "temperature": 0, "max_tokens": 40, "ignore_eos": True,
+    "stream": True,
+    "temperature": 0,
+    "max_tokens": 40,
+    "ignore_eos": True,
     "stream_options": {"include_usage": True},
-}  # fmt: skip
+}
 COMPLETION = {
-    "model": "tiny-chat", "prompt": "Once upon a time", "stream": True, "temperature": 0,
-    "max_tokens": 40, "ignore_eos": True,
-}  # fmt: skip
+    "model": "tiny-chat",
+    "prompt": "Once upon a time",
+    "stream": True,
+    "temperature": 0,
+    "max_tokens": 40,
+    "ignore_eos": True,
+}
 
 
 def capture(client: httpx.Client, url: str, path: str, body: dict, name: str) -> None:
@@ -74,11 +81,24 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, **envs.OFFLINE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-         "--served-model-name", "tiny-chat", "--port", str(port), "--max-model-len", "512",
-         "--enforce-eager"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            "tiny-chat",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "512",
+            "--enforce-eager",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(timeout=120, headers={"content-type": "application/json"}) as client:
@@ -94,8 +114,13 @@ def main() -> None:
                 time.sleep(1)
             capture(client, url, "/v1/chat/completions", CHAT, "chat")
             capture(client, url, "/v1/completions", COMPLETION, "completion")
-            capture(client, url, "/v1/chat/completions", {**CHAT, "stop": [spanning_stop()]},
-                    "chat_stop")  # fmt: skip
+            capture(
+                client,
+                url,
+                "/v1/chat/completions",
+                {**CHAT, "stop": [spanning_stop()]},
+                "chat_stop",
+            )
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -16,8 +16,13 @@ from appliance.serving.breaker.client import BreakerClient, BreakerError, _failu
 
 
 def settings(**extra) -> BreakerSettings:
-    return BreakerSettings(enabled=True, host="head.example", identity_file="/k/id",
-                           known_hosts_file="/k/known", **extra)  # fmt: skip
+    return BreakerSettings(
+        enabled=True,
+        host="head.example",
+        identity_file="/k/id",
+        known_hosts_file="/k/known",
+        **extra,
+    )
 
 
 def test_ssh_checks_the_host_key_and_asks_for_nothing_but_the_command(tmp_path, monkeypatch):
@@ -32,7 +37,7 @@ def test_ssh_checks_the_host_key_and_asks_for_nothing_but_the_command(tmp_path, 
         "ClearAllForwardings=yes",
         "ControlMaster=auto",
     ):
-        assert option in joined  # fmt: skip
+        assert option in joined
     assert argv[-3:] == ["--", "appliance@head.example", "list-instances"]
     assert "-T" in argv and "-a" in argv and "-x" in argv
     unshared = BreakerClient(settings(control_persist_s=0)).argv("ping")

@@ -33,9 +33,11 @@ CASES = {
     "h100x1": ("h100x1", []),
     "h200x8": ("h200x8", []),
     "two-node-head": ("gpu01", ["--role", "head", "--worker", "gpu02:8"]),
-    "two-node-worker": ("gpu02", ["--role", "worker", "--head", "gpu01",
-                                  "--munge-key", "/root/munge.key"]),
-}  # fmt: skip
+    "two-node-worker": (
+        "gpu02",
+        ["--role", "worker", "--head", "gpu01", "--munge-key", "/root/munge.key"],
+    ),
+}
 
 
 def _plan(case: str):

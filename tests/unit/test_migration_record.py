@@ -29,17 +29,35 @@ def chat_chunk(content=None, ids=None, finish=None, role=None, prompt_ids=None, 
         choice["token_ids"] = ids
     if stop is not None:
         choice["stop_reason"] = stop
-    data = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 100,
-            "model": "tiny-chat", "choices": [choice]}  # fmt: skip
+    data = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 100,
+        "model": "tiny-chat",
+        "choices": [choice],
+    }
     if prompt_ids is not None:
         data["prompt_token_ids"] = prompt_ids
     return event(data)
 
 
 def completion_chunk(text, ids, finish=None, usage=None) -> bytes:
-    data = {"id": "cmpl-9", "object": "text_completion", "created": 555, "model": "tiny-chat",
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-                         "stop_reason": None, "token_ids": ids}]}  # fmt: skip
+    data = {
+        "id": "cmpl-9",
+        "object": "text_completion",
+        "created": 555,
+        "model": "tiny-chat",
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish,
+                "stop_reason": None,
+                "token_ids": ids,
+            }
+        ],
+    }
     if usage is not None:
         data["usage"] = usage
     return event(data)
@@ -51,8 +69,14 @@ def decode(out: bytes) -> dict:
 
 
 def chat_record(**body) -> StreamRecord:
-    request = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
-               "stream": True, "temperature": 0, "max_tokens": 10, **body}  # fmt: skip
+    request = {
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": 10,
+        **body,
+    }
     record = StreamRecord.open(CHAT, json.dumps(request).encode())
     assert record is not None
     return record
@@ -142,8 +166,16 @@ def test_continued_chunks_look_like_the_clients_stream():
     assert last["choices"][0]["finish_reason"] == "length" and record.finished
     assert not record.resumable
     usage = {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
-    tail = event({"id": "cmpl-9", "object": "text_completion", "created": 555,
-                  "model": "tiny-chat", "choices": [], "usage": usage})  # fmt: skip
+    tail = event(
+        {
+            "id": "cmpl-9",
+            "object": "text_completion",
+            "created": 555,
+            "model": "tiny-chat",
+            "choices": [],
+            "usage": usage,
+        }
+    )
     out = decode(record.relay(tail, True))
     assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
@@ -232,11 +264,13 @@ def test_a_real_stream_moved_mid_answer_reads_as_the_undisturbed_one(name, path)
     original = decode(events(name)[0])
     assert {d["id"] for d in datas} == {original["id"]}
     assert {d["created"] for d in datas} == {original["created"]}
-    assert all("token_ids" not in c and "prompt_token_ids" not in c
-               for d in datas for c in d["choices"])  # fmt: skip
+    assert all(
+        "token_ids" not in c and "prompt_token_ids" not in c for d in datas for c in d["choices"]
+    )
     finish = [c["finish_reason"] for d in datas for c in d["choices"] if c["finish_reason"]]
-    assert finish == [c["finish_reason"] for d in expected_datas for c in d["choices"]
-                      if c["finish_reason"]]  # fmt: skip
+    assert finish == [
+        c["finish_reason"] for d in expected_datas for c in d["choices"] if c["finish_reason"]
+    ]
     if chat:  # usage over the whole answer, as the undisturbed stream reported it
         assert datas[-1]["usage"] == expected_datas[-1]["usage"]
         assert datas[-1]["usage"]["prompt_tokens"] == 16

@@ -92,9 +92,19 @@ def test_shipped_rules_and_dashboards_are_generated_from_their_sources():
 def test_training_progress_files_become_metrics_with_an_eta(tmp_path):
     run = tmp_path / "lora-1"
     run.mkdir()
-    progress = {"job_id": 7, "model": "tiny-chat", "user": "alice", "step": 25,
-                "total_steps": 100, "loss": 1.5, "learning_rate": 2e-4, "tokens_per_s": 900.0,
-                "started_at": 1000.0, "updated_at": 1050.0, "state": "running"}  # fmt: skip
+    progress = {
+        "job_id": 7,
+        "model": "tiny-chat",
+        "user": "alice",
+        "step": 25,
+        "total_steps": 100,
+        "loss": 1.5,
+        "learning_rate": 2e-4,
+        "tokens_per_s": 900.0,
+        "started_at": 1000.0,
+        "updated_at": 1050.0,
+        "state": "running",
+    }
     (run / "progress.json").write_text(json.dumps(progress))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "progress.json").write_text("{half")
@@ -114,9 +124,18 @@ def test_history_from_prometheus_uses_range_queries():
             pass
 
         def json(self):
-            return {"status": "success", "data": {"resultType": "matrix", "result": [
-                {"metric": {"__name__": "vllm:num_requests_running", "job_id": "3"},
-                 "values": [[1700000000, "1"], [1700000015, "2"]]}]}}  # fmt: skip
+            return {
+                "status": "success",
+                "data": {
+                    "resultType": "matrix",
+                    "result": [
+                        {
+                            "metric": {"__name__": "vllm:num_requests_running", "job_id": "3"},
+                            "values": [[1700000000, "1"], [1700000015, "2"]],
+                        }
+                    ],
+                },
+            }
 
     def get(url, params):
         asked.update(url=url, **params)

@@ -56,8 +56,7 @@ def test_faults_are_named(capture):
     calls["nvmlDeviceGetRemappedRows(h0)"] = [0, 2, 0, 1]
     calls["nvmlDeviceGetCurrentClocksEventReasons(h0)"] = 0x40
     calls["nvmlDeviceGetCurrPcieLinkWidth(h0)"] = 8
-    event = {"device": {"uuid": capture["readings"][0]["uuid"]}, "eventData": 79,
-             "eventType": 8}  # fmt: skip
+    event = {"device": {"uuid": capture["readings"][0]["uuid"]}, "eventData": 79, "eventType": 8}
     calls["nvmlEventSetWait_v2(events,0)"] = {"__sequence__": [event, {"__nvml_error__": TIMEOUT}]}
     gpu = read(calls)[0]
     assert gpu.xid_events == [79]
@@ -111,7 +110,11 @@ def test_exposition_parses_with_dcgm_names_and_labels(capture):
     assert {name for name, *_ in DCGM_FIELDS} <= set(parsed)
     sample = parsed["DCGM_FI_DEV_FB_USED"].samples[0]
     assert sample.labels == {
-        "gpu": "0", "UUID": capture["readings"][0]["uuid"], "device": "nvidia0",
-        "modelName": "NVIDIA H200", "pci_bus_id": "00000000:00:06.0", "Hostname": "gpu-host",
-    }  # fmt: skip
+        "gpu": "0",
+        "UUID": capture["readings"][0]["uuid"],
+        "device": "nvidia0",
+        "modelName": "NVIDIA H200",
+        "pci_bus_id": "00000000:00:06.0",
+        "Hostname": "gpu-host",
+    }
     assert sample.value == pytest.approx(capture["readings"][0]["memory_used_bytes"] / 2**20)

@@ -146,8 +146,15 @@ def test_without_preemptible_serving_every_instance_is_pinned(tmp_path):
 
 
 def ready(mgr: InstanceManager, job_id: int, inflight: int, **fields) -> Instance:
-    inst = Instance(job_id=job_id, model="tiny", state=InstanceState.READY, submitted_at=0.0,
-                    url=f"http://n1:{job_id}", inflight=inflight, **fields)  # fmt: skip
+    inst = Instance(
+        job_id=job_id,
+        model="tiny",
+        state=InstanceState.READY,
+        submitted_at=0.0,
+        url=f"http://n1:{job_id}",
+        inflight=inflight,
+        **fields,
+    )
     mgr.registry.add(inst)
     return inst
 

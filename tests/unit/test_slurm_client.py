@@ -81,9 +81,11 @@ def test_job_by_id_and_a_job_slurm_forgot():
 
 @pytest.mark.parametrize(
     "name,state,role",
-    [("squeue_brief_running", "RUNNING", "lookup-running"),
-     ("squeue_brief_finished", "COMPLETED", "lookup-done")],
-)  # fmt: skip
+    [
+        ("squeue_brief_running", "RUNNING", "lookup-running"),
+        ("squeue_brief_finished", "COMPLETED", "lookup-done"),
+    ],
+)
 def test_one_jobs_state_and_name_without_reading_every_job(name, state, role):
     slurm, runner = client(name)
     job_id = int(capture(name).argv[-1].removeprefix("--jobs="))

@@ -24,11 +24,21 @@ def socket_path(tmp_path):
     path = run / "standby-n1.sock"
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests/unit/testdata'}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.serving.standby", "--socket", str(path),
-         "--module", "fake_server"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "appliance.serving.standby",
+            "--socket",
+            str(path),
+            "--module",
+            "fake_server",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         assert "ready on" in proc.stdout.readline()
         yield path

@@ -21,8 +21,14 @@ from tests.golden import check_golden
 
 
 def chat(question: str, answer: str) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": question},
-                                    {"role": "assistant", "content": answer}]})  # fmt: skip
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+    )
 
 
 GOOD = [chat(f"question {i}", f"answer {i}") for i in range(10)]
@@ -55,8 +61,9 @@ def test_each_kind_of_problem_is_named_with_its_line():
 
 def test_blank_lines_are_skipped_and_line_numbers_stay_true():
     found = problems([GOOD[0], "", "", "{bad", *GOOD[1:]])
-    assert found == ["line 4: not valid JSON (Expecting property name enclosed in double quotes "
-                     "at column 2)"]  # fmt: skip
+    assert found == [
+        "line 4: not valid JSON (Expecting property name enclosed in double quotes at column 2)"
+    ]
 
 
 def test_over_long_examples_and_too_few_examples():
@@ -103,10 +110,19 @@ def test_hyperparameters_out_of_range_are_refused():
 
 def make_job(tmp_path, **extra) -> tuple:
     settings = load_settings(state_dir=str(tmp_path))
-    job = TrainingJob(id="ft-0123456789ab", model="tiny-chat", base_dir="/m", user="alice",
-                      output_model="tiny-chat-ft-x", format="chat", train_examples=9,
-                      eval_examples=1, slurm_job_id=42,
-                      hyperparameters=hyperparameters(settings, {}), **extra)  # fmt: skip
+    job = TrainingJob(
+        id="ft-0123456789ab",
+        model="tiny-chat",
+        base_dir="/m",
+        user="alice",
+        output_model="tiny-chat-ft-x",
+        format="chat",
+        train_examples=9,
+        eval_examples=1,
+        slurm_job_id=42,
+        hyperparameters=hyperparameters(settings, {}),
+        **extra,
+    )
     job_dir(settings, job.id).mkdir(parents=True)
     save_job(settings, job)
     return settings, job
@@ -121,8 +137,17 @@ def test_status_combines_the_trainer_and_slurm(tmp_path):
     assert job_view(settings, job, slurm("PENDING"))["status"] == "queued"
     progress = job_dir(settings, job.id) / "progress.json"
     now = time.time()
-    write_json(progress, {"state": "running", "step": 10, "total_steps": 40, "loss": 2.0,
-                          "started_at": now - 10, "updated_at": now})  # fmt: skip
+    write_json(
+        progress,
+        {
+            "state": "running",
+            "step": 10,
+            "total_steps": 40,
+            "loss": 2.0,
+            "started_at": now - 10,
+            "updated_at": now,
+        },
+    )
     view = job_view(settings, job, slurm("RUNNING"))
     assert view["status"] == "running" and view["eta_s"] == pytest.approx(30, abs=1)
     # The job ended and the trainer never said it succeeded (killed past its restarts).
@@ -141,13 +166,26 @@ def test_repeated_steps_of_a_resumed_run_replace_the_earlier_ones(tmp_path):
     lines = [json.dumps({"step": s, "loss": v, "learning_rate": 1e-4}) for s, v in points]
     (job_dir(settings, job.id) / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5,')
     assert [(p["step"], p["loss"]) for p in step_metrics(settings, job)] == [
-        (1, 3.0), (2, 2.6), (3, 2.3), (4, 2.0)]  # fmt: skip
+        (1, 3.0),
+        (2, 2.6),
+        (3, 2.3),
+        (4, 2.0),
+    ]
 
 
 def test_training_script_golden():
-    settings = load_settings(state_dir="/var/lib/appliance",
-                             serving={"python": "/opt/appliance/.venv/bin/python"})  # fmt: skip
-    job = TrainingJob(id="ft-0123456789ab", model="small", base_dir="/models/small", user="alice",
-                      output_model="small-ft-x", format="chat", train_examples=90,
-                      eval_examples=10, hyperparameters=hyperparameters(settings, {}))  # fmt: skip
+    settings = load_settings(
+        state_dir="/var/lib/appliance", serving={"python": "/opt/appliance/.venv/bin/python"}
+    )
+    job = TrainingJob(
+        id="ft-0123456789ab",
+        model="small",
+        base_dir="/models/small",
+        user="alice",
+        output_model="small-ft-x",
+        format="chat",
+        train_examples=90,
+        eval_examples=10,
+        hyperparameters=hyperparameters(settings, {}),
+    )
     check_golden("training-gpu.sbatch", render_training_script(settings, job, 1, 24576))

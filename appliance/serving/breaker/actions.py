@@ -69,21 +69,23 @@ class BreakerActions:
             for job in jobs:
                 endpoint = read_endpoint(self.settings.instances_dir, job.job_id)
                 running = job.state == "RUNNING" and endpoint is not None
-                out.append({
-                    "job_id": job.job_id,
-                    "model": job.name.removeprefix(job_name_prefix(self.settings)),
-                    "state": job.state,
-                    "reason": job.reason,
-                    "node": job.nodes[0] if job.nodes else "",
-                    "submit_time": job.submit_time,
-                    "registered": running,
-                    "healthy": running and self._healthy(client, endpoint.url),
-                    "phases": endpoint.phases if endpoint else {},
-                    "partition": job.partition,
-                    "preempted_at": job.preempt_time,
-                    "leave_by": job.end_time if job.preempt_time else None,
-                    "node_drained": bool(job.nodes) and job.nodes[0] in drained,
-                })  # fmt: skip
+                out.append(
+                    {
+                        "job_id": job.job_id,
+                        "model": job.name.removeprefix(job_name_prefix(self.settings)),
+                        "state": job.state,
+                        "reason": job.reason,
+                        "node": job.nodes[0] if job.nodes else "",
+                        "submit_time": job.submit_time,
+                        "registered": running,
+                        "healthy": running and self._healthy(client, endpoint.url),
+                        "phases": endpoint.phases if endpoint else {},
+                        "partition": job.partition,
+                        "preempted_at": job.preempt_time,
+                        "leave_by": job.end_time if job.preempt_time else None,
+                        "node_drained": bool(job.nodes) and job.nodes[0] in drained,
+                    }
+                )
         return out
 
     def _healthy(self, client: httpx.Client, url: str) -> bool:
@@ -106,9 +108,14 @@ class BreakerActions:
     async def _script(self, spec: ModelSpec, gpus: int, command: Start) -> str:
         async with aiohttp.ClientSession() as probe:  # asks the nodes' store services
             return await instance_script(
-                self.settings, self.slurm, probe, spec, gpus,
-                preemptible=command.preemptible, avoid=command.avoid,
-            )  # fmt: skip
+                self.settings,
+                self.slurm,
+                probe,
+                spec,
+                gpus,
+                preemptible=command.preemptible,
+                avoid=command.avoid,
+            )
 
     def _instance_job(self, job_id: int, missing_ok: bool = False) -> str | None:
         """The job's state if it is an instance of this appliance (None for a job Slurm no
@@ -130,12 +137,22 @@ class BreakerActions:
         if len(body) > limit:
             raise Refused(f"request body larger than {limit} bytes")
         timeout = httpx.Timeout(self.settings.gateway.request_timeout_s, connect=5.0)
-        with httpx.Client(timeout=timeout) as client, client.stream(
-            command.method, endpoint.url + command.path, content=body or None,
-            headers={"content-type": "application/json"} if body else {},
-        ) as response:  # fmt: skip
-            _line(stdout, {"status": response.status_code,
-                           "content_type": response.headers.get("content-type", "")})  # fmt: skip
+        with (
+            httpx.Client(timeout=timeout) as client,
+            client.stream(
+                command.method,
+                endpoint.url + command.path,
+                content=body or None,
+                headers={"content-type": "application/json"} if body else {},
+            ) as response,
+        ):
+            _line(
+                stdout,
+                {
+                    "status": response.status_code,
+                    "content_type": response.headers.get("content-type", ""),
+                },
+            )
             # No chunk size: httpx would hold bytes back until a chunk is full, and a stream's
             # tokens must go out as they come.
             for chunk in response.iter_raw():

@@ -60,18 +60,46 @@ class BreakerClient:
     def argv(self, line: str, shared: bool = True) -> list[str]:
         cfg = self.cfg
         argv = [
-            "ssh", "-T", "-x", "-a", "-p", str(cfg.port), "-i", str(cfg.identity_file),
-            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
-            "-o", f"UserKnownHostsFile={cfg.known_hosts_file}", "-o", "GlobalKnownHostsFile=none",
-            "-o", f"ConnectTimeout={cfg.connect_timeout_s}", "-o", "LogLevel=ERROR",
-            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
-            "-o", "ClearAllForwardings=yes", "-o", "PermitLocalCommand=no",
-        ]  # fmt: skip
+            "ssh",
+            "-T",
+            "-x",
+            "-a",
+            "-p",
+            str(cfg.port),
+            "-i",
+            str(cfg.identity_file),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={cfg.known_hosts_file}",
+            "-o",
+            "GlobalKnownHostsFile=none",
+            "-o",
+            f"ConnectTimeout={cfg.connect_timeout_s}",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "ClearAllForwardings=yes",
+            "-o",
+            "PermitLocalCommand=no",
+        ]
         if shared and cfg.control_persist_s:
             argv += [
-                "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C",
-                "-o", f"ControlPersist={cfg.control_persist_s}",
-            ]  # fmt: skip
+                "-o",
+                "ControlMaster=auto",
+                "-o",
+                f"ControlPath={control_dir()}/%C",
+                "-o",
+                f"ControlPersist={cfg.control_persist_s}",
+            ]
         else:
             argv += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         return [*argv, "--", f"{cfg.user}@{cfg.host}", line]
@@ -240,11 +268,20 @@ class BreakerAccess(ClusterAccess):
 
     async def jobs(self) -> list[InstanceJob]:
         return [
-            InstanceJob(i["job_id"], i["model"], i["state"], i.get("reason", ""), i.get("node", ""),
-                        i.get("submit_time"), i.get("partition", ""), i.get("preempted_at"),
-                        i.get("leave_by"), bool(i.get("node_drained")))
+            InstanceJob(
+                i["job_id"],
+                i["model"],
+                i["state"],
+                i.get("reason", ""),
+                i.get("node", ""),
+                i.get("submit_time"),
+                i.get("partition", ""),
+                i.get("preempted_at"),
+                i.get("leave_by"),
+                bool(i.get("node_drained")),
+            )
             for i in (await self._instances()).values()
-        ]  # fmt: skip
+        ]
 
     async def address(self, inst: Instance) -> InstanceAddress | None:
         entry = (await self._instances()).get(inst.job_id)

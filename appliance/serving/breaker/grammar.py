@@ -30,10 +30,16 @@ NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_AVOID = 8
 METHODS = frozenset({"GET", "POST"})
 # The only paths an instance may be asked for, exactly.
-PATHS = frozenset({
-    "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-    "/v1/embeddings",
-})  # fmt: skip
+PATHS = frozenset(
+    {
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    }
+)
 
 
 class Refused(ValueError):
@@ -120,7 +126,8 @@ def _start(verb: str, args: list[str]) -> Start:
         raise Refused(f"{verb} takes a model name")
     model, *rest = args
     if rest and (rest[0] != "avoid" or not 1 <= len(rest) - 1 <= MAX_AVOID):
-        raise Refused(f"{verb} takes a model name, then optionally `avoid` and 1 to "
-                      f"{MAX_AVOID} node names")  # fmt: skip
+        raise Refused(
+            f"{verb} takes a model name, then optionally `avoid` and 1 to {MAX_AVOID} node names"
+        )
     avoid = frozenset(_field(node, NODE, "node name") for node in rest[1:])
     return Start(_field(model, MODEL_NAME, "model name"), verb == "start-preemptible", avoid)
