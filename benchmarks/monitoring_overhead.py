@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 import httpx
+from appliance.monitoring.history import History
+from appliance.monitoring.monitor import Monitor, Source
+from appliance.monitoring.sources import gateway_sources
+from appliance.monitoring.vllm_metrics import Target
 
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 from benchmarks.common import MODEL, percentile, print_table, tiny_cluster_stack, write_result
-from monitoring.history import History
-from monitoring.monitor import Monitor, Source
-from monitoring.sources import gateway_sources
-from monitoring.vllm_metrics import Target
 
 CPU_TARGET = 0.01
 SCRAPE_TARGET_MS = 50.0

@@ -21,10 +21,10 @@ DATA = Path(__file__).parent / "data"
 
 
 def main() -> int:
-    from rag.ingest import parse_file
-    from rag.retrieval import Retriever
-    from rag.store import KnowledgeBaseStore
-    from security.api_keys import Principal
+    from appliance.rag.ingest import parse_file
+    from appliance.rag.retrieval import Retriever
+    from appliance.rag.store import KnowledgeBaseStore
+    from appliance.security.api_keys import Principal
 
     spec = json.loads((DATA / "rag_questions.json").read_text())
     questions = spec["questions"]

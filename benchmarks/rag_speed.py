@@ -71,9 +71,9 @@ class BulkEmbedder:
 
 
 def measure_ingest(tmp: Path, who, chunks_target: int) -> dict:
-    from rag.embeddings import Embedder
-    from rag.ingest import parse_many
-    from rag.store import KnowledgeBaseStore
+    from appliance.rag.embeddings import Embedder
+    from appliance.rag.ingest import parse_many
+    from appliance.rag.store import KnowledgeBaseStore
 
     store = KnowledgeBaseStore(tmp / "ingest")
     store.create(who, "ingest")
@@ -99,14 +99,14 @@ def measure_ingest(tmp: Path, who, chunks_target: int) -> dict:
 
 
 def measure_queries(tmp: Path, who, size: int, queries: int) -> dict:
-    from rag.embeddings import Embedder
-    from rag.retrieval import Retriever
-    from rag.store import KnowledgeBaseStore
+    from appliance.rag.embeddings import Embedder
+    from appliance.rag.retrieval import Retriever
+    from appliance.rag.store import KnowledgeBaseStore
 
     real = Embedder()
     store = KnowledgeBaseStore(tmp / f"q{size}", embedder=BulkEmbedder(real))
     store.create(who, "big")
-    from rag.ingest import parse_many
+    from appliance.rag.ingest import parse_many
 
     t0 = time.perf_counter()
     files = synthetic_documents(size // 10, 5000, seed=size)  # ~10 chunks of 600 characters
@@ -151,7 +151,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
-    from security.api_keys import Principal
+    from appliance.security.api_keys import Principal
 
     who = Principal("bench", admin=True)
     with tempfile.TemporaryDirectory(prefix="rag-speed-") as tmp:

@@ -22,6 +22,13 @@ import time
 from pathlib import Path
 
 import torch
+from appliance.security.keys import generate_key_file
+from appliance.security.policy import (
+    LoadPolicy,
+    generate_signing_key,
+    load_signing_key,
+    sign_policy,
+)
 
 from appliance.store.importer import import_checkpoint
 from appliance.store.loader import (
@@ -31,8 +38,6 @@ from appliance.store.loader import (
     load_to_host,
 )
 from appliance.store.model import AccessRequest, StoredModel
-from security.keys import generate_key_file
-from security.policy import LoadPolicy, generate_signing_key, load_signing_key, sign_policy
 
 GB = 1e9
 

@@ -1,7 +1,7 @@
-"""`python3 -m installer`: the installer's entry point (install.sh runs it)."""
+"""`python3 -m appliance.installer`: the installer's entry point (install.sh runs it)."""
 
 import sys
 
-from installer.cli import main
+from appliance.installer.cli import main
 
 sys.exit(main())

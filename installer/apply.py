@@ -12,11 +12,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from appliance.installer.files import written_files
+from appliance.installer.manifest import Manifest
+from appliance.installer.plan import EMBEDDING_MODEL, ModelChoice, Plan
+from appliance.installer.report import Report, fail
+
 from appliance.atomic_files import write_if_changed
-from installer.files import written_files
-from installer.manifest import Manifest
-from installer.plan import EMBEDDING_MODEL, ModelChoice, Plan
-from installer.report import Report, fail
 
 
 def configure(plan: Plan, report: Report) -> int:
@@ -53,7 +54,7 @@ def configure(plan: Plan, report: Report) -> int:
         report.step("services", started, services.describe())
         passed = True
         if plan.profile.services and plan.options.self_test:
-            from installer.selftest import self_test
+            from appliance.installer.selftest import self_test
 
             report.section("Self-test")
             chat = next((m.name for m in plan.models if m.name != EMBEDDING_MODEL), None)
@@ -105,7 +106,7 @@ def _service_user(plan: Plan, report: Report, manifest: Manifest) -> None:
 def _hand_over(plan: Plan, settings) -> None:
     """What this run wrote as root under the state directory becomes the service account's."""
     if plan.options.service_user and os.geteuid() == 0:
-        from security.privileges import hand_over
+        from appliance.security.privileges import hand_over
 
         hand_over(settings, pwd.getpwnam(plan.options.service_user))
 
@@ -125,7 +126,7 @@ def _write_files(plan: Plan, report: Report, manifest: Manifest) -> bool:
 
 
 def _tls(plan: Plan, report: Report) -> None:
-    from security.tls import make_self_signed
+    from appliance.security.tls import make_self_signed
 
     cert, key = plan.layout.tls_cert, plan.layout.tls_key
     if cert.exists() and key.exists():
@@ -143,8 +144,8 @@ def _keys(settings, report: Report) -> None:
 
 
 def _admin(plan: Plan, settings, report: Report) -> tuple[str, str, str] | None:
-    from security.api_keys import ApiKeyStore
-    from security.users import UserStore
+    from appliance.security.api_keys import ApiKeyStore
+    from appliance.security.users import UserStore
 
     name = plan.options.admin
     users = UserStore(settings.users_file)

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from installer.manifest import Manifest
-from installer.plan import Plan
-from installer.report import Report, fail
+from appliance.installer.manifest import Manifest
+from appliance.installer.plan import Plan
+from appliance.installer.report import Report, fail
 
 SOURCE = Path(__file__).resolve().parent.parent
 SOURCE_PACKAGES = ("appliance", "rag", "monitoring", "security", "installer")

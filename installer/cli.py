@@ -1,4 +1,4 @@
-"""`install.sh` / `python3 -m installer` / `appliance install`: plan, then install in two
+"""`install.sh` / `python3 -m appliance.installer` / `appliance install`: plan, then install in two
 stages (system Python, then the appliance's own environment)."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from installer.hardware import LocalProbe, capture, detect
-from installer.manifest import Manifest
-from installer.options import parse
-from installer.plan import debian_packages, make_plan
-from installer.profile import choose_profile
-from installer.report import Report
+from appliance.installer.hardware import LocalProbe, capture, detect
+from appliance.installer.manifest import Manifest
+from appliance.installer.options import parse
+from appliance.installer.plan import debian_packages, make_plan
+from appliance.installer.profile import choose_profile
+from appliance.installer.report import Report
 
 # Set for the second stage, which runs in the new environment: the first stage's report file.
 STAGE2_ENV = "APPLIANCE_INSTALL_REPORT"
@@ -27,7 +27,9 @@ def install(argv: list[str]) -> int:
     plan = make_plan(options, hardware, probe)
     report_file = os.environ.get(STAGE2_ENV)
     if report_file:
-        from installer.apply import configure  # needs the environment the first stage built
+        from appliance.installer.apply import (
+            configure,  # needs the environment the first stage built
+        )
 
         report = Report.load(Path(report_file))
         return configure(plan, report)
@@ -38,7 +40,7 @@ def install(argv: list[str]) -> int:
     if options.dry_run:
         print("Dry run: nothing was changed.")
         return 0
-    from installer.bootstrap import install_packages, install_python
+    from appliance.installer.bootstrap import install_packages, install_python
 
     report = Report()
     manifest = Manifest.load(plan.layout.manifest)
@@ -56,7 +58,9 @@ def install(argv: list[str]) -> int:
     # must not inherit PYTHONPATH either.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     os.execve(
-        python, [python, "-I", "-m", "installer", "install", *argv], {**env, STAGE2_ENV: path}
+        python,
+        [python, "-I", "-m", "appliance.installer", "install", *argv],
+        {**env, STAGE2_ENV: path},
     )
     return 0  # pragma: no cover - execve does not return
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from appliance.installer.plan import Plan
+
 from appliance.layout import StateLayout
 from appliance.slurm.cgroup import CGROUP_CONF_BODY
 from appliance.slurm.partitions import default_partition_lines, preemption_lines
-from installer.plan import Plan
 
 HEADER = "# Written by the appliance installer ({what}); re-running it rewrites this file.\n"
 # Memory Slurm gives a job per allocated CPU unless the job asks (MB).

@@ -2,7 +2,7 @@
 
 Standard library only: the installer plans (and `--dry-run` prints) before any package is
 installed. Detection goes through a `Probe`, so tests replay hardware captured on real machines
-(`python3 -m installer capture > profile.json`; see tests/unit/testdata/hardware/).
+(`python3 -m appliance.installer capture > profile.json`; see tests/unit/testdata/hardware/).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 #   sudo ./installer/install.sh               install (safe to run again: it says what changed)
 #   sudo ./installer/install.sh --help        every option (role, models, ports, prefix)
 # It needs only the system's Python 3 (installed with apt-get when missing); the rest runs in
-# installer/ (python3 -m installer) and then in the appliance's own environment.
+# installer/ (python3 -m appliance.installer) and then in the appliance's own environment.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -24,4 +24,12 @@ if [ ! -x "$PY" ] || ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
   $as_root apt-get update -q
   DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -q python3 python3-venv
 fi
-PYTHONPATH="$ROOT" exec "$PY" -m installer install "$@"
+# The first stage runs from this checkout, laid out as the installed package is: rag/,
+# security/, monitoring/ and installer/ are subpackages of appliance (pyproject.toml).
+shim=$(mktemp -d)
+trap 'rm -rf "$shim"' EXIT
+mkdir "$shim/appliance"
+ln -s "$ROOT"/appliance/* "$shim/appliance/"
+for p in rag security monitoring installer; do ln -s "$ROOT/$p" "$shim/appliance/$p"; done
+# -P: the current folder (a checkout's own appliance/, say) must not come before the shim.
+PYTHONPATH="$shim" "$PY" -P -m appliance.installer install "$@"

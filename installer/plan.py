@@ -8,11 +8,11 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from installer.hardware import Hardware, installed_packages
-from installer.hardware import Probe as HardwareProbe
-from installer.layout import InstallLayout
-from installer.options import Options
-from installer.profile import (
+from appliance.installer.hardware import Hardware, installed_packages
+from appliance.installer.hardware import Probe as HardwareProbe
+from appliance.installer.layout import InstallLayout
+from appliance.installer.options import Options
+from appliance.installer.profile import (
     TINY,
     PresetFit,
     Profile,
@@ -243,7 +243,7 @@ def make_plan(
         warnings=warnings,
         blockers=blockers,
     )
-    from installer.files import written_files  # it renders from the plan
+    from appliance.installer.files import written_files  # it renders from the plan
 
     plan.files = [(path, what) for path, what, _text in written_files(plan)]
     _check(plan)

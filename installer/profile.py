@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
-from installer.hardware import Hardware
-from installer.options import Options
+from appliance.installer.hardware import Hardware
+from appliance.installer.options import Options
 
-PRESETS_FILE = Path(__file__).resolve().parent.parent / "appliance" / "models" / "presets.json"
+# The catalog's presets, read without importing the catalog (the planner runs on the bare system
+# Python, before the appliance's packages are installed).
+PRESETS_FILE = Path(str(files("appliance.models") / "presets.json"))
 TINY = "tiny-chat"
 # Share of a GPU's memory vLLM may use (its --gpu-memory-utilization default).
 GPU_MEMORY_UTILIZATION = 0.9

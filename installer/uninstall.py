@@ -9,8 +9,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from installer.layout import InstallLayout
-from installer.manifest import Manifest
+from appliance.installer.layout import InstallLayout
+from appliance.installer.manifest import Manifest
 
 
 def uninstall(settings, services, *, purge: bool, keep_packages: bool) -> Iterator[str]:

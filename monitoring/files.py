@@ -1,12 +1,12 @@
 """Writes the monitoring files shipped in the repository (Prometheus alert rules, Grafana
-dashboards) from their sources: ``python -m monitoring.files``. Tests compare them."""
+dashboards) from their sources: ``python -m appliance.monitoring.files``. Tests compare them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from monitoring.alerts import rules_yaml
-from monitoring.dashboards import DASHBOARDS, dashboard_json
+from appliance.monitoring.alerts import rules_yaml
+from appliance.monitoring.dashboards import DASHBOARDS, dashboard_json
 
 ROOT = Path(__file__).parent
 

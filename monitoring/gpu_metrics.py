@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from appliance.monitoring.nvml import GpuReading
 from prometheus_client.core import GaugeMetricFamily, Metric
-
-from monitoring.nvml import GpuReading
 
 LABELS = ["gpu", "UUID", "device", "modelName", "pci_bus_id", "Hostname"]
 MIB = 1024 * 1024

@@ -114,7 +114,7 @@ def check_gpus(expected: int, files: list[str]) -> list[CheckResult]:
     else:
         results.append(CheckResult("gpus", True, f"{len(present)} GPUs"))
     if expected and any(f.startswith("/dev/nvidia") for f in present):
-        from monitoring.nvml import NvmlReader, NvmlUnavailable
+        from appliance.monitoring.nvml import NvmlReader, NvmlUnavailable
 
         try:
             reader = NvmlReader().open()

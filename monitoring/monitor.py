@@ -10,10 +10,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from appliance.monitoring.history import History
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
-
-from monitoring.history import History
 
 log = logging.getLogger(__name__)
 LEVELS = ("component", "node", "cluster", "task")

@@ -1,7 +1,7 @@
 """Record what NVML answers on a real GPU machine, and replay it where there is no GPU, so the
 NVML code (monitoring/nvml.py) is tested against real answers.
 
-    python -m monitoring.nvml_replay capture out.json   # on a GPU machine
+    python -m appliance.monitoring.nvml_replay capture out.json   # on a GPU machine
 
 A capture maps each call, e.g. ``nvmlDeviceGetMemoryInfo(h0)``, to its answer: numbers and
 strings as they are, NVML structures as dicts of their fields, NVML errors as their code.
@@ -142,8 +142,7 @@ def capture(out: Path) -> dict[str, Any]:
     from dataclasses import asdict
 
     import pynvml
-
-    from monitoring.nvml import NvmlReader
+    from appliance.monitoring.nvml import NvmlReader
 
     recorder = RecordingNvml(pynvml)
     reader = NvmlReader(recorder).open()
@@ -179,6 +178,6 @@ def _init(pynvml) -> bool:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "capture":
-        sys.exit("usage: python -m monitoring.nvml_replay capture OUT.json")
+        sys.exit("usage: python -m appliance.monitoring.nvml_replay capture OUT.json")
     doc = capture(Path(sys.argv[2]))
     print(json.dumps(doc["readings"], indent=1))

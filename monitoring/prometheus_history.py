@@ -9,8 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-
-from monitoring.history import Series
+from appliance.monitoring.history import Series
 
 _LABEL_VALUE = re.compile(r'["\\\n]')
 

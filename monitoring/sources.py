@@ -8,19 +8,19 @@ import socket
 import threading
 from collections.abc import Callable
 
+from appliance.monitoring.gpu_metrics import gpu_families
+from appliance.monitoring.health import REASON_PREFIX
+from appliance.monitoring.monitor import Source
+from appliance.monitoring.nvml import NvmlReader, NvmlUnavailable
+from appliance.monitoring.slurm_metrics import slurm_families
+from appliance.monitoring.system_metrics import system_families
+from appliance.monitoring.training_metrics import training_families
+from appliance.monitoring.vllm_metrics import Target, scrape
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from appliance.config import ApplianceSettings
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import SlurmJob, SlurmNode
-from monitoring.gpu_metrics import gpu_families
-from monitoring.health import REASON_PREFIX
-from monitoring.monitor import Source
-from monitoring.nvml import NvmlReader, NvmlUnavailable
-from monitoring.slurm_metrics import slurm_families
-from monitoring.system_metrics import system_families
-from monitoring.training_metrics import training_families
-from monitoring.vllm_metrics import Target, scrape
 
 
 class GpuSource:

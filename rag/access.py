@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rag.errors import AccessDenied, KnowledgeBaseNotFound
-from security.api_keys import Principal
+from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
+from appliance.security.api_keys import Principal
 
 __all__ = ["KnowledgeBaseACL", "Principal", "require_read", "require_write"]
 

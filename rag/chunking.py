@@ -9,7 +9,7 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rag.document import ParsedDocument, Section
+from appliance.rag.document import ParsedDocument, Section
 
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
 _WORD_BREAK = re.compile(r"\s+")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rag.sniff import DocType
+from appliance.rag.sniff import DocType
 
 SectionKind = Literal["heading", "paragraph", "table_row", "code"]
 

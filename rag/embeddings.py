@@ -7,8 +7,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from appliance.rag.models import Device, load_model, resolve_device
+
 from appliance.config.rag import RagSettings
-from rag.models import Device, load_model, resolve_device
 
 if TYPE_CHECKING:
     import numpy as np

@@ -7,12 +7,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from rag.document import ParsedDocument
-from rag.errors import IngestError
-from rag.limits import IngestLimits, check_file_size
-from rag.parsers import PARSERS
-from rag.sniff import sniff
-from rag.uploads import safe_filename
+from appliance.rag.document import ParsedDocument
+from appliance.rag.errors import IngestError
+from appliance.rag.limits import IngestLimits, check_file_size
+from appliance.rag.parsers import PARSERS
+from appliance.rag.sniff import sniff
+from appliance.rag.uploads import safe_filename
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 import zipfile
 
+from appliance.rag.errors import IngestError
 from pydantic import BaseModel, ConfigDict, Field
-
-from rag.errors import IngestError
 
 MiB = 1024 * 1024
 

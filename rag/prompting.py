@@ -7,8 +7,8 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rag.chunking import Chunk
-from rag.retrieval import Hit
+from appliance.rag.chunking import Chunk
+from appliance.rag.retrieval import Hit
 
 SYSTEM_PROMPT = (
     "Answer the question using only the numbered sources in the user's message. After each "

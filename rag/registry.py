@@ -17,9 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
-
-from rag.access import KnowledgeBaseACL
-from rag.errors import KnowledgeBaseError
+from appliance.rag.access import KnowledgeBaseACL
+from appliance.rag.errors import KnowledgeBaseError
 
 _SCHEMA = """
 -- Facts about this registry; `store_id` marks the Chroma collections that belong to it.

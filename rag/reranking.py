@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
+from appliance.rag.models import Device, load_model, resolve_device
+
 from appliance.config.rag import RagSettings
-from rag.models import Device, load_model, resolve_device
 
 
 class Reranker:

@@ -14,12 +14,12 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from rag.access import Principal
-from rag.bm25 import BM25, tokenize
-from rag.chunking import Chunk
-from rag.registry import KnowledgeBase
-from rag.reranking import Reranker
-from rag.store import KnowledgeBaseStore
+from appliance.rag.access import Principal
+from appliance.rag.bm25 import BM25, tokenize
+from appliance.rag.chunking import Chunk
+from appliance.rag.registry import KnowledgeBase
+from appliance.rag.reranking import Reranker
+from appliance.rag.store import KnowledgeBaseStore
 
 # Keyword indexes kept in memory, least recently used dropped first: each holds its
 # knowledge base's chunk text, so memory grows with the number kept.

@@ -9,7 +9,7 @@ import re
 import zipfile
 from enum import StrEnum
 
-from rag.errors import IngestError
+from appliance.rag.errors import IngestError
 
 
 class DocType(StrEnum):

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from appliance.rag.access import KnowledgeBaseACL, Principal, require_read, require_write
+from appliance.rag.chunking import Chunk, chunk_document
+from appliance.rag.document import ParsedDocument
+from appliance.rag.embeddings import Embedder
+from appliance.rag.errors import IngestError, KnowledgeBaseError
+from appliance.rag.registry import DocumentRecord, KnowledgeBase, Registry, now
+
 from appliance.config.rag import RagSettings
-from rag.access import KnowledgeBaseACL, Principal, require_read, require_write
-from rag.chunking import Chunk, chunk_document
-from rag.document import ParsedDocument
-from rag.embeddings import Embedder
-from rag.errors import IngestError, KnowledgeBaseError
-from rag.registry import DocumentRecord, KnowledgeBase, Registry, now
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI

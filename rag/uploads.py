@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from rag.errors import IngestError
+from appliance.rag.errors import IngestError
 
 _MAX_NAME_CHARS = 255
 

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from appliance.security.secret_files import replace_secret_file
+
 from appliance.errors import ApplianceError
-from security.secret_files import replace_secret_file
 
 KEY_PREFIX = "ak-"
 Role = Literal["admin", "user"]

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.security.secret_files import SecretFileError, read_secret_file, write_secret_file
+
 from appliance.errors import ApplianceError
-from security.secret_files import SecretFileError, read_secret_file, write_secret_file
 
 KEY_BYTES = 32
 GENESIS = "0" * 64

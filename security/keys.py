@@ -8,12 +8,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.security.secret_files import read_secret_file, write_secret_file
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from appliance.errors import ApplianceError
-from security.secret_files import read_secret_file, write_secret_file
 
 KEY_BYTES = 32
 SALT_BYTES = 16

@@ -8,12 +8,12 @@ import re
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict
 
+from appliance.security.secret_files import read_secret_file, write_secret_file
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, field_validator
 
 from appliance.errors import ApplianceError
-from security.secret_files import read_secret_file, write_secret_file
 
 _PRIVATE_KEY_BYTES = 32
 # Signatures cover this prefix plus the canonical JSON, so a signing key's signature over some

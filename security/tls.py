@@ -8,12 +8,11 @@ import ipaddress
 import socket
 from pathlib import Path
 
+from appliance.security.secret_files import write_secret_file
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from security.secret_files import write_secret_file
 
 VALID_DAYS = 825  # the longest validity browsers accept for a server certificate
 

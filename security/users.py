@@ -12,9 +12,10 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from appliance.security.api_keys import Principal, Role
+from appliance.security.secret_files import replace_secret_file
+
 from appliance.errors import ApplianceError
-from security.api_keys import Principal, Role
-from security.secret_files import replace_secret_file
 
 USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 MIN_PASSWORD_LENGTH = 8

@@ -17,7 +17,7 @@ def cli_actor() -> str:
 
 def record(ctx: CliContext, action: str, target: str = "", **detail) -> None:
     """Append an entry for a CLI action (used by the commands that change users, keys, policies)."""
-    from security.audit import AuditLog
+    from appliance.security.audit import AuditLog
 
     AuditLog(ctx.settings.audit_dir).append(cli_actor(), action, target, **detail)
 
@@ -32,7 +32,7 @@ def audit_group() -> None:
 def verify(ctx: CliContext) -> None:
     """Check every entry and the chain; exit status 1 names the first altered, removed,
     inserted or reordered entry."""
-    from security.audit import AuditLog
+    from appliance.security.audit import AuditLog
 
     result = AuditLog(ctx.settings.audit_dir).verify()
     if result.ok:
@@ -48,7 +48,7 @@ def verify(ctx: CliContext) -> None:
 @pass_ctx
 def show(ctx: CliContext, lines: int, as_json: bool) -> None:
     """Print the last entries."""
-    from security.audit import AuditLog
+    from appliance.security.audit import AuditLog
 
     for entry in AuditLog(ctx.settings.audit_dir).entries()[-lines:]:
         if as_json:

@@ -25,11 +25,11 @@ def breaker_group() -> None:
 def serve(ctx: CliContext) -> None:
     """Run the one command in $SSH_ORIGINAL_COMMAND if the grammar allows it (sshd runs this
     for the breaker's key, whatever the client asked)."""
+    from appliance.security.audit import AuditLog
     from appliance.serving.breaker.actions import BreakerActions
     from appliance.serving.breaker.grammar import Refused, parse
     from appliance.slurm.client import SlurmClient
     from appliance.slurm.runner import LocalRunner
-    from security.audit import AuditLog
 
     line = envs.SSH_ORIGINAL_COMMAND
     try:

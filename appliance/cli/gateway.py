@@ -31,11 +31,11 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
     )
     # httpx logs every health probe at INFO; keep the gateway's log about the gateway.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-    from security.privileges import run_as_service_user
+    from appliance.security.privileges import run_as_service_user
 
     run_as_service_user(settings)
     app = create_app(settings)
-    from security.tls import server_options
+    from appliance.security.tls import server_options
 
     uvicorn.run(
         app,

@@ -16,14 +16,14 @@ from appliance.errors import ApplianceError
 def install(args: tuple[str, ...]) -> int:
     """Install (or bring up to date) the appliance on this machine; `--help` lists the options
     of installer/install.sh, which this runs."""
-    from installer.cli import install as run_install
+    from appliance.installer.cli import install as run_install
 
     return run_install(list(args))
 
 
 def _manager(ctx: CliContext):
+    from appliance.installer.manifest import Manifest
     from appliance.services import ServiceManager
-    from installer.manifest import Manifest
 
     settings = ctx.settings
     config = settings.config_file
@@ -104,7 +104,7 @@ def supervise(ctx: CliContext) -> None:
 @pass_ctx
 def uninstall(ctx: CliContext, purge: bool, keep_packages: bool, yes: bool) -> None:
     """Remove what the installer installed; user data stays unless --purge."""
-    from installer.uninstall import uninstall as run_uninstall
+    from appliance.installer.uninstall import uninstall as run_uninstall
 
     if purge and not yes:
         click.confirm(f"delete all data in {ctx.settings.state_dir}?", abort=True)

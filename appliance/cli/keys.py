@@ -25,7 +25,7 @@ def create(
     ctx: CliContext, user: str, admin: bool, groups: tuple[str, ...], expires: str | None
 ) -> None:
     """Create an API key for USER and print it (this once: only its hash is kept)."""
-    from security.api_keys import ApiKeyStore
+    from appliance.security.api_keys import ApiKeyStore
 
     secret, record = ApiKeyStore(ctx.settings.api_keys_file).create(
         user, "admin" if admin else "user", list(groups), parse_expiry(expires)
@@ -47,7 +47,7 @@ def create(
 @pass_ctx
 def list_keys(ctx: CliContext) -> None:
     """List keys (ids, users, roles, expiry, revocation; never the keys)."""
-    from security.api_keys import ApiKeyStore
+    from appliance.security.api_keys import ApiKeyStore
 
     rows = [("ID", "KIND", "USER", "ROLE", "GROUPS", "EXPIRES", "REVOKED")]
     for r in ApiKeyStore(ctx.settings.api_keys_file).records():
@@ -70,7 +70,7 @@ def list_keys(ctx: CliContext) -> None:
 @pass_ctx
 def revoke(ctx: CliContext, key_id: str) -> None:
     """Revoke a key at once (the gateway re-reads the keys file when it changes)."""
-    from security.api_keys import ApiKeyStore
+    from appliance.security.api_keys import ApiKeyStore
 
     record = ApiKeyStore(ctx.settings.api_keys_file).revoke(key_id)
     audit.record(ctx, "key_revoke", record.key_id, user=record.user)

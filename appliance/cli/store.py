@@ -31,7 +31,7 @@ def init(ctx: CliContext) -> None:
 @store_group.command("fingerprint")
 def fingerprint() -> None:
     """Print this host's fingerprint (machine id and GPU UUIDs), for `--host` in policies."""
-    from security.host import this_host_fingerprint
+    from appliance.security.host import this_host_fingerprint
 
     click.echo(this_host_fingerprint())
 
@@ -70,9 +70,9 @@ def list_stored(ctx: CliContext) -> None:
 def rotate(ctx: CliContext, new_key_file: Path) -> None:
     """Rewrap every model's data key under NEW_KEY_FILE (weights are not re-encrypted), then
     point store.key_file at it on every node."""
+    from appliance.security.keys import KeyEncryptionKey
     from appliance.store import keyring
     from appliance.store.model import rotate_key
-    from security.keys import KeyEncryptionKey
 
     old = keyring.store_kek(ctx.settings)
     new = KeyEncryptionKey.from_key_file(new_key_file)

@@ -32,7 +32,7 @@ def add(
     ctx: CliContext, username: str, admin: bool, groups: tuple[str, ...], password_stdin: bool
 ) -> None:
     """Create the account USERNAME (asks for its password)."""
-    from security.users import UserStore
+    from appliance.security.users import UserStore
 
     record = UserStore(ctx.settings.users_file).add(
         username, _read_password(password_stdin), "admin" if admin else "user", list(groups)
@@ -45,7 +45,7 @@ def add(
 @pass_ctx
 def list_users(ctx: CliContext) -> None:
     """List accounts (never their passwords)."""
-    from security.users import UserStore
+    from appliance.security.users import UserStore
 
     rows = [("USER", "ROLE", "GROUPS", "CREATED", "DISABLED")]
     for u in UserStore(ctx.settings.users_file).records():
@@ -67,8 +67,8 @@ def list_users(ctx: CliContext) -> None:
 @pass_ctx
 def passwd(ctx: CliContext, username: str, password_stdin: bool) -> None:
     """Set USERNAME's password; the user's sign-in sessions end."""
-    from security.api_keys import ApiKeyStore
-    from security.users import UserStore
+    from appliance.security.api_keys import ApiKeyStore
+    from appliance.security.users import UserStore
 
     UserStore(ctx.settings.users_file).set_password(username, _read_password(password_stdin))
     _end_sessions(ApiKeyStore(ctx.settings.api_keys_file), username)
@@ -87,8 +87,8 @@ def _end_sessions(keys, username: str) -> None:
 @pass_ctx
 def disable(ctx: CliContext, username: str) -> None:
     """Stop USERNAME from signing in, and revoke all of the user's keys and sessions."""
-    from security.api_keys import ApiKeyStore
-    from security.users import UserStore
+    from appliance.security.api_keys import ApiKeyStore
+    from appliance.security.users import UserStore
 
     UserStore(ctx.settings.users_file).set_disabled(username, True)
     count = ApiKeyStore(ctx.settings.api_keys_file).revoke_user(username)
@@ -101,7 +101,7 @@ def disable(ctx: CliContext, username: str) -> None:
 @pass_ctx
 def enable(ctx: CliContext, username: str) -> None:
     """Let a disabled USERNAME sign in again (revoked keys stay revoked)."""
-    from security.users import UserStore
+    from appliance.security.users import UserStore
 
     UserStore(ctx.settings.users_file).set_disabled(username, False)
     audit.record(ctx, "user_enable", username)
@@ -113,8 +113,8 @@ def enable(ctx: CliContext, username: str) -> None:
 @pass_ctx
 def remove(ctx: CliContext, username: str) -> None:
     """Delete the account USERNAME and revoke all of the user's keys and sessions."""
-    from security.api_keys import ApiKeyStore
-    from security.users import UserStore
+    from appliance.security.api_keys import ApiKeyStore
+    from appliance.security.users import UserStore
 
     UserStore(ctx.settings.users_file).remove(username)
     count = ApiKeyStore(ctx.settings.api_keys_file).revoke_user(username)

@@ -20,7 +20,7 @@ def webapp(ctx: CliContext, host: str | None, port: int | None) -> None:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from security.privileges import run_as_service_user
+    from appliance.security.privileges import run_as_service_user
 
     run_as_service_user(ctx.settings)
     run_webapp(ctx.settings, host, port)

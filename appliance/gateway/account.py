@@ -14,8 +14,8 @@ from fastapi import APIRouter, Depends, Request
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import principal
 from appliance.gateway.protocol import RequestError, json_object
-from security.api_keys import KeyRefused, Principal
-from security.secret_files import replace_secret_file
+from appliance.security.api_keys import KeyRefused, Principal
+from appliance.security.secret_files import replace_secret_file
 
 sign_in_router = APIRouter(prefix="/v1/auth")
 router = APIRouter(dependencies=[Depends(principal)])

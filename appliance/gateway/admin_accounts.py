@@ -14,7 +14,7 @@ from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import admin
 from appliance.gateway.protocol import RequestError, json_object
-from security.api_keys import KeyRefused, Principal
+from appliance.security.api_keys import KeyRefused, Principal
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(admin)])
 Admin = Annotated[Principal, Depends(admin)]

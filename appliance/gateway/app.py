@@ -21,16 +21,16 @@ from appliance.gateway.knowledge import router as knowledge_router
 from appliance.gateway.protocol import RequestError
 from appliance.gateway.routes import admin_api, api, router
 from appliance.models.catalog import Catalog, load_catalog
+from appliance.monitoring.history import History
+from appliance.monitoring.monitor import Monitor
+from appliance.monitoring.requests import RequestMetrics
+from appliance.monitoring.vllm_metrics import Target
+from appliance.security.audit import AuditLog
+from appliance.security.quotas import Quotas
 from appliance.serving.access import cluster_access
 from appliance.serving.manager import InstanceManager
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
-from monitoring.history import History
-from monitoring.monitor import Monitor
-from monitoring.requests import RequestMetrics
-from monitoring.vllm_metrics import Target
-from security.audit import AuditLog
-from security.quotas import Quotas
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _monitor(
     requests: RequestMetrics,
 ) -> Monitor | None:
     """The collectors, started on their own thread (Slurm and scrapes block; the loop must not)."""
-    from monitoring.sources import gateway_sources
+    from appliance.monitoring.sources import gateway_sources
 
     mon = settings.monitoring
     if not mon.enabled:

@@ -14,9 +14,9 @@ from fastapi import Request
 
 from appliance.config.gateway import GatewaySettings
 from appliance.gateway.protocol import RequestError
-from security.api_keys import ApiKeyRecord, ApiKeyStore, KeyRefused, Principal
-from security.audit import AuditLog
-from security.users import SignInRefused, UserStore
+from appliance.security.api_keys import ApiKeyRecord, ApiKeyStore, KeyRefused, Principal
+from appliance.security.audit import AuditLog
+from appliance.security.users import SignInRefused, UserStore
 
 LOCAL_ADMIN = Principal("local", admin=True)
 KEY_USE_EVERY_S = 3600.0

@@ -14,10 +14,10 @@ from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import principal
 from appliance.gateway.protocol import RequestError, json_object
+from appliance.security.api_keys import Principal
 from appliance.training import files, service
 from appliance.training.dataset import DatasetError
 from appliance.training.jobs import TrainingJob, load_job
-from security.api_keys import Principal
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(principal)])
 Who = Annotated[Principal, Depends(principal)]

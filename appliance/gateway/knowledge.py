@@ -20,7 +20,7 @@ from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import principal
 from appliance.gateway.protocol import RequestError, json_object
-from security.api_keys import Principal
+from appliance.security.api_keys import Principal
 
 router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(principal)])
 Who = Annotated[Principal, Depends(principal)]
@@ -40,8 +40,8 @@ class KnowledgeService:
     def _open(self):
         with self._lock:
             if self._store is None:
-                from rag.retrieval import Retriever
-                from rag.store import KnowledgeBaseStore
+                from appliance.rag.retrieval import Retriever
+                from appliance.rag.store import KnowledgeBaseStore
 
                 self._store = KnowledgeBaseStore(self.settings.rag_dir, self.settings.rag)
                 self._retriever = Retriever.from_settings(self._store)
@@ -61,7 +61,7 @@ class KnowledgeService:
 
 
 def _request_error(exc: ApplianceError) -> RequestError:
-    from rag.errors import AccessDenied, KnowledgeBaseNotFound
+    from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
 
     if isinstance(exc, KnowledgeBaseNotFound):
         return RequestError(404, str(exc), code="knowledge_base_not_found")
@@ -137,7 +137,7 @@ async def list_documents(name: str, request: Request, who: Who) -> dict:
 async def upload_documents(name: str, request: Request, who: Who) -> dict:
     """Each file is parsed on its own: refused files are listed with their reason, the others
     go in (a re-uploaded file name replaces that document)."""
-    from rag.ingest import parse_many
+    from appliance.rag.ingest import parse_many
 
     service = _service(request)
     limit = service.settings.rag.max_upload_bytes
@@ -224,7 +224,7 @@ def _hit(hit) -> dict:
 async def grounded_chat(request: Request, body: dict, forward) -> Response:
     """Retrieve from the request's `knowledge_bases` for its last user message, ask the model with
     numbered sources, and return the answer with `citations` (and `sources` consulted)."""
-    from rag.prompting import build_messages, parse_citations
+    from appliance.rag.prompting import build_messages, parse_citations
 
     who = principal(request)
     names = body.pop("knowledge_bases")

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 
 from appliance.gateway.auth import admin
 from appliance.gateway.protocol import RequestError
-from monitoring.topology import search
+from appliance.monitoring.topology import search
 
 router = APIRouter(dependencies=[Depends(admin)])
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -33,7 +33,7 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/admin/monitoring/status")
 async def status(request: Request) -> dict:
-    from monitoring.alerts import active_alerts
+    from appliance.monitoring.alerts import active_alerts
 
     monitor = _monitor(request)
     families = await asyncio.to_thread(monitor.collect)
@@ -51,7 +51,7 @@ async def series(request: Request, name: str, since_s: float = 3600) -> dict:
     history = _monitor(request).history
     url = request.app.state.gateway.settings.monitoring.prometheus_url
     if url:
-        from monitoring.prometheus_history import PrometheusHistory
+        from appliance.monitoring.prometheus_history import PrometheusHistory
 
         history = PrometheusHistory(url)
     try:

@@ -15,9 +15,9 @@ from fastapi.responses import Response, StreamingResponse
 from appliance.gateway.audit_events import audit
 from appliance.gateway.forward import INSTANCE_HEADER
 from appliance.gateway.protocol import RequestError
-from monitoring.requests import RequestMetrics, RequestRecord, new_request_id
-from security.api_keys import Principal
-from security.quotas import QuotaExceeded
+from appliance.monitoring.requests import RequestMetrics, RequestRecord, new_request_id
+from appliance.security.api_keys import Principal
+from appliance.security.quotas import QuotaExceeded
 
 REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

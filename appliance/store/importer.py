@@ -12,6 +12,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from appliance.security.aesgcm import AesGcm, address_of
+from appliance.security.keys import KeyEncryptionKey, new_data_key, wrap_data_key
+from appliance.security.policy import SignedPolicy
 from appliance.store.format import (
     ALIGN,
     DATA_FILE,
@@ -37,9 +40,6 @@ from appliance.store.safetensors_files import (
     checkpoint_files,
     read_header,
 )
-from security.aesgcm import AesGcm, address_of
-from security.keys import KeyEncryptionKey, new_data_key, wrap_data_key
-from security.policy import SignedPolicy
 
 # Small files vLLM and transformers need beside the weights; larger ones are refused.
 MAX_AUX_FILE_BYTES = 64 << 20

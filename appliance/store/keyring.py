@@ -8,10 +8,15 @@ from pathlib import Path
 
 from appliance import envs
 from appliance.config import ApplianceSettings
+from appliance.security.keys import KeyEncryptionKey, generate_key_file
+from appliance.security.policy import (
+    LoadPolicy,
+    SignedPolicy,
+    generate_signing_key,
+    load_signing_key,
+)
+from appliance.security.policy import sign_policy as _sign
 from appliance.store.vllm_plugin import StoreLoadSpec, load_kek
-from security.keys import KeyEncryptionKey, generate_key_file
-from security.policy import LoadPolicy, SignedPolicy, generate_signing_key, load_signing_key
-from security.policy import sign_policy as _sign
 
 KDF_FILE = "kdf.json"
 

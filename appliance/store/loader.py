@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.security.aesgcm import address_of
 from appliance.store.format import TensorEntry
 from appliance.store.model import StoredModel, StoreIntegrityError, read_exact
 from appliance.store.sharding import (
@@ -23,7 +24,6 @@ from appliance.store.sharding import (
     tensor_shards,
     zero_outside,
 )
-from security.aesgcm import address_of
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +129,7 @@ def load_to_host(
     if pin:
         flat = torch.empty(model.data_bytes, dtype=torch.uint8, pin_memory=True)
     else:
-        from security.process import secret_buffer
+        from appliance.security.process import secret_buffer
 
         flat = torch.frombuffer(secret_buffer(model.data_bytes), dtype=torch.uint8)
     load_into(model, memoryview(flat.numpy()), threads)

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import ApplianceError
+from appliance.security.aesgcm import AesGcm, AuthenticationFailed, address_of
+from appliance.security.keys import KeyEncryptionKey, rewrap_data_key, unwrap_data_key
+from appliance.security.policy import PolicyRefused, SignedPolicy, check_policy
 from appliance.store.format import (
     DATA_FILE,
     HEADER_FILE,
@@ -23,9 +26,6 @@ from appliance.store.format import (
     key_context,
     plain_index_digest,
 )
-from security.aesgcm import AesGcm, AuthenticationFailed, address_of
-from security.keys import KeyEncryptionKey, rewrap_data_key, unwrap_data_key
-from security.policy import PolicyRefused, SignedPolicy, check_policy
 
 
 class StoreIntegrityError(ApplianceError):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import ModelResources, ModelSpec, add_local_model
-from security.policy import SignedPolicy
+from appliance.security.policy import SignedPolicy
 
 
 def publish_checkpoint(

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.security.keys import KdfParams, KeyEncryptionKey, KeySetupError
 from appliance.store.model import AccessRequest, StoredModel
 from appliance.store.sharding import LlamaSharding
-from security.keys import KdfParams, KeyEncryptionKey, KeySetupError
 
 # Under "vllm." so the lines show in the instance log with vLLM's own (it configures that tree).
 log = logging.getLogger("vllm.appliance.store")
@@ -71,7 +71,7 @@ class StoreLoadSpec:
 
     def open(self, host: str | None = None) -> StoredModel:
         """Open and authenticate the model, checking its policy for this host."""
-        from security.host import this_host_fingerprint
+        from appliance.security.host import this_host_fingerprint
 
         access = AccessRequest(
             user=self.user,
@@ -178,6 +178,7 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
 
     import torch
 
+    from appliance.security.process import disable_core_dumps
     from appliance.store.host_cache import open_from_host_tier
     from appliance.store.loader import (
         DEFAULT_THREADS,
@@ -188,7 +189,6 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
         read_bytes,
         stream_to_gpu,
     )
-    from security.process import disable_core_dumps
 
     disable_core_dumps()
     t0 = time.perf_counter()

@@ -177,7 +177,7 @@ def training_slurm_jobs(settings: ApplianceSettings, slurm: SlurmClient) -> dict
 def job_view(settings: ApplianceSettings, job: TrainingJob, slurm_job: SlurmJob | None) -> dict:
     """The job as the API shows it: its record, live progress and a status that combines what
     the trainer wrote with what Slurm says."""
-    from monitoring.training_metrics import eta_seconds
+    from appliance.monitoring.training_metrics import eta_seconds
 
     directory = job_dir(settings, job.id)
     progress = read_json_object(directory / "progress.json") or {}

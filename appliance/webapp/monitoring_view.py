@@ -12,9 +12,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from appliance.monitoring.history import rate
 from appliance.webapp.client import GatewayError
 from appliance.webapp.context import WebContext, bind, gateway, is_admin, token_of
-from monitoring.history import rate
 
 # level -> [(plot title, [(metric, label keys naming the line, transform)])]
 Line = tuple[str, tuple[str, ...], str]  # metric, labels shown, "value" | "rate" | "gib"

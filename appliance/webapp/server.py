@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from appliance import envs
 from appliance.config import ApplianceSettings
-from security.secret_files import SecretFileError, read_secret_file, write_secret_file
+from appliance.security.secret_files import SecretFileError, read_secret_file, write_secret_file
 
 SECRET_BYTES = 32
 
@@ -45,7 +45,7 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
     from appliance.webapp.client import GatewayClient
 
     if settings.gateway.tls:
-        from security.tls import ensure_certificate
+        from appliance.security.tls import ensure_certificate
 
         # The gateway makes the certificate at its first start; if this starts first, it does.
         ensure_certificate(*settings.tls_files)
@@ -90,7 +90,7 @@ def run_webapp(settings: ApplianceSettings, host: str | None = None, port: int |
     import uvicorn
 
     app = create_webapp(settings)
-    from security.tls import server_options
+    from appliance.security.tls import server_options
 
     uvicorn.run(
         app,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rag.document import Section
-from rag.limits import IngestLimits
-from rag.parsers import csvfile, excel, htmlpage, image, markdown, pdf, plaintext, word
-from rag.sniff import DocType
+from appliance.rag.document import Section
+from appliance.rag.limits import IngestLimits
+from appliance.rag.parsers import csvfile, excel, htmlpage, image, markdown, pdf, plaintext, word
+from appliance.rag.sniff import DocType
 
 Parser = Callable[[bytes, str, IngestLimits], list[Section]]
 

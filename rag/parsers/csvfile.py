@@ -6,10 +6,10 @@ import csv
 import io
 from collections.abc import Iterator
 
-from rag.document import Section
-from rag.limits import CellBudget, IngestLimits
-from rag.parsers.tables import row_sections
-from rag.sniff import csv_dialect, decode_text
+from appliance.rag.document import Section
+from appliance.rag.limits import CellBudget, IngestLimits
+from appliance.rag.parsers.tables import row_sections
+from appliance.rag.sniff import csv_dialect, decode_text
 
 
 def parse(data: bytes, filename: str, limits: IngestLimits) -> list[Section]:

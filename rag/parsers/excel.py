@@ -6,9 +6,9 @@ import datetime as dt
 import io
 from collections.abc import Iterable, Iterator
 
-from rag.document import Section
-from rag.limits import CellBudget, IngestLimits, check_zip
-from rag.parsers.tables import row_sections
+from appliance.rag.document import Section
+from appliance.rag.limits import CellBudget, IngestLimits, check_zip
+from appliance.rag.parsers.tables import row_sections
 
 
 def parse(data: bytes, filename: str, limits: IngestLimits) -> list[Section]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
-from rag.document import Section
-from rag.limits import IngestLimits
-from rag.parsers.outline import Outline
-from rag.parsers.tables import row_sections
-from rag.sniff import decode_text
+from appliance.rag.document import Section
+from appliance.rag.limits import IngestLimits
+from appliance.rag.parsers.outline import Outline
+from appliance.rag.parsers.tables import row_sections
+from appliance.rag.sniff import decode_text
 
 # Elements whose content is not part of the document's text. Not <head>: its end tag is
 # optional, and a page that omits it would lose its whole body.

@@ -6,11 +6,11 @@ import io
 import warnings
 from typing import TYPE_CHECKING
 
-from rag.document import Section
-from rag.errors import IngestError
-from rag.limits import IngestLimits, check_image_pixels
-from rag.parsers.ocr import ocr_image
-from rag.parsers.plaintext import paragraphs
+from appliance.rag.document import Section
+from appliance.rag.errors import IngestError
+from appliance.rag.limits import IngestLimits, check_image_pixels
+from appliance.rag.parsers.ocr import ocr_image
+from appliance.rag.parsers.plaintext import paragraphs
 
 if TYPE_CHECKING:
     from PIL.Image import Image

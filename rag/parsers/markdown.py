@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-from rag.document import Section
-from rag.limits import IngestLimits
-from rag.parsers.outline import Outline
-from rag.parsers.tables import row_sections
-from rag.sniff import decode_text
+from appliance.rag.document import Section
+from appliance.rag.limits import IngestLimits
+from appliance.rag.parsers.outline import Outline
+from appliance.rag.parsers.tables import row_sections
+from appliance.rag.sniff import decode_text
 
 _ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
 _SETEXT_UNDERLINE = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rag.errors import IngestError
-from rag.limits import IngestLimits
+from appliance.rag.errors import IngestError
+from appliance.rag.limits import IngestLimits
 
 if TYPE_CHECKING:
     from PIL.Image import Image

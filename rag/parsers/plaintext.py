@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from rag.document import Section
-from rag.limits import IngestLimits
-from rag.sniff import decode_text
+from appliance.rag.document import Section
+from appliance.rag.limits import IngestLimits
+from appliance.rag.sniff import decode_text
 
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from functools import partial
 
-from rag.document import Section
+from appliance.rag.document import Section
 
 
 def format_row(headers: Sequence[str], values: Sequence[str]) -> str:

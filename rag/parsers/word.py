@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import re
 
-from rag.document import Section
-from rag.limits import IngestLimits, check_zip
-from rag.parsers.outline import Outline
-from rag.parsers.tables import row_sections
+from appliance.rag.document import Section
+from appliance.rag.limits import IngestLimits, check_zip
+from appliance.rag.parsers.outline import Outline
+from appliance.rag.parsers.tables import row_sections
 
 _HEADING_STYLE = re.compile(r"Heading (\d)$")
 

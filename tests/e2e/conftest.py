@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from appliance.security.users import UserStore
 
 from appliance import envs
 from appliance.config import ApplianceSettings
 from appliance_dev.stack import free_port, running_gateway, running_webapp
-from security.users import UserStore
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -14,9 +14,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from appliance.security.api_keys import ApiKeyStore
 from playwright.sync_api import Page, expect
 
-from security.api_keys import ApiKeyStore
 from tests.e2e.conftest import PASSWORDS
 from tests.unit.rag_samples import text_pdf
 

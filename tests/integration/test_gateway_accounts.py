@@ -8,11 +8,11 @@ import sys
 
 import httpx
 import pytest
+from appliance.security.api_keys import ApiKeyStore
+from appliance.security.audit import AuditLog
+from appliance.security.users import UserStore
 
 from appliance_dev.stack import running_gateway
-from security.api_keys import ApiKeyStore
-from security.audit import AuditLog
-from security.users import UserStore
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm]

@@ -9,10 +9,10 @@ import time
 
 import httpx
 import pytest
+from appliance.security.api_keys import ApiKeyStore
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance_dev.stack import running_gateway
-from security.api_keys import ApiKeyStore
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]

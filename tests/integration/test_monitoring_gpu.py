@@ -7,12 +7,11 @@ import threading
 import time
 
 import pytest
+from appliance.monitoring.gpu_metrics import DCGM_FIELDS, gpu_families
+from appliance.monitoring.nvml import NvmlReader, NvmlUnavailable
 from prometheus_client.core import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-
-from monitoring.gpu_metrics import DCGM_FIELDS, gpu_families
-from monitoring.nvml import NvmlReader, NvmlUnavailable
 
 pytestmark = pytest.mark.gpu
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from appliance.rag.document import ParsedDocument, Section
+from appliance.rag.retrieval import Retriever
+from appliance.rag.sniff import DocType
+from appliance.rag.store import KnowledgeBaseStore
+from appliance.security.api_keys import Principal
 
 from appliance.config.rag import RagSettings
 from appliance_dev.stack import free_port
-from rag.document import ParsedDocument, Section
-from rag.retrieval import Retriever
-from rag.sniff import DocType
-from rag.store import KnowledgeBaseStore
-from security.api_keys import Principal
 
 pytestmark = [pytest.mark.slow]
 

@@ -9,9 +9,9 @@ import json
 import httpx
 import openai
 import pytest
+from appliance.security.api_keys import ApiKeyStore
 
 from appliance_dev.stack import running_gateway
-from security.api_keys import ApiKeyStore
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]

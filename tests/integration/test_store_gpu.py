@@ -10,6 +10,13 @@ import mmap
 
 import pytest
 import torch
+from appliance.security.keys import generate_key_file
+from appliance.security.policy import (
+    LoadPolicy,
+    generate_signing_key,
+    load_signing_key,
+    sign_policy,
+)
 from safetensors.torch import save_file
 
 from appliance.store import loader
@@ -25,8 +32,6 @@ from appliance.store.loader import (
 )
 from appliance.store.model import AccessRequest, StoredModel, StoreIntegrityError
 from appliance.store.sharding import LlamaSharding, byte_range, zero_outside
-from security.keys import generate_key_file
-from security.policy import LoadPolicy, generate_signing_key, load_signing_key, sign_policy
 
 pytestmark = [
     pytest.mark.gpu,

@@ -6,12 +6,12 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+from appliance.rag.access import Principal
+from appliance.rag.document import ParsedDocument, Section
+from appliance.rag.embeddings import Embedder
+from appliance.rag.sniff import DocType
 
 from appliance.config.rag import RagSettings
-from rag.access import Principal
-from rag.document import ParsedDocument, Section
-from rag.embeddings import Embedder
-from rag.sniff import DocType
 
 ALICE = Principal("alice")
 BOB = Principal("bob")

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from appliance.installer.files import written_files
+from appliance.installer.hardware import RecordedProbe, detect, parse_df, parse_gpus
+from appliance.installer.options import parse
+from appliance.installer.plan import make_plan
+from appliance.installer.profile import choose_profile, fit_presets, load_presets, proposed_models
 
 from appliance.config.cluster import ClusterSettings
 from appliance.config.monitoring import MonitoringSettings
@@ -19,11 +24,6 @@ from appliance.slurm.conf import (
     render_gres_conf,
     render_slurm_conf,
 )
-from installer.files import written_files
-from installer.hardware import RecordedProbe, detect, parse_df, parse_gpus
-from installer.options import parse
-from installer.plan import make_plan
-from installer.profile import choose_profile, fit_presets, load_presets, proposed_models
 from tests.golden import GOLDEN, UPDATE, check_golden
 
 HARDWARE = Path(__file__).parent / "testdata" / "hardware"

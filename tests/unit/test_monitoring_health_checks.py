@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import psutil
-
-from appliance.slurm.records import SlurmNode
-from monitoring.health import (
+from appliance.monitoring.health import (
     CheckResult,
     apply,
     check_gpus,
@@ -13,6 +11,8 @@ from monitoring.health import (
     check_services,
     drain_reason,
 )
+
+from appliance.slurm.records import SlurmNode
 
 
 class RecordingClient:

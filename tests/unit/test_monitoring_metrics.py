@@ -7,18 +7,18 @@ import json
 from pathlib import Path
 
 import yaml
+from appliance.monitoring.alerts import RULES, active_alerts, rules_yaml
+from appliance.monitoring.files import shipped_files
+from appliance.monitoring.history import History, rate
+from appliance.monitoring.monitor import Monitor, Source
+from appliance.monitoring.prometheus_history import PrometheusHistory, selector
+from appliance.monitoring.slurm_metrics import slurm_families
+from appliance.monitoring.system_metrics import system_families
+from appliance.monitoring.training_metrics import training_families
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.slurm.records import parse_sinfo_json, parse_squeue_json
-from monitoring.alerts import RULES, active_alerts, rules_yaml
-from monitoring.files import shipped_files
-from monitoring.history import History, rate
-from monitoring.monitor import Monitor, Source
-from monitoring.prometheus_history import PrometheusHistory, selector
-from monitoring.slurm_metrics import slurm_families
-from monitoring.system_metrics import system_families
-from monitoring.training_metrics import training_families
 
 SLURM = Path(__file__).parent / "testdata" / "slurm"
 GOLDEN = Path(__file__).resolve().parents[2] / "monitoring" / "prometheus"
@@ -78,7 +78,7 @@ def test_history_is_bounded_and_queryable():
 
 def test_shipped_rules_and_dashboards_are_generated_from_their_sources():
     for path, text in shipped_files().items():
-        assert path.read_text() == text, f"{path}: run python -m monitoring.files"
+        assert path.read_text() == text, f"{path}: run python -m appliance.monitoring.files"
     shipped = rules_yaml()
     assert all(r.name in shipped for r in RULES)
     assert "{{ $labels.node }}" in shipped and "{{ $value }}" in shipped

@@ -10,13 +10,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from appliance.monitoring.gpu_metrics import DCGM_FIELDS, gpu_families
+from appliance.monitoring.nvml import NvmlReader, NvmlUnavailable
+from appliance.monitoring.nvml_replay import ReplayNvml
 from prometheus_client.core import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-
-from monitoring.gpu_metrics import DCGM_FIELDS, gpu_families
-from monitoring.nvml import NvmlReader, NvmlUnavailable
-from monitoring.nvml_replay import ReplayNvml
 
 CAPTURES = Path(__file__).parent / "testdata" / "nvml"
 CAPTURE = CAPTURES / "h200.json"

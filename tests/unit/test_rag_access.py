@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from appliance.rag.access import KnowledgeBaseACL, Principal, require_read, require_write
+from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
 from pydantic import ValidationError
 
 from appliance.config.rag import RagSettings
-from rag.access import KnowledgeBaseACL, Principal, require_read, require_write
-from rag.errors import AccessDenied, KnowledgeBaseNotFound
 
 ACL = KnowledgeBaseACL("alice", readers=frozenset({"bob"}), groups=frozenset({"eng"}))
 

@@ -6,10 +6,9 @@ import itertools
 import re
 
 import pytest
-
-from rag.chunking import Chunk, chunk_document
-from rag.document import ParsedDocument, Section
-from rag.sniff import DocType
+from appliance.rag.chunking import Chunk, chunk_document
+from appliance.rag.document import ParsedDocument, Section
+from appliance.rag.sniff import DocType
 
 SENTENCES = [f"Sentence number {i} talks about topic {i % 7} in some detail." for i in range(60)]
 

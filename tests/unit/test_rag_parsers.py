@@ -6,13 +6,13 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from appliance.rag.document import ParsedDocument, Section
+from appliance.rag.errors import IngestError
+from appliance.rag.ingest import parse_file, parse_many
+from appliance.rag.limits import IngestLimits
+from appliance.rag.sniff import DocType
+from appliance.rag.uploads import safe_filename
 
-from rag.document import ParsedDocument, Section
-from rag.errors import IngestError
-from rag.ingest import parse_file, parse_many
-from rag.limits import IngestLimits
-from rag.sniff import DocType
-from rag.uploads import safe_filename
 from tests.unit.rag_samples import (
     docx_bytes,
     encrypted_pdf,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rag.chunking import Chunk
-from rag.prompting import SYSTEM_PROMPT, build_messages, parse_citations
-from rag.retrieval import Hit
+from appliance.rag.chunking import Chunk
+from appliance.rag.prompting import SYSTEM_PROMPT, build_messages, parse_citations
+from appliance.rag.retrieval import Hit
 
 
 def _hit(filename: str, text: str, page=None, sheet=None, heading=None) -> Hit:

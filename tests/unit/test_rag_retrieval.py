@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from appliance.rag.bm25 import BM25, tokenize
+from appliance.rag.chunking import Chunk
+from appliance.rag.embeddings import Embedder, cpu_has_native_bfloat16, default_model_dir
+from appliance.rag.errors import KnowledgeBaseNotFound
+from appliance.rag.reranking import Reranker
+from appliance.rag.retrieval import Retriever, reciprocal_rank_fusion
+from appliance.rag.store import KnowledgeBaseStore
 
 from appliance.errors import ApplianceError
-from rag.bm25 import BM25, tokenize
-from rag.chunking import Chunk
-from rag.embeddings import Embedder, cpu_has_native_bfloat16, default_model_dir
-from rag.errors import KnowledgeBaseNotFound
-from rag.reranking import Reranker
-from rag.retrieval import Retriever, reciprocal_rank_fusion
-from rag.store import KnowledgeBaseStore
 from tests.unit.rag_corpus import ALICE, BOB, SMALL_CHUNKS, VALVE_NOTE, corpus, document
 
 

@@ -8,9 +8,9 @@ import random
 import zipfile
 
 import pytest
+from appliance.rag.errors import IngestError
+from appliance.rag.sniff import DocType, sniff
 
-from rag.errors import IngestError
-from rag.sniff import DocType, sniff
 from tests.unit.rag_samples import docx_bytes, image_bytes, text_pdf, xlsx_bytes
 
 CSV = b"name,age,city\nAnn,31,Oslo\nBob,42,Rome\n"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import chromadb
 import pytest
+from appliance.rag.errors import AccessDenied, KnowledgeBaseError, KnowledgeBaseNotFound
+from appliance.rag.registry import Registry
+from appliance.rag.store import KnowledgeBaseStore
 from chromadb.config import Settings
 
-from rag.errors import AccessDenied, KnowledgeBaseError, KnowledgeBaseNotFound
-from rag.registry import Registry
-from rag.store import KnowledgeBaseStore
 from tests.unit.rag_corpus import (
     ADMIN,
     ALICE,
@@ -248,7 +248,7 @@ _CHILD = textwrap.dedent(
 
     from chromadb.api.models.Collection import Collection
 
-    from rag.store import KnowledgeBaseStore
+    from appliance.rag.store import KnowledgeBaseStore
     from tests.unit.rag_corpus import ALICE, MANUAL_V2, SMALL_CHUNKS, HashEmbedder, document
 
     store = KnowledgeBaseStore(Path(sys.argv[1]), SMALL_CHUNKS, HashEmbedder(batch_size=2))

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from appliance.security.aesgcm import AesGcm, AuthenticationFailed, address_of
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.errors import ApplianceError
-from security.aesgcm import AesGcm, AuthenticationFailed, address_of
 
 KEY = bytes(range(32))
 NONCE = b"\x01" * 12

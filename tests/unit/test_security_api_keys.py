@@ -6,11 +6,11 @@ import datetime as dt
 import stat
 
 import pytest
+from appliance.security.api_keys import ApiKeyStore, KeyRefused
 
 from appliance.config.gateway import GatewaySettings
 from appliance.gateway.auth import LOCAL_ADMIN, Authenticator
 from appliance.gateway.protocol import RequestError
-from security.api_keys import ApiKeyStore, KeyRefused
 
 
 def test_create_authenticate_revoke(tmp_path):

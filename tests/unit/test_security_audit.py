@@ -7,8 +7,7 @@ import json
 import stat
 
 import pytest
-
-from security.audit import AuditLog
+from appliance.security.audit import AuditLog
 
 
 @pytest.fixture

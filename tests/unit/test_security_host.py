@@ -6,9 +6,7 @@ import hashlib
 import re
 
 import pytest
-
-from appliance.slurm.runner import CommandError, CommandResult
-from security.host import (
+from appliance.security.host import (
     NVIDIA_SMI,
     HostError,
     gpu_uuids,
@@ -16,6 +14,8 @@ from security.host import (
     read_machine_id,
     this_host_fingerprint,
 )
+
+from appliance.slurm.runner import CommandError, CommandResult
 
 MACHINE_ID = "4c4c4544003957108052b4c04f384833"
 GPU_A = "GPU-5a4c1f1e-2b9e-4a8f-8e0e-3f2d1c0b9a87"
@@ -103,6 +103,6 @@ def test_read_machine_id_falls_back_and_fails_clearly(tmp_path):
 
 
 def test_this_host_fingerprint(monkeypatch):
-    monkeypatch.setattr("security.host.read_machine_id", lambda: MACHINE_ID)
+    monkeypatch.setattr("appliance.security.host.read_machine_id", lambda: MACHINE_ID)
     fp = this_host_fingerprint(FakeRunner(stdout=f"{GPU_B}\n{GPU_A}\n"))
     assert fp == host_fingerprint(MACHINE_ID, [GPU_A, GPU_B])

@@ -7,9 +7,7 @@ import os
 import stat
 
 import pytest
-
-from appliance.errors import ApplianceError
-from security.keys import (
+from appliance.security.keys import (
     KdfParams,
     KeyEncryptionKey,
     KeySetupError,
@@ -22,7 +20,9 @@ from security.keys import (
     unwrap_data_key,
     wrap_data_key,
 )
-from security.secret_files import SecretFileError
+from appliance.security.secret_files import SecretFileError
+
+from appliance.errors import ApplianceError
 
 # Small Argon2id parameters keep the tests fast; production uses the defaults.
 FAST = {"memory_kib": 1024, "iterations": 1, "lanes": 1}

@@ -7,11 +7,7 @@ import stat
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import ValidationError
-
-from appliance.errors import ApplianceError
-from security.policy import (
+from appliance.security.policy import (
     SIGNATURE_DOMAIN,
     LoadPolicy,
     PolicyRefused,
@@ -22,7 +18,11 @@ from security.policy import (
     public_key_hex,
     sign_policy,
 )
-from security.secret_files import SecretFileError
+from appliance.security.secret_files import SecretFileError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
+from appliance.errors import ApplianceError
 
 HOST = "hf-0123456789abcdef01234567"
 OTHER_HOST = "hf-fedcba9876543210fedcba98"

@@ -4,9 +4,9 @@ the limit resets (a minute later, the next UTC day, a stream closed)."""
 from __future__ import annotations
 
 import pytest
+from appliance.security.quotas import QuotaExceeded, Quotas
 
 from appliance.config.security import Limits, SecuritySettings
-from security.quotas import QuotaExceeded, Quotas
 
 
 class Clock:

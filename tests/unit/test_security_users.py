@@ -6,11 +6,11 @@ from __future__ import annotations
 import stat
 
 import pytest
+from appliance.security.users import SignInRefused, UserError, UserStore
 
 from appliance.config.gateway import GatewaySettings
 from appliance.gateway.auth import Authenticator
 from appliance.gateway.protocol import RequestError
-from security.users import SignInRefused, UserError, UserStore
 
 
 def test_accounts_keep_only_password_hashes(tmp_path):

@@ -11,6 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from appliance.security.keys import KeyEncryptionKey, WrongKey, generate_key_file
+from appliance.security.policy import (
+    LoadPolicy,
+    PolicyRefused,
+    generate_signing_key,
+    load_signing_key,
+)
+from appliance.security.policy import sign_policy as sign
 from safetensors.torch import save_file
 
 from appliance.store.format import DATA_FILE, HEADER_FILE, TAGS_FILE, StoreFormatError
@@ -18,9 +26,6 @@ from appliance.store.importer import import_checkpoint
 from appliance.store.loader import load_to_host
 from appliance.store.model import AccessRequest, StoredModel, StoreIntegrityError, rotate_key
 from appliance.store.tiers import HostTier, TierFull
-from security.keys import KeyEncryptionKey, WrongKey, generate_key_file
-from security.policy import LoadPolicy, PolicyRefused, generate_signing_key, load_signing_key
-from security.policy import sign_policy as sign
 
 HOST = "hf-" + "ab" * 12
 # A pattern that cannot occur by chance: the test looks for it in every file the loader touches.
@@ -292,8 +297,8 @@ def test_no_plaintext_reaches_disk_during_a_load(tmp_path, stored, keys):
 import os, sys, torch
 from appliance.store.loader import load_to_host
 from appliance.store.model import AccessRequest, StoredModel
-from security.keys import KeyEncryptionKey
-from security.process import core_dumps_disabled, disable_core_dumps
+from appliance.security.keys import KeyEncryptionKey
+from appliance.security.process import core_dumps_disabled, disable_core_dumps
 disable_core_dumps()
 assert core_dumps_disabled()
 kek = KeyEncryptionKey.from_key_file({str(tmp_path / "kek.key")!r})

@@ -50,7 +50,7 @@ def test_import_serves_policy_rotate(tmp_path, cli):
     spec.open(host=FOREIGN_HOST)
     # Rotation: rewrap under a new key file, then only that key opens the model.
     new_key = tmp_path / "new.key"
-    from security.keys import generate_key_file
+    from appliance.security.keys import generate_key_file
 
     generate_key_file(new_key)
     rc, out, err = cli("store", "rotate-key", str(new_key))

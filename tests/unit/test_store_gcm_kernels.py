@@ -11,11 +11,11 @@ import subprocess
 
 import numpy as np
 import pytest
+from appliance.security.aesgcm import AesGcm
 
 from appliance.store.format import DATA_FILE_NO, chunk_aad, chunk_nonce
 from appliance.store.gcm_tables import gf_mult, gf_pow, ghash_key, kernel_tables, split
 from appliance.store.gpu_decrypt import SOURCE
-from security.aesgcm import AesGcm
 
 u64 = ctypes.c_uint64
 

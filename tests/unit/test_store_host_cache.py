@@ -8,6 +8,13 @@ import time
 
 import pytest
 import torch
+from appliance.security.keys import generate_key_file
+from appliance.security.policy import (
+    LoadPolicy,
+    generate_signing_key,
+    load_signing_key,
+    sign_policy,
+)
 
 from appliance.store.host_cache import (
     HostCacheServer,
@@ -18,8 +25,6 @@ from appliance.store.importer import import_checkpoint
 from appliance.store.loader import load_from_mapping
 from appliance.store.model import StoredModel
 from appliance.store.tiers import HostTier
-from security.keys import generate_key_file
-from security.policy import LoadPolicy, generate_signing_key, load_signing_key, sign_policy
 from tests.unit.test_store import assert_same, make_checkpoint
 
 
