@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from appliance.config import ApplianceSettings
+from appliance.daemon import read_pid, start_detached, stop_pid, tail
 from appliance.errors import ApplianceError
 
 HEALTH_TIMEOUT_S = 240
@@ -34,7 +35,6 @@ class ServiceManager:
     def running(self) -> bool:
         if self.mode == "systemd":
             return all(_systemctl("is-active", "--quiet", u).returncode == 0 for u in self.units)
-        from appliance.daemon import read_pid
 
         return read_pid(self.pidfile) is not None
 
@@ -51,8 +51,6 @@ class ServiceManager:
                 if done.returncode:
                     raise ApplianceError(f"systemctl {verb} {unit} failed: {done.stderr.strip()}")
         elif acted:
-            from appliance.daemon import start_detached
-
             self.stop()
             argv = [
                 sys.executable,
@@ -72,7 +70,6 @@ class ServiceManager:
             for unit in reversed(self.units):
                 _systemctl("stop", unit)
             return True
-        from appliance.daemon import stop_pid
 
         return stop_pid(self.pidfile, timeout=120)
 
@@ -89,8 +86,6 @@ class ServiceManager:
                         f"{self.settings.log_dir}"
                     )
                 if self.mode == "supervisor" and not self.running():
-                    from appliance.daemon import tail
-
                     raise ApplianceError(
                         f"the supervisor exited; last lines of {self.log_file}:\n"
                         + tail(self.log_file)
@@ -100,7 +95,6 @@ class ServiceManager:
     def describe(self) -> str:
         if self.mode == "systemd":
             return "systemd units " + ", ".join(self.units)
-        from appliance.daemon import read_pid
 
         pid = read_pid(self.pidfile)
         return f"`appliance supervise` (pid {pid}, log {self.log_file})" if pid else "stopped"

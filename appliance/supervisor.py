@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import ApplianceSettings
+from appliance.slurm.local_cluster import LocalCluster
 
 # Restart delays grow from the first to the last, and reset after a child ran this long.
 BACKOFF_S = (1, 2, 5, 10, 30, 60)
@@ -99,8 +100,6 @@ class Supervisor:
             ensure_munged()
         cluster = None
         if self.settings.cluster.mode == "local":
-            from appliance.slurm.local_cluster import LocalCluster
-
             cluster = LocalCluster(self.settings)
             cluster.up()
             log("local Slurm cluster up")

@@ -21,6 +21,7 @@ import psutil
 import yaml
 
 from appliance import envs
+from appliance.cli.breaker import authorized_key_line
 from appliance.config import ApplianceSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.daemon import tail
@@ -328,7 +329,6 @@ def running_breaker_sshd(
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)], check=True
         )
-    from appliance.cli.breaker import authorized_key_line
 
     pub = (directory / "client.pub").read_text()
     (directory / "authorized_keys").write_text(

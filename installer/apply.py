@@ -16,14 +16,24 @@ from appliance.installer.files import written_files
 from appliance.installer.manifest import Manifest
 from appliance.installer.plan import EMBEDDING_MODEL, ModelChoice, Plan
 from appliance.installer.report import Report, fail
+from appliance.installer.selftest import self_test
+from appliance.security.api_keys import ApiKeyStore
+from appliance.security.privileges import hand_over
+from appliance.security.tls import make_self_signed
+from appliance.security.users import UserStore
 
 from appliance.atomic_files import write_if_changed
+from appliance.config import load_settings
+from appliance.errors import ApplianceError
+from appliance.model_builders.tiny import build_tiny_model
+from appliance.models.catalog import load_catalog
+from appliance.services import ServiceManager
+from appliance.store import keyring
+from appliance.store.hub import resolve_source
+from appliance.store.publish import publish_checkpoint
 
 
 def configure(plan: Plan, report: Report) -> int:
-    from appliance.config import load_settings
-    from appliance.errors import ApplianceError
-
     manifest = Manifest.load(plan.layout.manifest)
     manifest.service_mode = plan.service_mode
     credentials = None
@@ -45,7 +55,6 @@ def configure(plan: Plan, report: Report) -> int:
                 _model(settings, choice, report)
         _hand_over(plan, settings)
         report.section("Services")
-        from appliance.services import ServiceManager
 
         services = ServiceManager(settings, plan.layout.config, plan.service_mode)
         # New code or configuration takes a restart to take effect.
@@ -54,8 +63,6 @@ def configure(plan: Plan, report: Report) -> int:
         report.step("services", started, services.describe())
         passed = True
         if plan.profile.services and plan.options.self_test:
-            from appliance.installer.selftest import self_test
-
             report.section("Self-test")
             chat = next((m.name for m in plan.models if m.name != EMBEDDING_MODEL), None)
             passed = self_test(settings, chat, report)
@@ -106,8 +113,6 @@ def _service_user(plan: Plan, report: Report, manifest: Manifest) -> None:
 def _hand_over(plan: Plan, settings) -> None:
     """What this run wrote as root under the state directory becomes the service account's."""
     if plan.options.service_user and os.geteuid() == 0:
-        from appliance.security.privileges import hand_over
-
         hand_over(settings, pwd.getpwnam(plan.options.service_user))
 
 
@@ -126,8 +131,6 @@ def _write_files(plan: Plan, report: Report, manifest: Manifest) -> bool:
 
 
 def _tls(plan: Plan, report: Report) -> None:
-    from appliance.security.tls import make_self_signed
-
     cert, key = plan.layout.tls_cert, plan.layout.tls_key
     if cert.exists() and key.exists():
         report.step("TLS certificate", False, str(cert))
@@ -137,16 +140,11 @@ def _tls(plan: Plan, report: Report) -> None:
 
 
 def _keys(settings, report: Report) -> None:
-    from appliance.store import keyring
-
     lines = keyring.init_keys(settings)
     report.step("store keys", bool(lines), "; ".join(lines) or "present")
 
 
 def _admin(plan: Plan, settings, report: Report) -> tuple[str, str, str] | None:
-    from appliance.security.api_keys import ApiKeyStore
-    from appliance.security.users import UserStore
-
     name = plan.options.admin
     users = UserStore(settings.users_file)
     if users.get(name):
@@ -178,10 +176,6 @@ def _slurm_extras(plan: Plan, report: Report, manifest: Manifest) -> None:
 
 
 def _model(settings, choice: ModelChoice, report: Report) -> None:
-    from appliance.models.catalog import load_catalog
-    from appliance.store import keyring
-    from appliance.store.publish import publish_checkpoint
-
     if choice.name == EMBEDDING_MODEL:
         report.step(choice.name, False, "served from its Python package")
         return
@@ -214,11 +208,8 @@ def _fetch(choice: ModelChoice, tmp: Path, report: Report) -> Path:
     if kind == "dir":
         return Path(ref)
     if kind == "hub":
-        from appliance.store.hub import resolve_source
-
         report.say(f"downloading {ref} from the model hub ...")
         return resolve_source(ref)[0]
-    from appliance.model_builders.tiny import build_tiny_model
 
     report.say("building the tiny model (about 3 minutes on 2 cores) ...")
     build_tiny_model(tmp / choice.name, progress=report.say)

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from appliance.installer.bootstrap import install_packages, install_python
 from appliance.installer.hardware import LocalProbe, capture, detect
 from appliance.installer.manifest import Manifest
 from appliance.installer.options import parse
@@ -27,9 +28,8 @@ def install(argv: list[str]) -> int:
     plan = make_plan(options, hardware, probe)
     report_file = os.environ.get(STAGE2_ENV)
     if report_file:
-        from appliance.installer.apply import (
-            configure,  # needs the environment the first stage built
-        )
+        # Stage two only: it needs the environment the first stage built.
+        from appliance.installer.apply import configure
 
         report = Report.load(Path(report_file))
         return configure(plan, report)
@@ -40,7 +40,6 @@ def install(argv: list[str]) -> int:
     if options.dry_run:
         print("Dry run: nothing was changed.")
         return 0
-    from appliance.installer.bootstrap import install_packages, install_python
 
     report = Report()
     manifest = Manifest.load(plan.layout.manifest)

@@ -8,6 +8,7 @@ import time
 
 import httpx
 from appliance.installer.report import Report
+from appliance.security.api_keys import ApiKeyStore
 
 KB = "installer-self-test"
 DOCUMENT = (
@@ -20,7 +21,6 @@ CHAT_TIMEOUT_S = 600  # the first request starts an instance (scale from zero)
 def self_test(settings, chat_model: str | None, report: Report) -> bool:
     """Run every check; print a line each and return whether all passed. A short-lived key is
     made for the test and revoked after it."""
-    from appliance.security.api_keys import ApiKeyStore
 
     keys = ApiKeyStore(settings.api_keys_file)
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)

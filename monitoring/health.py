@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from appliance.monitoring.nvml import NvmlReader, NvmlUnavailable
 
 from appliance.config import ApplianceSettings
 from appliance.slurm.client import SlurmClient
@@ -114,8 +115,6 @@ def check_gpus(expected: int, files: list[str]) -> list[CheckResult]:
     else:
         results.append(CheckResult("gpus", True, f"{len(present)} GPUs"))
     if expected and any(f.startswith("/dev/nvidia") for f in present):
-        from appliance.monitoring.nvml import NvmlReader, NvmlUnavailable
-
         try:
             reader = NvmlReader().open()
         except NvmlUnavailable as exc:

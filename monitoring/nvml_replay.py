@@ -16,6 +16,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from appliance.monitoring.nvml import NvmlReader
+
 _ERROR = "__nvml_error__"
 _SEQUENCE = "__sequence__"
 
@@ -142,7 +144,6 @@ def capture(out: Path) -> dict[str, Any]:
     from dataclasses import asdict
 
     import pynvml
-    from appliance.monitoring.nvml import NvmlReader
 
     recorder = RecordingNvml(pynvml)
     reader = NvmlReader(recorder).open()

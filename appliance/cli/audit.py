@@ -17,6 +17,7 @@ def cli_actor() -> str:
 
 def record(ctx: CliContext, action: str, target: str = "", **detail) -> None:
     """Append an entry for a CLI action (used by the commands that change users, keys, policies)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.audit import AuditLog
 
     AuditLog(ctx.settings.audit_dir).append(cli_actor(), action, target, **detail)
@@ -32,6 +33,7 @@ def audit_group() -> None:
 def verify(ctx: CliContext) -> None:
     """Check every entry and the chain; exit status 1 names the first altered, removed,
     inserted or reordered entry."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.audit import AuditLog
 
     result = AuditLog(ctx.settings.audit_dir).verify()
@@ -48,6 +50,7 @@ def verify(ctx: CliContext) -> None:
 @pass_ctx
 def show(ctx: CliContext, lines: int, as_json: bool) -> None:
     """Print the last entries."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.audit import AuditLog
 
     for entry in AuditLog(ctx.settings.audit_dir).entries()[-lines:]:

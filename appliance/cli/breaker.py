@@ -25,6 +25,7 @@ def breaker_group() -> None:
 def serve(ctx: CliContext) -> None:
     """Run the one command in $SSH_ORIGINAL_COMMAND if the grammar allows it (sshd runs this
     for the breaker's key, whatever the client asked)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.audit import AuditLog
     from appliance.serving.breaker.actions import BreakerActions
     from appliance.serving.breaker.grammar import Refused, parse

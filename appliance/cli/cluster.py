@@ -58,6 +58,7 @@ def up(ctx: CliContext, nodes: int | None, gpus_per_node: int | None) -> None:
     starts the daemons and resumes nodes an earlier run left drained. Running it again is safe:
     daemons that run are kept, and restarted only if the configuration changed.
     """
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.slurm.local_cluster import LocalCluster
 
     settings = _with_overrides(ctx.settings, nodes=nodes, gpus_per_node=gpus_per_node)
@@ -82,6 +83,7 @@ def down(ctx: CliContext) -> None:
     The stack's jobs (model instances) are cancelled first, then the daemons are stopped.
     Slurm's state (job history, drained nodes) is kept for the next `appliance cluster up`.
     """
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.slurm.local_cluster import LocalCluster
 
     LocalCluster(ctx.settings).down()
@@ -95,6 +97,7 @@ def status(ctx: CliContext) -> None:
 
     Exits with status 1 when the cluster is not fully up (for scripts).
     """
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.slurm.local_cluster import LocalCluster
 
     result = LocalCluster(ctx.settings).status()

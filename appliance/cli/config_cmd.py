@@ -33,6 +33,7 @@ def check(ctx: CliContext) -> None:
 @config_group.command("docs")
 def docs() -> None:
     """Print the reference of every setting as Markdown (docs/configuration.md)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.config.reference import render_reference
 
     click.echo(render_reference(), nl=False)

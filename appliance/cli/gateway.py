@@ -21,6 +21,7 @@ from appliance.cli.context import CliContext, pass_ctx
 @pass_ctx
 def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str) -> None:
     """Run the gateway in the foreground (`appliance up` runs it in the background)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     import uvicorn
 
     from appliance.gateway.app import create_app
@@ -31,10 +32,12 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
     )
     # httpx logs every health probe at INFO; keep the gateway's log about the gateway.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.privileges import run_as_service_user
 
     run_as_service_user(settings)
     app = create_app(settings)
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.tls import server_options
 
     uvicorn.run(

@@ -21,6 +21,7 @@ from appliance.cli.context import CliContext, pass_ctx
 @pass_ctx
 def health_check(ctx: CliContext, node: str | None, apply_: bool) -> None:
     """Check this node: scratch space, memory, CPUs, GPUs. Exit status 1 when a check fails."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.monitoring.health import apply, run_checks
     from appliance.slurm.client import SlurmClient
     from appliance.slurm.runner import LocalRunner

@@ -16,12 +16,14 @@ from appliance.errors import ApplianceError
 def install(args: tuple[str, ...]) -> int:
     """Install (or bring up to date) the appliance on this machine; `--help` lists the options
     of installer/install.sh, which this runs."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.installer.cli import install as run_install
 
     return run_install(list(args))
 
 
 def _manager(ctx: CliContext):
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.installer.manifest import Manifest
     from appliance.services import ServiceManager
 
@@ -84,6 +86,7 @@ def services_status(ctx: CliContext) -> int:
 def supervise(ctx: CliContext) -> None:
     """Run the services in the foreground and restart them when they die (the installer's
     service mode where systemd does not run)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.supervisor import Supervisor
 
     config = ctx.settings.config_file
@@ -104,6 +107,7 @@ def supervise(ctx: CliContext) -> None:
 @pass_ctx
 def uninstall(ctx: CliContext, purge: bool, keep_packages: bool, yes: bool) -> None:
     """Remove what the installer installed; user data stays unless --purge."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.installer.uninstall import uninstall as run_uninstall
 
     if purge and not yes:

@@ -25,6 +25,7 @@ def create(
     ctx: CliContext, user: str, admin: bool, groups: tuple[str, ...], expires: str | None
 ) -> None:
     """Create an API key for USER and print it (this once: only its hash is kept)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.api_keys import ApiKeyStore
 
     secret, record = ApiKeyStore(ctx.settings.api_keys_file).create(
@@ -47,6 +48,7 @@ def create(
 @pass_ctx
 def list_keys(ctx: CliContext) -> None:
     """List keys (ids, users, roles, expiry, revocation; never the keys)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.api_keys import ApiKeyStore
 
     rows = [("ID", "KIND", "USER", "ROLE", "GROUPS", "EXPIRES", "REVOKED")]
@@ -70,6 +72,7 @@ def list_keys(ctx: CliContext) -> None:
 @pass_ctx
 def revoke(ctx: CliContext, key_id: str) -> None:
     """Revoke a key at once (the gateway re-reads the keys file when it changes)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.api_keys import ApiKeyStore
 
     record = ApiKeyStore(ctx.settings.api_keys_file).revoke(key_id)

@@ -21,6 +21,7 @@ def models_group() -> None:
 @pass_ctx
 def list_models(ctx: CliContext) -> None:
     """List catalog models with their size, needs and whether they are installed here."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.models.catalog import load_catalog
 
     settings = ctx.settings
@@ -50,6 +51,7 @@ def add_model(
     max_model_len: int,
 ) -> None:
     """Add a Hugging Face-format model from a local DIRECTORY to the catalog as NAME."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.models.catalog import ModelResources, ModelSpec, add_local_model
 
     directory = directory.resolve()
@@ -85,6 +87,7 @@ def add_model(
 @pass_ctx
 def build_tiny(ctx: CliContext, out: Path | None, time_budget: float, force: bool) -> None:
     """Train the tiny chat model offline (tokenizer + small Llama), for tests and the CPU demo."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 
     out = out or ctx.settings.models_dir / "tiny-chat"
@@ -114,6 +117,7 @@ def signed_policy(
     expires: str | None,
 ):
     """The load policy the --user/--role/--host/--expires options describe, signed."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.store import keyring
 
     return keyring.sign_policy(
@@ -176,6 +180,7 @@ def import_model(
     Without --user/--role the model may be loaded by the serving identity's roles
     (store.load_roles); without --host, on any host; without --expires, with no end date.
     """
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.models.catalog import ModelResources
     from appliance.store.hub import resolve_source
     from appliance.store.publish import publish_checkpoint

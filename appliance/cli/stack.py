@@ -35,12 +35,14 @@ def up(ctx: CliContext, no_tiny: bool) -> None:
     repeat."""
     settings = ctx.settings
     if settings.cluster.mode == "local":
+        # Imported when the command runs: `appliance` starts without loading the stack.
         from appliance.slurm.local_cluster import LocalCluster
 
         click.echo("starting the local Slurm cluster ...")
         status = LocalCluster(settings).up()
         click.echo(status.render())
     if not no_tiny:
+        # Imported when the command runs: `appliance` starts without loading the stack.
         from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 
         tiny_dir = settings.models_dir / "tiny-chat"
@@ -68,6 +70,7 @@ def up(ctx: CliContext, no_tiny: bool) -> None:
 
 def _start_service(ctx: CliContext, command: str, url: str) -> None:
     """Start `appliance <command>` in the background unless it runs; wait for its /health."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.daemon import read_pid, start_detached, tail
 
     settings = ctx.settings
@@ -90,6 +93,7 @@ def _start_service(ctx: CliContext, command: str, url: str) -> None:
 def down(ctx: CliContext, keep_cluster: bool) -> None:
     """Stop the web app, the gateway, its model instances and (unless --keep-cluster) the local
     cluster."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.daemon import stop_pid
 
     settings = ctx.settings
@@ -97,6 +101,7 @@ def down(ctx: CliContext, keep_cluster: bool) -> None:
         if stop_pid(settings.state_dir / f"{service}.pid"):
             click.echo(f"{service} stopped")
     if settings.cluster.mode == "local" and not keep_cluster:
+        # Imported when the command runs: `appliance` starts without loading the stack.
         from appliance.slurm.local_cluster import LocalCluster
 
         LocalCluster(settings).down()
@@ -109,6 +114,7 @@ def status(ctx: CliContext) -> None:
     """Show the cluster, the gateway and the models' states."""
     settings = ctx.settings
     if settings.cluster.mode == "local":
+        # Imported when the command runs: `appliance` starts without loading the stack.
         from appliance.slurm.local_cluster import LocalCluster
 
         click.echo(LocalCluster(settings).status().render())

@@ -20,6 +20,7 @@ def standby_group() -> None:
 @pass_ctx
 def serve(ctx: CliContext, node: str | None) -> None:
     """Keep vLLM imported and fork a server for each instance job on this node, until stopped."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.serving.standby import serve as run
 
     run(ctx.settings.standby_socket(node or socket.gethostname().split(".")[0]))

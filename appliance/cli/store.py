@@ -21,6 +21,7 @@ def store_group() -> None:
 @pass_ctx
 def init(ctx: CliContext) -> None:
     """Create the key-encryption key and the policy signing key (existing keys are kept)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.store import keyring
 
     done = keyring.init_keys(ctx.settings)
@@ -31,6 +32,7 @@ def init(ctx: CliContext) -> None:
 @store_group.command("fingerprint")
 def fingerprint() -> None:
     """Print this host's fingerprint (machine id and GPU UUIDs), for `--host` in policies."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.host import this_host_fingerprint
 
     click.echo(this_host_fingerprint())
@@ -40,6 +42,7 @@ def fingerprint() -> None:
 @pass_ctx
 def list_stored(ctx: CliContext) -> None:
     """List stored models with size, encryption, key id and policy."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.store.format import StoreHeader
 
     root = ctx.settings.store_root
@@ -70,6 +73,7 @@ def list_stored(ctx: CliContext) -> None:
 def rotate(ctx: CliContext, new_key_file: Path) -> None:
     """Rewrap every model's data key under NEW_KEY_FILE (weights are not re-encrypted), then
     point store.key_file at it on every node."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.keys import KeyEncryptionKey
     from appliance.store import keyring
     from appliance.store.model import rotate_key
@@ -99,6 +103,7 @@ def set_model_policy(
     expires: str | None,
 ) -> None:
     """Replace MODEL's signed load policy."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.store.model import set_policy
 
     signed = signed_policy(ctx, model, users, roles, hosts, expires)
@@ -114,6 +119,7 @@ def set_model_policy(
 @pass_ctx
 def serve(ctx: CliContext, node: str | None, host: str, port: int | None) -> None:
     """Run this node's store service: what the node holds, per tier, for placement."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     import uvicorn
 
     from appliance.store.node_service import create_app

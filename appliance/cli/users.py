@@ -32,6 +32,7 @@ def add(
     ctx: CliContext, username: str, admin: bool, groups: tuple[str, ...], password_stdin: bool
 ) -> None:
     """Create the account USERNAME (asks for its password)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.users import UserStore
 
     record = UserStore(ctx.settings.users_file).add(
@@ -45,6 +46,7 @@ def add(
 @pass_ctx
 def list_users(ctx: CliContext) -> None:
     """List accounts (never their passwords)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.users import UserStore
 
     rows = [("USER", "ROLE", "GROUPS", "CREATED", "DISABLED")]
@@ -67,6 +69,7 @@ def list_users(ctx: CliContext) -> None:
 @pass_ctx
 def passwd(ctx: CliContext, username: str, password_stdin: bool) -> None:
     """Set USERNAME's password; the user's sign-in sessions end."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.api_keys import ApiKeyStore
     from appliance.security.users import UserStore
 
@@ -87,6 +90,7 @@ def _end_sessions(keys, username: str) -> None:
 @pass_ctx
 def disable(ctx: CliContext, username: str) -> None:
     """Stop USERNAME from signing in, and revoke all of the user's keys and sessions."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.api_keys import ApiKeyStore
     from appliance.security.users import UserStore
 
@@ -101,6 +105,7 @@ def disable(ctx: CliContext, username: str) -> None:
 @pass_ctx
 def enable(ctx: CliContext, username: str) -> None:
     """Let a disabled USERNAME sign in again (revoked keys stay revoked)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.users import UserStore
 
     UserStore(ctx.settings.users_file).set_disabled(username, False)
@@ -113,6 +118,7 @@ def enable(ctx: CliContext, username: str) -> None:
 @pass_ctx
 def remove(ctx: CliContext, username: str) -> None:
     """Delete the account USERNAME and revoke all of the user's keys and sessions."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.api_keys import ApiKeyStore
     from appliance.security.users import UserStore
 

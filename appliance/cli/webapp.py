@@ -16,10 +16,12 @@ from appliance.cli.context import CliContext, pass_ctx
 def webapp(ctx: CliContext, host: str | None, port: int | None) -> None:
     """Run the web app (chat, knowledge bases, models) in the foreground; it talks to the
     gateway's API (`appliance up` runs both in the background)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.webapp.server import run_webapp
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.privileges import run_as_service_user
 
     run_as_service_user(ctx.settings)

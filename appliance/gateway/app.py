@@ -24,6 +24,7 @@ from appliance.models.catalog import Catalog, load_catalog
 from appliance.monitoring.history import History
 from appliance.monitoring.monitor import Monitor
 from appliance.monitoring.requests import RequestMetrics
+from appliance.monitoring.sources import gateway_sources
 from appliance.monitoring.vllm_metrics import Target
 from appliance.security.audit import AuditLog
 from appliance.security.quotas import Quotas
@@ -59,7 +60,6 @@ def _monitor(
     requests: RequestMetrics,
 ) -> Monitor | None:
     """The collectors, started on their own thread (Slurm and scrapes block; the loop must not)."""
-    from appliance.monitoring.sources import gateway_sources
 
     mon = settings.monitoring
     if not mon.enabled:

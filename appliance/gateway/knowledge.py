@@ -20,6 +20,7 @@ from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import principal
 from appliance.gateway.protocol import RequestError, json_object
+from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
 from appliance.security.api_keys import Principal
 
 router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(principal)])
@@ -40,6 +41,7 @@ class KnowledgeService:
     def _open(self):
         with self._lock:
             if self._store is None:
+                # Knowledge bases bring Chroma and the embedder: loaded at their first use.
                 from appliance.rag.retrieval import Retriever
                 from appliance.rag.store import KnowledgeBaseStore
 
@@ -61,8 +63,6 @@ class KnowledgeService:
 
 
 def _request_error(exc: ApplianceError) -> RequestError:
-    from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
-
     if isinstance(exc, KnowledgeBaseNotFound):
         return RequestError(404, str(exc), code="knowledge_base_not_found")
     if isinstance(exc, AccessDenied):
@@ -137,6 +137,7 @@ async def list_documents(name: str, request: Request, who: Who) -> dict:
 async def upload_documents(name: str, request: Request, who: Who) -> dict:
     """Each file is parsed on its own: refused files are listed with their reason, the others
     go in (a re-uploaded file name replaces that document)."""
+    # Knowledge bases bring Chroma and the embedder: loaded at their first use.
     from appliance.rag.ingest import parse_many
 
     service = _service(request)
@@ -224,6 +225,7 @@ def _hit(hit) -> dict:
 async def grounded_chat(request: Request, body: dict, forward) -> Response:
     """Retrieve from the request's `knowledge_bases` for its last user message, ask the model with
     numbered sources, and return the answer with `citations` (and `sources` consulted)."""
+    # Knowledge bases bring Chroma and the embedder: loaded at their first use.
     from appliance.rag.prompting import build_messages, parse_citations
 
     who = principal(request)

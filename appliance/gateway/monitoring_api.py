@@ -11,6 +11,8 @@ from fastapi.responses import Response
 
 from appliance.gateway.auth import admin
 from appliance.gateway.protocol import RequestError
+from appliance.monitoring.alerts import active_alerts
+from appliance.monitoring.prometheus_history import PrometheusHistory
 from appliance.monitoring.topology import search
 
 router = APIRouter(dependencies=[Depends(admin)])
@@ -33,8 +35,6 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/admin/monitoring/status")
 async def status(request: Request) -> dict:
-    from appliance.monitoring.alerts import active_alerts
-
     monitor = _monitor(request)
     families = await asyncio.to_thread(monitor.collect)
     return {
@@ -51,8 +51,6 @@ async def series(request: Request, name: str, since_s: float = 3600) -> dict:
     history = _monitor(request).history
     url = request.app.state.gateway.settings.monitoring.prometheus_url
     if url:
-        from appliance.monitoring.prometheus_history import PrometheusHistory
-
         history = PrometheusHistory(url)
     try:
         found = await asyncio.to_thread(history.query, name, time.time() - since_s, **labels)

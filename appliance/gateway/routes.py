@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import admin, principal
+from appliance.gateway.knowledge import grounded_chat
 from appliance.gateway.observe import observed
 from appliance.gateway.protocol import RequestError, parse_body, validate_request
 from appliance.serving.instance import Instance
@@ -129,8 +130,6 @@ async def _openai_call(request: Request, path: str) -> Response:
 
     async def call(watcher) -> Response:
         if path == "/v1/chat/completions" and "knowledge_bases" in body:
-            from appliance.gateway.knowledge import grounded_chat
-
             return await grounded_chat(
                 request,
                 body,

@@ -230,6 +230,7 @@ def cluster_access(
 ) -> ClusterAccess:
     """The configured way to the cluster: through the breaker when it is enabled."""
     if settings.breaker.enabled:
+        # The breaker's client builds on this module (a cycle at the top).
         from appliance.serving.breaker.client import BreakerAccess
 
         return BreakerAccess(settings)

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from appliance import envs
+from appliance.errors import ApplianceError
 from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
 from appliance.serving.standby import SERVER_MODULE, StandbyServer
 
@@ -228,7 +229,7 @@ class Launcher:
     def run(self) -> int:
         if not self.args.store_spec:
             return self._serve(self.args)
-        from appliance.errors import ApplianceError
+        # The store's loader only for a stored model: the launcher stays light.
         from appliance.store.vllm_plugin import LOAD_FORMAT, ModelFiles, StoreLoadSpec
 
         spec = StoreLoadSpec.from_dict(json.loads(self.args.store_spec))

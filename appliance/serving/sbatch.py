@@ -8,6 +8,8 @@ from pathlib import Path
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import ModelSpec
 from appliance.models.resources import InstanceRequest
+from appliance.store.keyring import load_spec
+from appliance.store.lora import lora_store_json
 
 # Every instance job's name starts with this, so the gateway can find (and adopt) its own jobs
 # among ordinary batch work on the same cluster.
@@ -84,12 +86,8 @@ def render_instance_script(
         ("--compile-cache-dir", str(settings.compile_cache_dir)),
     ]
     if spec.source_kind == "store":
-        from appliance.store.keyring import load_spec
-
         options.append(("--store-spec", load_spec(settings, spec.name).to_json()))
     if spec.lora:
-        from appliance.store.lora import lora_store_json
-
         options.append(("--lora-store", lora_store_json(settings, spec.name)))
     if serving.standby and spec.engine == "vllm":
         options.append(("--standby-socket", str(settings.standby_socket("{node}"))))

@@ -14,6 +14,7 @@ from appliance.models.catalog import ModelSpec
 from appliance.models.resources import InstanceRequest, plan_request
 from appliance.serving.sbatch import render_instance_script
 from appliance.slurm.client import SlurmClient
+from appliance.store.placement import place
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ async def _place(
     avoid: frozenset[str],
 ) -> str | None:
     """The node where a stored model's instance starts soonest, or None for Slurm's choice."""
-    from appliance.store.placement import place
 
     try:
         node, ranking = await place(settings, slurm, probe, model, request, avoid)

@@ -21,6 +21,7 @@ import struct
 import threading
 from pathlib import Path
 
+from appliance.store.loader import DEFAULT_THREADS, load_into
 from appliance.store.tiers import HostTier
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ class MemfdBuffer:
 
 def fill_from_store(model, threads: int = 0) -> MemfdBuffer:
     """Decrypt a stored model (already opened and authorised) into a new memfd buffer."""
-    from appliance.store.loader import DEFAULT_THREADS, load_into
 
     buf = MemfdBuffer(model.model_id, model.data_bytes)
     try:

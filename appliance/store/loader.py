@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.security.aesgcm import address_of
+from appliance.security.process import secret_buffer
 from appliance.store.format import TensorEntry
 from appliance.store.model import StoredModel, StoreIntegrityError, read_exact
 from appliance.store.sharding import (
@@ -129,8 +130,6 @@ def load_to_host(
     if pin:
         flat = torch.empty(model.data_bytes, dtype=torch.uint8, pin_memory=True)
     else:
-        from appliance.security.process import secret_buffer
-
         flat = torch.frombuffer(secret_buffer(model.data_bytes), dtype=torch.uint8)
     load_into(model, memoryview(flat.numpy()), threads)
     return flat, tensor_views(model, flat)
@@ -170,6 +169,7 @@ class PinnedRing:
 def _gpu_decryptor(model: StoredModel, device) -> GpuDecryptor | None:
     """A GPU decryptor for the model, or None (decryption on CPU threads) where the kernels
     cannot be built here."""
+    # GPU decryption only: these load CUDA's runtime compiler.
     from appliance.store.cuda_rtc import CudaRtcError
     from appliance.store.gpu_decrypt import GpuDecryptor
 

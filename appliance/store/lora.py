@@ -18,6 +18,8 @@ from typing import Any
 from appliance.config import ApplianceSettings
 from appliance.names import MODEL_NAME
 from appliance.store.format import HEADER_FILE
+from appliance.store.keyring import load_spec
+from appliance.store.loader import load_to_host
 from appliance.store.vllm_plugin import StoreLoadSpec, materialize_model_files
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def lora_store_json(settings: ApplianceSettings, base: str) -> str:
     """What an instance of `base` needs to open its adapters (the launcher's --lora-store)."""
-    from appliance.store.keyring import load_spec
 
     template = asdict(load_spec(settings, base))
     return json.dumps(
@@ -42,8 +43,6 @@ def materialize_adapter(config: dict[str, Any], name: str) -> Path | None:
     has no adapter of that name for this base model."""
     import torch
     from safetensors.torch import save_file
-
-    from appliance.store.loader import load_to_host
 
     if not MODEL_NAME.fullmatch(name):
         return None

@@ -10,6 +10,8 @@ from pathlib import Path
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import ModelResources, ModelSpec, add_local_model
 from appliance.security.policy import SignedPolicy
+from appliance.store import keyring
+from appliance.store.importer import import_checkpoint
 
 
 def publish_checkpoint(
@@ -29,8 +31,6 @@ def publish_checkpoint(
 ) -> ModelSpec:
     """Import `directory` as store model `name`; its catalog entry. `policy` is only asked for
     (and keys only made) when the weights are encrypted."""
-    from appliance.store import keyring
-    from appliance.store.importer import import_checkpoint
 
     kek = signed = None
     if encrypt:

@@ -20,7 +20,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance import envs
+from appliance.security.host import this_host_fingerprint
 from appliance.security.keys import KdfParams, KeyEncryptionKey, KeySetupError
+from appliance.security.process import disable_core_dumps
+from appliance.store.host_cache import open_from_host_tier
+from appliance.store.loader import (
+    DEFAULT_THREADS,
+    DEFAULT_WINDOW_BYTES,
+    load_from_mapping,
+    load_to_host,
+    plan_windows,
+    read_bytes,
+    stream_to_gpu,
+)
 from appliance.store.model import AccessRequest, StoredModel
 from appliance.store.sharding import LlamaSharding
 
@@ -61,8 +74,6 @@ class StoreLoadSpec:
     def host_socket_path(self) -> Path | None:
         if not self.host_socket:
             return None
-        from appliance import envs
-
         node = envs.SLURMD_NODENAME or socket.gethostname()
         return Path(self.host_socket.replace("{node}", node))
 
@@ -71,7 +82,6 @@ class StoreLoadSpec:
 
     def open(self, host: str | None = None) -> StoredModel:
         """Open and authenticate the model, checking its policy for this host."""
-        from appliance.security.host import this_host_fingerprint
 
         access = AccessRequest(
             user=self.user,
@@ -89,8 +99,6 @@ def load_kek(
 ) -> KeyEncryptionKey:
     """The key file when it exists, else the passphrase (argument or APPLIANCE_STORE_PASSPHRASE)
     stretched with the store's Argon2id parameters (written on first use when `create_kdf`)."""
-    from appliance import envs
-
     if key_file.exists():
         return KeyEncryptionKey.from_key_file(key_file)
     passphrase = passphrase or envs.APPLIANCE_STORE_PASSPHRASE
@@ -177,18 +185,6 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
     import time
 
     import torch
-
-    from appliance.security.process import disable_core_dumps
-    from appliance.store.host_cache import open_from_host_tier
-    from appliance.store.loader import (
-        DEFAULT_THREADS,
-        DEFAULT_WINDOW_BYTES,
-        load_from_mapping,
-        load_to_host,
-        plan_windows,
-        read_bytes,
-        stream_to_gpu,
-    )
 
     disable_core_dumps()
     t0 = time.perf_counter()
@@ -277,9 +273,8 @@ def _rank_sharding(model: Any, stored: StoredModel) -> LlamaSharding | None:
 def register() -> None:
     """vLLM general-plugin entry point: make the `appliance-store` load format known, and the
     store's LoRA adapters for an instance of a `lora: true` model."""
-    from appliance import envs
-
     if envs.APPLIANCE_LORA_STORE:
+        # The adapters' resolver builds on this module (a cycle at the top).
         from appliance.store.lora import register_resolver
 
         register_resolver(envs.APPLIANCE_LORA_STORE)

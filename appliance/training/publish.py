@@ -14,6 +14,7 @@ from typing import Any
 
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import ModelResources, ModelSpec, load_catalog
+from appliance.store import keyring
 from appliance.store.publish import publish_checkpoint
 from appliance.training.jobs import TrainingJob
 
@@ -46,7 +47,6 @@ def _write_merged(model: Any, base_dir: Path, work: Path) -> None:
 
 def publish_tuned(settings: ApplianceSettings, job: TrainingJob, model: Any) -> ModelSpec:
     """Store the result as `job.output_model`; its catalog entry."""
-    from appliance.store import keyring
 
     base_spec = load_catalog(settings).get(job.model)
     as_adapter = bool(base_spec and base_spec.lora)

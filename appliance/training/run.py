@@ -14,6 +14,12 @@ import sys
 import traceback
 from pathlib import Path
 
+from appliance.atomic_files import read_json_object, write_json
+from appliance.config import load_settings
+from appliance.training.jobs import TrainingJob
+from appliance.training.publish import publish_tuned
+from appliance.training.trainer import Stopped, Trainer
+
 EX_INVALID = 2
 EX_STOPPED = 3
 
@@ -26,12 +32,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from transformers.utils import logging as hf_logging
-
-    from appliance.atomic_files import read_json_object, write_json
-    from appliance.config import load_settings
-    from appliance.training.jobs import TrainingJob
-    from appliance.training.publish import publish_tuned
-    from appliance.training.trainer import Stopped, Trainer
 
     hf_logging.disable_progress_bar()  # bars redrawn in a log file are noise
     directory = args.job_dir

@@ -14,8 +14,11 @@ from appliance.config import ApplianceSettings
 from appliance.config.training import Hyperparameters
 from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog, ModelSpec
+from appliance.monitoring.training_metrics import eta_seconds
+from appliance.serving.access import log_tail as tail
 from appliance.slurm.client import SlurmClient, SlurmJob
 from appliance.training.dataset import Dataset, parse_dataset
+from appliance.training.examples import token_count
 from appliance.training.jobs import (
     TrainingJob,
     job_dir,
@@ -58,8 +61,6 @@ def check_dataset(
 ) -> Dataset:
     """Every line checked, lengths counted with the base model's own tokenizer."""
     from transformers import AutoTokenizer
-
-    from appliance.training.examples import token_count
 
     if len(data) > settings.training.max_dataset_bytes:
         raise TrainingError(
@@ -177,7 +178,6 @@ def training_slurm_jobs(settings: ApplianceSettings, slurm: SlurmClient) -> dict
 def job_view(settings: ApplianceSettings, job: TrainingJob, slurm_job: SlurmJob | None) -> dict:
     """The job as the API shows it: its record, live progress and a status that combines what
     the trainer wrote with what Slurm says."""
-    from appliance.monitoring.training_metrics import eta_seconds
 
     directory = job_dir(settings, job.id)
     progress = read_json_object(directory / "progress.json") or {}
@@ -261,6 +261,4 @@ def step_metrics(settings: ApplianceSettings, job: TrainingJob, limit: int = 200
 
 
 def log_tail(settings: ApplianceSettings, job: TrainingJob, lines: int = 40) -> str:
-    from appliance.serving.access import log_tail as tail
-
     return tail(job_dir(settings, job.id) / "train.log", lines)

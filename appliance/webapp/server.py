@@ -13,6 +13,9 @@ from fastapi import FastAPI
 from appliance import envs
 from appliance.config import ApplianceSettings
 from appliance.security.secret_files import SecretFileError, read_secret_file, write_secret_file
+from appliance.security.tls import ensure_certificate, server_options
+from appliance.webapp.app import CSS, build_app
+from appliance.webapp.client import GatewayClient
 
 SECRET_BYTES = 32
 
@@ -41,12 +44,7 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
     prepare_environment(settings)
     import gradio as gr
 
-    from appliance.webapp.app import CSS, build_app
-    from appliance.webapp.client import GatewayClient
-
     if settings.gateway.tls:
-        from appliance.security.tls import ensure_certificate
-
         # The gateway makes the certificate at its first start; if this starts first, it does.
         ensure_certificate(*settings.tls_files)
     client = GatewayClient(
@@ -90,7 +88,6 @@ def run_webapp(settings: ApplianceSettings, host: str | None = None, port: int |
     import uvicorn
 
     app = create_webapp(settings)
-    from appliance.security.tls import server_options
 
     uvicorn.run(
         app,
