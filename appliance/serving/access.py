@@ -18,10 +18,10 @@ from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.instance import Instance
-from appliance.serving.sbatch import job_name_prefix, model_from_job_name
+from appliance.serving.sbatch import job_name_prefix
 from appliance.serving.submission import instance_script
 from appliance.slurm.client import SlurmClient
-from appliance.slurm.records import ACTIVE_JOB_STATES, gpu_count
+from appliance.slurm.records import SlurmJob, gpu_count
 
 log = logging.getLogger(__name__)
 
@@ -32,30 +32,6 @@ NODE_STATE_MAX_AGE_S = 5.0
 
 class UpstreamError(Exception):
     """An instance could not be reached, or broke off, on a transport other than plain HTTP."""
-
-
-@dataclass
-class InstanceJob:
-    """An instance's Slurm job as the cluster reports it."""
-
-    job_id: int
-    model: str
-    state: str
-    reason: str = ""
-    node: str = ""
-    submit_time: float | None = None
-    partition: str = ""
-    preempted_at: float | None = None
-    """When Slurm chose the job for preemption (its grace time began)."""
-    leave_by: float | None = None
-    """A preempted job's end of grace time."""
-    node_drained: bool = False
-    """Its node is drained (or draining): it should hand its work over and go."""
-
-    @property
-    def active(self) -> bool:
-        """Whether the job still waits for, holds or releases resources."""
-        return self.state in ACTIVE_JOB_STATES
 
 
 @dataclass
@@ -99,9 +75,9 @@ class ClusterAccess(ABC):
         """Cancel an instance job (a finished one is fine)."""
 
     @abstractmethod
-    async def jobs(self) -> list[InstanceJob]:
+    async def jobs(self) -> list[SlurmJob]:
         """The instance jobs of this appliance that Slurm still lists (ended ones too, for a
-        few minutes: their state says how they ended)."""
+        few minutes: their state says how they ended), with `node_drained` filled in."""
 
     @abstractmethod
     async def address(self, inst: Instance) -> InstanceAddress | None:
@@ -173,25 +149,8 @@ class DirectAccess(ClusterAccess):
     async def cancel(self, job_id: int) -> None:
         await asyncio.to_thread(self.slurm.cancel, job_id)
 
-    async def jobs(self) -> list[InstanceJob]:
-        found = []
-        for job in await asyncio.to_thread(self.slurm.jobs, job_name_prefix(self.settings)):
-            model = model_from_job_name(self.settings, job.name)
-            if model is not None:
-                node = job.nodes[0] if job.nodes else ""
-                found.append(
-                    InstanceJob(
-                        job.job_id,
-                        model,
-                        job.state,
-                        job.reason,
-                        node,
-                        job.submit_time,
-                        partition=job.partition,
-                        preempted_at=job.preempt_time,
-                        leave_by=job.end_time if job.preempt_time else None,
-                    )
-                )
+    async def jobs(self) -> list[SlurmJob]:
+        found = await asyncio.to_thread(self.slurm.jobs, job_name_prefix(self.settings))
         stale = time.monotonic() - self._nodes_at >= NODE_STATE_MAX_AGE_S
         if stale or any(j.node and j.node not in self._node_addr for j in found):
             await self._refresh_nodes()

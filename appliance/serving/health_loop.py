@@ -12,9 +12,11 @@ from typing import Protocol
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog
-from appliance.serving.access import ClusterAccess, InstanceJob
+from appliance.serving.access import ClusterAccess
 from appliance.serving.instance import Instance, InstanceState
 from appliance.serving.registry import InstanceRegistry
+from appliance.serving.sbatch import model_from_job_name
+from appliance.slurm.records import SlurmJob
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +128,16 @@ class HealthLoop:
         polled_at = time.time()
         jobs = await self.access.jobs()
         self._last_job_poll = time.time()
-        by_id: dict[int, InstanceJob] = {j.job_id: j for j in jobs}
+        by_id: dict[int, SlurmJob] = {j.job_id: j for j in jobs}
         for job in jobs:
-            if self.registry.get(job.job_id) is None and job.active and job.model in self.catalog:
+            model = model_from_job_name(self.settings, job.name)
+            if self.registry.get(job.job_id) is None and job.active and model in self.catalog:
                 # Left by an earlier gateway: adopt rather than orphan it.
-                log.info("adopting instance job %s of %s", job.job_id, job.model)
+                log.info("adopting instance job %s of %s", job.job_id, model)
                 self.registry.add(
                     Instance(
                         job_id=job.job_id,
-                        model=job.model,
+                        model=model,
                         state=InstanceState.PENDING,
                         submitted_at=job.submit_time or time.time(),
                         preemptible=bool(job.partition)
@@ -154,12 +157,12 @@ class HealthLoop:
                 inst.state = InstanceState.STARTING
                 inst.reason = ""
                 inst.node = job.node
-            if job.preempted_at and inst.state is not InstanceState.DRAINING:
-                await self.lifecycle.drain(inst, "preempted by a batch job", job.leave_by)
+            if job.preempt_time and inst.state is not InstanceState.DRAINING:
+                await self.lifecycle.drain(inst, "preempted by a batch job", job.grace_end)
             elif job.node_drained and inst.state is not InstanceState.DRAINING:
                 await self.lifecycle.drain(inst, f"node {job.node} is drained")
 
-    def _forget(self, inst: Instance, job: InstanceJob | None) -> None:
+    def _forget(self, inst: Instance, job: SlurmJob | None) -> None:
         """The job has ended: drop the instance; record why, if it never became ready."""
         if inst.state in (InstanceState.PENDING, InstanceState.STARTING):
             state = job.state if job else "ended"

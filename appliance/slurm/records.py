@@ -59,11 +59,24 @@ class SlurmJob:
     """When Slurm chose the job for preemption (its grace time began); None if it was not."""
     end_time: float | None = None
     """When the job ends or ended; for a preempted job, the end of its grace time."""
+    node_drained: bool = False
+    """Its node is drained (or draining). Node state, which squeue does not report: whoever lists
+    the job with the nodes' states fills it in; False otherwise."""
 
     @property
     def active(self) -> bool:
         """Whether the job still waits for, holds or releases resources."""
         return self.state in ACTIVE_JOB_STATES
+
+    @property
+    def node(self) -> str:
+        """The first allocated node ("" while pending): where a one-node job runs."""
+        return self.nodes[0] if self.nodes else ""
+
+    @property
+    def grace_end(self) -> float | None:
+        """A preempted job's end of grace time, when Slurm stops it; None if not preempted."""
+        return self.end_time if self.preempt_time else None
 
 
 @dataclass

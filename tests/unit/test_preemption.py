@@ -16,12 +16,14 @@ from appliance.config.cluster import ClusterSettings
 from appliance.gateway.migration import StreamRecord
 from appliance.models.catalog import Catalog, ModelSpec
 from appliance.serving.access import DirectAccess
+from appliance.serving.breaker.actions import BreakerActions
+from appliance.serving.breaker.client import BreakerAccess
 from appliance.serving.instance import Instance, InstanceState
 from appliance.serving.manager import InstanceManager
 from appliance.slurm.client import SlurmClient
-from appliance.slurm.records import parse_squeue_json
+from appliance.slurm.records import parse_sinfo_json, parse_squeue_json
 from appliance.slurm.runner import CommandResult
-from tests.unit.slurm_replay import TESTDATA, ReplayRunner
+from tests.unit.slurm_replay import TESTDATA, ReplayRunner, capture
 
 PREEMPTED = (TESTDATA / "squeue_preempted.stdout").read_text()
 GRACE_END = next(j["end_time"] for j in json.loads(PREEMPTED)["jobs"] if j["preempt_time"])
@@ -37,6 +39,27 @@ def test_a_preempted_job_shows_when_its_grace_time_began_and_ends():
     assert (inst.state, inst.partition) == ("RUNNING", "appliance-preemptible")
     assert inst.preempt_time and inst.end_time == inst.preempt_time + 60  # GraceTime=60
     assert (batch.state, batch.partition, batch.preempt_time) == ("PENDING", "batch", None)
+    assert (inst.node, inst.grace_end, batch.node, batch.grace_end) == ("n1", GRACE_END, "", None)
+
+
+def test_the_breakers_listing_carries_what_the_gateway_reads_of_a_job(tmp_path):
+    settings = ApplianceSettings(
+        state_dir=tmp_path, cluster=ClusterSettings(name=CLUSTER, mode="existing")
+    )
+    # The preempted instance on n2, which this capture shows drained.
+    moved = PREEMPTED.replace('"nodes": "n1"', '"nodes": "n2"')
+    runner = ReplayRunner().replay("sinfo_drained")
+    runner.answer(["squeue", "--json"], CommandResult(["squeue", "--json"], 0, moved, ""))
+    listing = BreakerActions(settings, SlurmClient(runner, settings.slurm_conf))._instances()
+    drained = {n.name for n in parse_sinfo_json(capture("sinfo_drained").stdout) if n.drained}
+    jobs = {j.job_id: j for j in parse_squeue_json(moved)}
+    for entry in json.loads(json.dumps(listing)):
+        job, got = jobs[entry["job_id"]], BreakerAccess(settings)._job(entry)
+        seen = (got.name, got.state, got.reason, got.node, got.submit_time, got.partition)
+        assert seen == (job.name, job.state, job.reason, job.node, job.submit_time, job.partition)
+        assert (got.preempt_time, got.grace_end) == (job.preempt_time, job.grace_end)
+        assert got.node_drained == (job.node in drained)
+    assert any(e["preempted_at"] and e["node_drained"] for e in listing)
 
 
 async def manager(tmp_path: Path, **spec) -> tuple[InstanceManager, ReplayRunner]:

@@ -75,15 +75,15 @@ class BreakerActions:
                         "model": job.name.removeprefix(job_name_prefix(self.settings)),
                         "state": job.state,
                         "reason": job.reason,
-                        "node": job.nodes[0] if job.nodes else "",
+                        "node": job.node,
                         "submit_time": job.submit_time,
                         "registered": running,
                         "healthy": running and self._healthy(client, endpoint.url),
                         "phases": endpoint.phases if endpoint else {},
                         "partition": job.partition,
                         "preempted_at": job.preempt_time,
-                        "leave_by": job.end_time if job.preempt_time else None,
-                        "node_drained": bool(job.nodes) and job.nodes[0] in drained,
+                        "leave_by": job.grace_end,
+                        "node_drained": job.node in drained,
                     }
                 )
         return out

@@ -18,14 +18,11 @@ from appliance.config import ApplianceSettings
 from appliance.config.breaker import BreakerSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
-from appliance.serving.access import (
-    ClusterAccess,
-    InstanceAddress,
-    InstanceJob,
-    UpstreamError,
-)
+from appliance.serving.access import ClusterAccess, InstanceAddress, UpstreamError
 from appliance.serving.breaker.grammar import MAX_AVOID
 from appliance.serving.instance import Instance
+from appliance.serving.sbatch import job_name
+from appliance.slurm.records import SlurmJob
 
 log = logging.getLogger(__name__)
 
@@ -266,22 +263,25 @@ class BreakerAccess(ClusterAccess):
         await self.client.call(f"stop {job_id}")
         self._listed_at = 0.0
 
-    async def jobs(self) -> list[InstanceJob]:
-        return [
-            InstanceJob(
-                i["job_id"],
-                i["model"],
-                i["state"],
-                i.get("reason", ""),
-                i.get("node", ""),
-                i.get("submit_time"),
-                i.get("partition", ""),
-                i.get("preempted_at"),
-                i.get("leave_by"),
-                bool(i.get("node_drained")),
-            )
-            for i in (await self._instances()).values()
-        ]
+    async def jobs(self) -> list[SlurmJob]:
+        return [self._job(i) for i in (await self._instances()).values()]
+
+    def _job(self, entry: dict) -> SlurmJob:
+        """The job record of a listing entry, whose keys (the breaker's wire format) are those a
+        breaker of an earlier release sends too."""
+        return SlurmJob(
+            entry["job_id"],
+            job_name(self.settings, entry["model"]),
+            entry["state"],
+            entry.get("reason", ""),
+            [entry["node"]] if entry.get("node") else [],
+            entry.get("submit_time"),
+            partition=entry.get("partition", ""),
+            preempt_time=entry.get("preempted_at"),
+            # Only a preempted job's end is listed: its end of grace time.
+            end_time=entry.get("leave_by"),
+            node_drained=bool(entry.get("node_drained")),
+        )
 
     async def address(self, inst: Instance) -> InstanceAddress | None:
         entry = (await self._instances()).get(inst.job_id)
