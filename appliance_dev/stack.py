@@ -25,7 +25,7 @@ from appliance.cli.breaker import authorized_key_line
 from appliance.config import ApplianceSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.daemon import tail
-from appliance.serving.sbatch import job_name_prefix
+from appliance.serving.job_script import job_name_prefix
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.daemons import find_daemons, stop_processes
 from appliance.slurm.local_cluster import LocalCluster

@@ -18,8 +18,7 @@ from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.instance import Instance
-from appliance.serving.sbatch import job_name_prefix
-from appliance.serving.submission import instance_script
+from appliance.serving.job_script import instance_script, job_name_prefix
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import SlurmJob, gpu_count
 

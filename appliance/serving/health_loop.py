@@ -14,8 +14,8 @@ from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog
 from appliance.serving.access import ClusterAccess
 from appliance.serving.instance import Instance, InstanceState
+from appliance.serving.job_script import model_from_job_name
 from appliance.serving.registry import InstanceRegistry
-from appliance.serving.sbatch import model_from_job_name
 from appliance.slurm.records import SlurmJob
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from appliance.config import load_settings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelResources, ModelSpec
 from appliance.models.resources import plan_request
-from appliance.serving.sbatch import model_from_job_name, render_instance_script
+from appliance.serving.job_script import model_from_job_name, render_instance_script
 from tests.golden import check_golden
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from appliance.config import load_settings
 from appliance.models.catalog import ModelResources, ModelSpec
-from appliance.serving.submission import ModelNotInstalled, instance_script
+from appliance.serving.job_script import ModelNotInstalled, instance_script
 from appliance.slurm.client import SlurmClient
 from appliance.store.format import HEADER_FILE
 from appliance.store.inventory import Holding, NodeInventory

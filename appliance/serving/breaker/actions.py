@@ -24,8 +24,7 @@ from appliance.serving.breaker.grammar import (
     Stop,
 )
 from appliance.serving.endpoint import read_endpoint
-from appliance.serving.sbatch import job_name_prefix
-from appliance.serving.submission import ModelNotInstalled, instance_script
+from appliance.serving.job_script import ModelNotInstalled, instance_script, job_name_prefix
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import gpu_count
 

@@ -21,7 +21,7 @@ from appliance.models.catalog import ModelSpec
 from appliance.serving.access import ClusterAccess, InstanceAddress, UpstreamError
 from appliance.serving.breaker.grammar import MAX_AVOID
 from appliance.serving.instance import Instance
-from appliance.serving.sbatch import job_name
+from appliance.serving.job_script import job_name
 from appliance.slurm.records import SlurmJob
 
 log = logging.getLogger(__name__)
