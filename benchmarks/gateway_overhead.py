@@ -145,13 +145,15 @@ def measure_tokens_per_s(
     d_tps, g_tps = [], []
     gw_cpu = inst_cpu = 0.0
     gw_tokens = 0
+    failures: list[str] = []  # a failed round is kept and reported, never dropped
     for i in range(args.rounds):
         # Back-to-back pairs, order alternating: the machine's speed swings between rounds
         # (2-core VM), so each pair's ratio compares the two paths under the same conditions.
         first, second = (direct, gateway) if i % 2 == 0 else (gateway, direct)
         for url in (first, second):
             c0 = (cpu_seconds([gw]), cpu_seconds(inst))
-            tps, _, tokens = asyncio.run(throughput(url, args.concurrency, args.tokens))
+            tps, bad, tokens = asyncio.run(throughput(url, args.concurrency, args.tokens))
+            failures += [f"{'gateway' if url == gateway else 'direct'}: {why}" for why in bad]
             if url == gateway:
                 g_tps.append(tps)
                 gw_cpu += cpu_seconds([gw]) - c0[0]
@@ -159,8 +161,9 @@ def measure_tokens_per_s(
                 gw_tokens += tokens
             else:
                 d_tps.append(tps)
-    paired = [g / d for d, g in zip(d_tps, g_tps, strict=True)]
+    paired = [g / d if d else float("inf") for d, g in zip(d_tps, g_tps, strict=True)]
     return {
+        "stream_failures": failures,
         "direct_tokens_per_s": round(median(d_tps), 1),
         "gateway_tokens_per_s": round(median(g_tps), 1),
         # Median of the per-pair ratios: robust to the machine's swings between rounds.
