@@ -15,7 +15,7 @@ from appliance.serving.access import ClusterAccess
 from appliance.serving.autoscaler import Autoscaler, InstanceLoad, ModelSnapshot, Retire
 from appliance.serving.health_loop import HealthLoop
 from appliance.serving.instance import ACTIVE_STATES, Instance, InstanceState
-from appliance.serving.placement import PinnedFirst, Placement
+from appliance.serving.partition_choice import PartitionChoice, PinnedFirst
 from appliance.serving.rebalance import Rebalancer
 from appliance.serving.registry import START_FAILURES_BEFORE_COOLDOWN, InstanceRegistry
 from appliance.serving.routing import Router, RoutingPolicy
@@ -40,14 +40,14 @@ class InstanceManager:
         catalog: Catalog,
         access: ClusterAccess,
         routing: RoutingPolicy | None = None,
-        placement: Placement | None = None,
+        partition: PartitionChoice | None = None,
     ):
         self.settings = settings
         self.catalog = catalog
         self.access = access
         self.registry = InstanceRegistry()
         self.router = Router(self.registry, routing)
-        self.placement = placement or PinnedFirst(settings, catalog)
+        self.partition = partition or PinnedFirst(settings, catalog)
         self.autoscaler = Autoscaler(settings.gateway.scale_up_queue_depth)
         self.health = HealthLoop(settings, catalog, access, self.registry, self)
         self._launch_lock = asyncio.Lock()
@@ -103,7 +103,7 @@ class InstanceManager:
                 f"{spec.max_instances}"
             )
         submitted_at = time.time()
-        preemptible = self.placement.preemptible(model, self.instances(model))
+        preemptible = self.partition.preemptible(model, self.instances(model))
         job_id = await self.access.submit(spec, preemptible, avoid)
         inst = Instance(
             job_id=job_id,

@@ -10,7 +10,7 @@ from appliance.models.catalog import Catalog
 from appliance.serving.instance import ACTIVE_STATES, Instance
 
 
-class Placement(Protocol):
+class PartitionChoice(Protocol):
     """Chooses the partition of a model's next instance from the instances it has."""
 
     def preemptible(self, model: str, instances: Sequence[Instance]) -> bool: ...
