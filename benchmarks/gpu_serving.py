@@ -8,11 +8,14 @@ Measures, in one run on one machine, each against a baseline of the same run:
   compile cache and the page cache warm, from process start to first token;
 - generation through the gateway against the same instance directly: tokens/s at 64 concurrent
   streams (paired rounds), added p50 latency, broken streams;
-- the GPU memory peak of a load, over the model's size (the store's plugin logs it).
+- the GPU memory peak of a load, over the model's size (the store's plugin logs it);
+- vLLM's sleep mode on the same checkpoint: GPU memory kept by a sleeping server and the time a
+  request takes to wake it (level 1: weights kept in host memory; level 2: reloaded).
 
 Parts run separately (each within one device call) and accumulate in WORK/results.json:
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving setup
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving coldstart
+    python -m benchmarks.gpu_serving --work /tmp/gpu-serving sleep
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving throughput
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving report   (table + results JSON)
 benchmarks/gpu/remote.sh runs them on the GPU machine (docs/gpu.md). `--preset test-shaped`
@@ -312,9 +315,12 @@ def cold_start(
     return run
 
 
-def vllm_default_start(model_path: Path, port: int, log: Path, **extra_env: str) -> float:
-    """Baseline: vLLM's OpenAI server by hand, default settings, from process start to first
-    token of a streamed chat request sent as soon as /health answers."""
+@contextlib.contextmanager
+def direct_vllm(
+    model_path: Path, port: int, log: Path, args: tuple[str, ...] = (), **extra_env: str
+) -> Iterator[tuple[str, float]]:
+    """vLLM's OpenAI server started by hand on the checkpoint; yields (its URL, the
+    perf_counter of its process start) once /health answers, and stops it after."""
     cmd = [
         sys.executable,
         "-m",
@@ -323,6 +329,7 @@ def vllm_default_start(model_path: Path, port: int, log: Path, **extra_env: str)
         str(model_path),
         "--port",
         str(port),
+        *args,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     env.update(extra_env)
@@ -345,8 +352,7 @@ def vllm_default_start(model_path: Path, port: int, log: Path, **extra_env: str)
             if time.monotonic() > deadline:
                 raise RuntimeError("vLLM did not come up")
             time.sleep(0.05)
-        first_token(base, str(model_path))
-        return time.perf_counter() - t0
+        yield base, t0
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -354,6 +360,52 @@ def vllm_default_start(model_path: Path, port: int, log: Path, **extra_env: str)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait(timeout=30)
+
+
+def vllm_default_start(model_path: Path, port: int, log: Path, **extra_env: str) -> float:
+    """Baseline: vLLM's OpenAI server by hand, default settings, from process start to first
+    token of a streamed chat request sent as soon as /health answers."""
+    with direct_vllm(model_path, port, log, **extra_env) as (base, t0):
+        first_token(base, str(model_path))
+        return time.perf_counter() - t0
+
+
+def gpu_used_mib() -> int | None:
+    """GPU memory in use on the machine's first GPU, as nvidia-smi reports it."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return int(out.stdout.split()[0])
+    return None
+
+
+def sleep_and_wake(base: str, model: str, level: int) -> dict:
+    """One sleep of a started server and the request that wakes it: level 1 keeps the weights
+    in host memory, level 2 drops them and reloads them from the checkpoint (vLLM's documented
+    sequence: weights, reload, then the KV cache)."""
+
+    def post(path: str, **kw) -> float:
+        t = time.perf_counter()
+        httpx.post(base + path, timeout=600, **kw).raise_for_status()
+        return time.perf_counter() - t
+
+    run: dict = {"level": level, "sleep_s": round(post(f"/sleep?level={level}"), 3)}
+    run["gpu_used_asleep_mib"] = gpu_used_mib()
+    if level == 1:
+        wake = post("/wake_up")
+    else:
+        wake = post("/wake_up?tags=weights")
+        wake += post("/collective_rpc", json={"method": "reload_weights"})
+        wake += post("/wake_up?tags=kv_cache")
+    _, first = first_token(base, model)
+    run["wake_s"] = round(wake, 3)
+    run["first_token_after_wake_s"] = round(first, 3)
+    run["resume_s"] = round(wake + first, 3)
+    return run
 
 
 # -- parts ------------------------------------------------------------------------------------
@@ -422,6 +474,26 @@ def part_coldstart(args, results: dict) -> None:
             variants[name].setdefault("errors", []).append(f"{type(exc).__name__}: {exc}"[:4000])
             print(f"{name} failed: {exc}", file=sys.stderr, flush=True)
         save(args.work, results)
+
+
+def part_sleep(args, results: dict) -> None:
+    """vLLM's sleep mode on the same checkpoint, started by hand: what an instance parked on its
+    GPU (asleep, not stopped) keeps in GPU memory, and how long a request takes to wake it."""
+    path = model_dir(args.work, args.preset)
+    logs = args.work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = results.setdefault("sleep", {"runs": []})
+    log = logs / "vllm-sleep.log"
+    sleep_args = ("--enable-sleep-mode",)
+    with direct_vllm(path, free_port(), log, sleep_args, VLLM_SERVER_DEV_MODE="1") as (base, t0):
+        first_token(base, str(path))
+        out.setdefault("start_s", round(time.perf_counter() - t0, 3))
+        out["gpu_used_awake_mib"] = gpu_used_mib()
+        for _ in range(args.runs):
+            for level in (1, 2):
+                out["runs"].append(sleep_and_wake(base, str(path), level))
+                print("sleep", json.dumps(out["runs"][-1]), flush=True)
+                save(args.work, results)
 
 
 def part_throughput(args, results: dict) -> None:
@@ -518,6 +590,16 @@ def part_report(args, results: dict) -> dict:
     ]
     if peaks:
         summary["load_peak_gpu_bytes_over_model"] = max(peaks)
+    sleep = results.get("sleep", {}).get("runs", [])
+    for level in (1, 2):
+        runs = [r for r in sleep if r["level"] == level]
+        if runs:
+            summary[f"sleep_level{level}_resume_s"] = round(
+                median([r["resume_s"] for r in runs]), 3
+            )
+            asleep = [r["gpu_used_asleep_mib"] for r in runs if r["gpu_used_asleep_mib"]]
+            if asleep:
+                summary[f"sleep_level{level}_gpu_used_mib"] = max(asleep)
     tp = results.get("throughput")
     if tp:
         for key in ("tokens_per_s_ratio", "added_p50_ms", "streams_failed"):
@@ -533,6 +615,8 @@ def part_report(args, results: dict) -> dict:
     rows.append(("baseline_vllm_default_s", summary.get("baseline_vllm_default_s"), ""))
     for key in ("first_token_s_page_cache", "first_token_s_cold_disk"):
         rows.append((key, summary.get(key), ""))
+    for key in (k for k in summary if k.startswith("sleep_level")):
+        rows.append((key, summary[key], "asleep on its GPU, not stopped"))
     for key, value in (summary.get("phases") or {}).items():
         rows.append((f"  {key}", value, ""))
     for name, v in by_variant.items():
@@ -565,7 +649,7 @@ def save(work: Path, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["setup", "coldstart", "throughput", "report"])
+    ap.add_argument("part", choices=["setup", "coldstart", "sleep", "throughput", "report"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-serving"))
     ap.add_argument("--preset", default="llama-3.1-8b-instruct", choices=sorted(SHAPES))
     ap.add_argument("--max-model-len", type=int, default=8192)
@@ -589,9 +673,12 @@ def main(argv: list[str] | None = None) -> int:
     # sessions of their own and would hold the GPU for the next part).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = load(args.work)
-    {"setup": part_setup, "coldstart": part_coldstart, "throughput": part_throughput}.get(
-        args.part, part_report
-    )(args, results)
+    {
+        "setup": part_setup,
+        "coldstart": part_coldstart,
+        "sleep": part_sleep,
+        "throughput": part_throughput,
+    }.get(args.part, part_report)(args, results)
     save(args.work, results)
     return 0
 
