@@ -49,6 +49,7 @@ install() {
       echo "installed $req (the image has no $module)"
     fi
   done < <(grep -v '^#' "$repo/benchmarks/gpu/extra-wheels.txt")
+  subpackages
   # vLLM finds the store's loader through this entry point (pyproject.toml), as an installed
   # appliance provides it.
   mkdir -p "$site/appliance-0.1.0.dist-info"
@@ -87,6 +88,17 @@ PY
   echo "ready: . $ENV_FILE"
 }
 
+subpackages() {
+  # The checkout is not installed here: rag, security, monitoring and installer sit beside
+  # appliance/ and are appliance.* subpackages only through pyproject's package-dir (an install
+  # maps them). At interpreter start, sitecustomize (a .pth would not be read from a PYTHONPATH
+  # folder) adds a folder of links to them to appliance's path.
+  local extra=/tmp/appliance-subpackages
+  mkdir -p "$extra" "$site"
+  for p in rag security monitoring installer; do ln -sfn "$repo/$p" "$extra/$p"; done
+  echo "import appliance; appliance.__path__.append('$extra')" >"$site/sitecustomize.py"
+}
+
 collect() {
   # After every part: the lease can end before the next call, and /tmp goes with it.
   local work=/tmp/gpu-serving
@@ -100,6 +112,7 @@ collect() {
 case "${1:-}" in
   receive) receive "$2" ;;
   install) install ;;
+  subpackages) subpackages ;;
   check) check ;;
   collect) collect "$2" ;;
   run) shift; . "$ENV_FILE"; cd "$repo"; exec "$@" ;;
