@@ -19,8 +19,10 @@ from appliance.models.catalog import ModelSpec
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.instance import Instance
 from appliance.serving.job_script import instance_script, job_name_prefix
+from appliance.serving.stored_models import StoredModels
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import SlurmJob, gpu_count
+from appliance.store.for_instances import StoreForInstances
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +103,17 @@ class DirectAccess(ClusterAccess):
     """Slurm commands on this host; instances reached over HTTP on their nodes."""
 
     def __init__(
-        self, settings: ApplianceSettings, slurm: SlurmClient, client: aiohttp.ClientSession
+        self,
+        settings: ApplianceSettings,
+        slurm: SlurmClient,
+        client: aiohttp.ClientSession,
+        stored: StoredModels | None = None,
     ):
         self.settings = settings
         self.slurm = slurm
         self.client = client
         self._probe = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        self.stored = stored or StoreForInstances(settings, slurm, self._probe)
         self._node_addr: dict[str, str] = {}
         self._drained: set[str] = set()
         self._nodes_at = 0.0
@@ -134,8 +141,7 @@ class DirectAccess(ClusterAccess):
     ) -> int:
         script = await instance_script(
             self.settings,
-            self.slurm,
-            self._probe,
+            self.stored,
             spec,
             self._cluster_gpus,
             preemptible=preemptible,

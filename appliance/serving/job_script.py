@@ -1,7 +1,8 @@
 """An instance job's batch script: its name, what it asks Slurm for (resources from the catalog
 and the cluster's GPUs, the node from the model store's placement by start-up time) and the script
 itself (golden-file tested). Shared by the gateway's direct access and the circuit breaker, so an
-instance starts the same way whichever way the gateway reaches Slurm."""
+instance starts the same way whichever way the gateway reaches Slurm. The store comes in as an
+interface (serving/stored_models.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,11 @@ import logging
 import shlex
 from pathlib import Path
 
-import aiohttp
-
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
 from appliance.models.resources import InstanceRequest, plan_request
-from appliance.slurm.client import SlurmClient
-from appliance.store.keyring import load_spec
-from appliance.store.lora import lora_store_json
-from appliance.store.placement import place
+from appliance.serving.stored_models import StoredModels
 
 # Every instance job's name starts with this, so the gateway can find (and adopt) its own jobs
 # among ordinary batch work on the same cluster.
@@ -46,10 +42,13 @@ def render_instance_script(
     nodelist: str | None = None,
     preemptible: bool = False,
     exclude: frozenset[str] = frozenset(),
+    store_spec: str | None = None,
+    lora_store: str | None = None,
 ) -> str:
     """The sbatch script: Slurm directives, then the launcher that runs the model server.
     `nodelist` pins the job to a node (placement by start-up time); a `preemptible` instance
-    runs in the partition batch jobs preempt; `exclude` keeps it off nodes it is leaving."""
+    runs in the partition batch jobs preempt; `exclude` keeps it off nodes it is leaving;
+    `store_spec` and `lora_store` tell the launcher how to open a stored model and adapters."""
     q = shlex.quote
     log = settings.log_dir / f"instance-{spec.name}-%j.log"
     partition = settings.cluster.partition
@@ -94,10 +93,10 @@ def render_instance_script(
         ("--health-path", serving.health_path),
         ("--compile-cache-dir", str(settings.compile_cache_dir)),
     ]
-    if spec.source_kind == "store":
-        options.append(("--store-spec", load_spec(settings, spec.name).to_json()))
-    if spec.lora:
-        options.append(("--lora-store", lora_store_json(settings, spec.name)))
+    if store_spec is not None:
+        options.append(("--store-spec", store_spec))
+    if lora_store is not None:
+        options.append(("--lora-store", lora_store))
     if serving.standby and spec.engine == "vllm":
         options.append(("--standby-socket", str(settings.standby_socket("{node}"))))
     if serving.enforce_eager:
@@ -134,8 +133,7 @@ class ModelNotInstalled(ApplianceError):
 
 async def instance_script(
     settings: ApplianceSettings,
-    slurm: SlurmClient,
-    probe: aiohttp.ClientSession,
+    stored: StoredModels,
     spec: ModelSpec,
     cluster_gpus: int,
     *,
@@ -150,9 +148,10 @@ async def instance_script(
             f"(expected files in {spec.model_dir(settings)})"
         )
     request = plan_request(spec, settings, cluster_gpus)
-    node = None
+    node = store_spec = None
     if spec.source_kind == "store":
-        node = await _place(settings, slurm, probe, spec.name, request, avoid)
+        node = await stored.place(spec.name, request, avoid)
+        store_spec = stored.load_spec_json(spec.name)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     settings.instances_dir.mkdir(parents=True, exist_ok=True)
     log.info("instance of %s: %s", spec.name, request)
@@ -164,29 +163,6 @@ async def instance_script(
         nodelist=node,
         preemptible=preemptible,
         exclude=avoid,
+        store_spec=store_spec,
+        lora_store=stored.lora_store_json(spec.name) if spec.lora else None,
     )
-
-
-async def _place(
-    settings: ApplianceSettings,
-    slurm: SlurmClient,
-    probe: aiohttp.ClientSession,
-    model: str,
-    request: InstanceRequest,
-    avoid: frozenset[str],
-) -> str | None:
-    """The node where a stored model's instance starts soonest, or None for Slurm's choice."""
-
-    try:
-        node, ranking = await place(settings, slurm, probe, model, request, avoid)
-    except ApplianceError as exc:
-        log.warning("placement of %s skipped: %s", model, exc)
-        return None
-    if ranking:
-        log.info(
-            "placing %s on %s; estimates: %s",
-            model,
-            node or "any node (Slurm decides)",
-            "; ".join(e.describe() for e in ranking),
-        )
-    return node

@@ -11,6 +11,8 @@ from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelResources, ModelSpec
 from appliance.models.resources import plan_request
 from appliance.serving.job_script import model_from_job_name, render_instance_script
+from appliance.store.keyring import load_spec
+from appliance.store.lora import lora_store_json
 from tests.golden import check_golden
 
 
@@ -104,7 +106,14 @@ def test_stored_model_script_golden(tmp_path):
     req = plan_request(stored, s, 2)
     check_golden(
         "instance-store.sbatch",
-        render_instance_script(s, stored, req, stored.model_dir(s), nodelist="n2"),
+        render_instance_script(
+            s,
+            stored,
+            req,
+            stored.model_dir(s),
+            nodelist="n2",
+            store_spec=load_spec(s, stored.name).to_json(),
+        ),
     )
 
 
@@ -121,8 +130,9 @@ def test_lora_model_script_golden(tmp_path):
         store={"signing_key_file": str(tmp_path / "absent.key"), "trusted_signers": ["cd" * 32]}
     )
     req = plan_request(base, s, 2)
-    check_golden(
-        "instance-lora.sbatch", render_instance_script(s, base, req, Path("/models/chat-8b"))
+    script = render_instance_script(
+        s, base, req, Path("/models/chat-8b"), lora_store=lora_store_json(s, base.name)
     )
+    check_golden("instance-lora.sbatch", script)
     adapter = ModelSpec(name="chat-8b-ft-x", source="store:chat-8b-ft-x", base_model="chat-8b")
     assert adapter.serving_model == "chat-8b" and base.serving_model == "chat-8b"

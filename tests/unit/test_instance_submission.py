@@ -15,6 +15,7 @@ from appliance.config import load_settings
 from appliance.models.catalog import ModelResources, ModelSpec
 from appliance.serving.job_script import ModelNotInstalled, instance_script
 from appliance.slurm.client import SlurmClient
+from appliance.store.for_instances import StoreForInstances
 from appliance.store.format import HEADER_FILE
 from appliance.store.inventory import Holding, NodeInventory
 from tests.unit.slurm_replay import ReplayRunner
@@ -52,8 +53,9 @@ async def scripts(tmp_path: Path, spec: ModelSpec, avoids: list[frozenset[str]])
     slurm = SlurmClient(ReplayRunner().replay("sinfo_idle"), Path("/etc/slurm/slurm.conf"))
     try:
         async with aiohttp.ClientSession() as probe:
+            stored = StoreForInstances(settings, slurm, probe)
             return [
-                await instance_script(settings, slurm, probe, spec, 0, avoid=a, preemptible=True)
+                await instance_script(settings, stored, spec, 0, avoid=a, preemptible=True)
                 for a in avoids
             ]
     finally:
@@ -78,3 +80,39 @@ def test_a_model_without_its_files_is_refused_before_anything_is_asked(tmp_path)
     with pytest.raises(ModelNotInstalled, match="secret-1b is not installed"):
         asyncio.run(scripts(tmp_path, STORED, [frozenset()]))
     assert not (tmp_path / "logs").exists()
+
+
+class FixedStore:
+    """A store that places every model on one node and hands out fixed specs."""
+
+    def __init__(self) -> None:
+        self.placed: list[tuple[str, frozenset[str]]] = []
+
+    def load_spec_json(self, model: str) -> str:
+        return f'{{"model_id": "{model}"}}'
+
+    def lora_store_json(self, base: str) -> str:
+        return f'{{"base": "{base}"}}'
+
+    async def place(self, model, request, avoid):
+        self.placed.append((model, avoid))
+        return "n9"
+
+
+def test_the_store_comes_in_as_an_interface(tmp_path):
+    """The script asks the store it is given (no Slurm, no store services), and only for a
+    stored model; a LoRA base gets its adapters' store."""
+    install(tmp_path)
+    settings = load_settings(state_dir=str(tmp_path))
+    store = FixedStore()
+    script = asyncio.run(instance_script(settings, store, STORED, 0, avoid=frozenset({"n1"})))
+    assert "#SBATCH --nodelist=n9" in script and "#SBATCH --exclude=n1" in script
+    assert """--store-spec '{"model_id": "secret-1b"}'""" in script
+    assert store.placed == [("secret-1b", frozenset({"n1"}))]
+    plain = ModelSpec(name="chat", source="hf:x/chat", lora=True)
+    plain.model_dir(settings).mkdir(parents=True)
+    (plain.model_dir(settings) / "config.json").write_text("{}")
+    script = asyncio.run(instance_script(settings, store, plain, 0))
+    assert "--nodelist" not in script and "--store-spec" not in script
+    assert """--lora-store '{"base": "chat"}'""" in script
+    assert len(store.placed) == 1

@@ -27,6 +27,7 @@ from appliance.serving.endpoint import read_endpoint
 from appliance.serving.job_script import ModelNotInstalled, instance_script, job_name_prefix
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import gpu_count
+from appliance.store.for_instances import StoreForInstances
 
 # A health probe of an instance on its node, as part of a listing.
 HEALTH_TIMEOUT_S = 2.0
@@ -108,8 +109,7 @@ class BreakerActions:
         async with aiohttp.ClientSession() as probe:  # asks the nodes' store services
             return await instance_script(
                 self.settings,
-                self.slurm,
-                probe,
+                StoreForInstances(self.settings, self.slurm, probe),
                 spec,
                 gpus,
                 preemptible=command.preemptible,
