@@ -130,6 +130,7 @@ def stack_settings(work: Path, preset: str, variant: str = "default") -> Applian
         gateway={
             "port": free_port(),
             "idle_timeout_s": 0,
+            "park_after_s": 0,  # parked only when a run asks (the `parked` tier)
             "start_timeout_s": 900,
             "health_interval_s": 1.0,
         },
@@ -297,9 +298,40 @@ def evict_from_page_cache(folder: Path) -> None:
                 os.close(fd)
 
 
+def parked_start(url: str, model: str) -> dict:
+    """A request for a model whose instance is parked (asleep on its GPU, its job kept): the
+    first streamed token through the gateway, and the GPU memory the parked instance kept."""
+    running = [i for i in instances(url) if i["model"] == model and i["state"] == "ready"]
+    if not running:
+        first_token(url, model)
+        running = [i for i in instances(url) if i["model"] == model and i["state"] == "ready"]
+    [inst] = running
+    awake_mib = gpu_used_mib()
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/admin/instances/{inst['job_id']}/park", timeout=600)
+    if r.status_code != 200:
+        raise RuntimeError(f"park: {r.status_code} {r.text}")
+    park_s = time.perf_counter() - t0
+    asleep_mib = gpu_used_mib()
+    _, total = first_token(url, model)
+    [woken] = [i for i in instances(url) if i["job_id"] == inst["job_id"]]
+    p = woken["phases"]
+    return {
+        "tier": "parked",
+        "first_token_s": round(total, 3),
+        "wake_s": round(p["woken_at"] - p["waking_at"], 3),
+        "park_s": round(park_s, 3),
+        "gpu_used_awake_mib": awake_mib,
+        "gpu_used_parked_mib": asleep_mib,
+        "same_job": woken["job_id"] == inst["job_id"],
+    }
+
+
 def cold_start(
     url: str, store_url: str, settings: ApplianceSettings, model: str, tier: str
 ) -> dict:
+    if tier == "parked":
+        return parked_start(url, model)
     stop_instances(url)
     set_tier(store_url, model, tier, settings.store_root / model)
     sent, total = first_token(url, model)
@@ -577,6 +609,18 @@ def part_report(args, results: dict) -> dict:
         summary["first_token_s"] = tiers["host"]
         summary["first_token_s_page_cache"] = tiers.get("page_cache")
         summary["first_token_s_cold_disk"] = tiers.get("cold_disk")
+        parked = [r for r in shipped["runs"] if r["tier"] == "parked"]
+        if parked:
+            # Not a cold start: the instance's job and process were kept, asleep on the GPU.
+            summary["first_token_s_parked"] = tiers["parked"]
+            summary["wake_s_parked"] = round(median([r["wake_s"] for r in parked]), 3)
+            kept = [r["gpu_used_parked_mib"] for r in parked if r["gpu_used_parked_mib"]]
+            if kept:
+                summary["gpu_used_parked_mib"] = max(kept)
+            if base:
+                summary["parked_vs_vllm_default"] = round(
+                    tiers["parked"] / summary["baseline_vllm_default_s"], 3
+                )
         summary["phases"] = median_phases([r for r in shipped["runs"] if r["tier"] == "host"])
         if base:
             summary["cold_start_vs_vllm_default"] = round(
@@ -615,6 +659,11 @@ def part_report(args, results: dict) -> dict:
     rows.append(("baseline_vllm_default_s", summary.get("baseline_vllm_default_s"), ""))
     for key in ("first_token_s_page_cache", "first_token_s_cold_disk"):
         rows.append((key, summary.get(key), ""))
+    for key in ("first_token_s_parked", "parked_vs_vllm_default", "wake_s_parked"):
+        if key in summary:
+            rows.append((key, summary[key], "instance parked, not stopped"))
+    if "gpu_used_parked_mib" in summary:
+        rows.append(("gpu_used_parked_mib", summary["gpu_used_parked_mib"], ""))
     for key in (k for k in summary if k.startswith("sleep_level")):
         rows.append((key, summary[key], "asleep on its GPU, not stopped"))
     for key, value in (summary.get("phases") or {}).items():

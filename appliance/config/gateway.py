@@ -64,6 +64,12 @@ class GatewaySettings(BaseModel):
     """An instance that has served no request for this long is stopped (down to the model's
     min_instances). 0 disables retirement. A model's own `idle_timeout_s` overrides it."""
 
+    park_after_s: float = Field(default=300.0, ge=0)
+    """An instance that can sleep (serving.sleep_mode) and has served no request for this long
+    is parked: its GPU memory is freed and its job kept, and the next request wakes it in
+    seconds. It is stopped at idle_timeout_s as any other. Only instances above the model's
+    min_instances are parked. 0 disables parking."""
+
     scale_up_queue_depth: int = Field(default=8, ge=1, le=10000)
     """Start one more instance (up to the model's max_instances) when the requests in flight per
     ready instance of a model reach this number."""

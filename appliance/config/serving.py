@@ -34,6 +34,14 @@ class ServingSettings(BaseModel):
     instance): a cold start skips Python's start and those imports. Where no standby answers,
     the instance starts the usual way."""
 
+    sleep_mode: Literal["gpu", "always", "off"] = "gpu"
+    """vLLM's sleep mode, so the gateway can park an idle instance (gateway.park_after_s): its
+    weights move to host memory and its KV cache is freed, the job and its processes stay, and
+    the next request wakes it in seconds instead of a cold start. `gpu`: instances on a GPU (a
+    CPU instance frees nothing by sleeping). `always`: CPU instances too, where vLLM ignores the
+    sleep itself (it exercises parking without a GPU). Sleep mode turns on vLLM's development
+    endpoints on the instance's port (docs/gpu.md)."""
+
     extra_vllm_args: list[str] = Field(default_factory=list)
     """Extra arguments appended to every vLLM command line."""
 

@@ -13,7 +13,7 @@ from appliance.gateway.auth import admin, principal
 from appliance.gateway.knowledge import grounded_chat
 from appliance.gateway.observe import observed
 from appliance.gateway.protocol import RequestError, parse_body, validate_request
-from appliance.serving.instance import Instance
+from appliance.serving.instance import Instance, InstanceState
 
 router = APIRouter()
 # Every route but /health needs a principal (a valid API key once any key exists).
@@ -198,6 +198,22 @@ async def stop_instance(job_id: int, request: Request):
         message = f"cannot stop instance {job_id}: {exc}"
         return RequestError(502, message, code="cannot_stop").response()
     await audit(request, principal(request).user, "instance_stop", inst.model, job_id=job_id)
+    return inst.describe()
+
+
+@admin_api.post("/instances/{job_id}/park")
+async def park_instance(job_id: int, request: Request):
+    """Put an idle instance to sleep now: its GPU memory is freed, its job kept, and the next
+    request for its model wakes it."""
+    inst = _instance(request, job_id)
+    await _state(request).manager.park(inst, "parked by an administrator")
+    if inst.state is not InstanceState.PARKED:
+        why = "it cannot sleep" if not inst.can_sleep else f"it is {inst.state.value}"
+        if inst.state is InstanceState.READY and inst.inflight:
+            why = f"it has {inst.inflight} request(s) in flight"
+        message = f"instance {job_id} was not parked: {why}"
+        return RequestError(409, message, code="cannot_park").response()
+    await audit(request, principal(request).user, "instance_park", inst.model, job_id=job_id)
     return inst.describe()
 
 

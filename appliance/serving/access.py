@@ -41,6 +41,7 @@ class InstanceAddress:
 
     url: str
     phases: dict[str, float] = field(default_factory=dict)
+    can_sleep: bool = False
 
 
 def log_tail(path: Path, lines: int) -> str:
@@ -97,6 +98,28 @@ class ClusterAccess(ABC):
     def failure_detail(self, inst: Instance) -> str:
         """What is known of why an instance's job ended before it was ready."""
         return ""
+
+    async def sleep(self, inst: Instance) -> None:
+        """Put the instance's server to sleep (vLLM's sleep mode, level 1: weights to host
+        memory, KV cache freed); it answers requests again after `wake`."""
+        await self._control(inst, "/sleep")
+
+    async def wake(self, inst: Instance) -> None:
+        """Wake a sleeping instance's server: weights back on the GPU, KV cache allocated."""
+        await self._control(inst, "/wake_up")
+
+    async def _control(self, inst: Instance, path: str) -> None:
+        try:
+            resp = await self.open(inst, path, b"")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError(f"{path} on instance {inst.job_id}: {exc}") from None
+        try:
+            body = await resp.read()
+            if resp.status != 200:
+                detail = body[:200].decode(errors="replace")
+                raise UpstreamError(f"{path} on instance {inst.job_id}: {resp.status} {detail}")
+        finally:
+            resp.release()
 
 
 class DirectAccess(ClusterAccess):
@@ -170,7 +193,8 @@ class DirectAccess(ClusterAccess):
         host = endpoint.host
         if host in ("0.0.0.0", "::"):
             host = self._node_addr.get(inst.node, inst.node)
-        return InstanceAddress(f"http://{host}:{endpoint.port}", dict(endpoint.phases))
+        url = f"http://{host}:{endpoint.port}"
+        return InstanceAddress(url, dict(endpoint.phases), endpoint.can_sleep)
 
     async def healthy(self, inst: Instance) -> bool:
         if inst.url is None:

@@ -22,6 +22,8 @@ class InstanceEndpoint(BaseModel):
     device: str = "cpu"
     gpus: str = ""
     phases: dict[str, float] = Field(default_factory=dict)
+    can_sleep: bool = False
+    """The server has vLLM's sleep endpoints: the gateway may park it."""
     exit_code: int | None = None
 
     @property

@@ -111,7 +111,8 @@ class HealthLoop:
         except ApplianceError as exc:  # a broken edit: keep serving the catalog we have
             log.warning("catalog not reloaded: %s", exc)
         instances = self.registry.instances()
-        busy = any(i.state is not InstanceState.READY for i in instances)
+        # Anything but serving or asleep is on its way somewhere: follow its job closely.
+        busy = any(i.state not in (InstanceState.READY, InstanceState.PARKED) for i in instances)
         gw = self.settings.gateway
         interval = gw.job_poll_interval_s
         if any(i.preemptible for i in instances):
@@ -188,6 +189,7 @@ class HealthLoop:
             return
         inst.phases = dict(address.phases)
         inst.url = address.url
+        inst.can_sleep = address.can_sleep
         if not await self.access.healthy(inst):
             started = address.phases.get("job_started_at", inst.submitted_at)
             if now - started > self.settings.gateway.start_timeout_s:

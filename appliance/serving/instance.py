@@ -13,6 +13,8 @@ class InstanceState(StrEnum):
     PENDING = "pending"  # queued in Slurm
     STARTING = "starting"  # job running, server not healthy yet
     READY = "ready"  # healthy: requests are routed to it
+    PARKED = "parked"  # asleep (vLLM sleep mode): GPU memory freed, job kept; a request wakes it
+    WAKING = "waking"  # being woken for a request
     UNHEALTHY = "unhealthy"  # failing health checks: not routed to
     DRAINING = "draining"  # about to go (preempted, node drained, consolidated): its running
     # requests move to other instances, no new ones come; then it is stopped
@@ -20,7 +22,15 @@ class InstanceState(StrEnum):
     GONE = "gone"  # the job has ended
 
 
-ACTIVE_STATES = (InstanceState.PENDING, InstanceState.STARTING, InstanceState.READY)
+ACTIVE_STATES = (
+    InstanceState.PENDING,
+    InstanceState.STARTING,
+    InstanceState.READY,
+    InstanceState.PARKED,
+    InstanceState.WAKING,
+)
+# On its way to serving: a request waits for one of these rather than starting another.
+COMING_STATES = (InstanceState.PENDING, InstanceState.STARTING, InstanceState.WAKING)
 
 
 @dataclass
@@ -46,6 +56,8 @@ class Instance:
     # times out because the machine is busy generating.
     last_data: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    can_sleep: bool = False
+    """Its server runs with vLLM's sleep mode: it can be parked (its launcher says so)."""
     preemptible: bool = False
     """Runs in the preemptible partition (batch jobs may take its resources back)."""
     leave_by: float | None = None
@@ -78,6 +90,7 @@ class Instance:
             "ready_at": self.ready_at,
             "phases": self.phases,
             "preemptible": self.preemptible,
+            "can_sleep": self.can_sleep,
             "leave_by": self.leave_by,
             "resumable_streams": len(self.streams),
             "move_quota": self.move_quota,

@@ -97,6 +97,8 @@ def render_instance_script(
         options.append(("--store-spec", store_spec))
     if lora_store is not None:
         options.append(("--lora-store", lora_store))
+    if serving.sleep_mode != "off" and spec.engine == "vllm":
+        options.append(("--sleep-mode", serving.sleep_mode))
     if serving.standby and spec.engine == "vllm":
         options.append(("--standby-socket", str(settings.standby_socket("{node}"))))
     if serving.enforce_eager:

@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--health-path", default="/health")
     p.add_argument(
+        "--sleep-mode",
+        choices=["gpu", "always", "off"],
+        default="off",
+        help="vLLM's sleep mode, so the gateway can park the instance (serving.sleep_mode).",
+    )
+    p.add_argument(
         "--standby-socket",
         type=Path,
         default=None,
@@ -97,6 +103,13 @@ def choose_device(requested: str) -> str:
     return "cuda" if has_gpu else "cpu"
 
 
+def sleeps(args: argparse.Namespace, device: str) -> bool:
+    """Whether the server gets vLLM's sleep endpoints (the gateway may then park it)."""
+    if args.engine != "vllm" or args.sleep_mode == "off":
+        return False
+    return args.sleep_mode == "always" or device == "cuda"
+
+
 def server_command(args: argparse.Namespace, port: int, device: str) -> list[str]:
     """The model server's command line for this engine and device."""
     if args.engine == "sentence-transformers":
@@ -141,6 +154,9 @@ def server_command(args: argparse.Namespace, port: int, device: str) -> list[str
             cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         if args.tensor_parallel_size > 1:
             cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+        if sleeps(args, device):
+            # vLLM's CPU backend refuses the flag; its sleep endpoints answer (and do nothing).
+            cmd.append("--enable-sleep-mode")
     return cmd + list(args.extra)
 
 
@@ -164,6 +180,10 @@ def server_env(args: argparse.Namespace, device: str) -> dict[str, str]:
         # instances run eager and keep vLLM's default cache (its model-inspection results).
         node = envs.SLURMD_NODENAME or socket.gethostname()
         env["VLLM_CACHE_ROOT"] = str(args.compile_cache_dir / node)
+    if sleeps(args, device):
+        # /sleep and /wake_up are among vLLM's development endpoints (docs/gpu.md says what
+        # else that opens on the instance's port).
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     if getattr(args, "lora_store", None):
         env["APPLIANCE_LORA_STORE"] = args.lora_store
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -189,6 +209,7 @@ class Launcher:
             pid=os.getpid(),
             device=self.device,
             gpus=envs.CUDA_VISIBLE_DEVICES or "",
+            can_sleep=sleeps(args, self.device),
             phases={"job_started_at": float(started)} if started else {},
         )
         self._lock = threading.Lock()

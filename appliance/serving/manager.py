@@ -1,5 +1,5 @@
-"""Coordinates a gateway's instances: launches, drains and stops them, and wires the registry,
-the router, the autoscaler and the health loop together."""
+"""Coordinates a gateway's instances: launches, drains, parks, wakes and stops them, and wires
+the registry, the router, the autoscaler and the health loop together."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import time
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog, ModelSpec
-from appliance.serving.access import ClusterAccess
-from appliance.serving.autoscaler import Autoscaler, InstanceLoad, ModelSnapshot, Retire
+from appliance.serving.access import ClusterAccess, UpstreamError
+from appliance.serving.autoscaler import Autoscaler, InstanceLoad, ModelSnapshot, Park, Retire
 from appliance.serving.health_loop import HealthLoop
-from appliance.serving.instance import ACTIVE_STATES, Instance, InstanceState
+from appliance.serving.instance import ACTIVE_STATES, COMING_STATES, Instance, InstanceState
 from appliance.serving.partition_choice import PartitionChoice, PinnedFirst
 from appliance.serving.rebalance import Rebalancer
 from appliance.serving.registry import START_FAILURES_BEFORE_COOLDOWN, InstanceRegistry
@@ -133,10 +133,78 @@ class InstanceManager:
             raise
         self.registry.notify()
 
+    async def park(self, inst: Instance, reason: str) -> None:
+        """Put an idle instance to sleep: it frees its GPU memory and keeps its job, and the
+        next request for its model wakes it (seconds, not a cold start)."""
+        if inst.state is not InstanceState.READY or inst.inflight or not inst.can_sleep:
+            return
+        # Parked before the call: no request is routed to it while it falls asleep.
+        inst.state = InstanceState.PARKED
+        inst.reason = reason
+        started = time.time()
+        try:
+            await self.access.sleep(inst)
+        except (ApplianceError, UpstreamError) as exc:
+            # Its server's state is unknown now: it goes, as an idle instance would later.
+            log.warning("instance %s of %s could not be parked: %s", inst.job_id, inst.model, exc)
+            await self.retire(inst, f"could not be parked: {exc}")
+            return
+        inst.phases["parked_at"] = time.time()
+        log.info(
+            "parked instance %s of %s in %.1f s: %s",
+            inst.job_id,
+            inst.model,
+            time.time() - started,
+            reason,
+        )
+        self.registry.notify()
+
+    def _wake(self, inst: Instance) -> None:
+        """Wake a parked instance for a waiting request (in the background: the request waits
+        for the registry's next change, as for a start)."""
+        inst.state = InstanceState.WAKING
+        inst.reason = "woken for a request"
+        inst.phases["waking_at"] = time.time()
+        self._spawn(self._finish_waking(inst))
+        self.registry.notify()
+
+    async def _finish_waking(self, inst: Instance) -> None:
+        try:
+            await self.access.wake(inst)
+        except (ApplianceError, UpstreamError) as exc:
+            log.warning("instance %s of %s did not wake: %s", inst.job_id, inst.model, exc)
+            self.registry.failures.record(
+                inst.model, f"a parked instance did not wake: {exc}", time.time()
+            )
+            with contextlib.suppress(ApplianceError):
+                await self.retire(inst, f"did not wake: {exc}")
+            self.registry.notify()
+            return
+        if inst.state is not InstanceState.WAKING:
+            return  # stopped or drained meanwhile
+        now = time.time()
+        inst.state = InstanceState.READY
+        inst.reason = ""
+        inst.last_used = now
+        inst.phases["woken_at"] = now
+        log.info(
+            "woke instance %s of %s in %.1f s",
+            inst.job_id,
+            inst.model,
+            now - inst.phases["waking_at"],
+        )
+        self.registry.notify()
+
     async def drain(self, inst: Instance, reason: str, leave_by: float | None = None) -> None:
         """Take `inst` out of routing and move its running requests elsewhere; it is stopped
-        once they have moved (or at `leave_by`). An instance not serving yet just stops."""
-        if inst.state in (InstanceState.PENDING, InstanceState.STARTING):
+        once they have moved (or at `leave_by`). An instance not serving yet (or asleep) just
+        stops."""
+        if inst.state in (
+            InstanceState.PENDING,
+            InstanceState.STARTING,
+            InstanceState.PARKED,
+            InstanceState.WAKING,
+        ):
             await self.retire(inst, reason)
             return
         if inst.state not in (InstanceState.READY, InstanceState.UNHEALTHY):
@@ -249,9 +317,9 @@ class InstanceManager:
                 await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
 
     async def warm(self, model: str) -> None:
-        """Start an instance of `model` unless one is ready or on its way (what a first request
-        would do, without waiting for it)."""
-        if self.model_state(model) == "stopped":
+        """Start (or wake) an instance of `model` unless one is ready or on its way (what a
+        first request would do, without waiting for it)."""
+        if self.model_state(model) in ("stopped", "parked"):
             await self._ensure_starting(model, set())
 
     async def _ensure_starting(self, model: str, exclude: set[int]) -> None:
@@ -260,9 +328,17 @@ class InstanceManager:
             coming = [
                 i
                 for i in self.instances(model)
-                if i.state in (InstanceState.PENDING, InstanceState.STARTING)
-                and i.job_id not in exclude
+                if i.state in COMING_STATES and i.job_id not in exclude
             ]
+            parked = [
+                i
+                for i in self.instances(model)
+                if i.state is InstanceState.PARKED and i.job_id not in exclude
+            ]
+            if not coming and parked:
+                # Waking takes seconds; a new instance, a cold start.
+                self._wake(max(parked, key=lambda i: i.last_used))
+                return
             spec = self.catalog.get(model)
             active = [i for i in self.instances(model) if i.state in ACTIVE_STATES]
             if not coming and spec is not None and len(active) < spec.max_instances:
@@ -300,6 +376,7 @@ class InstanceManager:
             idle_limit_s=idle_limit,
             recent_failures=len(self.registry.failures.recent(spec.name, now)),
             scaling_up=spec.name in self._scaling,
+            park_after_s=self.settings.gateway.park_after_s,
         )
 
     def _maybe_scale_up(self, model: str) -> None:
@@ -313,7 +390,11 @@ class InstanceManager:
         # each; the next scale-up waits until this one is at least queued in Slurm.
         self._scaling.add(model)
         log.info("scaling up %s: %s", model, launch.reason)
-        task = asyncio.get_running_loop().create_task(self._scale_up(model))
+        self._spawn(self._scale_up(model))
+
+    def _spawn(self, coro) -> None:
+        """Run `coro` in the background, holding a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -337,10 +418,15 @@ class InstanceManager:
         for spec in self.catalog:
             # Asked again after each step: a retirement changes what the next one sees.
             while (step := self.autoscaler.next_step(self._snapshot(spec, now))) is not None:
-                if isinstance(step, Retire):
+                if isinstance(step, Retire | Park):
                     inst = self.registry.get(step.job_id)
                     assert inst is not None  # in the snapshot just taken, nothing awaited since
-                    await self.retire(inst, step.reason)
+                    if isinstance(step, Retire):
+                        await self.retire(inst, step.reason)
+                    else:
+                        await self.park(inst, step.reason)
+                        if inst.state is InstanceState.READY:
+                            break  # a request took it meanwhile: decide again next tick
                     continue
                 try:
                     async with self._launch_lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from appliance.serving.instance import Instance, InstanceState
+from appliance.serving.instance import COMING_STATES, Instance, InstanceState
 
 # After this many consecutive start failures of a model, requests fail fast for a while
 # instead of each launching another job that will fail the same way.
@@ -62,12 +62,15 @@ class InstanceRegistry:
         return self._instances.get(job_id)
 
     def model_state(self, model: str) -> str:
-        """`running` if any instance is ready, `starting` if one is on its way, else `stopped`."""
+        """`running` if any instance is ready, `starting` if one is on its way, `parked` if one
+        is asleep, else `stopped`."""
         states = {i.state for i in self.instances(model)}
         if InstanceState.READY in states:
             return "running"
-        if states & {InstanceState.PENDING, InstanceState.STARTING}:
+        if states & set(COMING_STATES):
             return "starting"
+        if InstanceState.PARKED in states:
+            return "parked"
         return "stopped"
 
     def changed(self) -> asyncio.Event:

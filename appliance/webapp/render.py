@@ -5,7 +5,12 @@ from __future__ import annotations
 import html
 from typing import Any
 
-STATE_MARK = {"running": "● running", "starting": "◐ starting", "stopped": "○ stopped"}
+STATE_MARK = {
+    "running": "● running",
+    "starting": "◐ starting",
+    "parked": "◒ parked",
+    "stopped": "○ stopped",
+}
 
 
 def model_label(model: dict[str, Any]) -> str:
@@ -17,9 +22,9 @@ def model_label(model: dict[str, Any]) -> str:
 
 def model_choices(models: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(label, value) pairs of the chat models, running ones first."""
-    order = {"running": 0, "starting": 1, "stopped": 2}
+    order = {"running": 0, "starting": 1, "parked": 2, "stopped": 3}
     chat = [m for m in models if m.get("kind", "chat") == "chat"]
-    chat.sort(key=lambda m: (not m.get("installed", True), order.get(m.get("state"), 3), m["id"]))
+    chat.sort(key=lambda m: (not m.get("installed", True), order.get(m.get("state"), 4), m["id"]))
     return [(model_label(m), m["id"]) for m in chat]
 
 

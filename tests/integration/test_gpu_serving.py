@@ -129,3 +129,31 @@ def test_a_restart_loads_from_the_host_tier(stack, client):
     assert reply.usage.completion_tokens > 0
     [inst] = [i for i in instances(url) if i["model"] == PRESET]
     assert f"loaded {PRESET} from the host tier" in instance_log(settings, inst)
+
+
+def gpu_used_bytes() -> int:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def test_a_parked_instance_frees_its_gpu_memory_and_a_request_wakes_it(stack, client):
+    """vLLM's sleep mode on CUDA, through the gateway: the instance keeps its job, gives back
+    at least its weights' worth of GPU memory, and answers the next request after waking."""
+    settings, url, _ = stack
+    client.completions.create(model=PRESET, prompt="Hi", max_tokens=2)
+    [inst] = [i for i in instances(url) if i["model"] == PRESET and i["state"] == "ready"]
+    assert inst["can_sleep"], "a GPU instance starts with vLLM's sleep mode"
+    awake = gpu_used_bytes()
+    r = httpx.post(f"{url}/admin/instances/{inst['job_id']}/park", timeout=600)
+    assert r.status_code == 200, r.text
+    model_bytes = sum(f.stat().st_size for f in Path(settings.store_root, PRESET).glob("*.bin"))
+    assert awake - gpu_used_bytes() > model_bytes
+    reply = client.completions.create(model=PRESET, prompt="Hi", max_tokens=4)
+    assert reply.usage.completion_tokens > 0
+    [woken] = [i for i in instances(url) if i["model"] == PRESET]
+    assert woken["job_id"] == inst["job_id"] and woken["state"] == "ready"

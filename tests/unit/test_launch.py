@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from appliance.serving.endpoint import InstanceEndpoint, read_endpoint, write_endpoint
-from appliance.serving.launch import parse_args, server_command, server_env
+from appliance.serving.launch import parse_args, server_command, server_env, sleeps
 from appliance.slurm.records import gpu_count
 
 BASE = [
@@ -58,6 +58,22 @@ def test_gpu_env_sampler_and_compile_cache_per_node(monkeypatch):
     cpu = server_env(args, "cpu")
     assert "VLLM_USE_FLASHINFER_SAMPLER" not in cpu and "VLLM_CACHE_ROOT" not in cpu
     assert "VLLM_WORKER_MULTIPROC_METHOD" not in cpu
+
+
+def test_sleep_mode_on_gpu_and_where_asked():
+    """`gpu`: vLLM's sleep mode and its endpoints on CUDA only; `always`: the endpoints on CPU
+    too (vLLM's CPU backend refuses --enable-sleep-mode and ignores a sleep); never for the
+    embedding server."""
+    gpu = parse_args([*BASE, "--sleep-mode", "gpu"])
+    assert "--enable-sleep-mode" in server_command(gpu, 1, "cuda")
+    assert server_env(gpu, "cuda")["VLLM_SERVER_DEV_MODE"] == "1"
+    assert not sleeps(gpu, "cpu") and "VLLM_SERVER_DEV_MODE" not in server_env(gpu, "cpu")
+    always = parse_args([*BASE, "--sleep-mode", "always"])
+    assert sleeps(always, "cpu") and "--enable-sleep-mode" not in server_command(always, 1, "cpu")
+    assert server_env(always, "cpu")["VLLM_SERVER_DEV_MODE"] == "1"
+    assert not sleeps(parse_args(BASE), "cuda")
+    embed = parse_args([*BASE, "--engine", "sentence-transformers", "--sleep-mode", "always"])
+    assert not sleeps(embed, "cuda")
 
 
 def test_embedding_command():

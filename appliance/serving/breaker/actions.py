@@ -80,6 +80,7 @@ class BreakerActions:
                         "registered": running,
                         "healthy": running and self._healthy(client, endpoint.url),
                         "phases": endpoint.phases if endpoint else {},
+                        "can_sleep": bool(endpoint and endpoint.can_sleep),
                         "partition": job.partition,
                         "preempted_at": job.preempt_time,
                         "leave_by": job.grace_end,

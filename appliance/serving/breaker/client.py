@@ -288,7 +288,11 @@ class BreakerAccess(ClusterAccess):
         if entry is None or not entry.get("registered"):
             return None
         # Not a network address: requests go through `forward JOB`, never to the node.
-        return InstanceAddress(f"breaker://{inst.job_id}", dict(entry.get("phases", {})))
+        return InstanceAddress(
+            f"breaker://{inst.job_id}",
+            dict(entry.get("phases", {})),
+            bool(entry.get("can_sleep")),
+        )
 
     async def healthy(self, inst: Instance) -> bool:
         try:

@@ -38,6 +38,10 @@ PATHS = frozenset(
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        # vLLM's sleep mode (level 1 and all tags: no query string passes the grammar), so the
+        # gateway can park and wake an instance; never its other development endpoints.
+        "/sleep",
+        "/wake_up",
     }
 )
 
