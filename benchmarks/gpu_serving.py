@@ -14,6 +14,7 @@ Measures, in one run on one machine, each against a baseline of the same run:
 
 Parts run separately (each within one device call) and accumulate in WORK/results.json:
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving setup
+    python -m benchmarks.gpu_serving --work /tmp/gpu-serving baseline
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving coldstart
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving sleep
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving throughput
@@ -94,6 +95,8 @@ LOG_DURATIONS = {
         r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"
     ),
 }
+# Where a cold start finds the weights; `parked`: not a cold start, the instance is asleep.
+TIERS = ["host", "page_cache", "cold_disk", "parked"]
 PEAK = re.compile(r"load_peak_gpu_bytes_over_model=([\d.]+)")
 
 
@@ -467,24 +470,27 @@ def part_setup(args, results: dict) -> None:
     results["model_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def part_coldstart(args, results: dict) -> None:
-    """Baseline first (its compile cache warmed by an unmeasured start), then each variant's
-    cold starts from the host tier (one unmeasured start first: compile cache), then the page
-    cache and a cold disk for the variants asked."""
+def part_baseline(args, results: dict) -> None:
+    """vLLM's own start by hand, `--runs` times after one unmeasured start that fills its
+    compile cache (logged at DEBUG: where vLLM's own start spends its time)."""
     path = model_dir(args.work, args.preset)
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base = results.setdefault("baseline_vllm_default_runs_s", [])
-    if not base:
-        # The unmeasured first start logs at DEBUG: where vLLM's own start spends its time
-        # (vLLM times its parts only at that level).
+    if "baseline_vllm_default_first_start_s" not in results:
         log = logs / "vllm-default-0.log"
         first = vllm_default_start(path, free_port(), log, VLLM_LOGGING_LEVEL="DEBUG")
         results["baseline_vllm_default_first_start_s"] = round(first, 3)
-    for i in range(args.runs - len(base)):
-        log = logs / f"vllm-default-{i + 1}.log"
+        save(args.work, results)
+    for _ in range(args.runs):
+        log = logs / f"vllm-default-{len(base) + 1}.log"
         base.append(round(vllm_default_start(path, free_port(), log), 3))
         save(args.work, results)
+
+
+def part_coldstart(args, results: dict) -> None:
+    """Each variant's cold starts from the host tier (one unmeasured start first: compile
+    cache), then the other tiers asked (page cache, cold disk, parked)."""
     variants = results.setdefault("variants", {})
     for name in args.variants:
         vllm_args, standby = VARIANTS[name]
@@ -698,13 +704,17 @@ def save(work: Path, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["setup", "coldstart", "sleep", "throughput", "report"])
+    ap.add_argument(
+        "part", choices=["setup", "baseline", "coldstart", "sleep", "throughput", "report"]
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-serving"))
     ap.add_argument("--preset", default="llama-3.1-8b-instruct", choices=sorted(SHAPES))
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--tiers", nargs="*", default=["page_cache", "cold_disk"])
+    ap.add_argument(
+        "--tiers", nargs="*", default=["page_cache", "cold_disk", "parked"], choices=TIERS
+    )
     ap.add_argument("--throughput-variant", default="default", choices=list(VARIANTS))
     ap.add_argument(
         "--headline-variant",
@@ -724,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     results = load(args.work)
     {
         "setup": part_setup,
+        "baseline": part_baseline,
         "coldstart": part_coldstart,
         "sleep": part_sleep,
         "throughput": part_throughput,
