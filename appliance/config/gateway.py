@@ -70,6 +70,11 @@ class GatewaySettings(BaseModel):
     seconds. It is stopped at idle_timeout_s as any other. Only instances above the model's
     min_instances are parked. 0 disables parking."""
 
+    evict_for_waiting: bool = True
+    """When a model's instance waits in Slurm's queue for resources while requests wait for it,
+    stop the least recently used idle instance of another model (never one serving requests or
+    kept for its model's min_instances), one at a time, until the job starts."""
+
     scale_up_queue_depth: int = Field(default=8, ge=1, le=10000)
     """Start one more instance (up to the model's max_instances) when the requests in flight per
     ready instance of a model reach this number."""

@@ -13,6 +13,7 @@ from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog, ModelSpec
 from appliance.serving.access import ClusterAccess, UpstreamError
 from appliance.serving.autoscaler import Autoscaler, InstanceLoad, ModelSnapshot, Park, Retire
+from appliance.serving.eviction import EvictionPolicy, Holder, LeastRecentlyUsedIdle, RoomWanted
 from appliance.serving.health_loop import HealthLoop
 from appliance.serving.instance import ACTIVE_STATES, COMING_STATES, Instance, InstanceState
 from appliance.serving.partition_choice import PartitionChoice, PinnedFirst
@@ -41,6 +42,7 @@ class InstanceManager:
         access: ClusterAccess,
         routing: RoutingPolicy | None = None,
         partition: PartitionChoice | None = None,
+        eviction: EvictionPolicy | None = None,
     ):
         self.settings = settings
         self.catalog = catalog
@@ -55,6 +57,11 @@ class InstanceManager:
         self._scaling: set[str] = set()
         self._background: set[asyncio.Task] = set()
         self._rebalancer = Rebalancer(self)
+        self.eviction = eviction or LeastRecentlyUsedIdle()
+        # Requests waiting for an instance, per model; and for each pending job that room was
+        # made for, the instance stopped for it (one at a time: the next once that one is gone).
+        self._waiting: dict[str, int] = {}
+        self._evicted_for: dict[int, int] = {}
 
     # ----- lifecycle of the manager -------------------------------------------------------
 
@@ -290,6 +297,22 @@ class InstanceManager:
         deadline = loop.time() + timeout
         failures = self.registry.failures
         seen_failures = len(failures.recent(model, time.time()))
+        inst = self.try_acquire(model, exclude)
+        if inst is not None:
+            return inst
+        self._waiting[model] = self._waiting.get(model, 0) + 1
+        try:
+            return await self._wait_for_instance(model, exclude, deadline, timeout, seen_failures)
+        finally:
+            self._waiting[model] -= 1
+            if not self._waiting[model]:
+                del self._waiting[model]
+
+    async def _wait_for_instance(
+        self, model: str, exclude: set[int], deadline: float, timeout: float, seen_failures: int
+    ) -> Instance:
+        loop = asyncio.get_running_loop()
+        failures = self.registry.failures
         while True:
             changed = self.registry.changed()  # before looking: a change after the look wakes us
             inst = self.try_acquire(model, exclude)
@@ -408,10 +431,70 @@ class InstanceManager:
             self._scaling.discard(model)
 
     async def settle(self, now: float) -> None:
-        """The end of each health-loop tick: finish drains, rebalance, autoscale."""
+        """The end of each health-loop tick: finish drains, rebalance, make room for waiting
+        models, autoscale."""
         await self._finish_draining(now)
         await self._rebalancer.tick(now)
+        if self.settings.gateway.evict_for_waiting:
+            await self._make_room()
         await self._autoscale()
+
+    def _holders(self) -> list[Holder]:
+        """Every instance as eviction sees it; a model's most recently used min_instances are
+        protected."""
+        holders = []
+        for spec in self.catalog:
+            mine = sorted(
+                (i for i in self.instances(spec.name) if i.state in ACTIVE_STATES),
+                key=lambda i: i.last_used,
+                reverse=True,
+            )
+            for rank, inst in enumerate(mine):
+                holders.append(
+                    Holder(
+                        inst.job_id,
+                        inst.model,
+                        inst.state,
+                        inst.inflight,
+                        inst.last_used,
+                        spec.resources.gpus > 0,
+                        protected=rank < spec.min_instances,
+                    )
+                )
+        return holders
+
+    async def _make_room(self) -> None:
+        """Stop one idle instance of another model for each model whose job is pending on
+        resources while requests wait for it (the next only once that one is gone)."""
+        live = {i.job_id for i in self.instances()}
+        self._evicted_for = {
+            job: victim for job, victim in self._evicted_for.items() if job in live
+        }
+        for model, waiting in list(self._waiting.items()):
+            spec = self.catalog.get(model)
+            pending = [
+                i
+                for i in self.instances(model)
+                if i.state is InstanceState.PENDING and i.reason == "Resources"
+            ]
+            if spec is None or not pending:
+                continue
+            job = pending[0]
+            if self._evicted_for.get(job.job_id) in live:
+                continue  # the last one stopped for it is still going
+            wanted = RoomWanted(model, job.job_id, spec.resources.gpus > 0, waiting)
+            holder = self.eviction.victim(wanted, self._holders())
+            if holder is None:
+                continue
+            victim = self.registry.get(holder.job_id)
+            assert victim is not None  # in the snapshot just taken
+            reason = (
+                f"evicted for {model}: {waiting} request(s) waiting, its job {job.job_id} "
+                f"pending on Resources; idle for {time.time() - victim.last_used:.0f} s"
+            )
+            log.warning("stopping instance %s of %s: %s", victim.job_id, victim.model, reason)
+            self._evicted_for[job.job_id] = victim.job_id
+            await self.retire(victim, reason)
 
     async def _autoscale(self) -> None:
         now = time.time()
