@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,6 +70,12 @@ class GatewaySettings(BaseModel):
     is parked: its GPU memory is freed and its job kept, and the next request wakes it in
     seconds. It is stopped at idle_timeout_s as any other. Only instances above the model's
     min_instances are parked. 0 disables parking."""
+
+    routing: Literal["least_loaded", "prefix_affinity"] = "least_loaded"
+    """How a request picks among a model's ready instances. `least_loaded`: fewest requests in
+    flight. `prefix_affinity`: a conversation (its system prompt and first user message) stays
+    on the instance that served it, whose prefix cache holds it, unless that instance is
+    busier than the least loaded one by more than a few requests."""
 
     evict_for_waiting: bool = True
     """When a model's instance waits in Slurm's queue for resources while requests wait for it,

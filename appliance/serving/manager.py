@@ -19,7 +19,7 @@ from appliance.serving.instance import ACTIVE_STATES, COMING_STATES, Instance, I
 from appliance.serving.partition_choice import PartitionChoice, PinnedFirst
 from appliance.serving.rebalance import Rebalancer
 from appliance.serving.registry import START_FAILURES_BEFORE_COOLDOWN, InstanceRegistry
-from appliance.serving.routing import Router, RoutingPolicy
+from appliance.serving.routing import POLICIES, Router, RoutingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class InstanceManager:
         self.catalog = catalog
         self.access = access
         self.registry = InstanceRegistry()
-        self.router = Router(self.registry, routing)
+        self.router = Router(self.registry, routing or POLICIES[settings.gateway.routing]())
         self.partition = partition or PinnedFirst(settings, catalog)
         self.autoscaler = Autoscaler(settings.gateway.scale_up_queue_depth)
         self.health = HealthLoop(settings, catalog, access, self.registry, self)
@@ -281,41 +281,53 @@ class InstanceManager:
 
     # ----- routing ------------------------------------------------------------------------
 
-    def try_acquire(self, model: str, exclude: set[int] | None = None) -> Instance | None:
-        """A ready instance with its in-flight count taken, or None (never waits)."""
-        inst = self.router.take(model, exclude or set())
+    def try_acquire(
+        self, model: str, exclude: set[int] | None = None, key: str | None = None
+    ) -> Instance | None:
+        """A ready instance with its in-flight count taken, or None (never waits); `key`: the
+        request's prompt prefix, for the routing policy."""
+        inst = self.router.take(model, exclude or set(), key)
         if inst is not None:
             self._maybe_scale_up(model)
         return inst
 
     async def acquire(
-        self, model: str, timeout: float, exclude: set[int] | None = None
+        self, model: str, timeout: float, exclude: set[int] | None = None, key: str | None = None
     ) -> Instance:
-        """A ready instance of `model`, starting one when none is up (scale from zero)."""
+        """A ready instance of `model`, starting one when none is up (scale from zero); `key`:
+        the request's prompt prefix, for the routing policy."""
         exclude = exclude or set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         failures = self.registry.failures
         seen_failures = len(failures.recent(model, time.time()))
-        inst = self.try_acquire(model, exclude)
+        inst = self.try_acquire(model, exclude, key)
         if inst is not None:
             return inst
         self._waiting[model] = self._waiting.get(model, 0) + 1
         try:
-            return await self._wait_for_instance(model, exclude, deadline, timeout, seen_failures)
+            return await self._wait_for_instance(
+                model, exclude, key, deadline, timeout, seen_failures
+            )
         finally:
             self._waiting[model] -= 1
             if not self._waiting[model]:
                 del self._waiting[model]
 
     async def _wait_for_instance(
-        self, model: str, exclude: set[int], deadline: float, timeout: float, seen_failures: int
+        self,
+        model: str,
+        exclude: set[int],
+        key: str | None,
+        deadline: float,
+        timeout: float,
+        seen_failures: int,
     ) -> Instance:
         loop = asyncio.get_running_loop()
         failures = self.registry.failures
         while True:
             changed = self.registry.changed()  # before looking: a change after the look wakes us
-            inst = self.try_acquire(model, exclude)
+            inst = self.try_acquire(model, exclude, key)
             if inst is not None:
                 return inst
             recent = failures.recent(model, time.time())

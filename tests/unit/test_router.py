@@ -1,5 +1,5 @@
-"""The router: least-loaded choice among a model's routable instances, requests counted in and
-out, and a policy that can be swapped (no Slurm, no event loop)."""
+"""The router: least-loaded and prefix-affine choices among a model's routable instances,
+requests counted in and out, and a policy that can be swapped (no Slurm, no event loop)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from appliance.serving.instance import Instance, InstanceState
 from appliance.serving.registry import InstanceRegistry
-from appliance.serving.routing import LeastLoaded, Router
+from appliance.serving.routing import LeastLoaded, PrefixAffinity, Router
 
 
 def registry(*instances: Instance) -> InstanceRegistry:
@@ -48,8 +48,33 @@ def test_release_counts_the_request_out():
 
 def test_another_policy_decides_among_the_same_candidates():
     class Busiest:
-        def choose(self, candidates: Sequence[Instance]) -> Instance:
+        def choose(self, candidates: Sequence[Instance], key: str | None = None) -> Instance:
             return max(candidates, key=lambda i: i.inflight)
 
     idle, busy = ready(1), ready(2, inflight=2)
     assert Router(registry(idle, busy), Busiest()).take("tiny", set()) is busy
+
+
+def test_prefix_affinity_keeps_a_prefix_on_its_instance_while_its_load_allows():
+    a, b = ready(1), ready(2)
+    policy = PrefixAffinity(slack=2)
+    first = policy.choose([a, b], "conv")
+    assert first is LeastLoaded().choose([a, b])
+    first.inflight = 2  # busier, within the slack
+    assert policy.choose([a, b], "conv") is first
+    first.inflight = 3  # past it: least loaded, and the prefix follows
+    other = policy.choose([a, b], "conv")
+    assert other is not first
+    first.inflight = 0
+    assert policy.choose([a, b], "conv") is other
+    assert policy.choose([a, b], None) is first  # no key: least loaded
+
+
+def test_prefix_affinity_forgets_gone_instances_and_old_prefixes():
+    a, b = ready(1), ready(2)
+    policy = PrefixAffinity(capacity=2)
+    assert policy.choose([b], "x") is b
+    assert policy.choose([a], "x") is a  # its instance is gone: another one takes it
+    for key in ("y", "z"):
+        policy.choose([a, b], key)
+    assert "x" not in policy._owners and len(policy._owners) == 2
