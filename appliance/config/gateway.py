@@ -77,6 +77,11 @@ class GatewaySettings(BaseModel):
     on the instance that served it, whose prefix cache holds it, unless that instance is
     busier than the least loaded one by more than a few requests."""
 
+    successor_lead_s: float = Field(default=300.0, gt=0)
+    """An instance whose job ends within this many seconds (its Slurm time limit) starts a
+    successor, hands its streams over once the successor is ready, and ends: no downtime.
+    Longer than a cold start of the largest model."""
+
     evict_for_waiting: bool = True
     """When a model's instance waits in Slurm's queue for resources while requests wait for it,
     stop the least recently used idle instance of another model (never one serving requests or

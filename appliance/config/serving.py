@@ -42,6 +42,10 @@ class ServingSettings(BaseModel):
     sleep itself (it exercises parking without a GPU). Sleep mode turns on vLLM's development
     endpoints on the instance's port (docs/gpu.md)."""
 
+    time_limit_min: int | None = Field(default=None, ge=1)
+    """Slurm time limit of instance jobs (`#SBATCH --time`), minutes; None: the partition's.
+    Near the limit a successor takes over (gateway.successor_lead_s)."""
+
     extra_vllm_args: list[str] = Field(default_factory=list)
     """Extra arguments appended to every vLLM command line."""
 

@@ -158,6 +158,8 @@ class HealthLoop:
                 inst.state = InstanceState.STARTING
                 inst.reason = ""
                 inst.node = job.node
+            if job.state == "RUNNING" and not job.preempt_time:
+                inst.ends_at = job.end_time
             if job.preempt_time and inst.state is not InstanceState.DRAINING:
                 await self.lifecycle.drain(inst, "preempted by a batch job", job.grace_end)
             elif job.node_drained and inst.state is not InstanceState.DRAINING:

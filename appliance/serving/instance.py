@@ -60,6 +60,10 @@ class Instance:
     """Its server runs with vLLM's sleep mode: it can be parked (its launcher says so)."""
     preemptible: bool = False
     """Runs in the preemptible partition (batch jobs may take its resources back)."""
+    ends_at: float | None = None
+    """When Slurm ends its job (its time limit); a successor takes over before (time_limit.py)."""
+    successor: int | None = None
+    """The job id of the instance started to take over from it at its time limit."""
     leave_by: float | None = None
     """While draining: when it will be gone (a preempted job's end of grace time)."""
     move_quota: int = 0

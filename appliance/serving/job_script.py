@@ -67,6 +67,8 @@ def render_instance_script(
     ]
     if request.gres:
         lines.append(f"#SBATCH --gres={request.gres}")
+    if settings.serving.time_limit_min:
+        lines.append(f"#SBATCH --time={settings.serving.time_limit_min}")
     if nodelist:
         lines.append(f"#SBATCH --nodelist={nodelist}")
     if exclude:

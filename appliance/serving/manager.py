@@ -20,6 +20,7 @@ from appliance.serving.partition_choice import PartitionChoice, PinnedFirst
 from appliance.serving.rebalance import Rebalancer
 from appliance.serving.registry import START_FAILURES_BEFORE_COOLDOWN, InstanceRegistry
 from appliance.serving.routing import POLICIES, Router, RoutingPolicy
+from appliance.serving.time_limit import Ending, StartSuccessor, SuccessorAtTimeLimit
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class InstanceManager:
         self._background: set[asyncio.Task] = set()
         self._rebalancer = Rebalancer(self)
         self.eviction = eviction or LeastRecentlyUsedIdle()
+        self.handover = SuccessorAtTimeLimit(settings.gateway.successor_lead_s)
         # Requests waiting for an instance, per model; and for each pending job that room was
         # made for, the instance stopped for it (one at a time: the next once that one is gone).
         self._waiting: dict[str, int] = {}
@@ -95,16 +97,19 @@ class InstanceManager:
 
     # ----- launching and stopping ---------------------------------------------------------
 
-    async def launch(self, model: str, avoid: frozenset[str] = frozenset()) -> Instance:
+    async def launch(
+        self, model: str, avoid: frozenset[str] = frozenset(), successor: bool = False
+    ) -> Instance:
         """Submit one instance job for `model` (does not wait for it to become ready), on none
-        of the nodes in `avoid`."""
+        of the nodes in `avoid`; a `successor` (of an instance at its time limit) may go one
+        above max_instances until the other ends."""
         spec = self.catalog.get(model)
         if spec is None:
             raise ApplianceError(f"unknown model {model!r}")
         if spec.base_model:
             raise ApplianceError(f"{model} is a LoRA adapter: it runs on {spec.base_model}")
         active = [i for i in self.instances(model) if i.state in ACTIVE_STATES]
-        if len(active) >= spec.max_instances:
+        if len(active) >= spec.max_instances + successor:
             raise ApplianceError(
                 f"model {model} already has {len(active)} instance(s); its max_instances is "
                 f"{spec.max_instances}"
@@ -449,7 +454,38 @@ class InstanceManager:
         await self._rebalancer.tick(now)
         if self.settings.gateway.evict_for_waiting:
             await self._make_room()
+        await self._hand_over(now)
         await self._autoscale()
+
+    async def _hand_over(self, now: float) -> None:
+        """Instances near their job's time limit: start successors, hand over to ready ones."""
+        snapshot = []
+        for inst in self.instances():
+            after = self.registry.get(inst.successor) if inst.successor else None
+            snapshot.append(
+                Ending(inst.job_id, inst.state, inst.ends_at, after.state if after else None)
+            )
+        for step in self.handover.steps(now, snapshot):
+            inst = self.registry.get(step.job_id)
+            assert inst is not None  # in the snapshot just taken
+            left = f"its job ends at its time limit in {inst.ends_at - now:.0f} s"
+            if isinstance(step, StartSuccessor):
+                try:
+                    async with self._launch_lock:
+                        after = await self.launch(inst.model, successor=True)
+                except ApplianceError as exc:
+                    log.warning("no successor for instance %s: %s", inst.job_id, exc)
+                    continue
+                inst.successor = after.job_id
+                log.info(
+                    "instance %s of %s: %s; successor %s",
+                    inst.job_id,
+                    inst.model,
+                    left,
+                    after.job_id,
+                )
+            else:
+                await self.drain(inst, f"handing over to {inst.successor}: {left}", inst.ends_at)
 
     def _holders(self) -> list[Holder]:
         """Every instance as eviction sees it; a model's most recently used min_instances are
