@@ -8,6 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from appliance.atomic_files import write_text
+from appliance.layout import PRIVATE_DIR_MODE, PRIVATE_UMASK, StateLayout
+
 
 def read_pid(pidfile: Path) -> int | None:
     """The pid in `pidfile` if that process is alive, else None."""
@@ -24,6 +27,13 @@ def read_pid(pidfile: Path) -> int | None:
     return pid
 
 
+def run_privately(layout: StateLayout, *elsewhere: Path) -> None:
+    """At a service's start: what it creates is its account's alone (umask 077), and the state
+    an older version left readable by others is tightened (see StateLayout.make_private)."""
+    os.umask(PRIVATE_UMASK)
+    layout.make_private(*elsewhere)
+
+
 def start_detached(
     argv: list[str],
     log_file: Path,
@@ -31,10 +41,13 @@ def start_detached(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> int:
-    """Start `argv` in its own session (it outlives the caller) and record its pid."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    pidfile.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log, open(os.devnull, "rb") as devnull:
+    """Start `argv` in its own session (it outlives the caller) and record its pid. The log is
+    the account's alone, and so is whatever the process creates (umask 077, which the Slurm jobs
+    it submits inherit): logs and knowledge bases hold users' documents."""
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(log_fd, 0o600)  # a log from before this rule was 0644
+    with os.fdopen(log_fd, "ab") as log, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(
             argv,
             stdin=devnull,
@@ -43,8 +56,9 @@ def start_detached(
             start_new_session=True,
             env=env,
             cwd=cwd,
+            process_umask=PRIVATE_UMASK,
         )
-    pidfile.write_text(f"{proc.pid}\n")
+    write_text(pidfile, f"{proc.pid}\n", mode=0o600)
     return proc.pid
 
 
