@@ -56,7 +56,7 @@ def start_detached(
             start_new_session=True,
             env=env,
             cwd=cwd,
-            process_umask=PRIVATE_UMASK,
+            umask=PRIVATE_UMASK,
         )
     write_text(pidfile, f"{proc.pid}\n", mode=0o600)
     return proc.pid
