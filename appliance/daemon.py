@@ -8,8 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from appliance.atomic_files import write_text
-from appliance.layout import PRIVATE_DIR_MODE, PRIVATE_UMASK, StateLayout
+# What the stack's processes create is their account's alone (layout.PRIVATE_UMASK; a sibling
+# module, so not imported).
+_PRIVATE_UMASK = 0o077
 
 
 def read_pid(pidfile: Path) -> int | None:
@@ -27,13 +28,6 @@ def read_pid(pidfile: Path) -> int | None:
     return pid
 
 
-def run_privately(layout: StateLayout, *elsewhere: Path) -> None:
-    """At a service's start: what it creates is its account's alone (umask 077), and the state
-    an older version left readable by others is tightened (see StateLayout.make_private)."""
-    os.umask(PRIVATE_UMASK)
-    layout.make_private(*elsewhere)
-
-
 def start_detached(
     argv: list[str],
     log_file: Path,
@@ -44,7 +38,7 @@ def start_detached(
     """Start `argv` in its own session (it outlives the caller) and record its pid. The log is
     the account's alone, and so is whatever the process creates (umask 077, which the Slurm jobs
     it submits inherit): logs and knowledge bases hold users' documents."""
-    log_file.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.fchmod(log_fd, 0o600)  # a log from before this rule was 0644
     with os.fdopen(log_fd, "ab") as log, open(os.devnull, "rb") as devnull:
@@ -56,9 +50,13 @@ def start_detached(
             start_new_session=True,
             env=env,
             cwd=cwd,
-            umask=PRIVATE_UMASK,
+            umask=_PRIVATE_UMASK,
         )
-    write_text(pidfile, f"{proc.pid}\n", mode=0o600)
+    pidfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pid_fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(pid_fd, 0o600)
+    with os.fdopen(pid_fd, "w") as out:
+        out.write(f"{proc.pid}\n")
     return proc.pid
 
 

@@ -38,6 +38,13 @@ def make_private(top: Path, skip: frozenset[Path] = frozenset()) -> None:
                 continue
 
 
+def run_privately(layout: StateLayout, *elsewhere: Path) -> None:
+    """At a service's start: what it creates is its account's alone (umask 077), and the state
+    an older version left readable by others is tightened (see StateLayout.make_private)."""
+    os.umask(PRIVATE_UMASK)
+    layout.make_private(*elsewhere)
+
+
 @dataclass(frozen=True)
 class LocalClusterPaths:
     """The layout of ``<state_dir>/slurm``: configs, controller state, spools, logs, pid files."""

@@ -33,7 +33,7 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
     # httpx logs every health probe at INFO; keep the gateway's log about the gateway.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     # Imported when the command runs: `appliance` starts without loading the stack.
-    from appliance.daemon import run_privately
+    from appliance.layout import run_privately
     from appliance.security.privileges import run_as_service_user
 
     run_as_service_user(settings)

@@ -82,3 +82,17 @@ def test_another_account_reads_nothing_of_the_state(
         for path in state.rglob("*"):
             if not path.is_symlink():
                 assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_an_instance_jobs_log_is_private(slurm_cluster, tmp_path):
+    """slurmstepd creates the job's --output file itself, with the umask sbatch passed on:
+    the gateway's 077 (run_privately), so the log is 0600 like everything else."""
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    env = {**os.environ, "SLURM_CONF": str(slurm_cluster.slurm_conf)}
+    submit = ["sbatch", "--parsable", "--wait", f"--output={logs}/job-%j.log", "--wrap", "echo hi"]
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120, umask=0o077)
+    assert done.returncode == 0, done.stderr
+    (log,) = logs.glob("job-*.log")
+    assert log.read_text().strip() == "hi"
+    assert log.stat().st_mode & 0o777 == 0o600
