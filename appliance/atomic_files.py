@@ -14,7 +14,10 @@ def write_text(path: Path, text: str, mode: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Named per process: two writers of one file never share a temporary file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    # Created no wider than `mode`: a secret is never readable by others, not even briefly.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
     if mode is not None:
         os.chmod(tmp, mode)
     tmp.replace(path)

@@ -8,6 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
+# What the stack's processes create is their account's alone (layout.PRIVATE_UMASK; a sibling
+# module, so not imported).
+_PRIVATE_UMASK = 0o077
+
 
 def read_pid(pidfile: Path) -> int | None:
     """The pid in `pidfile` if that process is alive, else None."""
@@ -31,10 +35,13 @@ def start_detached(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> int:
-    """Start `argv` in its own session (it outlives the caller) and record its pid."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    pidfile.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log, open(os.devnull, "rb") as devnull:
+    """Start `argv` in its own session (it outlives the caller) and record its pid. The log is
+    the account's alone, and so is whatever the process creates (umask 077, which the Slurm jobs
+    it submits inherit): logs and knowledge bases hold users' documents."""
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(log_fd, 0o600)  # a log from before this rule was 0644
+    with os.fdopen(log_fd, "ab") as log, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(
             argv,
             stdin=devnull,
@@ -43,8 +50,13 @@ def start_detached(
             start_new_session=True,
             env=env,
             cwd=cwd,
+            umask=_PRIVATE_UMASK,
         )
-    pidfile.write_text(f"{proc.pid}\n")
+    pidfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pid_fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(pid_fd, 0o600)
+    with os.fdopen(pid_fd, "w") as out:
+        out.write(f"{proc.pid}\n")
     return proc.pid
 
 

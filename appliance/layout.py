@@ -3,6 +3,8 @@ the installer and the local Slurm cluster."""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,37 @@ from pathlib import Path
 # spool, named "<node>_<job id>.<step id>" (job ids up to 8 digits, step ids up to 10).
 MAX_SOCKET_PATH = 107
 _STEP_SOCKET_SUFFIX = len("_12345678.4294967291")
+# What the stack's own processes create is theirs alone: 0700 folders, 0600 files.
+PRIVATE_UMASK = 0o077
+PRIVATE_DIR_MODE = 0o700
+
+
+def make_private(top: Path, skip: frozenset[Path] = frozenset()) -> None:
+    """Make `top` (created if missing) and everything under it but `skip` private to its owner:
+    folders 0700, files lose every group and other bit. Only what this process owns changes (root:
+    everything); links are neither changed nor followed. Safe to repeat."""
+    top.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    uid = os.geteuid()
+    for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if Path(root, d) not in skip]
+        for path in [root, *(os.path.join(root, n) for n in dirs + files)]:
+            try:
+                info = os.lstat(path)
+                if stat.S_ISLNK(info.st_mode) or uid not in (0, info.st_uid):
+                    continue
+                mode = stat.S_IMODE(info.st_mode)
+                private = PRIVATE_DIR_MODE if stat.S_ISDIR(info.st_mode) else mode & 0o700
+                if mode != private:
+                    os.chmod(path, private)
+            except FileNotFoundError:  # removed meanwhile (a finished upload, a rotated log)
+                continue
+
+
+def run_privately(layout: StateLayout, *elsewhere: Path) -> None:
+    """At a service's start: what it creates is its account's alone (umask 077), and the state
+    an older version left readable by others is tightened (see StateLayout.make_private)."""
+    os.umask(PRIVATE_UMASK)
+    layout.make_private(*elsewhere)
 
 
 @dataclass(frozen=True)
@@ -85,6 +118,15 @@ class StateLayout:
     elsewhere (the settings apply those overrides); everything else is only here."""
 
     root: Path
+
+    def make_private(self, *elsewhere: Path) -> None:
+        """The state directory and `elsewhere` (parts the configuration moved out of it) private
+        to the service account. The local cluster's files keep their modes: the directory
+        around them already shuts others out, and the Slurm tools read slurm.conf."""
+        make_private(self.root, skip=frozenset({self.slurm.root}))
+        for path in elsewhere:
+            if not path.is_relative_to(self.root):
+                make_private(path)
 
     @property
     def slurm(self) -> LocalClusterPaths:

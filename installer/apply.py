@@ -111,9 +111,11 @@ def _service_user(plan: Plan, report: Report, manifest: Manifest) -> None:
 
 
 def _hand_over(plan: Plan, settings) -> None:
-    """What this run wrote as root under the state directory becomes the service account's."""
+    """What this run wrote as root under the state directory becomes the service account's,
+    and private to it (0700 folders, 0600 files), as the services keep it."""
     if plan.options.service_user and os.geteuid() == 0:
         hand_over(settings, pwd.getpwnam(plan.options.service_user))
+    settings.layout.make_private(settings.rag_dir)
 
 
 def _write_files(plan: Plan, report: Report, manifest: Manifest) -> bool:

@@ -48,7 +48,9 @@ def hand_over(settings: ApplianceSettings, account: pwd.struct_passwd) -> None:
     Symlinks are changed themselves, never followed: a link planted in a service directory
     cannot hand the account a file elsewhere."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.state_dir, 0o755)  # the account must be able to pass through
+    # The account's alone: other local accounts may not even list it (root still passes).
+    os.chown(settings.state_dir, account.pw_uid, account.pw_gid, follow_symlinks=False)
+    os.chmod(settings.state_dir, 0o700)
     for top in dict.fromkeys(service_dirs(settings)):
         top.mkdir(parents=True, exist_ok=True)
         for root, dirs, files in os.walk(top):

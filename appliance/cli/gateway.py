@@ -33,9 +33,11 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
     # httpx logs every health probe at INFO; keep the gateway's log about the gateway.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     # Imported when the command runs: `appliance` starts without loading the stack.
+    from appliance.layout import run_privately
     from appliance.security.privileges import run_as_service_user
 
     run_as_service_user(settings)
+    run_privately(settings.layout, settings.rag_dir)
     app = create_app(settings)
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.tls import server_options

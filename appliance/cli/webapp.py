@@ -22,9 +22,11 @@ def webapp(ctx: CliContext, host: str | None, port: int | None) -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Imported when the command runs: `appliance` starts without loading the stack.
+    from appliance.layout import run_privately
     from appliance.security.privileges import run_as_service_user
 
     run_as_service_user(ctx.settings)
+    run_privately(ctx.settings.layout, ctx.settings.rag_dir)
     run_webapp(ctx.settings, host, port)
 
 

@@ -78,6 +78,8 @@ def render_instance_script(
         # An instance that dies is replaced by the gateway, not requeued by Slurm.
         "#SBATCH --no-requeue",
         "",
+        "# What the job writes (endpoint file, caches) is the service account's alone.",
+        "umask 077",
         "# Recorded first, so the gateway can split queueing from process start-up.",
         "export APPLIANCE_JOB_STARTED_AT=$(date +%s.%N)",
     ]

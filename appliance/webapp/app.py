@@ -10,6 +10,7 @@ from appliance.webapp.admin_view import build_admin
 from appliance.webapp.chat import build_chat
 from appliance.webapp.client import GatewayClient
 from appliance.webapp.context import WebContext, is_admin, signed_in
+from appliance.webapp.files_guard import SET_COOKIE_JS, ticket
 from appliance.webapp.knowledge import build_knowledge
 from appliance.webapp.models_view import build_models
 from appliance.webapp.monitoring_view import build_monitoring
@@ -46,6 +47,8 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
                 "Sign out", size="sm", visible=False, elem_id="sign-out", scale=0, min_width=100
             )
         signin = build_signin(ctx)
+        # The sign-in as the file endpoints see it (a cookie; see files_guard.py).
+        files_ticket = gr.Textbox(visible=False, elem_id="files-ticket")
         with gr.Column(visible=False, elem_id="main") as main, gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat = build_chat(ctx)
@@ -80,6 +83,8 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
 
         def after_session_change(dep):
             dep = dep.then(show, [session], shown)
+            dep = dep.then(lambda s: ticket(secret, s), [session], [files_ticket])
+            dep = dep.then(None, [files_ticket], None, js=SET_COOKIE_JS)
             for view in (chat, knowledge, models, training, monitoring, admin):
                 dep = view.on_sign_in(dep)
             return dep

@@ -16,6 +16,7 @@ from appliance.security.secret_files import SecretFileError, read_secret_file, w
 from appliance.security.tls import ensure_certificate, server_options
 from appliance.webapp.app import CSS, build_app
 from appliance.webapp.client import GatewayClient
+from appliance.webapp.files_guard import guard_files
 
 SECRET_BYTES = 32
 
@@ -66,7 +67,10 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
-    blocks = build_app(settings, client, browser_secret(settings))
+    secret = browser_secret(settings)
+    # Gradio's own upload and download endpoints would serve anyone: signed-in users only.
+    guard_files(app, client, secret)
+    blocks = build_app(settings, client, secret)
     # Handlers wait on the gateway (I/O): no reason to serialize users behind one another.
     blocks.queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(
@@ -74,6 +78,7 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
         blocks,
         path="",
         footer_links=[],
+        # The gateway's limit on a knowledge-base upload (larger: 413 before it is stored).
         max_file_size=settings.rag.max_upload_bytes,
         ssr_mode=False,
         pwa=False,
