@@ -29,6 +29,11 @@ KeyKind = Literal["api", "session"]
 class KeyRefused(ApplianceError):
     """A request's API key is missing, unknown, expired or revoked."""
 
+    def __init__(self, message: str, reason: str = "unknown key", user: str = ""):
+        super().__init__(message)
+        self.reason = reason  # short and fixed, for the audit log's counts of refusals
+        self.user = user  # the key's user, where the key is known
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -139,13 +144,15 @@ class ApiKeyStore:
     def check(self, secret: str | None) -> ApiKeyRecord:
         """The record of a presented key that is valid now; KeyRefused says why not."""
         if not secret:
-            raise KeyRefused("an API key is required (Authorization: Bearer <key>)")
+            raise KeyRefused("an API key is required (Authorization: Bearer <key>)", "no key")
         presented = _hash(secret)
         for r in self.records():
             if hmac.compare_digest(r.key_hash, presented):
                 if r.revoked_at:
-                    raise KeyRefused(f"API key {r.key_id} was revoked at {r.revoked_at}")
+                    message = f"API key {r.key_id} was revoked at {r.revoked_at}"
+                    raise KeyRefused(message, "revoked key", r.user)
                 if r.expired(_now()):
-                    raise KeyRefused(f"API key {r.key_id} expired at {r.expires_at}")
+                    message = f"API key {r.key_id} expired at {r.expires_at}"
+                    raise KeyRefused(message, "expired key", r.user)
                 return r
         raise KeyRefused("unknown API key")

@@ -10,6 +10,7 @@ import datetime as dt
 import fcntl
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import secrets
@@ -24,6 +25,11 @@ from appliance.errors import ApplianceError
 
 KEY_BYTES = 32
 GENESIS = "0" * 64
+# Entries are bounded whatever a client sends (a 200 KB username must not make a 200 KB entry):
+# who, what and on what are short by nature; a detail string or list keeps its start.
+MAX_FIELD_CHARS = 256
+MAX_DETAIL_CHARS = 4096
+MAX_DETAIL_ITEMS = 256
 
 
 class AuditError(ApplianceError):
@@ -43,6 +49,27 @@ class Verification:
 def _mac(key: bytes, prev: str, body: dict[str, Any]) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hmac.new(key, (prev + canonical).encode(), hashlib.sha256).hexdigest()
+
+
+def bounded(value: Any, limit: int = MAX_DETAIL_CHARS) -> Any:
+    """`value` with every string cut to `limit` characters and every list or object to
+    MAX_DETAIL_ITEMS items, each cut marked with how much was left out."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return value
+        return f"{value[:limit]}...[{len(value) - limit} more characters]"
+    if isinstance(value, list | tuple):
+        items = [bounded(v, limit) for v in value[:MAX_DETAIL_ITEMS]]
+        if len(value) > MAX_DETAIL_ITEMS:
+            items.append(f"...[{len(value) - MAX_DETAIL_ITEMS} more items]")
+        return items
+    if isinstance(value, dict):
+        kept = itertools.islice(value.items(), MAX_DETAIL_ITEMS)
+        out = {bounded(str(k), MAX_FIELD_CHARS): bounded(v, limit) for k, v in kept}
+        if len(value) > MAX_DETAIL_ITEMS:
+            out["..."] = f"[{len(value) - MAX_DETAIL_ITEMS} more items]"
+        return out
+    return value
 
 
 class AuditLog:
@@ -88,10 +115,10 @@ class AuditLog:
             body = {
                 "seq": seq + 1,
                 "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-                "actor": actor,
-                "action": action,
-                "target": target,
-                "detail": detail,
+                "actor": bounded(actor, MAX_FIELD_CHARS),
+                "action": bounded(action, MAX_FIELD_CHARS),
+                "target": bounded(target, MAX_FIELD_CHARS),
+                "detail": bounded(detail),
             }
             entry = {**body, "prev": prev, "mac": _mac(key, prev, body)}
             line = json.dumps(entry, ensure_ascii=False) + "\n"

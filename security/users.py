@@ -17,7 +17,8 @@ from appliance.security.secret_files import replace_secret_file
 
 from appliance.errors import ApplianceError
 
-USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+MAX_USERNAME_LENGTH = 32
+USERNAME = re.compile(rf"^[a-z_][a-z0-9_.-]{{0,{MAX_USERNAME_LENGTH - 1}}}$")
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
 # scrypt at n=2**14, r=8 takes ~50 ms and 16 MiB here: slow for guessing, fine for signing in.
@@ -104,7 +105,7 @@ class UserStore:
         if not USERNAME.fullmatch(username):
             raise UserError(
                 f"invalid username {username!r}: lowercase letters, digits, '_', '.', '-', "
-                "starting with a letter or '_', at most 32 characters"
+                f"starting with a letter or '_', at most {MAX_USERNAME_LENGTH} characters"
             )
         check_password(password)
         records = self.records()

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
+from typing import Any
 
 import click
 
 from appliance.cli.context import CliContext, pass_ctx
 
+# Shown as they are; anything else is JSON-quoted, so that a name with spaces, '=' or a newline
+# cannot pass for other fields or a line of its own.
+_PLAIN = re.compile(r"[\w.@:/+,-]*")
+
 
 def cli_actor() -> str:
     """Who the audit log names for something done with the CLI."""
     return f"cli:{getpass.getuser()}"
+
+
+def shown(value: Any) -> str:
+    """One field of an entry as text on one line, unambiguous whatever a client put in it."""
+    if isinstance(value, str) and _PLAIN.fullmatch(value):
+        return value
+    text = json.dumps(value, ensure_ascii=False)  # escapes newlines and the C0 controls
+    # ... but not DEL, C1 controls, line separators or bidirectional overrides.
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def record(ctx: CliContext, action: str, target: str = "", **detail) -> None:
@@ -57,10 +72,10 @@ def show(ctx: CliContext, lines: int, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(entry))
         else:
-            detail = " ".join(f"{k}={v}" for k, v in entry["detail"].items())
+            detail = " ".join(f"{shown(k)}={shown(v)}" for k, v in entry["detail"].items())
             click.echo(
-                f"{entry['seq']:>6} {entry['time']} {entry['actor']:<16} {entry['action']:<16} "
-                f"{entry['target']} {detail}".rstrip()
+                f"{entry['seq']:>6} {shown(entry['time'])} {shown(entry['actor']):<16} "
+                f"{shown(entry['action']):<16} {shown(entry['target'])} {detail}".rstrip()
             )
 
 

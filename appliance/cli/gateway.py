@@ -49,6 +49,10 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
         port=port or settings.gateway.port,
         log_level=log_level,
         access_log=log_level == "debug",
+        # X-Forwarded-For is believed from the configured proxies only (uvicorn's default
+        # trusts any local process, which could then choose the client the audit log names).
+        proxy_headers=bool(settings.gateway.trusted_proxies),
+        forwarded_allow_ips=settings.gateway.trusted_proxies or None,
         timeout_graceful_shutdown=10,
     )
 

@@ -9,6 +9,7 @@ import time
 import click
 import httpx
 
+from appliance.cli.api import GatewayUnreachable, gateway_call
 from appliance.cli.context import CliContext, pass_ctx
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
@@ -120,8 +121,9 @@ def status(ctx: CliContext) -> None:
         click.echo(LocalCluster(settings).status().render())
     url = settings.gateway_url
     try:
-        models = httpx.get(url + "/v1/models", timeout=5, verify=settings.tls_verify).json()["data"]
-    except (httpx.HTTPError, FileNotFoundError):
+        # With keys on the gateway, this needs one (APPLIANCE_API_KEY): gateway_call says so.
+        models = gateway_call(ctx, "GET", "/v1/models", timeout=5)["data"]
+    except GatewayUnreachable:
         click.echo(f"gateway: not answering at {url}")
         return
     click.echo(f"gateway: {url}")

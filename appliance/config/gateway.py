@@ -99,7 +99,18 @@ class GatewaySettings(BaseModel):
     """Upper bound for one upstream request, from sending it to its last byte."""
 
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    """Largest accepted request body; bigger bodies get HTTP 413."""
+    """Largest accepted request body; bigger bodies get HTTP 413. Uploads have their own limits
+    (`rag.max_upload_bytes`, `training.max_dataset_bytes`); the routes anyone may call without a
+    key have `max_unauthenticated_request_bytes`."""
+
+    max_unauthenticated_request_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+    """Largest accepted body on the routes that need no key (sign-in, health); bigger bodies get
+    HTTP 413 before they are read."""
+
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """Addresses (or networks, e.g. 10.0.0.0/24) of reverse proxies whose `X-Forwarded-For` and
+    `X-Forwarded-Proto` headers the gateway believes. Empty: the headers are ignored and the
+    client is the address the connection comes from (what the audit log records)."""
 
     tls: bool = False
     """Serve HTTPS. Without `tls_cert`/`tls_key`, a self-signed certificate is made at the first
@@ -121,3 +132,8 @@ class GatewaySettings(BaseModel):
 
     sign_in_lockout_s: float = Field(default=300.0, gt=0, le=86400)
     """The window of `sign_in_max_failures`."""
+
+    sign_in_tracked_names: int = Field(default=10000, ge=10, le=1_000_000)
+    """How many usernames the sign-in lockout remembers failures for; beyond that, the name
+    whose last failure is oldest is forgotten. Bounds the gateway's memory whatever names are
+    tried."""

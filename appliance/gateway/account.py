@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from appliance.gateway.audit_events import audit
-from appliance.gateway.auth import principal
+from appliance.gateway.auth import AccessRefused, principal
 from appliance.gateway.protocol import RequestError, json_object
 from appliance.security.api_keys import KeyRefused, Principal
 from appliance.security.secret_files import replace_secret_file
@@ -47,8 +47,14 @@ async def sign_in(request: Request) -> dict:
         try:
             record = auth.keys.check(body["api_key"])
         except KeyRefused as exc:
-            await audit(request, "?", "sign_in_refused", "api_key", reason=str(exc))
-            raise RequestError(401, str(exc), type="authentication_error") from None
+            raise AccessRefused(
+                401,
+                str(exc),
+                actor=exc.user or "?",
+                action="sign_in_refused",
+                reason=exc.reason,
+                type="authentication_error",
+            ) from None
         await audit(request, record.user, "sign_in", "api_key", key_id=record.key_id)
         return _account(
             record.principal(),
@@ -62,8 +68,12 @@ async def sign_in(request: Request) -> dict:
         raise RequestError(400, "send 'username' and 'password', or 'api_key'")
     try:
         secret, record = await asyncio.to_thread(auth.sign_in, username, password)
+    except AccessRefused:
+        raise  # counted, not recorded one by one: a locked-out name costs nothing to retry
     except RequestError as exc:
-        await audit(request, username[:64], "sign_in_refused", "password", reason=exc.message)
+        # Recorded one by one: each costs a password hash, and a name is locked out after
+        # sign_in_max_failures; the name is at most MAX_USERNAME_LENGTH characters here.
+        await audit(request, username, "sign_in_refused", "password", reason=exc.message)
         raise
     await audit(request, record.user, "sign_in", "password", key_id=record.key_id)
     return _account(
@@ -180,10 +190,6 @@ async def get_conversation(conversation_id: str, request: Request, who: Who) -> 
 
 @router.put("/v1/conversations/{conversation_id}")
 async def put_conversation(conversation_id: str, request: Request, who: Who) -> dict:
-    limit = request.app.state.gateway.settings.gateway.max_request_bytes
-    raw = await request.body()
-    if len(raw) > limit:
-        raise RequestError(413, f"the conversation is larger than {limit} bytes")
     body = await json_object(request)
     await asyncio.to_thread(_conversations(request).put, who.user, conversation_id, body)
     return {"id": conversation_id, "saved": True}

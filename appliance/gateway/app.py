@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
 
 import aiohttp
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.config import ApplianceSettings
 from appliance.gateway import account, admin_accounts, fine_tuning, monitoring_api
-from appliance.gateway.auth import Authenticator
+from appliance.gateway.auth import Authenticator, admin
+from appliance.gateway.body_limit import BodyLimit
 from appliance.gateway.forward import Forwarder
 from appliance.gateway.knowledge import KnowledgeService
 from appliance.gateway.knowledge import router as knowledge_router
 from appliance.gateway.protocol import RequestError
+from appliance.gateway.refusals import Refusals, note
 from appliance.gateway.routes import admin_api, api, router
 from appliance.models.catalog import Catalog, load_catalog
 from appliance.monitoring.history import History
@@ -34,6 +37,8 @@ from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 
 log = logging.getLogger(__name__)
+# How often counted refusals of the closed minute are written to the audit log.
+REFUSALS_FLUSH_S = 5.0
 
 
 @dataclass
@@ -51,6 +56,7 @@ class GatewayState:
     audit: AuditLog
     quotas: Quotas
     slurm: SlurmClient
+    refusals: Refusals
 
 
 def _monitor(
@@ -84,6 +90,13 @@ def _monitor(
     return monitor
 
 
+async def _flush_refusals(refusals: Refusals) -> None:
+    """Write each minute's counted refusals soon after the minute ends."""
+    while True:
+        await asyncio.sleep(REFUSALS_FLUSH_S)
+        await asyncio.to_thread(refusals.flush)
+
+
 def create_app(
     settings: ApplianceSettings,
     catalog: Catalog | None = None,
@@ -110,6 +123,8 @@ def create_app(
         auth = Authenticator(settings.api_keys_file, settings.users_file, settings.gateway)
         auth.audit = audit
         monitor = _monitor(settings, slurm, manager, requests)
+        refusals = Refusals(audit)
+        flusher = asyncio.create_task(_flush_refusals(refusals))
         app.state.gateway = GatewayState(
             settings,
             catalog,
@@ -122,17 +137,31 @@ def create_app(
             audit,
             Quotas(settings.security),
             slurm,
+            refusals,
         )
         log.info("gateway ready; %d models in the catalog", len(catalog))
         try:
             yield
         finally:
+            flusher.cancel()
+            await asyncio.to_thread(refusals.flush, True)  # the minute in progress too
             if monitor is not None:
                 monitor.stop()
             await manager.close()
             await client.close()
 
-    app = FastAPI(title="appliance gateway", version=__version__, lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: they would describe the API to anyone without a key,
+    # and Swagger UI loads from a CDN an offline appliance cannot reach. Administrators get
+    # the schema at /admin/openapi.json.
+    app = FastAPI(
+        title="appliance gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_middleware(BodyLimit, settings=settings, refused=note)
     parts = (
         router,
         api,
@@ -145,12 +174,17 @@ def create_app(
     for part in (*parts, monitoring_api.router, fine_tuning.router):
         app.include_router(part)
 
+    @app.get("/admin/openapi.json", dependencies=[Depends(admin)], include_in_schema=False)
+    async def openapi_schema() -> dict:
+        return app.openapi()
+
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException):
-        return RequestError(exc.status_code, str(exc.detail)).response()
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return await request_error(request, RequestError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(RequestError)
-    async def request_error(_request: Request, exc: RequestError):
+    async def request_error(request: Request, exc: RequestError):
+        note(request, exc)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from fastapi import Request
@@ -16,11 +18,20 @@ from appliance.config.gateway import GatewaySettings
 from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import ApiKeyRecord, ApiKeyStore, KeyRefused, Principal
 from appliance.security.audit import AuditLog
-from appliance.security.users import SignInRefused, UserStore
+from appliance.security.users import MAX_USERNAME_LENGTH, SignInRefused, UserStore
 
 LOCAL_ADMIN = Principal("local", admin=True)
 KEY_USE_EVERY_S = 3600.0
 log = logging.getLogger(__name__)
+
+
+class AccessRefused(RequestError):
+    """A refused request that the audit log counts (appliance/gateway/refusals.py) rather than
+    records one by one: `actor`, `action` and `reason` are its key there."""
+
+    def __init__(self, status: int, message: str, *, actor: str, action: str, reason: str, **kw):
+        super().__init__(status, message, **kw)
+        self.actor, self.action, self.reason = actor, action, reason
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -41,7 +52,9 @@ class Authenticator:
         self.settings = settings
         self._stamps: tuple | None = None
         self._has_accounts = False
-        self._failures: dict[str, list[float]] = {}
+        # Failed sign-ins per name, least recently failed first; at most sign_in_tracked_names.
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+        self._failures_lock = threading.Lock()
         self.audit: AuditLog | None = None
         self._key_logged: dict[str, float] = {}
 
@@ -64,8 +77,14 @@ class Authenticator:
         try:
             record = self.keys.check(secret)
         except KeyRefused as exc:
-            raise RequestError(
-                401, str(exc), type="authentication_error", code="invalid_api_key"
+            raise AccessRefused(
+                401,
+                str(exc),
+                actor=exc.user or "?",
+                action="key_refused",
+                reason=exc.reason,
+                type="authentication_error",
+                code="invalid_api_key",
             ) from None
         self._log_key_use(record)
         return record
@@ -90,14 +109,28 @@ class Authenticator:
 
     def sign_in(self, username: str, password: str) -> tuple[str, ApiKeyRecord]:
         """A new session key for a user's password; 401 if wrong, 429 while locked out."""
+        if len(username) > MAX_USERNAME_LENGTH:
+            # No account can have this name; refused before any state is kept for it.
+            raise AccessRefused(
+                400,
+                f"a username has at most {MAX_USERNAME_LENGTH} characters",
+                actor="?",
+                action="sign_in_refused",
+                reason="name too long",
+                param="username",
+            )
         now = time.monotonic()
         window = self.settings.sign_in_lockout_s
-        recent = [t for t in self._failures.get(username, []) if now - t < window]
+        with self._failures_lock:
+            recent = [t for t in self._failures.get(username, []) if now - t < window]
         if len(recent) >= self.settings.sign_in_max_failures:
             wait = int(window - (now - recent[0])) + 1
-            raise RequestError(
+            raise AccessRefused(
                 429,
-                f"too many failed sign-ins for {username}; try again in {wait} s",
+                f"too many failed sign-ins for this name; try again in {wait} s",
+                actor=username,
+                action="sign_in_refused",
+                reason="locked out",
                 type="rate_limit_error",
                 code="sign_in_locked",
                 headers={"retry-after": str(wait)},
@@ -105,25 +138,46 @@ class Authenticator:
         try:
             user = self.users.verify(username, password)
         except SignInRefused as exc:
-            self._failures[username] = [*recent, now]
+            self._failed(username, now)
             raise RequestError(
                 401, str(exc), type="authentication_error", code="sign_in_refused"
             ) from None
-        self._failures.pop(username, None)
+        with self._failures_lock:
+            self._failures.pop(username, None)
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.settings.session_ttl_s)
         return self.keys.create(
             user.username, user.role, user.groups, expires_at=expires, kind="session"
         )
 
+    def _failed(self, username: str, now: float) -> None:
+        """Remember a name's failure, forgetting the least recently failed names beyond the
+        bound (names are chosen by whoever signs in: without one, memory grows for good)."""
+        window = self.settings.sign_in_lockout_s
+        with self._failures_lock:  # sign-ins are checked on worker threads
+            failures = [t for t in self._failures.pop(username, []) if now - t < window]
+            self._failures[username] = [*failures, now]
+            while len(self._failures) > self.settings.sign_in_tracked_names:
+                self._failures.popitem(last=False)
+
 
 def principal(request: Request) -> Principal:
-    """FastAPI dependency: the request's principal (401 without a valid key)."""
-    return request.app.state.gateway.auth.principal(request.headers.get("authorization"))
+    """FastAPI dependency: the request's principal (401 without a valid key). Kept on the
+    request, so that a refusal later in the request can name who was refused."""
+    who = request.app.state.gateway.auth.principal(request.headers.get("authorization"))
+    request.state.principal = who
+    return who
 
 
 def admin(request: Request) -> Principal:
     """FastAPI dependency: an administrator's principal (403 for other users)."""
     who = principal(request)
     if not who.admin:
-        raise RequestError(403, f"user {who.user} is not an administrator", type="permission_error")
+        raise AccessRefused(
+            403,
+            f"user {who.user} is not an administrator",
+            actor=who.user,
+            action="admin_refused",
+            reason="not an administrator",
+            type="permission_error",
+        )
     return who
