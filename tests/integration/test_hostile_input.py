@@ -118,6 +118,8 @@ def test_a_readers_upload_is_a_403_and_changes_nothing(stack):
     ids = sorted(kb["id"] for kb in call(stack, "bob", "GET", KBS).json()["data"])
     assert ids == ["alice/docs", "bob/docs"]
     assert call(stack, "bob", "GET", f"{KBS}/alice/docs/documents").is_success
+    # As the web app sends it: the id quoted as one path segment.
+    assert call(stack, "bob", "GET", f"{KBS}/alice%2Fdocs/documents").is_success
     files = [("files", ("pump.md", PUMP, "text/markdown"))]
     resp = call(stack, "bob", "POST", f"{KBS}/alice/docs/documents", files=files)
     assert "may read but not change" in refused(resp, 403)

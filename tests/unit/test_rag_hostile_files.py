@@ -9,6 +9,8 @@ from appliance.rag.ingest import parse_many
 from tests.unit.rag_samples import ENCRYPTED, PPMD, docx_bytes, patched
 
 CONTENT_TYPES = "[Content_Types].xml"
+
+
 @pytest.mark.parametrize(
     ("member", "change", "reason"),
     [
