@@ -396,12 +396,12 @@ def _collection_prefix(store_id: str) -> str:
 
 def _access_names(names: Iterable[str], what: str) -> frozenset[str]:
     """User or group names as a set; a single string is refused, not split into letters."""
-    if isinstance(names, str) or not all(isinstance(name, str) and name for name in names):
+    listed = [] if isinstance(names, str) else list(names)
+    if isinstance(names, str) or not all(isinstance(name, str) and name for name in listed):
         raise KnowledgeBaseError(f"{what} must be a list of names")
-    names = frozenset(names)
-    if len(names) > _MAX_ACCESS_NAMES:
+    if len(listed) > _MAX_ACCESS_NAMES:
         raise KnowledgeBaseError(f"{what}: at most {_MAX_ACCESS_NAMES} names")
-    return names
+    return frozenset(listed)
 
 
 def _add_chunks(
