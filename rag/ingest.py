@@ -38,17 +38,20 @@ def parse_file(
         name = safe_filename(path.name if filename is None else filename)
         data = _read_bounded(path, name, limits)
     check_file_size(name, len(data), limits)
-    doc_type = sniff(data, name)
+    doc_type = None
     try:
+        doc_type = sniff(data, name)
         sections = PARSERS[doc_type](data, name, limits)
     except IngestError:
         raise
     except Exception as exc:
-        # Parsers of hostile or damaged files fail in many library-specific ways; each failure
-        # must refuse this file only, with a message, and never stop a batch.
+        # Sniffing and parsing hostile or damaged files fail in many library-specific ways
+        # (an encrypted zip member, an unknown compression method...); each failure must refuse
+        # this file only, with a message, and never stop a batch.
         log.debug("parsing %s as %s failed", name, doc_type, exc_info=True)
+        kind = f"{doc_type.name} file" if doc_type else "file"
         raise IngestError(
-            name, f"a damaged or unreadable {doc_type.name} file ({type(exc).__name__}: {exc})"
+            name, f"a damaged or unreadable {kind} ({type(exc).__name__}: {exc})"
         ) from exc
     if not sections:
         raise IngestError(name, "no text found in it")

@@ -23,6 +23,7 @@ from appliance.rag.errors import KnowledgeBaseError
 _SCHEMA = """
 -- Facts about this registry; `store_id` marks the Chroma collections that belong to it.
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- `name` is the knowledge base's id, `owner/name`: each user has a namespace of names.
 CREATE TABLE IF NOT EXISTS knowledge_bases (
     name TEXT PRIMARY KEY,
     collection TEXT NOT NULL UNIQUE,
@@ -57,13 +58,17 @@ CREATE TABLE IF NOT EXISTS loose_versions (
 """
 
 _DOCUMENT_COLUMNS = "id, filename, version, content_hash, chunks, updated_at"
+# Set in `meta` once the names of knowledge bases are ids `owner/name`: registries written
+# before (one global namespace of names) are migrated when opened.
+_NAMESPACED = "namespaced_names"
 
 
 @dataclass(frozen=True)
 class KnowledgeBase:
     """A knowledge base as registered: its Chroma collection, access and embedding model."""
 
-    name: str
+    id: str
+    """`owner/name`: names are unique per owner, ids across the registry."""
     collection: str
     acl: KnowledgeBaseACL
     created_at: str
@@ -71,6 +76,11 @@ class KnowledgeBase:
     dimension: int
     generation: int = 0
     """Counts changes to its documents, so caches built from its chunks know when they are old."""
+
+    @property
+    def name(self) -> str:
+        """The name its owner gave it, unique among the owner's knowledge bases."""
+        return self.id.split("/", 1)[1]
 
 
 @dataclass(frozen=True)
@@ -115,11 +125,23 @@ class Registry:
             (self.store_id,) = db.execute(
                 "SELECT value FROM meta WHERE key = 'store_id'"
             ).fetchone()
+            if not db.execute("SELECT 1 FROM meta WHERE key = ?", (_NAMESPACED,)).fetchone():
+                _namespace_names(db)
 
-    def knowledge_base(self, name: str) -> KnowledgeBase | None:
+    def knowledge_base(self, kb_id: str) -> KnowledgeBase | None:
         with closing(self._connect()) as db:
-            row = db.execute("SELECT * FROM knowledge_bases WHERE name = ?", (name,)).fetchone()
+            row = db.execute("SELECT * FROM knowledge_bases WHERE name = ?", (kb_id,)).fetchone()
         return _knowledge_base(row) if row else None
+
+    def knowledge_bases_named(self, name: str) -> list[KnowledgeBase]:
+        """The knowledge bases of any owner called `name`, by id."""
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT * FROM knowledge_bases WHERE substr(name, instr(name, '/') + 1) = ?"
+                " ORDER BY name",
+                (name,),
+            ).fetchall()
+        return [_knowledge_base(row) for row in rows]
 
     def knowledge_bases(self) -> list[KnowledgeBase]:
         with closing(self._connect()) as db:
@@ -127,13 +149,13 @@ class Registry:
         return [_knowledge_base(row) for row in rows]
 
     def add_knowledge_base(self, kb: KnowledgeBase) -> None:
-        """Register `kb`; raises KnowledgeBaseError when the name is taken."""
+        """Register `kb`; raises KnowledgeBaseError when its owner has one of that name."""
         try:
             with self._transaction() as db:
                 db.execute(
                     "INSERT INTO knowledge_bases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        kb.name,
+                        kb.id,
                         kb.collection,
                         kb.acl.owner,
                         json.dumps(sorted(kb.acl.readers)),
@@ -145,37 +167,38 @@ class Registry:
                     ),
                 )
         except sqlite3.IntegrityError:
-            raise KnowledgeBaseError(f"knowledge base {kb.name!r} already exists") from None
+            message = f"you already have a knowledge base named {kb.name!r}"
+            raise KnowledgeBaseError(message) from None
 
-    def set_access(self, name: str, readers: frozenset[str], groups: frozenset[str]) -> None:
+    def set_access(self, kb_id: str, readers: frozenset[str], groups: frozenset[str]) -> None:
         with self._transaction() as db:
             db.execute(
                 "UPDATE knowledge_bases SET readers = ?, groups = ? WHERE name = ?",
-                (json.dumps(sorted(readers)), json.dumps(sorted(groups)), name),
+                (json.dumps(sorted(readers)), json.dumps(sorted(groups)), kb_id),
             )
 
-    def remove_knowledge_base(self, name: str) -> None:
+    def remove_knowledge_base(self, kb_id: str) -> None:
         """Forget the knowledge base and its documents; its collection is the caller's to drop."""
         with self._transaction() as db:
             row = db.execute(
-                "DELETE FROM knowledge_bases WHERE name = ? RETURNING collection", (name,)
+                "DELETE FROM knowledge_bases WHERE name = ? RETURNING collection", (kb_id,)
             ).fetchone()
             if row:
                 db.execute("DELETE FROM loose_versions WHERE collection = ?", row)
 
-    def documents(self, kb_name: str) -> list[DocumentRecord]:
+    def documents(self, kb_id: str) -> list[DocumentRecord]:
         with closing(self._connect()) as db:
             rows = db.execute(
                 f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE kb = ? ORDER BY filename",
-                (kb_name,),
+                (kb_id,),
             ).fetchall()
         return [DocumentRecord(*row) for row in rows]
 
-    def document(self, kb_name: str, document_id: str) -> DocumentRecord | None:
+    def document(self, kb_id: str, document_id: str) -> DocumentRecord | None:
         with closing(self._connect()) as db:
             row = db.execute(
                 f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE kb = ? AND id = ?",
-                (kb_name, document_id),
+                (kb_id, document_id),
             ).fetchone()
         return DocumentRecord(*row) if row else None
 
@@ -197,7 +220,7 @@ class Registry:
         """
         with self._transaction() as db:
             if not _exists(db, kb):
-                raise KnowledgeBaseError(f"knowledge base {kb.name!r} was deleted meanwhile")
+                raise KnowledgeBaseError(f"knowledge base {kb.id!r} was deleted meanwhile")
             claimed = db.execute(
                 "DELETE FROM loose_versions WHERE collection = ? AND version = ?",
                 (kb.collection, document.version),
@@ -242,7 +265,7 @@ class Registry:
         """Put `new` (or nothing) in the document's place and mark the old version loose."""
         row = db.execute(
             f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE kb = ? AND id = ?",
-            (kb.name, document_id),
+            (kb.id, document_id),
         ).fetchone()
         previous = DocumentRecord(*row) if row else None
         if previous:
@@ -253,14 +276,14 @@ class Registry:
         if new:
             db.execute(
                 "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (kb.name, *astuple(new)),
+                (kb.id, *astuple(new)),
             )
         elif previous:
-            db.execute("DELETE FROM documents WHERE kb = ? AND id = ?", (kb.name, document_id))
+            db.execute("DELETE FROM documents WHERE kb = ? AND id = ?", (kb.id, document_id))
         else:
             return None
         db.execute(
-            "UPDATE knowledge_bases SET generation = generation + 1 WHERE name = ?", (kb.name,)
+            "UPDATE knowledge_bases SET generation = generation + 1 WHERE name = ?", (kb.id,)
         )
         return previous
 
@@ -299,12 +322,26 @@ def now() -> str:
 def _exists(db: sqlite3.Connection, kb: KnowledgeBase) -> bool:
     row = db.execute(
         "SELECT 1 FROM knowledge_bases WHERE name = ? AND collection = ?",
-        (kb.name, kb.collection),
+        (kb.id, kb.collection),
     ).fetchone()
     return row is not None
 
 
 def _knowledge_base(row: tuple) -> KnowledgeBase:
-    name, collection, owner, readers, groups, created_at, model, dimension, generation = row
+    kb_id, collection, owner, readers, groups, created_at, model, dimension, generation = row
     acl = KnowledgeBaseACL(owner, frozenset(json.loads(readers)), frozenset(json.loads(groups)))
-    return KnowledgeBase(name, collection, acl, created_at, model, dimension, generation)
+    return KnowledgeBase(kb_id, collection, acl, created_at, model, dimension, generation)
+
+
+def _namespace_names(db: sqlite3.Connection) -> None:
+    """Turn the names of a registry from before namespaces into ids `owner/name`, documents'
+    references included, in the caller's transaction."""
+    # The documents' references and the names change in two statements: the foreign key is
+    # checked at commit, when both are done.
+    db.execute("PRAGMA defer_foreign_keys = ON")
+    db.execute(
+        "UPDATE documents SET kb = (SELECT owner || '/' || name FROM knowledge_bases"
+        " WHERE knowledge_bases.name = documents.kb) WHERE instr(kb, '/') = 0"
+    )
+    db.execute("UPDATE knowledge_bases SET name = owner || '/' || name WHERE instr(name, '/') = 0")
+    db.execute("INSERT INTO meta VALUES (?, '1')", (_NAMESPACED,))

@@ -100,7 +100,9 @@ class Retriever:
         settings = self._settings
         top_k = top_k or settings.top_k
         depth = max(settings.candidates, top_k)
-        kbs = [self._store.get(principal, name) for name in dict.fromkeys(kb_names)]
+        # By id: a name and an id may stand for the same knowledge base.
+        found = (self._store.get(principal, ref) for ref in kb_names)
+        kbs = list({kb.id: kb for kb in found}.values())
         vector = self._store.embedder.embed([query])[0]
         rankings = {"vector": self._vector_ranking(principal, kbs, vector, depth)}
         if not vector_only:
@@ -116,7 +118,7 @@ class Retriever:
         self, principal: Principal, kbs: list[KnowledgeBase], vector: Sequence[float], n: int
     ) -> list[Chunk]:
         # Similarities of one model compare across knowledge bases: merge them by value.
-        found = [pair for kb in kbs for pair in self._store.search(principal, kb.name, vector, n)]
+        found = [pair for kb in kbs for pair in self._store.search(principal, kb.id, vector, n)]
         return [chunk for chunk, _ in heapq.nlargest(n, found, key=lambda pair: pair[1])]
 
     def _keyword_ranking(
@@ -131,17 +133,17 @@ class Retriever:
     def _keyword_index(self, principal: Principal, kb: KnowledgeBase) -> _KeywordIndex:
         version = (kb.collection, kb.generation)
         with self._lock:
-            index = self._keyword_indexes.get(kb.name)
+            index = self._keyword_indexes.get(kb.id)
             if index is not None and index.version == version:
-                self._keyword_indexes.move_to_end(kb.name)
+                self._keyword_indexes.move_to_end(kb.id)
                 return index
         # Built outside the lock: a slow build must not hold up queries of other knowledge
         # bases. Two threads may build the same index once; the result is the same.
-        chunks = self._store.chunks(principal, kb.name)
+        chunks = self._store.chunks(principal, kb.id)
         index = _KeywordIndex(version, chunks, BM25([tokenize(chunk.text) for chunk in chunks]))
         with self._lock:
-            self._keyword_indexes[kb.name] = index
-            self._keyword_indexes.move_to_end(kb.name)
+            self._keyword_indexes[kb.id] = index
+            self._keyword_indexes.move_to_end(kb.id)
             while len(self._keyword_indexes) > _CACHED_INDEXES:
                 self._keyword_indexes.popitem(last=False)
         return index

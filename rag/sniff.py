@@ -137,6 +137,11 @@ def _sniff_office(data: bytes, filename: str) -> DocType:
                 content_types = member.read(_CONTENT_TYPES_MAX_BYTES)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise IngestError(filename, f"a damaged zip archive ({exc})") from None
+    except (RuntimeError, NotImplementedError) as exc:
+        # zipfile's words for an encrypted member, and for a compression method it lacks.
+        raise IngestError(
+            filename, f"an encrypted zip archive, or one compressed in a way not supported ({exc})"
+        ) from None
     for content_type, part, doc_type in _OFFICE_PARTS:
         if content_type in content_types and part in names:
             return doc_type

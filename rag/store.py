@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"[A-Za-z0-9._-](?:[A-Za-z0-9 ._-]{0,62}[A-Za-z0-9._-])?")
+# Starts with a letter or digit: no `.` or `..`, nothing that reads as a hidden file or option.
+_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 ._-]{0,62}[A-Za-z0-9._-])?")
+_MAX_ACCESS_NAMES = 1000
 # Versions per Chroma `$in` filter, and chunks per `add` (Chroma refuses more than ~5000).
 _VERSIONS_PER_GET = 100
 _CHUNKS_PER_ADD = 1000
@@ -57,7 +59,12 @@ def document_id(filename: str) -> str:
 
 
 class KnowledgeBaseStore:
-    """Knowledge bases and their documents, checked against the principal's access on every call."""
+    """Knowledge bases and their documents, checked against the principal's access on every call.
+
+    Each user names knowledge bases in a namespace of their own. A knowledge base is referred to
+    by its id, `owner/name`, or by its name alone: the principal's own knowledge base of that
+    name, else the one knowledge base of that name the principal may read.
+    """
 
     def __init__(
         self, root: Path, settings: RagSettings | None = None, embedder: Embedder | None = None
@@ -80,16 +87,19 @@ class KnowledgeBaseStore:
         readers: Iterable[str] = (),
         groups: Iterable[str] = (),
     ) -> KnowledgeBase:
-        """A new, empty knowledge base owned by the principal."""
+        """A new, empty knowledge base owned by the principal, in the principal's namespace."""
         if not _NAME.fullmatch(name):
             raise KnowledgeBaseError(
                 f"invalid knowledge base name {name!r}: use 1 to 64 letters, digits, spaces, "
-                "'.', '_' or '-', not starting or ending with a space"
+                "'.', '_' or '-', starting with a letter or digit and not ending with a space"
             )
+        acl = KnowledgeBaseACL(
+            principal.user, _access_names(readers, "readers"), _access_names(groups, "groups")
+        )
         kb = KnowledgeBase(
-            name=name,
+            id=f"{principal.user}/{name}",
             collection=self._new_collection_name(name),
-            acl=KnowledgeBaseACL(principal.user, frozenset(readers), frozenset(groups)),
+            acl=acl,
             created_at=now(),
             embedding_model=self.embedder.name,
             dimension=self.embedder.dimension,
@@ -101,33 +111,43 @@ class KnowledgeBaseStore:
         return kb
 
     def knowledge_bases(self, principal: Principal) -> list[KnowledgeBase]:
-        """The knowledge bases the principal may read, by name."""
+        """The knowledge bases the principal may read, by id."""
         return [kb for kb in self._registry.knowledge_bases() if kb.acl.can_read(principal)]
 
-    def get(self, principal: Principal, name: str) -> KnowledgeBase:
-        """The knowledge base; KnowledgeBaseNotFound unless the principal may read it."""
-        kb = self._registry.knowledge_base(name)
-        require_read(principal, name, kb and kb.acl)
+    def get(self, principal: Principal, ref: str) -> KnowledgeBase:
+        """The knowledge base `ref` (an id or a name); KnowledgeBaseNotFound unless the
+        principal may read it."""
+        kb = self._registry.knowledge_base(self._resolve(principal, ref))
+        require_read(principal, ref, kb and kb.acl)
+        return kb
+
+    def writable(self, principal: Principal, ref: str) -> KnowledgeBase:
+        """The knowledge base, if the principal may change it: AccessDenied for a reader,
+        KnowledgeBaseNotFound for anyone else."""
+        kb = self._registry.knowledge_base(self._resolve(principal, ref))
+        require_write(principal, ref, kb and kb.acl)
         return kb
 
     def share(
-        self, principal: Principal, name: str, readers: Iterable[str], groups: Iterable[str]
+        self, principal: Principal, ref: str, readers: Iterable[str], groups: Iterable[str]
     ) -> KnowledgeBase:
         """Replace the users and groups who may read the knowledge base (owner or admin)."""
-        self._writable(principal, name)
-        self._registry.set_access(name, frozenset(readers), frozenset(groups))
-        return self.get(principal, name)
+        kb = self.writable(principal, ref)
+        readers, groups = _access_names(readers, "readers"), _access_names(groups, "groups")
+        self._registry.set_access(kb.id, readers, groups)
+        return self.get(principal, kb.id)
 
-    def delete(self, principal: Principal, name: str) -> None:
-        """Delete the knowledge base with all its documents (owner or admin)."""
-        kb = self._writable(principal, name)
-        self._registry.remove_knowledge_base(name)
+    def delete(self, principal: Principal, ref: str) -> KnowledgeBase:
+        """Delete the knowledge base with all its documents (owner or admin); returns it."""
+        kb = self.writable(principal, ref)
+        self._registry.remove_knowledge_base(kb.id)
         self._drop_collection(kb.collection)
+        return kb
 
     # Documents
 
     def add_documents(
-        self, principal: Principal, name: str, documents: Iterable[ParsedDocument]
+        self, principal: Principal, ref: str, documents: Iterable[ParsedDocument]
     ) -> list[IngestResult]:
         """Add documents, or replace those of the same file name, one at a time.
 
@@ -135,30 +155,29 @@ class KnowledgeBaseStore:
         also after a crash. An unchanged document is skipped without embedding anything. An
         error stops the batch; the documents before it stay in.
         """
-        kb = self._writable(principal, name)
+        kb = self.writable(principal, ref)
         self._check_model(kb)
         return [self._add(kb, document) for document in documents]
 
-    def documents(self, principal: Principal, name: str) -> list[DocumentRecord]:
+    def documents(self, principal: Principal, ref: str) -> list[DocumentRecord]:
         """The documents of the knowledge base, by file name."""
-        self.get(principal, name)
-        return self._registry.documents(name)
+        return self._registry.documents(self.get(principal, ref).id)
 
-    def delete_document(self, principal: Principal, name: str, filename: str) -> None:
+    def delete_document(self, principal: Principal, ref: str, filename: str) -> None:
         """Delete the document and its chunks (owner or admin)."""
-        kb = self._writable(principal, name)
+        kb = self.writable(principal, ref)
         removed = self._registry.remove_document(kb, document_id(filename))
         if removed is None:
-            raise KnowledgeBaseError(f"no document {filename!r} in knowledge base {name!r}")
+            raise KnowledgeBaseError(f"no document {filename!r} in knowledge base {ref!r}")
         self._drop_version(kb.collection, removed.version)
 
     # Reading chunks
 
     def search(
-        self, principal: Principal, name: str, vector: Sequence[float], n: int
+        self, principal: Principal, ref: str, vector: Sequence[float], n: int
     ) -> list[tuple[Chunk, float]]:
         """The `n` current chunks nearest to `vector`, with their cosine similarity, best first."""
-        kb = self.get(principal, name)
+        kb = self.get(principal, ref)
         self._check_model(kb)
         current = self._current_versions(kb)
         collection = self._collection(kb)
@@ -189,9 +208,9 @@ class KnowledgeBaseStore:
             fetch *= 4
         return []
 
-    def chunks(self, principal: Principal, name: str) -> list[Chunk]:
+    def chunks(self, principal: Principal, ref: str) -> list[Chunk]:
         """Every current chunk of the knowledge base, by file name and position."""
-        kb = self.get(principal, name)
+        kb = self.get(principal, ref)
         versions = sorted(self._current_versions(kb))
         collection = self._collection(kb)
         chunks = []
@@ -230,16 +249,31 @@ class KnowledgeBaseStore:
 
     # Internals
 
-    def _writable(self, principal: Principal, name: str) -> KnowledgeBase:
-        kb = self._registry.knowledge_base(name)
-        require_write(principal, name, kb and kb.acl)
-        return kb
+    def _resolve(self, principal: Principal, ref: str) -> str:
+        """The id `ref` stands for: itself if it has an owner, else the principal's own
+        knowledge base of that name, else the only one of that name the principal may read.
+
+        Only readable knowledge bases are considered, so the answer tells nothing about others.
+        """
+        if "/" in ref:
+            return ref
+        own = f"{principal.user}/{ref}"
+        if self._registry.knowledge_base(own) is not None:
+            return own
+        named = self._registry.knowledge_bases_named(ref)
+        shared = [kb.id for kb in named if kb.acl.can_read(principal)]
+        if len(shared) > 1:
+            raise KnowledgeBaseError(
+                f"several knowledge bases named {ref!r} are shared with you: say which, as "
+                + " or ".join(repr(kb_id) for kb_id in shared)
+            )
+        return shared[0] if shared else own
 
     def _check_model(self, kb: KnowledgeBase) -> None:
         """Vectors of different models do not compare: refuse to mix them in one collection."""
         if (kb.embedding_model, kb.dimension) != (self.embedder.name, self.embedder.dimension):
             raise KnowledgeBaseError(
-                f"knowledge base {kb.name!r} was built with the embedding model "
+                f"knowledge base {kb.id!r} was built with the embedding model "
                 f"{kb.embedding_model} ({kb.dimension} dimensions), not the configured "
                 f"{self.embedder.name}: configure that model (rag.embedding_model) again, or "
                 "create the knowledge base again"
@@ -258,7 +292,7 @@ class KnowledgeBaseStore:
             chunks=len(chunks),
             updated_at=now(),
         )
-        old = self._registry.document(kb.name, record.id)
+        old = self._registry.document(kb.id, record.id)
         if old and old.content_hash == record.content_hash:
             return IngestResult(record.filename, record.id, "unchanged", old.chunks)
         self._registry.begin_version(kb.collection, record.version)
@@ -343,7 +377,7 @@ class KnowledgeBaseStore:
         cached = self._versions.get(kb.collection)
         if cached is not None and cached[0] == kb.generation:
             return cached[1]
-        versions = frozenset(document.version for document in self._registry.documents(kb.name))
+        versions = frozenset(document.version for document in self._registry.documents(kb.id))
         self._versions[kb.collection] = (kb.generation, versions)
         return versions
 
@@ -358,6 +392,16 @@ def _collection_prefix(store_id: str) -> str:
     # The store id keeps garbage collection away from collections of other stores that share a
     # Chroma server.
     return f"kb-{store_id}-"
+
+
+def _access_names(names: Iterable[str], what: str) -> frozenset[str]:
+    """User or group names as a set; a single string is refused, not split into letters."""
+    listed = [] if isinstance(names, str) else list(names)
+    if isinstance(names, str) or not all(isinstance(name, str) and name for name in listed):
+        raise KnowledgeBaseError(f"{what} must be a list of names")
+    if len(listed) > _MAX_ACCESS_NAMES:
+        raise KnowledgeBaseError(f"{what}: at most {_MAX_ACCESS_NAMES} names")
+    return frozenset(listed)
 
 
 def _add_chunks(
@@ -389,7 +433,7 @@ def _stored(kb: KnowledgeBase, chunk_id: str, text: str, meta: dict[str, Any]) -
     return Chunk(
         id=chunk_id,
         text=text,
-        kb=kb.name,
+        kb=kb.id,
         document_id=meta["document_id"],
         filename=meta["filename"],
         index=meta["index"],

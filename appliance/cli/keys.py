@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import click
 
 from appliance.cli import audit
@@ -28,8 +30,15 @@ def create(
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.api_keys import ApiKeyStore
 
+    expires_at = parse_expiry(expires)
+    # A key born expired is a mistake (a typo in the year), not a way to make a dead key.
+    if expires_at is not None and expires_at <= dt.datetime.now(dt.UTC):
+        raise click.BadParameter(
+            f"{expires!r} is in the past: give a later date, such as 2027-06-30",
+            param_hint="'--expires'",
+        )
     secret, record = ApiKeyStore(ctx.settings.api_keys_file).create(
-        user, "admin" if admin else "user", list(groups), parse_expiry(expires)
+        user, "admin" if admin else "user", list(groups), expires_at
     )
     audit.record(
         ctx,

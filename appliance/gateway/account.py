@@ -13,7 +13,8 @@ from fastapi import APIRouter, Depends, Request
 
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import AccessRefused, principal
-from appliance.gateway.protocol import RequestError, json_object
+from appliance.gateway.json_body import json_object
+from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import KeyRefused, Principal
 from appliance.security.secret_files import replace_secret_file
 

@@ -13,7 +13,8 @@ from starlette.datastructures import UploadFile
 from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import principal
-from appliance.gateway.protocol import RequestError, json_object
+from appliance.gateway.json_body import json_object
+from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import Principal
 from appliance.training import files, service
 from appliance.training.dataset import DatasetError

@@ -9,17 +9,19 @@ import json
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import principal
-from appliance.gateway.protocol import RequestError, json_object
+from appliance.gateway.json_body import json_model, validated
+from appliance.gateway.protocol import RequestError
 from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
 from appliance.security.api_keys import Principal
 
@@ -27,6 +29,44 @@ router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(principal
 Who = Annotated[Principal, Depends(principal)]
 DONE_EVENT = b"data: [DONE]"
 MAX_FILES_PER_UPLOAD = 100
+# Paths name a knowledge base by its id `owner/name` (one slash) or its name: `{ref:path}`.
+
+Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=1000)]
+
+
+class _Body(BaseModel):
+    # Strict: a string is not a list of names (it would become its letters), "5" not a number.
+    model_config = ConfigDict(strict=True)
+
+
+class CreateRequest(_Body):
+    """The body of a knowledge base's creation."""
+
+    name: str
+    readers: Names = []
+    groups: Names = []
+
+
+class ShareRequest(_Body):
+    """Who may read a knowledge base, replacing who could."""
+
+    readers: Names = []
+    groups: Names = []
+
+
+class QueryRequest(_Body):
+    """A search of one knowledge base."""
+
+    query: str
+    top_k: Annotated[int, Field(ge=1, le=100)] | None = None
+    mode: Literal["hybrid", "vector"] = "hybrid"
+
+
+class KnowledgeChat(_Body):
+    """What a chat completion over knowledge bases needs beyond a plain one."""
+
+    knowledge_bases: Annotated[list[str], Field(min_length=1)]
+    messages: list[dict[str, Any]]
 
 
 class KnowledgeService:
@@ -76,6 +116,7 @@ def _service(request: Request) -> KnowledgeService:
 
 def _describe(kb, documents: int | None = None) -> dict[str, Any]:
     out = {
+        "id": kb.id,
         "name": kb.name,
         "object": "knowledge_base",
         "owner": kb.acl.owner,
@@ -93,7 +134,7 @@ def _describe(kb, documents: int | None = None) -> dict[str, Any]:
 async def list_knowledge_bases(request: Request, who: Who) -> dict:
     def fn(store, _r):
         return [
-            _describe(kb, len(store.documents(who, kb.name))) for kb in store.knowledge_bases(who)
+            _describe(kb, len(store.documents(who, kb.id))) for kb in store.knowledge_bases(who)
         ]
 
     return {"object": "list", "data": await _service(request).run(fn)}
@@ -101,40 +142,32 @@ async def list_knowledge_bases(request: Request, who: Who) -> dict:
 
 @router.post("", status_code=201)
 async def create_knowledge_base(request: Request, who: Who) -> dict:
-    body = await json_object(request)
-    name = body.get("name")
-    if not isinstance(name, str):
-        raise RequestError(400, "'name' is required", param="name")
-    readers, groups = body.get("readers", []), body.get("groups", [])
-    kb = await _service(request).run(lambda s, _r: s.create(who, name, readers, groups))
-    await audit(request, who.user, "kb_create", name, readers=readers, groups=groups)
+    """A knowledge base in the caller's own namespace: another user's of the same name does
+    not matter, and the answer tells nothing about it."""
+    body = await json_model(request, CreateRequest)
+    readers, groups = body.readers, body.groups
+    kb = await _service(request).run(lambda s, _r: s.create(who, body.name, readers, groups))
+    await audit(request, who.user, "kb_create", kb.id, readers=readers, groups=groups)
     return _describe(kb, 0)
 
 
-@router.delete("/{name}")
-async def delete_knowledge_base(name: str, request: Request, who: Who) -> dict:
-    await _service(request).run(lambda s, _r: s.delete(who, name))
-    await audit(request, who.user, "kb_delete", name)
-    return {"name": name, "deleted": True}
-
-
-@router.post("/{name}/share")
-async def share_knowledge_base(name: str, request: Request, who: Who) -> dict:
-    body = await json_object(request)
-    readers, groups = body.get("readers", []), body.get("groups", [])
-    kb = await _service(request).run(lambda s, _r: s.share(who, name, readers, groups))
-    await audit(request, who.user, "kb_share", name, readers=readers, groups=groups)
+@router.post("/{ref:path}/share")
+async def share_knowledge_base(ref: str, request: Request, who: Who) -> dict:
+    body = await json_model(request, ShareRequest)
+    readers, groups = body.readers, body.groups
+    kb = await _service(request).run(lambda s, _r: s.share(who, ref, readers, groups))
+    await audit(request, who.user, "kb_share", kb.id, readers=readers, groups=groups)
     return _describe(kb)
 
 
-@router.get("/{name}/documents")
-async def list_documents(name: str, request: Request, who: Who) -> dict:
-    docs = await _service(request).run(lambda s, _r: s.documents(who, name))
+@router.get("/{ref:path}/documents")
+async def list_documents(ref: str, request: Request, who: Who) -> dict:
+    docs = await _service(request).run(lambda s, _r: s.documents(who, ref))
     return {"object": "list", "data": [asdict(d) for d in docs]}
 
 
-@router.post("/{name}/documents")
-async def upload_documents(name: str, request: Request, who: Who) -> dict:
+@router.post("/{ref:path}/documents")
+async def upload_documents(ref: str, request: Request, who: Who) -> dict:
     """Each file is parsed on its own: refused files are listed with their reason, the others
     go in (a re-uploaded file name replaces that document)."""
     # Knowledge bases bring Chroma and the embedder: loaded at their first use.
@@ -158,48 +191,55 @@ async def upload_documents(name: str, request: Request, who: Who) -> dict:
         await form.close()
 
     def fn(store, _r):
-        store.get(who, name)  # unknown or unreadable knowledge base: 404 before any parsing
+        # Before any parsing: 404 for an unknown or unreadable knowledge base, 403 for a reader.
+        kb = store.writable(who, ref)
         documents, errors = parse_many(uploads)
         results = []
         for doc in documents:  # one at a time, so one failure does not stop the others
             try:
-                results += [asdict(r) for r in store.add_documents(who, name, [doc])]
+                results += [asdict(r) for r in store.add_documents(who, kb.id, [doc])]
             except ApplianceError as exc:
                 errors.append(exc)
-        return {
+        return kb, {
             "results": results,
             "errors": [{"filename": getattr(e, "filename", ""), "message": str(e)} for e in errors],
         }
 
-    outcome = await service.run(fn)
+    kb, outcome = await service.run(fn)
     await audit(
         request,
         who.user,
         "upload",
-        name,
+        kb.id,
         added=[(r["filename"], r["status"]) for r in outcome["results"]],
         refused=[e["filename"] for e in outcome["errors"]],
     )
     return outcome
 
 
-@router.delete("/{name}/documents/{filename}")
-async def delete_document(name: str, filename: str, request: Request, who: Who) -> dict:
-    await _service(request).run(lambda s, _r: s.delete_document(who, name, filename))
-    await audit(request, who.user, "document_delete", name, filename=filename)
+# Registered before the knowledge base's own DELETE, whose `{ref:path}` also matches this path.
+@router.delete("/{ref:path}/documents/{filename}")
+async def delete_document(ref: str, filename: str, request: Request, who: Who) -> dict:
+    await _service(request).run(lambda s, _r: s.delete_document(who, ref, filename))
+    await audit(request, who.user, "document_delete", ref, filename=filename)
     return {"filename": filename, "deleted": True}
 
 
-@router.post("/{name}/query")
-async def query(name: str, request: Request, who: Who) -> dict:
-    body = await json_object(request)
-    text = body.get("query")
-    if not isinstance(text, str) or not text.strip():
+@router.delete("/{ref:path}")
+async def delete_knowledge_base(ref: str, request: Request, who: Who) -> dict:
+    kb = await _service(request).run(lambda s, _r: s.delete(who, ref))
+    await audit(request, who.user, "kb_delete", kb.id)
+    return {"id": kb.id, "name": kb.name, "deleted": True}
+
+
+@router.post("/{ref:path}/query")
+async def query(ref: str, request: Request, who: Who) -> dict:
+    body = await json_model(request, QueryRequest)
+    text, top_k, vector_only = body.query, body.top_k, body.mode == "vector"
+    if not text.strip():
         raise RequestError(400, "'query' is required", param="query")
-    top_k = body.get("top_k")
-    vector_only = body.get("mode", "hybrid") == "vector"
     hits = await _service(request).run(
-        lambda _s, r: r.retrieve(who, [name], text, top_k, vector_only=vector_only)
+        lambda _s, r: r.retrieve(who, [ref], text, top_k, vector_only=vector_only)
     )
     return {"object": "list", "data": [_hit(h) for h in hits]}
 
@@ -229,12 +269,9 @@ async def grounded_chat(request: Request, body: dict, forward) -> Response:
     from appliance.rag.prompting import build_messages, parse_citations
 
     who = principal(request)
-    names = body.pop("knowledge_bases")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
-        raise RequestError(
-            400, "'knowledge_bases' must be a list of names", param="knowledge_bases"
-        )
-    messages = body.get("messages") or []
+    checked = validated(body, KnowledgeChat)
+    names, messages = checked.knowledge_bases, checked.messages
+    del body["knowledge_bases"]
     last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
     if last is None or not isinstance(last.get("content"), str):
         raise RequestError(400, "a chat over knowledge bases needs a user message with text")

@@ -52,17 +52,6 @@ class RequestError(Exception):
         return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
 
 
-async def json_object(request) -> dict[str, Any]:
-    """A request's body as a JSON object; a 400 error body otherwise."""
-    try:
-        body = await request.json()
-    except ValueError:
-        raise RequestError(400, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "the body must be a JSON object")
-    return body
-
-
 def server_error(message: str, code: str = "instance_failed", status: int = 502) -> RequestError:
     return RequestError(status, message, type="server_error", code=code)
 
@@ -73,18 +62,6 @@ ENDPOINT_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "/v1/completions": ("prompt", ("chat", "completion")),
     "/v1/embeddings": ("input", ("embedding",)),
 }
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        raise RequestError(400, "The request body is empty; expected a JSON object.")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "The request body must be a JSON object.")
-    return body
 
 
 def validate_request(path: str, body: dict[str, Any], catalog: Catalog) -> ModelSpec:
@@ -110,8 +87,13 @@ def validate_request(path: str, body: dict[str, Any], catalog: Catalog) -> Model
         )
     if field not in body:
         raise RequestError(400, f"Missing required parameter: '{field}'.", param=field)
-    if field == "messages" and (not isinstance(body["messages"], list) or not body["messages"]):
-        raise RequestError(400, "'messages' must be a non-empty array.", param="messages")
+    if field == "messages" and (
+        not isinstance(body["messages"], list)
+        or not body["messages"]
+        or not all(isinstance(m, dict) for m in body["messages"])
+    ):
+        message = "'messages' must be a non-empty array of objects."
+        raise RequestError(400, message, param="messages")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false.", param="stream")

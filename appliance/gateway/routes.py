@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse, Response
 from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import admin, principal
+from appliance.gateway.json_body import parse_body
 from appliance.gateway.knowledge import grounded_chat
 from appliance.gateway.observe import observed
-from appliance.gateway.protocol import RequestError, parse_body, validate_request
+from appliance.gateway.protocol import RequestError, validate_request
 from appliance.serving.instance import Instance, InstanceState
 
 router = APIRouter()

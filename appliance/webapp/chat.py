@@ -232,7 +232,7 @@ async def refresh_pickers(ctx: WebContext, session, chosen, chosen_kbs):
             names[0] if names else None
         )
         model_update = gr.Dropdown(choices=choices, value=chosen)
-    kb_names = [kb["name"] for kb in bases]
+    kb_names = [render.kb_ref(kb, session.get("user")) for kb in bases]
     kb_update = gr.Dropdown(choices=kb_names)
     if any(k not in kb_names for k in chosen_kbs or []):
         kb_update = gr.Dropdown(choices=kb_names, value=[k for k in chosen_kbs if k in kb_names])

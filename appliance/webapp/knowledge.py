@@ -162,9 +162,9 @@ async def refresh(ctx: WebContext, session, chosen):
     if not signed_in(session):
         return gr.Dropdown(choices=[], value=None), "", [], gr.Dropdown(choices=[], value=None)
     bases = await gateway(ctx.client.knowledge_bases(token_of(session)))
-    names = [b["name"] for b in bases]
+    names = [render.kb_ref(b, session.get("user")) for b in bases]
     chosen = chosen if chosen in names else (names[0] if names else None)
-    current = next((b for b in bases if b["name"] == chosen), None)
+    current = next((b for b, n in zip(bases, names, strict=True) if n == chosen), None)
     docs = await gateway(ctx.client.documents(token_of(session), chosen)) if chosen else []
     filenames = [d["filename"] for d in docs]
     return (

@@ -125,6 +125,15 @@ def hits_markdown(hits: list[dict[str, Any]]) -> str:
     )
 
 
+def kb_ref(kb: dict[str, Any], user: str | None) -> str:
+    """How the web app names a knowledge base: its name if the user owns it, else `owner/name`.
+
+    Names are unique per owner only; the gateway reads a bare name as the user's own first.
+    """
+    owner = kb.get("owner")
+    return kb["name"] if owner in (None, user) else f"{owner}/{kb['name']}"
+
+
 def split_names(text: str) -> list[str]:
     """ "alice, bob carol" -> ["alice", "bob", "carol"] (readers and groups as typed)."""
     return [n for n in text.replace(",", " ").split() if n]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 from pathlib import Path
 
@@ -125,3 +126,30 @@ def zip_bomb_docx(path: Path, unzipped_mib: int) -> Path:
             for _ in range(unzipped_mib):
                 member.write(zero_mib)
     return path
+
+
+PPMD = 98  # a compression method Python's zipfile cannot read
+ENCRYPTED = 0x1  # general purpose flag bit 0
+
+
+def patched(data: bytes, member: str, *, method: int | None = None, flags: int = 0) -> bytes:
+    """`data` with `member`'s compression method and flags changed in both of its headers, the
+    local one and the central directory's, as a hostile client could send them."""
+    out = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        local = archive.getinfo(member).header_offset
+    _patch(out, local, flags_at=6, method_at=8, method=method, flags=flags)
+    central = out.find(b"PK\x01\x02")
+    while central != -1:
+        (name_len,) = struct.unpack_from("<H", out, central + 28)
+        if bytes(out[central + 46 : central + 46 + name_len]) == member.encode():
+            _patch(out, central, flags_at=8, method_at=10, method=method, flags=flags)
+        central = out.find(b"PK\x01\x02", central + 4)
+    return bytes(out)
+
+
+def _patch(out: bytearray, at: int, *, flags_at: int, method_at: int, method, flags) -> None:
+    (old_flags,) = struct.unpack_from("<H", out, at + flags_at)
+    struct.pack_into("<H", out, at + flags_at, old_flags | flags)
+    if method is not None:
+        struct.pack_into("<H", out, at + method_at, method)

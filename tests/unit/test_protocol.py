@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.config import load_settings
-from appliance.gateway.protocol import RequestError, parse_body, validate_request
+from appliance.gateway.protocol import RequestError, validate_request
 from appliance.models.catalog import load_catalog
 
 
@@ -23,12 +23,10 @@ def refuse(path, body, catalog) -> RequestError:
     return err.value
 
 
-@pytest.mark.parametrize("raw", [b"", b"{not json", b"[1, 2]", b"\xff\xfe"])
-def test_malformed_bodies(raw):
-    with pytest.raises(RequestError) as err:
-        parse_body(raw)
-    assert err.value.status == 400
-    assert err.value.body()["error"]["type"] == "invalid_request_error"
+@pytest.mark.parametrize("messages", [["hi"], [], "hi", [{"role": "user", "content": "x"}, 5]])
+def test_messages_must_be_a_list_of_objects(catalog, messages):
+    e = refuse(CHAT, {"model": "tiny-chat", "messages": messages}, catalog)
+    assert (e.status, e.param) == (400, "messages")
 
 
 def test_unknown_model(catalog):

@@ -115,7 +115,7 @@ def test_a_question_finds_its_topic_by_meaning_with_its_source(retriever: Retrie
     hits = retriever.retrieve(ALICE, ["manuals"], "How often must the bearings be lubricated?")
     assert len(hits) == SMALL_CHUNKS.top_k
     top = hits[0].chunk
-    assert (top.filename, top.page, top.kb) == ("pumps.pdf", 3, "manuals")
+    assert (top.filename, top.page, top.kb) == ("pumps.pdf", 3, "alice/manuals")
     assert "greased every 500" in top.text and hits[0].ranks["vector"] == 1
     assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
 
@@ -137,7 +137,7 @@ def test_search_spans_knowledge_bases_and_sees_documents_added_later(
     assert retriever.retrieve(ALICE, ["later"], "zeppelin") == []
     store.add_documents(ALICE, "later", [document("air.txt", ["The zeppelin LZ-129 flew."])])
     [first, *_] = retriever.retrieve(ALICE, ["manuals", "later"], "LZ-129 zeppelin")
-    assert (first.chunk.kb, first.chunk.filename) == ("later", "air.txt")
+    assert (first.chunk.kb, first.chunk.filename) == ("alice/later", "air.txt")
     assert set(first.ranks) == {"vector", "keyword"}
 
 

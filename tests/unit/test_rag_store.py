@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -73,17 +74,66 @@ def test_valid_names_are_accepted(tmp_path: Path, name: str):
     assert store.create(ALICE, name).name == name
 
 
-@pytest.mark.parametrize("name", ["", " lead", "trail ", "a/b", "ä", "A" * 65, "x\ny"])
+@pytest.mark.parametrize(
+    "name", ["", " lead", "trail ", "a/b", "ä", "A" * 65, "x\ny", ".", "..", ".hidden", "-rf"]
+)
 def test_invalid_names_are_refused(tmp_path: Path, name: str):
     with pytest.raises(KnowledgeBaseError, match="invalid knowledge base name"):
         _open(tmp_path).create(ALICE, name)
 
 
-def test_a_taken_name_is_refused(tmp_path: Path):
+def test_names_are_per_owner(tmp_path: Path):
+    """Bob's "kb" is his own, whether or not Alice has one: creating it tells him nothing."""
     store = _open(tmp_path)
     store.create(ALICE, "kb")
-    with pytest.raises(KnowledgeBaseError, match="already exists"):
-        store.create(BOB, "kb")
+    bobs = store.create(BOB, "kb")
+    assert (bobs.id, bobs.name, bobs.acl.owner) == ("bob/kb", "kb", "bob")
+    with pytest.raises(KnowledgeBaseError, match="you already have a knowledge base named 'kb'"):
+        store.create(ALICE, "kb")
+    assert store.get(ALICE, "kb").id == "alice/kb"
+    assert store.get(BOB, "kb").id == "bob/kb"
+    with pytest.raises(KnowledgeBaseNotFound, match="'alice/kb' not found"):
+        store.get(BOB, "alice/kb")
+
+
+def test_a_shared_knowledge_base_is_reached_by_id_or_by_its_unique_name(tmp_path: Path):
+    store = _open(tmp_path)
+    store.create(ALICE, "docs", readers=["carol"])
+    assert store.get(CAROL, "alice/docs").id == "alice/docs"
+    assert store.get(CAROL, "docs").id == "alice/docs"  # the only "docs" she may read
+    store.create(BOB, "docs", readers=["carol"])
+    with pytest.raises(KnowledgeBaseError, match="'alice/docs' or 'bob/docs'"):
+        store.get(CAROL, "docs")
+    store.create(CAROL, "docs")
+    assert store.get(CAROL, "docs").id == "carol/docs"  # her own comes first
+    ids = [kb.id for kb in store.knowledge_bases(CAROL)]
+    assert ids == ["alice/docs", "bob/docs", "carol/docs"]
+
+
+@pytest.mark.parametrize("readers", ["bob", ["bob", 5], [""]])
+def test_readers_must_be_a_list_of_names(tmp_path: Path, readers):
+    store = _open(tmp_path)
+    with pytest.raises(KnowledgeBaseError, match="readers must be a list of names"):
+        store.create(ALICE, "kb", readers=readers)
+    store.create(ALICE, "kb")
+    with pytest.raises(KnowledgeBaseError, match="readers must be a list of names"):
+        store.share(ALICE, "kb", readers, [])
+
+
+def test_a_registry_from_before_namespaces_is_migrated(tmp_path: Path):
+    """Names of a registry written with one global namespace become ids `owner/name`; the
+    documents and their chunks stay reachable."""
+    store = _kb_with_old_manual(tmp_path)
+    with sqlite3.connect(tmp_path / "registry.sqlite3") as db:  # back to the old form
+        db.execute("PRAGMA defer_foreign_keys = ON")
+        db.execute("UPDATE documents SET kb = 'kb'")
+        db.execute("UPDATE knowledge_bases SET name = 'kb'")
+        db.execute("DELETE FROM meta WHERE key = 'namespaced_names'")
+    reopened = _open(tmp_path)
+    assert [kb.id for kb in reopened.knowledge_bases(ALICE)] == ["alice/kb"]
+    assert [d.filename for d in reopened.documents(ALICE, "kb")] == ["manual.txt", "other.txt"]
+    assert _texts(reopened, "manual.txt") == _texts(store, "manual.txt")
+    reopened.create(BOB, "kb")  # the name is Alice's only
 
 
 # Access

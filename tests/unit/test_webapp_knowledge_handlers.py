@@ -28,6 +28,16 @@ def test_refresh_shows_the_chosen_knowledge_base_or_the_first():
     assert signed_out[1:3] == ("", [])
 
 
+def test_shared_knowledge_bases_are_named_with_their_owner():
+    """Alice's "plant" shared with Bob sits beside his own "plant" as "alice/plant"."""
+    shared = {"id": "alice/plant", "name": "plant", "owner": "alice", "documents": 2}
+    client = FakeClient(knowledge_bases=[*BASES, shared], documents=DOCS)
+    picked, info, *_ = run(knowledge.refresh(context(client), USER, "alice/plant"))
+    assert given(picked) == {"choices": ["plant", "office", "alice/plant"], "value": "alice/plant"}
+    assert "2 documents; owner alice" in info
+    assert client.called("documents") == [("t-bob", "alice/plant")]
+
+
 def test_create_asks_for_a_name_and_splits_readers_and_groups():
     client = FakeClient()
     with pytest.warns(UserWarning, match="Give the knowledge base a name"):
