@@ -38,7 +38,8 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
         tmp_path_factory.mktemp("limit"),
         catalog,
         serving={"time_limit_min": LIMIT_MIN},
-        gateway={"successor_lead_s": LEAD_S, "park_after_s": 0},
+        # No consolidation: the handover, not the rebalancer, must move the stream.
+        gateway={"successor_lead_s": LEAD_S, "park_after_s": 0, "consolidate_after_s": 3600},
     )
     with running_gateway(settings) as url:
         yield settings, url
