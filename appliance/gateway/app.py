@@ -120,7 +120,7 @@ def create_app(
             requests,
             monitor,
             audit,
-            Quotas(settings.security),
+            Quotas(settings.security, path=settings.layout.usage_db),
             slurm,
         )
         log.info("gateway ready; %d models in the catalog", len(catalog))

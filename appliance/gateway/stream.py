@@ -16,6 +16,7 @@ from appliance.errors import ApplianceError
 from appliance.gateway.migration import StreamRecord
 from appliance.gateway.protocol import RequestError, server_error
 from appliance.gateway.upstream import UPSTREAM_ERRORS, acquire_error
+from appliance.gateway.usage import USAGE_KEY, event_usage
 from appliance.serving.instance import Instance
 
 if TYPE_CHECKING:
@@ -34,13 +35,17 @@ STALL_CHECK_S = 1.0
 
 
 class StreamWatcher(Protocol):
-    """Learns where a stream runs: each instance it is sent to, and the pause of each move."""
+    """Learns where a stream runs: each instance it is sent to, the pause of each move, and
+    the tokens it used."""
 
     def instance(self, inst: Instance) -> None: ...
 
     def resumed(self, pause_s: float) -> None:
         """The first event from the new instance went out `pause_s` after the last from the
         old one."""
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """The stream's usage chunk came: its tokens, all choices together."""
 
 
 @dataclass
@@ -63,7 +68,10 @@ class Stream:
         model: str,
         record: StreamRecord | None,
         watcher: StreamWatcher | None,
+        hide_usage: bool = False,
     ):
+        """`hide_usage`: the usage chunk was asked for by the gateway, not the client: it is
+        read, then left out of the client's stream."""
         self.forwarder = forwarder
         self.manager = forwarder.manager
         self.settings = forwarder.settings
@@ -72,6 +80,7 @@ class Stream:
         self.model = model
         self.record = record
         self.watcher = watcher
+        self.hide_usage = hide_usage
         # When the last event before a move (or a failure) went out; None when not moving.
         self.paused_at: float | None = None
         self.exclude: set[int] = set()
@@ -201,7 +210,7 @@ class Stream:
                         if record is None:
                             yield event  # nothing to continue from: the client sees it all
                         return
-                    out = self._client_bytes(event)
+                    out = self._account(self._client_bytes(event))
                     if out:
                         if self.paused_at is not None and self.watcher is not None:
                             self.watcher.resumed(time.monotonic() - self.paused_at)
@@ -211,7 +220,8 @@ class Stream:
                     if outcome.target is not None:
                         return  # the watchdog moved the stream while the client was reading
                     if record is not None and record.ended:
-                        yield record.ending()  # the upstream goes on: it is closed below
+                        # The upstream goes on: it is closed below.
+                        yield self._account(record.ending())
                         outcome.done = True
                         return
                     inst.last_data = time.time()
@@ -265,6 +275,20 @@ class Stream:
             return self.record.relay(event, self.continued)
         except (ValueError, TypeError, AttributeError):
             return event  # not the JSON we expect: pass it on as it came
+
+    def _account(self, out: bytes) -> bytes:
+        """Tell the watcher the usage these events carry; drop the usage chunk the client did
+        not ask for (the rest goes out as it came)."""
+        if USAGE_KEY not in out:
+            return out
+        kept = []
+        for event in out.split(b"\n\n")[:-1]:
+            usage, usage_chunk = event_usage(event)
+            if usage is not None and self.watcher is not None:
+                self.watcher.usage(usage.prompt, usage.completion)
+            if not (usage_chunk and self.hide_usage):
+                kept.append(event + b"\n\n")
+        return b"".join(kept)
 
     async def _wait_for_instance(self, holder: list[Instance]) -> AsyncIterator[bytes]:
         """Wait for an instance, sending SSE comments so the client's connection stays open."""
