@@ -82,13 +82,15 @@ def test_streams_ask_for_usage_for_the_client_that_did_not():
         "include_usage": True,
         "continuous_usage_stats": False,
     }
-    off = {"stream": True, "stream_options": {"include_usage": False, "continuous_usage_stats": True}}
+    options = {"include_usage": False, "continuous_usage_stats": True}
+    off = {"stream": True, "stream_options": options}
     sent, asked = asking_for_usage(json.dumps(off).encode())
     assert not asked and json.loads(sent)["stream_options"]["continuous_usage_stats"] is False
 
 
 @pytest.mark.parametrize(
-    "options", [{"include_usage": True}, {}, {"include_usage": True, "continuous_usage_stats": True}]
+    "options",
+    [{"include_usage": True}, {}, {"include_usage": True, "continuous_usage_stats": True}],
 )
 def test_a_client_that_asked_gets_its_request_unchanged(options):
     raw = json.dumps({"stream": True, "stream_options": options}).encode()
