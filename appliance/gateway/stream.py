@@ -16,7 +16,7 @@ from appliance.errors import ApplianceError
 from appliance.gateway.migration import StreamRecord
 from appliance.gateway.protocol import RequestError, server_error
 from appliance.gateway.upstream import UPSTREAM_ERRORS, acquire_error
-from appliance.gateway.usage import USAGE_KEY, event_usage
+from appliance.gateway.usage import Usage, UsageFilter
 from appliance.serving.instance import Instance
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class Stream:
         hide_usage: bool = False,
     ):
         """`hide_usage`: the usage chunk was asked for by the gateway, not the client: it is
-        read, then left out of the client's stream."""
+        read, then left out of the client's stream (appliance/gateway/usage.py)."""
         self.forwarder = forwarder
         self.manager = forwarder.manager
         self.settings = forwarder.settings
@@ -80,7 +80,7 @@ class Stream:
         self.model = model
         self.record = record
         self.watcher = watcher
-        self.hide_usage = hide_usage
+        self.usage = UsageFilter(hide_usage, self._report)
         # When the last event before a move (or a failure) went out; None when not moving.
         self.paused_at: float | None = None
         self.exclude: set[int] = set()
@@ -167,15 +167,20 @@ class Stream:
             resumable = self.record is not None and self.record.resumable
             if self.failures <= max_retries and (not self.sent or resumable):
                 # Nothing sent: start over elsewhere; something sent: continue from its tokens.
+                if not self.sent:
+                    self.usage.release()  # held back from the failed try, never sent
                 self.continued = self.continued or self.sent
                 if self.sent and self.paused_at is None:
                     self.paused_at = time.monotonic()
                 inst, upstream = None, None
                 continue
-            yield server_error(
-                f"instance {inst.job_id} of {self.model} failed in the middle of the response "
-                f"({outcome.failure}); the answer is incomplete, please retry"
-            ).sse_event()
+            yield (
+                self.usage.release()
+                + server_error(
+                    f"instance {inst.job_id} of {self.model} failed in the middle of the response "
+                    f"({outcome.failure}); the answer is incomplete, please retry"
+                ).sse_event()
+            )
             return
 
     def _failed(self, inst: Instance, reason: str) -> None:
@@ -203,14 +208,15 @@ class Stream:
                     event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
                     if event.startswith(DONE_MARKER):
                         outcome.done = True
-                        yield event
+                        yield self.usage.release() + event
                         return
                     if ABORTED_MARKER in event or event.startswith(UPSTREAM_ERROR_MARKER):
                         outcome.failure = "the instance aborted the request or reported an error"
                         if record is None:
-                            yield event  # nothing to continue from: the client sees it all
+                            # Nothing to continue from: the client sees it all.
+                            yield self.usage.release() + event
                         return
-                    out = self._account(self._client_bytes(event))
+                    out = self.usage.events(self._client_bytes(event))
                     if out:
                         if self.paused_at is not None and self.watcher is not None:
                             self.watcher.resumed(time.monotonic() - self.paused_at)
@@ -221,7 +227,7 @@ class Stream:
                         return  # the watchdog moved the stream while the client was reading
                     if record is not None and record.ended:
                         # The upstream goes on: it is closed below.
-                        yield self._account(record.ending())
+                        yield self.usage.events(record.ending())
                         outcome.done = True
                         return
                     inst.last_data = time.time()
@@ -276,19 +282,9 @@ class Stream:
         except (ValueError, TypeError, AttributeError):
             return event  # not the JSON we expect: pass it on as it came
 
-    def _account(self, out: bytes) -> bytes:
-        """Tell the watcher the usage these events carry; drop the usage chunk the client did
-        not ask for (the rest goes out as it came)."""
-        if USAGE_KEY not in out:
-            return out
-        kept = []
-        for event in out.split(b"\n\n")[:-1]:
-            usage, usage_chunk = event_usage(event)
-            if usage is not None and self.watcher is not None:
-                self.watcher.usage(usage.prompt, usage.completion)
-            if not (usage_chunk and self.hide_usage):
-                kept.append(event + b"\n\n")
-        return b"".join(kept)
+    def _report(self, usage: Usage) -> None:
+        if self.watcher is not None:
+            self.watcher.usage(usage.prompt, usage.completion)
 
     async def _wait_for_instance(self, holder: list[Instance]) -> AsyncIterator[bytes]:
         """Wait for an instance, sending SSE comments so the client's connection stays open."""

@@ -5,6 +5,7 @@ estimate for a stream cut before that chunk, and the cap on choices per request.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from appliance.gateway.protocol import RequestError
@@ -16,6 +17,8 @@ USAGE_KEY = b'"usage":'
 # (vLLM streams about one token per chunk), so that cutting streams short does not dodge quotas.
 CHARS_PER_TOKEN = 4
 CHOICE_MARKER = b'"finish_reason"'
+# A choice's last chunk (finish_reason set) in vLLM's compact JSON.
+FINISHED_MARKER = b'"finish_reason":"'
 _DECODER = json.JSONDecoder()
 
 
@@ -57,16 +60,86 @@ def body_usage(body: bytes) -> Usage | None:
     return usage_of(data.get("usage")) if isinstance(data, dict) else None
 
 
-def event_usage(event: bytes) -> tuple[Usage | None, bool]:
-    """One SSE event's usage, and whether the event is vLLM's usage chunk (no choices)."""
+class UsageEvent(NamedTuple):
+    """The usage an SSE event carries."""
+
+    usage: Usage
+    chunk: bool  # vLLM's usage chunk (no choices), not a chunk with continuous usage stats
+    fingerprint: str | None
+
+
+def event_usage(event: bytes) -> UsageEvent | None:
+    """One SSE event's usage, if it has one."""
     if USAGE_KEY not in event or not event.startswith(b"data: {"):
-        return None, False
+        return None
     try:
         data = json.loads(event[len(b"data: ") :])
     except (ValueError, UnicodeDecodeError):
-        return None, False
+        return None
     found = usage_of(data.get("usage")) if isinstance(data, dict) else None
-    return found, found is not None and not data.get("choices")
+    if found is None:
+        return None
+    fingerprint = data.get("system_fingerprint")
+    return UsageEvent(found, not data.get("choices"), fingerprint)
+
+
+def _stamped(event: bytes, fingerprint: str) -> bytes:
+    """A choice's last chunk with the `system_fingerprint` vLLM gives it when it sends no usage
+    chunk: the chunk's last field, so it goes in as bytes (parsing and writing the chunk again
+    could change how its numbers are written). A chunk with fields after `choices` is left."""
+    body = event.rstrip(b"\n")
+    try:
+        data = json.loads(body[len(b"data: ") :])
+    except (ValueError, UnicodeDecodeError):
+        return event
+    if not isinstance(data, dict) or list(data)[-1:] != ["choices"] or not body.endswith(b"}"):
+        return event
+    field = b',"system_fingerprint":' + json.dumps(fingerprint, ensure_ascii=False).encode()
+    return body[:-1] + field + b"}" + event[len(body) :]
+
+
+class UsageFilter:
+    """Reads the usage of a stream's events, and hides the usage chunk from a client that did
+    not ask for it while keeping the rest byte for byte: asked for usage, vLLM moves
+    `system_fingerprint` from each choice's last chunk to the usage chunk, so from the first
+    last chunk on, events are held until the usage chunk and the fingerprint put back."""
+
+    def __init__(self, hide: bool, report: Callable[[Usage], None]):
+        self.hide = hide
+        self.report = report
+        self._held: list[bytes] = []
+
+    def events(self, out: bytes) -> bytes:
+        """What the client gets of these complete events (b"" while they are held)."""
+        if not self.hide:
+            if USAGE_KEY in out:
+                for event in out.split(b"\n\n")[:-1]:
+                    if (found := event_usage(event)) is not None:
+                        self.report(found.usage)
+            return out
+        sent = []
+        for part in out.split(b"\n\n")[:-1]:
+            event = part + b"\n\n"
+            found = event_usage(event)
+            if found is not None:
+                self.report(found.usage)
+            if found is not None and found.chunk:
+                if found.fingerprint is not None:
+                    self._held = [
+                        _stamped(e, found.fingerprint) if FINISHED_MARKER in e else e
+                        for e in self._held
+                    ]
+                sent.append(self.release())
+            elif self._held or FINISHED_MARKER in event:
+                self._held.append(event)
+            else:
+                sent.append(event)
+        return b"".join(sent)
+
+    def release(self) -> bytes:
+        """The events held back, as they are (the stream ends without a usage chunk)."""
+        held, self._held = b"".join(self._held), []
+        return held
 
 
 def asking_for_usage(raw: bytes) -> tuple[bytes, bool]:
@@ -79,8 +152,7 @@ def asking_for_usage(raw: bytes) -> tuple[bytes, bool]:
     options = body.get("stream_options") if isinstance(body, dict) else None
     if not isinstance(body, dict) or (options is not None and not isinstance(options, dict)):
         return raw, True
-    # vLLM's StreamOptions: include_usage is true unless set otherwise.
-    if options is not None and options.get("include_usage", True):
+    if options is not None and options.get("include_usage"):
         return raw, True
     # Continuous usage stats would put usage in every chunk: off, as without include_usage.
     body["stream_options"] = {**(options or {}), "include_usage": True}

@@ -11,6 +11,7 @@ import pytest
 from appliance.gateway.protocol import RequestError
 from appliance.gateway.usage import (
     Usage,
+    UsageFilter,
     asking_for_usage,
     body_usage,
     check_choices,
@@ -64,14 +65,50 @@ def test_embeddings_usage_and_answers_without_one():
     assert body_usage(b"not json") is None
 
 
+def _events() -> list[bytes]:
+    return [e + b"\n\n" for e in CHAT_SSE.read_bytes().split(b"\n\n") if e]
+
+
 def test_stream_events_usage_chunk_and_choices():
-    events = [e + b"\n\n" for e in CHAT_SSE.read_bytes().split(b"\n\n") if e]
-    found = [event_usage(e) for e in events]
-    assert found[-2] == (Usage(16, 40), True)  # the usage chunk, then [DONE]
-    assert all(usage is None and not only for usage, only in found[:-2] + found[-1:])
+    events = _events()
+    assert event_usage(events[-2]) == (Usage(16, 40), True, "vllm-0.32.0-e0333ba5")
+    assert all(event_usage(e) is None for e in events[:-2] + events[-1:])
     # Continuous usage stats: usage in a chunk that has choices too.
     chunk = b'data: {"choices":[{"index":0}],"usage":{"prompt_tokens":3,"completion_tokens":1}}'
-    assert event_usage(chunk) == (Usage(3, 1), False)
+    assert event_usage(chunk) == (Usage(3, 1), False, None)
+
+
+def test_hidden_usage_chunk_and_the_fingerprint_put_back():
+    events, reported = _events(), []
+    hidden = UsageFilter(True, reported.append)
+    out = b"".join(hidden.events(e) for e in events)
+    last, _usage_chunk, done = events[-3:]
+    # Without include_usage vLLM stamps the fingerprint on the last chunk instead.
+    stamped = last[:-3] + b',"system_fingerprint":"vllm-0.32.0-e0333ba5"}\n\n'
+    assert out == b"".join(events[:-3]) + stamped + done
+    assert reported == [Usage(16, 40)]
+
+    asked, reported = UsageFilter(False, reported.append), []
+    assert b"".join(asked.events(e) for e in events) == b"".join(events)
+
+
+def test_held_events_of_several_choices_keep_their_order():
+    def chunk(index: int, text: str, finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": {"content": text}, "finish_reason": finish}
+        data = json.dumps({"id": "c", "choices": [choice]}, separators=(",", ":"))
+        return b"data: " + data.encode() + b"\n\n"  # compact, as vLLM writes
+
+    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":4}}\n\n'
+    stream = [chunk(0, "a"), chunk(1, "a"), chunk(0, "b", "length"), chunk(1, "b"), chunk(1, "c")]
+    reported: list[Usage] = []
+    hidden = UsageFilter(True, reported.append)
+    sent = [hidden.events(e) for e in [*stream, usage]]
+    assert sent[:2] == stream[:2] and sent[2:5] == [b"", b"", b""]  # held from the first end
+    assert sent[5] == b"".join(stream[2:])  # no fingerprint to put back: as they came
+    assert reported == [Usage(5, 4)]
+    # A stream that ends without a usage chunk gives back what it held.
+    cut = UsageFilter(True, reported.append)
+    assert cut.events(stream[2]) == b"" and cut.release() == stream[2] and cut.release() == b""
 
 
 def test_streams_ask_for_usage_for_the_client_that_did_not():
@@ -86,11 +123,14 @@ def test_streams_ask_for_usage_for_the_client_that_did_not():
     off = {"stream": True, "stream_options": options}
     sent, asked = asking_for_usage(json.dumps(off).encode())
     assert not asked and json.loads(sent)["stream_options"]["continuous_usage_stats"] is False
+    # vLLM's include_usage is false unless set: empty options ask for nothing.
+    sent, asked = asking_for_usage(b'{"stream": true, "stream_options": {}}')
+    assert not asked and json.loads(sent)["stream_options"]["include_usage"] is True
 
 
 @pytest.mark.parametrize(
     "options",
-    [{"include_usage": True}, {}, {"include_usage": True, "continuous_usage_stats": True}],
+    [{"include_usage": True}, {"include_usage": True, "continuous_usage_stats": True}],
 )
 def test_a_client_that_asked_gets_its_request_unchanged(options):
     raw = json.dumps({"stream": True, "stream_options": options}).encode()
