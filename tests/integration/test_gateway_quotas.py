@@ -25,9 +25,10 @@ CHAT = {
     "ignore_eos": True,
     "temperature": 0,
 }
-# vLLM refuses several choices under greedy decoding; a seed makes sampling repeatable.
-SAMPLED = {"temperature": 1.0, "seed": 7}
-DAILY_LIMIT = 30
+# vLLM refuses several choices under greedy decoding (temperature 0); top_k 1 is greedy too,
+# so two requests get the same answer.
+SAMPLED = {"temperature": 1.0, "top_k": 1}
+DAILY_LIMIT = 20  # a request of CHAT costs 24
 
 
 class Gateway:
@@ -123,7 +124,7 @@ def test_the_clients_stream_is_what_the_instance_sends(gateway):
         return re.sub(rb'"created":\d+', b"", re.sub(rb'"id":"[^"]*"', b"", raw))
 
     assert b'"usage"' not in via_gateway
-    assert same_request(via_gateway) == same_request(direct)
+    assert same_request(via_gateway).split(b"\n\n") == same_request(direct).split(b"\n\n")
 
 
 def test_every_choice_counts_and_n_is_capped(gateway):
