@@ -210,6 +210,11 @@ class StateLayout:
         return self.root / "audit"
 
     @property
+    def usage_db(self) -> Path:
+        """Tokens and requests per user and key per day (quotas survive a restart)."""
+        return self.root / "usage" / "usage.sqlite3"
+
+    @property
     def training(self) -> Path:
         return self.root / "training"
 

@@ -21,6 +21,10 @@ HEADER = "# Written by the appliance installer ({what}); re-running it rewrites 
 DEF_MEM_PER_CPU_MB = 2000
 # Upper bound of dynamic nodes (workers register themselves, up to this many).
 MAX_NODE_COUNT = 256
+# Limits of every user and every key where a gateway runs (security.quotas; docs/security.md,
+# "Quotas", says how to change them): room for a person's day of chat and knowledge-base work,
+# not for one account taking a GPU's day (a small model on one GPU makes ~50M tokens a day).
+QUOTAS = {"requests_per_minute": 120, "tokens_per_day": 2_000_000, "concurrent_streams": 8}
 
 
 def _yaml_scalar(value) -> str:
@@ -49,8 +53,11 @@ def render_config(plan: Plan) -> str:
             "tls_key": layout.tls_key,
         }
         sections["webapp"] = {"host": o.bind, "port": o.webapp_port, "tls": True}
-    if o.service_user:
-        sections["security"] = {"service_user": o.service_user}
+    security: dict = {"service_user": o.service_user} if o.service_user else {}
+    if p.services:
+        security["quotas"] = QUOTAS
+    if security:
+        sections["security"] = security
     if p.serving == "gpu":
         sections["monitoring"] = {"expected_gpus": len(plan.hardware.gpus)}
     if p.name == "head":
@@ -60,8 +67,18 @@ def render_config(plan: Plan) -> str:
     lines.append(f"state_dir: {_yaml_scalar(layout.state)}")
     for section, values in sections.items():
         lines.append(f"{section}:")
-        lines += [f"  {key}: {_yaml_scalar(value)}" for key, value in values.items()]
+        lines += _yaml_mapping(values, "  ")
     return "\n".join(lines) + "\n"
+
+
+def _yaml_mapping(values: dict, indent: str) -> list[str]:
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            lines += [f"{indent}{key}:", *_yaml_mapping(value, indent + "  ")]
+        else:
+            lines.append(f"{indent}{key}: {_yaml_scalar(value)}")
+    return lines
 
 
 def render_command(plan: Plan) -> str:

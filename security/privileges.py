@@ -24,6 +24,7 @@ def service_dirs(settings: ApplianceSettings) -> list[Path]:
         settings.kek_file.parent,
         settings.signing_key_file.parent,
         settings.audit_dir,
+        settings.layout.usage_db.parent,
         settings.log_dir,
         settings.instances_dir,
         settings.rag_dir,

@@ -14,7 +14,9 @@ class Limits(BaseModel):
     """Requests in any 60 seconds."""
 
     tokens_per_day: int | None = Field(default=None, ge=1)
-    """Prompt and completion tokens per UTC day."""
+    """Tokens per UTC day: prompt and completion tokens of every choice, streamed or not, plus
+    the tokens knowledge bases embed for the user (uploaded chunks, queries), counted 1:1. A
+    request that starts under the limit is served in full; the next one is refused."""
 
     concurrent_streams: int | None = Field(default=None, ge=1)
     """Streamed answers at the same time."""
@@ -34,6 +36,10 @@ class SecuritySettings(BaseModel):
 
     key_quotas: dict[str, Limits] = Field(default_factory=dict)
     """Limits of particular API keys, by key id (replacing `quotas` for them)."""
+
+    max_n: int = Field(default=16, ge=1, le=16384)
+    """Most choices one completion request may ask for (`n`, and `best_of`): each is generated
+    in full. A request above it gets HTTP 400."""
 
     audit_prompts: bool = False
     """Record the messages of chat and completion requests in the audit log. Off: the log says

@@ -135,7 +135,7 @@ def create_app(
             requests,
             monitor,
             audit,
-            Quotas(settings.security),
+            Quotas(settings.security, path=settings.layout.usage_db),
             slurm,
             refusals,
         )

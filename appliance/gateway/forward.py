@@ -16,6 +16,7 @@ from appliance.gateway.migration import StreamRecord
 from appliance.gateway.protocol import server_error
 from appliance.gateway.stream import ABORTED_MARKER, Stream, StreamWatcher
 from appliance.gateway.upstream import UPSTREAM_ERRORS, acquire_error
+from appliance.gateway.usage import asking_for_usage
 from appliance.serving.instance import Instance
 from appliance.serving.manager import InstanceManager
 
@@ -95,10 +96,12 @@ class Forwarder:
         return await self.manager.access.open(inst, path, raw)
 
     async def _stream(self, path: str, raw: bytes, model: str, watcher=None) -> Response:
+        # Every stream asks for its usage chunk: the tokens it used are counted from it.
+        raw, client_asked = asking_for_usage(raw)
         # A resumable stream asks its instance for token ids, so it can move to another one.
         record = StreamRecord.open(path, raw)
         request = record.first_request() if record else raw
-        events = Stream(self, path, request, model, record, watcher)
+        events = Stream(self, path, request, model, record, watcher, hide_usage=not client_asked)
         inst = self.manager.try_acquire(model)
         if inst is None:
             return self._streaming(events.run())

@@ -21,11 +21,12 @@ from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import principal
 from appliance.gateway.json_body import json_model, validated
+from appliance.gateway.metering import MeteredEmbedder, knowledge_quota
 from appliance.gateway.protocol import RequestError
 from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
 from appliance.security.api_keys import Principal
 
-router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(principal)])
+router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(knowledge_quota)])
 Who = Annotated[Principal, Depends(principal)]
 DONE_EVENT = b"data: [DONE]"
 MAX_FILES_PER_UPLOAD = 100
@@ -85,7 +86,8 @@ class KnowledgeService:
                 from appliance.rag.retrieval import Retriever
                 from appliance.rag.store import KnowledgeBaseStore
 
-                self._store = KnowledgeBaseStore(self.settings.rag_dir, self.settings.rag)
+                embedder = MeteredEmbedder.from_settings(self.settings.rag)  # quotas count it
+                self._store = KnowledgeBaseStore(self.settings.rag_dir, self.settings.rag, embedder)
                 self._retriever = Retriever.from_settings(self._store)
         return self._store, self._retriever
 

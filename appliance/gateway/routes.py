@@ -14,6 +14,7 @@ from appliance.gateway.json_body import parse_body
 from appliance.gateway.knowledge import grounded_chat
 from appliance.gateway.observe import observed
 from appliance.gateway.protocol import RequestError, validate_request
+from appliance.gateway.usage import check_choices
 from appliance.serving.instance import Instance, InstanceState
 
 router = APIRouter()
@@ -119,6 +120,7 @@ async def _openai_call(request: Request, path: str) -> Response:
     try:
         body = parse_body(raw)
         spec = validate_request(path, body, gw.catalog)
+        check_choices(body, gw.settings.security.max_n)
     except RequestError as exc:
         return exc.response()
     if not spec.installed(gw.settings):

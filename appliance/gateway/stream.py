@@ -16,6 +16,7 @@ from appliance.errors import ApplianceError
 from appliance.gateway.migration import StreamRecord
 from appliance.gateway.protocol import RequestError, server_error
 from appliance.gateway.upstream import UPSTREAM_ERRORS, acquire_error
+from appliance.gateway.usage import Usage, UsageFilter
 from appliance.serving.instance import Instance
 
 if TYPE_CHECKING:
@@ -34,13 +35,17 @@ STALL_CHECK_S = 1.0
 
 
 class StreamWatcher(Protocol):
-    """Learns where a stream runs: each instance it is sent to, and the pause of each move."""
+    """Learns where a stream runs: each instance it is sent to, the pause of each move, and
+    the tokens it used."""
 
     def instance(self, inst: Instance) -> None: ...
 
     def resumed(self, pause_s: float) -> None:
         """The first event from the new instance went out `pause_s` after the last from the
         old one."""
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """The stream's usage chunk came: its tokens, all choices together."""
 
 
 @dataclass
@@ -63,7 +68,10 @@ class Stream:
         model: str,
         record: StreamRecord | None,
         watcher: StreamWatcher | None,
+        hide_usage: bool = False,
     ):
+        """`hide_usage`: the usage chunk was asked for by the gateway, not the client: it is
+        read, then left out of the client's stream (appliance/gateway/usage.py)."""
         self.forwarder = forwarder
         self.manager = forwarder.manager
         self.settings = forwarder.settings
@@ -72,6 +80,7 @@ class Stream:
         self.model = model
         self.record = record
         self.watcher = watcher
+        self.usage = UsageFilter(hide_usage, self._report)
         # When the last event before a move (or a failure) went out; None when not moving.
         self.paused_at: float | None = None
         self.exclude: set[int] = set()
@@ -158,15 +167,20 @@ class Stream:
             resumable = self.record is not None and self.record.resumable
             if self.failures <= max_retries and (not self.sent or resumable):
                 # Nothing sent: start over elsewhere; something sent: continue from its tokens.
+                if not self.sent:
+                    self.usage.release()  # held back from the failed try, never sent
                 self.continued = self.continued or self.sent
                 if self.sent and self.paused_at is None:
                     self.paused_at = time.monotonic()
                 inst, upstream = None, None
                 continue
-            yield server_error(
-                f"instance {inst.job_id} of {self.model} failed in the middle of the response "
-                f"({outcome.failure}); the answer is incomplete, please retry"
-            ).sse_event()
+            yield (
+                self.usage.release()
+                + server_error(
+                    f"instance {inst.job_id} of {self.model} failed in the middle of the response "
+                    f"({outcome.failure}); the answer is incomplete, please retry"
+                ).sse_event()
+            )
             return
 
     def _failed(self, inst: Instance, reason: str) -> None:
@@ -194,14 +208,15 @@ class Stream:
                     event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
                     if event.startswith(DONE_MARKER):
                         outcome.done = True
-                        yield event
+                        yield self.usage.release() + event
                         return
                     if ABORTED_MARKER in event or event.startswith(UPSTREAM_ERROR_MARKER):
                         outcome.failure = "the instance aborted the request or reported an error"
                         if record is None:
-                            yield event  # nothing to continue from: the client sees it all
+                            # Nothing to continue from: the client sees it all.
+                            yield self.usage.release() + event
                         return
-                    out = self._client_bytes(event)
+                    out = self.usage.events(self._client_bytes(event))
                     if out:
                         if self.paused_at is not None and self.watcher is not None:
                             self.watcher.resumed(time.monotonic() - self.paused_at)
@@ -211,7 +226,8 @@ class Stream:
                     if outcome.target is not None:
                         return  # the watchdog moved the stream while the client was reading
                     if record is not None and record.ended:
-                        yield record.ending()  # the upstream goes on: it is closed below
+                        # The upstream goes on: it is closed below.
+                        yield self.usage.events(record.ending())
                         outcome.done = True
                         return
                     inst.last_data = time.time()
@@ -265,6 +281,10 @@ class Stream:
             return self.record.relay(event, self.continued)
         except (ValueError, TypeError, AttributeError):
             return event  # not the JSON we expect: pass it on as it came
+
+    def _report(self, usage: Usage) -> None:
+        if self.watcher is not None:
+            self.watcher.usage(usage.prompt, usage.completion)
 
     async def _wait_for_instance(self, holder: list[Instance]) -> AsyncIterator[bytes]:
         """Wait for an instance, sending SSE comments so the client's connection stays open."""

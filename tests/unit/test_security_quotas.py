@@ -68,3 +68,40 @@ def test_concurrent_streams():
     quotas.admit("alice", "k", True)
     usage = {u["kind"]: u for u in quotas.usage()}
     assert usage["user"]["streams_open"] == 1 and usage["key"]["requests_total"] == 3
+
+
+def test_counters_survive_a_restart(tmp_path):
+    path = tmp_path / "usage" / "usage.sqlite3"
+    settings = SecuritySettings(quotas=Limits(tokens_per_day=100, concurrent_streams=1))
+    clock = Clock()
+    quotas = Quotas(settings, clock, path)
+    quotas.admit("alice", "k0", True)  # a stream still open when the gateway stops
+    quotas.done(quotas.admit("alice", "k1", False), tokens=60)
+    quotas.done(quotas.admit("alice", "k2", False), tokens=50)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+    again = Quotas(settings, clock, path)  # the gateway restarted
+    with pytest.raises(QuotaExceeded, match="used its 100 tokens for today"):
+        again.admit("alice", "k3", False)
+    usage = {(u["kind"], u["name"]): u for u in again.usage()}
+    assert usage["user", "alice"]["tokens_today"] == 110
+    assert usage["user", "alice"]["requests_total"] == 2  # the open one never ended
+    assert usage["key", "k1"]["tokens_today"] == 60 and usage["key", "k2"]["tokens_today"] == 50
+    assert usage["user", "alice"]["streams_open"] == 0  # a restart ends every stream
+
+    clock.t += 86_400  # the next UTC day: the total stays, the tokens start again
+    tomorrow = Quotas(settings, clock, path)
+    tomorrow.admit("alice", "k1", True)
+    alice = tomorrow.usage("user", "alice")[0]
+    assert alice["tokens_today"] == 0 and alice["requests_total"] == 3
+
+
+def test_the_refusal_says_which_limit_and_how_to_change_it():
+    quotas = Quotas(SecuritySettings(quotas=Limits(tokens_per_day=10)), Clock())
+    quotas.done(quotas.admit("bob", "", False), tokens=10)
+    with pytest.raises(QuotaExceeded) as refused:
+        quotas.admit("bob", "", False)
+    message = str(refused.value)
+    assert "user bob used its 10 tokens for today" in message
+    assert "security.quotas.tokens_per_day" in message and "00:00 UTC" in message
