@@ -18,7 +18,8 @@ UNAUTHENTICATED = frozenset({"/health", "/v1/auth/sign_in"})
 # Uploads: they refuse a missing or too large Content-Length themselves (rag.max_upload_bytes,
 # training.max_dataset_bytes), and a server reads no more than the declared length.
 UPLOADS = (
-    ("POST", re.compile(r"/v1/knowledge_bases/[^/]+/documents")),
+    # A base is named by itself or by owner/name (its route takes a path).
+    ("POST", re.compile(r"/v1/knowledge_bases/.+/documents")),
     ("POST", re.compile(r"/v1/files")),
 )
 

@@ -39,21 +39,23 @@ class Forwarder:
         model: str,
         stream: bool,
         watcher: StreamWatcher | None = None,
+        key: str | None = None,
     ) -> Response:
         """Serve the request on an instance of `model`; `watcher` learns each instance a stream
-        is sent to once it is chosen (after a wait for a starting one, too) and each move."""
+        is sent to once it is chosen (after a wait for a starting one, too) and each move;
+        `key` names the prompt's prefix for the routing policy (gateway/prefix_key.py)."""
         if stream:
-            return await self._stream(path, raw, model, watcher)
-        return await self._unary(path, raw, model)
+            return await self._stream(path, raw, model, watcher, key)
+        return await self._unary(path, raw, model, key)
 
     # ----- plain requests -----------------------------------------------------------------
 
-    async def _unary(self, path: str, raw: bytes, model: str) -> Response:
+    async def _unary(self, path: str, raw: bytes, model: str, key: str | None) -> Response:
         exclude: set[int] = set()
         gw = self.settings.gateway
         while True:
             try:
-                inst = await self.manager.acquire(model, gw.start_timeout_s, exclude)
+                inst = await self.manager.acquire(model, gw.start_timeout_s, exclude, key)
             except ApplianceError as exc:
                 return acquire_error(model, exc).response()
             try:
@@ -95,14 +97,18 @@ class Forwarder:
         """Send the request; the caller reads the body as it comes and releases the response."""
         return await self.manager.access.open(inst, path, raw)
 
-    async def _stream(self, path: str, raw: bytes, model: str, watcher=None) -> Response:
+    async def _stream(
+        self, path: str, raw: bytes, model: str, watcher=None, key: str | None = None
+    ) -> Response:
         # Every stream asks for its usage chunk: the tokens it used are counted from it.
         raw, client_asked = asking_for_usage(raw)
         # A resumable stream asks its instance for token ids, so it can move to another one.
         record = StreamRecord.open(path, raw)
         request = record.first_request() if record else raw
-        events = Stream(self, path, request, model, record, watcher, hide_usage=not client_asked)
-        inst = self.manager.try_acquire(model)
+        events = Stream(
+            self, path, request, model, record, watcher, hide_usage=not client_asked, key=key
+        )
+        inst = self.manager.try_acquire(model, key=key)
         if inst is None:
             return self._streaming(events.run())
         # A ready instance: open upstream first so its status code (e.g. a 400 for a too long

@@ -13,6 +13,7 @@ from appliance.gateway.auth import admin, principal
 from appliance.gateway.json_body import parse_body
 from appliance.gateway.knowledge import grounded_chat
 from appliance.gateway.observe import observed
+from appliance.gateway.prefix_key import prefix_key
 from appliance.gateway.protocol import RequestError, validate_request
 from appliance.gateway.usage import check_choices
 from appliance.serving.instance import Instance, InstanceState
@@ -110,13 +111,7 @@ async def get_model(model: str, request: Request):
 
 async def _openai_call(request: Request, path: str) -> Response:
     gw = _state(request)
-    limit = gw.settings.gateway.max_request_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        return RequestError(413, f"The request body is larger than {limit} bytes.").response()
-    raw = await request.body()
-    if len(raw) > limit:
-        return RequestError(413, f"The request body is larger than {limit} bytes.").response()
+    raw = await request.body()  # within gateway.max_request_bytes (body_limit.py)
     try:
         body = parse_body(raw)
         spec = validate_request(path, body, gw.catalog)
@@ -130,15 +125,19 @@ async def _openai_call(request: Request, path: str) -> Response:
     if base is None or not base.installed(gw.settings):
         return _not_installed(serving)
     stream = bool(body.get("stream", False))
+    # Of the client's request: a knowledge chat's context, added below, differs per question.
+    key = prefix_key(body)
 
     async def call(watcher) -> Response:
         if path == "/v1/chat/completions" and "knowledge_bases" in body:
             return await grounded_chat(
                 request,
                 body,
-                lambda data, stream: gw.forwarder.forward(path, data, serving, stream, watcher),
+                lambda data, stream: gw.forwarder.forward(
+                    path, data, serving, stream, watcher, key
+                ),
             )
-        return await gw.forwarder.forward(path, raw, serving, stream, watcher)
+        return await gw.forwarder.forward(path, raw, serving, stream, watcher, key)
 
     who = principal(request)
     prompt = body.get("messages", body.get("prompt"))

@@ -69,9 +69,12 @@ class Stream:
         record: StreamRecord | None,
         watcher: StreamWatcher | None,
         hide_usage: bool = False,
+        key: str | None = None,
     ):
         """`hide_usage`: the usage chunk was asked for by the gateway, not the client: it is
-        read, then left out of the client's stream (appliance/gateway/usage.py)."""
+        read, then left out of the client's stream (appliance/gateway/usage.py); `key`: the
+        prompt's prefix, for the routing policy."""
+        self.key = key
         self.forwarder = forwarder
         self.manager = forwarder.manager
         self.settings = forwarder.settings
@@ -266,7 +269,7 @@ class Stream:
         record = self.record
         if record is None or not record.resumable or not self.manager.should_move(inst, record):
             return False
-        target = self.manager.try_acquire(self.model, self.exclude | {inst.job_id})
+        target = self.manager.try_acquire(self.model, self.exclude | {inst.job_id}, self.key)
         if target is None:
             return False
         self.manager.moved(inst)
@@ -290,7 +293,9 @@ class Stream:
         """Wait for an instance, sending SSE comments so the client's connection stays open."""
         gw = self.settings.gateway
         model = self.model
-        task = asyncio.create_task(self.manager.acquire(model, gw.start_timeout_s, self.exclude))
+        task = asyncio.create_task(
+            self.manager.acquire(model, gw.start_timeout_s, self.exclude, self.key)
+        )
         try:
             yield f": waiting for an instance of {model}\n\n".encode()
             while True:
