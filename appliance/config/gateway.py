@@ -82,6 +82,11 @@ class GatewaySettings(BaseModel):
     successor, hands its streams over once the successor is ready, and ends: no downtime.
     Longer than a cold start of the largest model."""
 
+    max_waiting_requests: int = Field(default=512, ge=1)
+    """Requests that may wait for an instance of one model (while it starts, or while its job
+    waits for room); one more gets 429 with Retry-After. Each user's share is bounded by
+    security.quotas.concurrent_streams."""
+
     evict_for_waiting: bool = True
     """When a model's instance waits in Slurm's queue for resources while requests wait for it,
     stop the least recently used idle instance of another model (never one serving requests or

@@ -110,6 +110,10 @@ class Forwarder:
         )
         inst = self.manager.try_acquire(model, key=key)
         if inst is None:
+            try:  # before the stream's 200: a full queue is an HTTP 429
+                self.manager.ensure_waiting_room(model)
+            except ApplianceError as exc:
+                return acquire_error(model, exc).response()
             return self._streaming(events.run())
         # A ready instance: open upstream first so its status code (e.g. a 400 for a too long
         # prompt) reaches the client as a normal error response.

@@ -33,6 +33,21 @@ class InstanceWaitTimeout(ApplianceError):
     """No instance of the model became ready within the configured time."""
 
 
+class WaitQueueFull(ApplianceError):
+    """As many requests as allowed already wait for an instance of the model."""
+
+    def __init__(self, model: str, waiting: int, retry_after_s: int):
+        super().__init__(
+            f"{waiting} requests already wait for an instance of {model}; "
+            f"try again in {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+# Retry-After for a full wait queue when the model has not started here yet.
+DEFAULT_RETRY_AFTER_S = 30
+
+
 class InstanceManager:
     """Owns the instances of every model; one per gateway process."""
 
@@ -309,6 +324,7 @@ class InstanceManager:
         inst = self.try_acquire(model, exclude, key)
         if inst is not None:
             return inst
+        self.ensure_waiting_room(model)
         self._waiting[model] = self._waiting.get(model, 0) + 1
         try:
             return await self._wait_for_instance(
@@ -318,6 +334,18 @@ class InstanceManager:
             self._waiting[model] -= 1
             if not self._waiting[model]:
                 del self._waiting[model]
+
+    def ensure_waiting_room(self, model: str) -> None:
+        """Raise WaitQueueFull when no more requests may wait for an instance of `model`; its
+        Retry-After is how long the model's last start took."""
+        waiting = self._waiting.get(model, 0)
+        if waiting < self.settings.gateway.max_waiting_requests:
+            return
+        starts = [
+            i.ready_at - i.submitted_at for i in self.instances(model) if i.ready_at is not None
+        ]
+        retry = round(max(starts)) if starts else DEFAULT_RETRY_AFTER_S
+        raise WaitQueueFull(model, waiting, max(1, retry))
 
     async def _wait_for_instance(
         self,

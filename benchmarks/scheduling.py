@@ -1,0 +1,368 @@
+"""Scheduling on few nodes: room made for a waiting model, prefix-aware routing, no broken streams
+at a Slurm time limit. Every figure against a baseline of the same run, rounds interleaved.
+
+- second model: a node full of idle instances of model `big`; the first token for model
+  `small` (room is made by stopping the least recently used idle instance), against `small`'s
+  plain cold start on an empty node; rounds alternate the two;
+- prefix routing: conversations that each begin with their own long document (a knowledge-base
+  answer, a pasted file) and go on for a few turns, on two instances, under `prefix_affinity`
+  and `least_loaded` (rounds alternate): the client's time to first token, and vLLM's own
+  prefix-cache hits over queries (its /metrics);
+- time limit: instance jobs with a 4-minute limit; streams running when the successor takes
+  over (their engine stalled mid-answer, as the tiny model answers in a second) must finish
+  unbroken.
+
+Run: .venv/bin/python -m benchmarks.scheduling [--rounds 2]  (about 15 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
+from appliance_dev.stack import (
+    InstanceEngine,
+    free_port,
+    local_cluster_settings,
+    running_gateway,
+    running_local_cluster,
+)
+from benchmarks.common import TINY, median, percentile, print_table, write_result
+
+TARGETS = {"second_model_vs_cold_start": "<= 1.2", "prefix_ttft_ratio": "<= 0.8"}
+SYSTEM = "You are the plant assistant. Answer briefly and cite the document. " * 2
+TOPICS = ["pump", "valve", "boiler", "conveyor", "press", "chiller", "mixer", "kiln"]
+
+
+# -- stacks -----------------------------------------------------------------------------------
+
+
+def catalog_entry(name: str, max_instances: int, extra: str = "") -> str:
+    return (
+        f"  - name: {name}\n    source: dir:{TINY}\n    kind: chat\n    max_model_len: 512\n"
+        f"    max_instances: {max_instances}\n    idle_timeout_s: 0\n{extra}"
+    )
+
+
+@contextlib.contextmanager
+def stack(
+    catalog: str, nodes: int, gateway: dict | None = None, **sections
+) -> Iterator[tuple[str, object]]:
+    """A local cluster of `nodes` nodes (2 simulated GPUs each) and a gateway over `catalog`;
+    yields (URL, settings) and stops everything."""
+    with tempfile.TemporaryDirectory(prefix="scheduling-") as tmp:
+        path = Path(tmp) / "catalog.yaml"
+        path.write_text("models:\n" + catalog)
+        settings = local_cluster_settings(
+            Path(tmp) / "state",
+            nodes=nodes,
+            gpus_per_node=2,
+            gateway={"port": free_port(), "park_after_s": 0, **(gateway or {})},
+            catalog={"files": [str(path)], "include_presets": False},
+            **sections,
+        )
+        with running_local_cluster(settings), running_gateway(settings) as url:
+            yield url, settings
+
+
+def instances(url: str, model: str | None = None) -> list[dict]:
+    data = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
+    return [i for i in data if model is None or i["model"] == model]
+
+
+def wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def stop_all(url: str, model: str) -> None:
+    for inst in instances(url, model):
+        httpx.post(f"{url}/admin/instances/{inst['job_id']}/stop", timeout=60)
+    wait(lambda: not instances(url, model), 120, f"{model} to stop")
+
+
+def first_token(url: str, body: dict, timeout: float = 400) -> float:
+    """Seconds from sending a streamed request to its first content token, as the client sees."""
+    t0 = time.perf_counter()
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=timeout
+    ) as resp:
+        resp.raise_for_status()
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
+                elapsed = time.perf_counter() - t0
+                for _ in lines:
+                    pass
+                return elapsed
+    raise RuntimeError("stream ended without a token")
+
+
+def hello(model: str) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+# -- second model on a full node ----------------------------------------------------------------
+
+
+def second_model(rounds: int) -> dict:
+    """`small`'s cold start on an empty node against its first token when the node's GPUs are
+    held by an idle instance of `big` (both are the tiny model; `big` asks for both GPUs)."""
+    gpus = "    resources: {{gpus: {g}, cpus: 1, memory_gb: 3, cpu_fallback: true}}\n"
+    catalog = catalog_entry("big", 1, gpus.format(g=2)) + catalog_entry(
+        "small", 1, gpus.format(g=1)
+    )
+    plain, evicting, evicted = [], [], []
+    with stack(catalog, nodes=1) as (url, _):
+        for _ in range(rounds):
+            plain.append(first_token(url, hello("small")))
+            stop_all(url, "small")
+            first_token(url, hello("big"))  # the node is now full, `big` idle
+            evicting.append(first_token(url, hello("small")))
+            evicted.append(not instances(url, "big"))
+            stop_all(url, "small")
+    return {
+        "second_model_first_token_s": round(median(evicting), 3),
+        "cold_start_first_token_s": round(median(plain), 3),
+        "second_model_vs_cold_start": round(median(evicting) / median(plain), 3),
+        "runs_second_model_s": [round(x, 3) for x in evicting],
+        "runs_cold_start_s": [round(x, 3) for x in plain],
+        "big_evicted_every_round": all(evicted),
+    }
+
+
+# -- prefix-aware routing -----------------------------------------------------------------------
+
+
+def document(topic: str) -> str:
+    """A conversation's own long context (~250 tokens of the tiny model's tokenizer)."""
+    lines = [
+        f"Maintenance log of the {topic} in hall {i % 4}: part {topic[:2].upper()}-{4400 + i} "
+        f"checked, seal replaced after {3 + i % 5} months."
+        for i in range(7)
+    ]
+    return "\n".join(lines)
+
+
+def conversation_turns(topic: str, turns: int) -> list[list[dict]]:
+    """The message lists of each turn of one conversation (answers are fixed text, as a client
+    would send back what it got)."""
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"{document(topic)}\n\nWhen was the {topic} seal replaced?"},
+    ]
+    out = [list(messages)]
+    for n in range(1, turns):
+        messages += [
+            {"role": "assistant", "content": f"It was replaced in month {n}."},
+            {"role": "user", "content": f"And part number {n}?"},
+        ]
+        out.append(list(messages))
+    return out
+
+
+def prefix_metrics(url: str) -> tuple[float, float]:
+    """(hits, queries) of vLLM's prefix cache, summed over the gateway's instances."""
+    hits = queries = 0.0
+    for inst in instances(url):
+        text = httpx.get(inst["url"] + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits"):
+                hits += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:prefix_cache_queries"):
+                queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
+
+
+async def run_conversations(url: str, turns: int, concurrency: int) -> list[tuple[int, float]]:
+    """Every conversation's turns in order, `concurrency` conversations at a time; (turn,
+    seconds to first token) of each request."""
+    gate = asyncio.Semaphore(concurrency)
+    out: list[tuple[int, float]] = []
+
+    async def one(topic: str) -> None:
+        async with gate:
+            for n, messages in enumerate(conversation_turns(topic, turns)):
+                body = {"model": "tiny-chat", "messages": messages, "max_tokens": 8}
+                out.append((n, await asyncio.to_thread(first_token, url, body)))
+
+    await asyncio.gather(*(one(t) for t in TOPICS))
+    return out
+
+
+def prefix_round(policy: str, turns: int) -> dict:
+    catalog = catalog_entry(
+        "tiny-chat", 2, "    min_instances: 2\n    resources: {cpus: 1, memory_gb: 3}\n"
+    )
+    with stack(catalog, nodes=2, gateway={"routing": policy}) as (url, _):
+        wait(
+            lambda: [i["state"] for i in instances(url)] == ["ready", "ready"],
+            300,
+            "two ready instances",
+        )
+        before = prefix_metrics(url)
+        timings = asyncio.run(run_conversations(url, turns, concurrency=4))
+        after = prefix_metrics(url)
+    hits, queries = after[0] - before[0], after[1] - before[1]
+    return {
+        "policy": policy,
+        "ttft_s": [round(t, 4) for _, t in timings],
+        "ttft_later_turns_s": [round(t, 4) for n, t in timings if n > 0],
+        "prefix_cache_hit_rate": round(hits / queries, 4) if queries else None,
+    }
+
+
+def prefix_routing(rounds: int, turns: int) -> dict:
+    runs = []
+    for i in range(rounds):
+        order = ("least_loaded", "prefix_affinity")
+        for policy in order if i % 2 == 0 else reversed(order):
+            run = prefix_round(policy, turns)
+            runs.append(run)
+            p50 = percentile(run["ttft_s"], 50)
+            print(f"prefix {policy}: ttft p50 {p50:.3f} s, hits {run['prefix_cache_hit_rate']}")
+    by = {p: [r for r in runs if r["policy"] == p] for p in ("least_loaded", "prefix_affinity")}
+
+    def p50(policy: str, key: str) -> float:
+        return percentile([t for r in by[policy] for t in r[key]], 50)
+
+    def hit_rate(policy: str) -> float | None:
+        rates = [r["prefix_cache_hit_rate"] for r in by[policy] if r["prefix_cache_hit_rate"]]
+        return round(median(rates), 4) if rates else None
+
+    return {
+        "prefix_ttft_ratio": round(
+            p50("prefix_affinity", "ttft_s") / p50("least_loaded", "ttft_s"), 3
+        ),
+        "prefix_ttft_ratio_later_turns": round(
+            p50("prefix_affinity", "ttft_later_turns_s")
+            / p50("least_loaded", "ttft_later_turns_s"),
+            3,
+        ),
+        "ttft_p50_s": {p: round(p50(p, "ttft_s"), 4) for p in by},
+        "prefix_cache_hit_rate": {p: hit_rate(p) for p in by},
+        "conversations": len(TOPICS),
+        "turns": turns,
+        "runs": runs,
+    }
+
+
+# -- streams across a time limit ----------------------------------------------------------------
+
+
+def stream(url: str, out: dict, started: threading.Event, start_after: int = 2) -> None:
+    """One long answer, read to its end; records whether it ended with [DONE] and no error."""
+    body = {
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": 200,
+        "ignore_eos": True,
+    }
+    events = 0
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events += 1
+                if events == start_after:
+                    started.set()
+                if line == "data: [DONE]":
+                    out["done"] = True
+                elif "error" in json.loads(line[6:]):
+                    out["error"] = line
+                time.sleep(0.05)
+    except Exception as exc:  # counted as broken
+        out["error"] = repr(exc)
+    finally:
+        started.set()
+
+
+def time_limit(streams: int) -> dict:
+    """Streams running on an instance when its 4-minute time limit comes; how many break."""
+    catalog = catalog_entry("tiny-chat", 1, "    resources: {cpus: 1, memory_gb: 3}\n")
+    with stack(
+        catalog,
+        nodes=2,
+        gateway={"successor_lead_s": 150, "consolidate_after_s": 3600},
+        serving={"time_limit_min": 4},
+    ) as (url, settings):
+        first_token(url, hello("tiny-chat"))
+        [first] = instances(url)
+        engine = InstanceEngine(first["url"])
+        results = [{} for _ in range(streams)]
+        flags = [threading.Event() for _ in range(streams)]
+        threads = [
+            threading.Thread(target=stream, args=(url, r, f), daemon=True)
+            for r, f in zip(results, flags, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for f in flags:
+            f.wait(120)
+        engine.stall()  # every stream is under way; the handover must move them
+        try:
+            for t in threads:
+                t.join(timeout=400)
+        finally:
+            engine.go_on()
+        log = (settings.state_dir / "gateway-test.log").read_text()
+    broken = [r for r in results if not r.get("done") or r.get("error")]
+    return {
+        "time_limit_streams": streams,
+        "time_limit_streams_broken": len(broken),
+        "time_limit_handed_over": f"draining instance {first['job_id']}" in log
+        and "handing over" in log,
+        "broken_details": broken,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=4)
+    args = ap.parse_args()
+    if not tiny_model_exists(TINY):
+        build_tiny_model(TINY)
+    result = {"method": __doc__}
+    result.update(second_model(args.rounds))
+    result.update(prefix_routing(args.rounds, args.turns))
+    result.update(time_limit(args.streams))
+    result["targets"] = TARGETS
+    path = write_result("scheduling", result)
+    rows = [("measure", "value", "target")]
+    for key in (
+        "second_model_first_token_s",
+        "cold_start_first_token_s",
+        "second_model_vs_cold_start",
+        "prefix_ttft_ratio",
+        "prefix_ttft_ratio_later_turns",
+        "ttft_p50_s",
+        "prefix_cache_hit_rate",
+        "time_limit_streams_broken",
+    ):
+        rows.append((key, result[key], TARGETS.get(key, "")))
+    print_table("scheduling (tiny model, local Slurm)", rows)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
