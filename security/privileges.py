@@ -52,6 +52,10 @@ def hand_over(settings: ApplianceSettings, account: pwd.struct_passwd) -> None:
     # The account's alone: other local accounts may not even list it (root still passes).
     os.chown(settings.state_dir, account.pw_uid, account.pw_gid, follow_symlinks=False)
     os.chmod(settings.state_dir, 0o700)
+    # The catalog the installer wrote beside them: the services read it, `models add` writes it.
+    catalog = settings.user_catalog_file
+    if catalog.is_file() and not catalog.is_symlink():
+        os.chown(catalog, account.pw_uid, account.pw_gid)
     for top in dict.fromkeys(service_dirs(settings)):
         top.mkdir(parents=True, exist_ok=True)
         for root, dirs, files in os.walk(top):

@@ -166,8 +166,11 @@ class LocalCluster:
             # Slurm reads its config at start; a changed node list needs a full restart.
             self._stop(list(running.values()))
             running = {}
-        write_if_changed(self.paths.slurm_conf, slurm_conf)
-        write_if_changed(self.paths.gres_conf, gres_conf)
+        # Slurm's tools read these as whoever runs them (the service account, batch users):
+        # readable by all whatever the umask (the state directory around them is private).
+        os.chmod(self.paths.root, 0o755)
+        write_if_changed(self.paths.slurm_conf, slurm_conf, 0o644)
+        write_if_changed(self.paths.gres_conf, gres_conf, 0o644)
         write_if_changed(self.paths.cgroup_conf, render_cgroup_conf(self.cluster.cgroups))
         self._write_health_check()
         stale = [d for k, d in running.items() if k.startswith("slurmd:") and not _in(k, layout)]
@@ -279,7 +282,12 @@ class LocalCluster:
         for directory in (self.paths.state, self.paths.log, self.paths.run):
             directory.mkdir(parents=True, exist_ok=True)
         for node in layout.nodes:
-            self.paths.node_spool(node.name).mkdir(parents=True, exist_ok=True)
+            spool = self.paths.node_spool(node.name)
+            spool.mkdir(parents=True, exist_ok=True)
+            # Jobs run as their users and exec their script from the spool: passable by all
+            # whatever the umask, as Slurm's own /var/spool/slurmd is.
+            for directory in (spool.parent, spool):
+                os.chmod(directory, 0o755)
         if layout.simulated_gpus:
             for node in layout.nodes:
                 for gpu in node.gpu_files:
