@@ -38,6 +38,7 @@ from appliance_dev.stack import (
     running_gateway,
     running_local_cluster,
 )
+from benchmarks.cold_start import first_token as cold_start_first_token
 from benchmarks.common import TINY, median, percentile, print_table, write_result
 
 TARGETS = {"second_model_vs_cold_start": "<= 1.2", "prefix_ttft_ratio": "<= 0.8"}
@@ -95,21 +96,9 @@ def stop_all(url: str, model: str) -> None:
     wait(lambda: not instances(url, model), 120, f"{model} to stop")
 
 
-def first_token(url: str, body: dict, timeout: float = 400) -> float:
-    """Seconds from sending a streamed request to its first content token, as the client sees."""
-    t0 = time.perf_counter()
-    with httpx.stream(
-        "POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=timeout
-    ) as resp:
-        resp.raise_for_status()
-        lines = resp.iter_lines()
-        for line in lines:
-            if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
-                elapsed = time.perf_counter() - t0
-                for _ in lines:
-                    pass
-                return elapsed
-    raise RuntimeError("stream ended without a token")
+def first_token(url: str, body: dict) -> float:
+    """Seconds to the first content token of `body` streamed, as the client sees it."""
+    return cold_start_first_token(url, body["model"], timeout=400, body=body)
 
 
 def hello(model: str) -> dict:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from appliance.gateway.audit_events import audit
-from appliance.gateway.auth import AccessRefused, principal
+from appliance.gateway.auth import AccessRefused, key_refused, principal
 from appliance.gateway.json_body import json_object
 from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import KeyRefused, Principal
@@ -48,14 +48,7 @@ async def sign_in(request: Request) -> dict:
         try:
             record = auth.keys.check(body["api_key"])
         except KeyRefused as exc:
-            raise AccessRefused(
-                401,
-                str(exc),
-                actor=exc.user or "?",
-                action="sign_in_refused",
-                reason=exc.reason,
-                type="authentication_error",
-            ) from None
+            raise key_refused(exc, "sign_in_refused") from None
         await audit(request, record.user, "sign_in", "api_key", key_id=record.key_id)
         return _account(
             record.principal(),

@@ -34,6 +34,19 @@ class AccessRefused(RequestError):
         self.actor, self.action, self.reason = actor, action, reason
 
 
+def key_refused(exc: KeyRefused, action: str, **kw) -> AccessRefused:
+    """The 401 for a refused key, counted under `action` by the key's user (or "?")."""
+    return AccessRefused(
+        401,
+        str(exc),
+        actor=exc.user or "?",
+        action=action,
+        reason=exc.reason,
+        type="authentication_error",
+        **kw,
+    )
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     try:
         st = os.stat(path)
@@ -77,15 +90,7 @@ class Authenticator:
         try:
             record = self.keys.check(secret)
         except KeyRefused as exc:
-            raise AccessRefused(
-                401,
-                str(exc),
-                actor=exc.user or "?",
-                action="key_refused",
-                reason=exc.reason,
-                type="authentication_error",
-                code="invalid_api_key",
-            ) from None
+            raise key_refused(exc, "key_refused", code="invalid_api_key") from None
         self._log_key_use(record)
         return record
 

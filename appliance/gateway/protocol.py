@@ -56,6 +56,17 @@ def server_error(message: str, code: str = "instance_failed", status: int = 502)
     return RequestError(status, message, type="server_error", code=code)
 
 
+def try_again_later(message: str, code: str, retry_after_s: int) -> RequestError:
+    """A 429 that tells the client when to come back (Retry-After, seconds)."""
+    return RequestError(
+        429,
+        message,
+        type="rate_limit_error",
+        code=code,
+        headers={"retry-after": str(retry_after_s)},
+    )
+
+
 # Which request fields each endpoint needs, and which model kinds may serve it.
 ENDPOINT_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "/v1/chat/completions": ("messages", ("chat",)),

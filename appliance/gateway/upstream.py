@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from appliance.gateway.protocol import RequestError, server_error
+from appliance.gateway.protocol import RequestError, server_error, try_again_later
 from appliance.serving.access import UpstreamError
 from appliance.serving.manager import InstanceStartError, InstanceWaitTimeout, WaitQueueFull
 
@@ -16,13 +16,7 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, UpstreamError)
 def acquire_error(model: str, exc: Exception) -> RequestError:
     """The client's error when waiting for an instance of `model` failed with `exc`."""
     if isinstance(exc, WaitQueueFull):
-        return RequestError(
-            429,
-            str(exc),
-            type="rate_limit_error",
-            code="queue_full",
-            headers={"retry-after": str(exc.retry_after_s)},
-        )
+        return try_again_later(str(exc), "queue_full", exc.retry_after_s)
     if isinstance(exc, InstanceWaitTimeout):
         return server_error(str(exc), code="instance_start_timeout", status=503)
     if isinstance(exc, InstanceStartError):

@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from appliance.gateway.protocol import RequestError
+from appliance.gateway.protocol import RequestError, try_again_later
 from appliance.security.quotas import QuotaExceeded
 
 USAGE_KEY = b'"usage":'
@@ -188,10 +188,4 @@ def check_choices(body: dict[str, Any], max_n: int) -> None:
 
 def quota_error(exc: QuotaExceeded) -> RequestError:
     """The client's 429 for a refused request."""
-    return RequestError(
-        429,
-        str(exc),
-        type="rate_limit_error",
-        code="quota_exceeded",
-        headers={"retry-after": str(exc.retry_after_s)},
-    )
+    return try_again_later(str(exc), "quota_exceeded", exc.retry_after_s)
