@@ -252,7 +252,7 @@ class InstanceManager:
         others = [
             i
             for i in self.instances(inst.model)
-            if i.state in ACTIVE_STATES and i.node != inst.node
+            if i.state in ACTIVE_STATES and (i.node != inst.node or i.job_id == inst.successor)
         ]
         if inst.inflight and not others:
             # Nowhere to move to: start an instance now (placement by start-up time picks the
