@@ -20,6 +20,7 @@ from appliance_dev.stack import (
     running_gateway,
     running_local_cluster,
 )
+from tests import near_ties
 from tests.slurm_fixtures import require_local_slurm, stack_settings, tiny_catalog, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
@@ -130,26 +131,13 @@ def undisturbed_answer(url: str, body: dict = BODY) -> str:
     return "".join(answer_pieces(url, body))
 
 
-# Two candidates closer than this (in log-probability) are a near-tie: a prefill computes
-# slightly different logits than decoding, so after a move greedy decoding may pick the other
-# one (docs/preemption.md). The moved answer must equal the undisturbed one up to the first.
-NEAR_TIE = 0.1
-
-
 def checkable_length(url: str, body: dict, moved_after_chars: int) -> int:
     """Characters of the undisturbed answer that a moved one must reproduce: up to the first
     near-tie after the move point (all of it when there is none)."""
     ask = {**body, "stream": False, "logprobs": True, "top_logprobs": 2}
     ask.pop("stream_options", None)
     reply = httpx.post(url + "/v1/chat/completions", json=ask, timeout=300).json()
-    offset = 0
-    for entry in reply["choices"][0]["logprobs"]["content"]:
-        top = entry["top_logprobs"]
-        tie = len(top) > 1 and top[0]["logprob"] - top[1]["logprob"] < NEAR_TIE
-        if offset >= moved_after_chars and tie:
-            return offset
-        offset += len(entry["token"])
-    return offset
+    return near_ties.checkable_length(reply, moved_after_chars)
 
 
 def instance_url(url: str, job_id: int) -> str:
