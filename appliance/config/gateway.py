@@ -84,8 +84,9 @@ class GatewaySettings(BaseModel):
 
     max_waiting_requests: int = Field(default=512, ge=1)
     """Requests that may wait for an instance of one model (while it starts, or while its job
-    waits for room); one more gets 429 with Retry-After. Each user's share is bounded by
-    security.quotas.concurrent_streams."""
+    waits for room); one more gets 429 with Retry-After. Shared fairly: one user may fill three
+    quarters of it, the last quarter is kept for users holding less than an equal share
+    (serving/wait_queue.py)."""
 
     evict_for_waiting: bool = True
     """When a model's instance waits in Slurm's queue for resources while requests wait for it,

@@ -40,22 +40,26 @@ class Forwarder:
         stream: bool,
         watcher: StreamWatcher | None = None,
         key: str | None = None,
+        user: str = "",
     ) -> Response:
         """Serve the request on an instance of `model`; `watcher` learns each instance a stream
         is sent to once it is chosen (after a wait for a starting one, too) and each move;
-        `key` names the prompt's prefix for the routing policy (gateway/prefix_key.py)."""
+        `key` names the prompt's prefix for the routing policy (gateway/prefix_key.py); `user`
+        asks (the wait queue is shared fairly between users)."""
         if stream:
-            return await self._stream(path, raw, model, watcher, key)
-        return await self._unary(path, raw, model, key)
+            return await self._stream(path, raw, model, watcher, key, user)
+        return await self._unary(path, raw, model, key, user)
 
     # ----- plain requests -----------------------------------------------------------------
 
-    async def _unary(self, path: str, raw: bytes, model: str, key: str | None) -> Response:
+    async def _unary(
+        self, path: str, raw: bytes, model: str, key: str | None, user: str
+    ) -> Response:
         exclude: set[int] = set()
         gw = self.settings.gateway
         while True:
             try:
-                inst = await self.manager.acquire(model, gw.start_timeout_s, exclude, key)
+                inst = await self.manager.acquire(model, gw.start_timeout_s, exclude, key, user)
             except ApplianceError as exc:
                 return acquire_error(model, exc).response()
             try:
@@ -98,7 +102,13 @@ class Forwarder:
         return await self.manager.access.open(inst, path, raw)
 
     async def _stream(
-        self, path: str, raw: bytes, model: str, watcher=None, key: str | None = None
+        self,
+        path: str,
+        raw: bytes,
+        model: str,
+        watcher=None,
+        key: str | None = None,
+        user: str = "",
     ) -> Response:
         # Every stream asks for its usage chunk: the tokens it used are counted from it.
         raw, client_asked = asking_for_usage(raw)
@@ -106,12 +116,20 @@ class Forwarder:
         record = StreamRecord.open(path, raw)
         request = record.first_request() if record else raw
         events = Stream(
-            self, path, request, model, record, watcher, hide_usage=not client_asked, key=key
+            self,
+            path,
+            request,
+            model,
+            record,
+            watcher,
+            hide_usage=not client_asked,
+            key=key,
+            user=user,
         )
         inst = self.manager.try_acquire(model, key=key)
         if inst is None:
             try:  # before the stream's 200: a full queue is an HTTP 429
-                self.manager.ensure_waiting_room(model)
+                self.manager.ensure_waiting_room(model, user)
             except ApplianceError as exc:
                 return acquire_error(model, exc).response()
             return self._streaming(events.run())

@@ -127,6 +127,7 @@ async def _openai_call(request: Request, path: str) -> Response:
     stream = bool(body.get("stream", False))
     # Of the client's request: a knowledge chat's context, added below, differs per question.
     key = prefix_key(body)
+    who = principal(request)
 
     async def call(watcher) -> Response:
         if path == "/v1/chat/completions" and "knowledge_bases" in body:
@@ -134,12 +135,11 @@ async def _openai_call(request: Request, path: str) -> Response:
                 request,
                 body,
                 lambda data, stream: gw.forwarder.forward(
-                    path, data, serving, stream, watcher, key
+                    path, data, serving, stream, watcher, key, who.user
                 ),
             )
-        return await gw.forwarder.forward(path, raw, serving, stream, watcher, key)
+        return await gw.forwarder.forward(path, raw, serving, stream, watcher, key, who.user)
 
-    who = principal(request)
     prompt = body.get("messages", body.get("prompt"))
     endpoint = path.removeprefix("/v1/")
     return await observed(request, who, spec.name, endpoint, stream, call, prompt)

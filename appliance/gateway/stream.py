@@ -70,11 +70,13 @@ class Stream:
         watcher: StreamWatcher | None,
         hide_usage: bool = False,
         key: str | None = None,
+        user: str = "",
     ):
         """`hide_usage`: the usage chunk was asked for by the gateway, not the client: it is
         read, then left out of the client's stream (appliance/gateway/usage.py); `key`: the
-        prompt's prefix, for the routing policy."""
+        prompt's prefix, for the routing policy; `user`: who asked, for the wait queue."""
         self.key = key
+        self.user = user
         self.forwarder = forwarder
         self.manager = forwarder.manager
         self.settings = forwarder.settings
@@ -294,7 +296,7 @@ class Stream:
         gw = self.settings.gateway
         model = self.model
         task = asyncio.create_task(
-            self.manager.acquire(model, gw.start_timeout_s, self.exclude, self.key)
+            self.manager.acquire(model, gw.start_timeout_s, self.exclude, self.key, self.user)
         )
         try:
             yield f": waiting for an instance of {model}\n\n".encode()

@@ -7,7 +7,8 @@ import aiohttp
 
 from appliance.gateway.protocol import RequestError, server_error, try_again_later
 from appliance.serving.access import UpstreamError
-from appliance.serving.manager import InstanceStartError, InstanceWaitTimeout, WaitQueueFull
+from appliance.serving.manager import InstanceStartError, InstanceWaitTimeout
+from appliance.serving.wait_queue import WaitQueueFull
 
 # Connection refused or reset, a body cut short, or no answer in time.
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, UpstreamError)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
@@ -21,6 +22,7 @@ from appliance.serving.rebalance import Rebalancer
 from appliance.serving.registry import START_FAILURES_BEFORE_COOLDOWN, InstanceRegistry
 from appliance.serving.routing import POLICIES, Router, RoutingPolicy
 from appliance.serving.time_limit import Ending, StartSuccessor, SuccessorAtTimeLimit
+from appliance.serving.wait_queue import FairShare, Waiting, WaitQueueFull, WaitQueuePolicy
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +33,6 @@ class InstanceStartError(ApplianceError):
 
 class InstanceWaitTimeout(ApplianceError):
     """No instance of the model became ready within the configured time."""
-
-
-class WaitQueueFull(ApplianceError):
-    """As many requests as allowed already wait for an instance of the model."""
-
-    def __init__(self, model: str, waiting: int, retry_after_s: int):
-        super().__init__(
-            f"{waiting} requests already wait for an instance of {model}; "
-            f"try again in {retry_after_s} s"
-        )
-        self.retry_after_s = retry_after_s
 
 
 # Retry-After for a full wait queue when the model has not started here yet.
@@ -59,6 +50,7 @@ class InstanceManager:
         routing: RoutingPolicy | None = None,
         partition: PartitionChoice | None = None,
         eviction: EvictionPolicy | None = None,
+        wait_queue: WaitQueuePolicy | None = None,
     ):
         self.settings = settings
         self.catalog = catalog
@@ -75,9 +67,11 @@ class InstanceManager:
         self._rebalancer = Rebalancer(self)
         self.eviction = eviction or LeastRecentlyUsedIdle()
         self.handover = SuccessorAtTimeLimit(settings.gateway.successor_lead_s)
-        # Requests waiting for an instance, per model; and for each pending job that room was
-        # made for, the instance stopped for it (one at a time: the next once that one is gone).
-        self._waiting: dict[str, int] = {}
+        self.wait_queue = wait_queue or FairShare()
+        # Requests waiting for an instance, per model and user; and for each pending job that
+        # room was made for, the instance stopped for it (one at a time: the next once that one
+        # is gone).
+        self._waiting: dict[str, Counter[str]] = {}
         self._evicted_for: dict[int, int] = {}
 
     # ----- lifecycle of the manager -------------------------------------------------------
@@ -312,10 +306,15 @@ class InstanceManager:
         return inst
 
     async def acquire(
-        self, model: str, timeout: float, exclude: set[int] | None = None, key: str | None = None
+        self,
+        model: str,
+        timeout: float,
+        exclude: set[int] | None = None,
+        key: str | None = None,
+        user: str = "",
     ) -> Instance:
         """A ready instance of `model`, starting one when none is up (scale from zero); `key`:
-        the request's prompt prefix, for the routing policy."""
+        the request's prompt prefix, for the routing policy; `user`: whose request waits."""
         exclude = exclude or set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -324,28 +323,31 @@ class InstanceManager:
         inst = self.try_acquire(model, exclude, key)
         if inst is not None:
             return inst
-        self.ensure_waiting_room(model)
-        self._waiting[model] = self._waiting.get(model, 0) + 1
+        self.ensure_waiting_room(model, user)
+        waiting = self._waiting.setdefault(model, Counter())
+        waiting[user] += 1
         try:
             return await self._wait_for_instance(
                 model, exclude, key, deadline, timeout, seen_failures
             )
         finally:
-            self._waiting[model] -= 1
-            if not self._waiting[model]:
-                del self._waiting[model]
+            waiting[user] -= 1
+            if not +waiting:  # the last waiting request of the model
+                self._waiting.pop(model, None)
 
-    def ensure_waiting_room(self, model: str) -> None:
-        """Raise WaitQueueFull when no more requests may wait for an instance of `model`; its
-        Retry-After is how long the model's last start took."""
-        waiting = self._waiting.get(model, 0)
-        if waiting < self.settings.gateway.max_waiting_requests:
+    def ensure_waiting_room(self, model: str, user: str = "") -> None:
+        """Raise WaitQueueFull when this user's request may not wait for an instance of `model`
+        (the wait queue's policy); its Retry-After is how long the model's last start took."""
+        by_user = +self._waiting.get(model, Counter())
+        capacity = self.settings.gateway.max_waiting_requests
+        refusal = self.wait_queue.refusal(Waiting(model, capacity, by_user), user)
+        if refusal is None:
             return
         starts = [
             i.ready_at - i.submitted_at for i in self.instances(model) if i.ready_at is not None
         ]
         retry = round(max(starts)) if starts else DEFAULT_RETRY_AFTER_S
-        raise WaitQueueFull(model, waiting, max(1, retry))
+        raise WaitQueueFull(refusal, max(1, retry))
 
     async def _wait_for_instance(
         self,
@@ -546,7 +548,8 @@ class InstanceManager:
         self._evicted_for = {
             job: victim for job, victim in self._evicted_for.items() if job in live
         }
-        for model, waiting in list(self._waiting.items()):
+        for model, by_user in list(self._waiting.items()):
+            waiting = by_user.total()
             spec = self.catalog.get(model)
             pending = [
                 i
