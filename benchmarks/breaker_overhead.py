@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from appliance.config import ApplianceSettings, load_settings
+from appliance.lines import iter_sse_lines
 from appliance_dev.stack import free_port, running_breaker_sshd, running_gateway
 from benchmarks.common import MODEL, percentile, print_table, tiny_cluster_stack, write_result
 
@@ -47,7 +48,7 @@ def stream(client: httpx.Client, url: str, tokens: int) -> tuple[float, float]:
     first = None
     count = 0
     with client.stream("POST", url + "/v1/completions", json=body) as resp:
-        for line in resp.iter_lines():
+        for line in iter_sse_lines(resp):
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])

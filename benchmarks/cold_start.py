@@ -15,6 +15,7 @@ import time
 import httpx
 
 from appliance import envs
+from appliance.lines import iter_sse_lines
 from appliance_dev.stack import free_port
 from benchmarks.common import TINY, median, print_table, tiny_stack, write_result
 
@@ -29,7 +30,7 @@ def first_token(url: str, model: str, timeout: float = 300, body: dict | None = 
     t0 = time.perf_counter()
     with httpx.stream("POST", url + "/v1/chat/completions", json=request, timeout=timeout) as resp:
         resp.raise_for_status()
-        lines = resp.iter_lines()
+        lines = iter_sse_lines(resp)
         for line in lines:
             if line.startswith("data: {") and '"content"' in line:
                 elapsed = time.perf_counter() - t0

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from appliance.lines import aiter_sse_lines
 from benchmarks.common import MODEL, median, percentile, print_table, tiny_stack, write_result
 
 
@@ -66,7 +67,7 @@ async def stream_once(
         if resp.status_code != 200:
             text = (await resp.aread())[:200].decode(errors="replace")
             return 0, f"HTTP {resp.status_code}: {text}"
-        async for line in resp.aiter_lines():
+        async for line in aiter_sse_lines(resp):
             if not line.startswith("data: "):
                 continue
             payload = line[6:]

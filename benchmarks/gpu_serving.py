@@ -42,6 +42,7 @@ from pathlib import Path
 import httpx
 
 from appliance.config import ApplianceSettings
+from appliance.lines import iter_sse_lines
 from appliance.model_builders.shaped import SHAPES, build_shaped_model
 from appliance_dev.stack import (
     free_port,
@@ -205,7 +206,7 @@ def first_token(url: str, model: str, timeout: float = 900) -> tuple[float, floa
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"{resp.status_code}: {resp.read().decode(errors='replace')}")
-        lines = resp.iter_lines()
+        lines = iter_sse_lines(resp)
         for line in lines:
             if not line.startswith("data: {"):
                 continue

@@ -29,6 +29,7 @@ import time
 
 import httpx
 
+from appliance.lines import iter_sse_lines
 from appliance_dev.stack import InstanceEngine
 from benchmarks.common import MODEL, percentile, print_table, tiny_cluster_stack, write_result
 
@@ -80,7 +81,7 @@ def stream(
         client.stream("POST", url + "/v1/completions", json=body) as resp,
     ):
         job, request_id = int(resp.headers["x-appliance-instance"]), resp.headers["x-request-id"]
-        for line in resp.iter_lines():
+        for line in iter_sse_lines(resp):
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from appliance.lines import iter_sse_lines
 from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 from appliance_dev.stack import (
     InstanceEngine,
@@ -266,7 +267,7 @@ def stream(url: str, out: dict, started: threading.Event, start_after: int = 2) 
     events = 0
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as resp:
-            for line in resp.iter_lines():
+            for line in iter_sse_lines(resp):
                 if not line.startswith("data: "):
                     continue
                 events += 1

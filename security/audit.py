@@ -22,6 +22,7 @@ from typing import Any
 from appliance.security.secret_files import SecretFileError, read_secret_file, write_secret_file
 
 from appliance.errors import ApplianceError
+from appliance.lines import jsonl_lines
 
 KEY_BYTES = 32
 GENESIS = "0" * 64
@@ -138,13 +139,15 @@ class AuditLog:
     def entries(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in jsonl_lines(self.path.read_text()) if line.strip()]
 
     def verify(self) -> Verification:
         """Check every line's MAC and link, the numbering, and that the head matches the end."""
         key = self._key()
         prev, count = GENESIS, 0
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        # Entries are written with ensure_ascii=False: a name may hold U+2028 raw, which
+        # str.splitlines() would take for a line end.
+        lines = jsonl_lines(self.path.read_text()) if self.path.exists() else []
         for number, line in enumerate(lines, start=1):
             try:
                 entry = json.loads(line)

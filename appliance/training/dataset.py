@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.errors import ApplianceError
+from appliance.lines import jsonl_lines
 
 ROLES = frozenset({"system", "user", "assistant"})
 # Report at most this many problems: a broken export fails on every line the same way.
@@ -105,7 +106,7 @@ def parse_dataset(
     problems: list[str] = []
     examples: list[Example] = []
     fmt = None
-    for n, raw in enumerate(text.splitlines(), 1):
+    for n, raw in enumerate(jsonl_lines(text), 1):
         if not raw.strip():
             continue  # blank lines (a trailing newline, say) carry nothing
         try:

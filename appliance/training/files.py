@@ -23,7 +23,7 @@ def files_dir(settings: ApplianceSettings) -> Path:
 
 def save_dataset(settings: ApplianceSettings, user: str, filename: str, data: bytes) -> dict:
     """Check every line (DatasetError names them), then keep the file; its file object."""
-    parse_dataset(data, min_examples=settings.training.min_examples)
+    dataset = parse_dataset(data, min_examples=settings.training.min_examples)
     directory = files_dir(settings)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     file_id = "file-" + secrets.token_hex(12)
@@ -38,7 +38,8 @@ def save_dataset(settings: ApplianceSettings, user: str, filename: str, data: by
         "filename": os.path.basename(filename)[:200],
         "purpose": "fine-tune",
         "user": user,
-        "examples": sum(1 for line in data.splitlines() if line.strip()),
+        # Counted by the parser that accepted them: a line count of its own could disagree.
+        "examples": len(dataset.train) + len(dataset.eval),
     }
     write_json(directory / f"{file_id}.json", meta)
     return meta

@@ -13,6 +13,7 @@ from appliance.atomic_files import read_json_object, write_json
 from appliance.config import ApplianceSettings
 from appliance.config.training import Hyperparameters
 from appliance.errors import ApplianceError
+from appliance.lines import jsonl_lines
 from appliance.models.catalog import Catalog, ModelSpec
 from appliance.monitoring.training_metrics import eta_seconds
 from appliance.serving.access import log_tail as tail
@@ -246,7 +247,7 @@ def step_metrics(settings: ApplianceSettings, job: TrainingJob, limit: int = 200
     path = job_dir(settings, job.id) / "metrics.jsonl"
     by_step: dict[int, dict] = {}
     try:
-        lines = path.read_text().splitlines()
+        lines = jsonl_lines(path.read_text())
     except OSError:
         return []
     for line in lines:

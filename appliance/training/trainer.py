@@ -19,6 +19,7 @@ import torch
 
 from appliance.atomic_files import read_json_object, write_json
 from appliance.config.training import Hyperparameters
+from appliance.lines import jsonl_lines
 from appliance.training.examples import IGNORE, encode
 from appliance.training.jobs import TrainingJob
 
@@ -40,7 +41,7 @@ class Encoded:
 
 
 def read_examples(path: Path, tokenizer: Any) -> list[Encoded]:
-    return [Encoded(*encode(tokenizer, json.loads(line))) for line in path.read_text().splitlines()]
+    return [Encoded(*encode(tokenizer, json.loads(line))) for line in jsonl_lines(path.read_text())]
 
 
 def collate(batch: list[Encoded], pad_id: int, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from urllib.parse import quote
 import httpx
 
 from appliance.errors import ApplianceError
+from appliance.lines import aiter_sse_lines
 
 
 class GatewayError(ApplianceError):
@@ -70,10 +71,19 @@ def parse_sse_line(line: str) -> ChatEvent | None:
 class GatewayClient:
     """Async calls to the gateway, each with the signed-in user's token as its bearer key."""
 
-    def __init__(self, base_url: str, timeout: float = 600.0, verify: Any = True):
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 600.0,
+        verify: Any = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0), verify=verify
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            verify=verify,
+            transport=transport,
         )
 
     async def aclose(self) -> None:
@@ -136,7 +146,9 @@ class GatewayClient:
                     await response.aread()
                     yield ChatEvent("error", _error_message(response))
                     return
-                async for line in response.aiter_lines():
+                # Not aiter_lines(): it also breaks at U+2028 and U+0085, which answers hold
+                # raw inside the JSON of an event.
+                async for line in aiter_sse_lines(response):
                     event = parse_sse_line(line)
                     if event is not None:
                         yield event

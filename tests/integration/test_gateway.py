@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from appliance.config import load_settings
+from appliance.lines import iter_sse_lines
 from appliance.serving.endpoint import read_endpoint
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
@@ -350,7 +351,7 @@ def test_streaming_client_waiting_for_a_cold_model_gets_keepalives(stack):
     comments, data = 0, []
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as resp:
         assert resp.status_code == 200
-        for line in resp.iter_lines():
+        for line in iter_sse_lines(resp):
             if line.startswith(":"):
                 comments += 1
             elif line.startswith("data: "):

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from appliance.lines import iter_sse_lines
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 from appliance_dev.stack import (
@@ -95,7 +96,7 @@ class SlowReader(threading.Thread):
                 "POST", self.url + "/v1/chat/completions", json=self.body, timeout=600
             ) as resp:
                 self.instance = int(resp.headers["x-appliance-instance"])
-                for line in resp.iter_lines():
+                for line in iter_sse_lines(resp):
                     if not line.startswith("data: "):
                         continue
                     self.events.append(line[6:])
@@ -120,7 +121,7 @@ def answer_pieces(url: str, body: dict = BODY) -> list[str]:
     pieces = []
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as resp:
         assert resp.status_code == 200
-        for line in resp.iter_lines():
+        for line in iter_sse_lines(resp):
             if line.startswith("data: {"):
                 choices = json.loads(line[6:])["choices"]
                 pieces.append("".join(c["delta"].get("content") or "" for c in choices))

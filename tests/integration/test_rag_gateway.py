@@ -11,6 +11,7 @@ import openai
 import pytest
 from appliance.security.api_keys import ApiKeyStore
 
+from appliance.lines import iter_sse_lines
 from appliance_dev.stack import running_gateway
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
@@ -121,7 +122,7 @@ def test_chat_over_a_knowledge_base_returns_citations(stack):
     with httpx.stream(
         "POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=300
     ) as r:
-        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        events = [line[6:] for line in iter_sse_lines(r) if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["choices"] == [] and (last["citations"] or last["sources"])

@@ -34,6 +34,19 @@ def test_a_huge_username_makes_a_small_entry_that_still_verifies(tmp_path):
     assert log.verify().ok
 
 
+def test_unicode_line_breaks_in_a_username_keep_the_chain_verifying(tmp_path):
+    # Entries are written with ensure_ascii=False, so these are raw in the file; read back with
+    # str.splitlines(), one refused sign-in with such a name made the whole log fail to verify.
+    log = AuditLog(tmp_path / "audit")
+    name = "eve\u2028\u2029\u0085"
+    log.append(name, "sign_in_refused", "password", reason="wrong username or password")
+    log.append("root", "user_add", "bob")
+    assert "\u2028" in log.path.read_text()
+    assert [e["actor"] for e in log.entries()] == [name, "root"]
+    result = log.verify()
+    assert result.ok and result.entries == 2
+
+
 def test_bounds_at_the_limit():
     assert bounded("a" * MAX_DETAIL_CHARS) == "a" * MAX_DETAIL_CHARS
     assert bounded("a" * (MAX_DETAIL_CHARS + 1)).endswith("...[1 more characters]")

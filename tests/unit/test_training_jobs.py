@@ -13,10 +13,11 @@ from appliance.atomic_files import write_json
 from appliance.config import load_settings
 from appliance.slurm.records import SlurmJob
 from appliance.training.dataset import DatasetError, parse_dataset
+from appliance.training.files import save_dataset
 from appliance.training.jobs import TrainingJob, job_dir, save_job
 from appliance.training.sbatch import render_training_script
 from appliance.training.service import hyperparameters, job_view, step_metrics
-from appliance.training.trainer import Encoded, batch_at, total_steps
+from appliance.training.trainer import Encoded, batch_at, read_examples, total_steps
 from tests.golden import check_golden
 
 
@@ -64,6 +65,45 @@ def test_blank_lines_are_skipped_and_line_numbers_stay_true():
     assert found == [
         "line 4: not valid JSON (Expecting property name enclosed in double quotes at column 2)"
     ]
+
+
+def test_unicode_line_breaks_inside_strings_do_not_split_an_example(tmp_path):
+    # Exports written with ensure_ascii=False carry U+2028 and U+0085 raw inside strings;
+    # str.splitlines() took them for line ends and refused the halves as broken JSON.
+    odd = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "a\u2028b"},
+                {"role": "assistant", "content": "c\u0085d"},
+            ]
+        },
+        ensure_ascii=False,
+    )
+    assert "\u2028" in odd
+    data = "\r\n".join([odd, *GOOD[:4]]).encode()  # lines ended with CRLF, as on Windows
+    dataset = parse_dataset(data)
+    examples = dataset.train + dataset.eval
+    assert len(examples) == 5
+    (first,) = [e for e in examples if e.line == 1]
+    assert [m["content"] for m in first.messages] == ["a\u2028b", "c\u0085d"]
+    meta = save_dataset(load_settings(state_dir=str(tmp_path)), "alice", "odd.jsonl", data)
+    assert meta["examples"] == 5
+    # The trainer reads its examples back the same way.
+    path = tmp_path / "train.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "x\u2028y", "completion": "z"}, ensure_ascii=False) + "\n"
+    )
+    (encoded,) = read_examples(path, CharTokenizer())
+    assert encoded.ids == [ord(c) for c in "x\u2028yz"]
+
+
+class CharTokenizer:
+    """One token per character."""
+
+    eos_token = ""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
 
 
 def test_over_long_examples_and_too_few_examples():
