@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+import httpx
 from appliance.monitoring.gpu_metrics import gpu_families
 from appliance.monitoring.health import REASON_PREFIX
 from appliance.monitoring.monitor import Source
@@ -21,6 +22,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from appliance.config import ApplianceSettings
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import SlurmJob, SlurmNode
+
+# An instance's /metrics answers in milliseconds; one that hangs must not stall the others.
+SCRAPE_TIMEOUT_S = 2.0
 
 
 class GpuSource:
@@ -82,9 +86,11 @@ def gateway_sources(
     mon = settings.monitoring
     snapshot = SlurmSnapshot(slurm)
     gpu = GpuSource()
+    # Lives as long as the gateway's monitor (the process).
+    client = httpx.Client(timeout=SCRAPE_TIMEOUT_S)
 
     def instances() -> list[Metric]:
-        families, problems = scrape(targets())
+        families, problems = scrape(targets(), client)
         if problems and not families:
             raise RuntimeError("; ".join(problems))
         return families

@@ -12,15 +12,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from appliance.gateway.audit_events import audit
-from appliance.gateway.auth import AccessRefused, key_refused, principal
+from appliance.gateway.auth import AccessRefused, authenticated, key_refused, principal
 from appliance.gateway.json_body import json_object
 from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import KeyRefused, Principal
 from appliance.security.secret_files import replace_secret_file
 
 sign_in_router = APIRouter(prefix="/v1/auth")
-router = APIRouter(dependencies=[Depends(principal)])
-Who = Annotated[Principal, Depends(principal)]
+router = APIRouter(dependencies=[Depends(authenticated)])
+Who = Annotated[Principal, Depends(authenticated)]
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 

@@ -12,13 +12,13 @@ from fastapi import APIRouter, Depends, Request
 
 from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
-from appliance.gateway.auth import admin
+from appliance.gateway.auth import administrator
 from appliance.gateway.json_body import json_object
 from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import KeyRefused, Principal
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(admin)])
-Admin = Annotated[Principal, Depends(admin)]
+router = APIRouter(prefix="/admin", dependencies=[Depends(administrator)])
+Admin = Annotated[Principal, Depends(administrator)]
 
 
 def _auth(request: Request):

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from appliance import __version__
 from appliance.config import ApplianceSettings
 from appliance.gateway import account, admin_accounts, fine_tuning, monitoring_api
-from appliance.gateway.auth import Authenticator, admin
+from appliance.gateway.auth import Authenticator, administrator
 from appliance.gateway.body_limit import BodyLimit
 from appliance.gateway.forward import Forwarder
 from appliance.gateway.knowledge import KnowledgeService
@@ -174,7 +174,7 @@ def create_app(
     for part in (*parts, monitoring_api.router, fine_tuning.router):
         app.include_router(part)
 
-    @app.get("/admin/openapi.json", dependencies=[Depends(admin)], include_in_schema=False)
+    @app.get("/admin/openapi.json", dependencies=[Depends(administrator)], include_in_schema=False)
     async def openapi_schema() -> dict:
         return app.openapi()
 

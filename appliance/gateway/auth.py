@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import Request
@@ -70,6 +71,7 @@ class Authenticator:
         self._failures_lock = threading.Lock()
         self.audit: AuditLog | None = None
         self._key_logged: dict[str, float] = {}
+        self._audit_writer = ThreadPoolExecutor(1, thread_name_prefix="key-use-audit")
 
     @property
     def single_user(self) -> bool:
@@ -96,15 +98,21 @@ class Authenticator:
 
     def _log_key_use(self, record: ApiKeyRecord) -> None:
         """Key use goes into the audit log once an hour per key (every request would drown
-        the log; the requests themselves are in the request records)."""
+        the log; the requests themselves are in the request records), written by a thread of
+        its own: the entry is fsynced, and the request checking its key may be on the event
+        loop."""
         now = time.monotonic()
         if self.audit is None or now - self._key_logged.get(record.key_id, -KEY_USE_EVERY_S) < (
             KEY_USE_EVERY_S
         ):
             return
         self._key_logged[record.key_id] = now
+        self._audit_writer.submit(self._append_key_use, self.audit, record)
+
+    @staticmethod
+    def _append_key_use(audit: AuditLog, record: ApiKeyRecord) -> None:
         try:
-            self.audit.append(record.user, "key_use", record.key_id, kind=record.kind)
+            audit.append(record.user, "key_use", record.key_id, kind=record.kind)
         except Exception:  # a full disk must not refuse every request
             log.exception("could not record the use of key %s", record.key_id)
 
@@ -166,15 +174,17 @@ class Authenticator:
 
 
 def principal(request: Request) -> Principal:
-    """FastAPI dependency: the request's principal (401 without a valid key). Kept on the
-    request, so that a refusal later in the request can name who was refused."""
-    who = request.app.state.gateway.auth.principal(request.headers.get("authorization"))
-    request.state.principal = who
+    """The request's principal (401 without a valid key), checked once per request and kept on
+    it, so that a refusal later in the request can name who was refused."""
+    who = getattr(request.state, "principal", None)
+    if who is None:
+        who = request.app.state.gateway.auth.principal(request.headers.get("authorization"))
+        request.state.principal = who
     return who
 
 
 def admin(request: Request) -> Principal:
-    """FastAPI dependency: an administrator's principal (403 for other users)."""
+    """An administrator's principal (403 for other users)."""
     who = principal(request)
     if not who.admin:
         raise AccessRefused(
@@ -186,3 +196,15 @@ def admin(request: Request) -> Principal:
             type="permission_error",
         )
     return who
+
+
+# FastAPI dependencies. Coroutines on purpose: FastAPI runs a plain function dependency in a
+# worker thread, a round trip through the thread pool and the GIL on every request.
+async def authenticated(request: Request) -> Principal:
+    """FastAPI dependency: principal()."""
+    return principal(request)
+
+
+async def administrator(request: Request) -> Principal:
+    """FastAPI dependency: admin()."""
+    return admin(request)

@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 
 from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
-from appliance.gateway.auth import principal
+from appliance.gateway.auth import authenticated
 from appliance.gateway.json_body import json_object
 from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import Principal
@@ -20,8 +20,8 @@ from appliance.training import files, service
 from appliance.training.dataset import DatasetError
 from appliance.training.jobs import TrainingJob, load_job
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(principal)])
-Who = Annotated[Principal, Depends(principal)]
+router = APIRouter(prefix="/v1", dependencies=[Depends(authenticated)])
+Who = Annotated[Principal, Depends(authenticated)]
 
 
 def _gw(request: Request):

@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
-from appliance.gateway.auth import principal
+from appliance.gateway.auth import authenticated, principal
 from appliance.gateway.json_body import json_model, validated
 from appliance.gateway.metering import MeteredEmbedder, knowledge_quota
 from appliance.gateway.protocol import RequestError
@@ -27,7 +27,7 @@ from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
 from appliance.security.api_keys import Principal
 
 router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(knowledge_quota)])
-Who = Annotated[Principal, Depends(principal)]
+Who = Annotated[Principal, Depends(authenticated)]
 DONE_EVENT = b"data: [DONE]"
 MAX_FILES_PER_UPLOAD = 100
 # Paths name a knowledge base by its id `owner/name` (one slash) or its name: `{ref:path}`.

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from appliance.gateway.auth import principal
+from appliance.gateway.auth import authenticated
 from appliance.gateway.usage import quota_error
 from appliance.rag.embeddings import Embedder
 from appliance.security.api_keys import Principal
@@ -64,7 +64,7 @@ class MeteredEmbedder(Embedder):
 
 
 async def knowledge_quota(
-    request: Request, who: Annotated[Principal, Depends(principal)]
+    request: Request, who: Annotated[Principal, Depends(authenticated)]
 ) -> AsyncIterator[None]:
     """Dependency of the knowledge-base routes: the request counts against its user's and key's
     quotas (HTTP 429 over them), and the tokens it embeds against their tokens per day."""

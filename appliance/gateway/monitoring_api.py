@@ -9,13 +9,13 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from appliance.gateway.auth import admin
+from appliance.gateway.auth import administrator
 from appliance.gateway.protocol import RequestError
 from appliance.monitoring.alerts import active_alerts
 from appliance.monitoring.prometheus_history import PrometheusHistory
 from appliance.monitoring.topology import search
 
-router = APIRouter(dependencies=[Depends(admin)])
+router = APIRouter(dependencies=[Depends(administrator)])
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 

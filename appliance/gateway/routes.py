@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from appliance.errors import ApplianceError
 from appliance.gateway.audit_events import audit
-from appliance.gateway.auth import admin, principal
+from appliance.gateway.auth import administrator, authenticated, principal
 from appliance.gateway.json_body import parse_body
 from appliance.gateway.knowledge import grounded_chat
 from appliance.gateway.observe import observed
@@ -20,8 +20,8 @@ from appliance.serving.instance import Instance, InstanceState
 
 router = APIRouter()
 # Every route but /health needs a principal (a valid API key once any key exists).
-api = APIRouter(dependencies=[Depends(principal)])
-admin_api = APIRouter(prefix="/admin", dependencies=[Depends(admin)])
+api = APIRouter(dependencies=[Depends(authenticated)])
+admin_api = APIRouter(prefix="/admin", dependencies=[Depends(administrator)])
 STARTED = int(time.time())
 
 
