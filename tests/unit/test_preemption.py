@@ -58,6 +58,8 @@ def test_the_breakers_listing_carries_what_the_gateway_reads_of_a_job(tmp_path):
         seen = (got.name, got.state, got.reason, got.node, got.submit_time, got.partition)
         assert seen == (job.name, job.state, job.reason, job.node, job.submit_time, job.partition)
         assert (got.preempt_time, got.grace_end) == (job.preempt_time, job.grace_end)
+        # The time limit too: a successor starts before it (serving/time_limit.py).
+        assert got.end_time == job.end_time and job.end_time
         assert got.node_drained == (job.node in drained)
     assert any(e["preempted_at"] and e["node_drained"] for e in listing)
 

@@ -84,6 +84,8 @@ class BreakerActions:
                         "partition": job.partition,
                         "preempted_at": job.preempt_time,
                         "leave_by": job.grace_end,
+                        # Its time limit (or end of grace time): a successor starts before it.
+                        "ends_at": job.end_time,
                         "node_drained": job.node in drained,
                     }
                 )

@@ -278,8 +278,9 @@ class BreakerAccess(ClusterAccess):
             entry.get("submit_time"),
             partition=entry.get("partition", ""),
             preempt_time=entry.get("preempted_at"),
-            # Only a preempted job's end is listed: its end of grace time.
-            end_time=entry.get("leave_by"),
+            # A breaker of an earlier release lists only a preempted job's end (its end of
+            # grace time), so an instance it lists gets no successor at its time limit.
+            end_time=entry.get("ends_at", entry.get("leave_by")),
             node_drained=bool(entry.get("node_drained")),
         )
 
