@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.slurm_fixtures"]
+pytest_plugins = ["tests.slurm_fixtures", "tests.ci_skips"]
 
 
 @pytest.fixture(scope="session")
