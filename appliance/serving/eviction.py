@@ -23,6 +23,8 @@ class Holder:
     uses_gpu: bool
     protected: bool
     """One of its model's min_instances: never evicted."""
+    node: str = ""
+    """Where its job runs ("" if not known yet)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class RoomWanted:
     job_id: int
     uses_gpu: bool
     waiting_requests: int
+    nodes: frozenset[str] = frozenset()
+    """The nodes its job is pinned to (--nodelist: a stored model's job waits for the node the
+    store placed it on); empty: any node. Room made on another node is of no use to it."""
 
 
 class EvictionPolicy(Protocol):
@@ -43,8 +48,11 @@ class EvictionPolicy(Protocol):
 
 class LeastRecentlyUsedIdle:
     """The least recently used idle instance of another model: never one with requests in
-    flight, never one its model keeps for min_instances, and for a GPU model only one that
-    holds a GPU (stopping a CPU instance frees nothing it can use)."""
+    flight, never one its model keeps for min_instances, for a GPU model only one that holds a
+    GPU, and for a job pinned to nodes only one on one of them (stopping any other frees nothing
+    the job can use: a user's idle model would go for nothing, and the next eviction would wait
+    until it was gone). A job pinned to several nodes needs all of them, so room on any one
+    may be what it waits for."""
 
     def victim(self, wanted: RoomWanted, holders: Sequence[Holder]) -> Holder | None:
         idle = [
@@ -55,5 +63,6 @@ class LeastRecentlyUsedIdle:
             and h.inflight == 0
             and not h.protected
             and (h.uses_gpu or not wanted.uses_gpu)
+            and (not wanted.nodes or h.node in wanted.nodes)
         ]
         return min(idle, key=lambda h: h.last_used, default=None)

@@ -154,6 +154,7 @@ class HealthLoop:
                 continue
             if job.state == "PENDING":
                 inst.reason = job.reason
+                inst.required_nodes = tuple(job.required_nodes)
             elif inst.state is InstanceState.PENDING:
                 inst.state = InstanceState.STARTING
                 inst.reason = ""

@@ -42,6 +42,9 @@ class Instance:
     state: InstanceState
     submitted_at: float
     node: str = ""
+    required_nodes: tuple[str, ...] = ()
+    """The nodes its job is pinned to (a stored model's job runs where the store placed it);
+    empty: Slurm may start it anywhere. Room made elsewhere does not help it while it pends."""
     url: str | None = None
     inflight: int = 0
     served: int = 0

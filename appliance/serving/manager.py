@@ -537,6 +537,7 @@ class InstanceManager:
                         inst.last_used,
                         spec.resources.gpus > 0,
                         protected=rank < spec.min_instances,
+                        node=inst.node,
                     )
                 )
         return holders
@@ -561,7 +562,11 @@ class InstanceManager:
             job = pending[0]
             if self._evicted_for.get(job.job_id) in live:
                 continue  # the last one stopped for it is still going
-            wanted = RoomWanted(model, job.job_id, spec.resources.gpus > 0, waiting)
+            # A pinned job (a stored model's, on the node the store placed it) can only use
+            # room made on its nodes: the policy looks for a victim there only.
+            wanted = RoomWanted(
+                model, job.job_id, spec.resources.gpus > 0, waiting, frozenset(job.required_nodes)
+            )
             holder = self.eviction.victim(wanted, self._holders())
             if holder is None:
                 continue

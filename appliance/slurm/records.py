@@ -62,6 +62,10 @@ class SlurmJob:
     node_drained: bool = False
     """Its node is drained (or draining). Node state, which squeue does not report: whoever lists
     the job with the nodes' states fills it in; False otherwise."""
+    required_nodes: list[str] = field(default_factory=list)
+    """The nodes it is pinned to (``--nodelist``: squeue's ``required_nodes``, a hostlist such as
+    ``n[1-2]``, expanded); empty when Slurm may place it anywhere. A pending job starts only
+    there, so only room made there helps it (serving/eviction.py)."""
 
     @property
     def active(self) -> bool:
@@ -194,6 +198,7 @@ def job_from_json(data: dict[str, Any]) -> SlurmJob:
         partition=_text(data.get("partition")),
         preempt_time=_time(data.get("preempt_time")),
         end_time=_time(data.get("end_time")),
+        required_nodes=_hosts(data.get("required_nodes")),
     )
     if state == "PENDING":
         job.start_time = None

@@ -148,6 +148,7 @@ def capture(prefix: str, conf: Path) -> None:
     wait_until(lambda: not slurm.job(multi).active)
     capture_preemption(rec, slurm, prefix)
     capture_job_lookup(rec, slurm, prefix)
+    capture_pinned_pending(rec, slurm, prefix)
     rec.save()
 
 
@@ -174,8 +175,35 @@ def capture_job_lookup(rec: Recorder, slurm: SlurmClient, prefix: str) -> None:
     slurm.cancel(running)
 
 
+def capture_pinned_pending(rec: Recorder, slurm: SlurmClient, prefix: str) -> None:
+    """Jobs pinned with --nodelist (as a store model's instance job is) waiting on a full node
+    while the other node has room: squeue's ``required_nodes`` says where each may run."""
+    idle = slurm.submit(script(f"{prefix}-inst-idle", "sleep 300", "--mem=100M", "--nodelist=n1"))
+    full = slurm.submit(script(f"{prefix}-full", "sleep 300", "--exclusive", "--nodelist=n2"))
+    wait_until(lambda: slurm.job(idle).state == slurm.job(full).state == "RUNNING")
+    pinned = slurm.submit(
+        script(f"{prefix}-inst-pinned", "sleep 300", "--mem=100M", "--nodelist=n2")
+    )
+    both = slurm.submit(
+        script(f"{prefix}-pinned-both", "sleep 300", "-N2", "--mem=100M", "--nodelist=n1,n2")
+    )
+    wait_until(lambda: slurm.job(pinned).reason and slurm.job(both).reason)
+    time.sleep(1)
+    rec.rec(
+        "squeue_pinned_pending",
+        ["squeue", "--json"],
+        "n2 full: a job pinned to n2 and a -N2 job pinned to n1,n2 pending; n1 has room",
+    )
+    for job_id in (both, pinned, full, idle):
+        slurm.cancel(job_id)
+
+
 # Captures added later than the rest, each runnable alone on a fresh cluster.
-PARTS = {"--preemption-only": capture_preemption, "--lookup-only": capture_job_lookup}
+PARTS = {
+    "--preemption-only": capture_preemption,
+    "--lookup-only": capture_job_lookup,
+    "--pinned-only": capture_pinned_pending,
+}
 
 
 def capture_part(part) -> None:

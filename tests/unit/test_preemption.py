@@ -61,6 +61,8 @@ def test_the_breakers_listing_carries_what_the_gateway_reads_of_a_job(tmp_path):
         # The time limit too: a successor starts before it (serving/time_limit.py).
         assert got.end_time == job.end_time and job.end_time
         assert got.node_drained == (job.node in drained)
+        # Where it may run (--nodelist): making room for a pending job looks only there.
+        assert got.required_nodes == job.required_nodes == ["n1"]
     assert any(e["preempted_at"] and e["node_drained"] for e in listing)
 
 

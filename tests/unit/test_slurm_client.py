@@ -105,6 +105,21 @@ def test_multinode_job_has_its_hostlist_expanded():
     assert multi.state == "RUNNING" and multi.nodes == ["n1", "n2"]
 
 
+def test_a_pinned_job_says_where_it_may_run():
+    slurm, _ = client("squeue_pinned_pending")
+    jobs = by_role(slurm.jobs())
+    # Pinned to n2 (--nodelist=n2), which a job fills: it waits for Resources there, n1 has room.
+    pinned = jobs["inst-pinned"]
+    assert (pinned.state, pinned.reason, pinned.nodes) == ("PENDING", "Resources", [])
+    assert pinned.required_nodes == ["n2"]
+    # Slurm prints the list compressed (--nodelist=n1,n2 gives "n[1-2]"): expanded like `nodes`.
+    assert jobs["pinned-both"].required_nodes == ["n1", "n2"]
+    assert (jobs["inst-idle"].node, jobs["inst-idle"].required_nodes) == ("n1", ["n1"])
+    # A job not pinned ("" in the JSON) may run anywhere.
+    unpinned, _ = client("squeue_mixed")
+    assert all(j.required_nodes == [] for j in unpinned.jobs())
+
+
 def test_empty_queue():
     slurm, _ = client("squeue_empty")
     assert slurm.jobs() == []

@@ -76,6 +76,8 @@ class BreakerActions:
                         "state": job.state,
                         "reason": job.reason,
                         "node": job.node,
+                        # Where a pending job may start (--nodelist): eviction makes room there.
+                        "required_nodes": job.required_nodes,
                         "submit_time": job.submit_time,
                         "registered": running,
                         "healthy": running and self._healthy(client, endpoint.url),

@@ -282,6 +282,9 @@ class BreakerAccess(ClusterAccess):
             # grace time), so an instance it lists gets no successor at its time limit.
             end_time=entry.get("ends_at", entry.get("leave_by")),
             node_drained=bool(entry.get("node_drained")),
+            # Not listed by a breaker of an earlier release: no restriction known, so eviction
+            # takes room on any node for it, as it did then.
+            required_nodes=list(entry.get("required_nodes") or []),
         )
 
     async def address(self, inst: Instance) -> InstanceAddress | None:
