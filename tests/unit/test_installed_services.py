@@ -1,13 +1,18 @@
 """An installed appliance's services: which units run (the nodes' warm standbys included while
 serving.standby is on), what `appliance services` does with a standby that was turned off, and
 the supervisor's children where systemd does not run; the standby runs as the instance jobs'
-account."""
+account; uninstalling removes them; the self-test reports them."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 
 import pytest
+from appliance.installer import selftest
+from appliance.installer import uninstall as uninstaller
+from appliance.installer.manifest import Manifest
 from appliance.security import privileges
 from click.testing import CliRunner
 
@@ -18,6 +23,7 @@ from appliance.config import load_settings
 from appliance.errors import ApplianceError
 from appliance.services import ServiceManager
 from appliance.serving import standby
+from appliance.serving.standby import STARTED_BY_STANDBY
 from appliance.supervisor import Supervisor
 
 
@@ -111,3 +117,41 @@ def test_the_standby_drops_to_the_account_the_instance_jobs_run_as(tmp_path, mon
     )
     assert result.exit_code == 0, result.output
     assert done == ["dropped", tmp_path / "state" / "run" / "standby-n7.sock"]
+
+
+def test_uninstall_disables_every_standby_and_removes_its_socket(tmp_path, monkeypatch):
+    settings = _settings(tmp_path, STANDBY_OFF)
+    Manifest(prefix=str(tmp_path / "root"), service_mode="systemd").save(
+        tmp_path / "install-manifest.json"
+    )
+    socket = settings.standby_socket("n2")
+    socket.parent.mkdir(parents=True)
+    socket.touch()  # left by a standby that was killed
+    ran = []
+    monkeypatch.setattr(uninstaller.subprocess, "run", lambda argv, **kw: ran.append(argv))
+    manager = ServiceManager(settings, tmp_path / "config.yaml", "systemd")
+    monkeypatch.setattr(manager, "stop", lambda: True)
+    list(uninstaller.uninstall(settings, manager, purge=False, keep_packages=True))
+    assert ["systemctl", "disable", "appliance-standby@n1"] in ran
+    assert ["systemctl", "disable", "appliance-standby@n2"] in ran
+    assert not socket.exists() and (tmp_path / "state").is_dir()  # user data stays
+
+
+def test_the_self_test_reports_the_standby(tmp_path):
+    settings = _settings(tmp_path, "serving:\n  standby: true\n  standby_nodes: [n1]\n")
+    with pytest.raises(AssertionError, match=r"not listening: n1 \(.*standby-n1.sock\)"):
+        selftest._standby(settings, "tiny-chat")
+    path = settings.standby_socket("n1")
+    path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen(4)
+        assert selftest._standby(settings, "tiny-chat") == "listening for n1"
+        settings.log_dir.mkdir(parents=True)
+        old = settings.log_dir / "instance-tiny-chat-7.log"
+        old.write_text("appliance: starting tiny-chat on cuda\n")
+        assert selftest._standby(settings, "tiny-chat").endswith(f"started without it (see {old})")
+        new = settings.log_dir / "instance-tiny-chat-8.log"
+        new.write_text(f"appliance: {STARTED_BY_STANDBY} on {path}\n")
+        os.utime(old, (1, 1))
+        assert selftest._standby(settings, "tiny-chat").endswith("instance started through it")
