@@ -20,10 +20,14 @@ HEALTH_TIMEOUT_S = 240
 class ServiceManager:
     """The installed services of one configuration, in the installer's service mode."""
 
-    def __init__(self, settings: ApplianceSettings, config_file: Path, mode: str):
+    def __init__(
+        self, settings: ApplianceSettings, config_file: Path, mode: str, gateway: bool = True
+    ):
         self.settings = settings
         self.config_file = config_file
         self.mode = mode
+        # The gateway and the web app run here (not on a multi-node cluster's worker).
+        self.gateway = gateway
         self.pidfile = settings.layout.supervisor_pid
         self.log_file = settings.log_dir / "supervisor.log"
 
@@ -48,7 +52,7 @@ class ServiceManager:
     def _units(self, standby_nodes: list[str]) -> list[str]:
         units = ["appliance-cluster"] if self.settings.cluster.mode == "local" else []
         units += [standby_unit(node) for node in standby_nodes]
-        return [*units, "appliance-gateway", "appliance-webapp"]
+        return [*units, "appliance-gateway", "appliance-webapp"] if self.gateway else units
 
     def running(self) -> bool:
         if self.mode == "systemd":
@@ -98,8 +102,8 @@ class ServiceManager:
         """Until the gateway and the web app answer and every warm standby listens (a job that
         starts before its node's standby is ready starts its server the slow way)."""
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        waits = [("appliance-gateway", self.settings.gateway_url)]
-        if self.settings.webapp.enabled:
+        waits = [("appliance-gateway", self.settings.gateway_url)] if self.gateway else []
+        if self.gateway and self.settings.webapp.enabled:
             waits.append(("appliance-webapp", self.settings.webapp_url))
         for unit, url in waits:
             self._wait(url, unit, lambda url=url: _answers(url, self.settings), deadline)

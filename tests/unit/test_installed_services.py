@@ -60,6 +60,17 @@ def test_the_standbys_run_between_the_cluster_and_the_gateway(tmp_path):
     ]
 
 
+def test_a_worker_runs_its_standby_and_no_gateway(tmp_path, monkeypatch):
+    settings = _settings(
+        tmp_path, "serving:\n  standby: true\n  standby_nodes: [gpu02]\n", "existing"
+    )
+    worker = ServiceManager(settings, tmp_path / "config.yaml", "systemd", gateway=False)
+    assert worker.units == ["appliance-standby@gpu02"]
+    monkeypatch.setattr(services, "_answers", lambda url, settings: pytest.fail(url))
+    monkeypatch.setattr(services, "listening", lambda path: True)
+    worker.wait_healthy()
+
+
 def test_a_standby_turned_off_is_stopped_and_disabled(tmp_path, monkeypatch):
     calls = []
 
