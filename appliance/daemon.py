@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -75,6 +76,18 @@ def stop_pid(pidfile: Path, timeout: float = 15.0) -> bool:
     else:
         os.kill(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
+    return True
+
+
+def listening(path: Path, timeout: float = 1.0) -> bool:
+    """Whether a service listens on the Unix socket `path` (it is connected to and left at once,
+    having been sent nothing)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
     return True
 
 

@@ -43,6 +43,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Set by Slurm inside a job that asked for GPUs with --gres.
     "CUDA_VISIBLE_DEVICES": lambda: os.environ.get("CUDA_VISIBLE_DEVICES"),
     "SLURM_JOB_GPUS": lambda: os.environ.get("SLURM_JOB_GPUS"),
+    # CUDA's: the order of its device numbers. Set to PCI_BUS_ID for a server the node's warm
+    # standby starts outside its job's cgroup (appliance/serving/standby.py renumbers its GPUs).
+    "CUDA_DEVICE_ORDER": lambda: os.environ.get("CUDA_DEVICE_ORDER"),
     # Set by the instance sbatch script: wall-clock time (epoch seconds) at which the job started.
     "APPLIANCE_JOB_STARTED_AT": lambda: os.environ.get("APPLIANCE_JOB_STARTED_AT"),
     # Debian's: set to "noninteractive" when the stack installs packages with apt-get.

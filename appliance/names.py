@@ -1,5 +1,5 @@
-"""Names every layer agrees on: the cluster's partitions and the store's files (standard library
-only: the installer's planner uses them before any package is installed)."""
+"""Names every layer agrees on: the cluster's partitions and local nodes, and the store's files
+(standard library only: the installer's planner uses them before any package is installed)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ PREEMPTIBLE_PARTITION = "appliance-preemptible"
 BATCH_PARTITION = "batch"
 # Seconds a preempted job gets between SIGTERM and its end (the partitions' GraceTime).
 GRACE_S = 60
+
+
+def local_node_names(count: int) -> list[str]:
+    """Slurm names of the local cluster's nodes (`cluster.nodes` of them, all on this host)."""
+    return [f"n{i}" for i in range(1, count + 1)]
+
 
 # A model in the store is a folder with this header (appliance/store/format.py) beside its data.
 STORE_HEADER_FILE = "header.json"

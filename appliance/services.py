@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from appliance.config import ApplianceSettings
-from appliance.daemon import read_pid, start_detached, stop_pid, tail
+from appliance.daemon import listening, read_pid, start_detached, stop_pid, tail
 from appliance.errors import ApplianceError
 
 HEALTH_TIMEOUT_S = 240
@@ -20,17 +20,39 @@ HEALTH_TIMEOUT_S = 240
 class ServiceManager:
     """The installed services of one configuration, in the installer's service mode."""
 
-    def __init__(self, settings: ApplianceSettings, config_file: Path, mode: str):
+    def __init__(
+        self, settings: ApplianceSettings, config_file: Path, mode: str, gateway: bool = True
+    ):
         self.settings = settings
         self.config_file = config_file
         self.mode = mode
+        # The gateway and the web app run here (not on a multi-node cluster's worker).
+        self.gateway = gateway
         self.pidfile = settings.layout.supervisor_pid
         self.log_file = settings.log_dir / "supervisor.log"
 
     @property
+    def standby_nodes(self) -> list[str]:
+        """This host's nodes whose warm standby runs (serving.standby_nodes, while
+        serving.standby is on)."""
+        serving = self.settings.serving
+        return list(serving.standby_nodes) if serving.standby else []
+
+    @property
     def units(self) -> list[str]:
+        """The units that run, in the order they start."""
+        return self._units(self.standby_nodes)
+
+    @property
+    def installed_units(self) -> list[str]:
+        """Every unit of the installation: also the standbys of a host where serving.standby
+        was turned off."""
+        return self._units(self.settings.serving.standby_nodes)
+
+    def _units(self, standby_nodes: list[str]) -> list[str]:
         units = ["appliance-cluster"] if self.settings.cluster.mode == "local" else []
-        return [*units, "appliance-gateway", "appliance-webapp"]
+        units += [standby_unit(node) for node in standby_nodes]
+        return [*units, "appliance-gateway", "appliance-webapp"] if self.gateway else units
 
     def running(self) -> bool:
         if self.mode == "systemd":
@@ -50,6 +72,9 @@ class ServiceManager:
                 done = _systemctl(verb, unit)
                 if done.returncode:
                     raise ApplianceError(f"systemctl {verb} {unit} failed: {done.stderr.strip()}")
+            for unit in self.installed_units:
+                if unit not in self.units:  # a standby, since serving.standby was turned off
+                    _systemctl("disable", "--now", unit)
         elif acted:
             self.stop()
             argv = [
@@ -67,30 +92,42 @@ class ServiceManager:
 
     def stop(self) -> bool:
         if self.mode == "systemd":
-            for unit in reversed(self.units):
+            for unit in reversed(self.installed_units):
                 _systemctl("stop", unit)
             return True
 
         return stop_pid(self.pidfile, timeout=120)
 
     def wait_healthy(self) -> None:
-        urls = [self.settings.gateway_url]
-        if self.settings.webapp.enabled:
-            urls.append(self.settings.webapp_url)
+        """Until the gateway and the web app answer and every warm standby listens (a job that
+        starts before its node's standby is ready starts its server the slow way)."""
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        for url in urls:
-            while not _answers(url, self.settings):
-                if time.monotonic() > deadline:
-                    raise ApplianceError(
-                        f"{url} did not answer within {HEALTH_TIMEOUT_S} s; see the logs in "
-                        f"{self.settings.log_dir}"
-                    )
-                if self.mode == "supervisor" and not self.running():
-                    raise ApplianceError(
-                        f"the supervisor exited; last lines of {self.log_file}:\n"
-                        + tail(self.log_file)
-                    )
-                time.sleep(1)
+        waits = [("appliance-gateway", self.settings.gateway_url)] if self.gateway else []
+        if self.gateway and self.settings.webapp.enabled:
+            waits.append(("appliance-webapp", self.settings.webapp_url))
+        for unit, url in waits:
+            self._wait(url, unit, lambda url=url: _answers(url, self.settings), deadline)
+        for node in self.standby_nodes:
+            path = self.settings.standby_socket(node)
+            what = f"the warm standby of node {node} ({path})"
+            self._wait(what, standby_unit(node), lambda path=path: listening(path), deadline)
+
+    def _wait(self, what: str, unit: str, ready, deadline: float) -> None:
+        while not ready():
+            if time.monotonic() > deadline:
+                where = (
+                    f"`journalctl -u {unit}`"
+                    if self.mode == "systemd"
+                    else f"the logs in {self.settings.log_dir}"
+                )
+                raise ApplianceError(
+                    f"{what} did not answer within {HEALTH_TIMEOUT_S} s; see {where}"
+                )
+            if self.mode == "supervisor" and not self.running():
+                raise ApplianceError(
+                    f"the supervisor exited; last lines of {self.log_file}:\n" + tail(self.log_file)
+                )
+            time.sleep(1)
 
     def describe(self) -> str:
         if self.mode == "systemd":
@@ -98,6 +135,11 @@ class ServiceManager:
 
         pid = read_pid(self.pidfile)
         return f"`appliance supervise` (pid {pid}, log {self.log_file})" if pid else "stopped"
+
+
+def standby_unit(node: str) -> str:
+    """The systemd unit of a node's warm standby (an instance of appliance-standby@.service)."""
+    return f"appliance-standby@{node}"
 
 
 def _answers(url: str, settings: ApplianceSettings) -> bool:

@@ -1,6 +1,6 @@
 """`appliance supervise`: keeps an installed appliance's services up where systemd does not run
-(containers): munged, the local Slurm cluster, the gateway and the web app, restarted with
-backoff when they die, all stopped together on SIGTERM."""
+(containers): munged, the local Slurm cluster, the nodes' warm standbys, the gateway and the web
+app, restarted with backoff when they die, all stopped together on SIGTERM."""
 
 from __future__ import annotations
 
@@ -80,9 +80,18 @@ class Supervisor:
     def __init__(self, settings: ApplianceSettings, config_file: Path):
         self.settings = settings
         base = [sys.executable, "-m", "appliance.cli.main", "--config", str(config_file)]
+        standby_nodes = settings.serving.standby_nodes if settings.serving.standby else []
         self.children = [
-            Child("gateway", [*base, "gateway"], log_file=settings.log_dir / "gateway.log")
+            Child(
+                f"standby-{node}",
+                [*base, "standby", "serve", "--node", node],
+                log_file=settings.log_dir / f"standby-{node}.log",
+            )
+            for node in standby_nodes
         ]
+        self.children.append(
+            Child("gateway", [*base, "gateway"], log_file=settings.log_dir / "gateway.log")
+        )
         if settings.webapp.enabled:
             self.children.append(
                 Child("webapp", [*base, "webapp"], log_file=settings.log_dir / "webapp.log")

@@ -56,7 +56,9 @@ def configure(plan: Plan, report: Report) -> int:
         _hand_over(plan, settings)
         report.section("Services")
 
-        services = ServiceManager(settings, plan.layout.config, plan.service_mode)
+        services = ServiceManager(
+            settings, plan.layout.config, plan.service_mode, gateway=plan.profile.services
+        )
         # New code or configuration takes a restart to take effect.
         restart = changed_files or "Python environment" in report.changed
         started = services.start(restart=restart)

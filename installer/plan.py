@@ -125,7 +125,9 @@ class Plan:
                 "skipped (--no-self-test)"
                 if not o.self_test
                 else (
-                    "a chat completion, a knowledge-base question over a document, a metrics scrape"
+                    "a chat completion"
+                    + (", the warm standby" if self.profile.standby_nodes else "")
+                    + ", a knowledge-base question over a document, a metrics scrape"
                 )
             )
             out.append(f"7. Self-test: {test}; then the web app at {url}")
@@ -147,14 +149,24 @@ def _services(plan_mode: str, profile: Profile, layout: InstallLayout) -> list[t
         if profile.name == "head":
             services.append(("slurmctld", f"Debian's unit, {layout.slurm_etc}/slurm.conf"))
         services.append(("slurmd", "dynamic node (-Z), configuration from the head"))
+    services += [
+        (f"appliance-standby@{node}", f"warm standby of node {node}: vLLM imported, forks servers")
+        for node in profile.standby_nodes
+    ]
     if profile.services:
         services += [("appliance-gateway", "OpenAI API"), ("appliance-webapp", "web app")]
     if plan_mode == "systemd":
         return [
-            (n, f"{h}; {units}/{n}.service" if n.startswith("appliance") else h)
+            (n, f"{h}; {units}/{_unit_file(n)}" if n.startswith("appliance") else h)
             for n, h in services
         ]
     return [(n, f"{h}; kept up by `appliance supervise`") for n, h in services]
+
+
+def _unit_file(unit: str) -> str:
+    """A unit's file; an instance's is its template's (appliance-standby@.service)."""
+    name, at, _instance = unit.partition("@")
+    return f"{name}{at}.service"
 
 
 def _models(options: Options, profile: Profile, fits: list[PresetFit], online: bool):

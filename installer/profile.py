@@ -10,6 +10,8 @@ from pathlib import Path
 from appliance.installer.hardware import Hardware
 from appliance.installer.options import Options
 
+from appliance.names import local_node_names
+
 # The catalog's presets, read without importing the catalog (the planner runs on the bare system
 # Python, before the appliance's packages are installed).
 PRESETS_FILE = Path(str(files("appliance.models") / "presets.json"))
@@ -35,10 +37,18 @@ class Profile:
     otherwise Debian's slurmctld/slurmd read /etc/slurm."""
     services: bool
     """The gateway and the web app run here (not on a worker)."""
+    standby: bool = False
+    """Instances start through their node's warm standby (serving.standby): the cluster serves
+    models on GPUs, where Python's start and vLLM's imports are half of a cold start."""
+    standby_nodes: tuple[str, ...] = ()
+    """This host's Slurm nodes that serve models on its GPUs, each with a warm standby
+    (serving.standby_nodes; the unit appliance-standby@<node>)."""
 
 
 def choose_profile(hw: Hardware, options: Options) -> Profile:
     serving = "gpu" if hw.gpus else "cpu"
+    # A multi-node host's slurmd registers under the host's name (slurmd -Z).
+    own_node = (hw.hostname,) if hw.gpus else ()
     if options.role == "head":
         return Profile(
             "head",
@@ -49,6 +59,9 @@ def choose_profile(hw: Hardware, options: Options) -> Profile:
             cgroups=hw.systemd,
             local_cluster=False,
             services=True,
+            # The head's gateway writes every instance's job script, the workers' too.
+            standby=bool(hw.gpus) or any(w.gpus for w in options.workers),
+            standby_nodes=own_node,
         )
     if options.role == "worker":
         return Profile(
@@ -59,6 +72,8 @@ def choose_profile(hw: Hardware, options: Options) -> Profile:
             cgroups=hw.systemd,
             local_cluster=False,
             services=False,
+            standby=bool(hw.gpus),
+            standby_nodes=own_node,
         )
     if hw.gpus:
         return Profile(
@@ -69,6 +84,9 @@ def choose_profile(hw: Hardware, options: Options) -> Profile:
             cgroups=hw.systemd,
             local_cluster=True,
             services=True,
+            standby=True,
+            # One local node holds every GPU (the installer leaves cluster.nodes at 1).
+            standby_nodes=tuple(local_node_names(1)),
         )
     return Profile(
         "cpu-demo",

@@ -1,5 +1,6 @@
 """The installer's self-test: a chat answer, a knowledge-base answer with its source, a metrics
-scrape and the web app, through the installed services as a client would use them."""
+scrape and the web app, through the installed services as a client would use them; and where
+this host runs warm standbys, that they listen and whether the chat's instance came from one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import time
 import httpx
 from appliance.installer.report import Report
 from appliance.security.api_keys import ApiKeyStore
+
+from appliance.daemon import listening
+from appliance.serving.standby import STARTED_BY_STANDBY
 
 KB = "installer-self-test"
 DOCUMENT = (
@@ -32,18 +36,21 @@ def self_test(settings, chat_model: str | None, report: Report) -> bool:
         timeout=CHAT_TIMEOUT_S,
     )
     results = []
+    checks = [("chat completion", lambda: _chat(client, chat_model))]
+    if settings.serving.standby and settings.serving.standby_nodes:
+        checks.append(("warm standby", lambda: _standby(settings, chat_model)))
+    checks += [
+        ("knowledge base", lambda: _rag(client, chat_model)),
+        ("metrics scrape", lambda: _metrics(client)),
+        ("web app", lambda: _webapp(settings)),
+    ]
     try:
-        for name, check in (
-            ("chat completion", lambda: _chat(client, chat_model)),
-            ("knowledge base", lambda: _rag(client, chat_model)),
-            ("metrics scrape", lambda: _metrics(client)),
-            ("web app", lambda: _webapp(settings)),
-        ):
+        for name, check in checks:
             started = time.monotonic()
             try:
                 detail = check()
                 ok = True
-            except (AssertionError, httpx.HTTPError, KeyError, ValueError) as exc:
+            except (AssertionError, httpx.HTTPError, KeyError, ValueError, OSError) as exc:
                 ok, detail = False, str(exc) or type(exc).__name__
             took = time.monotonic() - started
             results.append(ok)
@@ -69,6 +76,22 @@ def _chat(client: httpx.Client, model: str | None) -> str:
     text = resp.json()["choices"][0]["message"]["content"]
     assert text.strip(), "empty answer"
     return f"{model} answered {text.strip()[:40]!r}"
+
+
+def _standby(settings, model: str | None) -> str:
+    """Every standby of this host listens; says whether the chat's instance (the newest of its
+    model) started through one: an instance already running from before the standby did not."""
+    nodes = settings.serving.standby_nodes
+    sockets = {node: settings.standby_socket(node) for node in nodes}
+    silent = [f"{node} ({path})" for node, path in sockets.items() if not listening(path)]
+    assert not silent, f"not listening: {', '.join(silent)}"
+    listens = f"listening for {', '.join(nodes)}"
+    logs = sorted(settings.log_dir.glob(f"instance-{model}-*.log"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return listens
+    if STARTED_BY_STANDBY in logs[-1].read_text(errors="replace"):
+        return f"{listens}; the chat's instance started through it"
+    return f"{listens}; the chat's instance started without it (see {logs[-1]})"
 
 
 def _rag(client: httpx.Client, model: str | None) -> str:

@@ -34,6 +34,7 @@ def service_dirs(settings: ApplianceSettings) -> list[Path]:
         settings.tls_files[0].parent,
         settings.models_dir,
         settings.store_root,
+        settings.layout.run,
         service_home(settings),
     ]
 

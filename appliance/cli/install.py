@@ -37,7 +37,9 @@ def _manager(ctx: CliContext):
             f"{config.parent} has no install manifest: use `appliance up`/`down` for a "
             "development stack, or run installer/install.sh"
         )
-    return ServiceManager(settings, config, manifest.service_mode)
+    return ServiceManager(
+        settings, config, manifest.service_mode, gateway=manifest.profile != "worker"
+    )
 
 
 @click.group("services")

@@ -21,9 +21,16 @@ def standby_group() -> None:
 def serve(ctx: CliContext, node: str | None) -> None:
     """Keep vLLM imported and fork a server for each instance job on this node, until stopped."""
     # Imported when the command runs: `appliance` starts without loading the stack.
+    from appliance.layout import run_privately
+    from appliance.security.privileges import run_as_service_user
     from appliance.serving.standby import serve as run
 
-    run(ctx.settings.standby_socket(node or socket.gethostname().split(".")[0]))
+    settings = ctx.settings
+    # The instance jobs run as the account the gateway runs as, and the standby serves only
+    # its own account (SO_PEERCRED): it drops to the same one.
+    run_as_service_user(settings)
+    run_privately(settings.layout)
+    run(settings.standby_socket(node or socket.gethostname().split(".")[0]))
 
 
 COMMANDS = [standby_group]

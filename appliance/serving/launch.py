@@ -23,7 +23,12 @@ from pathlib import Path
 from appliance import envs
 from appliance.errors import ApplianceError
 from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
-from appliance.serving.standby import SERVER_MODULE, StandbyServer
+from appliance.serving.standby import (
+    SERVER_MODULE,
+    STARTED_BY_STANDBY,
+    StandbyServer,
+    env_outside_the_job,
+)
 
 # Exit code of a launcher that refused to start a model its policy or key does not allow.
 STORE_REFUSED = 3
@@ -285,9 +290,15 @@ class Launcher:
             return None
         node = envs.SLURMD_NODENAME or socket.gethostname()
         path = Path(str(args.standby_socket).replace("{node}", node))
-        server = StandbyServer.start(path, cmd[cmd.index(SERVER_MODULE) + 1 :], env)
+        if not path.exists():
+            return None
+        outside = env_outside_the_job(env)
+        if outside is None:
+            print("appliance: not started by the standby (see the warning above)", flush=True)
+            return None
+        server = StandbyServer.start(path, cmd[cmd.index(SERVER_MODULE) + 1 :], outside)
         if server is not None:
-            print(f"appliance: server started by the standby on {path}", flush=True)
+            print(f"appliance: {STARTED_BY_STANDBY} on {path}", flush=True)
         return server
 
     def _serve(self, args: argparse.Namespace) -> int:

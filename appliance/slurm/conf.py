@@ -15,6 +15,7 @@ from pathlib import Path
 from appliance.config.cluster import ClusterSettings
 from appliance.errors import ApplianceError
 from appliance.layout import LocalClusterPaths
+from appliance.names import local_node_names
 from appliance.slurm.cgroup import CGROUP_CONF_BODY
 from appliance.slurm.partitions import partition_lines, preemption_lines
 from appliance.slurm.runner import CommandError, CommandRunner
@@ -134,7 +135,7 @@ def plan_cluster(cluster: ClusterSettings, slurm_dir: Path, facts: HostFacts) ->
             f"drain the node); set cluster.cpus_per_node to at most {facts.cpus} or leave it unset"
         )
     memory = node_memory_mb(cluster, facts)
-    names = [f"n{i}" for i in range(1, cluster.nodes + 1)]
+    names = local_node_names(cluster.nodes)
     simulated = not facts.gpu_devices
     if simulated:
         gpu_files = [

@@ -16,6 +16,7 @@ from appliance.atomic_files import write_if_changed
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.layout import MAX_SOCKET_PATH, LocalClusterPaths
+from appliance.names import local_node_names
 from appliance.slurm.client import SlurmClient, SlurmNode
 from appliance.slurm.conf import (
     ClusterLayout,
@@ -259,7 +260,7 @@ class LocalCluster:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _check_path_lengths(self) -> None:
-        longest = f"n{self.cluster.nodes}"
+        longest = local_node_names(self.cluster.nodes)[-1]
         if self.paths.step_socket_length(longest) > MAX_SOCKET_PATH:
             raise ApplianceError(
                 f"state_dir {self.settings.state_dir} is too long for Slurm: job-step sockets "
@@ -419,7 +420,7 @@ class LocalCluster:
 
     def _daemon_statuses(self) -> list[DaemonStatus]:
         running = find_daemons(self.paths.slurm_conf)
-        names = [f"n{i}" for i in range(1, self.cluster.nodes + 1)]
+        names = local_node_names(self.cluster.nodes)
         # Also show slurmd of nodes that are no longer configured but still run.
         extra = sorted(k.split(":", 1)[1] for k in running if k.startswith("slurmd:"))
         names += [n for n in extra if n not in names]

@@ -16,6 +16,7 @@ from appliance.installer.profile import choose_profile, fit_presets, load_preset
 
 from appliance.config.cluster import ClusterSettings
 from appliance.config.monitoring import MonitoringSettings
+from appliance.config.serving import ServingSettings
 from appliance.layout import LocalClusterPaths
 from appliance.slurm.conf import (
     HealthCheck,
@@ -32,6 +33,8 @@ CASES = {
     "cpu-only": ("cpu-only", ["--offline"]),
     "h100x1": ("h100x1", []),
     "h200x8": ("h200x8", []),
+    # No systemd: `appliance supervise` keeps the services (and the node's standby) up.
+    "h200-container": ("h200-container", []),
     "two-node-head": ("gpu01", ["--role", "head", "--worker", "gpu02:8"]),
     "two-node-worker": (
         "gpu02",
@@ -98,6 +101,27 @@ def test_profiles_follow_the_hardware():
     assert _plan("two-node-head").profile.name == "head"
     worker = _plan("two-node-worker")
     assert worker.profile.name == "worker" and not worker.profile.services
+
+
+def test_gpu_hosts_start_instances_through_a_standby_per_gpu_node():
+    server = _plan("h100x1").profile
+    assert server.standby and server.standby_nodes == ("n1",)
+    head, worker = _plan("two-node-head").profile, _plan("two-node-worker").profile
+    assert head.standby and head.standby_nodes == ("gpu01",)  # slurmd -Z: the host's name
+    assert worker.standby and worker.standby_nodes == ("gpu02",)
+    cpu = _plan("cpu-only").profile
+    assert not cpu.standby and not cpu.standby_nodes
+    # A head without GPUs writes its GPU workers' job scripts: they use the workers' standbys.
+    hw = detect(RecordedProbe.load(HARDWARE / "cpu-only.json"))
+    head = choose_profile(hw, parse(["--role", "head", "--worker", "gpu02:8"]))
+    assert head.standby and not head.standby_nodes
+    assert not choose_profile(hw, parse(["--role", "head", "--worker", "cpu02"])).standby
+    worker = choose_profile(hw, parse(["--role", "worker", "--head", "gpu01"]))
+    assert not worker.standby and not worker.standby_nodes
+    for case in ("h100x1", "two-node-head", "h200-container"):
+        config = next(t for p, _w, t in written_files(_plan(case)) if p.name == "config.yaml")
+        serving = ServingSettings(**yaml.safe_load(config)["serving"])
+        assert serving.standby and serving.standby_nodes == list(_plan(case).profile.standby_nodes)
 
 
 def test_presets_are_sized_to_gpu_memory():

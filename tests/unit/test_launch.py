@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from appliance.serving import launch
 from appliance.serving.endpoint import InstanceEndpoint, read_endpoint, write_endpoint
-from appliance.serving.launch import parse_args, server_command, server_env, sleeps
+from appliance.serving.launch import Launcher, parse_args, server_command, server_env, sleeps
 from appliance.slurm.records import gpu_count
 
 BASE = [
@@ -80,6 +81,27 @@ def test_embedding_command():
     args = parse_args([*BASE, "--engine", "sentence-transformers"])
     cmd = server_command(args, 99, "cpu")
     assert cmd[1:3] == ["-m", "appliance.serving.embedding_server"]
+
+
+def test_a_standby_is_used_only_where_it_answers_and_can_name_the_job_s_gpus(
+    tmp_path: Path, monkeypatch
+):
+    monkeypatch.setenv("SLURMD_NODENAME", "n2")
+    socket = tmp_path / "standby-n2.sock"
+    args = parse_args([*BASE, "--standby-socket", str(tmp_path / "standby-{node}.sock")])
+    launcher = Launcher(args)
+    cmd = server_command(args, 1, "cuda")
+    started = []
+    monkeypatch.setattr(
+        launch.StandbyServer, "start", lambda path, argv, env: started.append((path, env))
+    )
+    assert launcher._from_standby(args, cmd, {}) is None and not started  # no standby on n2
+    socket.touch()
+    monkeypatch.setattr(launch, "env_outside_the_job", lambda env: None)
+    assert launcher._from_standby(args, cmd, {}) is None and not started  # GPUs unnamable
+    monkeypatch.setattr(launch, "env_outside_the_job", lambda env: {**env, "OUTSIDE": "1"})
+    launcher._from_standby(args, cmd, {"A": "b"})
+    assert started == [(socket, {"A": "b", "OUTSIDE": "1"})]
 
 
 def test_endpoint_file_roundtrip(tmp_path: Path):

