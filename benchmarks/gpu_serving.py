@@ -721,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--throughput-variant", default="default", choices=list(VARIANTS))
     ap.add_argument(
         "--headline-variant",
-        default="default",
+        # The installer's GPU profiles run the node's warm standby (serving.standby).
+        default="standby",
         choices=list(VARIANTS),
         help="The configuration the appliance ships: the report's headline.",
     )

@@ -102,6 +102,10 @@ class GatewayClient:
             raise GatewayError(response.status_code, _error_message(response))
         return response.json()
 
+    async def health(self) -> None:
+        """The gateway answers its health check (GatewayError otherwise)."""
+        await self._call("GET", "/health")
+
     # ----- account --------------------------------------------------------------------------
 
     async def sign_in(self, username: str, password: str) -> dict[str, Any]:

@@ -54,8 +54,10 @@ def models_components() -> ModelsComponents:
             elem_id="instances",
         )
         with gr.Row():
-            start_model = gr.Dropdown(label="Model", choices=[], scale=3)
-            start_btn = gr.Button("Start an instance", variant="primary", scale=1)
+            start_model = gr.Dropdown(label="Model", choices=[], scale=3, elem_id="start-model")
+            start_btn = gr.Button(
+                "Start an instance", variant="primary", scale=1, elem_id="start-instance"
+            )
         with gr.Row():
             stop_job = gr.Dropdown(
                 label="Instance (Slurm job)", choices=[], scale=3, elem_id="stop-job"

@@ -9,13 +9,14 @@ import secrets
 import shutil
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from appliance import envs
 from appliance.config import ApplianceSettings
 from appliance.security.secret_files import SecretFileError, read_secret_file, write_secret_file
 from appliance.security.tls import ensure_certificate, server_options
 from appliance.webapp.app import CSS, build_app
-from appliance.webapp.client import GatewayClient
+from appliance.webapp.client import GatewayClient, GatewayError
 from appliance.webapp.files_guard import guard_files
 
 SECRET_BYTES = 32
@@ -66,6 +67,16 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Whether the web app can serve anyone: the gateway it talks to answers (over TLS
+        where the gateway has it, with the certificate the web app trusts)."""
+        try:
+            await client.health()
+        except GatewayError as exc:
+            return JSONResponse({"status": "unavailable", "gateway": str(exc)}, 503)
+        return JSONResponse({"status": "ok", "gateway": "ok"})
 
     secret = browser_secret(settings)
     # Gradio's own upload and download endpoints would serve anyone: signed-in users only.

@@ -304,7 +304,11 @@ def test_instance_killed_mid_stream(stack, client, tmp_path):
     if error is None:
         assert finished == dict.fromkeys(range(16), "length")
     else:
-        assert error.message
+        # Cut short: the error says so, names the instance, and no sequence was passed off as
+        # complete before it (one that had run to max_tokens may have finished).
+        assert f"instance {job_id} of tiny-chat failed" in error.message, error.message
+        assert "incomplete" in error.message
+        assert len(finished) < 16 and set(finished.values()) <= {"length"}, finished
     for last in results:
         assert last == "[DONE]" or "error" in json.loads(last), last
     # The gateway keeps serving: another instance (started on queue depth, or on demand now)
@@ -313,7 +317,7 @@ def test_instance_killed_mid_stream(stack, client, tmp_path):
         model="tiny-chat", messages=MESSAGES, max_tokens=8
     )
     assert int(resp.headers["x-appliance-instance"]) != job_id
-    assert resp.parse().choices[0].message.content is not None
+    assert 1 <= resp.parse().usage.completion_tokens <= 8
     assert job_id not in [i["job_id"] for i in instances(url, "tiny-chat")]
 
 

@@ -35,9 +35,10 @@ def test_gateway_and_webapp_serve_https(slurm_cluster, tiny_model_dir, tmp_path)
         plain = url.replace("https://", "http://")
         with pytest.raises(httpx.HTTPError):
             httpx.get(plain + "/health", timeout=5)
-        # The web app reaches the gateway over TLS too (its sign-in check goes through).
-        page = httpx.get(web + "/", verify=trust)
-        assert page.status_code == 200
+        # The web app reaches the gateway over TLS too, trusting the appliance's certificate.
+        assert httpx.get(web + "/", verify=trust).status_code == 200
+        ready = httpx.get(web + "/ready", verify=trust, timeout=30)
+        assert ready.json() == {"status": "ok", "gateway": "ok"}, ready.text
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
