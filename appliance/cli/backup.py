@@ -64,6 +64,7 @@ def _size(n: int) -> str:
 
 
 def _print_contents(manifest) -> None:
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.backup.manifest import contents
 
     for name, count in contents(manifest).items():
@@ -86,6 +87,7 @@ def backup_group() -> None:
 def create(ctx: CliContext, dest: Path, with_models: bool, passphrase_file: Path | None) -> None:
     """Write a backup to DEST: accounts, keys and sessions, the audit log, knowledge bases,
     conversations, fine-tuning, the model store's metadata and keys, usage, configuration."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.backup.snapshot import write_backup
 
     source = _key_source(ctx, passphrase_file)
@@ -102,6 +104,7 @@ def create(ctx: CliContext, dest: Path, with_models: bool, passphrase_file: Path
 @pass_ctx
 def verify(ctx: CliContext, src: Path, passphrase_file: Path | None, key_file: Path | None) -> None:
     """Decrypt SRC and check every chunk and every file against its manifest; writes nothing."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.backup.restore import read_backup
 
     header, manifest = read_backup(src, _key_source(ctx, passphrase_file, key_file))
@@ -119,6 +122,7 @@ def restore(
 ) -> None:
     """Restore the backup SRC into the (empty or new) state directory; checked before anything
     is put in place. Then start the stack as usual (`appliance up`)."""
+    # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.backup.restore import restore_backup
 
     manifest = restore_backup(ctx.settings, src, _key_source(ctx, passphrase_file, key_file))
