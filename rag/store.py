@@ -26,6 +26,7 @@ from appliance.rag.document import ParsedDocument
 from appliance.rag.embeddings import Embedder
 from appliance.rag.errors import IngestError, KnowledgeBaseError
 from appliance.rag.registry import DocumentRecord, KnowledgeBase, Registry, now
+from appliance.rag.write_lock import write_lock
 
 from appliance.config.rag import RagSettings
 
@@ -73,6 +74,7 @@ class KnowledgeBaseStore:
         self.settings = settings or RagSettings()
         self.embedder = embedder or Embedder.from_settings(self.settings)
         root.mkdir(parents=True, exist_ok=True)
+        self.root = root
         self._registry = Registry(root / "registry.sqlite3")
         self._versions: dict[str, tuple[int, frozenset[str]]] = {}
         self._client = _chroma_client(self.settings, root / "chroma")
@@ -106,8 +108,9 @@ class KnowledgeBaseStore:
         )
         # Registered before its collection exists: garbage collection deletes our collections
         # that the registry does not know, so the other order could lose a new one.
-        self._registry.add_knowledge_base(kb)
-        self._collection(kb)
+        with self._writing():
+            self._registry.add_knowledge_base(kb)
+            self._collection(kb)
         return kb
 
     def knowledge_bases(self, principal: Principal) -> list[KnowledgeBase]:
@@ -134,14 +137,16 @@ class KnowledgeBaseStore:
         """Replace the users and groups who may read the knowledge base (owner or admin)."""
         kb = self.writable(principal, ref)
         readers, groups = _access_names(readers, "readers"), _access_names(groups, "groups")
-        self._registry.set_access(kb.id, readers, groups)
+        with self._writing():
+            self._registry.set_access(kb.id, readers, groups)
         return self.get(principal, kb.id)
 
     def delete(self, principal: Principal, ref: str) -> KnowledgeBase:
         """Delete the knowledge base with all its documents (owner or admin); returns it."""
         kb = self.writable(principal, ref)
-        self._registry.remove_knowledge_base(kb.id)
-        self._drop_collection(kb.collection)
+        with self._writing():
+            self._registry.remove_knowledge_base(kb.id)
+            self._drop_collection(kb.collection)
         return kb
 
     # Documents
@@ -166,10 +171,11 @@ class KnowledgeBaseStore:
     def delete_document(self, principal: Principal, ref: str, filename: str) -> None:
         """Delete the document and its chunks (owner or admin)."""
         kb = self.writable(principal, ref)
-        removed = self._registry.remove_document(kb, document_id(filename))
-        if removed is None:
-            raise KnowledgeBaseError(f"no document {filename!r} in knowledge base {ref!r}")
-        self._drop_version(kb.collection, removed.version)
+        with self._writing():
+            removed = self._registry.remove_document(kb, document_id(filename))
+            if removed is None:
+                raise KnowledgeBaseError(f"no document {filename!r} in knowledge base {ref!r}")
+            self._drop_version(kb.collection, removed.version)
 
     # Reading chunks
 
@@ -236,18 +242,24 @@ class KnowledgeBaseStore:
         # Collections are listed before the registry is read. A knowledge base is registered
         # before its collection is made, so every listed collection of a knowledge base is in
         # the registry read after, even if it was made in between.
-        collections = [collection.name for collection in self._client.list_collections()]
-        known = {kb.collection for kb in self._registry.knowledge_bases()}
-        prefix = _collection_prefix(self._registry.store_id)
-        for collection in collections:
-            if collection.startswith(prefix) and collection not in known:
-                log.info("deleting collection %s: its knowledge base was deleted", collection)
-                self._drop_collection(collection)
-        for loose in self._registry.loose_versions():
-            if not loose.writer_alive():
-                self._drop_version(loose.collection, loose.version)
+        with self._writing():
+            collections = [collection.name for collection in self._client.list_collections()]
+            known = {kb.collection for kb in self._registry.knowledge_bases()}
+            prefix = _collection_prefix(self._registry.store_id)
+            for collection in collections:
+                if collection.startswith(prefix) and collection not in known:
+                    log.info("deleting collection %s: its knowledge base was deleted", collection)
+                    self._drop_collection(collection)
+            for loose in self._registry.loose_versions():
+                if not loose.writer_alive():
+                    self._drop_version(loose.collection, loose.version)
 
     # Internals
+
+    def _writing(self):
+        """The shared write lock: a backup (appliance/backup) copies the registry and Chroma's
+        files only between whole writes, so the copies agree with each other."""
+        return write_lock(self.root)
 
     def _resolve(self, principal: Principal, ref: str) -> str:
         """The id `ref` stands for: itself if it has an owner, else the principal's own
@@ -292,6 +304,12 @@ class KnowledgeBaseStore:
             chunks=len(chunks),
             updated_at=now(),
         )
+        with self._writing():
+            return self._add_version(kb, record, chunks)
+
+    def _add_version(
+        self, kb: KnowledgeBase, record: DocumentRecord, chunks: list[Chunk]
+    ) -> IngestResult:
         old = self._registry.document(kb.id, record.id)
         if old and old.content_hash == record.content_hash:
             return IngestResult(record.filename, record.id, "unchanged", old.chunks)

@@ -89,6 +89,11 @@ class AuditLog:
                 write_secret_file(self.key_path, secrets.token_bytes(KEY_BYTES))
         return read_secret_file(self.key_path, size=KEY_BYTES, what="audit key")
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the log's lock: no entry is appended meanwhile, so a copy of the log and of its
+        head agree (appliance/backup)."""
+        return self._locked()
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)

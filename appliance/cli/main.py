@@ -39,6 +39,7 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
 # Subcommand modules, imported when the CLI runs rather than at the top, so each stays independent.
 _COMMAND_MODULES = (
     "audit",
+    "backup",
     "breaker",
     "cluster",
     "config_cmd",

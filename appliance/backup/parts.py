@@ -1,0 +1,139 @@
+"""What a backup holds: each kind of state, where the settings keep it, and how to copy it whole.
+
+Every location comes from the settings (StateLayout plus the configuration's overrides), the
+same for the backup and for the restore: a part goes back where the restoring host's settings
+keep it. Left out on purpose: the local Slurm cluster (`appliance cluster up` writes it again),
+logs, instance endpoints, sockets and pid files, compile caches, the catalog's plain model files
+(downloaded or built again) and the web app's upload scratch space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from appliance.config import ApplianceSettings
+from appliance.rag.write_lock import LOCK_FILE as RAG_LOCK_FILE
+from appliance.rag.write_lock import write_lock
+from appliance.security.audit import AuditLog
+from appliance.store.format import DATA_FILE as STORE_DATA_FILE
+
+# SQLite's own side files: the online backup API copies what they hold into the snapshot.
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One kind of state: a folder or a file, the lock that keeps it whole while it is copied,
+    and what in it is not worth keeping (returns True for a relative path to skip)."""
+
+    name: str
+    path: Path
+    kind: Literal["dir", "file"]
+    lock: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    skip: Callable[[Path], bool] = lambda relative: False
+
+    def files(self) -> Iterator[tuple[str, Path]]:
+        """(name in the backup, path) of each regular file, sorted; links are not followed."""
+        if self.kind == "file":
+            if self.path.is_file() and not self.path.is_symlink():
+                yield self.name, self.path
+            return
+        for root, dirs, names in os.walk(self.path):
+            dirs.sort()
+            for name in sorted(names):
+                path = Path(root, name)
+                relative = path.relative_to(self.path)
+                if _side_file(path) or self.skip(relative):
+                    continue
+                if path.is_file() and not path.is_symlink():
+                    yield f"{self.name}/{relative.as_posix()}", path
+
+
+def _side_file(path: Path) -> bool:
+    name = path.name
+    if name.endswith(".tmp"):  # an atomic replace in progress: the file it becomes is copied
+        return True
+    return any(
+        name.endswith(s) and path.with_name(name[: -len(s)]).exists() for s in _SQLITE_SIDE_FILES
+    )
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def backup_parts(settings: ApplianceSettings, with_models: bool = False) -> list[Part]:
+    """The parts of this host's state, in the order they are copied."""
+    layout = settings.layout
+    keys = layout.keys
+    audit = AuditLog(settings.audit_dir)
+    # Knowledge bases: the registry and Chroma's files (its SQLite database, copied with the
+    # online backup API, and its HNSW segment folders) under the exclusive write lock, so no
+    # upload is half written in either; Chroma's cookbook warns a plain copy of a live
+    # directory can be corrupt. With rag.chroma_url, Chroma lives on its server: only the
+    # registry is here, and the server needs a backup of its own.
+    parts = [
+        Part("keys", keys, "dir"),  # API keys and sign-in sessions, users, secrets
+        Part("audit", settings.audit_dir, "dir", lock=audit.locked, skip=_named(".lock")),
+        Part(
+            "rag",
+            settings.rag_dir,
+            "dir",
+            lock=lambda: write_lock(settings.rag_dir, exclusive=True),
+            skip=_named(RAG_LOCK_FILE),
+        ),
+        Part("conversations", settings.conversations_dir, "dir"),
+        Part("training", settings.training_dir, "dir"),
+        Part("store", settings.store_root, "dir", skip=_store_skip(with_models)),
+        Part("usage", layout.usage_db.parent, "dir"),
+        Part("catalog", settings.user_catalog_file, "file"),
+        Part("tls", layout.tls, "dir"),
+    ]
+    # Moved out of the keys folder by the configuration: kept as parts of their own.
+    if not _within(settings.kek_file, keys):
+        parts.append(Part("kek", settings.kek_file, "file"))
+    if not _within(settings.signing_key_file, keys):
+        parts.append(Part("signing-key", settings.signing_key_file, "file"))
+    if settings.config_file is not None:
+        parts.append(Part("config", settings.config_file, "file"))
+    return parts
+
+
+def restore_targets(settings: ApplianceSettings) -> dict[str, Part]:
+    """Where each part goes back on this host. The configuration file is not put in place of
+    the one in use (it may move the state elsewhere): it lands in <state_dir>/restored/."""
+    parts = {part.name: part for part in backup_parts(settings, with_models=True)}
+    for name, path in (("kek", settings.kek_file), ("signing-key", settings.signing_key_file)):
+        parts.setdefault(name, Part(name, path, "file"))
+    parts["config"] = Part("config", settings.state_dir / "restored" / "config.yaml", "file")
+    return parts
+
+
+def _named(name: str) -> Callable[[Path], bool]:
+    return lambda relative: relative.as_posix() == name
+
+
+def _store_skip(with_models: bool) -> Callable[[Path], bool]:
+    def skip(relative: Path) -> bool:
+        if relative.parts[0].startswith(".import-"):  # an import in progress
+            return True
+        # A model folder is `<model>/` with its header (and wrapped key) beside its data, the
+        # encrypted weights, which are kept only with --with-models.
+        return not with_models and relative.name == STORE_DATA_FILE and len(relative.parts) == 2
+
+    return skip
+
+
+def is_sqlite(path: Path) -> bool:
+    """Whether `path` is a SQLite database (copied with the online backup API, not as bytes)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False

@@ -1,0 +1,108 @@
+"""Writing a backup while the stack runs: each part copied under its lock, SQLite databases with
+the online backup API, everything streamed as tar through the encrypted archive."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sqlite3
+import tarfile
+import tempfile
+from pathlib import Path
+
+from appliance import __version__
+from appliance.backup.archive import ArchiveWriter, BackupError, KeySource
+from appliance.backup.manifest import MANIFEST_NAME, FileEntry, HashingReader, Manifest
+from appliance.backup.parts import Part, backup_parts, is_sqlite
+from appliance.config import ApplianceSettings
+
+
+def write_backup(
+    settings: ApplianceSettings, dest: Path, source: KeySource, *, with_models: bool = False
+) -> Manifest:
+    """Write a backup of this host's state to `dest` (never replaced: it must not exist)."""
+    if dest.exists():
+        raise BackupError(f"{dest} already exists; refusing to overwrite it")
+    if not dest.parent.is_dir():
+        raise BackupError(f"cannot write {dest}: its folder does not exist")
+    parts = [part for part in backup_parts(settings, with_models) if part.path.exists()]
+    partial = dest.with_name(f".{dest.name}.partial")
+    with contextlib.suppress(FileNotFoundError):
+        partial.unlink()
+    contents = {
+        "parts": [part.name for part in parts],
+        "with_models": with_models,
+        "appliance_version": __version__,
+    }
+    fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        # SQLite snapshots hold plaintext (documents, usage) until they are in the archive:
+        # they wait in a private folder of the state directory, not in a shared /tmp.
+        with (
+            open(fd, "wb") as out,
+            tempfile.TemporaryDirectory(prefix=".backup-", dir=settings.state_dir) as scratch,
+        ):
+            writer = ArchiveWriter(out, source, contents)
+            files: list[FileEntry] = []
+            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for part in parts:
+                    files += _add_part(tar, part, Path(scratch))
+                manifest = Manifest({part.name: part.kind for part in parts}, files)
+                _add_bytes(tar, MANIFEST_NAME, manifest.to_bytes())
+            writer.close()
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        raise
+    return manifest
+
+
+def _add_part(tar: tarfile.TarFile, part: Part, scratch: Path) -> list[FileEntry]:
+    entries = []
+    with part.lock():
+        for name, path in part.files():
+            entry = _add_file(tar, name, path, scratch)
+            if entry is not None:
+                entries.append(entry)
+    return entries
+
+
+def _add_file(tar: tarfile.TarFile, name: str, path: Path, scratch: Path) -> FileEntry | None:
+    if is_sqlite(path):
+        path = _sqlite_snapshot(path, scratch / f"snapshot-{len(os.listdir(scratch))}.sqlite3")
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:  # deleted since the folder was listed (a conversation, a job)
+        return None
+    with f:
+        st = os.fstat(f.fileno())
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = st.st_size, 0o600, int(st.st_mtime)
+        reader = HashingReader(f, st.st_size, name)
+        tar.addfile(info, reader)
+    return FileEntry(name, st.st_size, reader.digest.hexdigest())
+
+
+def _sqlite_snapshot(path: Path, copy: Path) -> Path:
+    """A consistent copy of a live database: SQLite's online backup reads one snapshot, with
+    what its write-ahead log holds, while other connections keep writing."""
+    src = sqlite3.connect(path, timeout=30)
+    dst = sqlite3.connect(copy)
+    try:
+        src.backup(dst)
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot copy the database {path}: {exc}") from None
+    finally:
+        dst.close()
+        src.close()
+    return copy
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o600
+    tar.addfile(info, io.BytesIO(data))
