@@ -8,15 +8,19 @@ to the other instance after that many tokens (through the admin API's `move`, th
 preemption, node drains and rebalancing use). At the move point the client stalls the old
 instance's engine (SIGSTOP) before it asks for the move: the tiny model makes a token in ~2 ms,
 so without the stall many answers would end before the move is acted on; the gateway then
-moves the stalled stream as it does one that a leaving instance holds. The pause is what the
-gateway measured for the move (from moving the stream to the first event from the new
-instance, in the request's monitoring record), against the undisturbed run's time to first
-token: a move recomputes the context in one prefill, like a new request. Where the stream
-really moved is the client's longest wait between two tokens. Every moved answer is compared
-with the undisturbed one: a stream is broken when its text or its tokens differ, it errors,
-or it ends early.
+moves the stalled stream as it does one that a leaving instance holds. Then `--drains`
+streams are moved by draining their instance mid-answer (what a node drain, a time limit or a
+preemption does), without a stall.
 
-Run: .venv/bin/python -m benchmarks.migration [--repeats 5]
+Reported: the client's gap, its longest wait between two tokens of a moved stream (the stall
+before the gateway notices included), p50 and p99 (target p99 < 500 ms); the pause the gateway
+records for the move (`appliance_request_move_pause_seconds`: from the last event the client
+got before the move to the first after it, the same span), against the undisturbed run's time
+to first token: a move recomputes the context in one prefill, like a new request. Every moved
+answer is compared with the undisturbed one: a stream is broken when its text or its tokens
+differ, it errors, or it ends early.
+
+Run: .venv/bin/python -m benchmarks.migration [--repeats 5] [--drains 5]
 """
 
 from __future__ import annotations
@@ -57,10 +61,13 @@ def stream(
     tokens: int,
     move_after: int | None = None,
     engines: dict[int, InstanceEngine] | None = None,
+    how: str = "stall",
 ):
-    """One answer, moved off its instance after `move_after` tokens (whose `engines` are
-    stalled for it): ((text, token ids), token arrival times (from the request's start),
-    prompt tokens, request id, error)."""
+    """One answer, moved off its instance after `move_after` tokens: `how` "stall": its
+    engine (of `engines`) stalled, then one stream moved (what a stalled leaving instance
+    gets); "drain": its instance drained while it generates (a node drain, a time limit, a
+    preemption): ((text, token ids), token arrival times (from the request's start), prompt
+    tokens, request id, error)."""
     # Token ids asked for: every token then comes as its own event, also one whose text the
     # detokenizer holds back (the tiny model, made to ignore EOS, emits some without text).
     body = {
@@ -95,6 +102,10 @@ def stream(
                 ids += choice.get("token_ids") or []
                 times += [time.perf_counter()] * (len(ids) - len(times))
             if move_after is not None and len(times) >= move_after and stalled is None:
+                if how == "drain":
+                    stalled = True
+                    client.post(url + f"/admin/instances/{job}/drain").raise_for_status()
+                    continue
                 stalled = engines[job]
                 stalled.stall()
                 stack.callback(stalled.go_on)
@@ -108,66 +119,85 @@ def move_pauses(client: httpx.Client, url: str, request_id: str) -> list[float]:
     return next(r["move_pauses_ms"] for r in records["requests"] if r["id"] == request_id)
 
 
+def two_ready(client: httpx.Client, url: str) -> list[dict]:
+    """Start instances until two are ready (a drained one is gone); returns them."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        listed = client.get(url + "/admin/instances").json()["instances"]
+        ready = [i for i in listed if i["state"] == "ready"]
+        if len(ready) == 2:
+            return ready
+        if len([i for i in listed if i["state"] in ("pending", "starting", "ready")]) < 2:
+            client.post(url + f"/admin/models/{MODEL}/start")
+        time.sleep(1)
+    raise SystemExit("two instances did not become ready")
+
+
+def client_gap_ms(times: list[float]) -> float:
+    """The client's longest wait between two tokens: where the stream moved."""
+    return round(max(b - a for a, b in itertools.pairwise(times)) * 1000, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--drains", type=int, default=5, help="streams moved by a drain")
     args = parser.parse_args()
     # Automatic rebalancing off: the only moves are the ones measured.
     with tiny_cluster_stack(
         "mig-bench-", nodes=2, max_instances=2, gateway={"rebalance": False}
     ) as (url, _):
         client = httpx.Client(timeout=300)
-        for _ in range(2):
-            client.post(url + f"/admin/models/{MODEL}/start").raise_for_status()
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            ready = [
-                i
-                for i in client.get(url + "/admin/instances").json()["instances"]
-                if i["state"] == "ready"
-            ]
-            if len(ready) == 2:
-                break
-            time.sleep(1)
-        else:
-            raise SystemExit("the two instances did not become ready")
+        ready = two_ready(client, url)
         engines = {i["job_id"]: InstanceEngine(i["url"]) for i in ready}
         for _ in range(2):
             stream(client, url, prompt_of(8), 8)  # warm both instances
 
-        rows, pauses, ratios, first = [], [], [], []
+        rows, pauses, ratios, first, gaps = [], [], [], [], {"stall": [], "drain": []}
         total = broken = unmoved = 0
+
+        def moved_once(prompt_len: int, move_after: int, how: str):
+            """The undisturbed answer's times and the moved one's pause as the gateway
+            measured it and as the client saw it; None when broken or not moved."""
+            nonlocal total, broken, unmoved
+            tokens = move_after + TAIL_TOKENS
+            prompt = prompt_of(prompt_len)
+            time.sleep(QUIET_S)
+            expected, base_times, measured_prompt, _, _ = stream(client, url, prompt, tokens)
+            time.sleep(QUIET_S)
+            answer, times, _, request_id, error = stream(
+                client, url, prompt, tokens, move_after, engines, how
+            )
+            total += 1
+            if error or answer != expected:
+                broken += 1
+                print(
+                    f"broken ({how}): prompt {prompt_len}, after {move_after}: error={error} "
+                    f"same_text={answer[0] == expected[0]}"
+                )
+                return None
+            moved = move_pauses(client, url, request_id)
+            if not moved:  # it was relayed to its end before the move was acted on
+                unmoved += 1
+                return None
+            gaps[how].append(client_gap_ms(times))
+            return base_times, times, moved[0], measured_prompt
+
         for prompt_len in PROMPT_TOKENS:
             for move_after in MOVE_AFTER:
-                cell, cell_ratio, cell_first, moved_at, measured_prompt = [], [], [], [], 0
+                cell, cell_ratio, cell_first, moved_at, cell_gap = [], [], [], [], []
+                measured_prompt = 0
                 for _ in range(args.repeats):
-                    tokens = move_after + TAIL_TOKENS
-                    prompt = prompt_of(prompt_len)
-                    time.sleep(QUIET_S)
-                    expected, base_times, measured_prompt, _, _ = stream(
-                        client, url, prompt, tokens
-                    )
-                    time.sleep(QUIET_S)
-                    answer, times, _, request_id, error = stream(
-                        client, url, prompt, tokens, move_after, engines
-                    )
-                    total += 1
-                    if error or answer != expected:
-                        broken += 1
-                        print(
-                            f"broken: prompt {prompt_len}, after {move_after}: error={error} "
-                            f"same_text={answer[0] == expected[0]}"
-                        )
+                    got = moved_once(prompt_len, move_after, "stall")
+                    if got is None:
                         continue
-                    moved = move_pauses(client, url, request_id)
-                    if not moved:  # it was relayed to its end before the move was acted on
-                        unmoved += 1
-                        continue
-                    gaps = [b - a for a, b in itertools.pairwise(times)]
-                    moved_at.append(gaps.index(max(gaps)) + 1)
+                    base_times, times, pause, measured_prompt = got
+                    steps = [b - a for a, b in itertools.pairwise(times)]
+                    moved_at.append(steps.index(max(steps)) + 1)
                     ttft_ms = base_times[0] * 1000
-                    cell.append(moved[0])
-                    cell_ratio.append(moved[0] / ttft_ms)
+                    cell.append(pause)
+                    cell_gap.append(client_gap_ms(times))
+                    cell_ratio.append(pause / ttft_ms)
                     cell_first.append(ttft_ms)
                 pauses += cell
                 ratios += cell_ratio
@@ -178,20 +208,38 @@ def main() -> None:
                         "moved_after_tokens": move_after,
                         "moved_at_token_p50": percentile(moved_at, 50),
                         "pause_p50_ms": round(percentile(cell, 50), 1),
+                        "client_gap_p50_ms": round(percentile(cell_gap, 50), 1),
                         "first_token_p50_ms": round(percentile(cell_first, 50), 1),
                         "pause_vs_first_token_p50": round(percentile(cell_ratio, 50), 2),
                         "streams_moved": len(cell),
                     }
                 )
+        drain_pauses = []
+        for _ in range(args.drains):
+            two_ready(client, url)  # the last drain took one away
+            got = moved_once(PROMPT_TOKENS[1], MOVE_AFTER[1], "drain")
+            if got is not None:
+                drain_pauses.append(got[2])
+        every_gap = gaps["stall"] + gaps["drain"]
         result = {
+            # What the client sees: its longest wait between two tokens of a moved stream,
+            # the stall before the move is noticed included.
+            "client_gap_p50_ms": round(percentile(every_gap, 50), 1),
+            "client_gap_p99_ms": round(percentile(every_gap, 99), 1),
+            "client_gap_stall_p50_ms": round(percentile(gaps["stall"], 50), 1),
+            "client_gap_drain_p50_ms": round(percentile(gaps["drain"], 50), 1)
+            if gaps["drain"]
+            else None,
             "pause_p50_ms": round(percentile(pauses, 50), 1),
             "pause_p99_ms": round(percentile(pauses, 99), 1),
+            "drain_pause_p50_ms": round(percentile(drain_pauses, 50), 1) if drain_pauses else None,
             "first_token_p50_ms": round(percentile(first, 50), 1),
             "first_token_p99_ms": round(percentile(first, 99), 1),
             "pause_vs_first_token_p50": round(percentile(ratios, 50), 2),
             "streams_total": total,
             "streams_broken": broken,
             "streams_not_moved": unmoved,
+            "targets": {"client_gap_p99_ms": "< 500", "streams_broken": 0},
             "rows": rows,
             "baseline": "the same request streamed undisturbed in the same run: its time to the "
             "first token",
@@ -202,6 +250,7 @@ def main() -> None:
             "moved after",
             "moved at p50",
             "pause p50 ms",
+            "client gap p50 ms",
             "first token p50 ms",
             "ratio",
             "moved",
@@ -213,6 +262,7 @@ def main() -> None:
             r["moved_after_tokens"],
             r["moved_at_token_p50"],
             r["pause_p50_ms"],
+            r["client_gap_p50_ms"],
             r["first_token_p50_ms"],
             r["pause_vs_first_token_p50"],
             r["streams_moved"],
@@ -223,8 +273,9 @@ def main() -> None:
     print(
         f"\npause p50 {result['pause_p50_ms']} ms ({result['pause_vs_first_token_p50']}x "
         f"the first token's {result['first_token_p50_ms']} ms), "
-        f"p99 {result['pause_p99_ms']} ms; {broken} of {total} streams broken, {unmoved} "
-        "relayed to their end before the move"
+        f"p99 {result['pause_p99_ms']} ms; the client's gap p50 {result['client_gap_p50_ms']} "
+        f"ms, p99 {result['client_gap_p99_ms']} ms (target < 500); {broken} of {total} streams "
+        f"broken, {unmoved} relayed to their end before the move"
     )
     print(f"written to {write_result('migration', result)}")
 

@@ -30,8 +30,13 @@ DONE_MARKER = b"data: [DONE]"
 ABORTED_MARKER = b'"finish_reason":"abort"'
 # An error event from the instance (vLLM sends one, then [DONE], when its engine dies).
 UPSTREAM_ERROR_MARKER = b'data: {"error"'
-# How often a stream that waits for its instance's next bytes checks whether it should move.
-STALL_CHECK_S = 1.0
+# While streams should leave its instance (Instance.moves_wanted), a stream that has waited
+# this long for the instance's next bytes moves: a stalled one on a leaving instance moves
+# within about twice this.
+STALL_CHECK_S = 0.1
+# Otherwise a stream looks this often (a move asked for wakes it at once): one timer per
+# stream stays cheap with hundreds of streams.
+IDLE_CHECK_S = 1.0
 
 
 class StreamWatcher(Protocol):
@@ -88,6 +93,9 @@ class Stream:
         self.usage = UsageFilter(hide_usage, self._report)
         # When the last event before a move (or a failure) went out; None when not moving.
         self.paused_at: float | None = None
+        # When the client last got an event: a move's pause counts from there, as the client
+        # sees it (the wait before a stall is noticed included).
+        self.last_sent_at: float | None = None
         self.exclude: set[int] = set()
         self.sent = False
         self.continued = False
@@ -176,7 +184,7 @@ class Stream:
                     self.usage.release()  # held back from the failed try, never sent
                 self.continued = self.continued or self.sent
                 if self.sent and self.paused_at is None:
-                    self.paused_at = time.monotonic()
+                    self.paused_at = self.last_sent_at or time.monotonic()
                 inst, upstream = None, None
                 continue
             yield (
@@ -228,6 +236,7 @@ class Stream:
                         self.paused_at = None
                         yield out
                         self.sent = True
+                        self.last_sent_at = time.monotonic()
                     if outcome.target is not None:
                         return  # the watchdog moved the stream while the client was reading
                     if record is not None and record.ended:
@@ -260,7 +269,11 @@ class Stream:
         the relay (the part of an event already read is dropped: its tokens were not relayed,
         so they are recomputed). One task per relay, not one per chunk: relaying stays cheap."""
         while True:
-            await asyncio.sleep(STALL_CHECK_S)
+            if inst.moves_wanted.is_set():
+                await asyncio.sleep(STALL_CHECK_S)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(inst.moves_wanted.wait(), IDLE_CHECK_S)
             quiet = time.monotonic() - self.last_chunk_at >= STALL_CHECK_S
             if quiet and self._move(inst, outcome):
                 upstream.close()
@@ -275,7 +288,7 @@ class Stream:
         if target is None:
             return False
         self.manager.moved(inst)
-        self.paused_at = time.monotonic()
+        self.paused_at = self.last_sent_at or time.monotonic()
         outcome.target = target
         return True
 

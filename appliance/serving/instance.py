@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -76,6 +77,9 @@ class Instance:
     """The moves were asked for by an administrator: no cost check."""
     streams: set = field(default_factory=set, repr=False)
     """The resumable streams it is serving (appliance/gateway/migration.py StreamRecord)."""
+    moves_wanted: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+    """Set while streams should leave it (draining, or moves asked for): a stream stalled on it
+    then moves at once instead of at its next look."""
 
     @property
     def routable(self) -> bool:

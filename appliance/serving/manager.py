@@ -243,6 +243,7 @@ class InstanceManager:
         inst.leave_by = leave_by or now + self.settings.gateway.drain_timeout_s
         inst.phases["draining_at"] = now
         inst.move_quota = inst.inflight
+        inst.moves_wanted.set()
         others = [
             i
             for i in self.instances(inst.model)
@@ -276,12 +277,18 @@ class InstanceManager:
         inst.move_quota = max(0, inst.move_quota - 1)
         if not inst.move_quota:
             inst.move_forced = False
+            if inst.state is not InstanceState.DRAINING:
+                inst.moves_wanted.clear()
 
     def request_moves(self, inst: Instance, count: int, forced: bool = False) -> None:
         """Ask `count` of the streams on `inst` to move to other instances (`forced`: an
         administrator asked, no cost check)."""
         inst.move_quota = count
         inst.move_forced = forced
+        if count > 0:
+            inst.moves_wanted.set()
+        elif inst.state is not InstanceState.DRAINING:
+            inst.moves_wanted.clear()
 
     async def _finish_draining(self, now: float) -> None:
         for inst in self.instances():
