@@ -34,7 +34,8 @@ def slurm_families(nodes: list[SlurmNode], jobs: list[SlurmJob]) -> list[Metric]
     out: list[Metric] = []
     groups = Counter(node_state_group(n) for n in nodes)
     for state in NODE_STATES:
-        out.append(GaugeMetricFamily(f"slurm_nodes_{state}", f"Nodes {state}.", groups[state]))
+        doc = f"Nodes in state {state} (a drained node counts under drain only)."
+        out.append(GaugeMetricFamily(f"slurm_nodes_{state}", doc, groups[state]))
     out.append(GaugeMetricFamily("slurm_nodes_total", "Nodes in the cluster.", len(nodes)))
 
     labels = ["node", "state", "partition", "reason"]
@@ -70,13 +71,16 @@ def slurm_families(nodes: list[SlurmNode], jobs: list[SlurmJob]) -> list[Metric]
     out += [node_info, *families.values()]
 
     totals = {
-        "slurm_cpus_total": sum(n.cpus for n in nodes),
-        "slurm_cpus_alloc": sum(n.alloc_cpus for n in nodes),
-        "slurm_gpus_total": sum(_gres(n.gres, "gpu") for n in nodes),
-        "slurm_gpus_alloc": sum(_gres(n.gres_used, "gpu") for n in nodes),
+        "slurm_cpus_total": ("CPUs in the cluster.", sum(n.cpus for n in nodes)),
+        "slurm_cpus_alloc": ("CPUs allocated in the cluster.", sum(n.alloc_cpus for n in nodes)),
+        "slurm_gpus_total": ("GPUs in the cluster.", sum(_gres(n.gres, "gpu") for n in nodes)),
+        "slurm_gpus_alloc": (
+            "GPUs allocated in the cluster.",
+            sum(_gres(n.gres_used, "gpu") for n in nodes),
+        ),
     }
-    for name, value in totals.items():
-        out.append(GaugeMetricFamily(name, name.replace("_", " ") + ".", value))
+    for name, (doc, value) in totals.items():
+        out.append(GaugeMetricFamily(name, doc, value))
     partitions = GaugeMetricFamily(
         "slurm_partition_cpus_alloc", "CPUs allocated per partition.", labels=["partition"]
     )
