@@ -62,7 +62,8 @@ def client(stack):
 
 
 def instances(url: str, model: str | None = None) -> list[dict]:
-    data = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
+    # Generous: the kill test reads it while the gateway relays 13 streams of 16 sequences.
+    data = httpx.get(url + "/admin/instances", timeout=60).json()["instances"]
     return [i for i in data if model is None or i["model"] == model]
 
 

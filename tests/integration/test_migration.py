@@ -132,13 +132,17 @@ def undisturbed_answer(url: str, body: dict = BODY) -> str:
     return "".join(answer_pieces(url, body))
 
 
+def logprobs_reply(url: str, body: dict) -> dict:
+    """The undisturbed answer with its two best candidates per token (tests/near_ties.py)."""
+    ask = {**body, "stream": False, "logprobs": True, "top_logprobs": 2}
+    ask.pop("stream_options", None)
+    return httpx.post(url + "/v1/chat/completions", json=ask, timeout=300).json()
+
+
 def checkable_length(url: str, body: dict, moved_after_chars: int) -> int:
     """Characters of the undisturbed answer that a moved one must reproduce: up to the first
     near-tie after the move point (all of it when there is none)."""
-    ask = {**body, "stream": False, "logprobs": True, "top_logprobs": 2}
-    ask.pop("stream_options", None)
-    reply = httpx.post(url + "/v1/chat/completions", json=ask, timeout=300).json()
-    return near_ties.checkable_length(reply, moved_after_chars)
+    return near_ties.checkable_length(logprobs_reply(url, body), moved_after_chars)
 
 
 def instance_url(url: str, job_id: int) -> str:
@@ -211,22 +215,34 @@ def late_stop_string(pieces: list[str], after_events: int, before: int) -> str:
     )
 
 
+def stall_and_stop(pieces: list[str], reply: dict) -> tuple[int, str]:
+    """Where to stall the engine (an event, the 8th or later) and a stop string that begins 12
+    events after it (the gateway holds back up to 11 characters) and ends before the first
+    near-tie after it (beyond it a moved answer may differ): the earliest stall with one. Where
+    the near-ties fall depends on the tiny model's build, which trains for a fixed time."""
+    for stall in range(8, len(pieces) - 12):
+        cut = near_ties.checkable_length(reply, len("".join(pieces[:stall])))
+        try:
+            return stall, late_stop_string(pieces, after_events=stall + 12, before=cut)
+        except AssertionError:
+            continue
+    raise AssertionError(f"no stall point with a stop string before a near-tie: {pieces!r}")
+
+
 def test_draining_a_node_moves_its_streams(cluster, stack):
     # With a stop string that first occurs after the move: the gateway holds back what could
     # start one, so the stop string ends the moved answer where it ends the undisturbed one
-    # (one that spans the move: tests/unit). The engine stalls at the 8th event and the stop
-    # string begins after the 20th (the gateway holds back up to 11 characters), and ends before
-    # the first near-tie after the move (beyond it the moved answer may differ).
+    # (one that spans the move: tests/unit).
     _, url = stack
     full = answer_pieces(url)
-    cut = checkable_length(url, BODY, len("".join(full[:8])))
-    body = {**BODY, "stop": [late_stop_string(full, after_events=20, before=cut)]}
+    stall, stop = stall_and_stop(full, logprobs_reply(url, BODY))
+    body = {**BODY, "stop": [stop]}
     expected = undisturbed_answer(url, body)
     assert expected == "".join(full)[: "".join(full).index(body["stop"][0])]
     moved_before = moves(url)
     [serving] = [i for i in instances(url) if i["state"] == "ready"]
     engine = InstanceEngine(instance_url(url, serving["job_id"]))
-    reader = SlowReader(url, delay_s=0.05, body=body, on_start=engine.stall, start_after=8)
+    reader = SlowReader(url, delay_s=0.05, body=body, on_start=engine.stall, start_after=stall)
     reader.start()
     assert reader.started.wait(120) and reader.error is None
     assert reader.instance == serving["job_id"]
