@@ -17,8 +17,10 @@ before the gateway notices included), p50 and p99 (target p99 < 500 ms); the pau
 records for the move (`appliance_request_move_pause_seconds`: from the last event the client
 got before the move to the first after it, the same span), against the undisturbed run's time
 to first token: a move recomputes the context in one prefill, like a new request. Every moved
-answer is compared with the undisturbed one: a stream is broken when its text or its tokens
-differ, it errors, or it ends early.
+answer is compared with the undisturbed one: a stream is broken when it errors, ends early, or
+its tokens differ before the first near-tie after the move (two candidates within 0.1 in
+log-probability: there the prefill after a move may tip greedy decoding the other way, which is
+counted apart, as `streams_diverged_at_near_tie`).
 
 Run: .venv/bin/python -m benchmarks.migration [--repeats 5] [--drains 5]
 """
@@ -46,6 +48,10 @@ TAIL_TOKENS = 128
 # other instance in that time waits up to 1 s for its first token (measured with requests sent
 # straight to the two instances in turn; one instance asked back to back answers in ~9 ms).
 QUIET_S = 1.0
+# Two candidates closer than this (log-probability) are a near-tie: a move recomputes the context
+# in a prefill, whose logits differ slightly from decoding's, so greedy decoding may take the
+# other one there (docs/preemption.md; tests/near_ties.py uses the same bound).
+NEAR_TIE = 0.1
 
 
 def prompt_of(tokens: int) -> str:
@@ -114,6 +120,31 @@ def stream(
     return (text, ids), [t - started for t in times], prompt_tokens, request_id, error
 
 
+def first_near_tie(client: httpx.Client, url: str, prompt: str, tokens: int, after: int) -> int:
+    """The index of the undisturbed answer's first token at or after `after` whose two best
+    candidates are a near-tie (`tokens` when there is none)."""
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": 2,
+    }
+    reply = client.post(url + "/v1/completions", json=body).json()
+    for i, top in enumerate(reply["choices"][0]["logprobs"]["top_logprobs"]):
+        best = sorted((top or {}).values(), reverse=True)
+        if i >= after and len(best) > 1 and best[0] - best[1] < NEAR_TIE:
+            return i
+    return tokens
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Where two token sequences first differ (the shorter one's length if one ends early)."""
+    pairs = enumerate(zip(a, b, strict=False))
+    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+
+
 def move_pauses(client: httpx.Client, url: str, request_id: str) -> list[float]:
     records = client.get(url + "/admin/monitoring/requests", params={"limit": 20}).json()
     return next(r["move_pauses_ms"] for r in records["requests"] if r["id"] == request_id)
@@ -154,12 +185,12 @@ def main() -> None:
             stream(client, url, prompt_of(8), 8)  # warm both instances
 
         rows, pauses, ratios, first, gaps = [], [], [], [], {"stall": [], "drain": []}
-        total = broken = unmoved = 0
+        total = broken = unmoved = at_near_tie = 0
 
         def moved_once(prompt_len: int, move_after: int, how: str):
             """The undisturbed answer's times and the moved one's pause as the gateway
             measured it and as the client saw it; None when broken or not moved."""
-            nonlocal total, broken, unmoved
+            nonlocal total, broken, unmoved, at_near_tie
             tokens = move_after + TAIL_TOKENS
             prompt = prompt_of(prompt_len)
             time.sleep(QUIET_S)
@@ -170,12 +201,17 @@ def main() -> None:
             )
             total += 1
             if error or answer != expected:
-                broken += 1
-                print(
-                    f"broken ({how}): prompt {prompt_len}, after {move_after}: error={error} "
-                    f"same_text={answer[0] == expected[0]}"
-                )
-                return None
+                # Broken unless it only went its own way at a near-tie after the move.
+                diverged = first_difference(expected[1], answer[1])
+                tie = first_near_tie(client, url, prompt, tokens, move_after)
+                if error or diverged < tie or len(answer[1]) != len(expected[1]):
+                    broken += 1
+                    print(
+                        f"broken ({how}): prompt {prompt_len}, after {move_after}: "
+                        f"error={error} first difference at token {diverged}, near-tie {tie}"
+                    )
+                    return None
+                at_near_tie += 1
             moved = move_pauses(client, url, request_id)
             if not moved:  # it was relayed to its end before the move was acted on
                 unmoved += 1
@@ -238,6 +274,8 @@ def main() -> None:
             "pause_vs_first_token_p50": round(percentile(ratios, 50), 2),
             "streams_total": total,
             "streams_broken": broken,
+            # Equal to the undisturbed answer up to a near-tie after the move, then its own way.
+            "streams_diverged_at_near_tie": at_near_tie,
             "streams_not_moved": unmoved,
             "targets": {"client_gap_p99_ms": "< 500", "streams_broken": 0},
             "rows": rows,
