@@ -54,6 +54,17 @@ QUIET_S = 1.0
 NEAR_TIE = 0.1
 
 
+def greedy(prompt: str, tokens: int) -> dict:
+    """A completion request that generates exactly `tokens` tokens the same way every time."""
+    return {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+
+
 def prompt_of(tokens: int) -> str:
     # About one token per word for the tiny model's tokenizer; the exact count is measured.
     words = ["the", "sea", "was", "calm", "and", "the", "ship", "sailed", "on", "towards"]
@@ -77,11 +88,7 @@ def stream(
     # Token ids asked for: every token then comes as its own event, also one whose text the
     # detokenizer holds back (the tiny model, made to ignore EOS, emits some without text).
     body = {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
+        **greedy(prompt, tokens),
         "stream": True,
         "return_token_ids": True,
         "stream_options": {"include_usage": True},
@@ -123,14 +130,7 @@ def stream(
 def first_near_tie(client: httpx.Client, url: str, prompt: str, tokens: int, after: int) -> int:
     """The index of the undisturbed answer's first token at or after `after` whose two best
     candidates are a near-tie (`tokens` when there is none)."""
-    body = {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "logprobs": 2,
-    }
+    body = {**greedy(prompt, tokens), "logprobs": 2}
     reply = client.post(url + "/v1/completions", json=body).json()
     for i, top in enumerate(reply["choices"][0]["logprobs"]["top_logprobs"]):
         best = sorted((top or {}).values(), reverse=True)
