@@ -10,7 +10,6 @@ up to its total. Run: .venv/bin/python -m benchmarks.cold_start [--runs 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,38 +19,25 @@ import httpx
 import psutil
 
 from appliance import envs
-from appliance.lines import iter_sse_lines
 from appliance.serving.endpoint import read_endpoint
 from appliance_dev.stack import free_port
-from benchmarks.common import TINY, median, print_table, tiny_cluster_stack, write_result
+from benchmarks.common import (
+    TINY,
+    first_text_chunk,
+    median,
+    print_table,
+    tiny_cluster_stack,
+    write_result,
+)
 
 BODY = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8, "stream": True}
 TARGET_S = 30.0
 
 
-def has_text(line: str) -> bool:
-    """An SSE line of a chat chunk that carries text (the role chunk before it has none)."""
-    if not line.startswith("data: {"):
-        return False
-    choices = json.loads(line[6:]).get("choices") or []
-    return any((c.get("delta") or {}).get("content") for c in choices)
-
-
 def first_token(url: str, model: str, timeout: float = 300, body: dict | None = None) -> float:
     """Seconds from sending a streamed chat request (`body`, else a greeting) to the first
     chunk with text, as the client sees it."""
-    request = {**(body or BODY), "model": model, "stream": True}
-    t0 = time.perf_counter()
-    with httpx.stream("POST", url + "/v1/chat/completions", json=request, timeout=timeout) as resp:
-        resp.raise_for_status()
-        lines = iter_sse_lines(resp)
-        for line in lines:
-            if has_text(line):
-                elapsed = time.perf_counter() - t0
-                for _ in lines:  # drain, so the instance is idle afterwards
-                    pass
-                return elapsed
-    raise RuntimeError("stream ended without a token")
+    return first_text_chunk(url, {**(body or BODY), "model": model}, timeout)[1]
 
 
 def direct_start(port: int, cpus: set[int] | None = None) -> float:

@@ -9,10 +9,14 @@ import os
 import platform
 import statistics
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+
 from appliance.config import ApplianceSettings
+from appliance.lines import iter_sse_lines
 from appliance.model_builders.tiny import build_tiny_model, tiny_model_exists
 from appliance_dev.stack import (
     free_port,
@@ -57,6 +61,30 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q / 100
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def first_text_chunk(url: str, body: dict, timeout: float) -> tuple[float, float]:
+    """A chat request (`body`, streamed) timed as its client sees it: (wall-clock time it was
+    sent, seconds to the first chunk with text: the role chunk before it has none). The rest is
+    read, so the instance is idle afterwards; an HTTP error or an error event raises."""
+    sent, t0 = time.time(), time.perf_counter()
+    request = {**body, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=request, timeout=timeout) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"{resp.status_code}: {resp.read().decode(errors='replace')}")
+        lines = iter_sse_lines(resp)
+        for line in lines:
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"error event: {event['error']}")
+            if any((c.get("delta") or {}).get("content") for c in event.get("choices") or []):
+                elapsed = time.perf_counter() - t0
+                for _ in lines:
+                    pass
+                return sent, elapsed
+    raise RuntimeError("stream ended without a token")
 
 
 def median(values: list[float]) -> float:

@@ -42,7 +42,6 @@ from pathlib import Path
 import httpx
 
 from appliance.config import ApplianceSettings
-from appliance.lines import iter_sse_lines
 from appliance.model_builders.shaped import SHAPES, build_shaped_model
 from appliance_dev.stack import (
     free_port,
@@ -53,7 +52,7 @@ from appliance_dev.stack import (
     running_store_service,
     write_config,
 )
-from benchmarks.common import median, percentile, print_table, write_result
+from benchmarks.common import first_text_chunk, median, percentile, print_table, write_result
 from benchmarks.gateway_overhead import latency, throughput
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about the sea."}]
@@ -200,27 +199,7 @@ def stop_instances(url: str, timeout: float = 120) -> None:
 
 def first_token(url: str, model: str, timeout: float = 900) -> tuple[float, float]:
     """(wall-clock time the request was sent, seconds to its first content token)."""
-    body = {"model": model, "messages": PROMPT, "max_tokens": 8, "stream": True}
-    sent = time.time()
-    t0 = time.perf_counter()
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"{resp.status_code}: {resp.read().decode(errors='replace')}")
-        lines = iter_sse_lines(resp)
-        for line in lines:
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(f"error event: {event['error']}")
-            # The first chunk carries the role and empty content: the first token is the first
-            # chunk with text.
-            if any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
-                elapsed = time.perf_counter() - t0
-                for _ in lines:  # drain, so the instance is idle afterwards
-                    pass
-                return sent, elapsed
-    raise RuntimeError("stream ended without a token")
+    return first_text_chunk(url, {"model": model, "messages": PROMPT, "max_tokens": 8}, timeout)
 
 
 def log_durations(text: str) -> dict[str, float]:

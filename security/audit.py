@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import hmac
 import itertools
 import json
 import os
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 from appliance.security.secret_files import SecretFileError, read_secret_file, write_secret_file
 
 from appliance.errors import ApplianceError
+from appliance.file_lock import flocked
 from appliance.lines import jsonl_lines
 
 KEY_BYTES = 32
@@ -90,19 +89,9 @@ class AuditLog:
         return read_secret_file(self.key_path, size=KEY_BYTES, what="audit key")
 
     def locked(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the log's lock: no entry is appended meanwhile, so a copy of the log and of its
-        head agree (appliance/backup)."""
-        return self._locked()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.directory / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # the gateway and the CLI both append
-            yield
-        finally:
-            os.close(fd)
+        """Hold the log's lock (the gateway and the CLI both append): no entry is appended
+        meanwhile, so a copy of the log and of its head agree (appliance/backup)."""
+        return flocked(self.directory / ".lock")
 
     def _head(self) -> tuple[int, str]:
         try:
@@ -116,7 +105,7 @@ class AuditLog:
     def append(self, actor: str, action: str, target: str = "", **detail: Any) -> dict[str, Any]:
         """Add one entry: who did what to what, with details; returns the entry as written."""
         key = self._key()
-        with self._locked():
+        with self.locked():
             seq, prev = self._head()
             body = {
                 "seq": seq + 1,
