@@ -20,6 +20,7 @@ from appliance.config.breaker import BreakerSettings
 from appliance.config.catalog import CatalogSettings
 from appliance.config.cluster import ClusterSettings
 from appliance.config.gateway import GatewaySettings
+from appliance.config.identity import IdentitySettings
 from appliance.config.monitoring import MonitoringSettings
 from appliance.config.rag import RagSettings
 from appliance.config.security import SecuritySettings
@@ -115,6 +116,9 @@ class ApplianceSettings(BaseSettings):
 
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     """Quotas, rate limits and the audit log (section `security`)."""
+
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    """Sign-in sources (local accounts, LDAP, OIDC) and their group mapping (section `identity`)."""
 
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     """Fine-tuning jobs: default hyperparameters, limits, resources (section `training`)."""
