@@ -221,6 +221,11 @@ def test_answer_from_the_knowledge_base_streams_with_a_citation(visit):
 def test_edit_and_resend_renders_markdown_and_settings_apply(visit):
     page = visit.page
     chat = page.locator("#chatbot")
+    # Open Settings now, long before its slider is set: Gradio renders a closed accordion's
+    # children on the first expand and, a few frames later, pushes their initial values into
+    # them (core.js render_previously_invisible_children), which can undo a value set at once.
+    page.get_by_text("Settings").click()
+    expect(page.locator("#max-tokens input[type=number]")).to_have_value("512")
     page.locator("#new-chat").click()
     visit.pick("#kb-picker", "plant")  # deselect: this chat is not about the knowledge base
     page.locator("#message textarea").fill("Tell me about Japan.")
@@ -233,7 +238,6 @@ def test_edit_and_resend_renders_markdown_and_settings_apply(visit):
     expect(chat).not_to_contain_text("Japan", timeout=60_000)
     expect(page.locator("#conversation-list label").first).to_contain_text("What color is the")
     # Settings: a max tokens of 4 cuts the next answer short, and the chat says so.
-    page.get_by_text("Settings").click()
     # Set on the slider itself (its number box takes a typed value only on some browsers'
     # change events), and send only once both show it (else the request can carry the old 512).
     page.locator("#max-tokens input[type=range]").fill("4")
