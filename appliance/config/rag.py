@@ -72,7 +72,8 @@ class RagSettings(BaseModel):
 
     reranker_model: Path | None = None
     """Local directory of a sentence-transformers cross-encoder that re-scores the fused
-    candidates (slower, often more precise). Unset: no reranking."""
+    candidates (slower; its effect on quality has not been measured: docs/rag.md). Unset: no
+    reranking."""
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> RagSettings:
