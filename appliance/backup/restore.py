@@ -46,10 +46,13 @@ def restore_backup(settings: ApplianceSettings, src: Path, source: KeySource) ->
             reader.finish()
             for name, kind in manifest.parts.items():
                 _move_into_place(staging / name, targets[name], kind)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if created:
                 shutil.rmtree(settings.state_dir, ignore_errors=True)
+            if isinstance(exc, OSError):  # a full disk, above all: said plainly
+                where = exc.filename or settings.state_dir
+                raise BackupError(f"nothing restored: {where}: {exc.strerror or exc}") from None
             raise
         shutil.rmtree(staging, ignore_errors=True)
     # Folders made on the way (the parents of parts) private too, as the services leave them.

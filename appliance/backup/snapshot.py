@@ -54,11 +54,17 @@ def write_backup(
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, dest)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
+        if isinstance(exc, OSError):  # a full disk, above all: said plainly, not a traceback
+            raise BackupError(f"backup not written: {_os_reason(exc, dest)}") from None
         raise
     return manifest
+
+
+def _os_reason(exc: OSError, default: Path) -> str:
+    return f"{exc.filename or default}: {exc.strerror or exc}"
 
 
 def _add_part(tar: tarfile.TarFile, part: Part, scratch: Path) -> list[FileEntry]:
