@@ -19,6 +19,10 @@ class WebappSettings(BaseModel):
     port: int = Field(default=7860, ge=1, le=65535)
     """TCP port of the web app."""
 
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """Addresses (or networks) of reverse proxies whose `X-Forwarded-For` and
+    `X-Forwarded-Proto` headers the web app believes. Empty: the headers are ignored."""
+
     gateway_url: str | None = None
     """Base URL of the gateway's API, as the web app's server reaches it. Default: the gateway
     of this configuration (gateway.host and gateway.port)."""

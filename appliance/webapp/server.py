@@ -112,5 +112,9 @@ def run_webapp(settings: ApplianceSettings, host: str | None = None, port: int |
         port=port or settings.webapp.port,
         log_level="info",
         access_log=False,
+        # Forwarded headers from the configured proxies only (uvicorn's default believes any
+        # local process), as the gateway does.
+        proxy_headers=bool(settings.webapp.trusted_proxies),
+        forwarded_allow_ips=settings.webapp.trusted_proxies or None,
         timeout_graceful_shutdown=5,
     )
