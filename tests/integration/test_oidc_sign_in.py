@@ -127,7 +127,12 @@ def test_expired_and_forged_tokens_are_refused(gateway, provider):
     refused(call(gateway, "GET", "/v1/me", forged), 401, "not valid")
     unsigned = f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}."
     refused(call(gateway, "GET", "/v1/me", unsigned), 401, "'none' are not accepted")
-    hmac = jwt.encode(claims, "the client secret, which anyone with the app has", algorithm="HS256", headers={"kid": kid})
+    hmac = jwt.encode(
+        claims,
+        "the client secret, which anyone with the app has",
+        algorithm="HS256",
+        headers={"kid": kid},
+    )
     refused(call(gateway, "GET", "/v1/me", hmac), 401, "'HS256' are not accepted")
     unknown_kid = jwt.encode(claims, other_key, algorithm="RS256", headers={"kid": "rotated"})
     refused(call(gateway, "GET", "/v1/me", unknown_kid), 401, "key the provider does not have")
