@@ -41,15 +41,26 @@ def looks_like_jwt(token: str) -> bool:
     return token.startswith("eyJ") and token.count(".") == 2
 
 
-def _get_json(http: httpx.Client, url: str, what: str, **kw) -> dict[str, Any]:
+def _get_json(http: httpx.Client, url: str, what: str, token: str | None = None) -> dict[str, Any]:
+    """A JSON object from the provider; with `token` (the userinfo call) a refusal of the
+    request is one of the token: TokenRefused rather than ProviderUnavailable."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        response = http.get(url, **kw)
+        response = http.get(url, headers=headers)
     except httpx.HTTPError as exc:
-        raise ProviderUnavailable(
-            f"the OIDC provider cannot be reached for {what}: {exc!r}"
-        ) from None
-    if response.status_code != 200:
-        raise ProviderUnavailable(f"the OIDC provider answered {response.status_code} for {what}")
+        message = f"the OIDC provider cannot be reached for {what}: {exc!r}"
+        raise ProviderUnavailable(message) from None
+    status = response.status_code
+    # 401 is RFC 6750's answer for a revoked token; some providers (authlib's) answer 400
+    # `access_denied`. Any 4xx but 429 (slow down) refuses the token.
+    if token and 400 <= status < 500 and status != 429:
+        raise TokenRefused(
+            "the provider's userinfo endpoint does not accept this token (revoked, its user"
+            " disabled, or not an access token)",
+            "revoked",
+        )
+    if status != 200:
+        raise ProviderUnavailable(f"the OIDC provider answered {status} for {what}")
     try:
         body = response.json()
     except ValueError:
@@ -175,24 +186,4 @@ class OidcProvider:
         url = self.discovery().get("userinfo_endpoint")
         if not isinstance(url, str):
             raise ProviderUnavailable("the provider has no userinfo endpoint; set recheck_s: 0")
-        try:
-            response = self.http.get(url, headers={"authorization": f"Bearer {token}"})
-        except httpx.HTTPError as exc:
-            raise ProviderUnavailable(f"the OIDC provider cannot be reached: {exc!r}") from None
-        # 401 is RFC 6750's answer for a revoked token; some providers (authlib's) answer 400
-        # `access_denied`. Any refusal of the request but 429 is one of the token.
-        if 400 <= response.status_code < 500 and response.status_code != 429:
-            raise TokenRefused(
-                "the provider's userinfo endpoint does not accept this token (revoked, its user"
-                " disabled, or not an access token)",
-                "revoked",
-            )
-        if response.status_code != 200:
-            raise ProviderUnavailable(f"the provider's userinfo answered {response.status_code}")
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise ProviderUnavailable("the provider's userinfo is not a JSON object")
-        return body
+        return _get_json(self.http, url, "userinfo", token)

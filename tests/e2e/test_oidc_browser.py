@@ -78,6 +78,8 @@ def test_sign_in_with_the_provider_shows_the_groups_knowledge_base(oidc_stack, b
         page.locator("#kb-select input").click()
         expect(page.get_by_role("option", name="handbook")).to_be_visible()
         page.keyboard.press("Escape")
+        expect(page.locator("#kb-info")).to_contain_text("groups: eng")
+        expect(page.locator("#kb-documents")).to_contain_text("leave.md")
         page.screenshot(path=str(artifacts / "oidc-signed-in.png"))
 
         # The sign-in stays across a reload (the one-time code in the URL is spent by then).
