@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi import Request
 
 from appliance.config.gateway import GatewaySettings
+from appliance.gateway.audit_events import audit
 from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import ApiKeyRecord, ApiKeyStore, KeyRefused, Principal
 from appliance.security.audit import AuditLog
@@ -212,7 +213,14 @@ async def _oidc_principal(request: Request) -> None:
         return
     token = oidc_token(request.headers.get("authorization"))
     if token:
-        request.state.principal = await oidc.principal(token)
+        who, first_use = await oidc.principal(token)
+        request.state.principal = who
+        if first_use:  # once per token, as a password sign-in is recorded once per session
+            role = "admin" if who.admin else "user"
+            groups = sorted(who.groups)
+            await audit(
+                request, who.user, "sign_in", "oidc", key_id=who.key_id, role=role, groups=groups
+            )
 
 
 def oidc_token(authorization: str | None) -> str | None:

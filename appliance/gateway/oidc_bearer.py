@@ -38,12 +38,16 @@ class OidcBearer:
         self.provider = OidcProvider(identity.oidc)
         self.mapping = GroupMapping(identity.mapping)
         self._cache: OrderedDict[str, _Checked] = OrderedDict()
+        # Tokens refused lately, with when to look again: a client retrying a revoked token
+        # must not turn each retry into a call to the provider.
+        self._refused: OrderedDict[str, tuple[TokenRefused | NotAllowed, float]] = OrderedDict()
 
     def close(self) -> None:
         self.provider.close()
 
-    async def principal(self, token: str) -> Principal:
-        """The token's principal, from the cache while its last check is recent enough."""
+    async def principal(self, token: str) -> tuple[Principal, bool]:
+        """The token's principal, from the cache while its last check is recent enough, and
+        whether the token is new here (its first use: a sign-in, for the audit log)."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         entry = self._cache.get(digest)
         now = time.monotonic()
@@ -51,12 +55,30 @@ class OidcBearer:
             recheck = self.settings.recheck_s
             if recheck == 0 or now - entry.checked < recheck:
                 self._cache.move_to_end(digest)
-                return entry.principal
+                return entry.principal, False
+        refused = self._refused.get(digest)
+        if refused is not None and now < refused[1]:
+            raise self._refusal(refused[0])
         self._cache.pop(digest, None)
+        self._refused.pop(digest, None)
         try:
-            entry = await asyncio.to_thread(self._check, token, digest)
-        except TokenRefused as exc:
-            raise AccessRefused(
+            checked = await asyncio.to_thread(self._check, token, digest)
+        except (TokenRefused, NotAllowed) as exc:
+            self._refused[digest] = (exc, now + max(self.settings.recheck_s, 1.0))
+            while len(self._refused) > MAX_CACHED_TOKENS:
+                self._refused.popitem(last=False)
+            raise self._refusal(exc) from None
+        except ProviderUnavailable as exc:
+            raise RequestError(503, str(exc), type="service_unavailable") from None
+        self._cache[digest] = checked
+        while len(self._cache) > MAX_CACHED_TOKENS:
+            self._cache.popitem(last=False)
+        return checked.principal, entry is None
+
+    @staticmethod
+    def _refusal(exc: TokenRefused | NotAllowed) -> AccessRefused:
+        if isinstance(exc, TokenRefused):
+            return AccessRefused(
                 401,
                 str(exc),
                 actor="?",
@@ -64,22 +86,15 @@ class OidcBearer:
                 reason=exc.reason,
                 type="authentication_error",
                 code="invalid_token",
-            ) from None
-        except NotAllowed as exc:
-            raise AccessRefused(
-                403,
-                str(exc),
-                actor="?",
-                action="oidc_token_refused",
-                reason="not in an allowed group",
-                type="permission_error",
-            ) from None
-        except ProviderUnavailable as exc:
-            raise RequestError(503, str(exc), type="service_unavailable") from None
-        self._cache[digest] = entry
-        while len(self._cache) > MAX_CACHED_TOKENS:
-            self._cache.popitem(last=False)
-        return entry.principal
+            )
+        return AccessRefused(
+            403,
+            str(exc),
+            actor="?",
+            action="oidc_token_refused",
+            reason="not in an allowed group",
+            type="permission_error",
+        )
 
     def _check(self, token: str, digest: str) -> _Checked:
         claims = self.provider.verify(token)

@@ -38,7 +38,9 @@ def build_signin(ctx: WebContext) -> SignInView:
             name = html.escape(oidc.display_name)
             gr.HTML(f'<a href="/oidc/login" id="oidc-sign-in">Sign in with {name}</a>')
         with gr.Tabs():
-            with gr.Tab("Username and password"):
+            # Only where some source takes passwords (local accounts, LDAP).
+            passwords = bool({"local", "ldap"} & set(ctx.settings.identity.sources))
+            with gr.Tab("Username and password", visible=passwords):
                 username = gr.Textbox(label="Username", autofocus=True, max_lines=1)
                 password = gr.Textbox(label="Password", type="password", max_lines=1)
                 password_btn = gr.Button("Sign in", variant="primary", elem_id="sign-in-button")

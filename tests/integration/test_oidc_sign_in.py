@@ -11,6 +11,7 @@ import time
 import httpx
 import jwt
 import pytest
+from appliance.security.audit import AuditLog
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from appliance_dev.stack import running_gateway
@@ -19,6 +20,7 @@ from tests.slurm_fixtures import stack_settings, tiny_catalog, wait_for
 
 pytestmark = [pytest.mark.slurm]
 RECHECK_S = 1.0
+AUDIT_DIRS = {}  # gateway URL: its audit log's folder
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,7 @@ def gateway(slurm_cluster, tiny_model_dir, tmp_path_factory, provider):
     }
     settings = stack_settings(slurm_cluster, tmp, tiny_catalog(tiny_model_dir), identity=identity)
     with running_gateway(settings) as url:
+        AUDIT_DIRS[url] = settings.audit_dir
         yield url
 
 
@@ -82,6 +85,11 @@ def test_groups_map_to_admin_and_user(gateway, provider):
     refused(call(gateway, "GET", "/admin/instances", bob["access_token"]), 403, "not an admin")
     mallory = provider.tokens("mallory")["access_token"]
     refused(call(gateway, "GET", "/v1/me", mallory), 403, "none of the groups allowed")
+    # A token's first use is a sign-in in the audit log; later uses are not.
+    assert call(gateway, "GET", "/v1/me", alice).status_code == 200
+    entries = AuditLog(AUDIT_DIRS[gateway]).entries()
+    signed_in = [e for e in entries if e["action"] == "sign_in" and e["actor"] == "alice"]
+    assert len(signed_in) == 1 and signed_in[0]["target"] == "oidc", signed_in
 
 
 def test_a_group_grants_a_shared_knowledge_base(gateway, provider):
