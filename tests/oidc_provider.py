@@ -111,10 +111,11 @@ def _jwt_access_token(provider: Provider):
 
 
 @contextlib.contextmanager
-def running_provider() -> Iterator[Provider]:
-    """A provider on a free port of localhost, stopped on exit even if the test failed."""
+def running_provider(port: int = 0) -> Iterator[Provider]:
+    """A provider on `port` (0: a free one) of localhost, with a signing key of its own,
+    stopped on exit even if the test failed."""
     app = flask.Flask("oidc_provider_mock")  # its templates are found from this name
-    server = werkzeug.serving.make_server("localhost", 0, app, threaded=True)
+    server = werkzeug.serving.make_server("localhost", port, app, threaded=True)
     provider = Provider(f"http://localhost:{server.server_port}", server)
     app.config["OAUTH2_ACCESS_TOKEN_GENERATOR"] = _jwt_access_token(provider)
     oidc_provider_mock.init_app(app)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -168,7 +169,7 @@ def test_a_revoked_user_is_refused_at_the_next_check(gateway, provider):
     assert call(gateway, "GET", "/v1/me", provider.tokens("bob")["access_token"]).status_code == 200
 
 
-def test_provider_down_is_503(gateway, provider):
+def test_provider_down_is_503_and_back_with_a_new_key(gateway, provider):
     alice = provider.tokens("alice")["access_token"]
     assert call(gateway, "GET", "/v1/me", alice).status_code == 200
     fresh = provider.tokens("carol")["access_token"]
@@ -176,3 +177,18 @@ def test_provider_down_is_503(gateway, provider):
     refused(call(gateway, "GET", "/v1/me", fresh), 503, "cannot be reached")
     time.sleep(RECHECK_S + 0.1)  # alice's token is due for its next check
     refused(call(gateway, "GET", "/v1/me", alice), 503, "cannot be reached")
+
+    # The provider comes back at the same address with another signing key (a rotation): the
+    # gateway reads the keys again for the unknown key id (at most every 10 s).
+    with running_provider(urlsplit(provider.issuer).port) as again:
+        again.set_user("alice", {"preferred_username": "alice", "groups": ["it-admins"]})
+        token = again.tokens("alice")["access_token"]
+        assert jwt.get_unverified_header(token)["kid"] != jwt.get_unverified_header(alice)["kid"]
+
+        def accepted():
+            return call(gateway, "GET", "/v1/me", token).status_code == 200
+
+        wait_for(accepted, timeout=30, what="the new key accepted", interval=1)
+        # alice's old token was signed with a key the provider no longer has.
+        time.sleep(RECHECK_S + 0.1)
+        refused(call(gateway, "GET", "/v1/me", alice), 401, "does not")
