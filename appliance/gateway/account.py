@@ -90,7 +90,8 @@ async def sign_out(request: Request) -> dict:
     """End the presented sign-in session (an API key stays valid: revoke it with `keys`)."""
     auth = _auth(request)
     if oidc_token(request.headers.get("authorization")):
-        # Ended at the provider (the web app signs out there); nothing kept here to end.
+        # Nothing kept here to end: the token is good until it expires or the provider
+        # revokes it (the web app forgets it at sign-out).
         return {"signed_out": False}
     record = auth.key_record(request.headers.get("authorization"))
     if record is not None and record.kind == "session":
