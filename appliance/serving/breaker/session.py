@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from appliance.serving.breaker.actions import BreakerActions
 from appliance.serving.breaker.framing import (
@@ -88,28 +90,20 @@ class _FrameReply:
             await self.session.send(self.request_id, DATA, chunk[start : start + MAX_DATA])
 
 
+@dataclass(eq=False)
 class SessionServer:
     """Serves one session: frames from `reader`, answers to `writer` (an asyncio StreamWriter,
-    or anything with write, drain and close)."""
+    or anything with write and drain); `audit(reason, command)` records a refusal (it may
+    block: it runs in a thread)."""
 
-    def __init__(
-        self,
-        actions: BreakerActions,
-        reader: asyncio.StreamReader,
-        writer,
-        audit: Callable[[str, str], None],
-        max_request_bytes: int,
-        max_in_flight: int = MAX_IN_FLIGHT,
-    ):
-        """`audit(reason, command)` records a refusal (it may block: it runs in a thread)."""
-        self.actions = actions
-        self.reader = reader
-        self.writer = writer
-        self.audit = audit
-        self.max_request_bytes = max_request_bytes
-        self.max_in_flight = max_in_flight
-        self.requests: dict[int, asyncio.Task] = {}
-        self.refusals = 0
+    actions: BreakerActions
+    reader: asyncio.StreamReader
+    writer: Any
+    audit: Callable[[str, str], None]
+    max_request_bytes: int
+    max_in_flight: int = MAX_IN_FLIGHT
+    requests: dict[int, asyncio.Task] = field(default_factory=dict)
+    refusals: int = 0
 
     async def send(self, request_id: int, kind: int, payload: bytes = b"") -> None:
         # One write per frame: frames of concurrent requests never interleave.
