@@ -11,12 +11,15 @@ import random
 import sys
 
 import pytest
+from aiohttp import web
 from appliance.security.audit import AuditLog
 
 from appliance.config import load_settings
+from appliance.serving.breaker.actions import BreakerActions
 from appliance.serving.breaker.framing import (
     BREAKER_KINDS,
     CANCEL,
+    DATA,
     END,
     GATEWAY_KINDS,
     HEAD,
@@ -30,10 +33,16 @@ from appliance.serving.breaker.framing import (
 from appliance.serving.breaker.grammar import Forward, Refused
 from appliance.serving.breaker.session import (
     AUDITED_REFUSALS,
+    SessionServer,
     decode_request,
     max_open_payload,
 )
-from appliance_dev.stack import write_config
+from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
+from appliance.serving.job_script import job_name
+from appliance.slurm.client import JOB_BRIEF_ARGS, SlurmClient
+from appliance.slurm.runner import CommandResult
+from appliance_dev.stack import free_port, write_config
+from tests.unit.slurm_replay import ReplayRunner
 from tests.unit.test_breaker_grammar import VALID, _mutations, assert_within_grammar
 
 LIMIT = 4096  # the request body limit of these tests
@@ -209,3 +218,109 @@ def test_a_frame_that_breaks_the_framing_ends_the_session_cleanly(serve, bad, wo
     got, status = asyncio.run(_session(serve, encode(1, OPEN, b"ping\n") + bad, until=None))
     assert got[-1].request_id == 0 and got[-1].kind == REFUSED and words in got[-1].payload
     assert status == 0
+
+
+# ----- requests in flight, in process (Slurm's answer replayed, a real HTTP server) ---------
+
+
+class _Frames:
+    """A writer that decodes what the session writes."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.frames: list[Frame] = []
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        while len(self.data) >= 9:
+            length = int.from_bytes(self.data[:4], "big")
+            if len(self.data) < 9 + length:
+                break
+            rid, kind = int.from_bytes(self.data[4:8], "big"), self.data[8]
+            self.frames.append(Frame(rid, kind, bytes(self.data[9 : 9 + length])))
+            del self.data[: 9 + length]
+
+    async def drain(self) -> None:
+        await asyncio.sleep(0)
+
+    def of(self, request_id: int) -> list[Frame]:
+        return [f for f in self.frames if f.request_id == request_id]
+
+    async def until(self, test, what: str) -> None:
+        async with asyncio.timeout(30):
+            while not test():
+                await asyncio.sleep(0.01)
+
+
+async def _instance(hold: asyncio.Event, closed: list[str]):
+    """An instance that streams one event, then holds the answer until `hold` is set; `closed`
+    gets the path of each request whose client had gone by then."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: {}\n\n")
+        await hold.wait()
+        try:
+            await resp.write(b"data: [DONE]\n\n")
+        except ConnectionError:
+            closed.append(request.path)  # the breaker dropped the request
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", free_port())
+    await site.start()
+    return runner, site._port
+
+
+def test_requests_over_the_bound_are_refused_alone_and_a_cancel_stops_one(tmp_path):
+    settings = load_settings(state_dir=str(tmp_path / "state"))
+    name = job_name(settings, "tiny-chat")
+    squeue = ["squeue", *JOB_BRIEF_ARGS, "--jobs=7"]
+    runner = ReplayRunner().answer(squeue, CommandResult(squeue, 0, f"RUNNING {name}\n", ""))
+    slurm = SlurmClient(runner, settings.slurm_conf)
+    audited: list[str] = []
+
+    async def scenario():
+        hold, closed = asyncio.Event(), []
+        server, port = await _instance(hold, closed)
+        write_endpoint(
+            settings.instances_dir,
+            InstanceEndpoint(job_id=7, model="tiny-chat", host="127.0.0.1", port=port, pid=1),
+        )
+        reader, out = asyncio.StreamReader(), _Frames()
+        forward = b"forward 7 POST /v1/completions\n" + BODY
+        try:
+            async with BreakerActions(settings, slurm) as actions:
+                session = SessionServer(
+                    actions, reader, out, lambda r, c: audited.append(r), LIMIT, max_in_flight=2
+                )
+                served = asyncio.create_task(session.run())
+                for rid in (1, 2, 3):
+                    reader.feed_data(encode(rid, OPEN, forward))
+                await out.until(lambda: all(len(out.of(r)) >= 2 for r in (1, 2)), "the streams")
+                assert out.of(3) == [Frame(3, REFUSED, b"refused: too many requests in flight")]
+                assert [f.kind for f in out.of(1)] == [HEAD, DATA]  # relayed before its end
+                reader.feed_data(encode(1, CANCEL) + encode(4, OPEN, b"ping\n"))
+                await out.until(lambda: out.of(4), "the ping")
+                assert [f.kind for f in out.of(4)] == [HEAD, END]
+                hold.set()
+                await out.until(lambda: out.of(2)[-1].kind == END and closed, "the ends")
+                assert [f.kind for f in out.of(1)] == [HEAD, DATA]  # nothing after its cancel
+                assert b"".join(f.payload for f in out.of(2)[1:]) == b"data: {}\n\ndata: [DONE]\n\n"
+                reader.feed_data(encode(5, OPEN, forward))
+                await out.until(lambda: out.of(5) and out.of(5)[-1].kind == END, "a later one")
+                reader.feed_eof()
+                await asyncio.wait_for(served, 30)
+        finally:
+            hold.set()
+            await server.cleanup()
+        # Slurm was asked by the two first requests, not the later one: the job is known to be
+        # an instance for a while.
+        assert [c.argv for c in runner.calls] == [squeue, squeue]
+
+    asyncio.run(scenario())
+    assert audited == ["too many requests in flight"]

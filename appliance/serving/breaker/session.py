@@ -129,13 +129,13 @@ class SessionServer:
     async def _serve(self) -> None:
         limit = max_open_payload(self.max_request_bytes)
         while (frame := await read_frame(self.reader, limit, GATEWAY_KINDS)) is not None:
-            task = self.requests.get(frame.request_id)
             if frame.kind == CANCEL:
-                # An id that is over already is no error: its end and the cancel crossed.
-                if task is not None:
+                # An id that is over already is no error: its end and the cancel crossed. The
+                # id is free at once (its task ends on its own), and so is its place.
+                if (task := self.requests.pop(frame.request_id, None)) is not None:
                     task.cancel()
                 continue
-            if frame.request_id == 0 or task is not None:
+            if frame.request_id == 0 or frame.request_id in self.requests:
                 raise FramingError(f"request id {frame.request_id} is not free")
             shown = frame.payload.partition(b"\n")[0][:120].decode(errors="replace")
             try:
@@ -167,7 +167,8 @@ class SessionServer:
             with contextlib.suppress(ConnectionError, BrokenPipeError):
                 await self.send(request_id, END)
         finally:
-            self.requests.pop(request_id, None)
+            if self.requests.get(request_id) is asyncio.current_task():
+                del self.requests[request_id]
 
     async def _refuse(self, request_id: int, reason: str, shown: str) -> None:
         self.refusals += 1
