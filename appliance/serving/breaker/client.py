@@ -161,7 +161,11 @@ class BreakerClient:
         for attempt in (1, 2):
             try:
                 call = await self.open(line, timeout=timeout)
-                await asyncio.wait_for(call.rest(), timeout)
+                try:
+                    await asyncio.wait_for(call.rest(), timeout)
+                except TimeoutError:
+                    call.cancel()
+                    raise
                 return call.head.result()
             except TimeoutError:
                 message = f"the breaker did not answer {line!r} in {timeout:g} s"
@@ -185,8 +189,7 @@ def _mux_refused(returncode: int | None, stderr: bytes) -> bool:
 
 
 def _failure(line: str, returncode: int | None, stderr: bytes) -> str:
-    text = stderr.decode(errors="replace").strip().splitlines()
-    detail = text[-1] if text else f"exit status {returncode}"
+    detail = _tail(stderr, returncode)
     if returncode == SSH_FAILED:
         return f"cannot reach the cluster's breaker: {detail}"
     return f"the breaker refused {line.split(' ')[0]}: {detail.removeprefix('refused: ')}"
