@@ -88,7 +88,7 @@ class LdapDirectory:
             read_only=True,
             raise_exceptions=False,
             auto_referrals=False,  # a referral would send the password to another server
-            receive_timeout=cfg.timeout_s,
+            receive_timeout=math.ceil(cfg.timeout_s),  # whole seconds: a socket option
         )
         try:
             conn.open()
