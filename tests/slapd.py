@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance_dev.stack import free_port
+from appliance_dev.stack import _terminate, free_port
 
 SLAPD = Path("/usr/sbin/slapd")
 SLAPADD = Path("/usr/sbin/slapadd")
@@ -131,12 +131,7 @@ def running_slapd(directory: Path, ldif: str, timeout: float = 20.0) -> Iterator
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGCONT)  # a paused slapd cannot act on SIGTERM
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        _terminate(proc)
 
 
 def _accepts(port: int) -> bool:

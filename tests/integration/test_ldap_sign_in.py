@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 from appliance.security.audit import AuditLog
 from appliance.security.users import UserStore
 
 from appliance_dev.stack import running_gateway
+from tests.integration.test_gateway_accounts import call, sign_in
 from tests.slapd import GROUPS, PEOPLE, USER_DN_TEMPLATE, directory_ldif, running_slapd
 from tests.slurm_fixtures import stack_settings
 
@@ -67,15 +67,6 @@ def gateway(slurm_cluster, slapd, tmp_path_factory):
     )
     with running_gateway(settings) as url:
         yield url, settings
-
-
-def call(url: str, method: str, path: str, token: str | None = None, **kw) -> httpx.Response:
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    return httpx.request(method, url + path, headers=headers, timeout=30, **kw)
-
-
-def sign_in(url: str, user: str, password: str) -> httpx.Response:
-    return call(url, "POST", "/v1/auth/sign_in", json={"username": user, "password": password})
 
 
 def token(url: str, user: str) -> str:
