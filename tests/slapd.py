@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from appliance.security.tls import make_self_signed
 
 from appliance_dev.stack import _terminate, free_port
 
@@ -65,13 +66,19 @@ def directory_ldif(users: dict[str, str], groups: dict[str, list[str]]) -> str:
     return "\n\n".join(entries) + "\n"
 
 
-def _config(directory: Path) -> str:
+def _config(directory: Path, tls: bool) -> str:
     schema = "/etc/ldap/schema"
+    certificate = (
+        f"TLSCertificateFile {directory / 'cert.pem'}\n"
+        f"TLSCertificateKeyFile {directory / 'key.pem'}\n"
+        if tls
+        else ""
+    )
     return (
         f"include {schema}/core.schema\ninclude {schema}/cosine.schema\n"
         f"include {schema}/inetorgperson.schema\ninclude {schema}/nis.schema\n"
         "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
-        f"pidfile {directory / 'slapd.pid'}\n"
+        f"pidfile {directory / 'slapd.pid'}\n{certificate}"
         f'database mdb\nsuffix "{SUFFIX}"\ndirectory {directory / "db"}\nmaxsize 16777216\n'
         # Passwords only for binding; the rest readable by users who bound, not anonymously.
         "access to attrs=userPassword by anonymous auth by * none\n"
@@ -81,10 +88,13 @@ def _config(directory: Path) -> str:
 
 @dataclass
 class Slapd:
-    """A running slapd: its URL, and its process to pause (a directory that hangs)."""
+    """A running slapd: its URLs, the CA of its certificate (with TLS), and its process to
+    pause (a directory that hangs)."""
 
     url: str
     process: subprocess.Popen
+    ldaps_url: str | None = None
+    ca_file: Path | None = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -97,13 +107,18 @@ class Slapd:
 
 
 @contextlib.contextmanager
-def running_slapd(directory: Path, ldif: str, timeout: float = 20.0) -> Iterator[Slapd]:
-    """slapd on a free loopback port serving `ldif` from a new database under `directory`;
-    yields once it accepts connections; stopped (SIGTERM, then SIGKILL) on exit."""
+def running_slapd(
+    directory: Path, ldif: str, tls: bool = False, timeout: float = 20.0
+) -> Iterator[Slapd]:
+    """slapd on a free loopback port serving `ldif` from a new database under `directory`
+    (with `tls`, StartTLS there and ldaps on a second port, with a self-signed certificate for
+    127.0.0.1); yields once it accepts connections; stopped (SIGTERM, then SIGKILL) on exit."""
     require_slapd()
     (directory / "db").mkdir(parents=True, exist_ok=True)
+    if tls:
+        make_self_signed(directory / "cert.pem", directory / "key.pem", ["127.0.0.1"])
     config = directory / "slapd.conf"
-    config.write_text(_config(directory))
+    config.write_text(_config(directory, tls))
     (directory / "data.ldif").write_text(ldif)
     subprocess.run(
         [str(SLAPADD), "-f", str(config), "-l", str(directory / "data.ldif")],
@@ -111,23 +126,27 @@ def running_slapd(directory: Path, ldif: str, timeout: float = 20.0) -> Iterator
         capture_output=True,
         timeout=60,
     )
-    port = free_port()
+    port, tls_port = free_port(), free_port()
+    urls = [f"ldap://127.0.0.1:{port}"] + ([f"ldaps://127.0.0.1:{tls_port}"] if tls else [])
     log_path = directory / "slapd.log"
     with log_path.open("wb") as log:
         # -d 0: stay in the foreground (a child of this test, not a daemon to hunt down).
         proc = subprocess.Popen(
-            [str(SLAPD), "-f", str(config), "-h", f"ldap://127.0.0.1:{port}/", "-d", "0"],
+            [str(SLAPD), "-f", str(config), "-h", " ".join(urls), "-d", "0"],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
         deadline = time.monotonic() + timeout
-        while not _accepts(port):
+        while not all(_accepts(p) for p in ([port, tls_port] if tls else [port])):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"slapd did not start:\n{log_path.read_text()}")
             time.sleep(0.1)
-        yield Slapd(f"ldap://127.0.0.1:{port}", proc)
+        if tls:
+            yield Slapd(urls[0], proc, urls[1], directory / "cert.pem")
+        else:
+            yield Slapd(urls[0], proc)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGCONT)  # a paused slapd cannot act on SIGTERM

@@ -1,5 +1,6 @@
 """The LDAP client against a real slapd (no gateway): bind as the user and read the groups,
-wrong and empty passwords, names carrying DN or filter syntax, a stopped or hanging directory."""
+wrong and empty passwords, names carrying DN or filter syntax, a stopped or hanging directory,
+StartTLS and ldaps with the directory's CA, an untrusted or misnamed certificate refused."""
 
 from __future__ import annotations
 
@@ -97,3 +98,31 @@ def test_a_hanging_directory_times_out(slapd):
         directory(slapd, timeout_s=1.0).authenticate("alice", "alice-secret")
     assert time.monotonic() - start < 10
     assert directory(slapd).authenticate("alice", "alice-secret").username == "alice"
+
+
+@pytest.fixture(scope="module")
+def tls_slapd(tmp_path_factory):
+    ldif = directory_ldif(USERS, MEMBERS)
+    with running_slapd(tmp_path_factory.mktemp("slapd-tls"), ldif, tls=True) as s:
+        yield s
+
+
+def test_start_tls_and_ldaps_with_the_directory_ca(tls_slapd):
+    ca = tls_slapd.ca_file
+    start_tls = directory(tls_slapd, start_tls=True, ca_file=ca)
+    assert start_tls.authenticate("alice", "alice-secret").groups == ("admins", "engineering")
+    ldaps = directory(tls_slapd, url=tls_slapd.ldaps_url, ca_file=ca)
+    assert ldaps.authenticate("bob", "bob-secret").username == "bob"
+
+
+def test_a_certificate_not_trusted_or_for_another_name_is_refused(tls_slapd):
+    for untrusted in ({"start_tls": True}, {"url": tls_slapd.ldaps_url}):
+        # Self-signed: not among the system's CAs.
+        with pytest.raises(DirectoryUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            directory(tls_slapd, **untrusted).authenticate("alice", "alice-secret")
+    # The certificate names 127.0.0.1 only.
+    other_name = tls_slapd.ldaps_url.replace("127.0.0.1", "localhost")
+    with pytest.raises(DirectoryUnavailable, match="match any name"):
+        directory(tls_slapd, url=other_name, ca_file=tls_slapd.ca_file).authenticate(
+            "alice", "alice-secret"
+        )
