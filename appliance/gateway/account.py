@@ -67,7 +67,7 @@ async def sign_in(request: Request) -> dict:
     if not isinstance(username, str) or not isinstance(password, str):
         raise RequestError(400, "send 'username' and 'password', or 'api_key'")
     try:
-        secret, record = await asyncio.to_thread(auth.sign_in, username, password)
+        secret, record, source = await asyncio.to_thread(auth.sign_in, username, password)
     except AccessRefused:
         raise  # counted, not recorded one by one: a locked-out name costs nothing to retry
     except RequestError as exc:
@@ -75,7 +75,16 @@ async def sign_in(request: Request) -> dict:
         # sign_in_max_failures; the name is at most MAX_USERNAME_LENGTH characters here.
         await audit(request, username, "sign_in_refused", "password", reason=exc.message)
         raise
-    await audit(request, record.user, "sign_in", "password", key_id=record.key_id)
+    await audit(
+        request,
+        record.user,
+        "sign_in",
+        "password",
+        key_id=record.key_id,
+        source=source,
+        role=record.role,
+        groups=record.groups,
+    )
     return _account(
         record.principal(),
         token=secret,

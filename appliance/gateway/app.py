@@ -121,7 +121,9 @@ def create_app(
         await manager.start()
         requests = RequestMetrics()
         audit = AuditLog(settings.audit_dir)
-        auth = Authenticator(settings.api_keys_file, settings.users_file, settings.gateway)
+        auth = Authenticator(
+            settings.api_keys_file, settings.users_file, settings.gateway, settings.identity
+        )
         auth.audit = audit
         if "oidc" in settings.identity.sources:
             auth.oidc = OidcBearer(settings.identity)

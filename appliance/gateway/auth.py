@@ -16,11 +16,15 @@ from pathlib import Path
 from fastapi import Request
 
 from appliance.config.gateway import GatewaySettings
+from appliance.config.identity import IdentitySettings
 from appliance.gateway.audit_events import audit
 from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import ApiKeyRecord, ApiKeyStore, KeyRefused, Principal
 from appliance.security.audit import AuditLog
+from appliance.security.group_mapping import NotAllowed
+from appliance.security.ldap_directory import DirectoryUnavailable
 from appliance.security.oidc_tokens import looks_like_jwt
+from appliance.security.password_sources import PasswordSources
 from appliance.security.users import MAX_USERNAME_LENGTH, SignInRefused, UserStore
 
 LOCAL_ADMIN = Principal("local", admin=True)
@@ -62,9 +66,16 @@ class Authenticator:
     """Checks API keys and passwords against the keys and accounts files; whether any account
     exists is re-read only when one of the files changes."""
 
-    def __init__(self, keys_file: Path, users_file: Path, settings: GatewaySettings):
+    def __init__(
+        self,
+        keys_file: Path,
+        users_file: Path,
+        settings: GatewaySettings,
+        identity: IdentitySettings | None = None,
+    ):
         self.keys = ApiKeyStore(keys_file)
         self.users = UserStore(users_file)
+        self.passwords = PasswordSources(identity or IdentitySettings(), self.users)
         self.settings = settings
         self._stamps: tuple | None = None
         self._has_accounts = False
@@ -80,8 +91,8 @@ class Authenticator:
     @property
     def single_user(self) -> bool:
         """No keys and no users: every request acts as the local administrator. Never while
-        an OIDC provider may sign users in: the provider's users have no local account."""
-        if self.oidc is not None:
+        an OIDC provider or a directory may sign users in: their users have no local account."""
+        if self.oidc is not None or self.passwords.external:
             return False
         stamps = (_stamp(self.keys.path), _stamp(self.users.path))
         if stamps != self._stamps:
@@ -127,8 +138,11 @@ class Authenticator:
         record = self.key_record(authorization)
         return LOCAL_ADMIN if record is None else record.principal()
 
-    def sign_in(self, username: str, password: str) -> tuple[str, ApiKeyRecord]:
-        """A new session key for a user's password; 401 if wrong, 429 while locked out."""
+    def sign_in(self, username: str, password: str) -> tuple[str, ApiKeyRecord, str]:
+        """A new session key for a user's password and the source that checked it (`local`,
+        `ldap`); 401 if wrong, 429 while locked out, 403 if the directory's user may not sign
+        in, 503 if the directory cannot answer."""
+        username = self.passwords.canonical(username)
         if len(username) > MAX_USERNAME_LENGTH:
             # No account can have this name; refused before any state is kept for it.
             raise AccessRefused(
@@ -156,18 +170,31 @@ class Authenticator:
                 headers={"retry-after": str(wait)},
             )
         try:
-            user = self.users.verify(username, password)
+            user = self.passwords.verify(username, password)
         except SignInRefused as exc:
             self._failed(username, now)
             raise RequestError(
                 401, str(exc), type="authentication_error", code="sign_in_refused"
             ) from None
+        except NotAllowed as exc:  # the password was right: not a failure for the lockout
+            raise RequestError(
+                403, str(exc), type="permission_error", code="sign_in_not_allowed"
+            ) from None
+        except DirectoryUnavailable as exc:
+            log.warning("sign-in of %s: the directory did not answer: %s", username, exc)
+            raise RequestError(
+                503,
+                "the directory that checks this name cannot be reached; try again later",
+                type="server_error",
+                code="directory_unavailable",
+            ) from None
         with self._failures_lock:
             self._failures.pop(username, None)
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.settings.session_ttl_s)
-        return self.keys.create(
-            user.username, user.role, user.groups, expires_at=expires, kind="session"
+        secret, record = self.keys.create(
+            user.username, user.role, list(user.groups), expires_at=expires, kind="session"
         )
+        return secret, record, user.source
 
     def _failed(self, username: str, now: float) -> None:
         """Remember a name's failure, forgetting the least recently failed names beyond the

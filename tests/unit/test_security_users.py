@@ -62,8 +62,8 @@ def test_sign_in_gives_a_session_key_and_locks_out_guessing(tmp_path):
     auth = Authenticator(tmp_path / "keys.json", tmp_path / "users.json", settings)
     auth.users.add("alice", "correct horse")
     assert not auth.single_user  # an account exists: keys are required from now on
-    secret, record = auth.sign_in("alice", "correct horse")
-    assert record.kind == "session" and record.expires_at
+    secret, record, source = auth.sign_in("alice", "correct horse")
+    assert record.kind == "session" and record.expires_at and source == "local"
     assert auth.principal(f"Bearer {secret}").user == "alice"
     for _ in range(3):
         with pytest.raises(RequestError) as err:
