@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
 from appliance.config import ApplianceSettings, load_settings
+from appliance.state_version import refuse_newer
 
 
 @dataclass
@@ -20,7 +22,12 @@ class CliContext:
     @property
     def settings(self) -> ApplianceSettings:
         if self._settings is None:
-            self._settings = load_settings(self.config_file)
+            settings = load_settings(self.config_file)
+            # No command of an older release on new data; a state this user cannot read,
+            # this command cannot change either.
+            with contextlib.suppress(PermissionError):
+                refuse_newer(settings.state_dir)
+            self._settings = settings
         return self._settings
 
 

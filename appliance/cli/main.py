@@ -53,6 +53,7 @@ _COMMAND_MODULES = (
     "standby",
     "store",
     "train",
+    "upgrade",
     "users",
     "webapp",
 )
