@@ -126,6 +126,7 @@ def restore(
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.backup.restore import restore_backup
 
+    ctx.stamp_fresh = False  # the restored data keeps the schema version its backup recorded
     manifest = restore_backup(ctx.settings, src, key_source(ctx, passphrase_file, key_file))
     if "audit" in manifest.parts:
         record(ctx, "restore", str(src), files=len(manifest.files))

@@ -214,3 +214,21 @@ def test_upgrade_of_a_fresh_state_only_stamps_it(tmp_path, capsys):
     assert main(["--config", str(config), "upgrade"]) == 0
     assert "nothing to migrate" in capsys.readouterr().out
     assert sv.read_record(tmp_path / "state").version == sv.SCHEMA_VERSION
+
+
+def test_a_command_that_writes_into_a_fresh_state_stamps_it(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    assert main(["--config", str(config), "keys", "create", "alice"]) == 0
+    assert sv.read_record(tmp_path / "state").version == sv.SCHEMA_VERSION
+
+
+def test_a_restore_of_an_unversioned_backup_stays_unversioned(host, tmp_path):
+    backup = tmp_path / "old.backup"
+    rc, _out, err = host("backup", str(backup))
+    assert rc == 0, err
+    config = tmp_path / "restored.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'restored'}\n")
+    key = str(host.settings.kek_file)
+    assert main(["--config", str(config), "restore", str(backup), "--key-file", key]) == 0
+    assert sv.state_version(tmp_path / "restored") == sv.UNVERSIONED
