@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+from pathlib import Path
 
 import pytest
 from appliance.security.api_keys import ApiKeyStore
@@ -17,6 +19,7 @@ from appliance.security.users import UserStore
 from appliance import state_version as sv
 from appliance.cli.main import main
 from appliance.config import load_settings
+from appliance.layout import make_private
 from appliance.training.jobs import TrainingJob, save_job
 from appliance.training.service import hyperparameters
 from appliance.upgrade import runner
@@ -232,3 +235,16 @@ def test_a_restore_of_an_unversioned_backup_stays_unversioned(host, tmp_path):
     key = str(host.settings.kek_file)
     assert main(["--config", str(config), "restore", str(backup), "--key-file", key]) == 0
     assert sv.state_version(tmp_path / "restored") == sv.UNVERSIONED
+
+
+def test_the_frozen_state_of_release_0_1_0_migrates(tmp_path):
+    """Every format check, Chroma's included, passes on the fixture the integration test
+    serves (tests/fixtures/make_state_fixture.py)."""
+    state = tmp_path / "state"
+    shutil.copytree(Path(__file__).parents[1] / "fixtures" / "state-v0", state)
+    make_private(state)
+    settings = load_settings(state_dir=str(state), catalog={"include_presets": False})
+    assert sv.state_version(state) == sv.UNVERSIONED
+    assert [s.name for s in runner.migrate(settings)] == ["record-schema-version"]
+    assert sv.read_record(state).version == sv.SCHEMA_VERSION
+    assert runner.migrate(settings) == []  # re-run: nothing left
