@@ -9,8 +9,11 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from appliance.installer import apply
+from appliance.installer.report import Report
 from appliance.security.api_keys import ApiKeyStore
 from appliance.security.audit import AuditLog
 from appliance.security.keys import generate_key_file
@@ -248,3 +251,25 @@ def test_the_frozen_state_of_release_0_1_0_migrates(tmp_path):
     assert [s.name for s in runner.migrate(settings)] == ["record-schema-version"]
     assert sv.read_record(state).version == sv.SCHEMA_VERSION
     assert runner.migrate(settings) == []  # re-run: nothing left
+
+
+def test_the_installer_stamps_a_fresh_state_and_upgrades_an_older_one(host, tmp_path, monkeypatch):
+    stopped: list[str] = []
+    monkeypatch.setattr(apply.ServiceManager, "stop", lambda self: stopped.append(self.mode))
+    plan = SimpleNamespace(layout=SimpleNamespace(config=tmp_path / "c.yaml"), service_mode="x")
+
+    fresh = load_settings(state_dir=str(tmp_path / "fresh"))
+    report = Report()
+    apply._state_schema(plan, fresh, report)
+    assert report.changed == ["state schema"] and not stopped
+    assert sv.read_record(fresh.state_dir).version == sv.SCHEMA_VERSION
+    again = Report()
+    apply._state_schema(plan, fresh, again)  # a re-run changes nothing
+    assert again.unchanged == ["state schema"]
+
+    older = Report()
+    apply._state_schema(plan, host.settings, older)
+    assert older.changed == ["state schema"] and stopped == ["x"]
+    assert sv.read_record(host.settings.state_dir).version == sv.SCHEMA_VERSION
+    (backup,) = (host.settings.state_dir / "backups").iterdir()
+    assert backup.name.startswith("pre-upgrade-v0-")
