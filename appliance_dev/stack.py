@@ -147,6 +147,12 @@ def write_config(settings: ApplianceSettings, path: Path) -> Path:
     return path
 
 
+def run_cli(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`appliance --config CONFIG ARGS...` in a subprocess, its output captured."""
+    argv = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def _loopback_url(port: int, tls: bool) -> str:
     return f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 

@@ -40,21 +40,19 @@ class FormatMigration:
 
 @dataclass(frozen=True)
 class Step:
-    """From schema `source` to `source + 1`: its migrations, run in order."""
+    """From schema `source` to `target` (the next version): its migrations, run in order."""
 
     name: str
     source: int
+    target: int
     migrations: tuple[FormatMigration, ...]
-
-    @property
-    def target(self) -> int:
-        return self.source + 1
 
 
 STEPS: tuple[Step, ...] = (
     Step(
         "record-schema-version",
         0,
+        1,
         (
             FormatMigration("accounts", formats.check_accounts),
             FormatMigration("api-keys", formats.check_api_keys),

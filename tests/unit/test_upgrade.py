@@ -23,8 +23,6 @@ from appliance import state_version as sv
 from appliance.cli.main import main
 from appliance.config import load_settings
 from appliance.layout import make_private
-from appliance.training.jobs import TrainingJob, save_job
-from appliance.training.service import hyperparameters
 from appliance.upgrade import runner
 from appliance.upgrade.formats import MigrationError
 from appliance.upgrade.service import upgrade
@@ -46,7 +44,6 @@ def host(tmp_path, capsys):
     AuditLog(settings.audit_dir).append("cli:test", "key_create", "alice")
     (settings.conversations_dir / "u1").mkdir(parents=True)
     (settings.conversations_dir / "u1" / "c1.json").write_text('{"messages": []}')
-    save_job(settings, _job(settings))
 
     def run(*args: str):
         rc = main(["--config", str(config), *args])
@@ -55,20 +52,6 @@ def host(tmp_path, capsys):
 
     run.settings, run.secret, run.tmp = settings, secret, tmp_path
     return run
-
-
-def _job(settings) -> TrainingJob:
-    return TrainingJob(
-        id="ft-0123456789ab",
-        model="tiny-chat",
-        base_dir="/m",
-        user="alice",
-        output_model="tiny-chat-ft-x",
-        format="chat",
-        train_examples=9,
-        eval_examples=1,
-        hyperparameters=hyperparameters(settings, {}),
-    )
 
 
 def test_a_fresh_state_directory_is_stamped_with_the_current_version(tmp_path):
@@ -120,6 +103,7 @@ def test_the_first_step_names_every_stored_format_and_steps_reach_the_current_ve
     assert [m.format for m in STEPS[0].migrations] == list(STORED_FORMATS)
     assert STEPS[0].source == sv.UNVERSIONED
     assert [s.source for s in STEPS] == list(range(sv.SCHEMA_VERSION))
+    assert all(s.target == s.source + 1 for s in STEPS)
     for step in STEPS:
         for migration in step.migrations:
             assert migration.description, migration.format
@@ -169,7 +153,7 @@ def test_a_crash_mid_step_runs_the_whole_step_again(host):
         if calls.count("flaky") == 1:
             raise OSError("power cut")
 
-    steps = (Step("test", 0, (FormatMigration("a", first), FormatMigration("b", flaky))),)
+    steps = (Step("test", 0, 1, (FormatMigration("a", first), FormatMigration("b", flaky))),)
     with pytest.raises(OSError, match="power cut"):
         runner.migrate(settings, steps)
     assert sv.read_record(settings.state_dir) is None  # the step did not finish: not recorded
