@@ -153,9 +153,12 @@ def _state_schema(plan: Plan, settings, report: Report) -> None:
         report.step("state schema", version is None, f"version {SCHEMA_VERSION}")
         return
     ServiceManager(settings, plan.layout.config, plan.service_mode).stop()
-    backups = settings.state_dir / "backups"
     kek = settings.kek_file
-    result = upgrade(settings, backups, lambda: KeySource(kek=KeyEncryptionKey.from_key_file(kek)))
+    result = upgrade(
+        settings,
+        settings.layout.backups,
+        lambda: KeySource(kek=KeyEncryptionKey.from_key_file(kek)),
+    )
     report.step(
         "state schema",
         True,

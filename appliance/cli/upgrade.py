@@ -26,8 +26,10 @@ def upgrade(
 ) -> None:
     """Migrate the state directory in place to this release's schema. Stop the stack first
     (`appliance down`). A backup is taken first (sealed with the key-encryption key, or
-    --passphrase-file); to roll back, `appliance restore` it with the previous release."""
+    --passphrase-file); to roll back, `appliance restore` it with the previous release. Run as
+    root, it runs as security.service_user, which must be able to write --backup-dir."""
     # Imported when the command runs: `appliance` starts without loading the stack.
+    from appliance.security.privileges import run_as_service_user
     from appliance.state_version import SCHEMA_VERSION, state_version
     from appliance.upgrade.runner import pending_steps
     from appliance.upgrade.service import upgrade as run_upgrade
@@ -48,9 +50,11 @@ def upgrade(
             for migration in step.migrations:
                 click.echo(f"  {migration.format:<14} {migration.description}")
         return
+    # As root: as the services' account, which must go on reading what the upgrade writes.
+    run_as_service_user(settings)
     result = run_upgrade(
         settings,
-        backup_dir or settings.state_dir / "backups",
+        backup_dir or settings.layout.backups,
         lambda: key_source(ctx, passphrase_file),
         progress=click.echo,
     )
