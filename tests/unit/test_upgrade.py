@@ -21,7 +21,7 @@ from appliance.security.users import UserStore
 
 from appliance import state_version as sv
 from appliance.cli.main import main
-from appliance.config import load_settings
+from appliance.config import ApplianceSettings, load_settings
 from appliance.layout import make_private
 from appliance.upgrade import runner
 from appliance.upgrade.formats import MigrationError
@@ -87,8 +87,9 @@ def test_a_newer_state_is_refused_by_every_entry_point(host):
     assert sv.read_record(state).version == sv.SCHEMA_VERSION + 1
 
 
-def test_the_gateway_refuses_an_older_state(host):
-    rc, _out, err = host("gateway")
+@pytest.mark.parametrize("command", ["gateway", "webapp", "up"])
+def test_the_services_refuse_an_older_state(host, command):
+    rc, _out, err = host(command)
     assert rc != 0 and "run `appliance upgrade`" in err
 
 
@@ -224,13 +225,19 @@ def test_a_restore_of_an_unversioned_backup_stays_unversioned(host, tmp_path):
     assert sv.state_version(tmp_path / "restored") == sv.UNVERSIONED
 
 
-def test_the_frozen_state_of_release_0_1_0_migrates(tmp_path):
-    """Every format check, Chroma's included, passes on the fixture the integration test
-    serves (tests/fixtures/make_state_fixture.py)."""
+def _frozen_state(tmp_path) -> ApplianceSettings:
+    """A copy of the state release 0.1.0 made (tests/fixtures/make_state_fixture.py)."""
     state = tmp_path / "state"
     shutil.copytree(Path(__file__).parents[1] / "fixtures" / "state-v0", state)
     make_private(state)
-    settings = load_settings(state_dir=str(state), catalog={"include_presets": False})
+    return load_settings(state_dir=str(state), catalog={"include_presets": False})
+
+
+def test_the_frozen_state_of_release_0_1_0_migrates(tmp_path):
+    """Every format check, Chroma's included, passes on the fixture the integration test
+    serves."""
+    settings = _frozen_state(tmp_path)
+    state = settings.state_dir
     assert sv.state_version(state) == sv.UNVERSIONED
     assert [s.name for s in runner.migrate(settings)] == ["record-schema-version"]
     assert sv.read_record(state).version == sv.SCHEMA_VERSION
@@ -257,3 +264,11 @@ def test_the_installer_stamps_a_fresh_state_and_upgrades_an_older_one(host, tmp_
     assert sv.read_record(host.settings.state_dir).version == sv.SCHEMA_VERSION
     (backup,) = (host.settings.state_dir / "backups").iterdir()
     assert backup.name.startswith("pre-upgrade-v0-")
+
+
+def test_a_knowledge_base_without_its_chroma_collection_stops_the_migration(tmp_path):
+    settings = _frozen_state(tmp_path)
+    shutil.rmtree(settings.rag_dir / "chroma")
+    with pytest.raises(MigrationError, match="alice/plant"):
+        runner.migrate(settings)
+    assert sv.read_record(settings.state_dir) is None
