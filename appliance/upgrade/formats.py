@@ -119,7 +119,8 @@ def check_usage(settings: ApplianceSettings) -> None:
 
 
 def check_config(settings: ApplianceSettings) -> None:
-    """The configuration (already validated by loading the settings) and the user catalog."""
+    """--config and catalog.yaml: the configuration (validated when loaded) and the user catalog
+    load."""
     if settings.user_catalog_file.exists():
         _reads(settings.user_catalog_file, lambda: load_catalog(settings))
 

@@ -50,6 +50,7 @@ def running_services(settings: ApplianceSettings) -> list[str]:
 
 
 def backup_path(backup_dir: Path, version: int | None) -> Path:
+    """`pre-upgrade-v<from>-<UTC time>.backup` in `backup_dir`: sorts by time, names the schema."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return backup_dir / f"pre-upgrade-v{version}-{stamp}.backup"
 
