@@ -231,6 +231,11 @@ class StateLayout:
         return self.root / "catalog.yaml"
 
     @property
+    def backups(self) -> Path:
+        """Where `appliance upgrade` (and the installer's upgrade) puts the backup it takes."""
+        return self.root / "backups"
+
+    @property
     def service_home(self) -> Path:
         """HOME of the services and their jobs: a system account usually has no home."""
         return self.root / "home"

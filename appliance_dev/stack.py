@@ -30,6 +30,7 @@ from appliance.slurm.client import SlurmClient
 from appliance.slurm.daemons import find_daemons, stop_processes
 from appliance.slurm.local_cluster import LocalCluster
 from appliance.slurm.runner import LocalRunner, SlurmCommandError
+from appliance.state_version import SCHEMA_VERSION, read_record, write_record
 
 
 def tiny_model_cache_dir() -> Path:
@@ -146,6 +147,12 @@ def write_config(settings: ApplianceSettings, path: Path) -> Path:
     return path
 
 
+def run_cli(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`appliance --config CONFIG ARGS...` in a subprocess, its output captured."""
+    argv = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def _loopback_url(port: int, tls: bool) -> str:
     return f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
@@ -163,6 +170,10 @@ def _running_service(
     yields its base URL; stops it on exit (SIGTERM, then SIGKILL)."""
     name = name or command
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    # The tests' state was made by this code (keys, users before the first start): it has this
+    # release's schema, which the services require (appliance.state_version).
+    if read_record(settings.state_dir) is None:
+        write_record(settings.state_dir, SCHEMA_VERSION)
     config = write_config(settings, settings.state_dir / f"{name}-config.yaml")
     log_path = settings.state_dir / f"{name}-test.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}

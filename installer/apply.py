@@ -18,19 +18,24 @@ from appliance.installer.plan import EMBEDDING_MODEL, ModelChoice, Plan
 from appliance.installer.report import Report, fail
 from appliance.installer.selftest import self_test
 from appliance.security.api_keys import ApiKeyStore
+from appliance.security.keys import KeyEncryptionKey
 from appliance.security.privileges import hand_over
 from appliance.security.tls import make_self_signed
 from appliance.security.users import UserStore
 
 from appliance.atomic_files import write_if_changed
+from appliance.backup.archive import KeySource
 from appliance.config import load_settings
 from appliance.errors import ApplianceError
 from appliance.model_builders.tiny import build_tiny_model
 from appliance.models.catalog import load_catalog
 from appliance.services import ServiceManager
+from appliance.state_version import SCHEMA_VERSION, state_version, write_record
 from appliance.store import keyring
 from appliance.store.hub import resolve_source
 from appliance.store.publish import publish_checkpoint
+from appliance.upgrade.runner import pending_steps
+from appliance.upgrade.service import upgrade
 
 
 def configure(plan: Plan, report: Report) -> int:
@@ -43,6 +48,9 @@ def configure(plan: Plan, report: Report) -> int:
         changed_files = _write_files(plan, report, manifest)
         manifest.save(plan.layout.manifest)
         settings = load_settings(plan.layout.config)
+        # Before anything is written to the state: a fresh one gets this release's schema, an
+        # older install is migrated (backup first), a newer one is refused.
+        _state_schema(plan, settings, report)
         if plan.profile.services:
             _tls(plan, report)
             _keys(settings, report)
@@ -132,6 +140,30 @@ def _write_files(plan: Plan, report: Report, manifest: Manifest) -> bool:
     names = ", ".join(str(p) for p in changed)
     report.step("configuration files", bool(changed), names or "as planned")
     return bool(changed)
+
+
+def _state_schema(plan: Plan, settings, report: Report) -> None:
+    """What `appliance upgrade` does, run over an older install: the installed services are
+    stopped (the migration needs the stores closed), then the state is backed up and migrated
+    with the KEK the earlier install made; `start` below brings the services back."""
+    if not pending_steps(settings):
+        version = state_version(settings.state_dir)
+        if version is None:
+            write_record(settings.state_dir, SCHEMA_VERSION)
+        report.step("state schema", version is None, f"version {SCHEMA_VERSION}")
+        return
+    ServiceManager(settings, plan.layout.config, plan.service_mode).stop()
+    kek = settings.kek_file
+    result = upgrade(
+        settings,
+        settings.layout.backups,
+        lambda: KeySource(kek=KeyEncryptionKey.from_key_file(kek)),
+    )
+    report.step(
+        "state schema",
+        True,
+        f"upgraded from version {result.source} to {result.target}; backup {result.backup}",
+    )
 
 
 def _tls(plan: Plan, report: Report) -> None:

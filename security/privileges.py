@@ -9,6 +9,7 @@ from pathlib import Path
 
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
+from appliance.state_version import schema_path
 
 
 class PrivilegeError(ApplianceError):
@@ -53,11 +54,14 @@ def hand_over(settings: ApplianceSettings, account: pwd.struct_passwd) -> None:
     # The account's alone: other local accounts may not even list it (root still passes).
     os.chown(settings.state_dir, account.pw_uid, account.pw_gid, follow_symlinks=False)
     os.chmod(settings.state_dir, 0o700)
-    # The catalog the installer wrote beside them: the services read it, `models add` writes it.
-    catalog = settings.user_catalog_file
-    if catalog.is_file() and not catalog.is_symlink():
-        os.chown(catalog, account.pw_uid, account.pw_gid)
-    for top in dict.fromkeys(service_dirs(settings)):
+    # Beside them: the catalog the installer wrote (the services read it, `models add` writes
+    # it) and the schema record (the services check it before they start).
+    for path in (settings.user_catalog_file, schema_path(settings.state_dir)):
+        if path.is_file() and not path.is_symlink():
+            os.chown(path, account.pw_uid, account.pw_gid)
+    # The backups an upgrade took as root: the next `appliance upgrade` runs as the account.
+    backups = [settings.layout.backups] if settings.layout.backups.is_dir() else []
+    for top in dict.fromkeys([*service_dirs(settings), *backups]):
         top.mkdir(parents=True, exist_ok=True)
         for root, dirs, files in os.walk(top):
             for name in [root, *(os.path.join(root, n) for n in dirs + files)]:

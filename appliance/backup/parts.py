@@ -20,6 +20,7 @@ from appliance.config import ApplianceSettings
 from appliance.rag.write_lock import LOCK_FILE as RAG_LOCK_FILE
 from appliance.rag.write_lock import write_lock
 from appliance.security.audit import AuditLog
+from appliance.state_version import schema_path
 from appliance.store.format import DATA_FILE as STORE_DATA_FILE
 
 # SQLite's own side files: the online backup API copies what they hold into the snapshot.
@@ -94,6 +95,8 @@ def backup_parts(settings: ApplianceSettings, with_models: bool = False) -> list
         Part("usage", layout.usage_db.parent, "dir"),
         Part("catalog", settings.user_catalog_file, "file"),
         Part("tls", layout.tls, "dir"),
+        # The schema version: a restored state is read as the release that made it wrote it.
+        Part("schema", schema_path(settings.state_dir), "file"),
     ]
     # Moved out of the keys folder by the configuration: kept as parts of their own.
     if not _within(settings.kek_file, keys):

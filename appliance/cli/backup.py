@@ -9,7 +9,7 @@ import click
 from appliance.cli.audit import record
 from appliance.cli.context import CliContext, pass_ctx
 
-_PASSPHRASE = click.option(
+PASSPHRASE = click.option(
     "--passphrase-file",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Seal (or open) with the passphrase in this file instead of the key-encryption key.",
@@ -31,7 +31,8 @@ class _BackupGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _key_source(ctx: CliContext, passphrase_file: Path | None, key_file: Path | None = None):
+def key_source(ctx: CliContext, passphrase_file: Path | None, key_file: Path | None = None):
+    """The key a backup is sealed (or opened) with: the passphrase file's, else the KEK."""
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.backup.archive import BackupError, KeySource
     from appliance.security.keys import KeyEncryptionKey
@@ -82,7 +83,7 @@ def backup_group() -> None:
 @click.option(
     "--with-models", is_flag=True, help="Also the encrypted model weights (large; re-importable)."
 )
-@_PASSPHRASE
+@PASSPHRASE
 @pass_ctx
 def create(ctx: CliContext, dest: Path, with_models: bool, passphrase_file: Path | None) -> None:
     """Write a backup to DEST: accounts, keys and sessions, the audit log, knowledge bases,
@@ -90,7 +91,7 @@ def create(ctx: CliContext, dest: Path, with_models: bool, passphrase_file: Path
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.backup.snapshot import write_backup
 
-    source = _key_source(ctx, passphrase_file)
+    source = key_source(ctx, passphrase_file)
     manifest = write_backup(ctx.settings, dest, source, with_models=with_models)
     record(ctx, "backup", str(dest), files=len(manifest.files), with_models=with_models)
     click.echo(f"backup written to {dest}:")
@@ -99,7 +100,7 @@ def create(ctx: CliContext, dest: Path, with_models: bool, passphrase_file: Path
 
 @backup_group.command("verify")
 @click.argument("src", type=click.Path(path_type=Path, dir_okay=False))
-@_PASSPHRASE
+@PASSPHRASE
 @_KEY_FILE
 @pass_ctx
 def verify(ctx: CliContext, src: Path, passphrase_file: Path | None, key_file: Path | None) -> None:
@@ -107,14 +108,14 @@ def verify(ctx: CliContext, src: Path, passphrase_file: Path | None, key_file: P
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.backup.restore import read_backup
 
-    header, manifest = read_backup(src, _key_source(ctx, passphrase_file, key_file))
+    header, manifest = read_backup(src, key_source(ctx, passphrase_file, key_file))
     click.echo(f"backup intact: {len(manifest.files)} files, made {header['created_at']}")
     _print_contents(manifest)
 
 
 @click.command("restore")
 @click.argument("src", type=click.Path(path_type=Path, dir_okay=False))
-@_PASSPHRASE
+@PASSPHRASE
 @_KEY_FILE
 @pass_ctx
 def restore(
@@ -125,7 +126,8 @@ def restore(
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.backup.restore import restore_backup
 
-    manifest = restore_backup(ctx.settings, src, _key_source(ctx, passphrase_file, key_file))
+    ctx.stamp_fresh = False  # the restored data keeps the schema version its backup recorded
+    manifest = restore_backup(ctx.settings, src, key_source(ctx, passphrase_file, key_file))
     if "audit" in manifest.parts:
         record(ctx, "restore", str(src), files=len(manifest.files))
     click.echo(f"restored {len(manifest.files)} files into {ctx.settings.state_dir}:")

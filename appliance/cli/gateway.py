@@ -35,9 +35,13 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.layout import run_privately
     from appliance.security.privileges import run_as_service_user
+    from appliance.state_version import require_current
 
     run_as_service_user(settings)
     run_privately(settings.layout, settings.rag_dir)
+    # Never run on a state of another schema: a newer one is left alone, an older one migrated
+    # by `appliance upgrade` first; a fresh one gets this release's version.
+    require_current(settings.state_dir)
     app = create_app(settings)
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.tls import server_options

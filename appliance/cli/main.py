@@ -34,6 +34,7 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
     Then point any OpenAI client at the printed base URL.
     """
     ctx.obj = CliContext(config_file=config_file)
+    ctx.call_on_close(ctx.obj.close)
 
 
 # Subcommand modules, imported when the CLI runs rather than at the top, so each stays independent.
@@ -53,6 +54,7 @@ _COMMAND_MODULES = (
     "standby",
     "store",
     "train",
+    "upgrade",
     "users",
     "webapp",
 )

@@ -35,6 +35,11 @@ def up(ctx: CliContext, no_tiny: bool) -> None:
     """Start everything: local Slurm cluster, tiny model (built once), gateway, web app. Safe to
     repeat."""
     settings = ctx.settings
+    # Imported when the command runs: `appliance` starts without loading the stack.
+    from appliance.state_version import require_current
+
+    # Said now, not after the gateway failed to come up: an older state needs `appliance upgrade`.
+    require_current(settings.state_dir)
     if settings.cluster.mode == "local":
         # Imported when the command runs: `appliance` starts without loading the stack.
         from appliance.slurm.local_cluster import LocalCluster

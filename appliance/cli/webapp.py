@@ -24,9 +24,11 @@ def webapp(ctx: CliContext, host: str | None, port: int | None) -> None:
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.layout import run_privately
     from appliance.security.privileges import run_as_service_user
+    from appliance.state_version import require_current
 
     run_as_service_user(ctx.settings)
     run_privately(ctx.settings.layout, ctx.settings.rag_dir)
+    require_current(ctx.settings.state_dir)  # as the gateway: only a state of this schema
     run_webapp(ctx.settings, host, port)
 
 

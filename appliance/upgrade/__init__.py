@@ -1,0 +1,1 @@
+"""Upgrades that keep data: the state directory's migration steps and `appliance upgrade`."""
