@@ -96,20 +96,49 @@ def test_backup_while_running_then_restore(slurm_cluster, tiny_model_dir, tmp_pa
                     churned.append(name)
                 n += 1
 
-        thread = threading.Thread(target=churn, daemon=True)
-        thread.start()
+        # And chats: streamed answers, each conversation saved on the appliance after it.
+        chats: list[str] = []
+        chat_failures: list[str] = []
+
+        def chatter() -> None:
+            n = 0
+            while not stop.is_set():
+                body = {
+                    "model": "tiny-chat",
+                    "messages": [{"role": "user", "content": f"Tell me about valve {n}."}],
+                    "max_tokens": 8,
+                    "stream": True,
+                }
+                headers = {"authorization": f"Bearer {alice}"}
+                with httpx.stream(
+                    "POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=120
+                ) as resp:
+                    text = "".join(resp.iter_text())
+                if resp.status_code != 200 or "[DONE]" not in text:
+                    chat_failures.append(f"{resp.status_code}: {text[-300:]}")
+                saved = {"messages": body["messages"], "title": f"valve {n}"}
+                if call(url, alice, "PUT", f"/v1/conversations/v{n}", json=saved).is_success:
+                    chats.append(f"v{n}")
+                n += 1
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (churn, chatter)]
+        for thread in threads:
+            thread.start()
         try:
-            time.sleep(1.0)  # an upload in flight when the backup starts
+            time.sleep(1.0)  # an upload and a chat in flight when the backup starts
             started = time.monotonic()
             made = appliance(config, "backup", str(backup))
             took = time.monotonic() - started
             time.sleep(0.5)
         finally:
             stop.set()
-            thread.join(timeout=120)
+            for thread in threads:
+                thread.join(timeout=120)
         assert made.returncode == 0, made.stderr
-        assert not thread.is_alive()
-        print(f"backup took {took:.1f} s; {len(churned)} uploads went on meanwhile")
+        assert not any(thread.is_alive() for thread in threads)
+        assert not chat_failures, chat_failures
+        assert chats, "no chat went on during the backup"
+        print(f"backup took {took:.1f} s; {len(churned)} uploads, {len(chats)} chats meanwhile")
 
     checked = appliance(config, "backup", "verify", str(backup))
     assert checked.returncode == 0 and "backup intact" in checked.stdout, checked.stderr
@@ -139,6 +168,12 @@ def test_backup_while_running_then_restore(slurm_cluster, tiny_model_dir, tmp_pa
             assert name in [filename for filename, _ in hits], name
         saved = call(url, alice, "GET", "/v1/conversations/c1")
         assert saved.status_code == 200 and saved.json()["title"] == "t"
+        # Conversations saved while the backup ran: each one restored is whole.
+        for conv in call(url, alice, "GET", "/v1/conversations").json()["data"]:
+            if conv["id"].startswith("v"):
+                assert conv["id"] in chats
+                whole = call(url, alice, "GET", f"/v1/conversations/{conv['id']}").json()
+                assert whole["title"] == f"valve {conv['id'][1:]}", whole
 
     audit = appliance(config_b, "audit", "verify")
     assert audit.returncode == 0 and "audit log intact" in audit.stdout, audit.stderr
