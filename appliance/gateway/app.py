@@ -31,6 +31,7 @@ from appliance.monitoring.sources import gateway_sources
 from appliance.monitoring.vllm_metrics import Target
 from appliance.security.audit import AuditLog
 from appliance.security.quotas import Quotas
+from appliance.serving import transport
 from appliance.serving.access import cluster_access
 from appliance.serving.manager import InstanceManager
 from appliance.slurm.client import SlurmClient
@@ -78,7 +79,7 @@ def _monitor(
             if i.routable and i.url and i.url.startswith("http")
         ]
 
-    sources = gateway_sources(settings, slurm, targets)
+    sources = gateway_sources(settings, slurm, targets, transport.verify(settings))
     monitor = Monitor(
         sources,
         History(mon.history_points, mon.history_max_series),
@@ -116,6 +117,8 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=2048, limit_per_host=0),
             auto_decompress=False,
         )
+        # Before the first instance job: its launcher serves TLS with a certificate from it.
+        transport.ensure_internal_ca(settings)
         manager = InstanceManager(settings, catalog, cluster_access(settings, slurm, client))
         await manager.start()
         requests = RequestMetrics()

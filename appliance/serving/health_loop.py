@@ -16,6 +16,7 @@ from appliance.serving.access import ClusterAccess
 from appliance.serving.instance import Instance, InstanceState
 from appliance.serving.job_script import model_from_job_name
 from appliance.serving.registry import InstanceRegistry
+from appliance.serving.transport import PlainHttpRefused
 from appliance.slurm.records import SlurmJob
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,13 @@ class HealthLoop:
             await self._check_serving(inst, now)
 
     async def _check_starting(self, inst: Instance, now: float) -> None:
-        address = await self.access.address(inst)
+        try:
+            address = await self.access.address(inst)
+        except PlainHttpRefused as exc:
+            log.error("%s", exc)
+            self.registry.failures.record(inst.model, str(exc), now)
+            await self.lifecycle.retire(inst, "plain HTTP to another host")
+            return
         if address is None:
             return
         inst.phases = dict(address.phases)

@@ -105,6 +105,8 @@ def render_instance_script(
         options.append(("--sleep-mode", serving.sleep_mode))
     if serving.standby and spec.engine == "vllm":
         options.append(("--standby-socket", str(settings.standby_socket("{node}"))))
+    if serving.tls:
+        options.append(("--tls-dir", str(settings.layout.internal_tls)))
     if serving.enforce_eager:
         options.append(("--enforce-eager", None))
     if request.gpu_memory_utilization is not None:

@@ -14,6 +14,7 @@ import httpx
 
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import ModelSpec, load_catalog
+from appliance.serving import transport
 from appliance.serving.breaker.grammar import (
     Command,
     Forward,
@@ -65,7 +66,8 @@ class BreakerActions:
         out = []
         jobs = self.slurm.jobs(job_name_prefix(self.settings))
         drained = {n.name for n in self.slurm.nodes() if n.drained} if jobs else set()
-        with httpx.Client(timeout=HEALTH_TIMEOUT_S) as client:
+        verify = transport.verify(self.settings)
+        with httpx.Client(timeout=HEALTH_TIMEOUT_S, verify=verify) as client:
             for job in jobs:
                 endpoint = read_endpoint(self.settings.instances_dir, job.job_id)
                 running = job.state == "RUNNING" and endpoint is not None
@@ -142,7 +144,7 @@ class BreakerActions:
             raise Refused(f"request body larger than {limit} bytes")
         timeout = httpx.Timeout(self.settings.gateway.request_timeout_s, connect=5.0)
         with (
-            httpx.Client(timeout=timeout) as client,
+            httpx.Client(timeout=timeout, verify=transport.verify(self.settings)) as client,
             client.stream(
                 command.method,
                 endpoint.url + command.path,
