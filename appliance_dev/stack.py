@@ -8,6 +8,7 @@ import os
 import pwd
 import random
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import psutil
 import yaml
+from appliance.security import node_tls
 
 from appliance import envs
 from appliance.cli.breaker import authorized_key_line
@@ -158,6 +160,7 @@ def _running_service(
     timeout: float,
     args: tuple[str, ...] = (),
     name: str | None = None,
+    verify: ssl.SSLContext | bool | None = None,
 ) -> Iterator[str]:
     """Run `appliance <command> [args]` on loopback as a subprocess and wait for its /health;
     yields its base URL; stops it on exit (SIGTERM, then SIGKILL)."""
@@ -183,7 +186,8 @@ def _running_service(
                     f"{command} exited with {proc.returncode}:\n{tail(log_path, 40)}"
                 )
             try:
-                health = httpx.get(url + "/health", timeout=1, verify=settings.tls_verify)
+                trust = settings.tls_verify if verify is None else verify
+                health = httpx.get(url + "/health", timeout=1, verify=trust)
                 if health.status_code == 200:
                     break
             except (httpx.HTTPError, FileNotFoundError):  # not up, or no certificate made yet
@@ -226,7 +230,8 @@ def running_store_service(settings: ApplianceSettings, node: str, url: str) -> I
     store.services); yields the URL and stops the service on exit."""
     port = url.rsplit(":", 1)[1]
     args = ("serve", "--node", node, "--port", port)
-    with _running_service(settings, "store", url, 120, args, name=f"store-{node}") as url:
+    verify = node_tls.verify(settings)  # its node's certificate, from the internal CA
+    with _running_service(settings, "store", url, 120, args, f"store-{node}", verify) as url:
         yield url
 
 

@@ -148,7 +148,7 @@ def stack_settings(work: Path, preset: str, variant: str = "default") -> Applian
         },
         store={
             "host_cache_gib": 40.0 if gpu else 1.0,
-            "services": {"n1": f"http://127.0.0.1:{store_port}"},
+            "services": {"n1": f"https://127.0.0.1:{store_port}"},
         },
     )
 

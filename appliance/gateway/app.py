@@ -29,9 +29,9 @@ from appliance.monitoring.monitor import Monitor
 from appliance.monitoring.requests import RequestMetrics
 from appliance.monitoring.sources import gateway_sources
 from appliance.monitoring.vllm_metrics import Target
+from appliance.security import node_tls
 from appliance.security.audit import AuditLog
 from appliance.security.quotas import Quotas
-from appliance.serving import transport
 from appliance.serving.access import cluster_access
 from appliance.serving.manager import InstanceManager
 from appliance.slurm.client import SlurmClient
@@ -79,7 +79,7 @@ def _monitor(
             if i.routable and i.url and i.url.startswith("http")
         ]
 
-    sources = gateway_sources(settings, slurm, targets, transport.verify(settings))
+    sources = gateway_sources(settings, slurm, targets, node_tls.verify(settings))
     monitor = Monitor(
         sources,
         History(mon.history_points, mon.history_max_series),
@@ -118,7 +118,7 @@ def create_app(
             auto_decompress=False,
         )
         # Before the first instance job: its launcher serves TLS with a certificate from it.
-        transport.ensure_internal_ca(settings)
+        node_tls.ensure_internal_ca(settings)
         manager = InstanceManager(settings, catalog, cluster_access(settings, slurm, client))
         await manager.start()
         requests = RequestMetrics()

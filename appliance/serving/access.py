@@ -16,11 +16,11 @@ import aiohttp
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
+from appliance.security.node_tls import check_transport, instance_ssl
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.instance import Instance
 from appliance.serving.job_script import instance_script, job_name_prefix
 from appliance.serving.stored_models import StoredModels
-from appliance.serving.transport import check_transport, instance_ssl
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import SlurmJob, gpu_count
 from appliance.store.for_instances import StoreForInstances

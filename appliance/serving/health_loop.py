@@ -12,11 +12,11 @@ from typing import Protocol
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog
+from appliance.security.node_tls import PlainHttpRefused
 from appliance.serving.access import ClusterAccess
 from appliance.serving.instance import Instance, InstanceState
 from appliance.serving.job_script import model_from_job_name
 from appliance.serving.registry import InstanceRegistry
-from appliance.serving.transport import PlainHttpRefused
 from appliance.slurm.records import SlurmJob
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ def stream_chat(url: str) -> list[str]:
     pieces = []
     with httpx.stream("POST", url + "/v1/chat/completions", json=CHAT, timeout=300) as resp:
         assert resp.status_code == 200, resp.read()
-        for line in iter_sse_lines(resp.iter_bytes()):
+        for line in iter_sse_lines(resp):
             data = line.removeprefix("data: ")
             if line.startswith("data: ") and data != "[DONE]":
                 delta = json.loads(data)["choices"]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from appliance.security.internal_ca import InternalCa, InternalCaError
+from appliance.security.node_tls import PlainHttpRefused, check_transport
 
 from appliance.config import ApplianceSettings
-from appliance.serving.transport import PlainHttpRefused, check_transport
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import httpx
 
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import ModelSpec, load_catalog
-from appliance.serving import transport
+from appliance.security import node_tls
 from appliance.serving.breaker.grammar import (
     Command,
     Forward,
@@ -66,7 +66,7 @@ class BreakerActions:
         out = []
         jobs = self.slurm.jobs(job_name_prefix(self.settings))
         drained = {n.name for n in self.slurm.nodes() if n.drained} if jobs else set()
-        verify = transport.verify(self.settings)
+        verify = node_tls.verify(self.settings)
         with httpx.Client(timeout=HEALTH_TIMEOUT_S, verify=verify) as client:
             for job in jobs:
                 endpoint = read_endpoint(self.settings.instances_dir, job.job_id)
@@ -113,7 +113,9 @@ class BreakerActions:
         return self.slurm.submit(script)
 
     async def _script(self, spec: ModelSpec, gpus: int, command: Start) -> str:
-        async with aiohttp.ClientSession() as probe:  # asks the nodes' store services
+        ssl = node_tls.instance_ssl(self.settings) or True
+        # Asks the nodes' store services, verifying them against the internal CA.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl)) as probe:
             return await instance_script(
                 self.settings,
                 StoreForInstances(self.settings, self.slurm, probe),
@@ -144,7 +146,7 @@ class BreakerActions:
             raise Refused(f"request body larger than {limit} bytes")
         timeout = httpx.Timeout(self.settings.gateway.request_timeout_s, connect=5.0)
         with (
-            httpx.Client(timeout=timeout, verify=transport.verify(self.settings)) as client,
+            httpx.Client(timeout=timeout, verify=node_tls.verify(self.settings)) as client,
             client.stream(
                 command.method,
                 endpoint.url + command.path,

@@ -1,5 +1,6 @@
-"""How the stack reaches instances on their nodes: HTTPS verified against the internal CA, and
-plain HTTP to another host refused unless serving.allow_plain_http says otherwise."""
+"""How the stack reaches the servers on its nodes (instances, embedding servers, store services):
+HTTPS verified against the internal CA, and plain HTTP to another host refused unless
+serving.allow_plain_http says otherwise."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import ipaddress
 import ssl
 from urllib.parse import urlsplit
 
+from appliance.security.internal_ca import InternalCa
+
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
-from appliance.security.internal_ca import InternalCa
 
 _LOOPBACK_NAMES = ("localhost",)
 
 
 class PlainHttpRefused(ApplianceError):
-    """An instance on another host answers plain HTTP, and the configuration does not allow it."""
+    """A node's server on another host answers plain HTTP, and the configuration does not allow
+    it."""
 
 
 def internal_ca(settings: ApplianceSettings) -> InternalCa:
