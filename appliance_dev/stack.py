@@ -230,6 +230,7 @@ def running_store_service(settings: ApplianceSettings, node: str, url: str) -> I
     store.services); yields the URL and stops the service on exit."""
     port = url.rsplit(":", 1)[1]
     args = ("serve", "--node", node, "--port", port)
+    node_tls.ensure_internal_ca(settings)  # as the service would, so its CA can be trusted here
     verify = node_tls.verify(settings)  # its node's certificate, from the internal CA
     with _running_service(settings, "store", url, 120, args, f"store-{node}", verify) as url:
         yield url
