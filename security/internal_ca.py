@@ -5,13 +5,12 @@ gateway and every other client of those hops verify them against its certificate
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.security.secret_files import write_secret_file
+from appliance.security.tls import alt_names, write_pair
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -82,7 +81,7 @@ class InternalCa:
                 )
                 .sign(key, hashes.SHA256())
             )
-            _write_pair(self.cert, self.key, cert, key)
+            write_pair(self.cert, self.key, cert, key)
             return True
 
     def issue(self, node: str, names: list[str] | tuple[str, ...] = ()) -> bool:
@@ -101,7 +100,7 @@ class InternalCa:
             ca_cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
             key = ec.generate_private_key(ec.SECP256R1())
             subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node[:64])])
-            alt = _alt_names([node, *names, *LOOPBACK])
+            alt = alt_names([node, *names, *LOOPBACK])
             cert = (
                 _builder(subject, ca_cert.subject, key.public_key(), NODE_VALID_DAYS)
                 .add_extension(x509.SubjectAlternativeName(alt), critical=False)
@@ -113,7 +112,7 @@ class InternalCa:
             )
             for stale in (self.node_cert(node), self.node_key(node)):
                 stale.unlink(missing_ok=True)  # half a pair (a crash between the writes)
-            _write_pair(self.node_cert(node), self.node_key(node), cert, key)
+            write_pair(self.node_cert(node), self.node_key(node), cert, key)
             return True
 
     def node_files(self, node: str) -> tuple[Path, Path]:
@@ -137,16 +136,6 @@ def resolved_addresses(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def _alt_names(names: list[str]) -> list[x509.GeneralName]:
-    alt: list[x509.GeneralName] = []
-    for n in dict.fromkeys(n for n in names if n):
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            alt.append(x509.DNSName(n))
-    return alt
-
-
 def _builder(subject, issuer, public_key, days: int) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
     return (
@@ -158,16 +147,3 @@ def _builder(subject, issuer, public_key, days: int) -> x509.CertificateBuilder:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
     )
-
-
-def _write_pair(cert_path: Path, key_path: Path, cert, key) -> None:
-    key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_secret_file(
-        key_path,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

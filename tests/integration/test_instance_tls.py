@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import aiohttp
 import httpx
+import psutil
 import pytest
 from appliance.security.internal_ca import InternalCa
 
@@ -95,3 +97,34 @@ def test_instance_serves_tls_from_the_internal_ca(slurm_cluster, tiny_model_dir,
         healthy, error = asyncio.run(access_answers(other, running))
         assert not healthy
         assert isinstance(error, aiohttp.ClientConnectorCertificateError), error
+
+
+def other_host_address() -> str:
+    """A non-loopback IPv4 address of this machine: as the gateway sees it, another host."""
+    found = [
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
+    if not found:
+        pytest.skip("this machine has no address but the loopback")
+    return found[0]
+
+
+def test_plain_http_to_another_host_is_refused(slurm_cluster, tiny_model_dir, tmp_path):
+    """serving.tls off and the instance on a non-loopback address: the gateway refuses it, and
+    the request waiting for it gets the reason (serving.allow_plain_http is not set)."""
+    settings = stack_settings(
+        slurm_cluster,
+        tmp_path,
+        tiny_catalog(tiny_model_dir),
+        serving={"tls": False, "bind_host": other_host_address()},
+        gateway={"max_retries": 0},
+    )
+    with running_gateway(settings) as url:
+        body = {**CHAT, "stream": False}
+        resp = httpx.post(url + "/v1/chat/completions", json=body, timeout=240)
+        assert resp.status_code == 503, resp.text
+        message = resp.json()["error"]["message"]
+        assert "answers plain HTTP" in message and "allow_plain_http" in message, message
