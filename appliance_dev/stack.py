@@ -348,6 +348,13 @@ def running_breaker_sshd(
         "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPrintMotd no\n"
         "AllowTcpForwarding no\nX11Forwarding no\nPermitTTY no\nPermitUserEnvironment no\n"
         "MaxSessions 64\nLogLevel ERROR\n"
+        # The forced command runs the code under test (a worktree's, by PYTHONPATH), not the
+        # one the interpreter has installed: sshd gives it a clean environment.
+        + (
+            f"SetEnv PYTHONPATH={os.environ['PYTHONPATH']}\n"
+            if os.environ.get("PYTHONPATH")
+            else ""
+        )
     )
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     with (directory / "sshd.log").open("wb") as log:

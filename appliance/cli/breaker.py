@@ -23,25 +23,28 @@ def breaker_group() -> None:
 @breaker_group.command("serve")
 @pass_ctx
 def serve(ctx: CliContext) -> None:
-    """Run the one command in $SSH_ORIGINAL_COMMAND if the grammar allows it (sshd runs this
-    for the breaker's key, whatever the client asked)."""
+    """Run the one command in $SSH_ORIGINAL_COMMAND if the grammar allows it, or a session of
+    framed commands for `session` (sshd runs this for the breaker's key, whatever the client
+    asked)."""
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.audit import AuditLog
-    from appliance.serving.breaker.actions import BreakerActions
+    from appliance.serving.breaker import stdio
     from appliance.serving.breaker.grammar import Refused, parse
     from appliance.slurm.client import SlurmClient
     from appliance.slurm.runner import LocalRunner
+
+    audit_log = AuditLog(ctx.settings.audit_dir)
+
+    def audit(reason: str, command: str) -> None:
+        audit_log.append("breaker", "breaker_refused", "", reason=reason, command=command)
 
     line = envs.SSH_ORIGINAL_COMMAND
     try:
         command = parse(line)
         slurm = SlurmClient(LocalRunner(), ctx.settings.slurm_conf, timeout=30)
-        BreakerActions(ctx.settings, slurm).run(command, sys.stdin.buffer, sys.stdout.buffer)
+        stdio.serve(ctx.settings, slurm, command, audit)
     except Refused as exc:
-        shown = repr(line)[:120] if line is not None else "none"
-        AuditLog(ctx.settings.audit_dir).append(
-            "breaker", "breaker_refused", "", reason=str(exc), command=shown
-        )
+        audit(str(exc), repr(line)[:120] if line is not None else "none")
         click.echo(f"refused: {exc}", err=True)
         raise SystemExit(EX_REFUSED) from None
 

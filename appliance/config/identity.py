@@ -88,6 +88,20 @@ class OidcSettings(BaseModel):
     ca_file: Path | None = None
     """CA bundle that the provider's certificate must chain to (None: the system's)."""
 
+    display_name: str = "single sign-on"
+    """The provider's name on the web app's sign-in button ("Sign in with ...")."""
+
+    recheck_s: float = Field(default=60.0, ge=0)
+    """How often, at most, a bearer token is checked again at the provider's userinfo endpoint
+    (a user disabled there, or whose tokens were revoked, is refused from the next check on);
+    0: never, a token is then good until it expires."""
+
+    leeway_s: float = Field(default=30.0, ge=0, le=300)
+    """Clock difference allowed when checking a token's `exp`, `nbf` and `iat`."""
+
+    timeout_s: float = Field(default=5.0, gt=0)
+    """Timeout of one call to the provider (discovery, keys, userinfo, token exchange)."""
+
 
 class IdentitySettings(BaseModel):
     """Which sign-in sources are enabled, and how their groups map onto the appliance's."""

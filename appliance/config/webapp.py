@@ -30,6 +30,10 @@ class WebappSettings(BaseModel):
     tls: bool = False
     """Serve HTTPS with the gateway's certificate (gateway.tls_cert, or the one made for it)."""
 
+    public_url: str | None = None
+    """The web app's URL as browsers reach it, e.g. `https://ai.example.org`; the OIDC redirect
+    URI is this plus `/oidc/callback`. Default: http(s)://host:port of this section."""
+
     title: str = "Appliance"
     """Name shown in the browser tab and the page header."""
 

@@ -12,7 +12,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from appliance.gateway.audit_events import audit
-from appliance.gateway.auth import AccessRefused, authenticated, key_refused, principal
+from appliance.gateway.auth import (
+    AccessRefused,
+    authenticated,
+    key_refused,
+    oidc_token,
+    principal,
+)
 from appliance.gateway.json_body import json_object
 from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import KeyRefused, Principal
@@ -83,6 +89,10 @@ async def sign_in(request: Request) -> dict:
 async def sign_out(request: Request) -> dict:
     """End the presented sign-in session (an API key stays valid: revoke it with `keys`)."""
     auth = _auth(request)
+    if oidc_token(request.headers.get("authorization")):
+        # Nothing kept here to end: the token is good until it expires or the provider
+        # revokes it (the web app forgets it at sign-out).
+        return {"signed_out": False}
     record = auth.key_record(request.headers.get("authorization"))
     if record is not None and record.kind == "session":
         await asyncio.to_thread(auth.keys.revoke, record.key_id)
@@ -94,6 +104,8 @@ async def sign_out(request: Request) -> dict:
 @router.get("/v1/me")
 async def me(request: Request, who: Who) -> dict:
     auth = _auth(request)
+    if oidc_token(request.headers.get("authorization")):
+        return _account(who, single_user=False, kind="oidc", expires_at=None)
     record = auth.key_record(request.headers.get("authorization"))
     return _account(
         who,

@@ -20,6 +20,7 @@ from appliance.gateway.body_limit import BodyLimit
 from appliance.gateway.forward import Forwarder
 from appliance.gateway.knowledge import KnowledgeService
 from appliance.gateway.knowledge import router as knowledge_router
+from appliance.gateway.oidc_bearer import OidcBearer
 from appliance.gateway.protocol import RequestError
 from appliance.gateway.refusals import Refusals, note
 from appliance.gateway.routes import admin_api, api, router
@@ -125,6 +126,8 @@ def create_app(
         audit = AuditLog(settings.audit_dir)
         auth = Authenticator(settings.api_keys_file, settings.users_file, settings.gateway)
         auth.audit = audit
+        if "oidc" in settings.identity.sources:
+            auth.oidc = OidcBearer(settings.identity)
         monitor = _monitor(settings, slurm, manager, requests)
         refusals = Refusals(audit)
         flusher = asyncio.create_task(_flush_refusals(refusals))
@@ -151,6 +154,8 @@ def create_app(
             if monitor is not None:
                 monitor.stop()
             await manager.close()
+            if auth.oidc is not None:
+                auth.oidc.close()
             await client.close()
 
     # No /docs, /redoc or /openapi.json: they would describe the API to anyone without a key,

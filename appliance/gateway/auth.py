@@ -16,9 +16,11 @@ from pathlib import Path
 from fastapi import Request
 
 from appliance.config.gateway import GatewaySettings
+from appliance.gateway.audit_events import audit
 from appliance.gateway.protocol import RequestError
 from appliance.security.api_keys import ApiKeyRecord, ApiKeyStore, KeyRefused, Principal
 from appliance.security.audit import AuditLog
+from appliance.security.oidc_tokens import looks_like_jwt
 from appliance.security.users import MAX_USERNAME_LENGTH, SignInRefused, UserStore
 
 LOCAL_ADMIN = Principal("local", admin=True)
@@ -72,10 +74,15 @@ class Authenticator:
         self.audit: AuditLog | None = None
         self._key_logged: dict[str, float] = {}
         self._audit_writer = ThreadPoolExecutor(1, thread_name_prefix="key-use-audit")
+        # OIDC bearer tokens (appliance/gateway/oidc_bearer.py), set when `oidc` is enabled.
+        self.oidc = None
 
     @property
     def single_user(self) -> bool:
-        """No keys and no users: every request acts as the local administrator."""
+        """No keys and no users: every request acts as the local administrator. Never while
+        an OIDC provider may sign users in: the provider's users have no local account."""
+        if self.oidc is not None:
+            return False
         stamps = (_stamp(self.keys.path), _stamp(self.users.path))
         if stamps != self._stamps:
             self._stamps = stamps
@@ -198,13 +205,42 @@ def admin(request: Request) -> Principal:
     return who
 
 
+async def _oidc_principal(request: Request) -> None:
+    """An OIDC bearer token's principal, kept on the request for principal() (its check may
+    ask the provider: awaited here, where the other checks are synchronous)."""
+    oidc = request.app.state.gateway.auth.oidc
+    if oidc is None or getattr(request.state, "principal", None) is not None:
+        return
+    token = oidc_token(request.headers.get("authorization"))
+    if token:
+        who, first_use = await oidc.principal(token)
+        request.state.principal = who
+        if first_use:  # once per token, as a password sign-in is recorded once per session
+            role = "admin" if who.admin else "user"
+            groups = sorted(who.groups)
+            await audit(
+                request, who.user, "sign_in", "oidc", key_id=who.key_id, role=role, groups=groups
+            )
+
+
+def oidc_token(authorization: str | None) -> str | None:
+    """The bearer token if it is a JWT (an OIDC provider's token, not an appliance key)."""
+    if authorization and authorization.lower().startswith("bearer "):
+        token = authorization[7:].strip()
+        if looks_like_jwt(token):
+            return token
+    return None
+
+
 # FastAPI dependencies. Coroutines on purpose: FastAPI runs a plain function dependency in a
 # worker thread, a round trip through the thread pool and the GIL on every request.
 async def authenticated(request: Request) -> Principal:
     """FastAPI dependency: principal()."""
+    await _oidc_principal(request)
     return principal(request)
 
 
 async def administrator(request: Request) -> Principal:
     """FastAPI dependency: admin()."""
+    await _oidc_principal(request)
     return admin(request)

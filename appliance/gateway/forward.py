@@ -17,6 +17,7 @@ from appliance.gateway.protocol import server_error
 from appliance.gateway.stream import ABORTED_MARKER, Stream, StreamWatcher
 from appliance.gateway.upstream import UPSTREAM_ERRORS, acquire_error
 from appliance.gateway.usage import asking_for_usage
+from appliance.serving.access import TransportLost
 from appliance.serving.instance import Instance
 from appliance.serving.manager import InstanceManager
 
@@ -57,6 +58,7 @@ class Forwarder:
     ) -> Response:
         exclude: set[int] = set()
         gw = self.settings.gateway
+        lost = 0
         while True:
             try:
                 inst = await self.manager.acquire(model, gw.start_timeout_s, exclude, key, user)
@@ -70,6 +72,14 @@ class Forwarder:
                     media_type = resp.headers.get("content-type", "application/json")
                 finally:
                     resp.release()
+            except TransportLost as exc:
+                # Its answer broke off with the way to it: the instance gets it again.
+                self.manager.release(inst)
+                lost += 1
+                log.info("the way to instance %s broke mid-answer: %s", inst.job_id, exc)
+                if lost > gw.max_retries:
+                    return server_error(f"the way to {model}'s instances broke: {exc}").response()
+                continue
             except UPSTREAM_ERRORS as exc:
                 self.manager.release(inst, failed=True)
                 exclude.add(inst.job_id)
@@ -99,7 +109,12 @@ class Forwarder:
 
     async def open(self, inst: Instance, path: str, raw: bytes) -> aiohttp.ClientResponse:
         """Send the request; the caller reads the body as it comes and releases the response."""
-        return await self.manager.access.open(inst, path, raw)
+        try:
+            return await self.manager.access.open(inst, path, raw)
+        except TransportLost as exc:
+            # The way to the instance broke, not the instance: once more, on the new way.
+            log.info("the way to instance %s broke (%s); sending again", inst.job_id, exc)
+            return await self.manager.access.open(inst, path, raw)
 
     async def _stream(
         self,

@@ -17,6 +17,7 @@ from appliance.gateway.migration import StreamRecord
 from appliance.gateway.protocol import RequestError, server_error
 from appliance.gateway.upstream import UPSTREAM_ERRORS, acquire_error
 from appliance.gateway.usage import Usage, UsageFilter
+from appliance.serving.access import TransportLost
 from appliance.serving.instance import Instance
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class _Outcome:
     done: bool = False
     target: Instance | None = None  # moved: the instance it continues on
     failure: str = ""
+    way_lost: bool = False  # the way to the instance broke, not the instance (TransportLost)
 
 
 class Stream:
@@ -176,17 +178,27 @@ class Stream:
                 if self.watcher is not None:
                     self.watcher.instance(inst)
                 continue
-            self._failed(inst, outcome.failure)
+            if outcome.way_lost:
+                # The instance is fine and still ours: it gets the request again.
+                self.failures += 1
+                log.warning("the way to instance %s broke: %s", inst.job_id, outcome.failure)
+            else:
+                self._failed(inst, outcome.failure)
             resumable = self.record is not None and self.record.resumable
             if self.failures <= max_retries and (not self.sent or resumable):
-                # Nothing sent: start over elsewhere; something sent: continue from its tokens.
+                # Nothing sent: start over; something sent: continue from its tokens (elsewhere
+                # when the instance failed).
                 if not self.sent:
                     self.usage.release()  # held back from the failed try, never sent
                 self.continued = self.continued or self.sent
                 if self.sent and self.paused_at is None:
                     self.paused_at = self.last_sent_at or time.monotonic()
-                inst, upstream = None, None
+                upstream = None
+                if not outcome.way_lost:
+                    inst = None
                 continue
+            if outcome.way_lost:
+                self.manager.release(inst)
             yield (
                 self.usage.release()
                 + server_error(
@@ -253,6 +265,7 @@ class Stream:
         except UPSTREAM_ERRORS as exc:
             if outcome.target is None:  # else the watchdog closed it
                 outcome.failure = repr(exc)
+                outcome.way_lost = isinstance(exc, TransportLost)
         finally:
             if watchdog is not None:
                 watchdog.cancel()

@@ -36,6 +36,11 @@ class UpstreamError(Exception):
     """An instance could not be reached, or broke off, on a transport other than plain HTTP."""
 
 
+class TransportLost(UpstreamError):
+    """The way to the instance broke, not the instance (the breaker's session ended): the
+    request may go to the same instance again, over the way that replaces it."""
+
+
 @dataclass
 class InstanceAddress:
     """Where a started instance answers, and the start-up phases its job recorded."""

@@ -14,7 +14,8 @@ from appliance.webapp.files_guard import SET_COOKIE_JS, ticket
 from appliance.webapp.knowledge import build_knowledge
 from appliance.webapp.models_view import build_models
 from appliance.webapp.monitoring_view import build_monitoring
-from appliance.webapp.signin import build_signin, check_session, sign_out
+from appliance.webapp.oidc_sign_in import OidcSignIn
+from appliance.webapp.signin import build_signin, check_session, session_of, sign_out
 from appliance.webapp.training_view import build_training
 
 # Readable on a laptop and a phone: no side margins on small screens, the chat fills the height.
@@ -23,6 +24,9 @@ CSS = """
 #topbar { align-items: center; }
 #who { text-align: right; }
 .sign-in { max-width: 420px; margin: 2rem auto; }
+#oidc-sign-in { display: block; padding: 0.6rem; border-radius: 8px; text-align: center;
+  text-decoration: none; background: var(--button-primary-background-fill);
+  color: var(--button-primary-text-color); }
 @media (max-width: 640px) {
   .gradio-container { padding: 4px !important; }
   #chatbot { height: 55vh !important; }
@@ -32,8 +36,14 @@ CSS = """
 """
 
 
-def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -> gr.Blocks:
-    """The Blocks app; `secret` encrypts what the browser keeps (sign-in, conversations)."""
+def build_app(
+    settings: ApplianceSettings,
+    client: GatewayClient,
+    secret: str,
+    oidc: OidcSignIn | None = None,
+) -> gr.Blocks:
+    """The Blocks app; `secret` encrypts what the browser keeps (sign-in, conversations);
+    `oidc` hands over the sign-ins made through the OIDC provider."""
     title = settings.webapp.title
     # Cached uploads older than an hour go (they are also deleted right after use).
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
@@ -89,8 +99,10 @@ def build_app(settings: ApplianceSettings, client: GatewayClient, secret: str) -
                 dep = view.on_sign_in(dep)
             return dep
 
-        async def restore(session_value):
-            return await check_session(ctx, session_value)
+        async def restore(session_value, request: gr.Request):
+            # Back from the provider: the callback's one-time code names the new sign-in.
+            handed = oidc.take(request.query_params.get("signin")) if oidc else None
+            return session_of(handed) if handed else await check_session(ctx, session_value)
 
         after_session_change(blocks.load(restore, [session], [session]))
         for event in (signin.password_event, signin.key_event):

@@ -18,6 +18,7 @@ from appliance.security.tls import ensure_certificate, server_options
 from appliance.webapp.app import CSS, build_app
 from appliance.webapp.client import GatewayClient, GatewayError
 from appliance.webapp.files_guard import guard_files
+from appliance.webapp.oidc_sign_in import OidcSignIn
 
 SECRET_BYTES = 32
 
@@ -55,12 +56,16 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
         verify=settings.tls_verify,
     )
 
+    oidc = OidcSignIn(settings, client) if "oidc" in settings.identity.sources else None
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         try:
             yield
         finally:
             await client.aclose()
+            if oidc is not None:
+                oidc.close()
 
     app = FastAPI(title="appliance web app", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -79,10 +84,12 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
         # As the gateway saw this very request: whether it arrived over TLS.
         return JSONResponse({"status": "ok", "gateway": "ok", "gateway_tls": gateway.get("tls")})
 
+    if oidc is not None:
+        oidc.mount(app)  # before Gradio, mounted at /, would take the paths
     secret = browser_secret(settings)
     # Gradio's own upload and download endpoints would serve anyone: signed-in users only.
     guard_files(app, client, secret)
-    blocks = build_app(settings, client, secret)
+    blocks = build_app(settings, client, secret, oidc)
     # Handlers wait on the gateway (I/O): no reason to serialize users behind one another.
     blocks.queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(

@@ -4,6 +4,7 @@ signing out."""
 from __future__ import annotations
 
 import contextlib
+import html
 from dataclasses import dataclass
 
 import gradio as gr
@@ -12,7 +13,8 @@ from appliance.webapp.client import GatewayError
 from appliance.webapp.context import Session, WebContext, signed_in
 
 
-def _session(account: dict) -> Session:
+def session_of(account: dict) -> Session:
+    """What the browser keeps of a signed-in account."""
     keep = ("token", "user", "role", "groups", "single_user", "expires_at", "kind")
     return {k: account.get(k) for k in keep}
 
@@ -30,8 +32,15 @@ class SignInView:
 def build_signin(ctx: WebContext) -> SignInView:
     with gr.Column(visible=False, elem_id="sign-in", elem_classes=["sign-in"]) as column:
         gr.Markdown("### Sign in")
+        oidc = ctx.settings.identity.oidc
+        if "oidc" in ctx.settings.identity.sources:
+            # A plain link: the browser leaves the page for the provider and comes back.
+            name = html.escape(oidc.display_name)
+            gr.HTML(f'<a href="/oidc/login" id="oidc-sign-in">Sign in with {name}</a>')
         with gr.Tabs():
-            with gr.Tab("Username and password"):
+            # Only where some source takes passwords (local accounts, LDAP).
+            passwords = bool({"local", "ldap"} & set(ctx.settings.identity.sources))
+            with gr.Tab("Username and password", visible=passwords):
                 username = gr.Textbox(label="Username", autofocus=True, max_lines=1)
                 password = gr.Textbox(label="Password", type="password", max_lines=1)
                 password_btn = gr.Button("Sign in", variant="primary", elem_id="sign-in-button")
@@ -47,7 +56,7 @@ def build_signin(ctx: WebContext) -> SignInView:
             account = await ctx.client.sign_in(user.strip(), secret)
         except GatewayError as exc:
             return gr.skip(), f"**Not signed in:** {exc}", ""
-        return _session(account), "", ""
+        return session_of(account), "", ""
 
     async def with_key(key: str):
         if not key.strip():
@@ -56,7 +65,7 @@ def build_signin(ctx: WebContext) -> SignInView:
             account = await ctx.client.sign_in_with_key(key.strip())
         except GatewayError as exc:
             return gr.skip(), f"**Not signed in:** {exc}", ""
-        return _session(account), "", ""
+        return session_of(account), "", ""
 
     outs = [ctx.session, message]
     password_event = gr.on(
@@ -82,7 +91,7 @@ async def check_session(ctx: WebContext, session: Session | None) -> Session:
         return session or {}
     if token is None and not account.get("single_user"):
         return {}
-    return _session({**account, "token": token or ""})
+    return session_of({**account, "token": token or ""})
 
 
 async def sign_out(ctx: WebContext, session: Session | None) -> Session:

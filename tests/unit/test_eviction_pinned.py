@@ -24,6 +24,7 @@ from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import parse_squeue_json
 from appliance.slurm.runner import CommandResult
 from tests.unit.slurm_replay import TESTDATA, ReplayRunner
+from tests.unit.test_preemption import breaker_listing
 
 PINNED = (TESTDATA / "squeue_pinned_pending.stdout").read_text()
 # The capture's cluster name: its instance jobs are <cluster>-inst-idle and <cluster>-inst-pinned.
@@ -97,7 +98,7 @@ def test_an_idle_instance_on_the_node_it_is_pinned_to_is_stopped(tmp_path):
 def test_the_breakers_listing_carries_where_a_pending_job_may_run(tmp_path):
     config = settings(tmp_path)
     runner = ReplayRunner().replay("sinfo_idle").answer(["squeue", "--json"], squeue(PINNED))
-    listing = BreakerActions(config, SlurmClient(runner, config.slurm_conf))._instances()
+    listing = breaker_listing(BreakerActions(config, SlurmClient(runner, config.slurm_conf)))
     jobs = {j.job_id: j for j in parse_squeue_json(PINNED)}
     access = BreakerAccess(config)
     read = {e["job_id"]: access._job(e) for e in json.loads(json.dumps(listing))}

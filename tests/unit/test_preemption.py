@@ -42,6 +42,16 @@ def test_a_preempted_job_shows_when_its_grace_time_began_and_ends():
     assert (inst.node, inst.grace_end, batch.node, batch.grace_end) == ("n1", GRACE_END, "", None)
 
 
+def breaker_listing(actions: BreakerActions) -> list[dict]:
+    """What `list-instances` answers, from the cluster side's actions."""
+
+    async def listed() -> list[dict]:
+        async with actions:
+            return await actions._instances()
+
+    return asyncio.run(listed())
+
+
 def test_the_breakers_listing_carries_what_the_gateway_reads_of_a_job(tmp_path):
     settings = ApplianceSettings(
         state_dir=tmp_path, cluster=ClusterSettings(name=CLUSTER, mode="existing")
@@ -50,7 +60,7 @@ def test_the_breakers_listing_carries_what_the_gateway_reads_of_a_job(tmp_path):
     moved = PREEMPTED.replace('"nodes": "n1"', '"nodes": "n2"')
     runner = ReplayRunner().replay("sinfo_drained")
     runner.answer(["squeue", "--json"], CommandResult(["squeue", "--json"], 0, moved, ""))
-    listing = BreakerActions(settings, SlurmClient(runner, settings.slurm_conf))._instances()
+    listing = breaker_listing(BreakerActions(settings, SlurmClient(runner, settings.slurm_conf)))
     drained = {n.name for n in parse_sinfo_json(capture("sinfo_drained").stdout) if n.drained}
     jobs = {j.job_id: j for j in parse_squeue_json(moved)}
     for entry in json.loads(json.dumps(listing)):

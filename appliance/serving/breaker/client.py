@@ -1,12 +1,15 @@
 """The gateway's side of the circuit breaker: every cluster action is one line of the breaker's
-grammar (grammar.py) sent over SSH to a key that can run nothing else. One SSH
-connection is kept open and each command runs as a new session on it (OpenSSH ControlMaster)."""
+grammar (grammar.py) sent over SSH to a key that can run nothing else. One SSH connection is
+kept open (OpenSSH ControlMaster) and carries one long-lived `session` of the breaker
+(channel.py): each command is a frame on it, answers are multiplexed by request id. A session
+that ends is replaced on the next command; its open requests fail with TransportLost, which
+the forwarder treats as a broken way to a healthy instance (a stream continues from its
+tokens)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import stat
@@ -16,9 +19,9 @@ from pathlib import Path
 
 from appliance.config import ApplianceSettings
 from appliance.config.breaker import BreakerSettings
-from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
-from appliance.serving.access import ClusterAccess, InstanceAddress, UpstreamError
+from appliance.serving.access import ClusterAccess, InstanceAddress, TransportLost, UpstreamError
+from appliance.serving.breaker.channel import BreakerError, Call, Channel
 from appliance.serving.breaker.grammar import MAX_AVOID
 from appliance.serving.instance import Instance
 from appliance.serving.job_script import job_name
@@ -26,15 +29,12 @@ from appliance.slurm.records import SlurmJob
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
+# Commands that a replacement session may run again: they change nothing, or nothing twice.
+IDEMPOTENT = ("ping", "list-instances", "stop ")
 # ssh's own exit status for "could not connect or run the session" (the breaker never uses it).
 SSH_FAILED = 255
 # What ssh says when the shared connection refuses one more session (sshd's MaxSessions).
 _MUX_REFUSED = ("mux_client", "Session open refused", "administratively prohibited")
-
-
-class BreakerError(ApplianceError):
-    """The breaker refused a command, or could not be reached; the message says which."""
 
 
 def control_dir() -> Path:
@@ -49,10 +49,15 @@ def control_dir() -> Path:
 
 
 class BreakerClient:
-    """Runs one breaker command per SSH session."""
+    """The breaker's session over SSH, opened on first use and again after it ends."""
 
-    def __init__(self, cfg: BreakerSettings):
+    def __init__(self, cfg: BreakerSettings, max_request_bytes: int):
         self.cfg = cfg
+        self.max_request_bytes = max_request_bytes
+        self._channel: Channel | None = None
+        self._opening = asyncio.Lock()
+        # How long a new session may take to answer: the connection, then Python's start.
+        self.start_timeout_s = cfg.connect_timeout_s + 30.0
 
     def argv(self, line: str, shared: bool = True) -> list[str]:
         cfg = self.cfg
@@ -101,65 +106,81 @@ class BreakerClient:
             argv += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         return [*argv, "--", f"{cfg.user}@{cfg.host}", line]
 
-    async def spawn(self, line: str, body: bytes = b"", shared: bool = True):
-        """Start the command with `body` on its stdin; the caller reads stdout."""
-        proc = await asyncio.create_subprocess_exec(
-            *self.argv(line, shared),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # a Ctrl-C of the gateway reaches it through the gateway
-        )
-        try:
-            proc.stdin.write(body)
-            await proc.stdin.drain()
-            proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the breaker refused before reading: its answer says why
-        return proc
+    async def channel(self) -> Channel:
+        """The open session, or a new one once it answers a ping. A session the shared
+        connection refuses (sshd's MaxSessions) runs on a connection of its own."""
+        async with self._opening:
+            if self._channel is not None and not self._channel.closed:
+                return self._channel
+            if self._channel is not None:
+                code, err = await self._channel.close()
+                log.warning("the breaker's session ended (%s); opening another", _tail(err, code))
+                self._channel = None
+            timeout = self.start_timeout_s
+            for shared in (True, False):
+                channel = Channel(
+                    await asyncio.create_subprocess_exec(
+                        *self.argv("session", shared),
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.PIPE,
+                        # A Ctrl-C of the gateway reaches it through the gateway.
+                        start_new_session=True,
+                    )
+                )
+                try:
+                    await asyncio.wait_for(channel.start("ping").head, timeout)
+                except (UpstreamError, TimeoutError) as exc:
+                    code, err = await channel.close(wait_s=1)
+                    if shared and _mux_refused(code, err):
+                        continue
+                    if isinstance(exc, TimeoutError):
+                        raise BreakerError(f"the breaker did not answer in {timeout:g} s") from None
+                    raise BreakerError(_failure("session", code, err)) from None
+                self._channel = channel
+                return channel
+        raise BreakerError("the shared connection refused the session, and so did its own")
 
-    async def session(
-        self, line: str, body: bytes = b"", timeout: float = 60.0
-    ) -> tuple[asyncio.subprocess.Process, bytes]:
-        """Start the command and read the first line of its answer; the caller reads the rest.
-        A session the shared connection refuses (sshd's MaxSessions) is retried once on a
-        connection of its own. TimeoutError (the command killed) when no line came in time,
-        BreakerError when the command ended without one."""
-        for shared in (True, False):
-            proc = await self.spawn(line, body, shared)
-            try:
-                first = await asyncio.wait_for(proc.stdout.readline(), timeout)
-            except TimeoutError:
-                _kill(proc)
-                await proc.wait()
-                raise
-            if first:
-                return proc, first
-            await proc.wait()
-            err = await proc.stderr.read()
-            if not (shared and _mux_refused(proc.returncode, err)):
-                break
-        raise BreakerError(_failure(line, proc.returncode, err))
+    async def open(self, line: str, body: bytes = b"", timeout: float = 60.0) -> Call:
+        """Send the command and wait for its head (`call.head`); the caller reads the rest.
+        BreakerError when refused or unreachable, TransportLost when the session ended,
+        TimeoutError (the command given up) when no head came in time."""
+        if len(body) > self.max_request_bytes:
+            raise BreakerError(f"request body larger than {self.max_request_bytes} bytes")
+        call = (await self.channel()).start(line, body)
+        try:
+            await asyncio.wait_for(asyncio.shield(call.head), timeout)
+        except TimeoutError:
+            call.cancel()
+            raise
+        return call
 
     async def call(self, line: str, timeout: float = 60.0) -> dict:
-        """Run a command that answers one JSON line."""
-        message = f"the breaker did not answer {line!r} in {timeout:g} s"
-        try:
-            proc, first = await self.session(line, timeout=timeout)
-        except TimeoutError:
-            raise BreakerError(message) from None
-        try:
-            _, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            _kill(proc)
-            await proc.wait()
-            raise BreakerError(message) from None
-        if proc.returncode != 0:
-            raise BreakerError(_failure(line, proc.returncode, err))
-        try:
-            return json.loads(first)
-        except ValueError:
-            raise BreakerError(f"the breaker's answer to {line!r} is not JSON") from None
+        """Run a command that answers one JSON head. One that changes nothing, or nothing
+        twice, runs again on a new session when its own ended."""
+        for attempt in (1, 2):
+            try:
+                call = await self.open(line, timeout=timeout)
+                try:
+                    await asyncio.wait_for(call.rest(), timeout)
+                except TimeoutError:
+                    call.cancel()
+                    raise
+                return call.head.result()
+            except TimeoutError:
+                message = f"the breaker did not answer {line!r} in {timeout:g} s"
+                raise BreakerError(message) from None
+            except TransportLost as exc:
+                if attempt == 2 or not line.startswith(IDEMPOTENT):
+                    raise BreakerError(f"{line.split(' ')[0]}: {exc}") from None
+            except UpstreamError as exc:
+                raise BreakerError(str(exc)) from None
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        """End the session: the breaker sees its stdin close and stops its requests."""
+        if self._channel is not None:
+            await self._channel.close()
 
 
 def _mux_refused(returncode: int | None, stderr: bytes) -> bool:
@@ -168,51 +189,40 @@ def _mux_refused(returncode: int | None, stderr: bytes) -> bool:
 
 
 def _failure(line: str, returncode: int | None, stderr: bytes) -> str:
-    text = stderr.decode(errors="replace").strip().splitlines()
-    detail = text[-1] if text else f"exit status {returncode}"
+    detail = _tail(stderr, returncode)
     if returncode == SSH_FAILED:
         return f"cannot reach the cluster's breaker: {detail}"
     return f"the breaker refused {line.split(' ')[0]}: {detail.removeprefix('refused: ')}"
 
 
-def _kill(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
+def _tail(stderr: bytes, returncode: int | None) -> str:
+    text = stderr.decode(errors="replace").strip().splitlines()
+    return text[-1] if text else f"exit status {returncode}"
 
 
 class BreakerResponse:
     """An instance's answer relayed by `forward`, with the part of aiohttp's ClientResponse
     that the forwarder uses."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, status: int, content_type: str):
-        self._proc = proc
+    def __init__(self, call: Call, status: int, content_type: str):
+        self._call = call
         self.status = status
         self.headers = {"content-type": content_type or "application/json"}
         self.content = self
 
     async def iter_any(self):
-        while chunk := await self._proc.stdout.read(CHUNK):
+        while (chunk := await self._call.next()) is not None:
             yield chunk
-        await self._finished()
 
     async def read(self) -> bytes:
-        body = await self._proc.stdout.read()
-        await self._finished()
-        return body
-
-    async def _finished(self) -> None:
-        code = await self._proc.wait()
-        if code != 0:
-            err = (await self._proc.stderr.read()).decode(errors="replace").strip()
-            raise UpstreamError(f"the breaker's forward ended with status {code}: {err[-300:]}")
+        return await self._call.rest()
 
     def release(self) -> None:
         self.close()
 
     def close(self) -> None:
-        """Stop relaying; the cluster side sees its stdout close and drops the request."""
-        if self._proc.returncode is None:
-            _kill(self._proc)
+        """Stop relaying; the breaker stops the request to the instance."""
+        self._call.cancel()
 
 
 class BreakerAccess(ClusterAccess):
@@ -220,7 +230,7 @@ class BreakerAccess(ClusterAccess):
 
     def __init__(self, settings: ApplianceSettings):
         self.settings = settings
-        self.client = BreakerClient(settings.breaker)
+        self.client = BreakerClient(settings.breaker, settings.gateway.max_request_bytes)
         self._listing: dict[int, dict] = {}
         self._listed_at = 0.0
         self._list_lock = asyncio.Lock()
@@ -229,6 +239,7 @@ class BreakerAccess(ClusterAccess):
         await self.client.call("ping", timeout=self.settings.breaker.connect_timeout_s + 30)
 
     async def close(self) -> None:
+        await self.client.close()
         if self.settings.breaker.control_persist_s:
             # Ends the shared connection (it would outlive the gateway by ControlPersist).
             argv = self.client.argv("ping")
@@ -309,17 +320,15 @@ class BreakerAccess(ClusterAccess):
     async def open(self, inst: Instance, path: str, raw: bytes) -> BreakerResponse:
         timeout = self.settings.gateway.request_timeout_s
         try:
-            proc, first = await self.client.session(
-                f"forward {inst.job_id} POST {path}", raw, timeout
-            )
+            call = await self.client.open(f"forward {inst.job_id} POST {path}", raw, timeout)
         except TimeoutError:
             raise UpstreamError(f"no answer from instance {inst.job_id} in {timeout:g} s") from None
         except BreakerError as exc:
             raise UpstreamError(str(exc)) from None
+        head = call.head.result()
         try:
-            head = json.loads(first)
-            return BreakerResponse(proc, int(head["status"]), head.get("content_type", ""))
-        except (ValueError, KeyError, TypeError):
-            _kill(proc)
+            return BreakerResponse(call, int(head["status"]), head.get("content_type", ""))
+        except (KeyError, TypeError, ValueError):
+            call.cancel()
             message = f"the breaker's answer for instance {inst.job_id} is malformed"
             raise UpstreamError(message) from None

@@ -12,6 +12,8 @@ pattern. Anything else is refused before anything is looked up, opened or run.
     stop JOB_ID                          -> cancel an instance job
     forward JOB_ID METHOD PATH           -> one HTTP request to a registered instance; the body
                                             comes on stdin, the answer (streamed) on stdout
+    session                              -> many of the commands above, each in a frame on
+                                            stdin (session.py), answers multiplexed on stdout
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ class ListInstances:
 
 
 @dataclass(frozen=True)
+class Session:
+    """Serve framed commands on stdin until it closes (only as the SSH command itself)."""
+
+
+@dataclass(frozen=True)
 class Start:
     """Submit an instance of a catalog model (preemptible: in the partition batch preempts),
     on none of the nodes in `avoid`."""
@@ -86,7 +93,7 @@ class Forward:
     path: str
 
 
-Command = Ping | ListInstances | Start | Stop | Forward
+Command = Ping | ListInstances | Start | Stop | Forward | Session
 
 
 def _field(value: str, pattern: re.Pattern[str], what: str) -> str:
@@ -106,7 +113,7 @@ def parse(line: str | None) -> Command:
     verb, *args = line.split(" ")
     if verb in ("start", "start-preemptible"):
         return _start(verb, args)
-    arity = {"ping": 0, "list-instances": 0, "stop": 1, "forward": 3}
+    arity = {"ping": 0, "list-instances": 0, "stop": 1, "forward": 3, "session": 0}
     if verb not in arity:
         raise Refused("unknown verb")
     if len(args) != arity[verb]:
@@ -115,6 +122,8 @@ def parse(line: str | None) -> Command:
         return Ping()
     if verb == "list-instances":
         return ListInstances()
+    if verb == "session":
+        return Session()
     if verb == "stop":
         return Stop(int(_field(args[0], JOB_ID, "job id")))
     job_id, method, path = args
