@@ -23,7 +23,7 @@ from pathlib import Path
 
 from appliance import envs
 from appliance.errors import ApplianceError
-from appliance.security.internal_ca import InternalCa
+from appliance.security.internal_ca import InternalCa, InternalCaError
 from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
 from appliance.serving.standby import (
     SERVER_MODULE,
@@ -351,8 +351,17 @@ class Launcher:
         return code
 
 
+# Exit code of a launcher that has no certificate to serve TLS with (serving.tls).
+NO_CERTIFICATE = 4
+
+
 def main(argv: list[str] | None = None) -> int:
-    return Launcher(parse_args(argv)).run()
+    try:
+        launcher = Launcher(parse_args(argv))
+    except InternalCaError as exc:
+        print(f"appliance: cannot serve TLS: {exc}", flush=True)
+        return NO_CERTIFICATE
+    return launcher.run()
 
 
 if __name__ == "__main__":

@@ -143,3 +143,12 @@ def test_tls_flags_and_https_endpoint(tmp_path, monkeypatch):
         ]
         assert launcher.endpoint.url.startswith("https://127.0.0.1:")
         assert launcher.probe_url.startswith("https://")
+
+
+def test_no_certificate_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """A node with neither its certificate nor the CA's key to issue one: the launcher says so
+    and exits, rather than starting a server the gateway would refuse."""
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    code = launch.main([*BASE, "--tls-dir", str(tmp_path / "tls")])
+    assert code == launch.NO_CERTIFICATE
+    assert "appliance: cannot serve TLS: no certificate for node n7" in capsys.readouterr().out

@@ -61,6 +61,7 @@ class BreakerActions:
         timeout = aiohttp.ClientTimeout(sock_connect=5.0, sock_read=gw.request_timeout_s)
         # No total timeout: a stream lasts as long as its answer. Instances and the nodes' store
         # services serve HTTPS: verified against the internal CA.
+        node_tls.ensure_internal_ca(self.settings)  # first start of a single host: before jobs
         self._http = aiohttp.ClientSession(
             timeout=timeout,
             auto_decompress=False,
