@@ -202,6 +202,11 @@ class StateLayout:
         return self.root / "tls"
 
     @property
+    def internal_tls(self) -> Path:
+        """The internal CA and the nodes' certificates it issued (security/internal_ca.py)."""
+        return self.keys / "tls"
+
+    @property
     def rag(self) -> Path:
         return self.root / "rag"
 

@@ -8,6 +8,7 @@ import os
 import pwd
 import random
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import psutil
 import yaml
+from appliance.security import node_tls
 
 from appliance import envs
 from appliance.cli.breaker import authorized_key_line
@@ -165,6 +167,7 @@ def _running_service(
     timeout: float,
     args: tuple[str, ...] = (),
     name: str | None = None,
+    verify: ssl.SSLContext | bool | None = None,
 ) -> Iterator[str]:
     """Run `appliance <command> [args]` on loopback as a subprocess and wait for its /health;
     yields its base URL; stops it on exit (SIGTERM, then SIGKILL)."""
@@ -194,7 +197,8 @@ def _running_service(
                     f"{command} exited with {proc.returncode}:\n{tail(log_path, 40)}"
                 )
             try:
-                health = httpx.get(url + "/health", timeout=1, verify=settings.tls_verify)
+                trust = settings.tls_verify if verify is None else verify
+                health = httpx.get(url + "/health", timeout=1, verify=trust)
                 if health.status_code == 200:
                     break
             except (httpx.HTTPError, FileNotFoundError):  # not up, or no certificate made yet
@@ -237,7 +241,9 @@ def running_store_service(settings: ApplianceSettings, node: str, url: str) -> I
     store.services); yields the URL and stops the service on exit."""
     port = url.rsplit(":", 1)[1]
     args = ("serve", "--node", node, "--port", port)
-    with _running_service(settings, "store", url, 120, args, name=f"store-{node}") as url:
+    node_tls.ensure_internal_ca(settings)  # as the service would, so its CA can be trusted here
+    verify = node_tls.verify(settings)  # its node's certificate, from the internal CA
+    with _running_service(settings, "store", url, 120, args, f"store-{node}", verify) as url:
         yield url
 
 

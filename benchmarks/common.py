@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from appliance.security.node_tls import internal_ca
 
 from appliance.config import ApplianceSettings
 from appliance.lines import iter_sse_lines
@@ -143,4 +144,14 @@ def tiny_cluster_stack(
             **sections,
         )
         with running_local_cluster(settings), running_gateway(settings) as url:
+            trust_instances(settings)
             yield url, settings
+
+
+def trust_instances(settings: ApplianceSettings) -> None:
+    """Let this benchmark's own clients reach instances directly: they serve HTTPS with
+    certificates of the stack's internal CA (made when its gateway started), and httpx's
+    default verification reads SSL_CERT_FILE. Benchmarks reach gateways over plain HTTP."""
+    ca = internal_ca(settings).cert
+    if ca.exists():
+        os.environ["SSL_CERT_FILE"] = str(ca)

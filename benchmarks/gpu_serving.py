@@ -52,7 +52,14 @@ from appliance_dev.stack import (
     running_store_service,
     write_config,
 )
-from benchmarks.common import first_text_chunk, median, percentile, print_table, write_result
+from benchmarks.common import (
+    first_text_chunk,
+    median,
+    percentile,
+    print_table,
+    trust_instances,
+    write_result,
+)
 from benchmarks.gateway_overhead import latency, throughput
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about the sea."}]
@@ -148,7 +155,7 @@ def stack_settings(work: Path, preset: str, variant: str = "default") -> Applian
         },
         store={
             "host_cache_gib": 40.0 if gpu else 1.0,
-            "services": {"n1": f"http://127.0.0.1:{store_port}"},
+            "services": {"n1": f"https://127.0.0.1:{store_port}"},
         },
     )
 
@@ -177,7 +184,9 @@ def running_stack(settings: ApplianceSettings) -> Iterator[tuple[str, str]]:
         stack.enter_context(running_store_service(settings, "n1", store_url))
         if settings.serving.standby:
             stack.enter_context(running_standby(settings, "n1"))
-        yield stack.enter_context(running_gateway(settings, timeout=120)), store_url
+        gateway = stack.enter_context(running_gateway(settings, timeout=120))
+        trust_instances(settings)
+        yield gateway, store_url
 
 
 def instances(url: str) -> list[dict]:

@@ -40,7 +40,14 @@ from appliance_dev.stack import (
     running_local_cluster,
 )
 from benchmarks.cold_start import first_token as cold_start_first_token
-from benchmarks.common import TINY, median, percentile, print_table, write_result
+from benchmarks.common import (
+    TINY,
+    median,
+    percentile,
+    print_table,
+    trust_instances,
+    write_result,
+)
 
 TARGETS = {"second_model_vs_cold_start": "<= 1.2", "prefix_ttft_ratio": "<= 0.8"}
 SYSTEM = "You are the plant assistant. Answer briefly and cite the document. " * 2
@@ -75,6 +82,7 @@ def stack(
             **sections,
         )
         with running_local_cluster(settings), running_gateway(settings) as url:
+            trust_instances(settings)
             yield url, settings
 
 

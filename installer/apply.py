@@ -18,7 +18,9 @@ from appliance.installer.plan import EMBEDDING_MODEL, ModelChoice, Plan
 from appliance.installer.report import Report, fail
 from appliance.installer.selftest import self_test
 from appliance.security.api_keys import ApiKeyStore
+from appliance.security.internal_ca import InternalCaError, resolved_addresses
 from appliance.security.keys import KeyEncryptionKey
+from appliance.security.node_tls import internal_ca
 from appliance.security.privileges import hand_over
 from appliance.security.tls import make_self_signed
 from appliance.security.users import UserStore
@@ -29,6 +31,7 @@ from appliance.config import load_settings
 from appliance.errors import ApplianceError
 from appliance.model_builders.tiny import build_tiny_model
 from appliance.models.catalog import load_catalog
+from appliance.names import local_node_names
 from appliance.services import ServiceManager
 from appliance.state_version import SCHEMA_VERSION, state_version, write_record
 from appliance.store import keyring
@@ -55,6 +58,7 @@ def configure(plan: Plan, report: Report) -> int:
             _tls(plan, report)
             _keys(settings, report)
             credentials = _admin(plan, settings, report)
+        _node_certificates(plan, settings, report)
         _slurm_extras(plan, report, manifest)
         manifest.save(plan.layout.manifest)
         if plan.profile.services:
@@ -173,6 +177,34 @@ def _tls(plan: Plan, report: Report) -> None:
         return
     make_self_signed(cert, key)
     report.step("TLS certificate", True, f"self-signed, {cert}")
+
+
+def _node_certificates(plan: Plan, settings, report: Report) -> None:
+    """The internal CA (made where the gateway runs) and a certificate from it for every node
+    this installation sets up: the local cluster's, or this host and the workers named."""
+    if not settings.serving.tls:
+        report.step("internal CA", False, "off (serving.tls: false)")
+        return
+    ca = internal_ca(settings)
+    if plan.profile.services:
+        made = ca.ensure()
+        report.step("internal CA", made, str(ca.cert))
+    if plan.profile.local_cluster:
+        nodes = local_node_names(settings.cluster.nodes)
+    else:
+        nodes = [plan.hardware.hostname, *(w.name for w in plan.options.workers)]
+    issued = []
+    try:
+        for node in nodes:
+            if ca.issue(node, resolved_addresses(node)):
+                issued.append(node)
+    except InternalCaError as exc:
+        # A worker whose state directory does not hold the head's CA: its servers cannot start
+        # with TLS until the head's installer (or a copy of <state_dir>/keys/tls) gives it one.
+        report.step("node certificates", False, f"missing: {exc}")
+        return
+    detail = f"issued for {', '.join(issued)}" if issued else f"present for {', '.join(nodes)}"
+    report.step("node certificates", bool(issued), detail)
 
 
 def _keys(settings, report: Report) -> None:

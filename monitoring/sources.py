@@ -5,6 +5,7 @@ serving instances (vLLM), and the gateway's requests (live)."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -81,13 +82,17 @@ class SlurmSnapshot:
 
 
 def gateway_sources(
-    settings: ApplianceSettings, slurm: SlurmClient, targets: Callable[[], list[Target]]
+    settings: ApplianceSettings,
+    slurm: SlurmClient,
+    targets: Callable[[], list[Target]],
+    verify: ssl.SSLContext | bool = True,
 ) -> list[Source]:
+    """The gateway's collectors; instances are scraped verifying their TLS with `verify`."""
     mon = settings.monitoring
     snapshot = SlurmSnapshot(slurm)
     gpu = GpuSource()
     # Lives as long as the gateway's monitor (the process).
-    client = httpx.Client(timeout=SCRAPE_TIMEOUT_S)
+    client = httpx.Client(timeout=SCRAPE_TIMEOUT_S, verify=verify)
 
     def instances() -> list[Metric]:
         families, problems = scrape(targets(), client)

@@ -33,12 +33,7 @@ def make_self_signed(cert_path: Path, key_path: Path, names: list[str] | None = 
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "appliance"),
         ]
     )
-    alt = []
-    for n in names:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            alt.append(x509.DNSName(n))
+    alt = alt_names(names)
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -55,6 +50,22 @@ def make_self_signed(cert_path: Path, key_path: Path, names: list[str] | None = 
         )
         .sign(key, hashes.SHA256())
     )
+    write_pair(cert_path, key_path, cert, key)
+
+
+def alt_names(names: list[str]) -> list[x509.GeneralName]:
+    """Subject alternative names: IP addresses as such, the rest as DNS names (once each)."""
+    alt: list[x509.GeneralName] = []
+    for n in dict.fromkeys(n for n in names if n):
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            alt.append(x509.DNSName(n))
+    return alt
+
+
+def write_pair(cert_path: Path, key_path: Path, cert: x509.Certificate, key) -> None:
+    """The key first (0600, never over an existing one), then its certificate."""
     key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_secret_file(
         key_path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import click
@@ -122,14 +123,24 @@ def serve(ctx: CliContext, node: str | None, host: str, port: int | None) -> Non
     # Imported when the command runs: `appliance` starts without loading the stack.
     import uvicorn
 
+    from appliance.security.node_tls import ensure_internal_ca, internal_ca
     from appliance.store.node_service import create_app
 
     settings = ctx.settings
+    node = node or socket.gethostname()
+    tls = {}
+    if settings.serving.tls:
+        # The node's certificate from the internal CA, as its instances serve with (the CA is
+        # made here if this single host has none yet; the installer makes it for a cluster).
+        ensure_internal_ca(settings)
+        cert, key = internal_ca(settings).node_files(node)
+        tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     uvicorn.run(
         create_app(settings, node),
         host=host,
         port=port or settings.store.service_port,
         log_level="warning",
+        **tls,
     )
 
 

@@ -66,6 +66,15 @@ class ServingSettings(BaseModel):
     max_loras: int = Field(default=4, ge=1, le=256)
     """LoRA adapters one instance holds at once (vLLM --max-loras); more are swapped in."""
 
+    tls: bool = True
+    """Instances and embedding servers serve HTTPS with their node's certificate from the internal
+    CA (<state_dir>/keys/tls, made by the installer, or at the gateway's first start on a single
+    host), and the gateway verifies them against it. Off: plain HTTP (see `allow_plain_http`)."""
+
+    allow_plain_http: bool = False
+    """Let the gateway talk plain HTTP to an instance on another host. For development only:
+    without it, such an instance is refused (its own host's loopback is always allowed)."""
+
     bind_host: str = "127.0.0.1"
     """Address instance servers bind to on their node. Set 0.0.0.0 (or the node's address) when
     the gateway runs on another host than the compute nodes."""

@@ -59,5 +59,5 @@ class StoreSettings(BaseModel):
     what each node holds when it places an instance."""
 
     services: dict[str, str] = Field(default_factory=dict)
-    """Store service URL per node name, where it is not http://<node address>:<service_port>
-    (e.g. several simulated nodes on one host)."""
+    """Store service URL per node name, where it is not https://<node address>:<service_port>
+    (http:// with serving.tls off; e.g. several simulated nodes on one host)."""

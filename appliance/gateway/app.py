@@ -30,6 +30,7 @@ from appliance.monitoring.monitor import Monitor
 from appliance.monitoring.requests import RequestMetrics
 from appliance.monitoring.sources import gateway_sources
 from appliance.monitoring.vllm_metrics import Target
+from appliance.security import node_tls
 from appliance.security.audit import AuditLog
 from appliance.security.quotas import Quotas
 from appliance.serving.access import cluster_access
@@ -79,7 +80,7 @@ def _monitor(
             if i.routable and i.url and i.url.startswith("http")
         ]
 
-    sources = gateway_sources(settings, slurm, targets)
+    sources = gateway_sources(settings, slurm, targets, node_tls.verify(settings))
     monitor = Monitor(
         sources,
         History(mon.history_points, mon.history_max_series),
@@ -117,6 +118,8 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=2048, limit_per_host=0),
             auto_decompress=False,
         )
+        # Before the first instance job: its launcher serves TLS with a certificate from it.
+        node_tls.ensure_internal_ca(settings)
         manager = InstanceManager(settings, catalog, cluster_access(settings, slurm, client))
         await manager.start()
         requests = RequestMetrics()

@@ -53,8 +53,9 @@ def _model_entry(gw, spec) -> dict:
 
 
 @router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health(request: Request) -> dict:
+    # `tls`: this request reached the gateway over TLS (how a client, the web app, can tell).
+    return {"status": "ok", "tls": request.url.scheme == "https"}
 
 
 @api.get("/v1/models")

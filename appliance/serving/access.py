@@ -16,6 +16,7 @@ import aiohttp
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
+from appliance.security.node_tls import check_transport, instance_ssl
 from appliance.serving.endpoint import read_endpoint
 from appliance.serving.instance import Instance
 from appliance.serving.job_script import instance_script, job_name_prefix
@@ -140,7 +141,12 @@ class DirectAccess(ClusterAccess):
         self.settings = settings
         self.slurm = slurm
         self.client = client
-        self._probe = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        # The internal CA verifies every instance; its certificate exists before the first job.
+        self._ssl = instance_ssl(settings)
+        self._probe = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=2.0),
+            connector=aiohttp.TCPConnector(ssl=self._ssl or True),
+        )
         self.stored = stored or StoreForInstances(settings, slurm, self._probe)
         self._node_addr: dict[str, str] = {}
         self._drained: set[str] = set()
@@ -198,20 +204,31 @@ class DirectAccess(ClusterAccess):
         host = endpoint.host
         if host in ("0.0.0.0", "::"):
             host = self._node_addr.get(inst.node, inst.node)
-        url = f"http://{host}:{endpoint.port}"
+        url = f"{'https' if endpoint.tls else 'http'}://{host}:{endpoint.port}"
+        check_transport(self.settings, url, f"instance {inst.job_id} of {inst.model}")
         return InstanceAddress(url, dict(endpoint.phases), endpoint.can_sleep)
+
+    def _tls(self, inst: Instance) -> dict:
+        """aiohttp's TLS arguments for the instance: its node's name is what its certificate
+        must be for (the address it is reached at may be any of the node's)."""
+        if self._ssl is None or not inst.url or not inst.url.startswith("https:"):
+            return {}
+        return {"ssl": self._ssl, "server_hostname": inst.node or None}
 
     async def healthy(self, inst: Instance) -> bool:
         if inst.url is None:
             return False
         try:
-            async with self._probe.get(inst.url + self.settings.serving.health_path) as resp:
+            health = inst.url + self.settings.serving.health_path
+            async with self._probe.get(health, **self._tls(inst)) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
 
     async def open(self, inst: Instance, path: str, raw: bytes) -> aiohttp.ClientResponse:
-        return await self.client.post(inst.url + path, data=raw, headers=JSON_HEADERS)
+        return await self.client.post(
+            inst.url + path, data=raw, headers=JSON_HEADERS, **self._tls(inst)
+        )
 
     def failure_detail(self, inst: Instance) -> str:
         path = self.settings.log_dir / f"instance-{inst.model}-{inst.job_id}.log"

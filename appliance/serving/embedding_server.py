@@ -76,12 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seq-length", type=int, default=256)
+    # vLLM's names for them, so the launcher passes both engines the same flags.
+    p.add_argument("--ssl-certfile", default=None, help="Serve HTTPS with this certificate.")
+    p.add_argument("--ssl-keyfile", default=None, help="The certificate's key.")
     args = p.parse_args(argv)
     print("appliance: embedding server process started", flush=True)
     import uvicorn
 
     app = build_app(args.model, args.model_path, args.device, args.max_seq_length)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
     return 0
 
 

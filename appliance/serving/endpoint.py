@@ -25,10 +25,12 @@ class InstanceEndpoint(BaseModel):
     can_sleep: bool = False
     """The server has vLLM's sleep endpoints: the gateway may park it."""
     exit_code: int | None = None
+    tls: bool = False
+    """The server answers HTTPS with its node's certificate from the internal CA."""
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
 def endpoint_path(instances_dir: Path, job_id: int) -> Path:

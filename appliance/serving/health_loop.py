@@ -12,6 +12,7 @@ from typing import Protocol
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import Catalog
+from appliance.security.node_tls import PlainHttpRefused
 from appliance.serving.access import ClusterAccess
 from appliance.serving.instance import Instance, InstanceState
 from appliance.serving.job_script import model_from_job_name
@@ -187,7 +188,13 @@ class HealthLoop:
             await self._check_serving(inst, now)
 
     async def _check_starting(self, inst: Instance, now: float) -> None:
-        address = await self.access.address(inst)
+        try:
+            address = await self.access.address(inst)
+        except PlainHttpRefused as exc:
+            log.error("%s", exc)
+            self.registry.failures.record(inst.model, str(exc), now)
+            await self.lifecycle.retire(inst, "plain HTTP to another host")
+            return
         if address is None:
             return
         inst.phases = dict(address.phases)

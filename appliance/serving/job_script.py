@@ -14,6 +14,7 @@ from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
 from appliance.models.resources import InstanceRequest, plan_request
+from appliance.security.node_tls import ensure_internal_ca
 from appliance.serving.stored_models import StoredModels
 
 # Every instance job's name starts with this, so the gateway can find (and adopt) its own jobs
@@ -105,6 +106,8 @@ def render_instance_script(
         options.append(("--sleep-mode", serving.sleep_mode))
     if serving.standby and spec.engine == "vllm":
         options.append(("--standby-socket", str(settings.standby_socket("{node}"))))
+    if serving.tls:
+        options.append(("--tls-dir", str(settings.layout.internal_tls)))
     if serving.enforce_eager:
         options.append(("--enforce-eager", None))
     if request.gpu_memory_utilization is not None:
@@ -160,6 +163,8 @@ async def instance_script(
         store_spec = stored.load_spec_json(spec.name)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     settings.instances_dir.mkdir(parents=True, exist_ok=True)
+    # The job's launcher serves TLS with its node's certificate from the internal CA.
+    ensure_internal_ca(settings)
     log.info("instance of %s: %s", spec.name, request)
     return render_instance_script(
         settings,

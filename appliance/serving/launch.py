@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from appliance import envs
 from appliance.errors import ApplianceError
+from appliance.security.internal_ca import InternalCa, InternalCaError
 from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
 from appliance.serving.standby import (
     SERVER_MODULE,
@@ -82,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON: serve LoRA adapters of this model from the encrypted store "
         "(appliance/store/lora.py).",
     )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        help="The internal CA's folder: serve HTTPS with this node's certificate from it "
+        "(serving.tls).",
+    )
     p.add_argument("extra", nargs="*", help="Extra arguments for the model server (after --).")
     return p.parse_args(argv)
 
@@ -115,8 +124,12 @@ def sleeps(args: argparse.Namespace, device: str) -> bool:
     return args.sleep_mode == "always" or device == "cuda"
 
 
-def server_command(args: argparse.Namespace, port: int, device: str) -> list[str]:
-    """The model server's command line for this engine and device."""
+def server_command(
+    args: argparse.Namespace, port: int, device: str, tls: tuple[Path, Path] | None = None
+) -> list[str]:
+    """The model server's command line for this engine and device; HTTPS with `tls`'s
+    (certificate, key). Both engines take the same flags (vLLM since before 0.24)."""
+    ssl_flags = ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])] if tls else []
     if args.engine == "sentence-transformers":
         return [
             sys.executable,
@@ -134,6 +147,7 @@ def server_command(args: argparse.Namespace, port: int, device: str) -> list[str
             device,
             "--max-seq-length",
             str(args.max_model_len),
+            *ssl_flags,
         ]
     cmd = [
         sys.executable,
@@ -149,6 +163,7 @@ def server_command(args: argparse.Namespace, port: int, device: str) -> list[str
         str(port),
         "--max-model-len",
         str(args.max_model_len),
+        *ssl_flags,
     ]
     if args.enforce_eager and device == "cpu":
         # On GPU, CUDA graphs are worth their compile time; on CPU, compiling costs ~50 s of
@@ -203,12 +218,20 @@ class Launcher:
         self.device = choose_device(args.device)
         probe_host = "127.0.0.1" if args.bind_host in ("0.0.0.0", "::") else args.bind_host
         self.port = free_port(probe_host)
-        self.probe_url = f"http://{probe_host}:{self.port}{args.health_path}"
+        node = envs.SLURMD_NODENAME or socket.gethostname()
+        self.tls: tuple[Path, Path] | None = None
+        self._probe_ssl: ssl.SSLContext | None = None
+        if args.tls_dir is not None:
+            ca = InternalCa(args.tls_dir)
+            self.tls = ca.node_files(node)
+            self._probe_ssl = ca.client_context()
+        scheme = "https" if self.tls else "http"
+        self.probe_url = f"{scheme}://{probe_host}:{self.port}{args.health_path}"
         started = envs.APPLIANCE_JOB_STARTED_AT
         self.endpoint = InstanceEndpoint(
             job_id=int(envs.SLURM_JOB_ID or 0),
             model=args.model,
-            node=envs.SLURMD_NODENAME or socket.gethostname(),
+            node=node,
             host=probe_host if args.bind_host in ("0.0.0.0", "::") else args.bind_host,
             port=self.port,
             pid=os.getpid(),
@@ -216,6 +239,7 @@ class Launcher:
             gpus=envs.CUDA_VISIBLE_DEVICES or "",
             can_sleep=sleeps(args, self.device),
             phases={"job_started_at": float(started)} if started else {},
+            tls=self.tls is not None,
         )
         self._lock = threading.Lock()
         self.proc: subprocess.Popen[str] | StandbyServer | None = None
@@ -238,7 +262,9 @@ class Launcher:
     def _watch_health(self) -> None:
         while self.proc is not None and self.proc.poll() is None:
             try:
-                with urllib.request.urlopen(self.probe_url, timeout=2) as resp:
+                with urllib.request.urlopen(
+                    self.probe_url, timeout=2, context=self._probe_ssl
+                ) as resp:
                     if resp.status == 200:
                         self.mark("weights_loaded_at")  # engines that do not log it
                         self.mark("ready_at")
@@ -302,7 +328,7 @@ class Launcher:
         return server
 
     def _serve(self, args: argparse.Namespace) -> int:
-        cmd = server_command(args, self.port, self.device)
+        cmd = server_command(args, self.port, self.device, self.tls)
         print(
             f"appliance: starting {self.args.model} on {self.device}: {' '.join(cmd)}", flush=True
         )
@@ -325,8 +351,17 @@ class Launcher:
         return code
 
 
+# Exit code of a launcher that has no certificate to serve TLS with (serving.tls).
+NO_CERTIFICATE = 4
+
+
 def main(argv: list[str] | None = None) -> int:
-    return Launcher(parse_args(argv)).run()
+    try:
+        launcher = Launcher(parse_args(argv))
+    except InternalCaError as exc:
+        print(f"appliance: cannot serve TLS: {exc}", flush=True)
+        return NO_CERTIFICATE
+    return launcher.run()
 
 
 if __name__ == "__main__":

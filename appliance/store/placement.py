@@ -4,15 +4,19 @@ of the fastest tier that holds it there; the instance goes where its first token
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 import aiohttp
 
 from appliance.config import ApplianceSettings
 from appliance.models.resources import InstanceRequest
+from appliance.security.node_tls import PlainHttpRefused, check_transport
 from appliance.slurm.client import SlurmClient
 from appliance.slurm.records import SlurmNode
 from appliance.store.inventory import NodeInventory
+
+log = logging.getLogger(__name__)
 
 # Used when a node did not measure a tier (GB/s); conservative for current servers.
 DEFAULT_BANDWIDTH_GBPS = {"host": 20.0, "page_cache": 10.0, "disk": 1.0, "shared": 0.5}
@@ -125,12 +129,20 @@ async def fetch_inventories(
 
 
 def service_urls(settings: ApplianceSettings, nodes: list[SlurmNode]) -> dict[str, str]:
-    """Where each node's store service listens."""
+    """Where each node's store service listens (HTTPS with serving.tls); a node whose service
+    would be asked in plain HTTP on another host, against serving.allow_plain_http, is left out."""
     port = settings.store.service_port
-    return {
-        n.name: settings.store.services.get(n.name) or f"http://{n.address or n.name}:{port}"
-        for n in nodes
-    }
+    scheme = "https" if settings.serving.tls else "http"
+    urls = {}
+    for n in nodes:
+        url = settings.store.services.get(n.name) or f"{scheme}://{n.address or n.name}:{port}"
+        try:
+            check_transport(settings, url, f"the store service of node {n.name}")
+        except PlainHttpRefused as exc:
+            log.error("%s", exc)
+            continue
+        urls[n.name] = url
+    return urls
 
 
 async def place(

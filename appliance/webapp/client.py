@@ -102,9 +102,9 @@ class GatewayClient:
             raise GatewayError(response.status_code, _error_message(response))
         return response.json()
 
-    async def health(self) -> None:
-        """The gateway answers its health check (GatewayError otherwise)."""
-        await self._call("GET", "/health")
+    async def health(self) -> dict[str, Any]:
+        """The gateway's health check (GatewayError when it does not answer)."""
+        return await self._call("GET", "/health")
 
     # ----- account --------------------------------------------------------------------------
 

@@ -78,10 +78,11 @@ def create_webapp(settings: ApplianceSettings) -> FastAPI:
         """Whether the web app can serve anyone: the gateway it talks to answers (over TLS
         where the gateway has it, with the certificate the web app trusts)."""
         try:
-            await client.health()
+            gateway = await client.health()
         except GatewayError as exc:
             return JSONResponse({"status": "unavailable", "gateway": str(exc)}, 503)
-        return JSONResponse({"status": "ok", "gateway": "ok"})
+        # As the gateway saw this very request: whether it arrived over TLS.
+        return JSONResponse({"status": "ok", "gateway": "ok", "gateway_tls": gateway.get("tls")})
 
     if oidc is not None:
         oidc.mount(app)  # before Gradio, mounted at /, would take the paths

@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import ssl
 
 import httpx
 import pytest
+from appliance.security import node_tls
 from appliance.security.api_keys import ApiKeyStore
 
 from appliance_dev.stack import running_gateway
@@ -77,9 +79,9 @@ def tokens_today(gw: Gateway, user: str) -> int:
     return next(r["tokens_today"] for r in rows if r["kind"] == "user")
 
 
-def raw_stream(url: str, body: dict, key: str = "") -> bytes:
+def raw_stream(url: str, body: dict, key: str = "", verify: ssl.SSLContext | bool = True) -> bytes:
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    with httpx.stream("POST", url, json=body, headers=headers, timeout=300) as resp:
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=300, verify=verify) as resp:
         assert resp.status_code == 200, resp.read()
         return resp.read()
 
@@ -120,9 +122,11 @@ def test_the_clients_stream_is_what_the_instance_sends(gateway):
     url = next(i["url"] for i in instances if i["model"] == "tiny-chat" and i["url"])
     # Once first: both compared requests then find the prompt in the prefix cache, so the same
     # numbers decide each token (a cached prefill can tip a near-tie the other way).
-    raw_stream(url + "/v1/chat/completions", body)
+    # The instance serves HTTPS with its node's certificate from the internal CA.
+    trust = node_tls.verify(gateway.settings)
+    raw_stream(url + "/v1/chat/completions", body, verify=trust)
     via_gateway = raw_stream(gateway.url + "/v1/chat/completions", body, gateway.keys["alice"])
-    direct = raw_stream(url + "/v1/chat/completions", body)
+    direct = raw_stream(url + "/v1/chat/completions", body, verify=trust)
 
     def by_choice(raw: bytes) -> list[bytes]:
         # Each request has its own id and time, and the choices' chunks interleave as the

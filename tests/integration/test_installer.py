@@ -96,6 +96,8 @@ def test_install_rerun_and_uninstall(prefix, tiny_model_dir):
     assert first.returncode == 0, out[-6000:]
     assert "[changed  ] Python environment" in out
     assert "[changed  ] tiny-chat: imported encrypted" in out
+    # The internal CA and the local nodes' certificates (instances serve TLS with them).
+    assert "[changed  ] internal CA" in out and "[changed  ] node certificates" in out
     for check in ("chat completion", "knowledge base", "metrics scrape", "web app"):
         assert f"[pass] {check}" in out, out[-4000:]
     assert "API key   ak-" in out  # the administrator's key, shown once

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from appliance.security import node_tls
 from safetensors import safe_open
 
 from appliance.config import load_settings
@@ -60,8 +61,8 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
     base["store"] = {
         "host_cache_gib": 0.5,
         "services": {
-            "n1": f"http://127.0.0.1:{free_port()}",
-            "n2": f"http://127.0.0.1:{service_port}",
+            "n1": f"https://127.0.0.1:{free_port()}",
+            "n2": f"https://127.0.0.1:{service_port}",
         },
     }
     settings = load_settings(**base)
@@ -100,7 +101,7 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_health(f"http://127.0.0.1:{service_port}/health", 60)
+        wait_for_health(settings, f"https://127.0.0.1:{service_port}/health", 60)
         with running_gateway(settings) as url:
             yield settings, url, config
     finally:
@@ -108,11 +109,13 @@ def stack(slurm_cluster, tiny_model_dir, tmp_path_factory):
         service.wait(timeout=30)
 
 
-def wait_for_health(url: str, timeout: float) -> None:
+def wait_for_health(settings, url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            # The service serves TLS with its node's certificate from the internal CA, which the
+            # service makes at its start here (a single host).
+            if httpx.get(url, timeout=2, verify=node_tls.verify(settings)).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -155,22 +158,24 @@ def test_min_instances_are_kept_without_requests(stack):
 def test_store_service_reports_tiers_and_bandwidths(stack):
     settings, _, _ = stack
     url = settings.store.services["n2"]
-    inv = httpx.get(url + "/inventory", timeout=30).json()
+    # Over TLS, verified against the internal CA.
+    store = httpx.Client(base_url=url, verify=node_tls.verify(settings))
+    inv = store.get("/inventory", timeout=30).json()
     assert inv["node"] == "n2"
     assert set(inv["holdings"]) == {"tiny-secret", "tiny-elsewhere"}
     # Just imported, so in the page cache; bandwidths were measured when the service started.
     assert inv["holdings"]["tiny-secret"]["tier"] in ("page_cache", "disk")
     assert inv["bandwidth_gbps"]["page_cache"] > 0
-    assert httpx.post(url + "/models/tiny-secret/warm", timeout=10).status_code == 202
-    assert httpx.post(url + "/models/nope/warm", timeout=10).status_code == 404
+    assert store.post("/models/tiny-secret/warm", timeout=10).status_code == 202
+    assert store.post("/models/nope/warm", timeout=10).status_code == 404
     # Decrypted into the node's host tier (the policy admits this node), then reported there.
-    resp = httpx.post(url + "/models/tiny-secret/cache", timeout=60)
+    resp = store.post("/models/tiny-secret/cache", timeout=60)
     assert resp.status_code == 200, resp.text
     assert resp.json()["holds"] == ["tiny-secret"]
     # The other model's policy names another host: the service refuses it, with the rule.
-    resp = httpx.post(url + "/models/tiny-elsewhere/cache", timeout=60)
+    resp = store.post("/models/tiny-elsewhere/cache", timeout=60)
     assert resp.status_code == 409 and "rule 'host'" in resp.text
-    inv = httpx.get(url + "/inventory", timeout=30).json()
+    inv = store.get("/inventory", timeout=30).json()
     assert inv["holdings"]["tiny-secret"]["tier"] == "host"
 
 

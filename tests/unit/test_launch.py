@@ -121,3 +121,34 @@ def test_gpu_count_from_gres():
     assert gpu_count("gpu:a100:4(S:0-1)") == 4
     assert gpu_count("(null)") == 0
     assert gpu_count("") == 0
+
+
+def test_tls_flags_and_https_endpoint(tmp_path, monkeypatch):
+    """With --tls-dir both engines get the node's certificate, and the endpoint is HTTPS."""
+    from appliance.security.internal_ca import InternalCa
+
+    ca = InternalCa(tmp_path / "tls")
+    ca.ensure()
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    for engine in ("vllm", "sentence-transformers"):
+        args = parse_args([*BASE, "--engine", engine, "--tls-dir", str(ca.root)])
+        launcher = Launcher(args)
+        cmd = server_command(args, launcher.port, "cpu", launcher.tls)
+        i = cmd.index("--ssl-certfile")
+        assert cmd[i : i + 4] == [
+            "--ssl-certfile",
+            str(ca.node_cert("n1")),
+            "--ssl-keyfile",
+            str(ca.node_key("n1")),
+        ]
+        assert launcher.endpoint.url.startswith("https://127.0.0.1:")
+        assert launcher.probe_url.startswith("https://")
+
+
+def test_no_certificate_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """A node with neither its certificate nor the CA's key to issue one: the launcher says so
+    and exits, rather than starting a server the gateway would refuse."""
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    code = launch.main([*BASE, "--tls-dir", str(tmp_path / "tls")])
+    assert code == launch.NO_CERTIFICATE
+    assert "appliance: cannot serve TLS: no certificate for node n7" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import aiohttp
 
 from appliance.config import ApplianceSettings
 from appliance.models.catalog import load_catalog
+from appliance.security import node_tls
 from appliance.serving.breaker.grammar import (
     Command,
     Forward,
@@ -58,8 +59,14 @@ class BreakerActions:
     async def __aenter__(self) -> BreakerActions:
         gw = self.settings.gateway
         timeout = aiohttp.ClientTimeout(sock_connect=5.0, sock_read=gw.request_timeout_s)
-        # No total timeout: a stream lasts as long as its answer.
-        self._http = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        # No total timeout: a stream lasts as long as its answer. Instances and the nodes' store
+        # services serve HTTPS: verified against the internal CA.
+        node_tls.ensure_internal_ca(self.settings)  # first start of a single host: before jobs
+        self._http = aiohttp.ClientSession(
+            timeout=timeout,
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(ssl=node_tls.instance_ssl(self.settings) or True),
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
