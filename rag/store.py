@@ -334,6 +334,7 @@ class KnowledgeBaseStore:
             content_hash=_content_hash(chunks),
             chunks=len(chunks),
             updated_at=now(),
+            source_hash=document.source_hash,
         )
         with self._writing():
             return self._add_version(kb, record, chunks)
@@ -343,6 +344,8 @@ class KnowledgeBaseStore:
     ) -> IngestResult:
         old = self._registry.document(kb.id, record.id)
         if old and old.content_hash == record.content_hash:
+            if record.source_hash and old.source_hash != record.source_hash:
+                self._registry.set_source_hash(kb.id, record.id, record.source_hash)
             return IngestResult(record.filename, record.id, "unchanged", old.chunks)
         self._registry.begin_version(kb.collection, record.version)
         try:

@@ -47,6 +47,7 @@ _COMMAND_MODULES = (
     "health",
     "install",
     "instances",
+    "kb",
     "keys",
     "models",
     "stack",
