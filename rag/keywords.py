@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import closing
 from pathlib import Path
 
 from appliance.rag.chunking import Chunk
+from appliance.rag.sqlite_db import write_transaction
 
 # Only the commonest English function words, left out of queries: they match almost every chunk
 # (so a query with them reads most of the index) and add noise, while rarer words (even short
@@ -153,19 +154,8 @@ class KeywordIndex:
         finally:
             building.unlink(missing_ok=True)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+    def _transaction(self):
+        return write_transaction(self._connect)
 
     def _connect(self, *, create: bool = False) -> sqlite3.Connection:
         # A connection per call, as the registry does: cheap, and safe across threads and

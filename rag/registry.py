@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import psutil
 from appliance.rag.access import KnowledgeBaseACL
 from appliance.rag.errors import KnowledgeBaseError
+from appliance.rag.sqlite_db import write_transaction
 
 _SCHEMA = """
 -- Facts about this registry; `store_id` marks the Chroma collections that belong to it.
@@ -301,21 +301,8 @@ class Registry:
         )
         return previous
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: BEGIN IMMEDIATE takes the write lock up front, so a read-then-
-        write (the current version, then its replacement) cannot interleave with another."""
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+    def _transaction(self):
+        return write_transaction(self._connect)
 
     def _connect(self) -> sqlite3.Connection:
         # A connection per call: cheap, and safe across threads and processes. autocommit off

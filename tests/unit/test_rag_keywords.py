@@ -14,22 +14,10 @@ import chromadb
 import pytest
 from appliance.rag.store import KEYWORDS_DIR, KnowledgeBaseStore
 
-from tests.unit.rag_corpus import ALICE, MANUAL_V1, SMALL_CHUNKS, HashEmbedder, document
+from tests.unit.rag_corpus import ALICE, MANUAL_V1, document
+from tests.unit.test_rag_store import _kb_with_old_manual, _open
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _open(root: Path) -> KnowledgeBaseStore:
-    return KnowledgeBaseStore(root, SMALL_CHUNKS, embedder=HashEmbedder(batch_size=2))
-
-
-def _kb_with_old_manual(root: Path) -> KnowledgeBaseStore:
-    store = _open(root)
-    store.create(ALICE, "kb")
-    store.add_documents(
-        ALICE, "kb", [document("manual.txt", MANUAL_V1), document("other.txt", ["x"])]
-    )
-    return store
 
 
 def _index_file(store: KnowledgeBaseStore) -> Path:
