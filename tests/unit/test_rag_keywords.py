@@ -12,6 +12,9 @@ from pathlib import Path
 
 import chromadb
 import pytest
+from appliance.rag import keywords
+from appliance.rag.chunking import Chunk
+from appliance.rag.keywords import KeywordIndex
 from appliance.rag.store import KEYWORDS_DIR, KnowledgeBaseStore
 
 from tests.unit.rag_corpus import ALICE, MANUAL_V1, document
@@ -141,3 +144,21 @@ def test_a_knowledge_base_without_an_index_gets_one_built_once_on_opening(tmp_pa
     index.unlink()
     assert reopened.build_missing_keyword_indexes() == ["alice/kb"]
     assert _index_rows(reopened) == len(MANUAL_V1) + 1
+
+
+def test_common_words_are_left_out_of_the_candidates(tmp_path: Path, monkeypatch):
+    index = KeywordIndex(tmp_path / "kb.sqlite3")
+    index.create()
+    texts = ["pump valve XK-4471", "pump valve seal", "pump valve", "pump bearing", "pump", "seal"]
+    chunks = [Chunk("", text, "f.txt", n, None, None, None) for n, text in enumerate(texts)]
+    index.add("v", "d", chunks)
+
+    def found(query: str) -> list[str]:
+        return [c.text for c, _ in index.search("kb", query, 10, frozenset({"v"}))]
+
+    assert found("pump valve seal 4471")[0] == "pump valve XK-4471"
+    assert "seal" in found("pump valve seal 4471")  # ranked by every word under the bound
+    # At most two chunks ranked in full: the rarest word's, then ranked by all the words.
+    monkeypatch.setattr(keywords, "CANDIDATE_POSTINGS", 2)
+    assert found("valve seal 4471") == ["pump valve XK-4471"]
+    assert found("pump") == []  # in five chunks of six, and more chunks than the bound
