@@ -223,7 +223,7 @@ async def sync_folder(ref: str, request: Request, who: Who) -> dict:
     from appliance.rag.sync import sync
 
     service = _service(request)
-    form = await _upload_form(request, service)
+    form = await _upload_form(request, service, parts=1)  # the manifest
     try:
         part = form.get("manifest")
         if not isinstance(part, UploadFile):
@@ -252,8 +252,9 @@ async def sync_folder(ref: str, request: Request, who: Who) -> dict:
     return {"results": [asdict(o) for o in outcomes]}
 
 
-async def _upload_form(request: Request, service: KnowledgeService):
-    """The multipart form of an upload, its declared size checked first."""
+async def _upload_form(request: Request, service: KnowledgeService, parts: int = 0):
+    """The multipart form of an upload (MAX_FILES_PER_UPLOAD files and `parts` other file
+    parts), its declared size checked first."""
     limit = service.settings.rag.max_upload_bytes
     declared = request.headers.get("content-length")
     # Checked before the body is read: multipart parsing spools files to disk.
@@ -261,8 +262,7 @@ async def _upload_form(request: Request, service: KnowledgeService):
         raise RequestError(411, "uploads need a Content-Length header")
     if int(declared) > limit:
         raise RequestError(413, f"the upload is larger than {limit} bytes (rag.max_upload_bytes)")
-    # One part more than the files: a sync's manifest.
-    return await request.form(max_files=MAX_FILES_PER_UPLOAD + 1)
+    return await request.form(max_files=MAX_FILES_PER_UPLOAD + parts)
 
 
 # Registered before the knowledge base's own DELETE, whose `{ref:path}` also matches this path.
