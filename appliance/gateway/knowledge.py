@@ -220,6 +220,7 @@ async def sync_folder(ref: str, request: Request, who: Who) -> dict:
     relative path -> sha256 of the file, every file of the folder) and parts `files` (some of
     them, named by their path). Documents not in the manifest are removed; each path gets its
     outcome, `needed` for the changed files not sent (send them in the next call)."""
+    # Knowledge bases bring Chroma and the embedder: loaded at their first use.
     from appliance.rag.sync import sync
 
     service = _service(request)
