@@ -87,7 +87,6 @@ def _public_set(
     reranker_dir: Path | None,
     chunk_chars: int | None,
 ) -> dict:
-    from appliance.rag.bm25 import BM25, tokenize
     from appliance.rag.ingest import parse_file
     from appliance.rag.reranking import Reranker
     from appliance.rag.retrieval import Retriever
@@ -136,14 +135,14 @@ def _public_set(
             t0 = time.perf_counter()
             rankings[mode] = ranked(retriever, vector_only=mode == "vector")
             seconds[mode] = time.perf_counter() - t0
-        # BM25 alone, on the same chunks with the same tokenizer: a reference, not a product mode.
-        bm25 = BM25([tokenize(c.text) for c in chunks])
+        # BM25 alone, the store's keyword index on the same chunks: a reference, not a product
+        # mode.
         t0 = time.perf_counter()
         rankings["keyword"] = [
             scifact.distinct(
                 [
-                    doc_id(chunks[n].filename)
-                    for n, _ in bm25.top(tokenize(q.text), CHUNKS_PER_QUERY)
+                    doc_id(chunk.filename)
+                    for chunk, _ in store.keyword_search(who, "scifact", q.text, CHUNKS_PER_QUERY)
                 ]
             )
             for q in queries

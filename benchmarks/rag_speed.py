@@ -120,7 +120,7 @@ def measure_queries(tmp: Path, who, size: int, queries: int) -> dict:
     rng = random.Random(7)
     asks = [" ".join(rng.choice(pool).split()[:8]) for _ in range(queries)]
     t0 = time.perf_counter()
-    retriever.retrieve(who, ["big"], asks[0])  # builds the keyword index once
+    retriever.retrieve(who, ["big"], asks[0])  # the first query after loading
     first_s = time.perf_counter() - t0
     hybrid = []
     for q in asks:

@@ -38,3 +38,5 @@ class ParsedDocument:
     filename: str
     doc_type: DocType
     sections: list[Section]
+    source_hash: str | None = None
+    """sha256 (hex) of the file as it was read."""

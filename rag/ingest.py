@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -55,7 +56,7 @@ def parse_file(
         ) from exc
     if not sections:
         raise IngestError(name, "no text found in it")
-    return ParsedDocument(filename=name, doc_type=doc_type, sections=sections)
+    return ParsedDocument(name, doc_type, sections, hashlib.sha256(data).hexdigest())
 
 
 def parse_many(

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import psutil
 from appliance.rag.access import KnowledgeBaseACL
 from appliance.rag.errors import KnowledgeBaseError
+from appliance.rag.sqlite_db import write_transaction
 
 _SCHEMA = """
 -- Facts about this registry; `store_id` marks the Chroma collections that belong to it.
@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS documents (
     content_hash TEXT NOT NULL,
     chunks INTEGER NOT NULL,
     updated_at TEXT NOT NULL,
+    -- sha256 of the file as uploaded: what folder sync compares (NULL: uploaded before).
+    source_hash TEXT,
     PRIMARY KEY (kb, id)
 );
 -- Versions whose chunks may be in Chroma while no document points to them: being written (the
@@ -57,7 +59,7 @@ CREATE TABLE IF NOT EXISTS loose_versions (
 );
 """
 
-_DOCUMENT_COLUMNS = "id, filename, version, content_hash, chunks, updated_at"
+_DOCUMENT_COLUMNS = "id, filename, version, content_hash, chunks, updated_at, source_hash"
 # Set in `meta` once the names of knowledge bases are ids `owner/name`: registries written
 # before (one global namespace of names) are migrated when opened.
 _NAMESPACED = "namespaced_names"
@@ -93,6 +95,8 @@ class DocumentRecord:
     content_hash: str
     chunks: int
     updated_at: str
+    source_hash: str | None = None
+    """sha256 of the uploaded file; None for documents uploaded before it was kept."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class Registry:
             ).fetchone()
             if not db.execute("SELECT 1 FROM meta WHERE key = ?", (_NAMESPACED,)).fetchone():
                 _namespace_names(db)
+            add_source_hashes(db)
 
     def knowledge_base(self, kb_id: str) -> KnowledgeBase | None:
         with closing(self._connect()) as db:
@@ -202,6 +207,14 @@ class Registry:
             ).fetchone()
         return DocumentRecord(*row) if row else None
 
+    def set_source_hash(self, kb_id: str, document_id: str, source_hash: str) -> None:
+        """Record the file hash of a document whose upload changed none of its chunks."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE documents SET source_hash = ? WHERE kb = ? AND id = ?",
+                (source_hash, kb_id, document_id),
+            )
+
     def begin_version(self, collection: str, version: str) -> None:
         """Note, before any of its chunks is written, that this process writes `version`."""
         me = psutil.Process()
@@ -275,7 +288,8 @@ class Registry:
             )
         if new:
             db.execute(
-                "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO documents (kb, {_DOCUMENT_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (kb.id, *astuple(new)),
             )
         elif previous:
@@ -287,21 +301,8 @@ class Registry:
         )
         return previous
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: BEGIN IMMEDIATE takes the write lock up front, so a read-then-
-        write (the current version, then its replacement) cannot interleave with another."""
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+    def _transaction(self):
+        return write_transaction(self._connect)
 
     def _connect(self) -> sqlite3.Connection:
         # A connection per call: cheap, and safe across threads and processes. autocommit off
@@ -345,3 +346,11 @@ def _namespace_names(db: sqlite3.Connection) -> None:
     )
     db.execute("UPDATE knowledge_bases SET name = owner || '/' || name WHERE instr(name, '/') = 0")
     db.execute("INSERT INTO meta VALUES (?, '1')", (_NAMESPACED,))
+
+
+def add_source_hashes(db: sqlite3.Connection) -> None:
+    """Give a registry from before folder sync its documents' `source_hash` column (NULL: such a
+    document is sent once by the next sync, then skipped while unchanged); a migration step."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(documents)")}
+    if "source_hash" not in columns:
+        db.execute("ALTER TABLE documents ADD COLUMN source_hash TEXT")

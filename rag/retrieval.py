@@ -1,29 +1,21 @@
 """Hybrid retrieval: vector and BM25 keyword rankings fused by reciprocal rank, then reranked.
 
-The keyword index of a knowledge base is built in memory from its current chunks on first use,
-and again after its documents change (the registry's generation counter says when). It is not
-persisted: Chroma and the registry stay the only state, so there is no third copy to keep
-consistent through crashes, and building is one pass over the chunk text.
+Both rankings come from the store: Chroma's nearest neighbours, and its keyword index (SQLite
+FTS5, kept up to date document by document; see appliance/rag/keywords.py).
 """
 
 from __future__ import annotations
 
 import heapq
-import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from appliance.rag.access import Principal
-from appliance.rag.bm25 import BM25, tokenize
 from appliance.rag.chunking import Chunk
 from appliance.rag.registry import KnowledgeBase
 from appliance.rag.reranking import Reranker
 from appliance.rag.store import KnowledgeBaseStore
-
-# Keyword indexes kept in memory, least recently used dropped first: each holds its
-# knowledge base's chunk text, so memory grows with the number kept.
-_CACHED_INDEXES = 16
 
 
 @dataclass(frozen=True)
@@ -55,19 +47,6 @@ def reciprocal_rank_fusion(rankings: Mapping[str, Sequence[Chunk]], k: int) -> l
     return [Hit(chunks[key], scores[key], ranks[key]) for key in order]
 
 
-@dataclass(frozen=True)
-class _KeywordIndex:
-    """BM25 over the current chunks of one knowledge base, as of one generation."""
-
-    version: tuple[str, int]
-    """(collection, generation) of the knowledge base the index was built from."""
-    chunks: list[Chunk]
-    bm25: BM25
-
-    def top(self, tokens: Iterable[str], n: int) -> list[tuple[Chunk, float]]:
-        return [(self.chunks[number], score) for number, score in self.bm25.top(tokens, n)]
-
-
 class Retriever:
     """Finds the chunks of a store's knowledge bases that best match a query."""
 
@@ -75,8 +54,6 @@ class Retriever:
         self._store = store
         self._settings = store.settings
         self._reranker = reranker
-        self._keyword_indexes: OrderedDict[str, _KeywordIndex] = OrderedDict()
-        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, store: KnowledgeBaseStore) -> Retriever:
@@ -126,24 +103,7 @@ class Retriever:
     ) -> list[Chunk]:
         # BM25 scores of different knowledge bases use different term statistics, but are of
         # the same scale; merging them by value is close enough for a candidate list.
-        tokens = tokenize(query)
-        found = [pair for kb in kbs for pair in self._keyword_index(principal, kb).top(tokens, n)]
+        found = [
+            pair for kb in kbs for pair in self._store.keyword_search(principal, kb.id, query, n)
+        ]
         return [chunk for chunk, _ in heapq.nlargest(n, found, key=lambda pair: pair[1])]
-
-    def _keyword_index(self, principal: Principal, kb: KnowledgeBase) -> _KeywordIndex:
-        version = (kb.collection, kb.generation)
-        with self._lock:
-            index = self._keyword_indexes.get(kb.id)
-            if index is not None and index.version == version:
-                self._keyword_indexes.move_to_end(kb.id)
-                return index
-        # Built outside the lock: a slow build must not hold up queries of other knowledge
-        # bases. Two threads may build the same index once; the result is the same.
-        chunks = self._store.chunks(principal, kb.id)
-        index = _KeywordIndex(version, chunks, BM25([tokenize(chunk.text) for chunk in chunks]))
-        with self._lock:
-            self._keyword_indexes[kb.id] = index
-            self._keyword_indexes.move_to_end(kb.id)
-            while len(self._keyword_indexes) > _CACHED_INDEXES:
-                self._keyword_indexes.popitem(last=False)
-        return index

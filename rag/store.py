@@ -1,9 +1,12 @@
-"""Knowledge bases in Chroma: one collection each, crash-safe document updates, access checks.
+"""Knowledge bases in Chroma and FTS5: one collection and one keyword index each, crash-safe
+document updates, access checks.
 
-Every chunk carries the version id of the document upload it came from; the registry names each
-document's current version. An upload writes its chunks under a new version, flips the current
-version in one registry transaction, then deletes the old version's chunks. Reads keep only
-chunks of current versions, and `collect_garbage` deletes what an interrupted upload left.
+Every chunk carries the version id of the document upload it came from, in Chroma and in the
+keyword index alike; the registry names each document's current version. An upload writes its
+chunks under a new version to both, flips the current version in one registry transaction, then
+deletes the old version's chunks from both. Reads keep only chunks of current versions, so a
+document is in both or in neither, also after a crash; `collect_garbage` deletes what an
+interrupted upload left.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import re
 import secrets
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,6 +28,7 @@ from appliance.rag.chunking import Chunk, chunk_document
 from appliance.rag.document import ParsedDocument
 from appliance.rag.embeddings import Embedder
 from appliance.rag.errors import IngestError, KnowledgeBaseError
+from appliance.rag.keywords import KeywordIndex
 from appliance.rag.registry import DocumentRecord, KnowledgeBase, Registry, now
 from appliance.rag.write_lock import write_lock
 
@@ -42,6 +46,8 @@ _MAX_ACCESS_NAMES = 1000
 # Versions per Chroma `$in` filter, and chunks per `add` (Chroma refuses more than ~5000).
 _VERSIONS_PER_GET = 100
 _CHUNKS_PER_ADD = 1000
+# Under the store's root: one SQLite file per knowledge base, named after its collection.
+KEYWORDS_DIR = "keywords"
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class KnowledgeBaseStore:
         self._versions: dict[str, tuple[int, frozenset[str]]] = {}
         self._client = _chroma_client(self.settings, root / "chroma")
         self.collect_garbage()
+        self.build_missing_keyword_indexes()
 
     # Knowledge bases
 
@@ -111,6 +118,7 @@ class KnowledgeBaseStore:
         with self._writing():
             self._registry.add_knowledge_base(kb)
             self._collection(kb)
+            self._keywords(kb.collection).create()
         return kb
 
     def knowledge_bases(self, principal: Principal) -> list[KnowledgeBase]:
@@ -214,22 +222,39 @@ class KnowledgeBaseStore:
             fetch *= 4
         return []
 
+    def keyword_search(
+        self, principal: Principal, ref: str, query: str, n: int
+    ) -> list[tuple[Chunk, float]]:
+        """The `n` current chunks that best match the query's words, with their BM25 score,
+        best first."""
+        kb = self.get(principal, ref)
+        return self._keywords(kb.collection).search(kb.id, query, n, self._current_versions(kb))
+
     def chunks(self, principal: Principal, ref: str) -> list[Chunk]:
         """Every current chunk of the knowledge base, by file name and position."""
-        kb = self.get(principal, ref)
-        versions = sorted(self._current_versions(kb))
-        collection = self._collection(kb)
-        chunks = []
-        for start in range(0, len(versions), _VERSIONS_PER_GET):
-            where = {"version": {"$in": versions[start : start + _VERSIONS_PER_GET]}}
-            result = collection.get(where=where, include=["documents", "metadatas"])
-            chunks += [
-                _stored(kb, chunk_id, text, meta)
-                for chunk_id, text, meta in zip(
-                    result["ids"], result["documents"], result["metadatas"], strict=True
-                )
-            ]
+        chunks = [chunk for _, chunk in self._stored_chunks(self.get(principal, ref))]
         return sorted(chunks, key=lambda chunk: (chunk.filename, chunk.index))
+
+    def build_missing_keyword_indexes(self) -> list[str]:
+        """Build the keyword index of each knowledge base that has none (stores written before
+        there was one) from its chunks in Chroma; returns their ids.
+
+        Runs when the store opens, and is safe to run again (a migration step may call it). The
+        exclusive write lock keeps writes out while an index is built, so none is missed.
+        """
+        built = []
+        for kb in self._registry.knowledge_bases():
+            if self._keywords(kb.collection).exists():
+                continue
+            with write_lock(self.root, exclusive=True):
+                current = self._registry.knowledge_base(kb.id)
+                index = self._keywords(kb.collection)
+                if current is None or current.collection != kb.collection or index.exists():
+                    continue  # deleted or built by another process meanwhile
+                log.info("building the keyword index of knowledge base %s", kb.id)
+                index.rebuild(self._stored_chunks(current))
+                built.append(kb.id)
+        return built
 
     # Cleanup
 
@@ -244,12 +269,18 @@ class KnowledgeBaseStore:
         # the registry read after, even if it was made in between.
         with self._writing():
             collections = [collection.name for collection in self._client.list_collections()]
+            indexes = [path.stem for path in (self.root / KEYWORDS_DIR).glob("*.sqlite3")]
             known = {kb.collection for kb in self._registry.knowledge_bases()}
             prefix = _collection_prefix(self._registry.store_id)
             for collection in collections:
                 if collection.startswith(prefix) and collection not in known:
                     log.info("deleting collection %s: its knowledge base was deleted", collection)
                     self._drop_collection(collection)
+            for collection in set(indexes) - known:
+                self._keywords(collection).delete()
+            # Builds hold the write lock alone: one's file seen here is a crashed build's.
+            for building in (self.root / KEYWORDS_DIR).glob("*.building"):
+                building.unlink(missing_ok=True)
             for loose in self._registry.loose_versions():
                 if not loose.writer_alive():
                     self._drop_version(loose.collection, loose.version)
@@ -303,6 +334,7 @@ class KnowledgeBaseStore:
             content_hash=_content_hash(chunks),
             chunks=len(chunks),
             updated_at=now(),
+            source_hash=document.source_hash,
         )
         with self._writing():
             return self._add_version(kb, record, chunks)
@@ -312,6 +344,8 @@ class KnowledgeBaseStore:
     ) -> IngestResult:
         old = self._registry.document(kb.id, record.id)
         if old and old.content_hash == record.content_hash:
+            if record.source_hash and old.source_hash != record.source_hash:
+                self._registry.set_source_hash(kb.id, record.id, record.source_hash)
             return IngestResult(record.filename, record.id, "unchanged", old.chunks)
         self._registry.begin_version(kb.collection, record.version)
         try:
@@ -332,7 +366,9 @@ class KnowledgeBaseStore:
         chunks: list[Chunk],
         old: DocumentRecord | None,
     ) -> None:
-        """Store the chunks under `record.version`; text the old version has keeps its vector."""
+        """Store the chunks under `record.version` in Chroma and the keyword index; text the old
+        version has keeps its vector."""
+        self._keywords(kb.collection).add(record.version, record.id, chunks)
         collection = self._collection(kb)
         known = self._vectors_by_text(collection, old)
         reused = [chunk for chunk in chunks if _text_hash(chunk.text) in known]
@@ -373,6 +409,7 @@ class KnowledgeBaseStore:
             self._client.get_collection(collection, embedding_function=None).delete(
                 where={"version": version}
             )
+        self._keywords(collection).drop(version)
         self._registry.forget_version(collection, version)
 
     def _drop_collection(self, collection: str) -> None:
@@ -381,6 +418,22 @@ class KnowledgeBaseStore:
         # NotFoundError: another process's garbage collection deleted it meanwhile.
         with contextlib.suppress(NotFoundError):
             self._client.delete_collection(collection)
+        self._keywords(collection).delete()
+
+    def _keywords(self, collection: str) -> KeywordIndex:
+        return KeywordIndex(self.root / KEYWORDS_DIR / f"{collection}.sqlite3")
+
+    def _stored_chunks(self, kb: KnowledgeBase) -> Iterator[tuple[str, Chunk]]:
+        """(version, chunk) of every current chunk of the knowledge base, as Chroma has them."""
+        versions = sorted(self._current_versions(kb))
+        collection = self._collection(kb)
+        for start in range(0, len(versions), _VERSIONS_PER_GET):
+            where = {"version": {"$in": versions[start : start + _VERSIONS_PER_GET]}}
+            result = collection.get(where=where, include=["documents", "metadatas"])
+            for chunk_id, text, meta in zip(
+                result["ids"], result["documents"], result["metadatas"], strict=True
+            ):
+                yield meta["version"], _stored(kb, chunk_id, text, meta)
 
     def _collection(self, kb: KnowledgeBase) -> Collection:
         # Vectors come from our Embedder only: Chroma's default embedding function would try

@@ -48,6 +48,7 @@ _COMMAND_MODULES = (
     "health",
     "install",
     "instances",
+    "kb",
     "keys",
     "models",
     "stack",

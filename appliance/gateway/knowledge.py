@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
@@ -30,6 +31,7 @@ router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(knowledge
 Who = Annotated[Principal, Depends(authenticated)]
 DONE_EVENT = b"data: [DONE]"
 MAX_FILES_PER_UPLOAD = 100
+_AUDITED_CHANGES = 1000
 # Paths name a knowledge base by its id `owner/name` (one slash) or its name: `{ref:path}`.
 
 Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=1000)]
@@ -176,14 +178,7 @@ async def upload_documents(ref: str, request: Request, who: Who) -> dict:
     from appliance.rag.ingest import parse_many
 
     service = _service(request)
-    limit = service.settings.rag.max_upload_bytes
-    declared = request.headers.get("content-length")
-    # Checked before the body is read: multipart parsing spools files to disk.
-    if declared is None or not declared.isdigit():
-        raise RequestError(411, "uploads need a Content-Length header")
-    if int(declared) > limit:
-        raise RequestError(413, f"the upload is larger than {limit} bytes (rag.max_upload_bytes)")
-    form = await request.form(max_files=MAX_FILES_PER_UPLOAD)
+    form = await _upload_form(request, service)
     try:
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         if not files:
@@ -217,6 +212,58 @@ async def upload_documents(ref: str, request: Request, who: Who) -> dict:
         refused=[e["filename"] for e in outcome["errors"]],
     )
     return outcome
+
+
+@router.post("/{ref:path}/sync")
+async def sync_folder(ref: str, request: Request, who: Who) -> dict:
+    """Bring the knowledge base in step with a folder: multipart part `manifest` (a JSON object,
+    relative path -> sha256 of the file, every file of the folder) and parts `files` (some of
+    them, named by their path). Documents not in the manifest are removed; each path gets its
+    outcome, `needed` for the changed files not sent (send them in the next call)."""
+    # Knowledge bases bring Chroma and the embedder: loaded at their first use.
+    from appliance.rag.sync import sync
+
+    service = _service(request)
+    form = await _upload_form(request, service, parts=1)  # the manifest
+    try:
+        part = form.get("manifest")
+        if not isinstance(part, UploadFile):
+            raise RequestError(400, "no manifest: send it as multipart part 'manifest'")
+        try:
+            manifest = json.loads(await part.read())
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict):
+            raise RequestError(400, "the manifest must be a JSON object: path -> sha256")
+        files = {}
+        for f in form.getlist("files"):
+            if isinstance(f, UploadFile):
+                files[f.filename or ""] = await f.read()
+    finally:
+        await form.close()
+
+    def fn(store, _r):
+        return store.writable(who, ref), sync(store, who, ref, manifest, files)
+
+    kb, outcomes = await service.run(fn)
+    changed = [(o.path, o.status) for o in outcomes if o.status not in ("unchanged", "needed")]
+    counts = Counter(o.status for o in outcomes)
+    # Bounded: a first sync may remove thousands of documents; the counts still say how many.
+    await audit(request, who.user, "sync", kb.id, counts=counts, changed=changed[:_AUDITED_CHANGES])
+    return {"results": [asdict(o) for o in outcomes]}
+
+
+async def _upload_form(request: Request, service: KnowledgeService, parts: int = 0):
+    """The multipart form of an upload (MAX_FILES_PER_UPLOAD files and `parts` other file
+    parts), its declared size checked first."""
+    limit = service.settings.rag.max_upload_bytes
+    declared = request.headers.get("content-length")
+    # Checked before the body is read: multipart parsing spools files to disk.
+    if declared is None or not declared.isdigit():
+        raise RequestError(411, "uploads need a Content-Length header")
+    if int(declared) > limit:
+        raise RequestError(413, f"the upload is larger than {limit} bytes (rag.max_upload_bytes)")
+    return await request.form(max_files=MAX_FILES_PER_UPLOAD + parts)
 
 
 # Registered before the knowledge base's own DELETE, whose `{ref:path}` also matches this path.

@@ -3,6 +3,7 @@ so a script with an API key can do the same."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -189,6 +190,20 @@ class GatewayClient:
             return await self._call(
                 "POST", f"/v1/knowledge_bases/{_seg(kb)}/documents", token, files=files
             )
+
+    async def sync(
+        self, token: str, kb: str, manifest: dict[str, str], files: dict[str, Path]
+    ) -> list[dict[str, Any]]:
+        """One call of folder sync: the whole manifest (path -> sha256) and the files sent
+        (path -> local file); each path's outcome as the gateway reports it."""
+        with contextlib.ExitStack() as stack:
+            parts: list[tuple[str, Any]] = [
+                ("manifest", ("manifest.json", json.dumps(manifest).encode(), "application/json"))
+            ]
+            for name, path in files.items():
+                parts.append(("files", (name, stack.enter_context(path.open("rb")))))
+            path = f"/v1/knowledge_bases/{_seg(kb)}/sync"
+            return (await self._call("POST", path, token, files=parts))["results"]
 
     async def delete_document(self, token: str, kb: str, filename: str) -> None:
         await self._call(

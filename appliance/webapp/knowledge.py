@@ -1,9 +1,10 @@
 """The Knowledge tab: knowledge bases (create, share, delete), documents (drop several files with
-progress and errors per file, list, delete) and search."""
+progress and errors per file, sync a folder, list, delete) and search."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ class KnowledgeComponents:
     create_btn: gr.Button
     files: gr.File
     upload_btn: gr.Button
+    folder: gr.File
+    sync_btn: gr.Button
     upload_status: gr.Dataframe
     documents: gr.Dataframe
     doc_pick: gr.Dropdown
@@ -98,6 +101,15 @@ def knowledge_components() -> KnowledgeComponents:
         elem_id="kb-files",
     )
     upload_btn = gr.Button("Add to the knowledge base", variant="primary", elem_id="kb-upload")
+    with gr.Accordion("Sync with a folder", open=False, elem_id="kb-sync-folder"):
+        gr.Markdown(
+            "The knowledge base will hold exactly this folder's files: new ones added, changed "
+            "ones replaced, and documents that are not in the folder **removed**. The browser "
+            "gives file names without their folders: use `appliance kb sync` for a folder "
+            "with subfolders."
+        )
+        folder = gr.File(label="Choose a folder", file_count="directory", elem_id="kb-folder")
+        sync_btn = gr.Button("Sync", variant="primary", elem_id="kb-sync")
     upload_status = gr.Dataframe(
         headers=UPLOAD_HEADERS, value=[], interactive=False, wrap=True, elem_id="kb-upload-status"
     )
@@ -142,6 +154,8 @@ def knowledge_components() -> KnowledgeComponents:
         create_btn,
         files,
         upload_btn,
+        folder,
+        sync_btn,
         upload_status,
         documents,
         doc_pick,
@@ -222,6 +236,72 @@ async def upload(ctx: WebContext, session, chosen, paths):
     yield rows, None
 
 
+async def sync_folder(ctx: WebContext, session, chosen, paths):
+    """Sync the knowledge base with the chosen folder as `appliance kb sync` does, the changed
+    files sent one by one; each file's outcome, removed documents included."""
+    if not chosen or not paths:
+        gr.Warning(
+            "Choose a folder first." if chosen else "Choose or create a knowledge base first."
+        )
+        yield gr.skip(), gr.skip()
+        return
+    token = token_of(session)
+    uploads = [Path(p) for p in paths]
+    try:
+        files, rows = _folder_files(uploads)
+        manifest = {name: _sha256(path) for name, path in files.items()}
+        yield list(rows.values()), gr.skip()
+        try:
+            for outcome in await ctx.client.sync(token, chosen, manifest, {}):
+                rows[outcome["path"]] = _sync_row(outcome)
+            yield list(rows.values()), gr.skip()
+            for name, row in rows.items():
+                if row[1] != "needed":
+                    continue
+                row[1] = "uploading and reading"
+                yield list(rows.values()), gr.skip()
+                for outcome in await ctx.client.sync(token, chosen, manifest, {name: files[name]}):
+                    if outcome["path"] == name:
+                        rows[name] = _sync_row(outcome)
+                yield list(rows.values()), gr.skip()
+        except GatewayError as exc:
+            gr.Warning(f"The sync stopped: {exc}")
+    finally:
+        for path in uploads:
+            _forget_upload(path)
+    yield list(rows.values()), None
+
+
+def _folder_files(uploads: list[Path]) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """The folder's files by name (hidden ones left out, as the CLI does), and a row for each;
+    a name that comes twice (two subfolders) is refused, not guessed."""
+    files: dict[str, Path] = {}
+    rows: dict[str, list[str]] = {}
+    for path in uploads:
+        if path.name.startswith("."):
+            continue
+        if path.name in files:
+            del files[path.name]
+            message = "several files of this name in the folder: sync it with `appliance kb sync`"
+            rows[path.name] = [path.name, "refused", message]
+        elif path.name not in rows:
+            files[path.name] = path
+            rows[path.name] = [path.name, "waiting", ""]
+    return files, rows
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sync_row(outcome: dict[str, Any]) -> list[str]:
+    return [outcome["path"], outcome["status"], outcome.get("message", "")]
+
+
 async def delete_document(ctx: WebContext, session, chosen, filename):
     if not chosen or not filename:
         gr.Warning("Choose a document first.")
@@ -272,6 +352,9 @@ def wire_knowledge(ctx: WebContext, c: KnowledgeComponents) -> KnowledgeView:
     c.upload_btn.click(
         bind(ctx, upload), [ctx.session, c.kb, c.files], [c.upload_status, c.files]
     ).then(**again)
+    c.sync_btn.click(
+        bind(ctx, sync_folder), [ctx.session, c.kb, c.folder], [c.upload_status, c.folder]
+    ).then(**again)
     document = [ctx.session, c.kb, c.doc_pick]
     c.delete_doc_btn.click(bind(ctx, delete_document), document, None).then(**again)
     gr.on(
@@ -288,7 +371,7 @@ def wire_knowledge(ctx: WebContext, c: KnowledgeComponents) -> KnowledgeView:
 
     def on_sign_in(dep):
         return dep.then(**again).then(
-            lambda: ([], "", None), None, [c.upload_status, c.hits, c.files]
+            lambda: ([], "", None, None), None, [c.upload_status, c.hits, c.files, c.folder]
         )
 
     return KnowledgeView(on_sign_in)

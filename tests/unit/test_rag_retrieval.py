@@ -1,19 +1,18 @@
-"""Hybrid retrieval with the real embedding model: BM25, rank fusion, access, reranking."""
+"""Hybrid retrieval with the real embedding model: FTS5 keywords, rank fusion, access, reranking."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from appliance.rag.bm25 import BM25, tokenize
 from appliance.rag.chunking import Chunk
 from appliance.rag.embeddings import Embedder, cpu_has_native_bfloat16, default_model_dir
 from appliance.rag.errors import KnowledgeBaseNotFound
+from appliance.rag.keywords import MAX_QUERY_TERMS, match_expression, query_terms
 from appliance.rag.reranking import Reranker
 from appliance.rag.retrieval import Retriever, reciprocal_rank_fusion
-from appliance.rag.store import KnowledgeBaseStore
+from appliance.rag.store import KnowledgeBaseStore, document_id
 
 from appliance.errors import ApplianceError
 from tests.unit.rag_corpus import ALICE, BOB, SMALL_CHUNKS, VALVE_NOTE, corpus, document
@@ -24,6 +23,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> KnowledgeBaseStore:
     store = KnowledgeBaseStore(tmp_path_factory.mktemp("rag"), SMALL_CHUNKS)
     store.create(ALICE, "manuals")
     store.add_documents(ALICE, "manuals", corpus())
+    return store
+
+
+@pytest.fixture(scope="module")
+def hostile(store: KnowledgeBaseStore) -> KnowledgeBaseStore:
+    store.create(ALICE, "hostile")
+    store.add_documents(ALICE, "hostile", [document("q.txt", ["foo NEAR start drop table"])])
     return store
 
 
@@ -39,26 +45,40 @@ def _chunk(chunk_id: str) -> Chunk:
 # Pieces
 
 
-def test_tokenize_lowercases_splits_on_non_word_characters_and_drops_stop_words():
-    assert tokenize("The XK-4471 gasket, and Überdruck_Ventil!") == [
-        "xk",
-        "4471",
-        "gasket",
-        "überdruck_ventil",
-    ]
+def test_query_terms_are_lowercased_words_without_stop_words_and_quoted():
+    terms = query_terms("The XK-4471 gasket, and Überdruck_Ventil! gasket")
+    assert terms == ["xk", "4471", "gasket", "überdruck_ventil"]
+    assert match_expression(terms) == '"xk" OR "4471" OR "gasket" OR "überdruck_ventil"'
+    assert len(query_terms(" ".join(f"w{n}" for n in range(500)))) == MAX_QUERY_TERMS
 
 
-def test_bm25_matches_the_okapi_formula():
-    documents = [["pump", "seal"], ["pump", "pump", "bearing", "grease"], ["bread"]]
-    bm25 = BM25(documents)
-    idf = math.log(1 + (3 - 2 + 0.5) / (2 + 0.5))
-    average = 7 / 3
-    expected = idf * 2 * 2.5 / (2 + 1.5 * (1 - 0.75 + 0.75 * 4 / average))
-    [first, second] = bm25.top(["pump"], 5)
-    assert first[0] == 1 and first[1] == pytest.approx(expected)
-    assert second[0] == 0
-    assert bm25.top(["bread", "seal"], 1)[0][0] == 2  # as rare as "seal", in a shorter document
-    assert bm25.top(["absent"], 5) == [] and BM25([]).top(["x"], 5) == []
+def test_keyword_ranking_is_bm25_rare_terms_and_short_chunks_first(store: KnowledgeBaseStore):
+    store.create(ALICE, "bm25")
+    docs = [("a.txt", "pump seal"), ("b.txt", "pump pump bearing grease"), ("c.txt", "bread")]
+    store.add_documents(ALICE, "bm25", [document(name, [text]) for name, text in docs])
+
+    def ranked(query: str) -> list[str]:
+        return [c.filename for c, _ in store.keyword_search(ALICE, "bm25", query, 5)]
+
+    assert ranked("pump") == ["b.txt", "a.txt"]  # two occurrences beat one
+    assert ranked("bread seal")[0] == "c.txt"  # as rare as "seal", in a shorter chunk
+    assert ranked("absent") == [] and ranked("the and") == []
+    [(chunk, score)] = store.keyword_search(ALICE, "bm25", "Bread", 5)
+    assert (chunk.kb, chunk.document_id, chunk.text) == (
+        "alice/bm25",
+        document_id("c.txt"),
+        "bread",
+    )
+    assert score > 0 and chunk.id in {c.id for c in store.chunks(ALICE, "bm25")}
+
+
+@pytest.mark.parametrize(
+    "query",
+    ['"foo AND (', "NEAR(a b", "*", "x:y", "^start", "a OR", "'; DROP TABLE chunks; --", "\0\x00"],
+)
+def test_hostile_queries_are_words_not_syntax(hostile: KnowledgeBaseStore, query: str):
+    found = hostile.keyword_search(ALICE, "hostile", query, 5)
+    assert all(chunk.filename == "q.txt" for chunk, _ in found)
 
 
 def test_rrf_adds_reciprocal_ranks_and_records_who_found_what():

@@ -324,7 +324,11 @@ def test_a_process_killed_mid_upload_leaves_the_knowledge_base_as_before(tmp_pat
     child = subprocess.run(
         [sys.executable, "-c", _CHILD, str(tmp_path)],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        # Whatever else the caller's PYTHONPATH holds (a worktree's overlay) stays after it.
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        },
         capture_output=True,
         text=True,
         timeout=120,

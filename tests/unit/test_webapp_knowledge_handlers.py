@@ -3,6 +3,8 @@ their outcomes, and refusals."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 import pytest
 
@@ -99,3 +101,46 @@ def test_search_delete_and_share_check_what_was_chosen():
     refused = context(FakeClient(delete_document=GatewayError(404, "no such document")))
     with pytest.raises(gr.Error, match="no such document"):
         run(knowledge.delete_document(refused, USER, "plant", "x.pdf"))
+
+
+def test_folder_sync_sends_only_needed_files_and_shows_every_outcome(tmp_path):
+    paths = []
+    for folder, name, text in [
+        ("1", "same.txt", "s"),
+        ("2", "new.md", "n"),
+        ("3", "twice.txt", "a"),
+        ("4", "twice.txt", "b"),
+        ("5", ".hidden", "h"),
+    ]:
+        path = tmp_path / folder / name
+        path.parent.mkdir()
+        path.write_text(text)
+        paths.append(str(path))
+
+    def sync(token, kb, manifest, files):
+        if not files:  # the plan: one document gone, one unchanged, one to send
+            return [
+                {"path": "gone.txt", "status": "removed", "message": ""},
+                {"path": "same.txt", "status": "unchanged", "message": ""},
+                {"path": "new.md", "status": "needed", "message": ""},
+            ]
+        return [{"path": name, "status": "added", "message": ""} for name in files]
+
+    client = FakeClient(sync=sync)
+    yielded = run(knowledge.sync_folder(context(client), USER, "plant", paths))
+    rows, cleared = yielded[-1]
+    assert cleared is None
+    assert sorted(map(tuple, rows)) == [
+        ("gone.txt", "removed", ""),
+        ("new.md", "added", ""),
+        ("same.txt", "unchanged", ""),
+        (
+            "twice.txt",
+            "refused",
+            "several files of this name in the folder: sync it with `appliance kb sync`",
+        ),
+    ]
+    [plan, send] = client.called("sync")
+    assert sorted(plan[2]) == ["new.md", "same.txt"] and plan[3] == {}
+    assert list(send[3]) == ["new.md"]
+    assert not any(Path(p).exists() for p in paths)  # the uploads are forgotten

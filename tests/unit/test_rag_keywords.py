@@ -1,0 +1,164 @@
+"""The keyword index (SQLite FTS5) beside Chroma: in step through SIGKILLs, built when missing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import chromadb
+import pytest
+from appliance.rag import keywords
+from appliance.rag.chunking import Chunk
+from appliance.rag.keywords import KeywordIndex
+from appliance.rag.store import KEYWORDS_DIR, KnowledgeBaseStore
+
+from tests.unit.rag_corpus import ALICE, MANUAL_V1, document
+from tests.unit.test_rag_store import _kb_with_old_manual, _open
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _index_file(store: KnowledgeBaseStore) -> Path:
+    return store.root / KEYWORDS_DIR / f"{store.get(ALICE, 'kb').collection}.sqlite3"
+
+
+def _index_rows(store: KnowledgeBaseStore) -> int:
+    """Rows in the knowledge base's keyword index, current or not."""
+    with sqlite3.connect(_index_file(store)) as db:
+        return db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+
+
+def _found(store: KnowledgeBaseStore, query: str) -> list[str]:
+    return [chunk.text for chunk, _ in store.keyword_search(ALICE, "kb", query, 50)]
+
+
+def _vectors(store: KnowledgeBaseStore) -> int:
+    return store._collection(store.get(ALICE, "kb")).count()
+
+
+# The child dies by SIGKILL at one point of an upload that replaces manual.txt with MANUAL_V2.
+_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+
+    from appliance.rag.keywords import KeywordIndex
+    from appliance.rag.registry import Registry
+    from appliance.rag.store import KnowledgeBaseStore
+    from tests.unit.rag_corpus import ALICE, MANUAL_V2, SMALL_CHUNKS, HashEmbedder, document
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def after(cls, name):
+        original = getattr(cls, name)
+        setattr(cls, name, lambda *args: (original(*args), die()))
+
+    def before(cls, name):
+        setattr(cls, name, lambda *args: die())
+
+    point = sys.argv[2]
+    if point == "indexed":  # keyword rows written, no vector yet
+        after(KeywordIndex, "add")
+    elif point == "embedded":  # keyword rows and vectors written, the registry not flipped
+        before(Registry, "commit_version")
+    elif point == "flipped":  # the new version current, the old one's rows not deleted
+        after(Registry, "commit_version")
+    store = KnowledgeBaseStore(Path(sys.argv[1]), SMALL_CHUNKS, HashEmbedder(batch_size=2))
+    store.add_documents(ALICE, "kb", [document("manual.txt", MANUAL_V2)])
+    """
+)
+
+
+def _kill_child_at(root: Path, point: str) -> None:
+    # A fresh interpreter: embedded Chroma is not shared between processes while one writes.
+    chromadb.api.client.SharedSystemClient.clear_system_cache()
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(root), point],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+
+@pytest.mark.parametrize("point", ["indexed", "embedded"])
+def test_a_process_killed_before_the_flip_leaves_the_old_document_in_both(
+    tmp_path: Path, point: str
+):
+    before = _kb_with_old_manual(tmp_path).documents(ALICE, "kb")
+    _kill_child_at(tmp_path, point)
+
+    reopened = _open(tmp_path)
+    assert reopened.documents(ALICE, "kb") == before
+    assert _found(reopened, "torque flange") == MANUAL_V1
+    assert _found(reopened, "procedure shift") == []
+    assert _index_rows(reopened) == _vectors(reopened) == len(MANUAL_V1) + 1
+    assert reopened._registry.loose_versions() == []
+
+
+def test_a_process_killed_after_the_flip_leaves_the_new_document_in_both(tmp_path: Path):
+    _kb_with_old_manual(tmp_path)
+    _kill_child_at(tmp_path, "flipped")
+
+    reopened = _open(tmp_path)
+    assert _found(reopened, "torque flange") == []
+    new = [c.text for c in reopened.chunks(ALICE, "kb") if c.filename == "manual.txt"]
+    assert "New manual step 11" in new[-1] and sorted(_found(reopened, "procedure")) == sorted(new)
+    assert _index_rows(reopened) == _vectors(reopened) == len(new) + 1
+    assert reopened._registry.loose_versions() == []
+
+
+def test_changes_reach_the_index_document_by_document(tmp_path: Path):
+    store = _kb_with_old_manual(tmp_path)
+    store.add_documents(
+        ALICE, "kb", [document("manual.txt", [f"Step {i}: procedure {i}." for i in range(12)])]
+    )
+    new = [c.text for c in store.chunks(ALICE, "kb") if c.filename == "manual.txt"]
+    assert _found(store, "torque") == [] and sorted(_found(store, "procedure")) == sorted(new)
+    assert _index_rows(store) == len(new) + 1
+    store.delete_document(ALICE, "kb", "manual.txt")
+    assert _found(store, "procedure") == [] and _index_rows(store) == 1
+    index = _index_file(store)
+    store.delete(ALICE, "kb")
+    assert not index.exists()
+
+
+def test_a_knowledge_base_without_an_index_gets_one_built_once_on_opening(tmp_path: Path):
+    store = _kb_with_old_manual(tmp_path)
+    index = _index_file(store)
+    index.unlink()  # as a store written before the index existed
+    reopened = _open(tmp_path)
+    assert index.exists() and _found(reopened, "torque flange") == MANUAL_V1
+    [chunk] = [c for c, _ in reopened.keyword_search(ALICE, "kb", "torque", 5)]
+    assert chunk in reopened.chunks(ALICE, "kb")  # ids and sources as Chroma has them
+    assert reopened.build_missing_keyword_indexes() == []  # idempotent: a migration step
+    index.unlink()
+    assert reopened.build_missing_keyword_indexes() == ["alice/kb"]
+    assert _index_rows(reopened) == len(MANUAL_V1) + 1
+
+
+def test_common_words_are_left_out_of_the_candidates(tmp_path: Path, monkeypatch):
+    index = KeywordIndex(tmp_path / "kb.sqlite3")
+    index.create()
+    texts = ["pump valve XK-4471", "pump valve seal", "pump valve", "pump bearing", "pump", "seal"]
+    chunks = [Chunk("", text, "f.txt", n, None, None, None) for n, text in enumerate(texts)]
+    index.add("v", "d", chunks)
+
+    def found(query: str) -> list[str]:
+        return [c.text for c, _ in index.search("kb", query, 10, frozenset({"v"}))]
+
+    assert found("pump valve seal 4471")[0] == "pump valve XK-4471"
+    assert "seal" in found("pump valve seal 4471")  # ranked by every word under the bound
+    # At most two chunks ranked in full: the rarest word's, then ranked by all the words.
+    monkeypatch.setattr(keywords, "CANDIDATE_POSTINGS", 2)
+    assert found("valve seal 4471") == ["pump valve XK-4471"]
+    assert found("pump") == []  # in five chunks of six, and more chunks than the bound
