@@ -1,7 +1,8 @@
-"""One migration per stored format from the unversioned state (0) to schema 1. Schema 1 keeps
-every format as release 0.1.0 wrote it, so each is a check that the format reads with this
-code's own reader: a state that would fail at run time fails here, before the record says 1.
-Each is read-only or (the registry) idempotent, so a re-run after a crash is safe."""
+"""The migrations of each stored format. From the unversioned state (0) to schema 1, every format
+stays as release 0.1.0 wrote it, so each is a check that the format reads with this code's own
+reader: a state that would fail at run time fails here, before the record says 1. Schema 2 adds
+the knowledge bases' keyword indexes. Each is read-only or idempotent, so a re-run after a crash
+is safe."""
 
 from __future__ import annotations
 
@@ -54,6 +55,20 @@ def migrate_kb_registry(settings: ApplianceSettings) -> None:
     path = settings.rag_dir / "registry.sqlite3"
     if path.exists():
         _reads(path, lambda: Registry(path).knowledge_bases())
+
+
+def build_keyword_indexes(settings: ApplianceSettings) -> None:
+    """rag/keywords/: each knowledge base gets its keyword index (SQLite FTS5), built once from
+    its chunks in Chroma under the knowledge bases' write lock; one that has it is left as is.
+    With rag.chroma_url the chunks are on that server, which an upgrade does not need running:
+    the gateway's store builds the missing indexes when it opens instead."""
+    if settings.rag.chroma_url is not None or not (settings.rag_dir / "registry.sqlite3").exists():
+        return
+    # Imported here: Chroma takes seconds to load, and only a state with knowledge bases needs it.
+    from appliance.rag.store import KnowledgeBaseStore
+
+    store = KnowledgeBaseStore(settings.rag_dir, settings.rag)  # opening builds what is missing
+    store.build_missing_keyword_indexes()
 
 
 def check_chroma(settings: ApplianceSettings) -> None:

@@ -10,7 +10,7 @@ from appliance.config import ApplianceSettings
 from appliance.state_version import SCHEMA_VERSION
 from appliance.upgrade import formats
 
-# Every stored format of the state directory; step 0 -> 1 has an entry for each.
+# Every stored format of release 0.1.0's state directory; step 0 -> 1 has an entry for each.
 STORED_FORMATS = (
     "accounts",
     "api-keys",
@@ -64,6 +64,16 @@ STEPS: tuple[Step, ...] = (
             FormatMigration("store", formats.check_store),
             FormatMigration("usage", formats.check_usage),
             FormatMigration("config", formats.check_config),
+        ),
+    ),
+    Step(
+        "keyword-index",
+        1,
+        2,
+        # The registry's documents gain their file's sha256 (folder sync) when it opens.
+        (
+            FormatMigration("kb-registry", formats.migrate_kb_registry),
+            FormatMigration("keyword-index", formats.build_keyword_indexes),
         ),
     ),
 )
