@@ -4,11 +4,8 @@ it read; the same backup then goes to a roomy disk and verifies."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,23 +14,8 @@ from appliance.security.audit import AuditLog
 from appliance.security.keys import generate_key_file
 
 from appliance.config import ApplianceSettings
-from appliance_dev.stack import write_config
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(path: Path):
-    """A 1 MiB filesystem at `path`, unmounted on the way out (even when the test fails)."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def appliance(config: Path, *args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "appliance.cli.main", "--config", str(config), *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+from appliance_dev.stack import run_cli, write_config
+from tests.tmpfs import tiny_tmpfs
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -63,22 +45,22 @@ def test_a_backup_onto_a_full_disk_says_so_and_leaves_nothing(state, tmp_path):
     settings, config = state
     before = digests(settings.state_dir)
     with tiny_tmpfs(tmp_path / "full") as full:
-        made = appliance(config, "backup", str(full / "state.backup"))
+        made = run_cli(config, "backup", str(full / "state.backup"))
         assert made.returncode == 2, made.stdout + made.stderr
         assert "No space left on device" in made.stderr, made.stderr
         assert "Traceback" not in made.stderr, made.stderr
         assert os.listdir(full) == []  # no partial backup left to fill the disk
     assert digests(settings.state_dir) == before
     roomy = tmp_path / "state.backup"
-    assert appliance(config, "backup", str(roomy)).returncode == 0
-    checked = appliance(config, "backup", "verify", str(roomy))
+    assert run_cli(config, "backup", str(roomy)).returncode == 0
+    checked = run_cli(config, "backup", "verify", str(roomy))
     assert checked.returncode == 0, checked.stderr
 
 
 def test_a_restore_into_a_full_disk_says_so_and_restores_nothing(state, tmp_path):
     settings, config = state
     backup = tmp_path / "state.backup"
-    made = appliance(config, "backup", str(backup))
+    made = run_cli(config, "backup", str(backup))
     assert made.returncode == 0, made.stderr
     kek = tmp_path / "kek.key"
     kek.write_bytes(settings.kek_file.read_bytes())
@@ -86,7 +68,7 @@ def test_a_restore_into_a_full_disk_says_so_and_restores_nothing(state, tmp_path
     with tiny_tmpfs(tmp_path / "full") as full:
         target = ApplianceSettings(state_dir=full / "state")
         target_config = write_config(target, tmp_path / "target.yaml")
-        done = appliance(target_config, "restore", str(backup), "--key-file", str(kek))
+        done = run_cli(target_config, "restore", str(backup), "--key-file", str(kek))
         assert done.returncode == 2, done.stdout + done.stderr
         assert "nothing restored" in done.stderr and "No space left" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr, done.stderr

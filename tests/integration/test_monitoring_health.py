@@ -5,7 +5,6 @@ placed on the other node, and the node is resumed once there is space again."""
 from __future__ import annotations
 
 import contextlib
-import subprocess
 
 import httpx
 import pytest
@@ -19,18 +18,9 @@ from appliance_dev.stack import (
     running_local_cluster,
 )
 from tests.slurm_fixtures import require_local_slurm, tiny_catalog, wait_for
+from tests.tmpfs import tiny_tmpfs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(path):
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_full_scratch_drains_the_node_and_instances_go_elsewhere(tmp_path, tiny_model_dir):
