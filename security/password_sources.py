@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from appliance.security.api_keys import Role
-from appliance.security.group_mapping import GroupMapping
+from appliance.security.group_mapping import GroupMapping, MappedIdentity
 from appliance.security.ldap_directory import (
     DirectoryUnavailable,
     InvalidCredentials,
@@ -25,13 +24,10 @@ DIRECTORY_NAME = re.compile(r"^[a-z0-9_][a-z0-9_.@-]*$")
 
 
 @dataclass(frozen=True)
-class SignedIn:
+class SignedIn(MappedIdentity):
     """Who a password signed in, and which source vouched for it (`local` or `ldap`)."""
 
-    username: str
-    role: Role
-    groups: tuple[str, ...]
-    source: str
+    source: str = "local"
 
 
 class PasswordSources:

@@ -23,7 +23,6 @@ from appliance.cli.context import CliContext, pass_ctx
 
 # Per request: the gateway takes 100 files, and bounds the whole body (rag.max_upload_bytes).
 _FILES_PER_BATCH = 100
-_READ_BYTES = 1 << 20
 # Bytes of a request besides its files' content: the multipart framing of the manifest.
 _REQUEST_OVERHEAD = 1024
 # And of each file: its part's headers.
@@ -98,11 +97,8 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as file:
-        while block := file.read(_READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _batches(

@@ -291,11 +291,8 @@ def _folder_files(uploads: list[Path]) -> tuple[dict[str, Path], dict[str, list[
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _sync_row(outcome: dict[str, Any]) -> list[str]:
