@@ -75,9 +75,10 @@ def upgrade(
     steps = pending_steps(settings)
     backup = None
     if steps:
+        key = source()  # first: a missing key refuses before anything is said or written
         backup_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         backup = backup_path(backup_dir, version)
         progress(f"backup of the state before the upgrade: {backup}")
-        write_backup(settings, backup, source())
+        write_backup(settings, backup, key)
     done = migrate(settings, progress=progress)
     return UpgradeResult(version, SCHEMA_VERSION, backup, done)

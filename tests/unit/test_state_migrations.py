@@ -199,6 +199,23 @@ def test_appliance_upgrade_dry_run_then_backup_and_migrate(host):
     assert list(backups.iterdir()) == [backup]  # no second backup when nothing changes
 
 
+def test_upgrade_without_a_key_encryption_key_asks_for_a_passphrase(host):
+    # The CPU demo never makes one (`appliance store init` does): the backup needs one or the other.
+    host.settings.kek_file.unlink()
+    backups = host.tmp / "backups"
+    rc, out, err = host("upgrade", "--backup-dir", str(backups))
+    assert rc == 2 and "--passphrase-file" in err, err
+    assert "backup of the state" not in out and not backups.exists()
+    assert sv.read_record(host.settings.state_dir) is None
+    passphrase = host.tmp / "passphrase"
+    passphrase.write_text("a passphrase for the upgrade\n")
+    rc, out, err = host(
+        "upgrade", "--backup-dir", str(backups), "--passphrase-file", str(passphrase)
+    )
+    assert rc == 0, err
+    assert sv.read_record(host.settings.state_dir).version == sv.SCHEMA_VERSION
+
+
 def test_upgrade_of_a_fresh_state_only_stamps_it(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(f"state_dir: {tmp_path / 'state'}\ngateway:\n  port: {free_port()}\n")
