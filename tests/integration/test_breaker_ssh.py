@@ -283,13 +283,16 @@ def sessions(breaker) -> list[psutil.Process]:
     """The cluster side's session processes of this module's sshd."""
     config = str(breaker.sshd.directory / "breaker-config.yaml")
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
         with contextlib.suppress(psutil.Error):
             if config in (proc.info["cmdline"] or []) and (
                 proc.environ().get("SSH_ORIGINAL_COMMAND") == "session"
             ):
                 found.append(proc)
-    return found
+    # A session's child between fork and exec (its squeue, say) still shows the session's
+    # command line and environment: only the outermost ones are sessions.
+    pids = {proc.pid for proc in found}
+    return [proc for proc in found if proc.info["ppid"] not in pids]
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, seen: list[int]) -> list[dict]:
