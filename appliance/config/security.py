@@ -22,6 +22,18 @@ class Limits(BaseModel):
     """Streamed answers at the same time."""
 
 
+class DataAtRestSettings(BaseModel):
+    """Encryption of user data at rest: knowledge bases, conversations, fine-tuning files and
+    uploads live in gocryptfs volumes (docs/security.md)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    enabled: bool = False
+    """Keep user data in encrypted volumes, keyed by keys that the key-encryption key
+    (`store.key_file`) wraps. The installer turns it on; the CPU demo has no key-encryption key
+    and leaves it off."""
+
+
 class SecuritySettings(BaseModel):
     """Who may use how much, and what the audit log records."""
 
@@ -36,6 +48,9 @@ class SecuritySettings(BaseModel):
 
     key_quotas: dict[str, Limits] = Field(default_factory=dict)
     """Limits of particular API keys, by key id (replacing `quotas` for them)."""
+
+    data_at_rest: DataAtRestSettings = Field(default_factory=DataAtRestSettings)
+    """Encryption of user data at rest."""
 
     max_n: int = Field(default=16, ge=1, le=16384)
     """Most choices one completion request may ask for (`n`, and `best_of`): each is generated
