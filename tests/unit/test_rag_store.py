@@ -12,8 +12,9 @@ from pathlib import Path
 import chromadb
 import pytest
 from appliance.rag.errors import AccessDenied, KnowledgeBaseError, KnowledgeBaseNotFound
+from appliance.rag.kb_dirs import KBS_DIR
 from appliance.rag.registry import Registry
-from appliance.rag.store import KnowledgeBaseStore
+from appliance.rag.store import CHROMA_DIR, KnowledgeBaseStore
 from chromadb.config import Settings
 
 from tests.unit.rag_corpus import (
@@ -337,8 +338,11 @@ def test_a_process_killed_mid_upload_leaves_the_knowledge_base_as_before(tmp_pat
 
     half_written = Registry(tmp_path / "registry.sqlite3").loose_versions()
     assert len(half_written) == 1 and not half_written[0].writer_alive()
-    client = chromadb.PersistentClient(tmp_path / "chroma", Settings(anonymized_telemetry=False))
-    raw = client.get_collection(half_written[0].collection)
+    collection = half_written[0].collection
+    client = chromadb.PersistentClient(
+        tmp_path / KBS_DIR / collection / CHROMA_DIR, Settings(anonymized_telemetry=False)
+    )
+    raw = client.get_collection(collection)
     assert raw.count() == len(MANUAL_V1) + 1 + 4  # two batches of two new chunks were written
 
     reopened = _open(tmp_path)  # collects the dead upload's chunks
@@ -352,8 +356,9 @@ def test_a_crash_while_deleting_a_knowledge_base_is_finished_on_reopening(tmp_pa
     with monkeypatch.context() as patch:
         patch.setattr(KnowledgeBaseStore, "_drop_collection", lambda self, name: None)
         store.delete(ALICE, "kb")
-    assert collection in [c.name for c in store._client.list_collections()]
+    assert (tmp_path / KBS_DIR / collection / CHROMA_DIR / "chroma.sqlite3").exists()
+    store.close()
     reopened = _open(tmp_path)
-    assert collection not in [c.name for c in reopened._client.list_collections()]
+    assert not (tmp_path / KBS_DIR / collection).exists()
     reopened.create(ALICE, "kb")  # the name is free again, and nothing of the old one is back
     assert reopened.documents(ALICE, "kb") == [] and reopened.chunks(ALICE, "kb") == []
