@@ -28,6 +28,7 @@ from appliance.security.keys import (
     KeyEncryptionKey,
     KeyWrapError,
     new_data_key,
+    rewrap_data_key,
     unwrap_data_key,
     wrap_data_key,
 )
@@ -225,6 +226,27 @@ class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
     def _lock_fd(self, collection: str) -> int:
         self.volumes.mkdir(parents=True, exist_ok=True, mode=0o700)
         return os.open(self._lock_file(collection), os.O_CREAT | os.O_RDWR, 0o600)
+
+
+def rewrap_keys(volumes: Path, old: KeyEncryptionKey, new: KeyEncryptionKey) -> int:
+    """Wrap every knowledge base's key in `volumes` by `new` instead of `old` (key rotation: the
+    volumes are not re-encrypted); returns how many. Each file is replaced in one rename, and
+    the old wrap shredded, so once `old` is destroyed, no copy of a deleted knowledge base's
+    wrapped key that a journal kept opens anything."""
+    count = 0
+    for path in sorted(volumes.glob(f"*{_KEY_SUFFIX}")) if volumes.is_dir() else []:
+        collection = path.name.removesuffix(_KEY_SUFFIX)
+        wrapped = json.loads(path.read_bytes())
+        rewrapped = rewrap_data_key(old, new, wrapped, key_context(collection))
+        fresh = path.with_name(f".{path.name}.new")
+        fresh.unlink(missing_ok=True)
+        _write_durably(fresh, json.dumps(rewrapped).encode())
+        shred_copy = path.with_name(f".{path.name}.old")
+        os.link(path, shred_copy)
+        os.replace(fresh, path)
+        shred(shred_copy)
+        count += 1
+    return count
 
 
 def shred(path: Path) -> None:
