@@ -20,6 +20,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from appliance.rag.errors import KnowledgeBaseError
@@ -138,6 +139,8 @@ class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
             try:
                 while True:
                     _flock(fd, fcntl.LOCK_EX, f"mount {volume.cipher_dir}")
+                    if self._holds_plain_files(collection):
+                        self._adopt(collection)
                     if not volume.exists():
                         if not create:
                             os.close(fd)
@@ -183,19 +186,45 @@ class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
                 volume.unmount()
                 shred(self.key_file(collection))
                 volume.destroy()
+                # Plain files of it not yet moved into a volume go too.
+                shutil.rmtree(volume.mount_dir, ignore_errors=True)
+                shutil.rmtree(self._plain(collection), ignore_errors=True)
                 self._lock_file(collection).unlink(missing_ok=True)
             finally:
                 os.close(fd)
+
+    def _holds_plain_files(self, collection: str) -> bool:
+        """Whether the knowledge base has files in the clear to move into its volume: a restored
+        backup's, a store's from before data at rest was encrypted, an interrupted move's."""
+        volume = self.volume(collection)
+        if self._plain(collection).exists():
+            return True
+        path = volume.mount_dir
+        return path.is_dir() and not volume.mounted() and any(path.iterdir())
+
+    def _adopt(self, collection: str) -> None:
+        """Move the knowledge base's plain files into a new volume of its own. The files are
+        first renamed aside, so a crash at any point leaves them whole there and the next open
+        starts again (with another new volume)."""
+        volume, plain = self.volume(collection), self._plain(collection)
+        log.info("moving the files of knowledge base %s into an encrypted volume", collection)
+        if not plain.exists():
+            volume.mount_dir.rename(plain)
+        volume.unmount()
+        shutil.rmtree(volume.cipher_dir, ignore_errors=True)
+        self._make(collection)
+        volume.mount(self._data_key(collection))
+        shutil.copytree(plain, volume.mount_dir, dirs_exist_ok=True)
+        shutil.rmtree(plain)
+
+    def _plain(self, collection: str) -> Path:
+        # A hidden name: not a collection's, so never listed or opened as one.
+        return self.root / f".{collection}.plain"
 
     def _make(self, collection: str) -> None:
         """A new volume with a new key. What a crash left of an earlier try (a key without its
         volume, a half-made volume) holds no data yet and goes first."""
         volume = self.volume(collection)
-        if volume.mount_dir.is_dir() and any(volume.mount_dir.iterdir()):
-            raise KnowledgeBaseError(
-                f"{volume.mount_dir} holds files but no encrypted volume: move them away "
-                "(`appliance upgrade` moves a plain knowledge base into its volume)"
-            )
         shred(self.key_file(collection))
         shutil.rmtree(volume.cipher_dir, ignore_errors=True)
         key = new_data_key()
@@ -226,6 +255,21 @@ class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
     def _lock_fd(self, collection: str) -> int:
         self.volumes.mkdir(parents=True, exist_ok=True, mode=0o700)
         return os.open(self._lock_file(collection), os.O_CREAT | os.O_RDWR, 0o600)
+
+
+@contextlib.contextmanager
+def all_open(dirs: KnowledgeBaseDirs) -> Iterator[None]:
+    """Every knowledge base's directory open (its volume mounted) while held: what a backup
+    copies. Closed after, so volumes nobody else uses are unmounted again."""
+    opened = []
+    try:
+        for collection in sorted(dirs.collections()):
+            if dirs.open(collection, create=False) is not None:
+                opened.append(collection)
+        yield
+    finally:
+        for collection in opened:
+            dirs.close(collection)
 
 
 def rewrap_keys(volumes: Path, old: KeyEncryptionKey, new: KeyEncryptionKey) -> int:

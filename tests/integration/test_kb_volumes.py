@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 from appliance.rag.errors import KnowledgeBaseError, KnowledgeBaseNotFound
-from appliance.rag.kb_dirs import EncryptedKnowledgeBaseDirs, key_context, rewrap_keys
+from appliance.rag.kb_dirs import (
+    EncryptedKnowledgeBaseDirs,
+    key_context,
+    knowledge_base_dirs,
+    rewrap_keys,
+)
 from appliance.rag.store import KnowledgeBaseStore
 from appliance.security.gocryptfs import EncryptedVolume, WrongVolumeKey, is_mounted
 from appliance.security.keys import (
@@ -23,6 +28,10 @@ from appliance.security.keys import (
     unwrap_data_key,
 )
 
+from appliance.backup.archive import KeySource
+from appliance.backup.restore import read_backup, restore_backup
+from appliance.backup.snapshot import write_backup
+from appliance.config import load_settings
 from tests.integration.test_private_state import as_outsider, outsider, public_tmp  # noqa: F401
 from tests.unit.rag_corpus import ALICE, SMALL_CHUNKS, HashEmbedder, document
 
@@ -212,3 +221,49 @@ def test_a_hostile_collection_name_stays_inside_kbs(stack):
     with pytest.raises(KnowledgeBaseError, match="invalid knowledge base name"):
         store.create(ALICE, "../../escape")
     assert sorted(p.name for p in stack.tmp.iterdir()) == ["keys", "rag"]
+
+
+def test_a_backup_reads_closed_volumes_and_a_restore_makes_new_ones(tmp_path):
+    settings = load_settings(
+        state_dir=str(tmp_path / "state"), security={"data_at_rest": {"enabled": True}}
+    )
+    settings.layout.keys.mkdir(parents=True, mode=0o700)
+    kek = generate_key_file(settings.kek_file)
+    store = KnowledgeBaseStore(
+        settings.rag_dir, SMALL_CHUNKS, HashEmbedder(), knowledge_base_dirs(settings, kek)
+    )
+    restored = load_settings(
+        state_dir=str(tmp_path / "restored"), security={"data_at_rest": {"enabled": True}}
+    )
+    try:
+        collection = _plant(store, "secrets")
+        store.close()  # the backup mounts what it copies, and unmounts it after
+        backup = tmp_path / "state.backup"
+        write_backup(settings, backup, KeySource(kek=kek))
+        assert not is_mounted(settings.rag_dir / "kbs" / collection)
+        _, manifest = read_backup(backup, KeySource(kek=kek))
+        names = {entry.name for entry in manifest.files}
+        assert f"rag/kbs/{collection}/keywords.sqlite3" in names
+        assert f"rag/kbs/{collection}/chroma/chroma.sqlite3" in names
+
+        restore_backup(restored, backup, KeySource(kek=kek))
+        volumes = restored.layout.kb_volumes
+        assert (volumes / collection / "gocryptfs.conf").exists()
+        assert (volumes / f"{collection}.key").read_bytes() != (
+            settings.layout.kb_volumes / f"{collection}.key"
+        ).read_bytes()
+        assert not is_mounted(restored.rag_dir / "kbs" / collection)
+        assert _holds_text(restored.state_dir) == []  # nothing left in the clear
+        again = KnowledgeBaseStore(
+            restored.rag_dir, SMALL_CHUNKS, HashEmbedder(), knowledge_base_dirs(restored, kek)
+        )
+        try:
+            assert any(SENTENCE in c.text for c in again.chunks(ALICE, "secrets"))
+        finally:
+            again.close()
+    finally:
+        store.close()
+        for state in (settings, restored):
+            kbs = state.rag_dir / "kbs"
+            for mount_dir in kbs.iterdir() if kbs.is_dir() else []:
+                EncryptedVolume(state.layout.kb_volumes / mount_dir.name, mount_dir).unmount()
