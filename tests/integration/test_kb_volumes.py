@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from appliance.rag.access import Principal
 from appliance.rag.errors import KnowledgeBaseError, KnowledgeBaseNotFound
 from appliance.rag.kb_dirs import (
     EncryptedKnowledgeBaseDirs,
@@ -19,6 +20,7 @@ from appliance.rag.kb_dirs import (
     knowledge_base_dirs,
     rewrap_keys,
 )
+from appliance.rag.registry import Registry
 from appliance.rag.store import KnowledgeBaseStore
 from appliance.security.gocryptfs import EncryptedVolume, WrongVolumeKey, is_mounted
 from appliance.security.keys import (
@@ -32,6 +34,10 @@ from appliance.backup.archive import KeySource
 from appliance.backup.restore import read_backup, restore_backup
 from appliance.backup.snapshot import write_backup
 from appliance.config import load_settings
+from appliance.layout import make_private
+from appliance.state_version import SCHEMA_VERSION, read_record
+from appliance.store.keyring import data_at_rest_kek
+from appliance.upgrade import runner
 from tests.integration.test_private_state import as_outsider, outsider, public_tmp  # noqa: F401
 from tests.unit.rag_corpus import ALICE, SMALL_CHUNKS, HashEmbedder, document
 
@@ -267,3 +273,35 @@ def test_a_backup_reads_closed_volumes_and_a_restore_makes_new_ones(tmp_path):
             kbs = state.rag_dir / "kbs"
             for mount_dir in kbs.iterdir() if kbs.is_dir() else []:
                 EncryptedVolume(state.layout.kb_volumes / mount_dir.name, mount_dir).unmount()
+
+
+def test_the_upgrade_moves_knowledge_bases_into_volumes(tmp_path):
+    state = tmp_path / "state"
+    shutil.copytree(Path(__file__).parents[1] / "fixtures" / "state-v0", state)
+    make_private(state)
+    settings = load_settings(
+        state_dir=str(state),
+        catalog={"include_presets": False},
+        security={"data_at_rest": {"enabled": True}},
+    )
+    (kb,) = Registry(settings.rag_dir / "registry.sqlite3").knowledge_bases()
+    mount = settings.rag_dir / "kbs" / kb.collection
+    try:
+        runner.migrate(settings)
+        assert read_record(state).version == SCHEMA_VERSION
+        assert (settings.layout.kb_volumes / kb.collection / "gocryptfs.conf").exists()
+        assert not is_mounted(mount) and not any(mount.iterdir())
+        # The rag folder and the volumes (the rest of the state is the state volume's to hide).
+        for top in (settings.rag_dir, settings.layout.kb_volumes):
+            for root, _, files in os.walk(top):
+                for name in files:
+                    assert b"gasket" not in Path(root, name).read_bytes(), name
+        dirs = knowledge_base_dirs(settings, data_at_rest_kek(settings))
+        store = KnowledgeBaseStore(settings.rag_dir, settings.rag, dirs=dirs)
+        try:
+            found = store.keyword_search(Principal("alice"), kb.id, "spare gasket", 1)
+            assert "cabinet B7" in found[0][0].text
+        finally:
+            store.close()
+    finally:
+        EncryptedVolume(settings.layout.kb_volumes / kb.collection, mount).unmount()
