@@ -25,6 +25,7 @@ import re
 import secrets
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,9 @@ _CHUNKS_PER_ADD = 1000
 # In each knowledge base's directory: its embedded Chroma, and its keyword index.
 CHROMA_DIR = "chroma"
 KEYWORDS_FILE = "keywords.sqlite3"
+# Embedded Chroma clients kept open at once: each holds ~7 threads and ~4 MiB (measured with
+# Chroma 1.5.9), and reopening one costs ~25 ms.
+MAX_OPEN_CLIENTS = 32
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ class KnowledgeBaseStore:
         # Embedded Chroma: one client per knowledge base, opened at its first use. A server:
         # one client for all.
         self._server = _chroma_server(self.settings)
-        self._clients: dict[str, ClientAPI] = {}
+        self._clients: dict[str, ClientAPI] = {}  # least recently used first
+        self._users: Counter[str] = Counter()
         self._clients_lock = threading.Lock()
         self.collect_garbage()
         self.build_missing_keyword_indexes()
@@ -146,7 +151,8 @@ class KnowledgeBaseStore:
         # that the registry does not know, so the other order could lose a new one.
         with self._writing():
             self._registry.add_knowledge_base(kb)
-            self._collection(kb)
+            with self._open_collection(kb):
+                pass
             self._keywords(kb.collection).create()
         return kb
 
@@ -223,33 +229,8 @@ class KnowledgeBaseStore:
         kb = self.get(principal, ref)
         self._check_model(kb)
         current = self._current_versions(kb)
-        collection = self._collection(kb)
-        total = collection.count()
-        fetch = n
-        while current and total:
-            result = collection.query(
-                query_embeddings=[vector],
-                n_results=min(fetch, total),
-                include=["documents", "metadatas", "distances"],
-            )
-            found = [
-                (_stored(kb, chunk_id, text, meta), 1.0 - distance)
-                for chunk_id, text, meta, distance in zip(
-                    result["ids"][0],
-                    result["documents"][0],
-                    result["metadatas"][0],
-                    result["distances"][0],
-                    strict=True,
-                )
-                if meta["version"] in current
-            ]
-            if len(found) >= n or fetch >= total:
-                return found[:n]
-            # Chunks of versions being written or awaiting deletion took places: ask for more.
-            # Filtering after the search, not with a `$in` filter in it, keeps the common
-            # query (nothing being written) one plain search whatever the number of documents.
-            fetch *= 4
-        return []
+        with self._open_collection(kb) as collection:
+            return _nearest(kb, collection, current, vector, n)
 
     def keyword_search(
         self, principal: Principal, ref: str, query: str, n: int
@@ -397,16 +378,16 @@ class KnowledgeBaseStore:
         """Store the chunks under `record.version` in Chroma and the keyword index; text the old
         version has keeps its vector."""
         self._keywords(kb.collection).add(record.version, record.id, chunks)
-        collection = self._collection(kb)
-        known = self._vectors_by_text(collection, old)
-        reused = [chunk for chunk in chunks if _text_hash(chunk.text) in known]
-        fresh = [chunk for chunk in chunks if _text_hash(chunk.text) not in known]
-        for start in range(0, len(reused), _CHUNKS_PER_ADD):
-            part = reused[start : start + _CHUNKS_PER_ADD]
-            vectors = [known[_text_hash(chunk.text)] for chunk in part]
-            _add_chunks(collection, record, part, vectors)
-        for start, vectors in self.embedder.embed_batches([chunk.text for chunk in fresh]):
-            _add_chunks(collection, record, fresh[start : start + len(vectors)], vectors)
+        with self._open_collection(kb) as collection:
+            known = self._vectors_by_text(collection, old)
+            reused = [chunk for chunk in chunks if _text_hash(chunk.text) in known]
+            fresh = [chunk for chunk in chunks if _text_hash(chunk.text) not in known]
+            for start in range(0, len(reused), _CHUNKS_PER_ADD):
+                part = reused[start : start + _CHUNKS_PER_ADD]
+                vectors = [known[_text_hash(chunk.text)] for chunk in part]
+                _add_chunks(collection, record, part, vectors)
+            for start, vectors in self.embedder.embed_batches([chunk.text for chunk in fresh]):
+                _add_chunks(collection, record, fresh[start : start + len(vectors)], vectors)
 
     @staticmethod
     def _vectors_by_text(collection: Collection, old: DocumentRecord | None) -> dict[str, Any]:
@@ -432,14 +413,14 @@ class KnowledgeBaseStore:
     def _drop_version(self, collection: str, version: str) -> None:
         from chromadb.errors import NotFoundError
 
-        client = self._chroma(collection, create=False)
-        # None or NotFoundError: its knowledge base was deleted, chunks included.
-        if client is not None:
-            with contextlib.suppress(NotFoundError):
-                client.get_collection(collection, embedding_function=None).delete(
-                    where={"version": version}
-                )
-            KeywordIndex(self.dirs.path(collection) / KEYWORDS_FILE).drop(version)
+        with self._chroma(collection, create=False) as client:
+            # None or NotFoundError: its knowledge base was deleted, chunks included.
+            if client is not None:
+                with contextlib.suppress(NotFoundError):
+                    client.get_collection(collection, embedding_function=None).delete(
+                        where={"version": version}
+                    )
+                KeywordIndex(self.dirs.path(collection) / KEYWORDS_FILE).drop(version)
         self._registry.forget_version(collection, version)
 
     def _drop_collection(self, collection: str) -> None:
@@ -463,41 +444,61 @@ class KnowledgeBaseStore:
         self.dirs.open(collection, create=True)
         return KeywordIndex(self.dirs.path(collection) / KEYWORDS_FILE)
 
-    def _chroma(self, collection: str, *, create: bool = True) -> ClientAPI | None:
+    @contextlib.contextmanager
+    def _chroma(self, collection: str, *, create: bool = True) -> Iterator[ClientAPI | None]:
         """The Chroma client that holds the collection, its directory opened (made when missing
-        if `create`); None when it has no directory."""
+        if `create`); None when it has no directory. An embedded one stays open while used;
+        beyond MAX_OPEN_CLIENTS, the least recently used of those no call uses is closed."""
         path = self.dirs.open(collection, create=create)
-        if path is None:
-            return None
-        if self._server is not None:
-            return self._server
+        if path is None or self._server is not None:
+            yield None if path is None else self._server
+            return
         with self._clients_lock:
-            client = self._clients.get(collection)
+            client = self._clients.pop(collection, None)
             if client is None:
                 client = embedded_chroma(path / CHROMA_DIR)
-                self._clients[collection] = client
-            return client
+            self._clients[collection] = client  # last: the most recently used
+            self._users[collection] += 1
+        try:
+            yield client
+        finally:
+            with self._clients_lock:
+                self._users[collection] -= 1
+                idle = [c for c in self._clients if not self._users[c]]
+                evicted = [
+                    self._clients.pop(c) for c in idle[: len(self._clients) - MAX_OPEN_CLIENTS]
+                ]
+            for old in evicted:
+                old.close()
 
     def _stored_chunks(self, kb: KnowledgeBase) -> Iterator[tuple[str, Chunk]]:
         """(version, chunk) of every current chunk of the knowledge base, as Chroma has them."""
         versions = sorted(self._current_versions(kb))
-        collection = self._collection(kb)
-        for start in range(0, len(versions), _VERSIONS_PER_GET):
-            where = {"version": {"$in": versions[start : start + _VERSIONS_PER_GET]}}
-            result = collection.get(where=where, include=["documents", "metadatas"])
-            for chunk_id, text, meta in zip(
-                result["ids"], result["documents"], result["metadatas"], strict=True
-            ):
-                yield meta["version"], _stored(kb, chunk_id, text, meta)
+        with self._open_collection(kb) as collection:
+            for start in range(0, len(versions), _VERSIONS_PER_GET):
+                where = {"version": {"$in": versions[start : start + _VERSIONS_PER_GET]}}
+                result = collection.get(where=where, include=["documents", "metadatas"])
+                for chunk_id, text, meta in zip(
+                    result["ids"], result["documents"], result["metadatas"], strict=True
+                ):
+                    yield meta["version"], _stored(kb, chunk_id, text, meta)
+
+    @contextlib.contextmanager
+    def _open_collection(self, kb: KnowledgeBase) -> Iterator[Collection]:
+        """The knowledge base's collection (made when missing), its client open while used."""
+        with self._chroma(kb.collection) as client:
+            assert client is not None  # made when missing
+            # Vectors come from our Embedder only: Chroma's default embedding function would
+            # try to download a model.
+            yield client.get_or_create_collection(
+                kb.collection, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None
+            )
 
     def _collection(self, kb: KnowledgeBase) -> Collection:
-        client = self._chroma(kb.collection)
-        assert client is not None  # made when missing
-        # Vectors come from our Embedder only: Chroma's default embedding function would try
-        # to download a model.
-        return client.get_or_create_collection(
-            kb.collection, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None
-        )
+        """The collection for a caller that uses no other knowledge base meanwhile (a
+        benchmark's bare queries): its client may be closed after MAX_OPEN_CLIENTS others."""
+        with self._open_collection(kb) as collection:
+            return collection
 
     def _current_versions(self, kb: KnowledgeBase) -> frozenset[str]:
         # Read once per change of the knowledge base (its generation), not on every query: with
@@ -520,6 +521,42 @@ def _collection_prefix(store_id: str) -> str:
     # The store id keeps garbage collection away from collections of other stores that share a
     # Chroma server.
     return f"kb-{store_id}-"
+
+
+def _nearest(
+    kb: KnowledgeBase,
+    collection: Collection,
+    current: frozenset[str],
+    vector: Sequence[float],
+    n: int,
+) -> list[tuple[Chunk, float]]:
+    """The `n` chunks of current versions nearest to `vector`, with their cosine similarity."""
+    total = collection.count()
+    fetch = n
+    while current and total:
+        result = collection.query(
+            query_embeddings=[vector],
+            n_results=min(fetch, total),
+            include=["documents", "metadatas", "distances"],
+        )
+        found = [
+            (_stored(kb, chunk_id, text, meta), 1.0 - distance)
+            for chunk_id, text, meta, distance in zip(
+                result["ids"][0],
+                result["documents"][0],
+                result["metadatas"][0],
+                result["distances"][0],
+                strict=True,
+            )
+            if meta["version"] in current
+        ]
+        if len(found) >= n or fetch >= total:
+            return found[:n]
+        # Chunks of versions being written or awaiting deletion took places: ask for more.
+        # Filtering after the search, not with a `$in` filter in it, keeps the common
+        # query (nothing being written) one plain search whatever the number of documents.
+        fetch *= 4
+    return []
 
 
 def _access_names(names: Iterable[str], what: str) -> frozenset[str]:
