@@ -138,6 +138,10 @@ class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
             fd = self._lock_fd(collection)
             try:
                 while True:
+                    # Mounted already (by another process, or one that crashed): shared use.
+                    _flock(fd, fcntl.LOCK_SH, f"open {volume.cipher_dir}")
+                    if volume.mounted() and not self._plain(collection).exists():
+                        break
                     _flock(fd, fcntl.LOCK_EX, f"mount {volume.cipher_dir}")
                     if self._holds_plain_files(collection):
                         self._adopt(collection)

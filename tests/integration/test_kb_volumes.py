@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,18 @@ def test_the_upgrade_moves_knowledge_bases_into_volumes(tmp_path):
             store.close()
     finally:
         EncryptedVolume(settings.layout.kb_volumes / kb.collection, mount).unmount()
+
+
+def test_a_volume_in_use_elsewhere_is_shared_and_stays_mounted(stack):
+    store = stack.open()
+    collection = _plant(store, "kept")
+    mount = stack.rag / "kbs" / collection
+    backup = stack.dirs()  # another process's view, as `appliance backup` has
+    started = time.monotonic()
+    assert backup.open(collection, create=False) == mount
+    assert time.monotonic() - started < 5  # shares the mount: no wait for the gateway's lock
+    backup.close(collection)
+    assert is_mounted(mount)  # the store still uses it
+    assert any(SENTENCE in c.text for c in store.chunks(ALICE, "kept"))
+    stack.close()
+    assert not is_mounted(mount)
