@@ -140,9 +140,11 @@ class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
                 while True:
                     # Mounted already (by another process, or one that crashed): shared use.
                     _flock(fd, fcntl.LOCK_SH, f"open {volume.cipher_dir}")
-                    if volume.mounted() and not self._plain(collection).exists():
+                    if _serving(volume) and not self._plain(collection).exists():
                         break
                     _flock(fd, fcntl.LOCK_EX, f"mount {volume.cipher_dir}")
+                    if volume.mounted() and not _serving(volume):
+                        volume.unmount()  # its daemon died (killed, out of memory): mount again
                     if self._holds_plain_files(collection):
                         self._adopt(collection)
                     if not volume.exists():
@@ -336,7 +338,13 @@ def _sync_dir(path: Path) -> None:
 def _named_dirs(parent: Path) -> set[str]:
     if not parent.is_dir():
         return set()
-    return {p.name for p in parent.iterdir() if p.is_dir() and _COLLECTION.fullmatch(p.name)}
+    # The listing's own file types: no stat of a mount point (a dead one answers ENOTCONN).
+    with os.scandir(parent) as entries:
+        return {
+            e.name
+            for e in entries
+            if e.is_dir(follow_symlinks=False) and _COLLECTION.fullmatch(e.name)
+        }
 
 
 def _flock(fd: int, operation: int, doing: str) -> None:
@@ -351,6 +359,17 @@ def _flock(fd: int, operation: int, doing: str) -> None:
                     f"cannot {doing}: another process used it for {LOCK_TIMEOUT_S:g} s"
                 ) from None
             time.sleep(0.05)
+
+
+def _serving(volume: EncryptedVolume) -> bool:
+    """Mounted, with its gocryptfs daemon alive (a dead one's mount answers ENOTCONN)."""
+    if not volume.mounted():
+        return False
+    try:
+        os.stat(volume.mount_dir)
+    except OSError:
+        return False
+    return True
 
 
 def _unmount(volume: EncryptedVolume) -> None:

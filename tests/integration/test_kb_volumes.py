@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -321,3 +323,30 @@ def test_a_volume_in_use_elsewhere_is_shared_and_stays_mounted(stack):
     assert any(SENTENCE in c.text for c in store.chunks(ALICE, "kept"))
     stack.close()
     assert not is_mounted(mount)
+
+
+def test_a_mount_whose_daemon_died_is_mounted_again(stack):
+    store = stack.open()
+    collection = _plant(store, "kept")
+    stack.close()
+    crashed = stack.dirs()
+    crashed.open(collection, create=False)
+    os.close(crashed._held.pop(collection))
+    daemons = subprocess.run(
+        ["pgrep", "-f", f"gocryptfs .*{stack.volumes / collection} "],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.split()
+    assert len(daemons) == 1, daemons
+    os.kill(int(daemons[0]), signal.SIGKILL)
+    mount = stack.rag / "kbs" / collection
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.stat(mount)
+        except OSError:
+            break
+        time.sleep(0.05)
+    store = stack.open()
+    assert any(SENTENCE in c.text for c in store.chunks(ALICE, "kept"))
