@@ -211,6 +211,12 @@ class StateLayout:
         return self.root / "rag"
 
     @property
+    def kb_volumes(self) -> Path:
+        """The knowledge bases' encrypted volumes (ciphertext and wrapped key of each) when data
+        at rest is encrypted: outside the rag folder, which may be inside a volume itself."""
+        return self.root / "kb-volumes"
+
+    @property
     def audit(self) -> Path:
         return self.root / "audit"
 

@@ -16,6 +16,8 @@ from appliance.backup.manifest import MANIFEST_NAME, FileEntry, Manifest, copy_h
 from appliance.backup.parts import Part, restore_targets
 from appliance.config import ApplianceSettings
 from appliance.layout import PRIVATE_DIR_MODE, make_private
+from appliance.rag.kb_dirs import all_open, knowledge_base_dirs
+from appliance.store.keyring import data_at_rest_kek
 
 
 def read_backup(src: Path, source: KeySource) -> tuple[dict[str, Any], Manifest]:
@@ -57,7 +59,16 @@ def restore_backup(settings: ApplianceSettings, src: Path, source: KeySource) ->
         shutil.rmtree(staging, ignore_errors=True)
     # Folders made on the way (the parents of parts) private too, as the services leave them.
     settings.layout.make_private()
+    _encrypt_knowledge_bases(settings)
     return manifest
+
+
+def _encrypt_knowledge_bases(settings: ApplianceSettings) -> None:
+    """With data at rest encrypted here, each restored knowledge base moves into a new volume
+    of its own, with a new key, now rather than at the gateway's first use of it."""
+    if settings.security.data_at_rest.enabled:
+        with all_open(knowledge_base_dirs(settings, data_at_rest_kek(settings))):
+            pass
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import pytest
 from appliance.rag import keywords
 from appliance.rag.chunking import Chunk
 from appliance.rag.keywords import KeywordIndex
-from appliance.rag.store import KEYWORDS_DIR, KnowledgeBaseStore
+from appliance.rag.store import KEYWORDS_FILE, KnowledgeBaseStore
 
 from tests.unit.rag_corpus import ALICE, MANUAL_V1, document
 from tests.unit.test_rag_store import _kb_with_old_manual, _open
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _index_file(store: KnowledgeBaseStore) -> Path:
-    return store.root / KEYWORDS_DIR / f"{store.get(ALICE, 'kb').collection}.sqlite3"
+    return store.dirs.path(store.get(ALICE, "kb").collection) / KEYWORDS_FILE
 
 
 def _index_rows(store: KnowledgeBaseStore) -> int:
