@@ -119,6 +119,10 @@ def test_auto_picks_openvino_on_cpu_in_the_cpus_best_arithmetic():
     expected = "bfloat16" if cpu_has_native_bfloat16() else "float32"
     assert embedder.runtime == ("openvino", expected)
     assert Embedder(device="cpu", backend="onnx").runtime == ("onnx", "float32")
+    # On a GPU node the model stays in PyTorch on the GPU (resolving names no device here).
+    assert Embedder(device="cuda").runtime == ("torch", "float32")
+    with pytest.raises(ValueError, match="runs on CPU only"):
+        _ = Embedder(device="cuda", backend="openvino").runtime
     assert Embedder(device="cpu", backend="torch", precision="float32").runtime == (
         "torch",
         "float32",
