@@ -44,6 +44,7 @@ def default_cache_dir() -> Path:
 
 
 def openvino_installed() -> bool:
+    """Whether OpenVINO can be imported (the rag extra brings it), without importing it."""
     import importlib.util
 
     return importlib.util.find_spec("openvino") is not None
