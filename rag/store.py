@@ -82,7 +82,6 @@ class KnowledgeBaseStore:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self._registry = Registry(root / "registry.sqlite3")
-        self._versions: dict[str, tuple[int, frozenset[str]]] = {}
         self._client = _chroma_client(self.settings, root / "chroma")
         self.collect_garbage()
         self.build_missing_keyword_indexes()
@@ -193,16 +192,17 @@ class KnowledgeBaseStore:
         """The `n` current chunks nearest to `vector`, with their cosine similarity, best first."""
         kb = self.get(principal, ref)
         self._check_model(kb)
-        current = self._current_versions(kb)
         collection = self._collection(kb)
-        total = collection.count()
         fetch = n
-        while current and total:
+        while True:
+            # Chroma answers fewer than n_results when it has fewer; no count() first: it read
+            # the whole collection (4.6 ms at 100,000 chunks).
             result = collection.query(
                 query_embeddings=[vector],
-                n_results=min(fetch, total),
+                n_results=fetch,
                 include=["documents", "metadatas", "distances"],
             )
+            current = self._current(kb, [meta["version"] for meta in result["metadatas"][0]])
             found = [
                 (_stored(kb, chunk_id, text, meta), 1.0 - distance)
                 for chunk_id, text, meta, distance in zip(
@@ -214,13 +214,12 @@ class KnowledgeBaseStore:
                 )
                 if meta["version"] in current
             ]
-            if len(found) >= n or fetch >= total:
+            if len(found) >= n or len(result["ids"][0]) < fetch:
                 return found[:n]
             # Chunks of versions being written or awaiting deletion took places: ask for more.
             # Filtering after the search, not with a `$in` filter in it, keeps the common
             # query (nothing being written) one plain search whatever the number of documents.
             fetch *= 4
-        return []
 
     def keyword_search(
         self, principal: Principal, ref: str, query: str, n: int
@@ -228,7 +227,9 @@ class KnowledgeBaseStore:
         """The `n` current chunks that best match the query's words, with their BM25 score,
         best first."""
         kb = self.get(principal, ref)
-        return self._keywords(kb.collection).search(kb.id, query, n, self._current_versions(kb))
+        return self._keywords(kb.collection).search(
+            kb.id, query, n, lambda versions: self._current(kb, versions)
+        )
 
     def chunks(self, principal: Principal, ref: str) -> list[Chunk]:
         """Every current chunk of the knowledge base, by file name and position."""
@@ -425,7 +426,7 @@ class KnowledgeBaseStore:
 
     def _stored_chunks(self, kb: KnowledgeBase) -> Iterator[tuple[str, Chunk]]:
         """(version, chunk) of every current chunk of the knowledge base, as Chroma has them."""
-        versions = sorted(self._current_versions(kb))
+        versions = sorted(document.version for document in self._registry.documents(kb.id))
         collection = self._collection(kb)
         for start in range(0, len(versions), _VERSIONS_PER_GET):
             where = {"version": {"$in": versions[start : start + _VERSIONS_PER_GET]}}
@@ -442,15 +443,11 @@ class KnowledgeBaseStore:
             kb.collection, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None
         )
 
-    def _current_versions(self, kb: KnowledgeBase) -> frozenset[str]:
-        # Read once per change of the knowledge base (its generation), not on every query: with
-        # ten thousand documents, reading them took most of a query's time.
-        cached = self._versions.get(kb.collection)
-        if cached is not None and cached[0] == kb.generation:
-            return cached[1]
-        versions = frozenset(document.version for document in self._registry.documents(kb.id))
-        self._versions[kb.collection] = (kb.generation, versions)
-        return versions
+    def _current(self, kb: KnowledgeBase, versions: Iterable[str]) -> set[str]:
+        # Only the versions a query found are looked up (an index lookup each): reading every
+        # document's version after each change took 0.3 s at 100,000 documents, on the first
+        # query after an upload, and kept them all in memory.
+        return self._registry.current_versions(kb.id, set(versions))
 
     def _new_collection_name(self, name: str) -> str:
         """Our prefix, the name in Chroma's alphabet (readable in Chroma tools), and a random

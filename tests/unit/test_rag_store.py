@@ -357,3 +357,20 @@ def test_a_crash_while_deleting_a_knowledge_base_is_finished_on_reopening(tmp_pa
     assert collection not in [c.name for c in reopened._client.list_collections()]
     reopened.create(ALICE, "kb")  # the name is free again, and nothing of the old one is back
     assert reopened.documents(ALICE, "kb") == [] and reopened.chunks(ALICE, "kb") == []
+
+
+def test_the_registry_tells_which_of_many_versions_are_current(tmp_path: Path):
+    store = _kb_with_old_manual(tmp_path)
+    current = {d.version for d in store.documents(ALICE, "kb")}
+    asked = [*(f"gone-{n}" for n in range(2500)), *current]  # over one statement's share
+    assert store._registry.current_versions("alice/kb", asked) == current
+    assert store._registry.current_versions("alice/other", asked) == set()
+
+
+def test_an_empty_knowledge_base_answers_no_chunks(tmp_path: Path):
+    store = _kb_with_old_manual(tmp_path)
+    store.create(ALICE, "empty")
+    vector = store.embedder.embed(["old manual"])[0]
+    assert store.search(ALICE, "empty", vector, 5) == []
+    assert store.keyword_search(ALICE, "empty", "manual", 5) == []
+    assert len(store.search(ALICE, "kb", vector, 500)) == len(store.chunks(ALICE, "kb"))
