@@ -13,6 +13,8 @@ million chunks would make every word common, which no real corpus does.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import random
@@ -20,6 +22,7 @@ import shutil
 import time
 import uuid
 from bisect import bisect
+from collections.abc import Iterator
 from itertools import accumulate
 from pathlib import Path
 
@@ -77,28 +80,62 @@ class SyntheticText:
         return " ".join(words[start : start + 8])
 
 
-def base_dir(chunks: int, seed: int) -> Path:
+def base_dir(name: str) -> Path:
     import chromadb
 
-    return CACHE / f"chunks{chunks}-seed{seed}-format{FORMAT}-chroma{chromadb.__version__}"
+    return CACHE / f"{name}-format{FORMAT}-chroma{chromadb.__version__}"
 
 
 def cached_base(who, chunks: int, seed: int, embedder) -> tuple[Path, dict]:
-    """The root of a store holding knowledge base KB of `chunks` chunks, built unless a complete
-    one is kept; and how it was built (seconds, documents)."""
-    root = base_dir(chunks, seed)
+    """The root of a store whose knowledge base KB has `chunks` chunks of SyntheticText in
+    documents of CHUNKS_PER_DOCUMENT, built unless a complete one is kept; and its build's
+    seconds and documents."""
+    text = SyntheticText(seed)
+
+    def documents() -> Iterator[tuple[str, str | None, list[str]]]:
+        for start in range(0, chunks, CHUNKS_PER_DOCUMENT):
+            count = min(CHUNKS_PER_DOCUMENT, chunks - start)
+            name = f"doc-{start // CHUNKS_PER_DOCUMENT:07d}.txt"
+            yield name, None, [text.chunk() for _ in range(count)]
+
+    return _cached(base_dir(f"chunks{chunks}-seed{seed}"), who, documents(), embedder)
+
+
+def cached_folder(who, files: int, embedder) -> tuple[Path, Path, dict]:
+    """A folder of `files` small text files, and the root of a store whose knowledge base KB
+    holds them as a folder sync leaves them (their file hashes recorded); built unless kept."""
+    root = base_dir(f"folder{files}")
+    folder = root / "folder"
+    text = SyntheticText(files)
+
+    def documents() -> Iterator[tuple[str, str | None, list[str]]]:
+        for n in range(files):
+            name = f"part{n // 1000:02d}/note-{n:05d}.txt"
+            body = text.chunk()
+            path = folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(body)
+            yield name, hashlib.sha256(body.encode()).hexdigest(), [body]
+
+    root, info = _cached(root, who, documents(), embedder)
+    return root, folder, info
+
+
+def _cached(root: Path, who, documents, embedder) -> tuple[Path, dict]:
     done = root / "built.json"
     if done.exists():
         return root, json.loads(done.read_text())
     shutil.rmtree(root, ignore_errors=True)  # an interrupted build
     t0 = time.perf_counter()
-    documents = _build(root, who, chunks, seed, embedder)
-    info = {"build_s": round(time.perf_counter() - t0, 1), "documents": documents}
+    count = _build(root, who, documents, embedder)
+    info = {"build_s": round(time.perf_counter() - t0, 1), "documents": count}
     done.write_text(json.dumps(info))
     return root, info
 
 
-def _build(root: Path, who, chunks: int, seed: int, embedder) -> int:
+def _build(root: Path, who, documents, embedder) -> int:
+    """Write (file name, file hash, chunk texts) documents into a new store's knowledge base KB
+    in batches of about CHUNKS_PER_BATCH chunks; returns how many documents."""
     import numpy as np
     from appliance.rag.chunking import Chunk
     from appliance.rag.registry import DocumentRecord, now
@@ -108,22 +145,25 @@ def _build(root: Path, who, chunks: int, seed: int, embedder) -> int:
     kb = store.create(who, KB)
     collection = store._collection(kb)
     index = store._keywords(kb.collection)
-    text = SyntheticText(seed)
-    vectors = np.random.default_rng(seed)
-    made = 0
-    while made < chunks:
-        batch = min(CHUNKS_PER_BATCH, chunks - made)
+    vectors = np.random.default_rng(0)
+    written = chunks = 0
+    batches = iter(documents)
+    while batch := list(itertools.islice(batches, CHUNKS_PER_BATCH // CHUNKS_PER_DOCUMENT)):
         records, rows = [], []
-        for start in range(made, made + batch, CHUNKS_PER_DOCUMENT):
-            count = min(CHUNKS_PER_DOCUMENT, made + batch - start)
-            filename = f"doc-{start // CHUNKS_PER_DOCUMENT:07d}.txt"
+        for filename, source_hash, texts in batch:
             record = DocumentRecord(
-                document_id(filename), filename, uuid.uuid4().hex, f"bench-{start}", count, now()
+                document_id(filename),
+                filename,
+                uuid.uuid4().hex,
+                f"bench-{written + len(records)}",
+                len(texts),
+                now(),
+                source_hash,
             )
             records.append(record)
             rows += [
-                (record, Chunk("", text.chunk(), filename, i, None, None, None))
-                for i in range(count)
+                (record, Chunk("", text, filename, i, None, None, None))
+                for i, text in enumerate(texts)
             ]
         index.add_many((record.version, record.id, chunk) for record, chunk in rows)
         unit = vectors.standard_normal((len(rows), embedder.dimension), dtype=np.float32)
@@ -139,6 +179,7 @@ def _build(root: Path, who, chunks: int, seed: int, embedder) -> int:
         with store._registry._transaction() as db:
             for record in records:
                 store._registry._replace(db, kb, record.id, record)
-        made += batch
-        print(f"  built {made} of {chunks} chunks", flush=True)
-    return -(-chunks // CHUNKS_PER_DOCUMENT)
+        written += len(records)
+        chunks += len(rows)
+        print(f"  {root.name}: {chunks} chunks written", flush=True)
+    return written

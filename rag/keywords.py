@@ -14,7 +14,7 @@ import re
 import sqlite3
 import threading
 import unicodedata
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence, Set
 from contextlib import closing
 from dataclasses import dataclass
@@ -33,12 +33,14 @@ _STOP_LIST = (
 )
 STOP_WORDS = frozenset(_STOP_LIST.split())
 _WORD = re.compile(r"\w+")
+# Combining diacritical marks (U+0300 to U+036F): what unicode61's remove_diacritics drops.
+_DIACRITICS = re.compile("[\u0300-\u036f]")
 # More would only slow the query: a question is never this long, a pasted page may be.
 MAX_QUERY_TERMS = 64
 # Most chunks a query ranks with FTS5's bm25(), about: see _plan.
 CANDIDATE_POSTINGS = 10_000
 # Candidates scored again by every word of the query, when the rarest found them: see _plan.
-RESCORED = 300
+RESCORED = 100
 # Word counts remembered over all indexes (about 200 bytes each): see _WordCounts.
 COUNTS_REMEMBERED = 100_000
 COUNT_STALE = 0.1
@@ -149,17 +151,22 @@ class KeywordIndex:
                 return []
             fetch = n if plan.complete else max(n, RESCORED)
             while True:
+                # With each chunk its length in words, as FTS5 keeps it, for rescoring.
                 rows = db.execute(
-                    f"SELECT {_COLUMNS}, ranked.rank FROM (SELECT rowid, rank FROM terms"
-                    " WHERE terms MATCH ? ORDER BY rank LIMIT ?) AS ranked"
-                    " JOIN chunks ON chunks.rowid = ranked.rowid ORDER BY ranked.rank",
+                    f"SELECT {_COLUMNS}, ranked.rank, terms_docsize.sz FROM (SELECT rowid, rank"
+                    " FROM terms WHERE terms MATCH ? ORDER BY rank LIMIT ?) AS ranked"
+                    " JOIN chunks ON chunks.rowid = ranked.rowid"
+                    " LEFT JOIN terms_docsize ON terms_docsize.id = ranked.rowid"
+                    " ORDER BY ranked.rank",
                     (plan.expression, fetch),
                 ).fetchall()
                 now = current({row[1] for row in rows})
-                # bm25() is lower for better matches: negated, it sorts like the vector scores.
-                found = [(_chunk(kb_id, row), -row[-1]) for row in rows if row[1] in now]
-                if not plan.complete:
-                    found = plan.rescored(db, [chunk for chunk, _ in found])
+                rows = [row for row in rows if row[1] in now]
+                if plan.complete:
+                    # bm25() is lower for better matches: negated, it sorts like vector scores.
+                    found = [(_chunk(kb_id, row), -row[9]) for row in rows]
+                else:
+                    found = plan.rescored(db, [(_chunk(kb_id, row), row[10]) for row in rows])
                 if len(found) >= n or len(rows) < fetch:
                     return found[:n]
                 # Rows of versions being written or awaiting deletion took places: ask for more.
@@ -210,7 +217,9 @@ class _Plan:
     counts: dict[str, int]
     """Chunks holding each useful word (folded as the index folds it)."""
 
-    def rescored(self, db: sqlite3.Connection, chunks: list[Chunk]) -> list[tuple[Chunk, float]]:
+    def rescored(
+        self, db: sqlite3.Connection, chunks: list[tuple[Chunk, bytes | None]]
+    ) -> list[tuple[Chunk, float]]:
         """The chunks scored by FTS5's bm25() formula over every useful word, best first.
 
         FTS5's own bm25() would read every chunk holding any of the words to count them (in
@@ -218,13 +227,18 @@ class _Plan:
         for the common words. The counts are known here, and the chunks' text is at hand.
         """
         average = _average_length(db)
+        # The query's words where they are whole words, found by one regular expression.
+        longest_first = sorted(self.counts, key=len, reverse=True)
+        words = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, longest_first)) + r")(?!\w)")
         scored = []
-        for chunk in chunks:
-            words = _WORD.findall(_fold(chunk.text))
-            norm = _K1 * (1 - _B + _B * len(words) / average)
+        for chunk, size in chunks:
+            text = _fold(chunk.text)
+            found = Counter(words.findall(text))
+            length = _varint(size, 0)[0] if size else len(_WORD.findall(text))
+            norm = _K1 * (1 - _B + _B * length / average)
             score = 0.0
             for term, count in self.counts.items():
-                if frequency := words.count(term):
+                if frequency := found.get(term, 0):
                     idf = max(math.log((self.rows - count + 0.5) / (count + 0.5)), 1e-6)
                     score += idf * frequency * (_K1 + 1) / (frequency + norm)
             scored.append((chunk, score))
@@ -309,7 +323,7 @@ def _fold(text: str) -> str:
     text = text.casefold()
     if text.isascii():
         return text
-    return "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+    return _DIACRITICS.sub("", unicodedata.normalize("NFD", text))
 
 
 def _average_length(db: sqlite3.Connection) -> float:
@@ -356,5 +370,5 @@ def _insert(db: sqlite3.Connection, rows: Iterable[tuple[str, str, Chunk]]) -> N
 
 
 def _chunk(kb_id: str, row: tuple) -> Chunk:
-    chunk_id, _version, document_id, filename, position, page, sheet, heading, text, _ = row
+    chunk_id, _version, document_id, filename, position, page, sheet, heading, text = row[:9]
     return Chunk(chunk_id, text, filename, position, page, sheet, heading, kb_id, document_id)
