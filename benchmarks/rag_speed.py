@@ -1,13 +1,15 @@
-"""Knowledge-base speed: ingest throughput with the default embedding model, and query latency
-(p50, p99) of hybrid retrieval at 10k and 100k chunks, each against a baseline in the same run.
+"""Knowledge-base speed: ingest throughput with the default embedding model, query latency
+(p50, p99) of hybrid retrieval at 100k and 1M chunks, the first query after an upload, memory,
+and a second folder sync of 10k unchanged files; each against a baseline in the same run.
 
 - Ingest: synthetic documents (sentences drawn from the frozen documentation corpus) parsed,
   chunked, embedded and stored; baseline: the embedding model alone on the same chunk texts.
-- Queries: knowledge bases of 10k and 100k chunks. Embedding 100k chunks takes ~40 minutes on
-  2 cores, so the chunks are stored with deterministic pseudo-random unit vectors; each query is
-  embedded with the real model, so its latency includes that. Baseline: a bare Chroma query with
-  a precomputed vector on the same collection (what the store's search adds nothing to).
-Run: .venv/bin/python -m benchmarks.rag_speed [--sizes 10000 100000] [--queries 200]
+- Queries: knowledge bases built in bulk with pseudo-random vectors and kept between runs
+  (benchmarks/rag_bases.py); each query is embedded with the real model, so its latency
+  includes that. Interleaved with it: bare Chroma (a precomputed vector), bare FTS5 (bm25() over
+  every chunk with a query word), the embedding alone, and each side of the hybrid search.
+- Sync: the CLI's folder walk and hashes plus rag.sync.sync; baseline: the walk and hashes.
+Run: .venv/bin/python -m benchmarks.rag_speed [--sizes 100000 1000000] [--queries 200]
 """
 
 from __future__ import annotations
