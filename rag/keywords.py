@@ -214,6 +214,7 @@ class _Plan:
     complete: bool
     """Whether those are all the useful words; if not, the best candidates are rescored."""
     rows: int
+    """Chunks in the index."""
     counts: dict[str, int]
     """Chunks holding each useful word (folded as the index folds it)."""
 
