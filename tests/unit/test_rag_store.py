@@ -383,3 +383,20 @@ def test_a_knowledge_base_each_with_a_bounded_number_of_open_chroma_clients(tmp_
     assert sorted(p.name for p in (tmp_path / KBS_DIR).iterdir()) == collections
     store.close()
     assert store._clients == {}
+
+
+def test_the_registry_tells_which_of_many_versions_are_current(tmp_path: Path):
+    store = _kb_with_old_manual(tmp_path)
+    current = {d.version for d in store.documents(ALICE, "kb")}
+    asked = [*(f"gone-{n}" for n in range(2500)), *current]  # over one statement's share
+    assert store._registry.current_versions("alice/kb", asked) == current
+    assert store._registry.current_versions("alice/other", asked) == set()
+
+
+def test_an_empty_knowledge_base_answers_no_chunks(tmp_path: Path):
+    store = _kb_with_old_manual(tmp_path)
+    store.create(ALICE, "empty")
+    vector = store.embedder.embed(["old manual"])[0]
+    assert store.search(ALICE, "empty", vector, 5) == []
+    assert store.keyword_search(ALICE, "empty", "manual", 5) == []
+    assert len(store.search(ALICE, "kb", vector, 500)) == len(store.chunks(ALICE, "kb"))
