@@ -31,7 +31,7 @@ from benchmarks.rag_speed import sentences
 # /var/tmp survives reboots; the build of a million chunks takes about 20 minutes and ~10 GB.
 CACHE = Path(os.environ.get("APPLIANCE_RAG_BENCH_CACHE", "/var/tmp/appliance-rag-bench"))
 # Part of the directory name: change it when the text, the vectors or the layout change.
-FORMAT = 1
+FORMAT = 2
 KB = "big"
 CHUNKS_PER_DOCUMENT = 10
 CHUNKS_PER_BATCH = 5000
