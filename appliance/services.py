@@ -13,6 +13,7 @@ import httpx
 from appliance.config import ApplianceSettings
 from appliance.daemon import listening, read_pid, start_detached, stop_pid, tail
 from appliance.errors import ApplianceError
+from appliance.security.data_volume import close_volume
 
 HEALTH_TIMEOUT_S = 240
 
@@ -94,9 +95,14 @@ class ServiceManager:
         if self.mode == "systemd":
             for unit in reversed(self.installed_units):
                 _systemctl("stop", unit)
-            return True
-
-        return stop_pid(self.pidfile, timeout=120)
+            stopped = True
+        else:
+            stopped = stop_pid(self.pidfile, timeout=120)
+        # With the services gone, nothing holds the data volume open (the supervisor closes it
+        # as it stops; systemd's units leave it to this).
+        if self.gateway and self.settings.security.data_at_rest.enabled:
+            close_volume(self.settings)
+        return stopped
 
     def wait_healthy(self) -> None:
         """Until the gateway and the web app answer and every warm standby listens (a job that

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import ApplianceSettings
+from appliance.security.data_volume import close_volume
 from appliance.slurm.local_cluster import LocalCluster
 
 # Restart delays grow from the first to the last, and reset after a child ran this long.
@@ -127,6 +128,8 @@ class Supervisor:
         finally:
             for child in reversed(self.children):
                 child.stop()
+            if self.settings.security.data_at_rest.enabled and close_volume(self.settings):
+                log("data volume closed: the user data is sealed")
             if cluster is not None:
                 cluster.down()
                 log("local Slurm cluster stopped")

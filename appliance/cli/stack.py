@@ -11,6 +11,7 @@ import httpx
 
 from appliance.cli.api import GatewayUnreachable, gateway_call
 from appliance.cli.context import CliContext, pass_ctx
+from appliance.cli.data import describe
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 
@@ -106,6 +107,12 @@ def down(ctx: CliContext, keep_cluster: bool) -> None:
     for service in ("webapp", "gateway"):
         if stop_pid(settings.state_dir / f"{service}.pid"):
             click.echo(f"{service} stopped")
+    if settings.security.data_at_rest.enabled:
+        # Imported when the command runs: `appliance` starts without loading the stack.
+        from appliance.security.data_volume import close_volume
+
+        if close_volume(settings):
+            click.echo("data volume closed: the user data is sealed")
     if settings.cluster.mode == "local" and not keep_cluster:
         # Imported when the command runs: `appliance` starts without loading the stack.
         from appliance.slurm.local_cluster import LocalCluster
@@ -124,6 +131,7 @@ def status(ctx: CliContext) -> None:
         from appliance.slurm.local_cluster import LocalCluster
 
         click.echo(LocalCluster(settings).status().render())
+    click.echo(describe(settings))
     url = settings.gateway_url
     try:
         # With keys on the gateway, this needs one (APPLIANCE_API_KEY): gateway_call says so.

@@ -1,0 +1,212 @@
+"""User data encrypted at rest (security.data_at_rest), with real gocryptfs, Chroma and SQLite:
+sentences planted through the real stores (a knowledge base's documents and chunks, a
+conversation, a fine-tuning dataset, an upload, a scratch file) are found nowhere on disk, by
+another local account while the volume is open, nor by root once it is closed; the services
+refuse to start, saying why, under a policy that fails; plaintext from before is sealed in."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from appliance.security.data_volume import PolicyTerms, resign, service_account, volume
+
+from appliance.cli.main import main as cli
+from appliance.config import load_settings
+from appliance.store.keyring import init_keys
+from tests.local_accounts import as_outsider
+
+SECRET = "the cellar key hangs behind the seventh heron painting"
+TIMEOUT_S = 300
+
+# Run in a process of its own, as a service would (so Chroma's files are closed when it ends):
+# opens the volume as the gateway does, then writes through the real stores.
+PLANT = textwrap.dedent(
+    """
+    import json, sys, tempfile
+    from appliance.cli.data import open_for_service
+    from appliance.config import load_settings
+    from appliance.gateway.account import ConversationStore
+    from appliance.rag.ingest import parse_many
+    from appliance.rag.store import KnowledgeBaseStore
+    from appliance.security.api_keys import Principal
+    from appliance.training.files import save_dataset
+
+    secret = sys.argv[2]
+    settings = load_settings(sys.argv[1])
+    open_for_service(settings)
+    who = Principal("alice", frozenset())
+    store = KnowledgeBaseStore(settings.rag_dir, settings.rag)
+    kb = store.create(who, "plant")
+    documents, errors = parse_many([(f"# Notes\\n\\n{secret}.\\n".encode(), "notes.md")])
+    assert not errors, errors
+    store.add_documents(who, kb.id, documents)
+    conversation = {"title": "t", "messages": [{"role": "user", "content": secret}]}
+    ConversationStore(settings.conversations_dir).put("alice", "c1", conversation)
+    messages = [{"role": "user", "content": secret}, {"role": "assistant", "content": "ok"}]
+    line = json.dumps({"messages": messages}) + "\\n"
+    save_dataset(settings, "alice", "train.jsonl", line.encode() * 4)
+    uploads = settings.webapp_dir / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    (uploads / "upload.txt").write_text(secret)
+    with tempfile.NamedTemporaryFile("w", delete=False, suffix=".parse") as scratch:
+        scratch.write(secret)
+    print(scratch.name)
+    """
+)
+
+
+@pytest.fixture
+def state():
+    """A state directory with data_at_rest on and its keys; its volume closed at the end."""
+    top = Path(tempfile.mkdtemp(prefix="appliance-vault-", dir="/var/tmp"))
+    os.chmod(top, 0o755)  # as /var/lib: another account may pass through to the state
+    config = top / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(top / "state"),
+                "catalog": {"include_presets": False},
+                "security": {"data_at_rest": {"enabled": True}},
+            }
+        )
+    )
+    settings = load_settings(config)
+    init_keys(settings)
+    try:
+        yield config
+    finally:
+        volume(settings).unmount()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _appliance(config: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", "--config", str(config), *argv],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+def _grep(*places: Path, exclude: Path | None = None) -> list[str]:
+    """Files under `places` that hold SECRET in plain bytes (as root: everything readable)."""
+    argv = ["grep", "-rlsF", "--devices=skip", SECRET, *map(str, places)]
+    if exclude is not None:
+        argv.insert(1, f"--exclude-dir={exclude.name}")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return done.stdout.splitlines()
+
+
+def test_planted_sentences_are_nowhere_on_disk(state, outsider):
+    assert cli(["--config", str(state), "data", "init"]) == 0
+    settings = load_settings(state)
+    planted = subprocess.run(
+        [sys.executable, "-c", PLANT, str(state), SECRET],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert planted.returncode == 0, planted.stderr[-3000:]
+    scratch = Path(planted.stdout.strip().splitlines()[-1])
+    # The stores wrote where they always do: inside the mount, plaintext to their reader.
+    assert scratch.is_relative_to(settings.layout.tmp)
+    inside = _grep(settings.layout.data)
+    for where in ("chroma", "conversations", "training", "uploads", ".parse"):
+        assert any(where in path for path in inside), (where, inside)
+
+    # Open: another account finds it nowhere, neither in the state nor in /tmp.
+    assert volume(settings).mounted()
+    found = as_outsider("grep", "-rlsF", SECRET, str(settings.state_dir), "/tmp")
+    assert found.stdout == "" and found.returncode != 0
+    # Nor is it anywhere but in the mount, which is all root could see of it on disk.
+    assert _grep(settings.state_dir, exclude=settings.layout.data) == []
+    assert _grep(Path("/tmp")) == []
+
+    # Closed: root without the key finds ciphertext only.
+    assert cli(["--config", str(state), "down", "--keep-cluster"]) == 0
+    assert not volume(settings).mounted()
+    assert not any(settings.layout.data.iterdir())
+    ciphertext = [p for p in settings.layout.vault.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in ciphertext) > 100_000  # Chroma's files, encrypted
+    assert _grep(settings.state_dir, Path("/tmp")) == []
+
+
+def _tamper(settings) -> None:
+    path = settings.layout.data_volume_key
+    record = json.loads(path.read_text())
+    record["policy"]["policy"]["users"] = ["mallory"]
+    path.write_text(json.dumps(record))
+
+
+REFUSALS = {
+    "other host": (["--host", "hf-" + "0" * 24], None, "rule 'host'"),
+    "wrong account": (["--account", "mallory"], None, "rule 'user'"),
+    "expired": (
+        [],
+        lambda s: resign(
+            s,
+            PolicyTerms(service_account(s), [], dt.datetime.now(dt.UTC) - dt.timedelta(days=1)),
+        ),
+        "rule 'expiry'",
+    ),
+    "bad signature": (["--any-host"], _tamper, "rule 'signature'"),
+    "no key-encryption key": (["--any-host"], lambda s: s.kek_file.unlink(), "no key-encryption"),
+    "plaintext beside it": (
+        ["--any-host"],
+        lambda s: (s.state_dir / "conversations").mkdir(),
+        "appliance data seal",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_services_refuse_under_a_failing_policy(state, case):
+    init_args, spoil, said = REFUSALS[case]
+    assert cli(["--config", str(state), "data", "init", *init_args]) == 0
+    settings = load_settings(state)
+    if spoil is not None:
+        spoil(settings)
+    for service in ("gateway", "webapp"):
+        done = _appliance(state, service)
+        assert done.returncode == 2, (service, done.stdout, done.stderr[-2000:])
+        assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not volume(settings).mounted()
+
+
+def test_plaintext_from_before_is_sealed_in(state):
+    # Where an unencrypted state keeps them.
+    top = load_settings(state).state_dir
+    (top / "rag" / "chroma").mkdir(parents=True)
+    (top / "rag" / "chroma" / "chroma.sqlite3").write_text(SECRET)
+    (top / "conversations" / "alice").mkdir(parents=True)
+    (top / "conversations" / "alice" / "c1.json").write_text(SECRET)
+    assert _grep(top)
+
+    done = _appliance(state, "data", "seal")
+    assert done.returncode == 0, done.stderr
+    assert "moved" in done.stdout
+    settings = load_settings(state)
+    assert not volume(settings).mounted()
+    assert _grep(settings.state_dir) == []
+    assert _appliance(state, "data", "open").returncode == 0
+    assert (settings.rag_dir / "chroma" / "chroma.sqlite3").read_text() == SECRET
+    assert (settings.conversations_dir / "alice" / "c1.json").read_text() == SECRET
+    assert _appliance(state, "data", "close").returncode == 0
+
+
+def test_status_says_whether_user_data_is_encrypted(state):
+    off = _appliance(state, "data", "status")
+    assert "no data volume yet" in off.stdout
+    assert cli(["--config", str(state), "data", "init"]) == 0
+    sealed = _appliance(state, "data", "status")
+    assert "encrypted at rest" in sealed.stdout and "(sealed)" in sealed.stdout
