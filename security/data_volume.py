@@ -91,16 +91,22 @@ def init_volume(settings: ApplianceSettings, terms: PolicyTerms) -> None:
     layout = settings.layout
     if layout.data_volume_key.exists() or volume(settings).exists():
         raise DataSealed(f"the data volume is made already ({layout.data_volume_key})")
-    kek = _kek(settings)
+    _kek(settings)  # said before anything is made
     key = new_data_key()
-    record = {
-        "wrapped": wrap_data_key(kek, key, _CONTEXT + SUBJECT.encode()),
-        "policy": terms.signed(settings),
-    }
     try:
         volume(settings).create(key)
     except VolumeError as exc:
         raise DataSealed(str(exc)) from None
+    seal_key(settings, key, terms)
+
+
+def seal_key(settings: ApplianceSettings, key: bytes, terms: PolicyTerms) -> None:
+    """Record the data volume's `key`: wrapped by the key-encryption key, released by a policy
+    of `terms` signed now."""
+    record = {
+        "wrapped": wrap_data_key(_kek(settings), key, _CONTEXT + SUBJECT.encode()),
+        "policy": terms.signed(settings),
+    }
     _write_record(settings, record)
 
 

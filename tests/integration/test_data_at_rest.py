@@ -65,28 +65,39 @@ PLANT = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def state():
-    """A state directory with data_at_rest on and its keys; its volume closed at the end."""
-    top = Path(tempfile.mkdtemp(prefix="appliance-vault-", dir="/var/tmp"))
-    os.chmod(top, 0o755)  # as /var/lib: another account may pass through to the state
-    config = top / "config.yaml"
+def _config(top: Path, name: str) -> Path:
+    config = top / f"{name}.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "state_dir": str(top / "state"),
+                "state_dir": str(top / name),
                 "catalog": {"include_presets": False},
                 "security": {"data_at_rest": {"enabled": True}},
             }
         )
     )
-    settings = load_settings(config)
-    init_keys(settings)
+    return config
+
+
+@pytest.fixture
+def top():
+    """A folder for state directories; every data volume in it closed at the end."""
+    path = Path(tempfile.mkdtemp(prefix="appliance-vault-", dir="/var/tmp"))
+    os.chmod(path, 0o755)  # as /var/lib: another account may pass through to the state
     try:
-        yield config
+        yield path
     finally:
-        volume(settings).unmount()
-        shutil.rmtree(top, ignore_errors=True)
+        for config in path.glob("*.yaml"):
+            volume(load_settings(config)).unmount()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def state(top):
+    """The configuration of a state directory with data_at_rest on and its keys."""
+    config = _config(top, "state")
+    init_keys(load_settings(config))
+    return config
 
 
 def _appliance(config: Path, *argv: str) -> subprocess.CompletedProcess:
@@ -210,3 +221,46 @@ def test_status_says_whether_user_data_is_encrypted(state):
     assert cli(["--config", str(state), "data", "init"]) == 0
     sealed = _appliance(state, "data", "status")
     assert "encrypted at rest" in sealed.stdout and "(sealed)" in sealed.stdout
+
+
+def test_backup_holds_it_encrypted_and_a_restore_needs_the_key(state, top):
+    assert cli(["--config", str(state), "data", "init"]) == 0
+    planted = subprocess.run(
+        [sys.executable, "-c", PLANT, str(state), SECRET],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert planted.returncode == 0, planted.stderr[-3000:]
+    assert _appliance(state, "data", "close").returncode == 0
+    old = load_settings(state)
+
+    # Sealed with the key-encryption key only; the volume opened for it and closed again.
+    passphrase = top / "passphrase"
+    passphrase.write_text("a passphrase")
+    refused = _appliance(
+        state, "backup", str(top / "p.backup"), "--passphrase-file", str(passphrase)
+    )
+    assert refused.returncode == 2 and "leave out --passphrase-file" in refused.stderr
+    backup = top / "b.backup"
+    made = _appliance(state, "backup", str(backup))
+    assert made.returncode == 0, made.stderr
+    assert not volume(old).mounted()
+    assert _grep(backup, old.state_dir, Path("/tmp")) == []
+
+    # Into a new state: without the key, nothing is restored.
+    new = _config(top, "restored")
+    without = _appliance(new, "restore", str(backup))
+    assert without.returncode == 2 and "key-encryption key" in without.stderr, without.stderr
+    assert not load_settings(new).state_dir.exists()
+
+    # With it: a volume of its own, its policy for this host, the user content inside it.
+    restored = _appliance(new, "restore", str(backup), "--key-file", str(old.kek_file))
+    assert restored.returncode == 0, restored.stderr
+    settings = load_settings(new)
+    assert not volume(settings).mounted()
+    assert _grep(settings.state_dir) == []
+    assert _appliance(new, "data", "open").returncode == 0
+    assert _grep(settings.conversations_dir) and _grep(settings.training_dir)
+    assert any("chroma" in p for p in _grep(settings.rag_dir))
+    assert _appliance(new, "data", "close").returncode == 0
