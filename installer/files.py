@@ -56,6 +56,9 @@ def render_config(plan: Plan) -> str:
     security: dict = {"service_user": o.service_user} if o.service_user else {}
     if p.services:
         security["quotas"] = QUOTAS
+        # The user data in an encrypted volume, its key wrapped by the key-encryption key the
+        # installer makes (docs/security.md).
+        security["data_at_rest"] = {"enabled": True}
     if security:
         sections["security"] = security
     if p.serving == "gpu":

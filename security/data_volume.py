@@ -164,7 +164,7 @@ def open_volume(settings: ApplianceSettings, *, check_leftovers: bool = True) ->
     nothing to do when it is mounted. True when this call mounted it. Refuses (DataSealed) while
     user content lies in plaintext beside it: `appliance data seal` moves it in."""
     vol = volume(settings)
-    with flocked(settings.state_dir / _LOCK):
+    with flocked(settings.layout.keys / _LOCK):
         if vol.mounted():
             return False
         leftovers = plaintext_leftovers(settings) if check_leftovers else []
@@ -196,7 +196,7 @@ def open_volume(settings: ApplianceSettings, *, check_leftovers: bool = True) ->
 def close_volume(settings: ApplianceSettings) -> bool:
     """Unmount the data volume (after the services stopped); True when it was mounted."""
     vol = volume(settings)
-    with flocked(settings.state_dir / _LOCK):
+    with flocked(settings.layout.keys / _LOCK):
         if not vol.mounted():
             return False
         try:
@@ -236,6 +236,44 @@ def seal_leftovers(settings: ApplianceSettings) -> list[Path]:
         shutil.move(old, new)
         moved.append(old)
     return moved
+
+
+def seal_plaintext(settings: ApplianceSettings, terms: PolicyTerms) -> list[Path]:
+    """Move the user content an unencrypted state kept into the data volume (made with `terms`
+    if missing), opened for it and closed after unless it was open; what moved."""
+    if not plaintext_leftovers(settings):
+        return []
+    if not volume(settings).exists():
+        init_volume(settings, terms)
+    opened = open_volume(settings, check_leftovers=False)
+    try:
+        return seal_leftovers(settings)
+    finally:
+        if opened:
+            close_volume(settings)
+
+
+def still_plaintext(settings: ApplianceSettings) -> bool:
+    """Whether data_at_rest is on but the user content still lies where an unencrypted state
+    keeps it (no data volume yet): the state is read as unencrypted until it is sealed."""
+    return (
+        settings.security.data_at_rest.enabled
+        and not volume(settings).exists()
+        and bool(plaintext_leftovers(settings))
+    )
+
+
+def as_found(settings: ApplianceSettings) -> ApplianceSettings:
+    """The settings that find the user content where it lies: data_at_rest off for a state
+    still unencrypted (before `appliance data seal`), else `settings` as they are."""
+    if not still_plaintext(settings):
+        return settings
+    security = settings.security.model_copy(
+        update={
+            "data_at_rest": settings.security.data_at_rest.model_copy(update={"enabled": False})
+        }
+    )
+    return settings.model_copy(update={"security": security})
 
 
 def _record(settings: ApplianceSettings) -> dict[str, Any]:

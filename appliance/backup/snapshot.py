@@ -17,6 +17,7 @@ from appliance.backup.manifest import MANIFEST_NAME, FileEntry, HashingReader, M
 from appliance.backup.parts import Part, backup_parts, is_sqlite
 from appliance.backup.user_data import readable_user_data
 from appliance.config import ApplianceSettings
+from appliance.security.data_volume import as_found
 
 
 def write_backup(
@@ -27,7 +28,9 @@ def write_backup(
         raise BackupError(f"{dest} already exists; refusing to overwrite it")
     if not dest.parent.is_dir():
         raise BackupError(f"cannot write {dest}: its folder does not exist")
-    # Encrypted at rest, the user content is there to copy only while its volume is open.
+    # Encrypted at rest, the user content is there to copy only while its volume is open (a
+    # state not sealed yet is copied as the unencrypted state it still is).
+    settings = as_found(settings)
     with readable_user_data(settings, source) as scratch_root:
         return _write(settings, dest, source, with_models, scratch_root)
 

@@ -104,40 +104,24 @@ def seal(ctx: CliContext) -> None:
     """Move user content an unencrypted state kept (rag/, conversations/, training/, webapp/)
     into the data volume; run it with the services stopped."""
     # Imported when the command runs: `appliance` starts without loading the stack.
-    from appliance.security.data_volume import (
-        close_volume,
-        init_volume,
-        plaintext_leftovers,
-        seal_leftovers,
-        volume,
-    )
+    from appliance.security.data_volume import plaintext_leftovers, seal_plaintext
 
     settings = ctx.settings
     _require_enabled(settings)
-    leftovers = plaintext_leftovers(settings)
-    if not leftovers:
+    if not plaintext_leftovers(settings):
         click.echo("nothing to seal: no user content lies unencrypted")
         return
-    if not volume(settings).exists():
-        init_volume(settings, _terms(settings, None, (), False, None))
-        click.echo(f"data volume made in {settings.layout.vault}")
-    was_open = volume(settings).mounted()
-    _open(settings, check_leftovers=False)
-    try:
-        moved = seal_leftovers(settings)
-    finally:
-        if not was_open:
-            close_volume(settings)
+    moved = seal_plaintext(settings, _terms(settings, None, (), False, None))
     record(ctx, "data-seal", str(settings.layout.vault), moved=[p.name for p in moved])
     for path in moved:
         click.echo(f"moved {path} into the data volume")
 
 
-def _open(settings: ApplianceSettings, check_leftovers: bool = True) -> None:
+def _open(settings: ApplianceSettings) -> None:
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.data_volume import open_volume
 
-    open_volume(settings, check_leftovers=check_leftovers)
+    open_volume(settings)
 
 
 @data_group.command("open")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from appliance.security.gocryptfs import mount_points
 
 from appliance_dev.stack import free_port_block
 
@@ -50,7 +51,11 @@ def prefix(tiny_model_dir):
     root.chmod(0o755)  # the service account must reach the environment inside it
     user = f"ai{os.getpid() % 100000}"
     yield root, user
-    # Whatever happened: stop every process of this installation, remove its account.
+    # Whatever happened: unmount its data volume (a killed gocryptfs leaves a dead mount),
+    # stop every process of this installation, remove its account.
+    mounts = mount_points(Path("/proc/self/mountinfo").read_text())
+    for point in [m for m in mounts if m.is_relative_to(root)]:
+        subprocess.run(["fusermount3", "-u", "-z", str(point)], capture_output=True, timeout=30)
     for pid in _processes_under(root):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(os.getpgid(pid), signal.SIGKILL)
@@ -105,6 +110,10 @@ def test_install_rerun_and_uninstall(prefix, tiny_model_dir):
     assert f'service_user: "{user}"' in config.read_text()
     store = root / "var" / "lib" / "appliance" / "store" / "tiny-chat"
     assert store.is_dir() and not list(store.glob("*.safetensors"))  # encrypted, not plaintext
+    # The user data in its encrypted volume, opened by the services as their account.
+    state = root / "var" / "lib" / "appliance"
+    assert (state / "vault" / "gocryptfs.conf").is_file()
+    assert state / "data" in mount_points(Path("/proc/self/mountinfo").read_text())
     supervisor_pid = int((root / "var/lib/appliance/supervisor.pid").read_text())
     gateway_users = {
         pwd.getpwuid(os.stat(f"/proc/{p}").st_uid).pw_name
@@ -130,6 +139,7 @@ def test_install_rerun_and_uninstall(prefix, tiny_model_dir):
     assert not config.exists() and not command.exists()
     assert not (root / "opt" / "appliance" / "venv").exists()
     assert store.is_dir()  # user data stays
+    assert state / "data" not in mount_points(Path("/proc/self/mountinfo").read_text())
     deadline = time.monotonic() + 60  # vLLM takes a few seconds to stop
     while _processes_under(root) and time.monotonic() < deadline:
         time.sleep(1)
