@@ -11,18 +11,23 @@ import pytest
 OUTSIDER = "appliance-outsider"
 
 
+def system_account(name: str) -> pwd.struct_passwd:
+    """The local system account `name`, made if missing (no home, no login shell)."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+        )
+    return pwd.getpwnam(name)
+
+
 @pytest.fixture(scope="module")
 def outsider() -> str:
     if os.geteuid() != 0:
         pytest.skip("only root can act as another local account")
-    try:
-        pwd.getpwnam(OUTSIDER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OUTSIDER],
-            check=True,
-        )
-    return OUTSIDER
+    return system_account(OUTSIDER).pw_name
 
 
 def as_outsider(*argv: str) -> subprocess.CompletedProcess:

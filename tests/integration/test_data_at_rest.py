@@ -109,6 +109,18 @@ def _appliance(config: Path, *argv: str) -> subprocess.CompletedProcess:
     )
 
 
+def _plant(config: Path) -> Path:
+    """Plant SECRET through the real stores (PLANT); the scratch file it left."""
+    planted = subprocess.run(
+        [sys.executable, "-c", PLANT, str(config), SECRET],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert planted.returncode == 0, planted.stderr[-3000:]
+    return Path(planted.stdout.strip().splitlines()[-1])
+
+
 def _grep(*places: Path, exclude: Path | None = None) -> list[str]:
     """Files under `places` that hold SECRET in plain bytes (as root: everything readable)."""
     argv = ["grep", "-rlsF", "--devices=skip", SECRET, *map(str, places)]
@@ -121,14 +133,7 @@ def _grep(*places: Path, exclude: Path | None = None) -> list[str]:
 def test_planted_sentences_are_nowhere_on_disk(state, outsider):
     assert cli(["--config", str(state), "data", "init"]) == 0
     settings = load_settings(state)
-    planted = subprocess.run(
-        [sys.executable, "-c", PLANT, str(state), SECRET],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert planted.returncode == 0, planted.stderr[-3000:]
-    scratch = Path(planted.stdout.strip().splitlines()[-1])
+    scratch = _plant(state)
     # The stores wrote where they always do: inside the mount, plaintext to their reader.
     assert scratch.is_relative_to(settings.layout.tmp)
     inside = _grep(settings.layout.data)
@@ -225,13 +230,7 @@ def test_status_says_whether_user_data_is_encrypted(state):
 
 def test_backup_holds_it_encrypted_and_a_restore_needs_the_key(state, top):
     assert cli(["--config", str(state), "data", "init"]) == 0
-    planted = subprocess.run(
-        [sys.executable, "-c", PLANT, str(state), SECRET],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert planted.returncode == 0, planted.stderr[-3000:]
+    _plant(state)
     assert _appliance(state, "data", "close").returncode == 0
     old = load_settings(state)
 
