@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.security.gocryptfs import EncryptedVolume, VolumeError
+from appliance.security.gocryptfs import EncryptedVolume, VolumeError, mounts_under, unmount_at
 from appliance.security.host import HostError, this_host_fingerprint
 from appliance.security.keys import (
     KeyEncryptionKey,
@@ -200,6 +200,9 @@ def close_volume(settings: ApplianceSettings) -> bool:
         if not vol.mounted():
             return False
         try:
+            # The knowledge bases' own volumes, mounted inside it, first.
+            for inner in mounts_under(vol.mount_dir):
+                unmount_at(inner)
             vol.unmount()
         except VolumeError as exc:
             raise DataSealed(f"{exc} (a process still uses it)") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from appliance.security.data_volume import PolicyTerms, resign, service_account, volume
+from appliance.security.data_volume import (
+    PolicyTerms,
+    close_volume,
+    open_volume,
+    resign,
+    service_account,
+    volume,
+)
+from appliance.security.gocryptfs import EncryptedVolume
 
 from appliance.cli.main import main as cli
 from appliance.config import load_settings
@@ -263,3 +272,21 @@ def test_backup_holds_it_encrypted_and_a_restore_needs_the_key(state, top):
     assert _grep(settings.conversations_dir) and _grep(settings.training_dir)
     assert any("chroma" in p for p in _grep(settings.rag_dir))
     assert _appliance(new, "data", "close").returncode == 0
+
+
+def test_closing_unmounts_the_volumes_inside_it_first(state):
+    assert cli(["--config", str(state), "data", "init"]) == 0
+    settings = load_settings(state)
+    assert open_volume(settings)
+    # As a knowledge base's own volume: ciphertext outside the data volume, mounted inside it.
+    inner = EncryptedVolume(settings.layout.kb_vaults / "kb1", settings.rag_dir / "kbs" / "kb1")
+    key = secrets.token_bytes(32)
+    inner.create(key)
+    try:
+        inner.mount(key)
+        (inner.mount_dir / "chunk.txt").write_text(SECRET)
+        assert close_volume(settings)
+        assert not inner.mounted() and not volume(settings).mounted()
+        assert _grep(settings.state_dir) == []
+    finally:
+        inner.unmount()
