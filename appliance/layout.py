@@ -36,6 +36,8 @@ def make_private(top: Path, skip: frozenset[Path] = frozenset()) -> None:
                     os.chmod(path, private)
             except FileNotFoundError:  # removed meanwhile (a finished upload, a rotated log)
                 continue
+            except PermissionError:  # an encrypted volume the service account holds open:
+                continue  # its mount answers that account only, even root
 
 
 def run_privately(layout: StateLayout, *elsewhere: Path) -> None:
