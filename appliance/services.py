@@ -13,7 +13,7 @@ import httpx
 from appliance.config import ApplianceSettings
 from appliance.daemon import listening, read_pid, start_detached, stop_pid, tail
 from appliance.errors import ApplianceError
-from appliance.security.data_volume import close_volume
+from appliance.security.data_volume import close_volume, openable
 
 HEALTH_TIMEOUT_S = 240
 
@@ -65,6 +65,8 @@ class ServiceManager:
         """Start what is not running (everything, with `restart`); wait until the gateway and
         the web app answer. True when something was (re)started."""
         acted = not self.running() or restart
+        if self.gateway and self.settings.security.data_at_rest.enabled:
+            openable(self.settings)  # a policy that refuses is said now, not after 240 s
         if self.mode == "systemd":
             _systemctl("daemon-reload")
             verb = "restart" if restart else "start"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import ApplianceSettings
-from appliance.security.data_volume import close_volume
+from appliance.security.data_volume import close_volume, openable
 from appliance.slurm.local_cluster import LocalCluster
 
 # Restart delays grow from the first to the last, and reset after a child ran this long.
@@ -106,6 +106,8 @@ class Supervisor:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._stop_signal)
         signal.signal(signal.SIGINT, self._stop_signal)
+        if self.settings.security.data_at_rest.enabled:
+            openable(self.settings)  # refused: the supervisor exits saying why
         if self.settings.cluster.auth == "munge":
             ensure_munged()
         cluster = None

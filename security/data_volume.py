@@ -167,30 +167,39 @@ def open_volume(settings: ApplianceSettings, *, check_leftovers: bool = True) ->
     with flocked(settings.layout.keys / _LOCK):
         if vol.mounted():
             return False
-        leftovers = plaintext_leftovers(settings) if check_leftovers else []
-        if leftovers:
-            names = ", ".join(str(p) for p in leftovers)
-            raise DataSealed(
-                f"user content lies unencrypted in {names}: `appliance data seal` moves it into "
-                "the encrypted data volume (the services start only once it is in)"
-            )
-        if not vol.exists():
-            raise DataSealed(
-                f"security.data_at_rest is on but there is no data volume in {vol.cipher_dir}: "
-                "`appliance data init` makes one"
-            )
-        if settings.rag.persist_dir is not None:
-            raise DataSealed(
-                "rag.persist_dir keeps knowledge bases outside the encrypted data volume: "
-                "unset it while security.data_at_rest is on"
-            )
+        key = openable(settings, check_leftovers=check_leftovers)
         try:
-            vol.mount(release_key(settings))
+            vol.mount(key)
         except VolumeError as exc:
             raise DataSealed(f"the user data stays sealed: {exc}") from None
     for path in (settings.layout.tmp, settings.webapp_dir):
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return True
+
+
+def openable(settings: ApplianceSettings, *, check_leftovers: bool = True) -> bytes:
+    """The data volume's key if the services could open it now (as the service account, on this
+    host); DataSealed saying why not. What starts the services asks first, so a refusal is said
+    at once rather than by services that keep exiting."""
+    leftovers = plaintext_leftovers(settings) if check_leftovers else []
+    if leftovers:
+        names = ", ".join(str(p) for p in leftovers)
+        raise DataSealed(
+            f"user content lies unencrypted in {names}: `appliance data seal` moves it into "
+            "the encrypted data volume (the services start only once it is in)"
+        )
+    vol = volume(settings)
+    if not vol.exists():
+        raise DataSealed(
+            f"security.data_at_rest is on but there is no data volume in {vol.cipher_dir}: "
+            "`appliance data init` makes one"
+        )
+    if settings.rag.persist_dir is not None:
+        raise DataSealed(
+            "rag.persist_dir keeps knowledge bases outside the encrypted data volume: "
+            "unset it while security.data_at_rest is on"
+        )
+    return release_key(settings)
 
 
 def close_volume(settings: ApplianceSettings) -> bool:

@@ -41,6 +41,11 @@ def up(ctx: CliContext, no_tiny: bool) -> None:
 
     # Said now, not after the gateway failed to come up: an older state needs `appliance upgrade`.
     require_current(settings.state_dir)
+    if settings.security.data_at_rest.enabled:
+        # Imported when the command runs: `appliance` starts without loading the stack.
+        from appliance.security.data_volume import openable
+
+        openable(settings)  # a data policy that refuses is said now, before anything starts
     if settings.cluster.mode == "local":
         # Imported when the command runs: `appliance` starts without loading the stack.
         from appliance.slurm.local_cluster import LocalCluster
