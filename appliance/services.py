@@ -3,6 +3,7 @@ otherwise the `appliance supervise` process (pid file in the state directory).""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import httpx
 from appliance.config import ApplianceSettings
 from appliance.daemon import listening, read_pid, start_detached, stop_pid, tail
 from appliance.errors import ApplianceError
-from appliance.security.data_volume import close_volume, openable
+from appliance.security.data_volume import DataSealed, close_volume, openable
 
 HEALTH_TIMEOUT_S = 240
 
@@ -101,9 +102,11 @@ class ServiceManager:
         else:
             stopped = stop_pid(self.pidfile, timeout=120)
         # With the services gone, nothing holds the data volume open (the supervisor closes it
-        # as it stops; systemd's units leave it to this).
+        # as it stops; systemd's units leave it to this). A job of an existing cluster may
+        # still read from it: then it stays open, and the services find it so when they start.
         if self.gateway and self.settings.security.data_at_rest.enabled:
-            close_volume(self.settings)
+            with contextlib.suppress(DataSealed):
+                close_volume(self.settings)
         return stopped
 
     def wait_healthy(self) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import ApplianceSettings
-from appliance.security.data_volume import close_volume, openable
+from appliance.security.data_volume import DataSealed, close_volume, openable
 from appliance.slurm.local_cluster import LocalCluster
 
 # Restart delays grow from the first to the last, and reset after a child ran this long.
@@ -130,11 +130,16 @@ class Supervisor:
         finally:
             for child in reversed(self.children):
                 child.stop()
-            if self.settings.security.data_at_rest.enabled and close_volume(self.settings):
-                log("data volume closed: the user data is sealed")
             if cluster is not None:
                 cluster.down()
                 log("local Slurm cluster stopped")
+            # Last: the cluster's jobs read from it until they stop.
+            if self.settings.security.data_at_rest.enabled:
+                try:
+                    if close_volume(self.settings):
+                        log("data volume closed: the user data is sealed")
+                except DataSealed as exc:
+                    log(f"data volume left open: {exc}")
 
 
 def ensure_munged() -> None:

@@ -219,11 +219,13 @@ def close_volume(settings: ApplianceSettings) -> bool:
 
 
 def use_private_tmp(settings: ApplianceSettings) -> None:
-    """Point this process's (and its children's) scratch files into the data volume."""
+    """Point this process's scratch files (Python's tempfile: uploads being parsed, the
+    multipart parser's spooled files, OCR) into the data volume. Not TMPDIR: the Slurm jobs
+    the gateway submits inherit its environment, and would hold the volume open (or look for
+    it on another node)."""
     import tempfile
 
-    os.environ["TMPDIR"] = str(settings.layout.tmp)
-    tempfile.tempdir = None  # computed again from TMPDIR on next use
+    tempfile.tempdir = str(settings.layout.tmp)
 
 
 def plaintext_leftovers(settings: ApplianceSettings) -> list[Path]:

@@ -112,18 +112,19 @@ def down(ctx: CliContext, keep_cluster: bool) -> None:
     for service in ("webapp", "gateway"):
         if stop_pid(settings.state_dir / f"{service}.pid"):
             click.echo(f"{service} stopped")
-    if settings.security.data_at_rest.enabled:
-        # Imported when the command runs: `appliance` starts without loading the stack.
-        from appliance.security.data_volume import close_volume
-
-        if close_volume(settings):
-            click.echo("data volume closed: the user data is sealed")
     if settings.cluster.mode == "local" and not keep_cluster:
         # Imported when the command runs: `appliance` starts without loading the stack.
         from appliance.slurm.local_cluster import LocalCluster
 
         LocalCluster(settings).down()
         click.echo("local Slurm cluster stopped")
+    if settings.security.data_at_rest.enabled:
+        # Last: the cluster's jobs (instances, fine-tuning) read from it until they stop.
+        # Imported when the command runs: `appliance` starts without loading the stack.
+        from appliance.security.data_volume import close_volume
+
+        if close_volume(settings):
+            click.echo("data volume closed: the user data is sealed")
 
 
 @click.command("status")
