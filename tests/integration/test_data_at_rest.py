@@ -45,7 +45,6 @@ PLANT = textwrap.dedent(
     import json, sys, tempfile
     from appliance.cli.data import open_for_service
     from appliance.config import load_settings
-from appliance.state_version import SCHEMA_VERSION, write_record
     from appliance.gateway.account import ConversationStore
     from appliance.rag.ingest import parse_many
     from appliance.rag.store import KnowledgeBaseStore
