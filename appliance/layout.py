@@ -145,14 +145,8 @@ class StateLayout:
         return self.keys / "data-volume.json"
 
     @property
-    def kb_vaults(self) -> Path:
-        """The ciphertext of the knowledge bases' own volumes: outside the data volume (no FUSE
-        over FUSE), mounted at their folders inside it."""
-        return self.root / "kb-vaults"
-
-    @property
     def tmp(self) -> Path:
-        """TMPDIR of the services while the user content is encrypted: no upload or parse
+        """The services' scratch files while the user content is encrypted: no upload or parse
         scratch file lands in /tmp in plaintext."""
         return self.data / "tmp"
 
@@ -246,6 +240,12 @@ class StateLayout:
     @property
     def rag(self) -> Path:
         return self.user_root / "rag"
+
+    @property
+    def kb_volumes(self) -> Path:
+        """The knowledge bases' encrypted volumes (ciphertext and wrapped key of each) when data
+        at rest is encrypted: outside the rag folder, which may be inside a volume itself."""
+        return self.root / "kb-volumes"
 
     @property
     def audit(self) -> Path:

@@ -19,7 +19,7 @@ from appliance.errors import ApplianceError
 
 SCHEMA_FILE = "schema.json"
 # The schema this code reads and writes; appliance.upgrade's steps lead up to it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UNVERSIONED = 0
 # What holds data in a state directory (relative paths): their presence without a record means
 # the directory was made before versioning. Logs, sockets, pid files and the local cluster's

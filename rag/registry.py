@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+from collections.abc import Collection
 from contextlib import closing
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
@@ -47,6 +48,9 @@ CREATE TABLE IF NOT EXISTS documents (
     source_hash TEXT,
     PRIMARY KEY (kb, id)
 );
+-- Queries ask which versions of the chunks they found are current: an index lookup each, so a
+-- query costs the same whatever the number of documents, and just after an upload too.
+CREATE INDEX IF NOT EXISTS documents_version ON documents (kb, version);
 -- Versions whose chunks may be in Chroma while no document points to them: being written (the
 -- writing process is named, with its start time against pid reuse), or replaced, deleted or
 -- abandoned (no writer) and waiting for their chunks to be deleted.
@@ -59,6 +63,8 @@ CREATE TABLE IF NOT EXISTS loose_versions (
 );
 """
 
+# SQLite takes at most 32,766 parameters a statement.
+_VERSIONS_PER_QUERY = 1000
 _DOCUMENT_COLUMNS = "id, filename, version, content_hash, chunks, updated_at, source_hash"
 # Set in `meta` once the names of knowledge bases are ids `owner/name`: registries written
 # before (one global namespace of names) are migrated when opened.
@@ -198,6 +204,21 @@ class Registry:
                 (kb_id,),
             ).fetchall()
         return [DocumentRecord(*row) for row in rows]
+
+    def current_versions(self, kb_id: str, versions: Collection[str]) -> set[str]:
+        """Those of `versions` that are the current version of a document of the knowledge base."""
+        listed = list(versions)
+        current: set[str] = set()
+        with closing(self._connect()) as db:
+            for start in range(0, len(listed), _VERSIONS_PER_QUERY):
+                part = listed[start : start + _VERSIONS_PER_QUERY]
+                rows = db.execute(
+                    "SELECT version FROM documents WHERE kb = ? AND version IN"
+                    f" ({', '.join('?' * len(part))})",
+                    (kb_id, *part),
+                )
+                current.update(version for (version,) in rows)
+        return current
 
     def document(self, kb_id: str, document_id: str) -> DocumentRecord | None:
         with closing(self._connect()) as db:

@@ -1,6 +1,13 @@
 """Knowledge bases in Chroma and FTS5: one collection and one keyword index each, crash-safe
 document updates, access checks.
 
+Each knowledge base has a directory of its own, `<rag root>/kbs/<collection>/` (rag/kb_dirs.py:
+plain, or an encrypted volume of its own): its embedded Chroma in `chroma/` and its keyword index
+in `keywords.sqlite3`, so deleting it deletes every file that held its text. With
+`rag.chroma_url` the vectors live on that Chroma server (its storage is the operator's to
+encrypt) and only the keyword index is in the directory. The registry, `registry.sqlite3`, is in
+the rag root.
+
 Every chunk carries the version id of the document upload it came from, in Chroma and in the
 keyword index alike; the registry names each document's current version. An upload writes its
 chunks under a new version to both, flips the current version in one registry transaction, then
@@ -16,8 +23,10 @@ import hashlib
 import logging
 import re
 import secrets
+import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,6 +37,7 @@ from appliance.rag.chunking import Chunk, chunk_document
 from appliance.rag.document import ParsedDocument
 from appliance.rag.embeddings import Embedder
 from appliance.rag.errors import IngestError, KnowledgeBaseError
+from appliance.rag.kb_dirs import KnowledgeBaseDirs
 from appliance.rag.keywords import KeywordIndex
 from appliance.rag.registry import DocumentRecord, KnowledgeBase, Registry, now
 from appliance.rag.write_lock import write_lock
@@ -46,8 +56,12 @@ _MAX_ACCESS_NAMES = 1000
 # Versions per Chroma `$in` filter, and chunks per `add` (Chroma refuses more than ~5000).
 _VERSIONS_PER_GET = 100
 _CHUNKS_PER_ADD = 1000
-# Under the store's root: one SQLite file per knowledge base, named after its collection.
-KEYWORDS_DIR = "keywords"
+# In each knowledge base's directory: its embedded Chroma, and its keyword index.
+CHROMA_DIR = "chroma"
+KEYWORDS_FILE = "keywords.sqlite3"
+# Embedded Chroma clients kept open at once: each holds ~7 threads and ~4 MiB (measured with
+# Chroma 1.5.9), and reopening one costs ~25 ms.
+MAX_OPEN_CLIENTS = 32
 
 
 @dataclass(frozen=True)
@@ -74,18 +88,37 @@ class KnowledgeBaseStore:
     """
 
     def __init__(
-        self, root: Path, settings: RagSettings | None = None, embedder: Embedder | None = None
+        self,
+        root: Path,
+        settings: RagSettings | None = None,
+        embedder: Embedder | None = None,
+        dirs: KnowledgeBaseDirs | None = None,
     ) -> None:
-        """Open (or start) the store whose registry, and embedded Chroma data, are in `root`."""
+        """Open (or start) the store whose registry, and knowledge bases' directories, are in
+        `root`; `dirs` makes those directories (default: plain ones)."""
         self.settings = settings or RagSettings()
         self.embedder = embedder or Embedder.from_settings(self.settings)
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
+        self.dirs = dirs or KnowledgeBaseDirs(root)
         self._registry = Registry(root / "registry.sqlite3")
-        self._versions: dict[str, tuple[int, frozenset[str]]] = {}
-        self._client = _chroma_client(self.settings, root / "chroma")
+        # Embedded Chroma: one client per knowledge base, opened at its first use. A server:
+        # one client for all.
+        self._server = _chroma_server(self.settings)
+        self._clients: dict[str, ClientAPI] = {}  # least recently used first
+        self._users: Counter[str] = Counter()
+        self._clients_lock = threading.Lock()
         self.collect_garbage()
         self.build_missing_keyword_indexes()
+
+    def close(self) -> None:
+        """Close every knowledge base's Chroma client and give back its directory (an encrypted
+        one is unmounted). The store opens them again if used after."""
+        with self._clients_lock:
+            clients, self._clients = self._clients, {}
+        for client in clients.values():
+            client.close()
+        self.dirs.close_all()
 
     # Knowledge bases
 
@@ -117,7 +150,8 @@ class KnowledgeBaseStore:
         # that the registry does not know, so the other order could lose a new one.
         with self._writing():
             self._registry.add_knowledge_base(kb)
-            self._collection(kb)
+            with self._open_collection(kb):
+                pass
             self._keywords(kb.collection).create()
         return kb
 
@@ -193,34 +227,8 @@ class KnowledgeBaseStore:
         """The `n` current chunks nearest to `vector`, with their cosine similarity, best first."""
         kb = self.get(principal, ref)
         self._check_model(kb)
-        current = self._current_versions(kb)
-        collection = self._collection(kb)
-        total = collection.count()
-        fetch = n
-        while current and total:
-            result = collection.query(
-                query_embeddings=[vector],
-                n_results=min(fetch, total),
-                include=["documents", "metadatas", "distances"],
-            )
-            found = [
-                (_stored(kb, chunk_id, text, meta), 1.0 - distance)
-                for chunk_id, text, meta, distance in zip(
-                    result["ids"][0],
-                    result["documents"][0],
-                    result["metadatas"][0],
-                    result["distances"][0],
-                    strict=True,
-                )
-                if meta["version"] in current
-            ]
-            if len(found) >= n or fetch >= total:
-                return found[:n]
-            # Chunks of versions being written or awaiting deletion took places: ask for more.
-            # Filtering after the search, not with a `$in` filter in it, keeps the common
-            # query (nothing being written) one plain search whatever the number of documents.
-            fetch *= 4
-        return []
+        with self._open_collection(kb) as collection:
+            return _nearest(kb, collection, lambda found: self._current(kb, found), vector, n)
 
     def keyword_search(
         self, principal: Principal, ref: str, query: str, n: int
@@ -228,7 +236,9 @@ class KnowledgeBaseStore:
         """The `n` current chunks that best match the query's words, with their BM25 score,
         best first."""
         kb = self.get(principal, ref)
-        return self._keywords(kb.collection).search(kb.id, query, n, self._current_versions(kb))
+        return self._keywords(kb.collection).search(
+            kb.id, query, n, lambda versions: self._current(kb, versions)
+        )
 
     def chunks(self, principal: Principal, ref: str) -> list[Chunk]:
         """Every current chunk of the knowledge base, by file name and position."""
@@ -252,6 +262,9 @@ class KnowledgeBaseStore:
                 if current is None or current.collection != kb.collection or index.exists():
                     continue  # deleted or built by another process meanwhile
                 log.info("building the keyword index of knowledge base %s", kb.id)
+                # Builds hold the write lock alone: a file of one seen here is a crashed build's.
+                for building in index.path.parent.glob(f"{index.path.name}.*.building"):
+                    building.unlink(missing_ok=True)
                 index.rebuild(self._stored_chunks(current))
                 built.append(kb.id)
         return built
@@ -265,22 +278,18 @@ class KnowledgeBaseStore:
         Runs when the store opens; safe while other processes write.
         """
         # Collections are listed before the registry is read. A knowledge base is registered
-        # before its collection is made, so every listed collection of a knowledge base is in
-        # the registry read after, even if it was made in between.
+        # before its directory and collection are made, so every listed one of a knowledge base
+        # is in the registry read after, even if it was made in between.
         with self._writing():
-            collections = [collection.name for collection in self._client.list_collections()]
-            indexes = [path.stem for path in (self.root / KEYWORDS_DIR).glob("*.sqlite3")]
+            collections = self.dirs.collections()
+            if self._server is not None:
+                prefix = _collection_prefix(self._registry.store_id)
+                listed = {collection.name for collection in self._server.list_collections()}
+                collections |= {name for name in listed if name.startswith(prefix)}
             known = {kb.collection for kb in self._registry.knowledge_bases()}
-            prefix = _collection_prefix(self._registry.store_id)
-            for collection in collections:
-                if collection.startswith(prefix) and collection not in known:
-                    log.info("deleting collection %s: its knowledge base was deleted", collection)
-                    self._drop_collection(collection)
-            for collection in set(indexes) - known:
-                self._keywords(collection).delete()
-            # Builds hold the write lock alone: one's file seen here is a crashed build's.
-            for building in (self.root / KEYWORDS_DIR).glob("*.building"):
-                building.unlink(missing_ok=True)
+            for collection in sorted(collections - known):
+                log.info("deleting collection %s: its knowledge base was deleted", collection)
+                self._drop_collection(collection)
             for loose in self._registry.loose_versions():
                 if not loose.writer_alive():
                     self._drop_version(loose.collection, loose.version)
@@ -369,16 +378,16 @@ class KnowledgeBaseStore:
         """Store the chunks under `record.version` in Chroma and the keyword index; text the old
         version has keeps its vector."""
         self._keywords(kb.collection).add(record.version, record.id, chunks)
-        collection = self._collection(kb)
-        known = self._vectors_by_text(collection, old)
-        reused = [chunk for chunk in chunks if _text_hash(chunk.text) in known]
-        fresh = [chunk for chunk in chunks if _text_hash(chunk.text) not in known]
-        for start in range(0, len(reused), _CHUNKS_PER_ADD):
-            part = reused[start : start + _CHUNKS_PER_ADD]
-            vectors = [known[_text_hash(chunk.text)] for chunk in part]
-            _add_chunks(collection, record, part, vectors)
-        for start, vectors in self.embedder.embed_batches([chunk.text for chunk in fresh]):
-            _add_chunks(collection, record, fresh[start : start + len(vectors)], vectors)
+        with self._open_collection(kb) as collection:
+            known = self._vectors_by_text(collection, old)
+            reused = [chunk for chunk in chunks if _text_hash(chunk.text) in known]
+            fresh = [chunk for chunk in chunks if _text_hash(chunk.text) not in known]
+            for start in range(0, len(reused), _CHUNKS_PER_ADD):
+                part = reused[start : start + _CHUNKS_PER_ADD]
+                vectors = [known[_text_hash(chunk.text)] for chunk in part]
+                _add_chunks(collection, record, part, vectors)
+            for start, vectors in self.embedder.embed_batches([chunk.text for chunk in fresh]):
+                _add_chunks(collection, record, fresh[start : start + len(vectors)], vectors)
 
     @staticmethod
     def _vectors_by_text(collection: Collection, old: DocumentRecord | None) -> dict[str, Any]:
@@ -404,53 +413,98 @@ class KnowledgeBaseStore:
     def _drop_version(self, collection: str, version: str) -> None:
         from chromadb.errors import NotFoundError
 
-        # NotFoundError: its knowledge base was deleted, chunks included.
-        with contextlib.suppress(NotFoundError):
-            self._client.get_collection(collection, embedding_function=None).delete(
-                where={"version": version}
-            )
-        self._keywords(collection).drop(version)
+        with self._chroma(collection, create=False) as client:
+            # None or NotFoundError: its knowledge base was deleted, chunks included.
+            if client is not None:
+                with contextlib.suppress(NotFoundError):
+                    client.get_collection(collection, embedding_function=None).delete(
+                        where={"version": version}
+                    )
+                KeywordIndex(self.dirs.path(collection) / KEYWORDS_FILE).drop(version)
         self._registry.forget_version(collection, version)
 
     def _drop_collection(self, collection: str) -> None:
+        """Delete a knowledge base's collection and directory: its client is closed first, so
+        an encrypted directory unmounts before its key and ciphertext are destroyed."""
         from chromadb.errors import NotFoundError
 
-        # NotFoundError: another process's garbage collection deleted it meanwhile.
-        with contextlib.suppress(NotFoundError):
-            self._client.delete_collection(collection)
-        self._keywords(collection).delete()
+        with self._clients_lock:
+            client = self._clients.pop(collection, None)
+        if client is not None:
+            client.close()
+        if self._server is not None:
+            # NotFoundError: another process's garbage collection deleted it meanwhile.
+            with contextlib.suppress(NotFoundError):
+                self._server.delete_collection(collection)
+        self.dirs.destroy(collection)
 
     def _keywords(self, collection: str) -> KeywordIndex:
-        return KeywordIndex(self.root / KEYWORDS_DIR / f"{collection}.sqlite3")
+        """The keyword index of a knowledge base in the registry, its directory opened (made
+        when missing, as its collection is)."""
+        self.dirs.open(collection, create=True)
+        return KeywordIndex(self.dirs.path(collection) / KEYWORDS_FILE)
+
+    @contextlib.contextmanager
+    def _chroma(self, collection: str, *, create: bool = True) -> Iterator[ClientAPI | None]:
+        """The Chroma client that holds the collection, its directory opened (made when missing
+        if `create`); None when it has no directory. An embedded one stays open while used;
+        beyond MAX_OPEN_CLIENTS, the least recently used of those no call uses is closed."""
+        path = self.dirs.open(collection, create=create)
+        if path is None or self._server is not None:
+            yield None if path is None else self._server
+            return
+        with self._clients_lock:
+            client = self._clients.pop(collection, None)
+            if client is None:
+                client = embedded_chroma(path / CHROMA_DIR)
+            self._clients[collection] = client  # last: the most recently used
+            self._users[collection] += 1
+        try:
+            yield client
+        finally:
+            with self._clients_lock:
+                self._users[collection] -= 1
+                idle = [c for c in self._clients if not self._users[c]]
+                evicted = [
+                    self._clients.pop(c) for c in idle[: len(self._clients) - MAX_OPEN_CLIENTS]
+                ]
+            for old in evicted:
+                old.close()
 
     def _stored_chunks(self, kb: KnowledgeBase) -> Iterator[tuple[str, Chunk]]:
         """(version, chunk) of every current chunk of the knowledge base, as Chroma has them."""
-        versions = sorted(self._current_versions(kb))
-        collection = self._collection(kb)
-        for start in range(0, len(versions), _VERSIONS_PER_GET):
-            where = {"version": {"$in": versions[start : start + _VERSIONS_PER_GET]}}
-            result = collection.get(where=where, include=["documents", "metadatas"])
-            for chunk_id, text, meta in zip(
-                result["ids"], result["documents"], result["metadatas"], strict=True
-            ):
-                yield meta["version"], _stored(kb, chunk_id, text, meta)
+        versions = sorted(document.version for document in self._registry.documents(kb.id))
+        with self._open_collection(kb) as collection:
+            for start in range(0, len(versions), _VERSIONS_PER_GET):
+                where = {"version": {"$in": versions[start : start + _VERSIONS_PER_GET]}}
+                result = collection.get(where=where, include=["documents", "metadatas"])
+                for chunk_id, text, meta in zip(
+                    result["ids"], result["documents"], result["metadatas"], strict=True
+                ):
+                    yield meta["version"], _stored(kb, chunk_id, text, meta)
+
+    @contextlib.contextmanager
+    def _open_collection(self, kb: KnowledgeBase) -> Iterator[Collection]:
+        """The knowledge base's collection (made when missing), its client open while used."""
+        with self._chroma(kb.collection) as client:
+            assert client is not None  # made when missing
+            # Vectors come from our Embedder only: Chroma's default embedding function would
+            # try to download a model.
+            yield client.get_or_create_collection(
+                kb.collection, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None
+            )
 
     def _collection(self, kb: KnowledgeBase) -> Collection:
-        # Vectors come from our Embedder only: Chroma's default embedding function would try
-        # to download a model.
-        return self._client.get_or_create_collection(
-            kb.collection, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None
-        )
+        """The collection for a caller that uses no other knowledge base meanwhile (a
+        benchmark's bare queries): its client may be closed after MAX_OPEN_CLIENTS others."""
+        with self._open_collection(kb) as collection:
+            return collection
 
-    def _current_versions(self, kb: KnowledgeBase) -> frozenset[str]:
-        # Read once per change of the knowledge base (its generation), not on every query: with
-        # ten thousand documents, reading them took most of a query's time.
-        cached = self._versions.get(kb.collection)
-        if cached is not None and cached[0] == kb.generation:
-            return cached[1]
-        versions = frozenset(document.version for document in self._registry.documents(kb.id))
-        self._versions[kb.collection] = (kb.generation, versions)
-        return versions
+    def _current(self, kb: KnowledgeBase, versions: Iterable[str]) -> set[str]:
+        # Only the versions a query found are looked up (an index lookup each): reading every
+        # document's version after each change took 0.3 s at 100,000 documents, on the first
+        # query after an upload, and kept them all in memory.
+        return self._registry.current_versions(kb.id, set(versions))
 
     def _new_collection_name(self, name: str) -> str:
         """Our prefix, the name in Chroma's alphabet (readable in Chroma tools), and a random
@@ -463,6 +517,44 @@ def _collection_prefix(store_id: str) -> str:
     # The store id keeps garbage collection away from collections of other stores that share a
     # Chroma server.
     return f"kb-{store_id}-"
+
+
+def _nearest(
+    kb: KnowledgeBase,
+    collection: Collection,
+    current: Callable[[list[str]], set[str]],
+    vector: Sequence[float],
+    n: int,
+) -> list[tuple[Chunk, float]]:
+    """The `n` chunks of current versions nearest to `vector`, with their cosine similarity;
+    `current` says which of the versions found are current."""
+    fetch = n
+    while True:
+        # Chroma answers fewer than n_results when it has fewer; no count() first: it read the
+        # whole collection (4.6 ms at 100,000 chunks).
+        result = collection.query(
+            query_embeddings=[vector],
+            n_results=fetch,
+            include=["documents", "metadatas", "distances"],
+        )
+        now = current([meta["version"] for meta in result["metadatas"][0]])
+        found = [
+            (_stored(kb, chunk_id, text, meta), 1.0 - distance)
+            for chunk_id, text, meta, distance in zip(
+                result["ids"][0],
+                result["documents"][0],
+                result["metadatas"][0],
+                result["distances"][0],
+                strict=True,
+            )
+            if meta["version"] in now
+        ]
+        if len(found) >= n or len(result["ids"][0]) < fetch:
+            return found[:n]
+        # Chunks of versions being written or awaiting deletion took places: ask for more.
+        # Filtering after the search, not with a `$in` filter in it, keeps the common
+        # query (nothing being written) one plain search whatever the number of documents.
+        fetch *= 4
 
 
 def _access_names(names: Iterable[str], what: str) -> frozenset[str]:
@@ -527,19 +619,30 @@ def _content_hash(chunks: Sequence[Chunk]) -> str:
     return digest.hexdigest()
 
 
-def _chroma_client(settings: RagSettings, path: Path) -> ClientAPI:
-    import chromadb
+def _chroma_settings():
     from chromadb.config import Settings
 
     # No usage reports: the appliance runs offline and never phones home.
-    chroma_settings = Settings(anonymized_telemetry=False)
+    return Settings(anonymized_telemetry=False)
+
+
+def embedded_chroma(path: Path) -> ClientAPI:
+    """An embedded Chroma whose files are in `path` (close it when done)."""
+    import chromadb
+
+    return chromadb.PersistentClient(path=path, settings=_chroma_settings())
+
+
+def _chroma_server(settings: RagSettings) -> ClientAPI | None:
     if settings.chroma_url is None:
-        return chromadb.PersistentClient(path=path, settings=chroma_settings)
+        return None
+    import chromadb
+
     url = urlsplit(settings.chroma_url)
     https = url.scheme == "https"
     return chromadb.HttpClient(
         host=url.hostname or "localhost",
         port=url.port or (443 if https else 8000),
         ssl=https,
-        settings=chroma_settings,
+        settings=_chroma_settings(),
     )

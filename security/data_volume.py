@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from appliance.file_lock import flocked
 SUBJECT = "appliance-data-volume"
 _CONTEXT = b"data-volume:"
 _LOCK = ".data-volume.lock"
+CLOSE_PATIENCE_S = 10.0
 # What older states (or one made with data_at_rest off) keep in plaintext at the state's top.
 USER_CONTENT = ("rag", "conversations", "training", "webapp")
 
@@ -210,12 +212,27 @@ def close_volume(settings: ApplianceSettings) -> bool:
             return False
         try:
             # The knowledge bases' own volumes, mounted inside it, first.
-            for inner in mounts_under(vol.mount_dir):
-                unmount_at(inner)
-            vol.unmount()
+            inner = mounts_under(vol.mount_dir)
+            for point in inner:
+                unmount_at(point)
+            _unmount_when_released(vol, patient=bool(inner))
         except VolumeError as exc:
             raise DataSealed(f"{exc} (a process still uses it)") from None
     return True
+
+
+def _unmount_when_released(vol: EncryptedVolume, *, patient: bool) -> None:
+    # An inner volume's daemon lets go of the outer mount a moment after its own unmount
+    # returns (measured: busy at once, free within 2 s); so the outer one is tried again.
+    deadline = time.monotonic() + (CLOSE_PATIENCE_S if patient else 0)
+    while True:
+        try:
+            vol.unmount()
+            return
+        except VolumeError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 def use_private_tmp(settings: ApplianceSettings) -> None:

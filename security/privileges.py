@@ -26,7 +26,7 @@ def service_dirs(settings: ApplianceSettings) -> list[Path]:
     # Encrypted, the user content is inside the data volume's mount point (its account's, as is
     # its ciphertext), which the volume, once open, keeps even from root.
     user_content = (
-        [layout.vault, layout.data, layout.kb_vaults]
+        [layout.vault, layout.data, layout.kb_volumes]
         if layout.encrypted
         else [
             settings.rag_dir,

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.config import ApplianceSettings
+from appliance.rag.kb_dirs import all_open, knowledge_base_dirs
 from appliance.rag.write_lock import LOCK_FILE as RAG_LOCK_FILE
 from appliance.rag.write_lock import write_lock
 from appliance.security.audit import AuditLog
 from appliance.state_version import schema_path
 from appliance.store.format import DATA_FILE as STORE_DATA_FILE
+from appliance.store.keyring import data_at_rest_kek
 
 # SQLite's own side files: the online backup API copies what they hold into the snapshot.
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -74,11 +76,12 @@ def backup_parts(settings: ApplianceSettings, with_models: bool = False) -> list
     layout = settings.layout
     keys = layout.keys
     audit = AuditLog(settings.audit_dir)
-    # Knowledge bases: the registry and Chroma's files (its SQLite database, copied with the
-    # online backup API, and its HNSW segment folders) under the exclusive write lock, so no
-    # upload is half written in either; Chroma's cookbook warns a plain copy of a live
-    # directory can be corrupt. With rag.chroma_url, Chroma lives on its server: only the
-    # registry is here, and the server needs a backup of its own.
+    # Knowledge bases: the registry and each knowledge base's directory (its Chroma's SQLite
+    # database, copied with the online backup API, its HNSW segment folders, its keyword index)
+    # under the exclusive write lock, so no upload is half written in any; Chroma's cookbook
+    # warns a plain copy of a live directory can be corrupt. Encrypted ones are read through
+    # their mounted volumes (the backup is encrypted itself). With rag.chroma_url, vectors live
+    # on that server, which needs a backup of its own.
     parts = [
         Part("keys", keys, "dir"),  # API keys and sign-in sessions, users, secrets
         Part("audit", settings.audit_dir, "dir", lock=audit.locked, skip=_named(".lock")),
@@ -86,7 +89,7 @@ def backup_parts(settings: ApplianceSettings, with_models: bool = False) -> list
             "rag",
             settings.rag_dir,
             "dir",
-            lock=lambda: write_lock(settings.rag_dir, exclusive=True),
+            lock=lambda: _knowledge_bases_still(settings),
             skip=_named(RAG_LOCK_FILE),
         ),
         Part("conversations", settings.conversations_dir, "dir"),
@@ -116,6 +119,15 @@ def restore_targets(settings: ApplianceSettings) -> dict[str, Part]:
         parts.setdefault(name, Part(name, path, "file"))
     parts["config"] = Part("config", settings.state_dir / "restored" / "config.yaml", "file")
     return parts
+
+
+@contextlib.contextmanager
+def _knowledge_bases_still(settings: ApplianceSettings) -> Iterator[None]:
+    """No write to any knowledge base, and every one's directory open (volumes mounted)."""
+    with write_lock(settings.rag_dir, exclusive=True):
+        dirs = knowledge_base_dirs(settings, data_at_rest_kek(settings))
+        with all_open(dirs):
+            yield
 
 
 def _named(name: str) -> Callable[[Path], bool]:

@@ -17,6 +17,8 @@ from appliance.backup.parts import Part, restore_targets
 from appliance.backup.user_data import USER_PARTS, restore_volume
 from appliance.config import ApplianceSettings
 from appliance.layout import PRIVATE_DIR_MODE, make_private
+from appliance.rag.kb_dirs import all_open, knowledge_base_dirs
+from appliance.store.keyring import data_at_rest_kek
 
 
 def read_backup(src: Path, source: KeySource) -> tuple[dict[str, Any], Manifest]:
@@ -55,6 +57,8 @@ def restore_backup(settings: ApplianceSettings, src: Path, source: KeySource) ->
                     _move_into_place(stage[name] / name, targets[name], kind)
                 if user_staging != staging:
                     shutil.rmtree(user_staging)
+                # While the data volume is open: the knowledge bases are inside it.
+                _encrypt_knowledge_bases(settings)
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if created:
@@ -67,6 +71,14 @@ def restore_backup(settings: ApplianceSettings, src: Path, source: KeySource) ->
     # Folders made on the way (the parents of parts) private too, as the services leave them.
     settings.layout.make_private()
     return manifest
+
+
+def _encrypt_knowledge_bases(settings: ApplianceSettings) -> None:
+    """With data at rest encrypted here, each restored knowledge base moves into a new volume
+    of its own, with a new key, now rather than at the gateway's first use of it."""
+    if settings.security.data_at_rest.enabled:
+        with all_open(knowledge_base_dirs(settings, data_at_rest_kek(settings))):
+            pass
 
 
 @contextlib.contextmanager

@@ -72,9 +72,11 @@ def list_stored(ctx: CliContext) -> None:
 @click.argument("new_key_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @pass_ctx
 def rotate(ctx: CliContext, new_key_file: Path) -> None:
-    """Rewrap every model's data key under NEW_KEY_FILE (weights are not re-encrypted), then
-    point store.key_file at it on every node."""
+    """Rewrap every model's data key, and every encrypted knowledge base's key, under
+    NEW_KEY_FILE (weights and volumes are not re-encrypted), then point store.key_file at it on
+    every node."""
     # Imported when the command runs: `appliance` starts without loading the stack.
+    from appliance.rag.kb_dirs import rewrap_keys
     from appliance.security.keys import KeyEncryptionKey
     from appliance.store import keyring
     from appliance.store.model import rotate_key
@@ -87,8 +89,14 @@ def rotate(ctx: CliContext, new_key_file: Path) -> None:
         if (d / "header.json").exists():
             rotate_key(d, old, new)
             count += 1
-    audit.record(ctx, "store_key_rotate", old.key_id, new_key=new.key_id, models=count)
-    click.echo(f"rewrapped {count} models from key {old.key_id} to key {new.key_id}")
+    kbs = rewrap_keys(ctx.settings.layout.kb_volumes, old, new)
+    audit.record(
+        ctx, "store_key_rotate", old.key_id, new_key=new.key_id, models=count, knowledge_bases=kbs
+    )
+    click.echo(
+        f"rewrapped {count} models and {kbs} knowledge bases from key {old.key_id} to key "
+        f"{new.key_id}"
+    )
 
 
 @store_group.command("policy")

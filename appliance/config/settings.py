@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -140,6 +140,14 @@ class ApplianceSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Precedence: explicit arguments, then environment, then the YAML file, then defaults.
         return (init_settings, env_settings, _YamlSource(settings_cls, _CURRENT_FILE[0]))
+
+    @model_validator(mode="after")
+    def _embedding_cache_in_state(self) -> ApplianceSettings:
+        # The embedder sees only the rag section; its exports belong with this state's other
+        # caches (derived files, left out of backups), so the default is filled in here.
+        if self.rag.embedding_cache_dir is None:
+            self.rag.embedding_cache_dir = self.state_dir / "cache" / "embeddings"
+        return self
 
     @property
     def config_file(self) -> Path | None:

@@ -130,6 +130,7 @@ def create_app(
         auth.audit = audit
         if "oidc" in settings.identity.sources:
             auth.oidc = OidcBearer(settings.identity)
+        knowledge = KnowledgeService(settings)
         monitor = _monitor(settings, slurm, manager, requests)
         refusals = Refusals(audit)
         flusher = asyncio.create_task(_flush_refusals(refusals))
@@ -139,7 +140,7 @@ def create_app(
             manager,
             Forwarder(settings, manager),
             auth,
-            KnowledgeService(settings),
+            knowledge,
             requests,
             monitor,
             audit,
@@ -156,6 +157,7 @@ def create_app(
             if monitor is not None:
                 monitor.stop()
             await manager.close()
+            await asyncio.to_thread(knowledge.close)
             if auth.oidc is not None:
                 auth.oidc.close()
             await client.close()

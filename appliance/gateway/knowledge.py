@@ -25,7 +25,9 @@ from appliance.gateway.json_body import json_model, validated
 from appliance.gateway.metering import MeteredEmbedder, knowledge_quota
 from appliance.gateway.protocol import RequestError
 from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
+from appliance.rag.kb_dirs import knowledge_base_dirs
 from appliance.security.api_keys import Principal
+from appliance.store.keyring import data_at_rest_kek
 
 router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(knowledge_quota)])
 Who = Annotated[Principal, Depends(authenticated)]
@@ -80,6 +82,9 @@ class KnowledgeService:
         self._lock = threading.Lock()
         self._store = None
         self._retriever = None
+        # Loaded now, not at the first use: with data at rest encrypted, a missing key stops
+        # the gateway's start with what to do, not a knowledge base request later.
+        self._kek = data_at_rest_kek(settings)
 
     def _open(self):
         with self._lock:
@@ -89,9 +94,18 @@ class KnowledgeService:
                 from appliance.rag.store import KnowledgeBaseStore
 
                 embedder = MeteredEmbedder.from_settings(self.settings.rag)  # quotas count it
-                self._store = KnowledgeBaseStore(self.settings.rag_dir, self.settings.rag, embedder)
+                dirs = knowledge_base_dirs(self.settings, self._kek)
+                rag = self.settings.rag
+                self._store = KnowledgeBaseStore(self.settings.rag_dir, rag, embedder, dirs)
                 self._retriever = Retriever.from_settings(self._store)
         return self._store, self._retriever
+
+    def close(self) -> None:
+        """Close the store (its knowledge bases' encrypted volumes are unmounted)."""
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = self._retriever = None
 
     async def run(self, fn, *args):
         """fn(store, retriever, *args) in a thread; store errors become OpenAI error bodies."""

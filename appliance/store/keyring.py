@@ -8,7 +8,7 @@ from pathlib import Path
 
 from appliance import envs
 from appliance.config import ApplianceSettings
-from appliance.security.keys import KeyEncryptionKey, generate_key_file
+from appliance.security.keys import KeyEncryptionKey, KeySetupError, generate_key_file
 from appliance.security.policy import (
     LoadPolicy,
     SignedPolicy,
@@ -43,6 +43,17 @@ def store_kek(settings: ApplianceSettings, *, create_kdf: bool = False) -> KeyEn
     return load_kek(
         settings.kek_file, settings.store_root / KDF_FILE, passphrase=None, create_kdf=create_kdf
     )
+
+
+def data_at_rest_kek(settings: ApplianceSettings) -> KeyEncryptionKey | None:
+    """The key-encryption key when user data is encrypted at rest (it opens the knowledge
+    bases' volumes), else None; KeySetupError, saying what to do, when it is missing."""
+    if not settings.security.data_at_rest.enabled:
+        return None
+    try:
+        return store_kek(settings)
+    except KeySetupError as exc:
+        raise KeySetupError(f"security.data_at_rest.enabled is on, but {exc}") from None
 
 
 def load_spec(settings: ApplianceSettings, model_id: str) -> StoreLoadSpec:

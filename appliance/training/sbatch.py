@@ -42,6 +42,9 @@ def render_training_script(
         f"#SBATCH --comment=appliance-training:{job.id}",
         "#SBATCH --requeue",
         "",
+        "# Checkpoints, adapters and the log are the service account's alone, whatever umask",
+        "# sbatch was called under.",
+        "umask 077",
         f"trainer=({q(str(settings.serving.python))} -m appliance.training.run "
         f"--job-dir {q(str(directory))})",
         "child=",

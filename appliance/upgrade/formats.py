@@ -1,8 +1,9 @@
 """The migrations of each stored format. From the unversioned state (0) to schema 1, every format
 stays as release 0.1.0 wrote it, so each is a check that the format reads with this code's own
 reader: a state that would fail at run time fails here, before the record says 1. Schema 2 adds
-the knowledge bases' keyword indexes. Each is read-only or idempotent, so a re-run after a crash
-is safe."""
+the knowledge bases' keyword indexes; schema 3 gives each knowledge base a directory of its own,
+and builds the keyword indexes schema 2 lacks. Each is read-only or idempotent, so a re-run
+after a crash is safe."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from appliance.security.api_keys import ApiKeyStore
 from appliance.security.audit import AuditLog
 from appliance.security.users import UserStore
 from appliance.store.format import HEADER_FILE, StoreHeader
+from appliance.store.keyring import data_at_rest_kek
 from appliance.training.files import files_dir
 from appliance.training.jobs import TrainingJob
 
@@ -57,18 +59,28 @@ def migrate_kb_registry(settings: ApplianceSettings) -> None:
         _reads(path, lambda: Registry(path).knowledge_bases())
 
 
-def build_keyword_indexes(settings: ApplianceSettings) -> None:
-    """rag/keywords/: each knowledge base gets its keyword index (SQLite FTS5), built once from
-    its chunks in Chroma under the knowledge bases' write lock; one that has it is left as is.
-    With rag.chroma_url the chunks are on that server, which an upgrade does not need running:
-    the gateway's store builds the missing indexes when it opens instead."""
-    if settings.rag.chroma_url is not None or not (settings.rag_dir / "registry.sqlite3").exists():
+def move_to_kb_directories(settings: ApplianceSettings) -> None:
+    """rag/: each knowledge base moves into a directory of its own, rag/kbs/<collection>/ (an
+    encrypted volume of its own with security.data_at_rest.enabled): its vectors from the shared
+    rag/chroma/ and its keyword index from rag/keywords/, both deleted once every knowledge
+    base is moved. A knowledge base without a keyword index (schema 1) then gets it, built from
+    its chunks. With rag.chroma_url the vectors stay on that server and only the keyword indexes
+    move: the gateway's store builds missing ones when it opens."""
+    if not (settings.rag_dir / "registry.sqlite3").exists():
         return
     # Imported here: Chroma takes seconds to load, and only a state with knowledge bases needs it.
+    from appliance.rag.kb_dirs import knowledge_base_dirs
+    from appliance.rag.layout_move import move_to_kb_dirs
     from appliance.rag.store import KnowledgeBaseStore
 
-    store = KnowledgeBaseStore(settings.rag_dir, settings.rag)  # opening builds what is missing
-    store.build_missing_keyword_indexes()
+    dirs = knowledge_base_dirs(settings, data_at_rest_kek(settings))
+    embedded = settings.rag.chroma_url is None
+    try:
+        move_to_kb_dirs(settings.rag_dir, dirs, embedded=embedded)
+        if embedded:  # opening builds what is missing
+            KnowledgeBaseStore(settings.rag_dir, settings.rag, dirs=dirs).close()
+    finally:
+        dirs.close_all()
 
 
 def check_chroma(settings: ApplianceSettings) -> None:
@@ -82,17 +94,17 @@ def check_chroma(settings: ApplianceSettings) -> None:
     import chromadb
     from chromadb.config import Settings
 
-    client = chromadb.PersistentClient(
+    with chromadb.PersistentClient(
         path=chroma_path, settings=Settings(anonymized_telemetry=False)
-    )
-    for kb in Registry(registry_path).knowledge_bases():
-        try:
-            client.get_collection(kb.collection).count()
-        except Exception as exc:  # Chroma raises its own types (NotFoundError, ...)
-            raise MigrationError(
-                f"knowledge base {kb.id}: its Chroma collection {kb.collection} does not read: "
-                f"{exc}"
-            ) from None
+    ) as client:
+        for kb in Registry(registry_path).knowledge_bases():
+            try:
+                client.get_collection(kb.collection).count()
+            except Exception as exc:  # Chroma raises its own types (NotFoundError, ...)
+                raise MigrationError(
+                    f"knowledge base {kb.id}: its Chroma collection {kb.collection} does not "
+                    f"read: {exc}"
+                ) from None
 
 
 def check_conversations(settings: ApplianceSettings) -> None:

@@ -70,11 +70,16 @@ STEPS: tuple[Step, ...] = (
         "keyword-index",
         1,
         2,
-        # The registry's documents gain their file's sha256 (folder sync) when it opens.
-        (
-            FormatMigration("kb-registry", formats.migrate_kb_registry),
-            FormatMigration("keyword-index", formats.build_keyword_indexes),
-        ),
+        # The registry's documents gain their file's sha256 (folder sync) when it opens. The
+        # keyword indexes themselves are built by the next step, in each knowledge base's new
+        # directory: steps always run through to SCHEMA_VERSION.
+        (FormatMigration("kb-registry", formats.migrate_kb_registry),),
+    ),
+    Step(
+        "kb-directories",
+        2,
+        3,
+        (FormatMigration("kb-directories", formats.move_to_kb_directories),),
     ),
 )
 

@@ -47,7 +47,9 @@ PLANT = textwrap.dedent(
     from appliance.config import load_settings
     from appliance.gateway.account import ConversationStore
     from appliance.rag.ingest import parse_many
+    from appliance.rag.kb_dirs import knowledge_base_dirs
     from appliance.rag.store import KnowledgeBaseStore
+    from appliance.store.keyring import data_at_rest_kek
     from appliance.security.api_keys import Principal
     from appliance.training.files import save_dataset
 
@@ -55,7 +57,9 @@ PLANT = textwrap.dedent(
     settings = load_settings(sys.argv[1])
     open_for_service(settings)
     who = Principal("alice", frozenset())
-    store = KnowledgeBaseStore(settings.rag_dir, settings.rag)
+    # As the gateway keeps them: each knowledge base in a volume of its own, inside the data one.
+    dirs = knowledge_base_dirs(settings, data_at_rest_kek(settings))
+    store = KnowledgeBaseStore(settings.rag_dir, settings.rag, None, dirs)
     kb = store.create(who, "plant")
     documents, errors = parse_many([(f"# Notes\\n\\n{secret}.\\n".encode(), "notes.md")])
     assert not errors, errors
@@ -121,6 +125,22 @@ def _appliance(config: Path, *argv: str) -> subprocess.CompletedProcess:
     )
 
 
+# Which files under the rag folder hold the secret, every knowledge base's volume open.
+FIND_IN_KNOWLEDGE_BASES = textwrap.dedent(
+    """
+    import subprocess, sys
+    from appliance.config import load_settings
+    from appliance.rag.kb_dirs import all_open, knowledge_base_dirs
+    from appliance.store.keyring import data_at_rest_kek
+
+    settings = load_settings(sys.argv[1])
+    with all_open(knowledge_base_dirs(settings, data_at_rest_kek(settings))):
+        argv = ["grep", "-rlsF", sys.argv[2], str(settings.rag_dir)]
+        print(subprocess.run(argv, capture_output=True, text=True).stdout)
+    """
+)
+
+
 def _plant(config: Path) -> Path:
     """Plant SECRET through the real stores (PLANT); the scratch file it left."""
     planted = subprocess.run(
@@ -164,8 +184,11 @@ def test_planted_sentences_are_nowhere_on_disk(state, outsider):
     assert cli(["--config", str(state), "down", "--keep-cluster"]) == 0
     assert not volume(settings).mounted()
     assert not any(settings.layout.data.iterdir())
-    ciphertext = [p for p in settings.layout.vault.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in ciphertext) > 100_000  # Chroma's files, encrypted
+    # Chroma's files, encrypted: in the knowledge base's own volume, the rest in the data one.
+    ciphertext = [
+        p for top in (settings.layout.vault, settings.layout.kb_volumes) for p in top.rglob("*")
+    ]
+    assert sum(p.stat().st_size for p in ciphertext if p.is_file()) > 100_000
     assert _grep(settings.state_dir, Path("/tmp")) == []
 
 
@@ -274,7 +297,13 @@ def test_backup_holds_it_encrypted_and_a_restore_needs_the_key(state, top):
     assert _grep(settings.state_dir) == []
     assert _appliance(new, "data", "open").returncode == 0
     assert _grep(settings.conversations_dir) and _grep(settings.training_dir)
-    assert any("chroma" in p for p in _grep(settings.rag_dir))
+    found = subprocess.run(
+        [sys.executable, "-c", FIND_IN_KNOWLEDGE_BASES, str(new), SECRET],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert "chroma" in found.stdout, found.stderr[-3000:]
     assert _appliance(new, "data", "close").returncode == 0
 
 
@@ -283,7 +312,7 @@ def test_closing_unmounts_the_volumes_inside_it_first(state):
     settings = load_settings(state)
     assert open_volume(settings)
     # As a knowledge base's own volume: ciphertext outside the data volume, mounted inside it.
-    inner = EncryptedVolume(settings.layout.kb_vaults / "kb1", settings.rag_dir / "kbs" / "kb1")
+    inner = EncryptedVolume(settings.layout.kb_volumes / "kb1", settings.rag_dir / "kbs" / "kb1")
     key = secrets.token_bytes(32)
     inner.create(key)
     try:

@@ -23,7 +23,7 @@ def test_user_content_moves_into_the_mount_point_only_when_encrypted(tmp_path):
     # What is not user content stays where it was; the knowledge bases' own volumes' ciphertext
     # stays outside the data volume.
     assert encrypted.keys == plain.keys and encrypted.audit == plain.audit
-    assert not encrypted.kb_vaults.is_relative_to(encrypted.data)
+    assert not encrypted.kb_volumes.is_relative_to(encrypted.data)
     assert encrypted.tmp.is_relative_to(encrypted.data)
 
 

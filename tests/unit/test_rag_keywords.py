@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from contextlib import closing
 from pathlib import Path
 
 import chromadb
@@ -15,7 +16,7 @@ import pytest
 from appliance.rag import keywords
 from appliance.rag.chunking import Chunk
 from appliance.rag.keywords import KeywordIndex
-from appliance.rag.store import KEYWORDS_DIR, KnowledgeBaseStore
+from appliance.rag.store import KEYWORDS_FILE, KnowledgeBaseStore
 
 from tests.unit.rag_corpus import ALICE, MANUAL_V1, document
 from tests.unit.test_rag_store import _kb_with_old_manual, _open
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _index_file(store: KnowledgeBaseStore) -> Path:
-    return store.root / KEYWORDS_DIR / f"{store.get(ALICE, 'kb').collection}.sqlite3"
+    return store.dirs.path(store.get(ALICE, "kb").collection) / KEYWORDS_FILE
 
 
 def _index_rows(store: KnowledgeBaseStore) -> int:
@@ -154,7 +155,7 @@ def test_common_words_are_left_out_of_the_candidates(tmp_path: Path, monkeypatch
     index.add("v", "d", chunks)
 
     def found(query: str) -> list[str]:
-        return [c.text for c, _ in index.search("kb", query, 10, frozenset({"v"}))]
+        return [c.text for c, _ in index.search("kb", query, 10, lambda versions: versions & {"v"})]
 
     assert found("pump valve seal 4471")[0] == "pump valve XK-4471"
     assert "seal" in found("pump valve seal 4471")  # ranked by every word under the bound
@@ -162,3 +163,78 @@ def test_common_words_are_left_out_of_the_candidates(tmp_path: Path, monkeypatch
     monkeypatch.setattr(keywords, "CANDIDATE_POSTINGS", 2)
     assert found("valve seal 4471") == ["pump valve XK-4471"]
     assert found("pump") == []  # in five chunks of six, and more chunks than the bound
+
+
+def _index(path: Path, texts: list[str]) -> KeywordIndex:
+    index = KeywordIndex(path)
+    index.create()
+    index.add(
+        "v", "d", [Chunk("", text, "f.txt", n, None, None, None) for n, text in enumerate(texts)]
+    )
+    return index
+
+
+def test_candidates_found_by_the_rarest_words_are_scored_by_fts5_bm25_of_all(
+    tmp_path: Path, monkeypatch
+):
+    texts = [
+        "pump valve seal Überdruck",
+        "pump pump bearing grease seal",
+        "seal oil pump valve valve",
+        "bread",
+        "water pump Überdruck seal valve",
+        "a b c",
+        "d e f g",
+        "h",
+        "i j",
+        "k l m",
+        "n",
+    ]
+    index = _index(tmp_path / "kb.sqlite3", texts)
+    query = "pump valve seal überdruck"
+    every = keywords.match_expression(["pump", "valve", "seal", "uberdruck"])
+    with sqlite3.connect(index.path) as db:
+        fts5 = dict(
+            db.execute(
+                "SELECT chunks.text, -bm25(terms) FROM terms JOIN chunks"
+                " ON chunks.rowid = terms.rowid WHERE terms MATCH ?",
+                (every,),
+            ).fetchall()
+        )
+    # Candidates: the chunks of the rarest word (überdruck, 2), then rescored by every word.
+    monkeypatch.setattr(keywords, "CANDIDATE_POSTINGS", 2)
+    found = index.search("kb", query, 10, lambda versions: versions)
+    assert [c.text for c, _ in found] == sorted(
+        ["pump valve seal Überdruck", "water pump Überdruck seal valve"], key=lambda t: -fts5[t]
+    )
+    assert all(score == pytest.approx(fts5[chunk.text], rel=1e-9) for chunk, score in found)
+    # Without the bound, FTS5 ranks every chunk with a word itself: the same scores.
+    monkeypatch.setattr(keywords, "CANDIDATE_POSTINGS", 10_000)
+    found = index.search("kb", query, 10, lambda versions: versions)
+    assert {c.text: s for c, s in found} == pytest.approx(fts5, rel=1e-9)
+
+
+def test_word_counts_are_remembered_within_a_bound_and_counted_again_as_the_index_grows(
+    tmp_path: Path,
+):
+    index = _index(tmp_path / "kb.sqlite3", [f"pump {n}" for n in range(20)])
+    counts = keywords._WordCounts(limit=3)
+    with closing(index._connect()) as db:
+        assert counts.get(db, index.path, 20, ["pump", "1", "absent"]) == {
+            "pump": 20,
+            "1": 1,
+            "absent": 0,
+        }
+        index.add("w", "e", [Chunk("", "pump", "g.txt", 0, None, None, None)])
+        # Within COUNT_STALE of the size it was counted at: remembered, not counted again.
+        assert counts.get(db, index.path, 21, ["pump"]) == {"pump": 20}
+        assert counts.get(db, index.path, 23, ["pump"]) == {"pump": 21}
+        counts.get(db, index.path, 23, ["2", "3", "4"])
+        assert len(counts._counts) == 3  # the least recently used went first
+        assert (str(index.path), "pump") not in counts._counts
+
+
+def test_the_varint_reader_reads_sqlite_varints():
+    assert keywords._varint(bytes([0x05]), 0) == (5, 1)
+    assert keywords._varint(bytes([0x81, 0x00, 0x07]), 0) == (128, 2)
+    assert keywords._varint(bytes([0xFF] * 8 + [0xAB]), 0) == (2**64 - 1 - 0xFF + 0xAB, 9)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import chromadb
 import pytest
+from appliance.rag import store as store_module
 from appliance.rag.errors import AccessDenied, KnowledgeBaseError, KnowledgeBaseNotFound
+from appliance.rag.kb_dirs import KBS_DIR
 from appliance.rag.registry import Registry
-from appliance.rag.store import KnowledgeBaseStore
+from appliance.rag.store import CHROMA_DIR, KnowledgeBaseStore
 from chromadb.config import Settings
 
 from tests.unit.rag_corpus import (
@@ -337,8 +339,11 @@ def test_a_process_killed_mid_upload_leaves_the_knowledge_base_as_before(tmp_pat
 
     half_written = Registry(tmp_path / "registry.sqlite3").loose_versions()
     assert len(half_written) == 1 and not half_written[0].writer_alive()
-    client = chromadb.PersistentClient(tmp_path / "chroma", Settings(anonymized_telemetry=False))
-    raw = client.get_collection(half_written[0].collection)
+    collection = half_written[0].collection
+    client = chromadb.PersistentClient(
+        tmp_path / KBS_DIR / collection / CHROMA_DIR, Settings(anonymized_telemetry=False)
+    )
+    raw = client.get_collection(collection)
     assert raw.count() == len(MANUAL_V1) + 1 + 4  # two batches of two new chunks were written
 
     reopened = _open(tmp_path)  # collects the dead upload's chunks
@@ -352,8 +357,46 @@ def test_a_crash_while_deleting_a_knowledge_base_is_finished_on_reopening(tmp_pa
     with monkeypatch.context() as patch:
         patch.setattr(KnowledgeBaseStore, "_drop_collection", lambda self, name: None)
         store.delete(ALICE, "kb")
-    assert collection in [c.name for c in store._client.list_collections()]
+    assert (tmp_path / KBS_DIR / collection / CHROMA_DIR / "chroma.sqlite3").exists()
+    store.close()
     reopened = _open(tmp_path)
-    assert collection not in [c.name for c in reopened._client.list_collections()]
+    assert not (tmp_path / KBS_DIR / collection).exists()
     reopened.create(ALICE, "kb")  # the name is free again, and nothing of the old one is back
     assert reopened.documents(ALICE, "kb") == [] and reopened.chunks(ALICE, "kb") == []
+
+
+def test_a_knowledge_base_each_with_a_bounded_number_of_open_chroma_clients(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "MAX_OPEN_CLIENTS", 2)
+    store = _open(tmp_path)
+    names = [f"kb{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        store.create(ALICE, name)
+        store.add_documents(ALICE, name, [document(f"{name}.txt", [f"pump {i} of {name}"])])
+    for name in names * 2:  # each reopened after it was closed
+        (found, _), *_ = store.keyword_search(ALICE, name, name, 1)
+        assert found.text.endswith(f"of {name}")
+        assert [c.text for c in store.chunks(ALICE, name)] == [found.text]
+        vector = store.embedder.embed([found.text])[0]
+        assert store.search(ALICE, name, vector, 1)[0][0].text == found.text
+        assert len(store._clients) <= 2
+    collections = sorted(kb.collection for kb in store.knowledge_bases(ALICE))
+    assert sorted(p.name for p in (tmp_path / KBS_DIR).iterdir()) == collections
+    store.close()
+    assert store._clients == {}
+
+
+def test_the_registry_tells_which_of_many_versions_are_current(tmp_path: Path):
+    store = _kb_with_old_manual(tmp_path)
+    current = {d.version for d in store.documents(ALICE, "kb")}
+    asked = [*(f"gone-{n}" for n in range(2500)), *current]  # over one statement's share
+    assert store._registry.current_versions("alice/kb", asked) == current
+    assert store._registry.current_versions("alice/other", asked) == set()
+
+
+def test_an_empty_knowledge_base_answers_no_chunks(tmp_path: Path):
+    store = _kb_with_old_manual(tmp_path)
+    store.create(ALICE, "empty")
+    vector = store.embedder.embed(["old manual"])[0]
+    assert store.search(ALICE, "empty", vector, 5) == []
+    assert store.keyword_search(ALICE, "empty", "manual", 5) == []
+    assert len(store.search(ALICE, "kb", vector, 500)) == len(store.chunks(ALICE, "kb"))

@@ -114,7 +114,7 @@ def test_migrate_checks_every_format_then_records_the_version(host):
     settings = host.settings
     lines: list[str] = []
     done = runner.migrate(settings, progress=lines.append)
-    assert [s.name for s in done] == ["record-schema-version", "keyword-index"]
+    assert [s.name for s in done] == ["record-schema-version", "keyword-index", "kb-directories"]
     assert sv.read_record(settings.state_dir).version == sv.SCHEMA_VERSION
     assert all(any(line.strip().startswith(f"{f}:") for line in lines) for f in STORED_FORMATS)
     assert runner.migrate(settings) == []  # again: nothing pending
@@ -256,9 +256,17 @@ def test_the_frozen_state_of_release_0_1_0_migrates(tmp_path):
     settings = _frozen_state(tmp_path)
     state = settings.state_dir
     assert sv.state_version(state) == sv.UNVERSIONED
-    assert [s.name for s in runner.migrate(settings)] == ["record-schema-version", "keyword-index"]
+    assert [s.name for s in runner.migrate(settings)] == [
+        "record-schema-version",
+        "keyword-index",
+        "kb-directories",
+    ]
     assert sv.read_record(state).version == sv.SCHEMA_VERSION
-    assert list((state / "rag" / "keywords").glob("*.sqlite3"))  # the knowledge base's index
+    # The knowledge base's own directory: its Chroma and its keyword index, nothing shared.
+    (kb_dir,) = (state / "rag" / "kbs").iterdir()
+    assert (kb_dir / "chroma" / "chroma.sqlite3").exists()
+    assert (kb_dir / "keywords.sqlite3").exists()
+    assert not (state / "rag" / "chroma").exists() and not (state / "rag" / "keywords").exists()
     assert runner.migrate(settings) == []  # re-run: nothing left
 
 
