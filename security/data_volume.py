@@ -35,6 +35,7 @@ from appliance.security.policy import (
 from appliance.security.secret_files import SecretFileError, replace_secret_file
 from appliance.security.signers import public_key_file, trusted_signers
 
+from appliance.atomic_files import read_json_object
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.file_lock import flocked
@@ -309,17 +310,14 @@ def as_found(settings: ApplianceSettings) -> ApplianceSettings:
 
 def _record(settings: ApplianceSettings) -> dict[str, Any]:
     path = settings.layout.data_volume_key
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataSealed(
-            f"the user data stays sealed: its wrapped key {path} is missing "
-            "(`appliance data init` makes the data volume)"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise DataSealed(f"the user data stays sealed: cannot read {path}: {exc}") from None
-    if not isinstance(record, dict):
-        raise DataSealed(f"the user data stays sealed: {path} is not a key record")
+    record = read_json_object(path)
+    if record is None:
+        why = (
+            "is missing (`appliance data init` makes the data volume)"
+            if not path.exists()
+            else "cannot be read, or holds no key record"
+        )
+        raise DataSealed(f"the user data stays sealed: its wrapped key {path} {why}")
     return record
 
 
