@@ -36,6 +36,8 @@ def make_private(top: Path, skip: frozenset[Path] = frozenset()) -> None:
                     os.chmod(path, private)
             except FileNotFoundError:  # removed meanwhile (a finished upload, a rotated log)
                 continue
+            except PermissionError:  # an encrypted volume the service account holds open:
+                continue  # its mount answers that account only, even root
 
 
 def run_privately(layout: StateLayout, *elsewhere: Path) -> None:
@@ -115,9 +117,38 @@ class LocalClusterPaths:
 @dataclass(frozen=True)
 class StateLayout:
     """The state directory's layout (`state_dir`). The configuration may move a few parts
-    elsewhere (the settings apply those overrides); everything else is only here."""
+    elsewhere (the settings apply those overrides); everything else is only here. With
+    `encrypted` (security.data_at_rest), the user content lives under `data`, where the
+    encrypted data volume (ciphertext in `vault`) is mounted."""
 
     root: Path
+    encrypted: bool = False
+
+    @property
+    def user_root(self) -> Path:
+        """The folder of the user content: `data` when it is encrypted, else the state itself."""
+        return self.data if self.encrypted else self.root
+
+    @property
+    def vault(self) -> Path:
+        """The data volume's ciphertext (gocryptfs): what the disk holds of the user content."""
+        return self.root / "vault"
+
+    @property
+    def data(self) -> Path:
+        """Where the data volume is mounted: the user content's plaintext, while it is open."""
+        return self.root / "data"
+
+    @property
+    def data_volume_key(self) -> Path:
+        """The data volume's key, wrapped by the key-encryption key, and its signed policy."""
+        return self.keys / "data-volume.json"
+
+    @property
+    def tmp(self) -> Path:
+        """The services' scratch files while the user content is encrypted: no upload or parse
+        scratch file lands in /tmp in plaintext."""
+        return self.data / "tmp"
 
     def make_private(self, *elsewhere: Path) -> None:
         """The state directory and `elsewhere` (parts the configuration moved out of it) private
@@ -208,7 +239,7 @@ class StateLayout:
 
     @property
     def rag(self) -> Path:
-        return self.root / "rag"
+        return self.user_root / "rag"
 
     @property
     def kb_volumes(self) -> Path:
@@ -227,15 +258,15 @@ class StateLayout:
 
     @property
     def training(self) -> Path:
-        return self.root / "training"
+        return self.user_root / "training"
 
     @property
     def conversations(self) -> Path:
-        return self.root / "conversations"
+        return self.user_root / "conversations"
 
     @property
     def webapp(self) -> Path:
-        return self.root / "webapp"
+        return self.user_root / "webapp"
 
     @property
     def user_catalog(self) -> Path:

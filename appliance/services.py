@@ -3,6 +3,7 @@ otherwise the `appliance supervise` process (pid file in the state directory).""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import httpx
 from appliance.config import ApplianceSettings
 from appliance.daemon import listening, read_pid, start_detached, stop_pid, tail
 from appliance.errors import ApplianceError
+from appliance.security.data_volume import DataSealed, close_volume, openable
 
 HEALTH_TIMEOUT_S = 240
 
@@ -64,6 +66,8 @@ class ServiceManager:
         """Start what is not running (everything, with `restart`); wait until the gateway and
         the web app answer. True when something was (re)started."""
         acted = not self.running() or restart
+        if self.gateway and self.settings.security.data_at_rest.enabled:
+            openable(self.settings)  # a policy that refuses is said now, not after 240 s
         if self.mode == "systemd":
             _systemctl("daemon-reload")
             verb = "restart" if restart else "start"
@@ -94,9 +98,16 @@ class ServiceManager:
         if self.mode == "systemd":
             for unit in reversed(self.installed_units):
                 _systemctl("stop", unit)
-            return True
-
-        return stop_pid(self.pidfile, timeout=120)
+            stopped = True
+        else:
+            stopped = stop_pid(self.pidfile, timeout=120)
+        # With the services gone, nothing holds the data volume open (the supervisor closes it
+        # as it stops; systemd's units leave it to this). A job of an existing cluster may
+        # still read from it: then it stays open, and the services find it so when they start.
+        if self.gateway and self.settings.security.data_at_rest.enabled:
+            with contextlib.suppress(DataSealed):
+                close_volume(self.settings)
+        return stopped
 
     def wait_healthy(self) -> None:
         """Until the gateway and the web app answer and every warm standby listens (a job that

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import ApplianceSettings
+from appliance.security.data_volume import DataSealed, close_volume, openable
 from appliance.slurm.local_cluster import LocalCluster
 
 # Restart delays grow from the first to the last, and reset after a child ran this long.
@@ -105,6 +106,8 @@ class Supervisor:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._stop_signal)
         signal.signal(signal.SIGINT, self._stop_signal)
+        if self.settings.security.data_at_rest.enabled:
+            openable(self.settings)  # refused: the supervisor exits saying why
         if self.settings.cluster.auth == "munge":
             ensure_munged()
         cluster = None
@@ -130,6 +133,13 @@ class Supervisor:
             if cluster is not None:
                 cluster.down()
                 log("local Slurm cluster stopped")
+            # Last: the cluster's jobs read from it until they stop.
+            if self.settings.security.data_at_rest.enabled:
+                try:
+                    if close_volume(self.settings):
+                        log("data volume closed: the user data is sealed")
+                except DataSealed as exc:
+                    log(f"data volume left open: {exc}")
 
 
 def ensure_munged() -> None:

@@ -17,7 +17,9 @@ from appliance.installer.manifest import Manifest
 from appliance.installer.plan import EMBEDDING_MODEL, ModelChoice, Plan
 from appliance.installer.report import Report, fail
 from appliance.installer.selftest import self_test
+from appliance.security import data_volume
 from appliance.security.api_keys import ApiKeyStore
+from appliance.security.host import this_host_fingerprint
 from appliance.security.internal_ca import InternalCaError, resolved_addresses
 from appliance.security.keys import KeyEncryptionKey
 from appliance.security.node_tls import internal_ca
@@ -52,11 +54,13 @@ def configure(plan: Plan, report: Report) -> int:
         manifest.save(plan.layout.manifest)
         settings = load_settings(plan.layout.config)
         # Before anything is written to the state: a fresh one gets this release's schema, an
-        # older install is migrated (backup first), a newer one is refused.
-        _state_schema(plan, settings, report)
+        # older install is migrated (backup first), a newer one is refused. An older install's
+        # user content is still unencrypted: migrated where it lies, then sealed.
+        _state_schema(plan, data_volume.as_found(settings), report)
         if plan.profile.services:
             _tls(plan, report)
             _keys(settings, report)
+            _data_volume(plan, settings, report)
             credentials = _admin(plan, settings, report)
         _node_certificates(plan, settings, report)
         _slurm_extras(plan, report, manifest)
@@ -210,6 +214,24 @@ def _node_certificates(plan: Plan, settings, report: Report) -> None:
 def _keys(settings, report: Report) -> None:
     lines = keyring.init_keys(settings)
     report.step("store keys", bool(lines), "; ".join(lines) or "present")
+
+
+def _data_volume(plan: Plan, settings, report: Report) -> None:
+    """The user data's encrypted volume, released to the service account on this host; an
+    older install's unencrypted user content moved into it."""
+    if not settings.security.data_at_rest.enabled:
+        return
+    account = plan.options.service_user or data_volume.service_account(settings)
+    terms = data_volume.PolicyTerms(account, [this_host_fingerprint()])
+    moved = data_volume.seal_plaintext(settings, terms)
+    if moved:
+        names = ", ".join(p.name for p in moved)
+        report.step("data volume", True, f"{names} moved into it (encrypted at rest)")
+    elif data_volume.volume(settings).exists():
+        report.step("data volume", False, "present")
+    else:
+        data_volume.init_volume(settings, terms)
+        report.step("data volume", True, f"made in {settings.layout.vault}, for {account}")
 
 
 def _admin(plan: Plan, settings, report: Report) -> tuple[str, str, str] | None:

@@ -56,6 +56,9 @@ def render_config(plan: Plan) -> str:
     security: dict = {"service_user": o.service_user} if o.service_user else {}
     if p.services:
         security["quotas"] = QUOTAS
+        # security.data_at_rest stays off for now: the knowledge bases' volumes cannot be
+        # mounted inside the data volume by a non-root service account (fusermount3 cannot
+        # reach a mount point inside a FUSE mount without allow_root; docs/security.md).
     if security:
         sections["security"] = security
     if p.serving == "gpu":

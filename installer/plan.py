@@ -33,6 +33,7 @@ def debian_packages(profile: Profile) -> list[str]:
     packages = ["python3-venv", "slurm-wlm", "curl"]
     if profile.services:
         packages.append("tesseract-ocr")  # OCR of scanned documents for the knowledge bases
+        packages += ["gocryptfs", "fuse3"]  # the user data's encrypted volume
     if profile.munge:
         packages.append("munge")
     return packages

@@ -7,6 +7,8 @@ import os
 import pwd
 from pathlib import Path
 
+from appliance.security.gocryptfs import is_mounted
+
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.state_version import schema_path
@@ -20,6 +22,19 @@ def service_dirs(settings: ApplianceSettings) -> list[Path]:
     """What the services (and the jobs they submit) write or must read alone: everything under
     the state directory except the local Slurm cluster's own files, which stay root's."""
     keys = settings.api_keys_file.parent
+    layout = settings.layout
+    # Encrypted, the user content is inside the data volume's mount point (its account's, as is
+    # its ciphertext), which the volume, once open, keeps even from root.
+    user_content = (
+        [layout.vault, layout.data, layout.kb_volumes]
+        if layout.encrypted
+        else [
+            settings.rag_dir,
+            settings.conversations_dir,
+            settings.webapp_dir,
+            settings.training_dir,
+        ]
+    )
     return [
         keys,
         settings.kek_file.parent,
@@ -28,10 +43,7 @@ def service_dirs(settings: ApplianceSettings) -> list[Path]:
         settings.layout.usage_db.parent,
         settings.log_dir,
         settings.instances_dir,
-        settings.rag_dir,
-        settings.conversations_dir,
-        settings.webapp_dir,
-        settings.training_dir,
+        *user_content,
         settings.tls_files[0].parent,
         settings.models_dir,
         settings.store_root,
@@ -62,6 +74,8 @@ def hand_over(settings: ApplianceSettings, account: pwd.struct_passwd) -> None:
     # The backups an upgrade took as root: the next `appliance upgrade` runs as the account.
     backups = [settings.layout.backups] if settings.layout.backups.is_dir() else []
     for top in dict.fromkeys([*service_dirs(settings), *backups]):
+        if is_mounted(top):  # the open data volume: its files are its account's already
+            continue
         top.mkdir(parents=True, exist_ok=True)
         for root, dirs, files in os.walk(top):
             for name in [root, *(os.path.join(root, n) for n in dirs + files)]:

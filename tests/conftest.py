@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.slurm_fixtures", "tests.ci_skips"]
+pytest_plugins = ["tests.slurm_fixtures", "tests.ci_skips", "tests.local_accounts"]
 
 
 @pytest.fixture(scope="session")

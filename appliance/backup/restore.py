@@ -14,6 +14,7 @@ from typing import Any
 from appliance.backup.archive import ArchiveReader, BackupDamaged, BackupError, KeySource
 from appliance.backup.manifest import MANIFEST_NAME, FileEntry, Manifest, copy_hashed
 from appliance.backup.parts import Part, restore_targets
+from appliance.backup.user_data import USER_PARTS, restore_volume
 from appliance.config import ApplianceSettings
 from appliance.layout import PRIVATE_DIR_MODE, make_private
 from appliance.rag.kb_dirs import all_open, knowledge_base_dirs
@@ -44,10 +45,20 @@ def restore_backup(settings: ApplianceSettings, src: Path, source: KeySource) ->
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
         staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=settings.state_dir))
         try:
-            manifest = _read_files(reader, set(names), into=staging)
-            reader.finish()
-            for name, kind in manifest.parts.items():
-                _move_into_place(staging / name, targets[name], kind)
+            with restore_volume(settings) as inside:
+                # The user content is staged inside the new data volume when it has one.
+                user_staging = staging
+                if inside is not None:
+                    user_staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=inside))
+                stage = {n: user_staging if n in USER_PARTS else staging for n in names}
+                manifest = _read_files(reader, set(names), into=stage)
+                reader.finish()
+                for name, kind in manifest.parts.items():
+                    _move_into_place(stage[name] / name, targets[name], kind)
+                if user_staging != staging:
+                    shutil.rmtree(user_staging)
+                # While the data volume is open: the knowledge bases are inside it.
+                _encrypt_knowledge_bases(settings)
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if created:
@@ -59,7 +70,6 @@ def restore_backup(settings: ApplianceSettings, src: Path, source: KeySource) ->
         shutil.rmtree(staging, ignore_errors=True)
     # Folders made on the way (the parents of parts) private too, as the services leave them.
     settings.layout.make_private()
-    _encrypt_knowledge_bases(settings)
     return manifest
 
 
@@ -109,9 +119,9 @@ def _member_path(name: str, parts: set[str]) -> PurePosixPath:
     return path
 
 
-def _read_files(reader: ArchiveReader, parts: set[str], into: Path | None) -> Manifest:
-    """Read every file (into `into` when given, 0600 in 0700 folders), hash it, and check the
-    set against the manifest, which comes last."""
+def _read_files(reader: ArchiveReader, parts: set[str], into: dict[str, Path] | None) -> Manifest:
+    """Read every file (into its part's folder in `into` when given, 0600 in 0700 folders),
+    hash it, and check the set against the manifest, which comes last."""
     found: dict[str, FileEntry] = {}
     manifest = None
     try:
@@ -128,8 +138,9 @@ def _read_files(reader: ArchiveReader, parts: set[str], into: Path | None) -> Ma
                     continue
                 if member.name in found:
                     raise BackupDamaged(f"the backup holds {member.name!r} twice")
+                folder = into[path.parts[0]] if into is not None else None
                 found[member.name] = FileEntry(
-                    member.name, member.size, _copy(data, member.size, into, path)
+                    member.name, member.size, _copy(data, member.size, folder, path)
                 )
     except tarfile.TarError as exc:
         raise BackupDamaged(f"the backup's contents are not a valid archive: {exc}") from None

@@ -15,7 +15,9 @@ from appliance import __version__
 from appliance.backup.archive import ArchiveWriter, BackupError, KeySource
 from appliance.backup.manifest import MANIFEST_NAME, FileEntry, HashingReader, Manifest
 from appliance.backup.parts import Part, backup_parts, is_sqlite
+from appliance.backup.user_data import readable_user_data
 from appliance.config import ApplianceSettings
+from appliance.security.data_volume import as_found
 
 
 def write_backup(
@@ -26,6 +28,20 @@ def write_backup(
         raise BackupError(f"{dest} already exists; refusing to overwrite it")
     if not dest.parent.is_dir():
         raise BackupError(f"cannot write {dest}: its folder does not exist")
+    # Encrypted at rest, the user content is there to copy only while its volume is open (a
+    # state not sealed yet is copied as the unencrypted state it still is).
+    settings = as_found(settings)
+    with readable_user_data(settings, source) as scratch_root:
+        return _write(settings, dest, source, with_models, scratch_root)
+
+
+def _write(
+    settings: ApplianceSettings,
+    dest: Path,
+    source: KeySource,
+    with_models: bool,
+    scratch_root: Path,
+) -> Manifest:
     parts = [part for part in backup_parts(settings, with_models) if part.path.exists()]
     partial = dest.with_name(f".{dest.name}.partial")
     with contextlib.suppress(FileNotFoundError):
@@ -38,10 +54,11 @@ def write_backup(
     fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
         # SQLite snapshots hold plaintext (documents, usage) until they are in the archive:
-        # they wait in a private folder of the state directory, not in a shared /tmp.
+        # they wait in a private folder of the state directory (inside the data volume when
+        # the user data is encrypted at rest), not in a shared /tmp.
         with (
             open(fd, "wb") as out,
-            tempfile.TemporaryDirectory(prefix=".backup-", dir=settings.state_dir) as scratch,
+            tempfile.TemporaryDirectory(prefix=".backup-", dir=scratch_root) as scratch,
         ):
             writer = ArchiveWriter(out, source, contents)
             files: list[FileEntry] = []

@@ -33,11 +33,15 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
     # httpx logs every health probe at INFO; keep the gateway's log about the gateway.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     # Imported when the command runs: `appliance` starts without loading the stack.
+    from appliance.cli.data import open_for_service
     from appliance.layout import run_privately
     from appliance.security.privileges import run_as_service_user
     from appliance.state_version import require_current
 
     run_as_service_user(settings)
+    # Before anything reads user content: the data volume opens under its policy, or the
+    # service does not start, saying why.
+    open_for_service(settings)
     run_privately(settings.layout, settings.rag_dir)
     # Never run on a state of another schema: a newer one is left alone, an older one migrated
     # by `appliance upgrade` first; a fresh one gets this release's version.

@@ -44,6 +44,7 @@ _COMMAND_MODULES = (
     "breaker",
     "cluster",
     "config_cmd",
+    "data",
     "gateway",
     "health",
     "install",

@@ -11,6 +11,7 @@ import httpx
 
 from appliance.cli.api import GatewayUnreachable, gateway_call
 from appliance.cli.context import CliContext, pass_ctx
+from appliance.cli.data import describe
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 
@@ -40,6 +41,11 @@ def up(ctx: CliContext, no_tiny: bool) -> None:
 
     # Said now, not after the gateway failed to come up: an older state needs `appliance upgrade`.
     require_current(settings.state_dir)
+    if settings.security.data_at_rest.enabled:
+        # Imported when the command runs: `appliance` starts without loading the stack.
+        from appliance.security.data_volume import openable
+
+        openable(settings)  # a data policy that refuses is said now, before anything starts
     if settings.cluster.mode == "local":
         # Imported when the command runs: `appliance` starts without loading the stack.
         from appliance.slurm.local_cluster import LocalCluster
@@ -112,6 +118,13 @@ def down(ctx: CliContext, keep_cluster: bool) -> None:
 
         LocalCluster(settings).down()
         click.echo("local Slurm cluster stopped")
+    if settings.security.data_at_rest.enabled:
+        # Last: the cluster's jobs (instances, fine-tuning) read from it until they stop.
+        # Imported when the command runs: `appliance` starts without loading the stack.
+        from appliance.security.data_volume import close_volume
+
+        if close_volume(settings):
+            click.echo("data volume closed: the user data is sealed")
 
 
 @click.command("status")
@@ -124,6 +137,7 @@ def status(ctx: CliContext) -> None:
         from appliance.slurm.local_cluster import LocalCluster
 
         click.echo(LocalCluster(settings).status().render())
+    click.echo(describe(settings))
     url = settings.gateway_url
     try:
         # With keys on the gateway, this needs one (APPLIANCE_API_KEY): gateway_call says so.

@@ -22,11 +22,15 @@ def webapp(ctx: CliContext, host: str | None, port: int | None) -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Imported when the command runs: `appliance` starts without loading the stack.
+    from appliance.cli.data import open_for_service
     from appliance.layout import run_privately
     from appliance.security.privileges import run_as_service_user
     from appliance.state_version import require_current
 
     run_as_service_user(ctx.settings)
+    # Before anything reads user content: the data volume opens under its policy, or the
+    # service does not start, saying why.
+    open_for_service(ctx.settings)
     run_privately(ctx.settings.layout, ctx.settings.rag_dir)
     require_current(ctx.settings.state_dir)  # as the gateway: only a state of this schema
     run_webapp(ctx.settings, host, port)

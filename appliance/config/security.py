@@ -29,9 +29,15 @@ class DataAtRestSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     enabled: bool = False
-    """Keep user data in encrypted volumes, keyed by keys that the key-encryption key
-    (`store.key_file`) wraps. The installer turns it on; the CPU demo has no key-encryption key
-    and leaves it off."""
+    """Keep user data (knowledge bases, conversations, fine-tuning files, uploads, scratch
+    files) in an encrypted volume under `<state_dir>/data`, its ciphertext in
+    `<state_dir>/vault`, keyed by a key that the key-encryption key (`store.key_file`) wraps
+    and a signed policy (service account, hosts, expiry) releases: `appliance data init` makes
+    it, `appliance data policy` signs a new policy, `appliance data seal` moves an unencrypted
+    state's user content in. The services refuse to start, saying why, where the policy fails.
+    Off by default: the CPU demo has no key-encryption key, and the installer does not turn it
+    on yet (docs/security.md says why).
+    `rag.persist_dir` must stay unset while it is on."""
 
 
 class SecuritySettings(BaseModel):

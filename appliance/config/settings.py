@@ -158,7 +158,7 @@ class ApplianceSettings(BaseSettings):
     # overrides, so every module agrees where things live.
     @property
     def layout(self) -> StateLayout:
-        return StateLayout(self.state_dir)
+        return StateLayout(self.state_dir, encrypted=self.security.data_at_rest.enabled)
 
     @property
     def slurm_dir(self) -> Path:

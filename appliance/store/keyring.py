@@ -16,13 +16,10 @@ from appliance.security.policy import (
     load_signing_key,
 )
 from appliance.security.policy import sign_policy as _sign
+from appliance.security.signers import public_key_file, trusted_signers
 from appliance.store.vllm_plugin import StoreLoadSpec, load_kek
 
 KDF_FILE = "kdf.json"
-
-
-def public_key_file(settings: ApplianceSettings) -> Path:
-    return settings.signing_key_file.with_suffix(".pub")
 
 
 def init_keys(settings: ApplianceSettings) -> list[str]:
@@ -78,14 +75,6 @@ def load_spec(settings: ApplianceSettings, model_id: str) -> StoreLoadSpec:
 def host_socket_path(settings: ApplianceSettings, node: str) -> Path:
     """Where a node's store service offers its host tier to local loaders."""
     return settings.layout.store_socket(node)
-
-
-def trusted_signers(settings: ApplianceSettings) -> list[str]:
-    signers = [s.lower() for s in settings.store.trusted_signers]
-    pub = public_key_file(settings)
-    if pub.exists():
-        signers.append(pub.read_text().strip().lower())
-    return signers
 
 
 def sign_policy(

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from appliance.security.gocryptfs import mount_points
 
 from appliance_dev.stack import free_port_block
 
@@ -50,7 +51,11 @@ def prefix(tiny_model_dir):
     root.chmod(0o755)  # the service account must reach the environment inside it
     user = f"ai{os.getpid() % 100000}"
     yield root, user
-    # Whatever happened: stop every process of this installation, remove its account.
+    # Whatever happened: unmount its data volume (a killed gocryptfs leaves a dead mount),
+    # stop every process of this installation, remove its account.
+    mounts = mount_points(Path("/proc/self/mountinfo").read_text())
+    for point in [m for m in mounts if m.is_relative_to(root)]:
+        subprocess.run(["fusermount3", "-u", "-z", str(point)], capture_output=True, timeout=30)
     for pid in _processes_under(root):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(os.getpgid(pid), signal.SIGKILL)

@@ -25,6 +25,14 @@ from appliance.rag.kb_dirs import (
 )
 from appliance.rag.registry import Registry
 from appliance.rag.store import KnowledgeBaseStore
+from appliance.security.data_volume import (
+    PolicyTerms,
+    close_volume,
+    init_volume,
+    open_volume,
+    seal_plaintext,
+    service_account,
+)
 from appliance.security.gocryptfs import EncryptedVolume, WrongVolumeKey, is_mounted
 from appliance.security.keys import (
     KeyEncryptionKey,
@@ -39,9 +47,10 @@ from appliance.backup.snapshot import write_backup
 from appliance.config import load_settings
 from appliance.layout import make_private
 from appliance.state_version import SCHEMA_VERSION, read_record
-from appliance.store.keyring import data_at_rest_kek
+from appliance.store.keyring import data_at_rest_kek, init_keys
 from appliance.upgrade import runner
-from tests.integration.test_private_state import as_outsider, outsider, public_tmp  # noqa: F401
+from tests.integration.test_private_state import public_tmp  # noqa: F401
+from tests.local_accounts import as_outsider
 from tests.unit.rag_corpus import ALICE, SMALL_CHUNKS, HashEmbedder, document
 
 SENTENCE = "The heron counts seventeen silver keys at dawn behind the boathouse."
@@ -121,7 +130,7 @@ def test_text_is_only_ciphertext_on_disk(stack):
     assert _holds_text(stack.tmp) == []
 
 
-def test_another_account_reads_nothing_while_mounted(outsider, public_tmp):  # noqa: F811
+def test_another_account_reads_nothing_while_mounted(outsider, public_tmp):  # noqa: F811 (fixtures)
     stack = Stack(public_tmp)
     try:
         store = stack.open()
@@ -238,6 +247,11 @@ def test_a_backup_reads_closed_volumes_and_a_restore_makes_new_ones(tmp_path):
     )
     settings.layout.keys.mkdir(parents=True, mode=0o700)
     kek = generate_key_file(settings.kek_file)
+    # The knowledge bases' volumes inside the state's data volume, as an installed appliance
+    # keeps them (docs/security.md).
+    init_keys(settings)
+    init_volume(settings, PolicyTerms(service_account(settings), []))
+    open_volume(settings)
     store = KnowledgeBaseStore(
         settings.rag_dir, SMALL_CHUNKS, HashEmbedder(), knowledge_base_dirs(settings, kek)
     )
@@ -263,6 +277,7 @@ def test_a_backup_reads_closed_volumes_and_a_restore_makes_new_ones(tmp_path):
         ).read_bytes()
         assert not is_mounted(restored.rag_dir / "kbs" / collection)
         assert _holds_text(restored.state_dir) == []  # nothing left in the clear
+        open_volume(restored)
         again = KnowledgeBaseStore(
             restored.rag_dir, SMALL_CHUNKS, HashEmbedder(), knowledge_base_dirs(restored, kek)
         )
@@ -273,9 +288,7 @@ def test_a_backup_reads_closed_volumes_and_a_restore_makes_new_ones(tmp_path):
     finally:
         store.close()
         for state in (settings, restored):
-            kbs = state.rag_dir / "kbs"
-            for mount_dir in kbs.iterdir() if kbs.is_dir() else []:
-                EncryptedVolume(state.layout.kb_volumes / mount_dir.name, mount_dir).unmount()
+            close_volume(state)  # the knowledge bases' volumes inside it first
 
 
 def test_the_upgrade_moves_knowledge_bases_into_volumes(tmp_path):
@@ -287,6 +300,10 @@ def test_the_upgrade_moves_knowledge_bases_into_volumes(tmp_path):
         catalog={"include_presets": False},
         security={"data_at_rest": {"enabled": True}},
     )
+    # Sealed into the state's data volume first (`appliance data seal`), then migrated in it.
+    init_keys(settings)
+    seal_plaintext(settings, PolicyTerms(service_account(settings), []))
+    open_volume(settings)
     (kb,) = Registry(settings.rag_dir / "registry.sqlite3").knowledge_bases()
     mount = settings.rag_dir / "kbs" / kb.collection
     try:
@@ -307,7 +324,7 @@ def test_the_upgrade_moves_knowledge_bases_into_volumes(tmp_path):
         finally:
             store.close()
     finally:
-        EncryptedVolume(settings.layout.kb_volumes / kb.collection, mount).unmount()
+        close_volume(settings)  # the knowledge base's volume inside it first
 
 
 def test_a_volume_in_use_elsewhere_is_shared_and_stays_mounted(stack):

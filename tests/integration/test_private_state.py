@@ -5,7 +5,6 @@ writes after is private too. Checked as a real second account; real gateway, rea
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 import tempfile
@@ -14,24 +13,10 @@ from pathlib import Path
 import pytest
 
 from appliance_dev.stack import running_gateway
+from tests.local_accounts import as_outsider
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm]
-OUTSIDER = "appliance-outsider"
-
-
-@pytest.fixture(scope="module")
-def outsider() -> str:
-    if os.geteuid() != 0:
-        pytest.skip("only root can act as another local account")
-    try:
-        pwd.getpwnam(OUTSIDER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OUTSIDER],
-            check=True,
-        )
-    return OUTSIDER
 
 
 @pytest.fixture
@@ -41,12 +26,6 @@ def public_tmp():
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def as_outsider(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["runuser", "-u", OUTSIDER, "--", *argv], capture_output=True, text=True, timeout=30
-    )
 
 
 def test_another_account_reads_nothing_of_the_state(

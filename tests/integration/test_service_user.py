@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import stat
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from appliance.serving.endpoint import endpoint_path
 from appliance_dev.stack import running_gateway
+from tests.local_accounts import system_account
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
@@ -29,14 +29,7 @@ ACCOUNT = "appliance-svc"
 def account():
     if os.geteuid() != 0:
         pytest.skip("only root can hand services to another account")
-    try:
-        pwd.getpwnam(ACCOUNT)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", ACCOUNT],
-            check=True,
-        )
-    return pwd.getpwnam(ACCOUNT)
+    return system_account(ACCOUNT)
 
 
 @contextlib.contextmanager
