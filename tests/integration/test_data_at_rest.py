@@ -35,7 +35,9 @@ from appliance.state_version import SCHEMA_VERSION, write_record
 from appliance.store.keyring import init_keys
 from tests.local_accounts import as_outsider
 
-SECRET = "the cellar key hangs behind the seventh heron painting"
+# Joined at run time: neither this file nor its bytecode holds the sentence whole, so a checkout
+# under /tmp is not a false find.
+SECRET = " ".join(["the cellar key", "hangs behind", "the seventh heron painting"])
 TIMEOUT_S = 300
 
 # Run in a process of its own, as a service would (so Chroma's files are closed when it ends):
