@@ -104,7 +104,9 @@ def top():
         yield path
     finally:
         for config in path.glob("*.yaml"):
-            volume(load_settings(config)).unmount()
+            # As `appliance down` does: the knowledge bases' volumes inside it first (a test
+            # that failed midway leaves them mounted, and the data volume busy).
+            close_volume(load_settings(config))
         shutil.rmtree(path, ignore_errors=True)
 
 
