@@ -15,6 +15,7 @@ from typing import Literal
 
 from appliance.errors import ApplianceError
 from appliance.file_lock import flocked
+from appliance.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def export_dir(model_dir: Path, cache_dir: Path) -> Path:
     for name in _SOURCE_FILES:
         path = model_dir / name
         if path.is_file():
-            digest.update(f"{name} {_file_digest(path)}\n".encode())
+            digest.update(f"{name} {file_sha256(path)}\n".encode())
     return cache_dir / f"{model_dir.name}-{digest.hexdigest()[:16]}"
 
 
@@ -71,7 +72,7 @@ def intact(target: Path) -> bool:
         manifest = json.loads((target / MANIFEST).read_text())
         files = manifest["files"]
         return set(files) == set(FILES.values()) and all(
-            _file_digest(target / name) == digest for name, digest in files.items()
+            file_sha256(target / name) == digest for name, digest in files.items()
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -85,7 +86,7 @@ def _make(model_dir: Path, target: Path) -> None:
         float32, int8 = work / FILES["float32"], work / FILES["int8"]
         _export_float32(model_dir, float32)
         _quantize_int8(float32, int8)
-        files = {path.name: _file_digest(path) for path in (float32, int8)}
+        files = {path.name: file_sha256(path) for path in (float32, int8)}
         manifest = {"format": FORMAT, "model_dir": str(model_dir), "files": files}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         for path in work.iterdir():
@@ -158,8 +159,3 @@ def _quantize_int8(float32: Path, int8: Path) -> None:
         quantize_dynamic(str(float32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
     finally:
         root.disabled = was_disabled
-
-
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -7,7 +7,6 @@ only those are sent, in batches under the gateway's upload limit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -20,6 +19,7 @@ import click
 
 from appliance.cli.api import gateway_call
 from appliance.cli.context import CliContext, pass_ctx
+from appliance.hashing import file_sha256
 
 # Per request: the gateway takes 100 files, and bounds the whole body (rag.max_upload_bytes).
 _FILES_PER_BATCH = 100
@@ -81,7 +81,7 @@ def _folder(folder: Path) -> tuple[dict[str, str], dict[str, dict]]:
             refused[shown] = _refusal(shown, "the path is not valid UTF-8")
             continue
         try:
-            files[name] = _sha256(path)
+            files[name] = file_sha256(path)
         except OSError as exc:
             refused[name] = _refusal(name, f"could not be read ({exc.strerror or exc})")
     return files, refused
@@ -94,11 +94,6 @@ def _walk(folder: Path) -> Iterator[Path]:
             path = Path(root, name)
             if not name.startswith(".") and not path.is_symlink() and path.is_file():
                 yield path
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _batches(

@@ -4,7 +4,6 @@ progress and errors per file, sync a folder, list, delete) and search."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from appliance.hashing import file_sha256
 from appliance.webapp import render
 from appliance.webapp.client import GatewayError
 from appliance.webapp.context import WebContext, bind, gateway, signed_in, token_of
@@ -249,7 +249,7 @@ async def sync_folder(ctx: WebContext, session, chosen, paths):
     uploads = [Path(p) for p in paths]
     try:
         files, rows = _folder_files(uploads)
-        manifest = {name: _sha256(path) for name, path in files.items()}
+        manifest = {name: file_sha256(path) for name, path in files.items()}
         yield list(rows.values()), gr.skip()
         try:
             for outcome in await ctx.client.sync(token, chosen, manifest, {}):
@@ -288,11 +288,6 @@ def _folder_files(uploads: list[Path]) -> tuple[dict[str, Path], dict[str, list[
             files[path.name] = path
             rows[path.name] = [path.name, "waiting", ""]
     return files, rows
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _sync_row(outcome: dict[str, Any]) -> list[str]:
