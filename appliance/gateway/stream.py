@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -52,6 +53,17 @@ class StreamWatcher(Protocol):
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
         """The stream's usage chunk came: its tokens, all choices together."""
+
+
+def upstream_error(event: bytes) -> tuple[int, str]:
+    """The HTTP code and message of an instance's in-band error event (500 when unreadable):
+    vLLM sends one, then [DONE], when a streamed request fails after its 200."""
+    try:
+        error = json.loads(event.decode(errors="replace").removeprefix("data:"))["error"]
+        code = int(error.get("code") or 500)
+        return code, str(error.get("message") or error)[:500]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return 500, event[:200].decode(errors="replace").strip()
 
 
 @dataclass
@@ -235,11 +247,18 @@ class Stream:
                         outcome.done = True
                         yield self.usage.release() + event
                         return
-                    if ABORTED_MARKER in event or event.startswith(UPSTREAM_ERROR_MARKER):
-                        outcome.failure = "the instance aborted the request or reported an error"
-                        if record is None:
-                            # Nothing to continue from: the client sees it all.
+                    if event.startswith(UPSTREAM_ERROR_MARKER):
+                        code, message = upstream_error(event)
+                        if code < 500:
+                            # The request's own fault (vLLM's 4xx): another instance would
+                            # refuse it too, and this one is fine.
+                            outcome.done = True
                             yield self.usage.release() + event
+                            return
+                        outcome.failure = f"it reported: {message}"
+                        return
+                    if ABORTED_MARKER in event:
+                        outcome.failure = "it aborted the request"
                         return
                     out = self.usage.events(self._client_bytes(event))
                     if out:
