@@ -372,6 +372,7 @@ def test_the_service_account_mounts_knowledge_bases_while_the_data_volume_is_ope
         assert len(mounts) == 1
         with pytest.raises(PermissionError):  # the account's: its mount answers no one else
             os.listdir(mounts[0])
+        hand_over(settings, account)  # as a service restarted meanwhile: past the open volumes
         assert volume(settings).mounted()
         # Read again by another of its processes, through the mount the first one left.
         assert "chroma" in as_account(FIND_IN_KNOWLEDGE_BASES)
