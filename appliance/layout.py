@@ -248,6 +248,14 @@ class StateLayout:
         return self.root / "kb-volumes"
 
     @property
+    def kb_mounts(self) -> Path:
+        """Where the knowledge bases' encrypted volumes are mounted, one folder each: outside
+        the data volume, since fusermount3 (root) cannot reach a mount point inside a FUSE
+        mount that another account made, so a volume mounted inside it fails for the service
+        account."""
+        return self.root / "kb-mounts"
+
+    @property
     def audit(self) -> Path:
         return self.root / "audit"
 

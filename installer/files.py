@@ -56,9 +56,11 @@ def render_config(plan: Plan) -> str:
     security: dict = {"service_user": o.service_user} if o.service_user else {}
     if p.services:
         security["quotas"] = QUOTAS
-        # security.data_at_rest stays off for now: the knowledge bases' volumes cannot be
-        # mounted inside the data volume by a non-root service account (fusermount3 cannot
-        # reach a mount point inside a FUSE mount without allow_root; docs/security.md).
+        # The user data in an encrypted volume, its key wrapped by the key-encryption key the
+        # installer makes; the knowledge bases' own volumes are mounted beside it, never inside
+        # (fusermount3 cannot reach a mount point inside another account's FUSE mount;
+        # docs/security.md).
+        security["data_at_rest"] = {"enabled": True}
     if security:
         sections["security"] = security
     if p.serving == "gpu":

@@ -1,6 +1,7 @@
 """Where each knowledge base keeps its files (its embedded Chroma, its keyword index): a directory
-of its own, `<rag root>/kbs/<collection>/`. Plain, or, with data at rest encrypted, the mount
-point of a gocryptfs volume of its own whose key is destroyed with it (docs/security.md).
+of its own: plain, `<rag root>/kbs/<collection>/`; or, with data at rest encrypted, the mount
+point of a gocryptfs volume of its own whose key is destroyed with it, outside the rag root
+(docs/security.md).
 
 The store asks for a directory with `open` and gives it back with `close`; the encrypted kind
 mounts on the first `open` and unmounts at `close` unless another process still uses it. Each
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from appliance.rag.errors import KnowledgeBaseError
-from appliance.security.gocryptfs import EncryptedVolume, VolumeError
+from appliance.security.gocryptfs import EncryptedVolume, VolumeError, is_mounted
 from appliance.security.keys import (
     KeyEncryptionKey,
     KeyWrapError,
@@ -62,7 +63,8 @@ def knowledge_base_dirs(
         return KnowledgeBaseDirs(settings.rag_dir)
     if kek is None:
         raise KnowledgeBaseError("encrypted knowledge bases need the key-encryption key")
-    return EncryptedKnowledgeBaseDirs(settings.rag_dir, settings.layout.kb_volumes, kek)
+    layout = settings.layout
+    return EncryptedKnowledgeBaseDirs(settings.rag_dir, layout.kb_volumes, layout.kb_mounts, kek)
 
 
 def key_context(collection: str) -> bytes:
@@ -108,17 +110,23 @@ class KnowledgeBaseDirs:
 
 
 class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
-    """One gocryptfs volume per knowledge base, mounted at `<rag root>/kbs/<collection>`; its
-    ciphertext in `<volumes>/<collection>/` (outside the rag root, which may itself be inside
-    an encrypted volume: no FUSE over FUSE) and its key, wrapped by the key-encryption key,
-    beside it in `<volumes>/<collection>.key`."""
+    """One gocryptfs volume per knowledge base: its ciphertext in `<volumes>/<collection>/`, its
+    key, wrapped by the key-encryption key, beside it in `<volumes>/<collection>.key`, mounted
+    at `<mounts>/<collection>/`. Both outside the rag root, which may itself be inside the data
+    volume: no FUSE mount inside another (fusermount3 cannot reach a mount point inside one
+    made by a non-root account). `<rag root>/kbs/<collection>/` holds only plain files waiting
+    to move into a volume (a restored backup's, an unencrypted store's)."""
 
-    def __init__(self, rag_root: Path, volumes: Path, kek: KeyEncryptionKey) -> None:
+    def __init__(self, rag_root: Path, volumes: Path, mounts: Path, kek: KeyEncryptionKey) -> None:
         super().__init__(rag_root)
         self.volumes = volumes
+        self.mounts = mounts
         self._kek = kek
         self._held: dict[str, int] = {}  # collection -> fd of its lock file, held shared
         self._lock = threading.Lock()
+
+    def path(self, collection: str) -> Path:
+        return self.mounts / super().path(collection).name
 
     def volume(self, collection: str) -> EncryptedVolume:
         return EncryptedVolume(self.volumes / collection, self.path(collection))
@@ -194,6 +202,7 @@ class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
                 volume.destroy()
                 # Plain files of it not yet moved into a volume go too.
                 shutil.rmtree(volume.mount_dir, ignore_errors=True)
+                shutil.rmtree(self._waiting(collection), ignore_errors=True)
                 shutil.rmtree(self._plain(collection), ignore_errors=True)
                 self._lock_file(collection).unlink(missing_ok=True)
             finally:
@@ -202,11 +211,11 @@ class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
     def _holds_plain_files(self, collection: str) -> bool:
         """Whether the knowledge base has files in the clear to move into its volume: a restored
         backup's, a store's from before data at rest was encrypted, an interrupted move's."""
-        volume = self.volume(collection)
         if self._plain(collection).exists():
             return True
-        path = volume.mount_dir
-        return path.is_dir() and not volume.mounted() and any(path.iterdir())
+        path = self._waiting(collection)
+        # Mounted: an older version's volume of it, inside the data volume (closed with it).
+        return path.is_dir() and not is_mounted(path) and any(path.iterdir())
 
     def _adopt(self, collection: str) -> None:
         """Move the knowledge base's plain files into a new volume of its own. The files are
@@ -215,13 +224,18 @@ class EncryptedKnowledgeBaseDirs(KnowledgeBaseDirs):
         volume, plain = self.volume(collection), self._plain(collection)
         log.info("moving the files of knowledge base %s into an encrypted volume", collection)
         if not plain.exists():
-            volume.mount_dir.rename(plain)
+            self._waiting(collection).rename(plain)
         volume.unmount()
         shutil.rmtree(volume.cipher_dir, ignore_errors=True)
         self._make(collection)
         volume.mount(self._data_key(collection))
         shutil.copytree(plain, volume.mount_dir, dirs_exist_ok=True)
         shutil.rmtree(plain)
+
+    def _waiting(self, collection: str) -> Path:
+        """Where plain files of the knowledge base wait to move into its volume: where an
+        unencrypted store keeps them (and a restore puts them)."""
+        return super().path(collection)
 
     def _plain(self, collection: str) -> Path:
         # A hidden name: not a collection's, so never listed or opened as one.

@@ -1,9 +1,10 @@
 """Knowledge bases in Chroma and FTS5: one collection and one keyword index each, crash-safe
 document updates, access checks.
 
-Each knowledge base has a directory of its own, `<rag root>/kbs/<collection>/` (rag/kb_dirs.py:
-plain, or an encrypted volume of its own): its embedded Chroma in `chroma/` and its keyword index
-in `keywords.sqlite3`, so deleting it deletes every file that held its text. With
+Each knowledge base has a directory of its own (rag/kb_dirs.py: plain,
+`<rag root>/kbs/<collection>/`, or an encrypted volume of its own, mounted outside the rag
+root): its embedded Chroma in `chroma/` and its keyword index in `keywords.sqlite3`, so
+deleting it deletes every file that held its text. With
 `rag.chroma_url` the vectors live on that Chroma server (its storage is the operator's to
 encrypt) and only the keyword index is in the directory. The registry, `registry.sqlite3`, is in
 the rag root.

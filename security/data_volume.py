@@ -206,16 +206,20 @@ def openable(settings: ApplianceSettings, *, check_leftovers: bool = True) -> by
 
 
 def close_volume(settings: ApplianceSettings) -> bool:
-    """Unmount the data volume (after the services stopped); True when it was mounted."""
+    """Unmount the knowledge bases' volumes, then the data volume (after the services stopped);
+    True when the data volume was mounted."""
     vol = volume(settings)
     with flocked(settings.layout.keys / _LOCK):
-        if not vol.mounted():
-            return False
         try:
-            # The knowledge bases' own volumes, mounted inside it, first.
-            inner = mounts_under(vol.mount_dir)
+            # The knowledge bases' volumes first: beside it, and inside it where an older
+            # version mounted them.
+            inner = mounts_under(settings.layout.kb_mounts)
+            if vol.mounted():
+                inner += mounts_under(vol.mount_dir)
             for point in inner:
                 unmount_at(point)
+            if not vol.mounted():
+                return False
             _unmount_when_released(vol, patient=bool(inner))
         except VolumeError as exc:
             raise DataSealed(f"{exc} (a process still uses it)") from None
@@ -223,8 +227,10 @@ def close_volume(settings: ApplianceSettings) -> bool:
 
 
 def _unmount_when_released(vol: EncryptedVolume, *, patient: bool) -> None:
-    # An inner volume's daemon lets go of the outer mount a moment after its own unmount
-    # returns (measured: busy at once, free within 2 s); so the outer one is tried again.
+    # A knowledge base's gocryptfs daemon holds a file in the data volume when the process
+    # that mounted it kept its scratch files there (use_private_tmp: the output file of
+    # gocryptfs._run), and lets go of it a moment after its own unmount returns (measured:
+    # busy at once, free within 2 s); so the data volume is tried again.
     deadline = time.monotonic() + (CLOSE_PATIENCE_S if patient else 0)
     while True:
         try:

@@ -7,7 +7,7 @@ import os
 import pwd
 from pathlib import Path
 
-from appliance.security.gocryptfs import is_mounted
+from appliance.security.gocryptfs import mount_points
 
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
@@ -24,9 +24,10 @@ def service_dirs(settings: ApplianceSettings) -> list[Path]:
     keys = settings.api_keys_file.parent
     layout = settings.layout
     # Encrypted, the user content is inside the data volume's mount point (its account's, as is
-    # its ciphertext), which the volume, once open, keeps even from root.
+    # its ciphertext), which the volume, once open, keeps even from root; the knowledge bases'
+    # volumes are mounted by that account in folders of its own beside it.
     user_content = (
-        [layout.vault, layout.data, layout.kb_volumes]
+        [layout.vault, layout.data, layout.kb_volumes, layout.kb_mounts]
         if layout.encrypted
         else [
             settings.rag_dir,
@@ -73,11 +74,16 @@ def hand_over(settings: ApplianceSettings, account: pwd.struct_passwd) -> None:
             os.chown(path, account.pw_uid, account.pw_gid)
     # The backups an upgrade took as root: the next `appliance upgrade` runs as the account.
     backups = [settings.layout.backups] if settings.layout.backups.is_dir() else []
+    # Open volumes (the data volume, knowledge bases'): their files are the account's already,
+    # and their mounts answer it alone, even root's lstat.
+    mounted = mount_points(Path("/proc/self/mountinfo").read_text())
     for top in dict.fromkeys([*service_dirs(settings), *backups]):
-        if is_mounted(top):  # the open data volume: its files are its account's already
+        if top.resolve() in mounted:
             continue
         top.mkdir(parents=True, exist_ok=True)
         for root, dirs, files in os.walk(top):
+            real = Path(root).resolve()
+            dirs[:] = [d for d in dirs if real / d not in mounted]
             for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
                 info = os.lstat(name)
                 if (info.st_uid, info.st_gid) != (account.pw_uid, account.pw_gid):

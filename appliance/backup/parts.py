@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.config import ApplianceSettings
-from appliance.rag.kb_dirs import all_open, knowledge_base_dirs
+from appliance.rag.kb_dirs import KBS_DIR, all_open, knowledge_base_dirs
 from appliance.rag.write_lock import LOCK_FILE as RAG_LOCK_FILE
 from appliance.rag.write_lock import write_lock
 from appliance.security.audit import AuditLog
@@ -33,13 +33,16 @@ SQLITE_MAGIC = b"SQLite format 3\0"
 @dataclass(frozen=True)
 class Part:
     """One kind of state: a folder or a file, the lock that keeps it whole while it is copied,
-    and what in it is not worth keeping (returns True for a relative path to skip)."""
+    what in it is not worth keeping (returns True for a relative path to skip), and folders kept
+    elsewhere that it holds as if they were inside it (relative path -> folder, asked while
+    locked)."""
 
     name: str
     path: Path
     kind: Literal["dir", "file"]
     lock: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     skip: Callable[[Path], bool] = lambda relative: False
+    grafts: Callable[[], dict[str, Path]] = dict
 
     def files(self) -> Iterator[tuple[str, Path]]:
         """(name in the backup, path) of each regular file, sorted; links are not followed."""
@@ -47,15 +50,18 @@ class Part:
             if self.path.is_file() and not self.path.is_symlink():
                 yield self.name, self.path
             return
-        for root, dirs, names in os.walk(self.path):
-            dirs.sort()
-            for name in sorted(names):
-                path = Path(root, name)
-                relative = path.relative_to(self.path)
-                if _side_file(path) or self.skip(relative):
-                    continue
-                if path.is_file() and not path.is_symlink():
-                    yield f"{self.name}/{relative.as_posix()}", path
+        folders = [(Path(), self.path)]
+        folders += [(Path(where), path) for where, path in sorted(self.grafts().items())]
+        for where, top in folders:
+            for root, dirs, names in os.walk(top):
+                dirs.sort()
+                for name in sorted(names):
+                    path = Path(root, name)
+                    relative = where / path.relative_to(top)
+                    if _side_file(path) or self.skip(relative):
+                        continue
+                    if path.is_file() and not path.is_symlink():
+                        yield f"{self.name}/{relative.as_posix()}", path
 
 
 def _side_file(path: Path) -> bool:
@@ -91,6 +97,7 @@ def backup_parts(settings: ApplianceSettings, with_models: bool = False) -> list
             "dir",
             lock=lambda: _knowledge_bases_still(settings),
             skip=_named(RAG_LOCK_FILE),
+            grafts=lambda: _mounted_knowledge_bases(settings),
         ),
         Part("conversations", settings.conversations_dir, "dir"),
         Part("training", settings.training_dir, "dir"),
@@ -128,6 +135,17 @@ def _knowledge_bases_still(settings: ApplianceSettings) -> Iterator[None]:
         dirs = knowledge_base_dirs(settings, data_at_rest_kek(settings))
         with all_open(dirs):
             yield
+
+
+def _mounted_knowledge_bases(settings: ApplianceSettings) -> dict[str, Path]:
+    """The encrypted knowledge bases' volumes (all_open mounted them), outside the rag folder:
+    held as `kbs/<collection>/` in it, where a restore puts plain files to move into new volumes
+    (and an unencrypted state keeps them). Their ciphertext is not copied: a restore makes each
+    a new volume with a new key."""
+    mounts = settings.layout.kb_mounts
+    if not settings.security.data_at_rest.enabled or not mounts.is_dir():
+        return {}
+    return {f"{KBS_DIR}/{path.name}": path for path in mounts.iterdir()}
 
 
 def _named(name: str) -> Callable[[Path], bool]:

@@ -156,7 +156,7 @@ def describe(settings: ApplianceSettings) -> str:
     if not settings.security.data_at_rest.enabled:
         return (
             "user data: NOT encrypted at rest (security.data_at_rest is off; the CPU demo has "
-            "no key-encryption key; docs/security.md)"
+            "no key-encryption key, the installer turns it on)"
         )
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.data_volume import DataSealed, policy_terms, volume

@@ -35,8 +35,7 @@ class DataAtRestSettings(BaseModel):
     and a signed policy (service account, hosts, expiry) releases: `appliance data init` makes
     it, `appliance data policy` signs a new policy, `appliance data seal` moves an unencrypted
     state's user content in. The services refuse to start, saying why, where the policy fails.
-    Off by default: the CPU demo has no key-encryption key, and the installer does not turn it
-    on yet (docs/security.md says why).
+    The installer turns it on; the CPU demo has no key-encryption key and leaves it off.
     `rag.persist_dir` must stay unset while it is on."""
 
 

@@ -27,18 +27,20 @@ from appliance.security.data_volume import (
     service_account,
     volume,
 )
-from appliance.security.gocryptfs import EncryptedVolume
+from appliance.security.gocryptfs import EncryptedVolume, is_mounted
+from appliance.security.privileges import hand_over
 
 from appliance.cli.main import main as cli
 from appliance.config import load_settings
 from appliance.state_version import SCHEMA_VERSION, write_record
 from appliance.store.keyring import init_keys
-from tests.local_accounts import as_outsider
+from tests.local_accounts import as_outsider, reachable, system_account
 
 # Joined at run time: neither this file nor its bytecode holds the sentence whole, so a checkout
 # under /tmp is not a false find.
 SECRET = " ".join(["the cellar key", "hangs behind", "the seventh heron painting"])
 TIMEOUT_S = 300
+SERVICE_ACCOUNT = "appliance-svc"
 
 # Run in a process of its own, as a service would (so Chroma's files are closed when it ends):
 # opens the volume as the gateway does, then writes through the real stores.
@@ -81,14 +83,14 @@ PLANT = textwrap.dedent(
 )
 
 
-def _config(top: Path, name: str) -> Path:
+def _config(top: Path, name: str, **security: object) -> Path:
     config = top / f"{name}.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "state_dir": str(top / name),
                 "catalog": {"include_presets": False},
-                "security": {"data_at_rest": {"enabled": True}},
+                "security": {"data_at_rest": {"enabled": True}, **security},
             }
         )
     )
@@ -129,7 +131,7 @@ def _appliance(config: Path, *argv: str) -> subprocess.CompletedProcess:
     )
 
 
-# Which files under the rag folder hold the secret, every knowledge base's volume open.
+# Which files of the knowledge bases hold the secret, every knowledge base's volume open.
 FIND_IN_KNOWLEDGE_BASES = textwrap.dedent(
     """
     import subprocess, sys
@@ -138,8 +140,10 @@ FIND_IN_KNOWLEDGE_BASES = textwrap.dedent(
     from appliance.store.keyring import data_at_rest_kek
 
     settings = load_settings(sys.argv[1])
-    with all_open(knowledge_base_dirs(settings, data_at_rest_kek(settings))):
-        argv = ["grep", "-rlsF", sys.argv[2], str(settings.rag_dir)]
+    dirs = knowledge_base_dirs(settings, data_at_rest_kek(settings))
+    with all_open(dirs):
+        places = [str(dirs.path(c)) for c in dirs.collections()]
+        argv = ["grep", "-rlsF", sys.argv[2], str(settings.rag_dir), *places]
         print(subprocess.run(argv, capture_output=True, text=True).stdout)
     """
 )
@@ -157,11 +161,10 @@ def _plant(config: Path) -> Path:
     return Path(planted.stdout.strip().splitlines()[-1])
 
 
-def _grep(*places: Path, exclude: Path | None = None) -> list[str]:
+def _grep(*places: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
     """Files under `places` that hold SECRET in plain bytes (as root: everything readable)."""
     argv = ["grep", "-rlsF", "--devices=skip", SECRET, *map(str, places)]
-    if exclude is not None:
-        argv.insert(1, f"--exclude-dir={exclude.name}")
+    argv[1:1] = [f"--exclude-dir={path.name}" for path in exclude]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S)
     return done.stdout.splitlines()
 
@@ -172,7 +175,7 @@ def test_planted_sentences_are_nowhere_on_disk(state, outsider):
     scratch = _plant(state)
     # The stores wrote where they always do: inside the mount, plaintext to their reader.
     assert scratch.is_relative_to(settings.layout.tmp)
-    inside = _grep(settings.layout.data)
+    inside = _grep(settings.layout.data, settings.layout.kb_mounts)
     for where in ("chroma", "conversations", "training", "uploads", ".parse"):
         assert any(where in path for path in inside), (where, inside)
 
@@ -180,14 +183,16 @@ def test_planted_sentences_are_nowhere_on_disk(state, outsider):
     assert volume(settings).mounted()
     found = as_outsider("grep", "-rlsF", SECRET, str(settings.state_dir), "/tmp")
     assert found.stdout == "" and found.returncode != 0
-    # Nor is it anywhere but in the mount, which is all root could see of it on disk.
-    assert _grep(settings.state_dir, exclude=settings.layout.data) == []
+    # Nor is it anywhere but in the mounts, which is all root could see of it on disk.
+    mounts = (settings.layout.data, settings.layout.kb_mounts)
+    assert _grep(settings.state_dir, exclude=mounts) == []
     assert _grep(Path("/tmp")) == []
 
     # Closed: root without the key finds ciphertext only.
     assert cli(["--config", str(state), "down", "--keep-cluster"]) == 0
     assert not volume(settings).mounted()
     assert not any(settings.layout.data.iterdir())
+    assert not any(p for m in settings.layout.kb_mounts.iterdir() for p in m.iterdir())
     # Chroma's files, encrypted: in the knowledge base's own volume, the rest in the data one.
     ciphertext = [
         p for top in (settings.layout.vault, settings.layout.kb_volumes) for p in top.rglob("*")
@@ -311,19 +316,66 @@ def test_backup_holds_it_encrypted_and_a_restore_needs_the_key(state, top):
     assert _appliance(new, "data", "close").returncode == 0
 
 
-def test_closing_unmounts_the_volumes_inside_it_first(state):
+def test_closing_unmounts_the_knowledge_bases_volumes_first(state):
     assert cli(["--config", str(state), "data", "init"]) == 0
     settings = load_settings(state)
     assert open_volume(settings)
-    # As a knowledge base's own volume: ciphertext outside the data volume, mounted inside it.
-    inner = EncryptedVolume(settings.layout.kb_volumes / "kb1", settings.rag_dir / "kbs" / "kb1")
-    key = secrets.token_bytes(32)
-    inner.create(key)
+    # A knowledge base's own volume, where it is mounted (beside the data volume), and one
+    # where an older version mounted it (inside the data volume, keeping it busy).
+    volumes = settings.layout.kb_volumes
+    inner = [
+        EncryptedVolume(volumes / "kb1", settings.layout.kb_mounts / "kb1"),
+        EncryptedVolume(volumes / "kb2", settings.rag_dir / "kbs" / "kb2"),
+    ]
     try:
-        inner.mount(key)
-        (inner.mount_dir / "chunk.txt").write_text(SECRET)
+        for kb in inner:
+            key = secrets.token_bytes(32)
+            kb.create(key)
+            kb.mount(key)
+            (kb.mount_dir / "chunk.txt").write_text(SECRET)
         assert close_volume(settings)
-        assert not inner.mounted() and not volume(settings).mounted()
+        assert not any(kb.mounted() for kb in inner) and not volume(settings).mounted()
         assert _grep(settings.state_dir) == []
     finally:
-        inner.unmount()
+        for kb in inner:
+            kb.unmount()
+
+
+def test_the_service_account_mounts_knowledge_bases_while_the_data_volume_is_open(top):
+    """As the installed services run: the data volume and each knowledge base's volume mounted
+    by the (non-root) service account; fusermount3 runs as root, which the data volume's mount
+    refuses, so no knowledge base may be mounted inside it. `appliance down` (root) closes all."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can act as the service account")
+    account = system_account(SERVICE_ACCOUNT)
+    config = _config(top, "service", service_user=SERVICE_ACCOUNT)
+    settings = load_settings(config)
+    init_keys(settings)
+    write_record(settings.state_dir, SCHEMA_VERSION)
+    assert cli(["--config", str(config), "data", "init"]) == 0
+    hand_over(settings, account)
+
+    def as_account(script: str) -> str:
+        argv = ["env", f"HOME={settings.layout.service_home}", sys.executable, "-c", script]
+        done = subprocess.run(
+            ["runuser", "-u", SERVICE_ACCOUNT, "--", *argv, str(config), SECRET],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    with reachable(Path(os.__file__)):  # this Python may live under /root (pyenv)
+        as_account(PLANT)
+        mounts = [m for m in settings.layout.kb_mounts.iterdir() if is_mounted(m)]
+        assert len(mounts) == 1
+        with pytest.raises(PermissionError):  # the account's: its mount answers no one else
+            os.listdir(mounts[0])
+        hand_over(settings, account)  # as a service restarted meanwhile: past the open volumes
+        assert volume(settings).mounted()
+        # Read again by another of its processes, through the mount the first one left.
+        assert "chroma" in as_account(FIND_IN_KNOWLEDGE_BASES)
+    assert cli(["--config", str(config), "down", "--keep-cluster"]) == 0
+    assert not is_mounted(mounts[0]) and not volume(settings).mounted()
+    assert _grep(settings.state_dir) == []

@@ -110,6 +110,16 @@ def test_install_rerun_and_uninstall(prefix, tiny_model_dir):
     assert f'service_user: "{user}"' in config.read_text()
     store = root / "var" / "lib" / "appliance" / "store" / "tiny-chat"
     assert store.is_dir() and not list(store.glob("*.safetensors"))  # encrypted, not plaintext
+    # The user data in its encrypted volume, opened by the services as their account; the
+    # self-test's knowledge base had a volume of its own (made, filled, queried and deleted by
+    # the gateway as that account), mounted beside the data volume, never inside it.
+    state = root / "var" / "lib" / "appliance"
+    assert (state / "vault" / "gocryptfs.conf").is_file()
+    mounts = mount_points(Path("/proc/self/mountinfo").read_text())
+    assert state / "data" in mounts
+    assert [m for m in mounts if m.is_relative_to(state / "data")] == [state / "data"]
+    assert (state / "kb-volumes").is_dir() and (state / "kb-mounts").is_dir()
+    assert (state / "kb-mounts").stat().st_uid == pwd.getpwnam(user).pw_uid
     supervisor_pid = int((root / "var/lib/appliance/supervisor.pid").read_text())
     gateway_users = {
         pwd.getpwuid(os.stat(f"/proc/{p}").st_uid).pw_name
@@ -135,6 +145,8 @@ def test_install_rerun_and_uninstall(prefix, tiny_model_dir):
     assert not config.exists() and not command.exists()
     assert not (root / "opt" / "appliance" / "venv").exists()
     assert store.is_dir()  # user data stays
+    mounts = mount_points(Path("/proc/self/mountinfo").read_text())
+    assert not [m for m in mounts if m.is_relative_to(state)]  # every volume closed
     deadline = time.monotonic() + 60  # vLLM takes a few seconds to stop
     while _processes_under(root) and time.monotonic() < deadline:
         time.sleep(1)

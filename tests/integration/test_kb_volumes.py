@@ -63,14 +63,14 @@ class Stack:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.rag, self.volumes = tmp / "rag", tmp / "kb-volumes"
+        self.rag, self.volumes, self.mounts = tmp / "rag", tmp / "kb-volumes", tmp / "kb-mounts"
         keys = tmp / "keys"
         keys.mkdir(mode=0o700)
         self.kek = generate_key_file(keys / "kek.key")
         self.store: KnowledgeBaseStore | None = None
 
     def dirs(self) -> EncryptedKnowledgeBaseDirs:
-        return EncryptedKnowledgeBaseDirs(self.rag, self.volumes, self.kek)
+        return EncryptedKnowledgeBaseDirs(self.rag, self.volumes, self.mounts, self.kek)
 
     def open(self) -> KnowledgeBaseStore:
         self.close()
@@ -84,8 +84,7 @@ class Stack:
 
     def cleanup(self) -> None:
         self.close()
-        kbs = self.rag / "kbs"
-        for mount_dir in kbs.iterdir() if kbs.is_dir() else []:
+        for mount_dir in self.mounts.iterdir() if self.mounts.is_dir() else []:
             EncryptedVolume(self.volumes / mount_dir.name, mount_dir).unmount()
 
 
@@ -120,7 +119,7 @@ def test_text_is_only_ciphertext_on_disk(stack):
     store = stack.open()
     collection = _plant(store, "secrets")
     assert any(SENTENCE in c.text for c in store.chunks(ALICE, "secrets"))
-    mount = stack.rag / "kbs" / collection
+    mount = stack.mounts / collection
     assert is_mounted(mount)  # opened lazily, by the store's first touch
     # Root without the key: the ciphertext and the rest of the rag folder hold no word of it.
     assert (stack.volumes / collection / "gocryptfs.conf").exists()
@@ -135,9 +134,9 @@ def test_another_account_reads_nothing_while_mounted(outsider, public_tmp):  # n
     try:
         store = stack.open()
         collection = _plant(store, "secrets")
-        for path in (public_tmp, stack.rag, stack.volumes):
+        for path in (public_tmp, stack.rag, stack.volumes, stack.mounts):
             path.chmod(0o755)  # as if every folder on the way let others pass
-        mount = stack.rag / "kbs" / collection
+        mount = stack.mounts / collection
         assert is_mounted(mount)
         read = as_outsider("grep", "-rl", "heron", str(public_tmp))
         assert read.returncode != 0 and "heron" not in read.stdout and read.stdout == ""
@@ -166,7 +165,7 @@ def test_a_deleted_knowledge_base_is_unrecoverable_and_the_others_stay(stack):
     finally:
         os.close(key_fd)
     assert not dirs.key_file(doomed).exists() and not (stack.volumes / doomed).exists()
-    assert not (stack.rag / "kbs" / doomed).exists()
+    assert not (stack.rag / "kbs" / doomed).exists() and not (stack.mounts / doomed).exists()
     assert any(SENTENCE in c.text for c in store.chunks(ALICE, "kept"))
     with pytest.raises(KnowledgeBaseNotFound):
         store.get(ALICE, "doomed")
@@ -210,7 +209,7 @@ def test_a_volume_survives_a_restart_and_a_crashed_gateways_mount(stack):
     store = stack.open()
     collection = _plant(store, "kept")
     stack.close()
-    mount = stack.rag / "kbs" / collection
+    mount = stack.mounts / collection
     assert not is_mounted(mount)
     store = stack.open()
     assert any(SENTENCE in c.text for c in store.chunks(ALICE, "kept"))
@@ -263,7 +262,7 @@ def test_a_backup_reads_closed_volumes_and_a_restore_makes_new_ones(tmp_path):
         store.close()  # the backup mounts what it copies, and unmounts it after
         backup = tmp_path / "state.backup"
         write_backup(settings, backup, KeySource(kek=kek))
-        assert not is_mounted(settings.rag_dir / "kbs" / collection)
+        assert not is_mounted(settings.layout.kb_mounts / collection)
         _, manifest = read_backup(backup, KeySource(kek=kek))
         names = {entry.name for entry in manifest.files}
         assert f"rag/kbs/{collection}/keywords.sqlite3" in names
@@ -275,7 +274,8 @@ def test_a_backup_reads_closed_volumes_and_a_restore_makes_new_ones(tmp_path):
         assert (volumes / f"{collection}.key").read_bytes() != (
             settings.layout.kb_volumes / f"{collection}.key"
         ).read_bytes()
-        assert not is_mounted(restored.rag_dir / "kbs" / collection)
+        assert not is_mounted(restored.layout.kb_mounts / collection)
+        assert not (restored.rag_dir / "kbs" / collection).exists()  # moved into its volume
         assert _holds_text(restored.state_dir) == []  # nothing left in the clear
         open_volume(restored)
         again = KnowledgeBaseStore(
@@ -305,7 +305,7 @@ def test_the_upgrade_moves_knowledge_bases_into_volumes(tmp_path):
     seal_plaintext(settings, PolicyTerms(service_account(settings), []))
     open_volume(settings)
     (kb,) = Registry(settings.rag_dir / "registry.sqlite3").knowledge_bases()
-    mount = settings.rag_dir / "kbs" / kb.collection
+    mount = settings.layout.kb_mounts / kb.collection
     try:
         runner.migrate(settings)
         assert read_record(state).version == SCHEMA_VERSION
@@ -330,7 +330,7 @@ def test_the_upgrade_moves_knowledge_bases_into_volumes(tmp_path):
 def test_a_volume_in_use_elsewhere_is_shared_and_stays_mounted(stack):
     store = stack.open()
     collection = _plant(store, "kept")
-    mount = stack.rag / "kbs" / collection
+    mount = stack.mounts / collection
     backup = stack.dirs()  # another process's view, as `appliance backup` has
     started = time.monotonic()
     assert backup.open(collection, create=False) == mount
@@ -357,7 +357,7 @@ def test_a_mount_whose_daemon_died_is_mounted_again(stack):
     ).stdout.split()
     assert len(daemons) == 1, daemons
     os.kill(int(daemons[0]), signal.SIGKILL)
-    mount = stack.rag / "kbs" / collection
+    mount = stack.mounts / collection
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:

@@ -4,10 +4,8 @@ account too; a chat answer still comes back."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 
 from appliance.serving.endpoint import endpoint_path
 from appliance_dev.stack import running_gateway
-from tests.local_accounts import system_account
+from tests.local_accounts import reachable, system_account
 from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow]
@@ -30,23 +28,6 @@ def account():
     if os.geteuid() != 0:
         pytest.skip("only root can hand services to another account")
     return system_account(ACCOUNT)
-
-
-@contextlib.contextmanager
-def reachable(path: Path):
-    """Let other accounts pass through `path`'s parents (pytest makes its folders 0700) for
-    the test, as /etc/appliance and /var/lib/appliance are on an installed system."""
-    changed = []
-    for parent in path.parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)
-            changed.append((parent, stat.S_IMODE(mode)))
-    try:
-        yield
-    finally:
-        for parent, mode in changed:
-            os.chmod(parent, mode)
 
 
 @pytest.fixture

@@ -21,15 +21,17 @@ def test_user_content_moves_into_the_mount_point_only_when_encrypted(tmp_path):
         assert getattr(plain, name) == tmp_path / name
         assert getattr(encrypted, name) == tmp_path / "data" / name
     # What is not user content stays where it was; the knowledge bases' own volumes' ciphertext
-    # stays outside the data volume.
+    # and mount points stay outside the data volume.
     assert encrypted.keys == plain.keys and encrypted.audit == plain.audit
     assert not encrypted.kb_volumes.is_relative_to(encrypted.data)
+    assert not encrypted.kb_mounts.is_relative_to(encrypted.data)
     assert encrypted.tmp.is_relative_to(encrypted.data)
 
 
 def test_the_service_account_is_handed_the_volume_not_its_inside(tmp_path):
     dirs = service_dirs(_settings(tmp_path, True))
     assert tmp_path / "vault" in dirs and tmp_path / "data" in dirs
+    assert tmp_path / "kb-volumes" in dirs and tmp_path / "kb-mounts" in dirs
     assert not any(d.is_relative_to(tmp_path / "data") and d != tmp_path / "data" for d in dirs)
     assert tmp_path / "rag" in service_dirs(_settings(tmp_path, False))
 

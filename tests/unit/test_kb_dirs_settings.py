@@ -29,7 +29,11 @@ def test_plain_directories_unless_data_at_rest_is_encrypted(tmp_path):
     dirs = knowledge_base_dirs(encrypted, data_at_rest_kek(encrypted))
     assert isinstance(dirs, EncryptedKnowledgeBaseDirs)
     assert dirs.volumes == encrypted.state_dir / "kb-volumes"
-    assert not dirs.volumes.is_relative_to(encrypted.rag_dir)  # no FUSE over FUSE
+    # Mounted outside the rag folder, which is inside the data volume: no FUSE mount in another.
+    assert dirs.path("kb1") == encrypted.state_dir / "kb-mounts" / "kb1"
+    for path in (dirs.volumes, dirs.mounts):
+        assert not path.is_relative_to(encrypted.rag_dir)
+        assert not path.is_relative_to(encrypted.layout.data)
 
 
 def test_the_gateway_refuses_to_start_without_the_key(tmp_path, monkeypatch):
