@@ -147,7 +147,7 @@ def measure_at_rest(args: argparse.Namespace) -> dict:
 
 
 def _paired_rounds(sides: dict[str, Path], args: argparse.Namespace):
-    """Ingest throughputs and query p50s per side and round (its stores gone when it returns)."""
+    """Ingest throughputs and query p50s per side and round (its stores closed when it returns)."""
     from appliance.rag.embeddings import Embedder
     from appliance.rag.ingest import parse_many
     from appliance.rag.retrieval import Retriever
@@ -158,42 +158,47 @@ def _paired_rounds(sides: dict[str, Path], args: argparse.Namespace):
 
     who = Principal("bench", frozenset())
     real = Embedder()
-    stores = {k: KnowledgeBaseStore(d / "ingest", embedder=real) for k, d in sides.items()}
-    ingest = {k: [] for k in sides}
-    chunks = 0
-    for i in range(args.rest_rounds):
-        files = synthetic_documents(args.ingest_docs, 2600, seed=100 + i)
-        order = ("plain", "encrypted") if i % 2 == 0 else ("encrypted", "plain")
-        for side in order:
-            kb = stores[side].create(who, f"round{i}")
-            t0 = time.perf_counter()
-            docs, _ = parse_many(files)
-            results = stores[side].add_documents(who, kb.id, docs)
-            elapsed = time.perf_counter() - t0
-            chunks = sum(r.chunks for r in results)
-            ingest[side].append(chunks / elapsed)
-    bulk = BulkEmbedder(real)
-    retrievers = {}
-    for side, folder in sides.items():
-        store = KnowledgeBaseStore(folder / "query", embedder=bulk)
-        store.create(who, "big")
-        docs, _ = parse_many(synthetic_documents(args.query_chunks // 10, 5000, seed=9))
-        for start in range(0, len(docs), 500):
-            store.add_documents(who, "big", docs[start : start + 500])
-        retrievers[side] = Retriever.from_settings(store)
-        retrievers[side].retrieve(who, ["big"], "warm up the first query")
-    pool = sentences()
-    p50s = {k: [] for k in sides}
-    for i in range(args.rest_rounds):
-        asks = [" ".join(pool[(i * 31 + j * 7) % len(pool)].split()[:8]) for j in range(20)]
-        order = ("plain", "encrypted") if i % 2 == 0 else ("encrypted", "plain")
-        for side in order:
-            times = []
-            for q in asks:
+    # Closed when done, not when collected: a file they keep open keeps the volume busy.
+    with contextlib.ExitStack() as stores_open:
+        stores = {k: KnowledgeBaseStore(d / "ingest", embedder=real) for k, d in sides.items()}
+        for store in stores.values():
+            stores_open.callback(store.close)
+        ingest = {k: [] for k in sides}
+        chunks = 0
+        for i in range(args.rest_rounds):
+            files = synthetic_documents(args.ingest_docs, 2600, seed=100 + i)
+            order = ("plain", "encrypted") if i % 2 == 0 else ("encrypted", "plain")
+            for side in order:
+                kb = stores[side].create(who, f"round{i}")
                 t0 = time.perf_counter()
-                retrievers[side].retrieve(who, ["big"], q)
-                times.append((time.perf_counter() - t0) * 1000)
-            p50s[side].append(percentile(times, 50))
+                docs, _ = parse_many(files)
+                results = stores[side].add_documents(who, kb.id, docs)
+                elapsed = time.perf_counter() - t0
+                chunks = sum(r.chunks for r in results)
+                ingest[side].append(chunks / elapsed)
+        bulk = BulkEmbedder(real)
+        retrievers = {}
+        for side, folder in sides.items():
+            store = KnowledgeBaseStore(folder / "query", embedder=bulk)
+            stores_open.callback(store.close)
+            store.create(who, "big")
+            docs, _ = parse_many(synthetic_documents(args.query_chunks // 10, 5000, seed=9))
+            for start in range(0, len(docs), 500):
+                store.add_documents(who, "big", docs[start : start + 500])
+            retrievers[side] = Retriever.from_settings(store)
+            retrievers[side].retrieve(who, ["big"], "warm up the first query")
+        pool = sentences()
+        p50s = {k: [] for k in sides}
+        for i in range(args.rest_rounds):
+            asks = [" ".join(pool[(i * 31 + j * 7) % len(pool)].split()[:8]) for j in range(20)]
+            order = ("plain", "encrypted") if i % 2 == 0 else ("encrypted", "plain")
+            for side in order:
+                times = []
+                for q in asks:
+                    t0 = time.perf_counter()
+                    retrievers[side].retrieve(who, ["big"], q)
+                    times.append((time.perf_counter() - t0) * 1000)
+                p50s[side].append(percentile(times, 50))
     return ingest, p50s, chunks
 
 

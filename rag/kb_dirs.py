@@ -78,6 +78,10 @@ class KnowledgeBaseDirs:
 
     def __init__(self, rag_root: Path) -> None:
         self.root = rag_root / KBS_DIR
+        # Directories known to be there until closed: each query opens its knowledge base's
+        # twice, and on a FUSE file system (the rag root in a gocryptfs data volume) every
+        # mkdir and stat is a round trip through its daemon.
+        self._opened: set[str] = set()
 
     def path(self, collection: str) -> Path:
         """The knowledge base's directory (mounted or not); KnowledgeBaseError for a name that is
@@ -94,18 +98,26 @@ class KnowledgeBaseDirs:
         """The knowledge base's directory, ready for use; made when missing if `create`, else
         None when it has none."""
         path = self.path(collection)
+        if collection in self._opened:
+            return path
         if create:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return path if path.is_dir() else None
+        if not path.is_dir():
+            return None
+        self._opened.add(collection)
+        return path
 
     def close(self, collection: str) -> None:
         """This process is done with the directory for now (files closed)."""
+        self._opened.discard(collection)
 
     def close_all(self) -> None:
         """`close` every directory this object opened."""
+        self._opened.clear()
 
     def destroy(self, collection: str) -> None:
         """Delete the knowledge base's files; its files must be closed."""
+        self._opened.discard(collection)
         shutil.rmtree(self.path(collection), ignore_errors=True)
 
 

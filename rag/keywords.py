@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.rag.chunking import Chunk
-from appliance.rag.sqlite_db import write_transaction
+from appliance.rag.sqlite_db import ConnectionPool
 
 # Only the commonest English function words, left out of queries: they match almost every chunk
 # (so a query with them reads most of the index) and add noise, while rarer words (even short
@@ -103,6 +103,7 @@ class KeywordIndex:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._connections = ConnectionPool(self._connect)
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -131,6 +132,7 @@ class KeywordIndex:
 
     def delete(self) -> None:
         """Delete the file (with SQLite's side files): its knowledge base is gone."""
+        self.close()
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
@@ -145,7 +147,7 @@ class KeywordIndex:
         terms = query_terms(query)
         if not terms or n <= 0 or not self.exists():
             return []
-        with closing(self._connect()) as db:
+        with self._connections.connection() as db:
             plan = _plan(db, self.path, terms)
             if plan is None:
                 return []
@@ -185,19 +187,30 @@ class KeywordIndex:
                 _insert(db, ((version, chunk.document_id, chunk) for version, chunk in chunks))
                 db.execute("COMMIT")
             os.replace(building, self.path)
+            # Connections kept open read the file replaced: the next ones open this one.
+            self.close()
         finally:
             building.unlink(missing_ok=True)
 
+    def close(self) -> None:
+        """Close its connections (opened again if used after): its directory can then be
+        unmounted or deleted."""
+        self._connections.close()
+
     def _transaction(self):
-        return write_transaction(self._connect)
+        return self._connections.transaction()
 
     def _connect(self, *, create: bool = False) -> sqlite3.Connection:
-        # A connection per call, as the registry does: cheap, and safe across threads and
-        # processes. WAL lets queries read while a document is being indexed. Only `create`
-        # makes the file: a missing index must stay missing until it is built from Chroma.
+        # Kept open in the pool, as the registry's, each used by one thread at a time. WAL lets
+        # queries read while a document is being indexed. Only `create` makes the file: a
+        # missing index must stay missing until it is built from Chroma.
         mode = "rwc" if create else "rw"
         db = sqlite3.connect(
-            f"{self.path.as_uri()}?mode={mode}", timeout=30, isolation_level=None, uri=True
+            f"{self.path.as_uri()}?mode={mode}",
+            timeout=30,
+            isolation_level=None,
+            uri=True,
+            check_same_thread=False,
         )
         db.execute("PRAGMA journal_mode = WAL")
         # FULL like the registry: rows of a version the registry made current survive power loss.

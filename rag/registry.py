@@ -11,7 +11,6 @@ import json
 import secrets
 import sqlite3
 from collections.abc import Collection
-from contextlib import closing
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import psutil
 from appliance.rag.access import KnowledgeBaseACL
 from appliance.rag.errors import KnowledgeBaseError
-from appliance.rag.sqlite_db import write_transaction
+from appliance.rag.sqlite_db import ConnectionPool
 
 _SCHEMA = """
 -- Facts about this registry; `store_id` marks the Chroma collections that belong to it.
@@ -128,7 +127,8 @@ class Registry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        with closing(self._connect()) as db:
+        self._connections = ConnectionPool(self._connect)
+        with self._connections.connection() as db:
             db.executescript(_SCHEMA)
         with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (secrets.token_hex(4),))
@@ -140,13 +140,13 @@ class Registry:
             add_source_hashes(db)
 
     def knowledge_base(self, kb_id: str) -> KnowledgeBase | None:
-        with closing(self._connect()) as db:
+        with self._connections.connection() as db:
             row = db.execute("SELECT * FROM knowledge_bases WHERE name = ?", (kb_id,)).fetchone()
         return _knowledge_base(row) if row else None
 
     def knowledge_bases_named(self, name: str) -> list[KnowledgeBase]:
         """The knowledge bases of any owner called `name`, by id."""
-        with closing(self._connect()) as db:
+        with self._connections.connection() as db:
             rows = db.execute(
                 "SELECT * FROM knowledge_bases WHERE substr(name, instr(name, '/') + 1) = ?"
                 " ORDER BY name",
@@ -155,7 +155,7 @@ class Registry:
         return [_knowledge_base(row) for row in rows]
 
     def knowledge_bases(self) -> list[KnowledgeBase]:
-        with closing(self._connect()) as db:
+        with self._connections.connection() as db:
             rows = db.execute("SELECT * FROM knowledge_bases ORDER BY name").fetchall()
         return [_knowledge_base(row) for row in rows]
 
@@ -198,7 +198,7 @@ class Registry:
                 db.execute("DELETE FROM loose_versions WHERE collection = ?", row)
 
     def documents(self, kb_id: str) -> list[DocumentRecord]:
-        with closing(self._connect()) as db:
+        with self._connections.connection() as db:
             rows = db.execute(
                 f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE kb = ? ORDER BY filename",
                 (kb_id,),
@@ -209,7 +209,7 @@ class Registry:
         """Those of `versions` that are the current version of a document of the knowledge base."""
         listed = list(versions)
         current: set[str] = set()
-        with closing(self._connect()) as db:
+        with self._connections.connection() as db:
             for start in range(0, len(listed), _VERSIONS_PER_QUERY):
                 part = listed[start : start + _VERSIONS_PER_QUERY]
                 rows = db.execute(
@@ -221,7 +221,7 @@ class Registry:
         return current
 
     def document(self, kb_id: str, document_id: str) -> DocumentRecord | None:
-        with closing(self._connect()) as db:
+        with self._connections.connection() as db:
             row = db.execute(
                 f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE kb = ? AND id = ?",
                 (kb_id, document_id),
@@ -280,7 +280,7 @@ class Registry:
             )
 
     def loose_versions(self) -> list[LooseVersion]:
-        with closing(self._connect()) as db:
+        with self._connections.connection() as db:
             rows = db.execute("SELECT * FROM loose_versions").fetchall()
         return [LooseVersion(*row) for row in rows]
 
@@ -322,13 +322,18 @@ class Registry:
         )
         return previous
 
+    def close(self) -> None:
+        """Close its database connections (opened again if used after)."""
+        self._connections.close()
+
     def _transaction(self):
-        return write_transaction(self._connect)
+        return self._connections.transaction()
 
     def _connect(self) -> sqlite3.Connection:
-        # A connection per call: cheap, and safe across threads and processes. autocommit off
-        # (isolation_level=None) so transactions are exactly the BEGIN/COMMIT above.
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        # Kept open in the pool, each used by one thread at a time; other processes' writes are
+        # seen at each read as with a new connection. autocommit (isolation_level=None) so
+        # transactions are exactly the BEGIN/COMMIT above.
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode = WAL")
         # FULL: a committed version flip survives a power cut, not only a process crash.
         db.execute("PRAGMA synchronous = FULL")

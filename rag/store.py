@@ -26,7 +26,7 @@ import re
 import secrets
 import threading
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +61,7 @@ _CHUNKS_PER_ADD = 1000
 CHROMA_DIR = "chroma"
 KEYWORDS_FILE = "keywords.sqlite3"
 # Embedded Chroma clients kept open at once: each holds ~7 threads and ~4 MiB (measured with
-# Chroma 1.5.9), and reopening one costs ~25 ms.
+# Chroma 1.5.9), and reopening one costs ~25 ms. As many keyword indexes keep their connections.
 MAX_OPEN_CLIENTS = 32
 
 
@@ -109,16 +109,25 @@ class KnowledgeBaseStore:
         self._clients: dict[str, ClientAPI] = {}  # least recently used first
         self._users: Counter[str] = Counter()
         self._clients_lock = threading.Lock()
+        # Keyword indexes with their connections kept open, least recently used first.
+        self._indexes: OrderedDict[str, KeywordIndex] = OrderedDict()
+        self._indexes_lock = threading.Lock()
         self.collect_garbage()
         self.build_missing_keyword_indexes()
 
     def close(self) -> None:
-        """Close every knowledge base's Chroma client and give back its directory (an encrypted
-        one is unmounted). The store opens them again if used after."""
+        """Close every knowledge base's Chroma client and keyword index, and the registry, and
+        give back their directories (an encrypted one is unmounted). The store opens them again
+        if used after."""
         with self._clients_lock:
             clients, self._clients = self._clients, {}
         for client in clients.values():
             client.close()
+        with self._indexes_lock:
+            indexes, self._indexes = self._indexes, OrderedDict()
+        for index in indexes.values():
+            index.close()
+        self._registry.close()
         self.dirs.close_all()
 
     # Knowledge bases
@@ -421,7 +430,7 @@ class KnowledgeBaseStore:
                     client.get_collection(collection, embedding_function=None).delete(
                         where={"version": version}
                     )
-                KeywordIndex(self.dirs.path(collection) / KEYWORDS_FILE).drop(version)
+                self._index(collection).drop(version)
         self._registry.forget_version(collection, version)
 
     def _drop_collection(self, collection: str) -> None:
@@ -433,6 +442,10 @@ class KnowledgeBaseStore:
             client = self._clients.pop(collection, None)
         if client is not None:
             client.close()
+        with self._indexes_lock:
+            index = self._indexes.pop(collection, None)
+        if index is not None:
+            index.close()
         if self._server is not None:
             # NotFoundError: another process's garbage collection deleted it meanwhile.
             with contextlib.suppress(NotFoundError):
@@ -443,7 +456,24 @@ class KnowledgeBaseStore:
         """The keyword index of a knowledge base in the registry, its directory opened (made
         when missing, as its collection is)."""
         self.dirs.open(collection, create=True)
-        return KeywordIndex(self.dirs.path(collection) / KEYWORDS_FILE)
+        return self._index(collection)
+
+    def _index(self, collection: str) -> KeywordIndex:
+        """The knowledge base's keyword index, kept with its connections open; beyond
+        MAX_OPEN_CLIENTS, the least recently used is closed (a call using it closes its
+        connection when it ends)."""
+        with self._indexes_lock:
+            index = self._indexes.pop(collection, None)
+            if index is None:
+                index = KeywordIndex(self.dirs.path(collection) / KEYWORDS_FILE)
+            self._indexes[collection] = index  # last: the most recently used
+            evicted = [
+                self._indexes.popitem(last=False)[1]
+                for _ in range(len(self._indexes) - MAX_OPEN_CLIENTS)
+            ]
+        for old in evicted:
+            old.close()
+        return index
 
     @contextlib.contextmanager
     def _chroma(self, collection: str, *, create: bool = True) -> Iterator[ClientAPI | None]:

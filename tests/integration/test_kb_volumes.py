@@ -6,11 +6,13 @@ inside `kbs/`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -367,3 +369,49 @@ def test_a_mount_whose_daemon_died_is_mounted_again(stack):
         time.sleep(0.05)
     store = stack.open()
     assert any(SENTENCE in c.text for c in store.chunks(ALICE, "kept"))
+
+
+def test_kept_keyword_connections_let_volumes_unmount_at_delete_and_close(stack):
+    store = stack.open()
+    doomed, kept = _plant(store, "doomed"), _plant(store, "kept")
+    errors: list[BaseException] = []
+
+    def query(name: str) -> None:
+        try:
+            for _ in range(20):
+                assert store.keyword_search(ALICE, name, "heron boathouse", 5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    # Queries of both from threads, while documents go into one: each thread its connection.
+    threads = [threading.Thread(target=query, args=(name,)) for name in ("doomed", "kept") * 2]
+    for thread in threads:
+        thread.start()
+    for n in range(5):
+        store.add_documents(ALICE, "kept", [document(f"more-{n}.txt", [f"{SENTENCE} {n}"])])
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors and not any(thread.is_alive() for thread in threads)
+    doomed_mount, kept_mount = (stack.rag / "kbs" / c for c in (doomed, kept))
+    assert _open_files(doomed_mount) and _open_files(kept_mount)  # kept between queries
+
+    store.delete(ALICE, "doomed")  # its connections closed first: the unmount is not busy
+    assert not is_mounted(doomed_mount) and not (stack.volumes / doomed).exists()
+    assert _open_files(doomed_mount) == []
+    stack.close()
+    assert not is_mounted(kept_mount) and _open_files(kept_mount) == []
+    store = stack.open()
+    found = store.keyword_search(ALICE, "kept", "heron boathouse", 20)
+    assert {chunk.filename for chunk, _ in found} == {"notes.txt"} | {
+        f"more-{n}.txt" for n in range(5)
+    }
+
+
+def _open_files(under: Path) -> list[str]:
+    """The files under `under` that this process has open."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed meanwhile
+            if os.readlink(fd).startswith(f"{under}/"):
+                found.append(os.readlink(fd))
+    return found

@@ -1,5 +1,6 @@
-"""Which knowledge-base directories the settings give, and a gateway that cannot start with data
-at rest encrypted and no key-encryption key, saying why."""
+"""Which knowledge-base directories the settings give, a gateway that cannot start with data
+at rest encrypted and no key-encryption key, saying why, and plain directories looked up once
+while open."""
 
 from __future__ import annotations
 
@@ -42,3 +43,22 @@ def test_the_gateway_refuses_to_start_without_the_key(tmp_path, monkeypatch):
     with pytest.raises(KeySetupError, match=r"data_at_rest.enabled is on, but no key-encryption"):
         KnowledgeService(settings)
     KnowledgeService(_settings(tmp_path, False))  # off: no key needed
+
+
+def test_a_plain_directory_is_looked_up_once_while_open(tmp_path):
+    dirs = KnowledgeBaseDirs(tmp_path)
+    assert dirs.open("kb-abc", create=False) is None
+    path = dirs.open("kb-abc", create=True)
+    assert path == tmp_path / "kbs" / "kb-abc" and path.is_dir()
+    # Open: known to be there, not made or looked up again (a round trip each through FUSE).
+    path.rmdir()
+    assert dirs.open("kb-abc", create=False) == path and not path.exists()
+    dirs.close("kb-abc")
+    assert dirs.open("kb-abc", create=False) is None
+    assert dirs.open("kb-abc", create=True) == path
+    dirs.destroy("kb-abc")
+    assert not path.exists() and dirs.open("kb-abc", create=False) is None
+    dirs.open("kb-abc", create=True)
+    dirs.close_all()
+    path.rmdir()
+    assert dirs.open("kb-abc", create=False) is None

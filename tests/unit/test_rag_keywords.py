@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from contextlib import closing
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from appliance.rag import keywords
 from appliance.rag.chunking import Chunk
 from appliance.rag.keywords import KeywordIndex
+from appliance.rag.sqlite_db import ConnectionPool
 from appliance.rag.store import KEYWORDS_FILE, KnowledgeBaseStore
 
 from tests.unit.rag_corpus import ALICE, MANUAL_V1, document
@@ -238,3 +240,91 @@ def test_the_varint_reader_reads_sqlite_varints():
     assert keywords._varint(bytes([0x05]), 0) == (5, 1)
     assert keywords._varint(bytes([0x81, 0x00, 0x07]), 0) == (128, 2)
     assert keywords._varint(bytes([0xFF] * 8 + [0xAB]), 0) == (2**64 - 1 - 0xFF + 0xAB, 9)
+
+
+def _open_files(under: Path) -> list[str]:
+    """The files under `under` that this process has open (its /proc/self/fd links)."""
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            continue
+        if target.startswith(f"{under}/"):
+            found.append(target)
+    return found
+
+
+def test_threads_query_and_write_on_kept_connections_closed_by_close(tmp_path: Path):
+    index = _index(tmp_path / "kb.sqlite3", ["pump valve"])
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def query() -> None:
+        try:
+            while not stop.is_set():
+                found = index.search("kb", "pump valve", 10, lambda seen: seen)
+                assert found and found[0][0].text.startswith("pump")
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=query) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    try:
+        for n in range(30):
+            chunk = Chunk("", f"pump valve {n}", "f.txt", 0, None, None, None)
+            index.add(f"w{n}", "e", [chunk])
+            if n % 3 == 0:
+                index.drop(f"w{n}")
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(timeout=30)
+    assert not errors and not any(reader.is_alive() for reader in readers)
+    assert _open_files(tmp_path)  # kept for the next query
+    index.close()
+    assert _open_files(tmp_path) == []
+    # Used again after close: connections open again.
+    assert len(index.search("kb", "pump", 50, lambda seen: seen)) == 21
+
+
+def test_a_connection_in_use_at_close_is_closed_when_its_call_ends(tmp_path: Path):
+    pool = ConnectionPool(lambda: sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None))
+    with pool.connection() as idle:
+        pass
+    with pool.connection() as busy:
+        assert busy is idle  # kept, and given again
+        pool.close()
+        assert busy.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(sqlite3.ProgrammingError):
+        busy.execute("SELECT 1")
+    with pool.transaction() as fresh:
+        assert fresh is not busy
+        fresh.execute("CREATE TABLE t (x)")
+    with pytest.raises(ZeroDivisionError), pool.transaction() as db:
+        db.execute("INSERT INTO t VALUES (1)")
+        raise ZeroDivisionError
+    with pool.connection() as db:
+        assert db is not fresh  # given up after an error
+        assert db.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    pool.close()
+
+
+def test_a_deleted_or_closed_knowledge_base_leaves_no_file_open(tmp_path: Path):
+    store = _kb_with_old_manual(tmp_path)
+    store.create(ALICE, "other")
+    store.add_documents(ALICE, "other", [document("a.txt", ["flange bolts"])])
+    for name in ("kb", "other"):
+        assert store.keyword_search(ALICE, name, "flange bolts", 5)
+    kept = store.dirs.path(store.get(ALICE, "kb").collection)
+    gone = store.dirs.path(store.get(ALICE, "other").collection)
+    assert any(path.endswith(KEYWORDS_FILE) for path in _open_files(gone))
+    store.delete(ALICE, "other")
+    assert _open_files(gone) == [] and not gone.exists()
+    assert any(path.endswith(KEYWORDS_FILE) for path in _open_files(kept))
+    store.close()
+    assert [path for path in _open_files(tmp_path) if "sqlite3" in path] == []
+    # The store opens them again.
+    assert _found(store, "flange bolts") == MANUAL_V1
