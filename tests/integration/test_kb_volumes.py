@@ -392,7 +392,7 @@ def test_kept_keyword_connections_let_volumes_unmount_at_delete_and_close(stack)
     for thread in threads:
         thread.join(timeout=60)
     assert not errors and not any(thread.is_alive() for thread in threads)
-    doomed_mount, kept_mount = (stack.rag / "kbs" / c for c in (doomed, kept))
+    doomed_mount, kept_mount = (stack.mounts / c for c in (doomed, kept))
     assert _open_files(doomed_mount) and _open_files(kept_mount)  # kept between queries
 
     store.delete(ALICE, "doomed")  # its connections closed first: the unmount is not busy
