@@ -66,7 +66,7 @@ from benchmarks.common import (
     median,
     percentile,
     print_table,
-    trust_instances,
+    trusting_instances,
     write_result,
 )
 from benchmarks.gateway_overhead import latency, throughput
@@ -202,7 +202,7 @@ def running_node(settings: ApplianceSettings) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(running_local_cluster(settings))
         stack.enter_context(running_store_service(settings, "n1", store_url))
-        trust_instances(settings)  # the store's service has made the internal CA
+        stack.enter_context(trusting_instances(settings))  # the store's service made the CA
         if settings.serving.standby:
             stack.enter_context(running_standby(settings, "n1"))
         yield store_url

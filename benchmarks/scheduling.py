@@ -45,7 +45,7 @@ from benchmarks.common import (
     median,
     percentile,
     print_table,
-    trust_instances,
+    trusting_instances,
     write_result,
 )
 
@@ -79,8 +79,11 @@ def stack(
             catalog={"files": [str(path)], "include_presets": False},
             **sections,
         )
-        with running_local_cluster(settings), running_gateway(settings) as url:
-            trust_instances(settings)
+        with (
+            running_local_cluster(settings),
+            running_gateway(settings) as url,
+            trusting_instances(settings),
+        ):
             yield url, settings
 
 
