@@ -84,7 +84,14 @@ async def run_conversations(
     async def one(topic: str) -> None:
         async with gate:
             for n, messages in enumerate(conversation_turns(topic, turns, lines)):
-                body = {"model": model, "messages": messages, "max_tokens": max_tokens}
+                # An answer that ends before its first token (a small model sampling its end
+                # of text at once) has no time to first token: the run would fail.
+                body = {
+                    "model": model,
+                    "messages": messages,
+                    "max_tokens": max_tokens,
+                    "ignore_eos": True,
+                }
                 _, ttft = await asyncio.to_thread(first_text_chunk, url, body, 400)
                 out.append((n, ttft))
 
