@@ -214,15 +214,20 @@ def _running_service(
 
 
 @contextlib.contextmanager
-def running_gateway(settings: ApplianceSettings, timeout: float = 60.0) -> Iterator[str]:
+def running_gateway(
+    settings: ApplianceSettings, timeout: float = 60.0, keep_instances: bool = False
+) -> Iterator[str]:
     """Run `appliance gateway` as a subprocess; yields its base URL; on exit stops the gateway,
-    then cancels every instance job it started and waits for them to end."""
+    then cancels every instance job it started and waits for them to end, unless
+    `keep_instances`: then they run on, as over a restart of the gateway's service, for the next
+    gateway to adopt (the local cluster's stop still cancels them)."""
     try:
         url = _loopback_url(settings.gateway.port, settings.gateway.tls)
         with _running_service(settings, "gateway", url, timeout) as url:
             yield url
     finally:
-        if not settings.breaker.enabled:  # through the breaker, the cluster side cleans up
+        # Through the breaker, the cluster side cleans up.
+        if not settings.breaker.enabled and not keep_instances:
             cancel_instances(settings)
 
 

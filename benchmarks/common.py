@@ -143,15 +143,30 @@ def tiny_cluster_stack(
             catalog={"files": [str(catalog)], "include_presets": False},
             **sections,
         )
-        with running_local_cluster(settings), running_gateway(settings) as url:
-            trust_instances(settings)
+        with (
+            running_local_cluster(settings),
+            running_gateway(settings) as url,
+            trusting_instances(settings),
+        ):
             yield url, settings
 
 
-def trust_instances(settings: ApplianceSettings) -> None:
-    """Let this benchmark's own clients reach instances directly: they serve HTTPS with
-    certificates of the stack's internal CA (made when its gateway started), and httpx's
-    default verification reads SSL_CERT_FILE. Benchmarks reach gateways over plain HTTP."""
+@contextlib.contextmanager
+def trusting_instances(settings: ApplianceSettings) -> Iterator[None]:
+    """Let this benchmark's own clients reach instances directly while the stack runs: they
+    serve HTTPS with certificates of the stack's internal CA (made when its gateway or store
+    service started), and httpx's default verification reads SSL_CERT_FILE. Put back after:
+    the CA goes with the stack's temporary folder, and every client a later stack makes, even
+    for plain HTTP, would fail to load the missing file. Benchmarks reach gateways over plain
+    HTTP."""
+    before = os.environ.get("SSL_CERT_FILE")
     ca = internal_ca(settings).cert
     if ca.exists():
         os.environ["SSL_CERT_FILE"] = str(ca)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = before

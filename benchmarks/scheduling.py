@@ -18,7 +18,6 @@ Run: .venv/bin/python -m benchmarks.scheduling [--rounds 2]  (about 15 minutes o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import sys
@@ -39,19 +38,18 @@ from appliance_dev.stack import (
     running_gateway,
     running_local_cluster,
 )
+from benchmarks import conversations
 from benchmarks.cold_start import first_token as cold_start_first_token
 from benchmarks.common import (
     TINY,
     median,
     percentile,
     print_table,
-    trust_instances,
+    trusting_instances,
     write_result,
 )
 
 TARGETS = {"second_model_vs_cold_start": "<= 1.2", "prefix_ttft_ratio": "<= 0.8"}
-SYSTEM = "You are the plant assistant. Answer briefly and cite the document. " * 2
-TOPICS = ["pump", "valve", "boiler", "conveyor", "press", "chiller", "mixer", "kiln"]
 
 
 # -- stacks -----------------------------------------------------------------------------------
@@ -81,8 +79,11 @@ def stack(
             catalog={"files": [str(path)], "include_presets": False},
             **sections,
         )
-        with running_local_cluster(settings), running_gateway(settings) as url:
-            trust_instances(settings)
+        with (
+            running_local_cluster(settings),
+            running_gateway(settings) as url,
+            trusting_instances(settings),
+        ):
             yield url, settings
 
 
@@ -143,63 +144,7 @@ def second_model(rounds: int) -> dict:
     }
 
 
-# -- prefix-aware routing -----------------------------------------------------------------------
-
-
-def document(topic: str) -> str:
-    """A conversation's own long context (~250 tokens of the tiny model's tokenizer)."""
-    lines = [
-        f"Maintenance log of the {topic} in hall {i % 4}: part {topic[:2].upper()}-{4400 + i} "
-        f"checked, seal replaced after {3 + i % 5} months."
-        for i in range(7)
-    ]
-    return "\n".join(lines)
-
-
-def conversation_turns(topic: str, turns: int) -> list[list[dict]]:
-    """The message lists of each turn of one conversation (answers are fixed text, as a client
-    would send back what it got)."""
-    messages = [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"{document(topic)}\n\nWhen was the {topic} seal replaced?"},
-    ]
-    out = [list(messages)]
-    for n in range(1, turns):
-        messages += [
-            {"role": "assistant", "content": f"It was replaced in month {n}."},
-            {"role": "user", "content": f"And part number {n}?"},
-        ]
-        out.append(list(messages))
-    return out
-
-
-def prefix_metrics(url: str) -> tuple[float, float]:
-    """(hits, queries) of vLLM's prefix cache, summed over the gateway's instances."""
-    hits = queries = 0.0
-    for inst in instances(url):
-        text = httpx.get(inst["url"] + "/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith("vllm:prefix_cache_hits"):
-                hits += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("vllm:prefix_cache_queries"):
-                queries += float(line.rsplit(" ", 1)[1])
-    return hits, queries
-
-
-async def run_conversations(url: str, turns: int, concurrency: int) -> list[tuple[int, float]]:
-    """Every conversation's turns in order, `concurrency` conversations at a time; (turn,
-    seconds to first token) of each request."""
-    gate = asyncio.Semaphore(concurrency)
-    out: list[tuple[int, float]] = []
-
-    async def one(topic: str) -> None:
-        async with gate:
-            for n, messages in enumerate(conversation_turns(topic, turns)):
-                body = {"model": "tiny-chat", "messages": messages, "max_tokens": 8}
-                out.append((n, await asyncio.to_thread(first_token, url, body)))
-
-    await asyncio.gather(*(one(t) for t in TOPICS))
-    return out
+# -- prefix-aware routing (the workload: benchmarks/conversations.py) ---------------------------
 
 
 def prefix_round(policy: str, turns: int) -> dict:
@@ -212,48 +157,28 @@ def prefix_round(policy: str, turns: int) -> dict:
             300,
             "two ready instances",
         )
-        before = prefix_metrics(url)
-        timings = asyncio.run(run_conversations(url, turns, concurrency=4))
-        after = prefix_metrics(url)
-    hits, queries = after[0] - before[0], after[1] - before[1]
-    return {
-        "policy": policy,
-        "ttft_s": [round(t, 4) for _, t in timings],
-        "ttft_later_turns_s": [round(t, 4) for n, t in timings if n > 0],
-        "prefix_cache_hit_rate": round(hits / queries, 4) if queries else None,
-    }
+        return conversations.measure_round(
+            url,
+            lambda: [i["url"] for i in instances(url)],
+            policy,
+            "tiny-chat",
+            conversations.TOPICS,
+            turns,
+            concurrency=4,
+        )
 
 
 def prefix_routing(rounds: int, turns: int) -> dict:
     runs = []
     for i in range(rounds):
-        order = ("least_loaded", "prefix_affinity")
-        for policy in order if i % 2 == 0 else reversed(order):
+        for policy in conversations.policy_order(i):
             run = prefix_round(policy, turns)
             runs.append(run)
             p50 = percentile(run["ttft_s"], 50)
             print(f"prefix {policy}: ttft p50 {p50:.3f} s, hits {run['prefix_cache_hit_rate']}")
-    by = {p: [r for r in runs if r["policy"] == p] for p in ("least_loaded", "prefix_affinity")}
-
-    def p50(policy: str, key: str) -> float:
-        return percentile([t for r in by[policy] for t in r[key]], 50)
-
-    def hit_rate(policy: str) -> float | None:
-        rates = [r["prefix_cache_hit_rate"] for r in by[policy] if r["prefix_cache_hit_rate"]]
-        return round(median(rates), 4) if rates else None
-
     return {
-        "prefix_ttft_ratio": round(
-            p50("prefix_affinity", "ttft_s") / p50("least_loaded", "ttft_s"), 3
-        ),
-        "prefix_ttft_ratio_later_turns": round(
-            p50("prefix_affinity", "ttft_later_turns_s")
-            / p50("least_loaded", "ttft_later_turns_s"),
-            3,
-        ),
-        "ttft_p50_s": {p: round(p50(p, "ttft_s"), 4) for p in by},
-        "prefix_cache_hit_rate": {p: hit_rate(p) for p in by},
-        "conversations": len(TOPICS),
+        **conversations.summarize(runs),
+        "conversations": len(conversations.TOPICS),
         "turns": turns,
         "runs": runs,
     }
