@@ -169,7 +169,7 @@ def unwrap_data_key(kek: KeyEncryptionKey, wrapped: dict[str, Any], context: byt
         raise KeyWrapError("malformed key wrap: it needs kek_id, nonce and wrapped") from None
     if kek_id != kek.key_id:
         raise WrongKey(
-            f"this model's data key is wrapped by key {kek_id}, not by the key given ({kek.key_id})"
+            f"this data key is wrapped by key {kek_id}, not by the key given ({kek.key_id})"
         )
     try:
         nonce, sealed = bytes.fromhex(nonce_hex), bytes.fromhex(wrapped_hex)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from appliance.errors import ApplianceError
 from appliance.security.aesgcm import AesGcm, AuthenticationFailed, address_of
-from appliance.security.keys import KeyEncryptionKey, rewrap_data_key, unwrap_data_key
+from appliance.security.keys import KeyEncryptionKey, WrongKey, rewrap_data_key, unwrap_data_key
 from appliance.security.policy import PolicyRefused, SignedPolicy, check_policy
 from appliance.store.format import (
     DATA_FILE,
@@ -107,7 +107,10 @@ class StoredModel:
                 )
             if header.key_wrap is None:
                 raise StoreIntegrityError(f"model {header.model_id} has no wrapped data key")
-            data_key = unwrap_data_key(kek, header.key_wrap, key_context(header.model_id))
+            try:
+                data_key = unwrap_data_key(kek, header.key_wrap, key_context(header.model_id))
+            except WrongKey as exc:
+                raise WrongKey(f"model {header.model_id}: {exc}") from None
             cipher = AesGcm(data_key)
             try:
                 raw_index = cipher.decrypt(
