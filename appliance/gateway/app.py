@@ -31,7 +31,7 @@ from appliance.monitoring.requests import RequestMetrics
 from appliance.monitoring.sources import gateway_sources
 from appliance.monitoring.vllm_metrics import Target
 from appliance.security import node_tls
-from appliance.security.audit import AuditLog
+from appliance.security.audit import AuditLog, audit_log
 from appliance.security.quotas import Quotas
 from appliance.serving.access import cluster_access
 from appliance.serving.manager import InstanceManager
@@ -123,7 +123,7 @@ def create_app(
         manager = InstanceManager(settings, catalog, cluster_access(settings, slurm, client))
         await manager.start()
         requests = RequestMetrics()
-        audit = AuditLog(settings.audit_dir)
+        audit = audit_log(settings)
         auth = Authenticator(
             settings.api_keys_file, settings.users_file, settings.gateway, settings.identity
         )
