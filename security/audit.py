@@ -98,12 +98,23 @@ class AuditLog:
         if not self.key_path.exists():
             with contextlib.suppress(SecretFileError):  # another process made it first
                 write_secret_file(self.key_path, secrets.token_bytes(KEY_BYTES))
+                self._keep_owner(self.key_path)
         return read_secret_file(self.key_path, size=KEY_BYTES, what="audit key")
 
     def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the log's lock (the gateway and the CLI both append): no entry is appended
         meanwhile, so a copy of the log and of its head agree (appliance/backup)."""
         return flocked(self.directory / ".lock")
+
+    def _keep_owner(self, *paths: Path) -> None:
+        # Root's CLI appends to the log of services that run as their own account: what it
+        # creates or replaces stays that account's (the folder's), or their next entry fails.
+        if os.geteuid() != 0:
+            return
+        folder = self.directory.stat()
+        for path in paths:
+            if path.stat().st_uid != folder.st_uid:
+                os.chown(path, folder.st_uid, folder.st_gid)
 
     def _head(self) -> tuple[int, str]:
         try:
@@ -147,6 +158,7 @@ class AuditLog:
             tmp = self.head_path.with_suffix(".tmp")
             tmp.write_text(head)
             os.chmod(tmp, 0o600)
+            self._keep_owner(tmp, self.path)
             os.replace(tmp, self.head_path)
         return entry
 

@@ -397,6 +397,9 @@ def test_root_backs_up_a_volume_the_service_account_holds_open(top, outsider):
     assert "conversations" in made.stdout and "training" in made.stdout, made.stdout
     assert backup.stat().st_uid == 0
     assert volume(settings).mounted()  # still the services'
+    # Root's audit entry for it leaves the log the services append to theirs.
+    audit = [settings.audit_dir / name for name in ("audit.log", "audit.head", "audit.key")]
+    assert {path.stat().st_uid for path in audit} == {account.pw_uid}
     assert _grep(backup, settings.state_dir, Path("/tmp")) == []
 
     # A restore needs the key; with it, the user content is there, in a volume of its own.

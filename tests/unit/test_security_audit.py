@@ -4,6 +4,7 @@ without the key) is found and named by line."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
@@ -103,4 +104,17 @@ def test_without_a_sealed_folder_the_details_are_entries_like_the_others(tmp_pat
     log = AuditLog(tmp_path / "audit")
     entry = log.append("alice", "prompt", "tiny", sealed={"prompt": "hello"})
     assert entry["detail"] == {"prompt": "hello"}
+    assert log.verify().ok
+
+
+def test_root_appending_keeps_the_files_of_the_folders_account(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root appends to another account's log")
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    os.chown(folder, 65534, 65534)  # as the services' account holds it
+    log = AuditLog(folder)
+    log.append("cli:root", "backup", "/srv/b")
+    log.append("cli:root", "user_add", "bob")
+    assert {p.stat().st_uid for p in (log.path, log.head_path, log.key_path)} == {65534}
     assert log.verify().ok
