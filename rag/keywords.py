@@ -113,6 +113,24 @@ class KeywordIndex:
         with closing(self._connect(create=True)) as db:
             db.executescript(_SCHEMA)
 
+    def hold(self) -> sqlite3.Connection | None:
+        """A connection to keep open while the index is in use (None when there is no index):
+        SQLite deletes the write-ahead log and its shared-memory file when the last connection
+        closes, and the next connection must make them again, which a full disk refuses even
+        to a query (`disk I/O error`). May be closed from any thread."""
+        if not self.exists():
+            return None
+        try:
+            db = self._connect(check_same_thread=False)
+        except sqlite3.Error:  # a disk full already: the index's own calls will say so
+            return None
+        try:
+            db.execute("SELECT rows FROM size").fetchall()
+        except sqlite3.Error:
+            db.close()
+            return None
+        return db
+
     def add(self, version: str, document_id: str, chunks: Iterable[Chunk]) -> None:
         """Index the chunks of a document version in one transaction (ids as in Chroma)."""
         self.add_many((version, document_id, chunk) for chunk in chunks)
@@ -191,13 +209,19 @@ class KeywordIndex:
     def _transaction(self):
         return write_transaction(self._connect)
 
-    def _connect(self, *, create: bool = False) -> sqlite3.Connection:
+    def _connect(
+        self, *, create: bool = False, check_same_thread: bool = True
+    ) -> sqlite3.Connection:
         # A connection per call, as the registry does: cheap, and safe across threads and
         # processes. WAL lets queries read while a document is being indexed. Only `create`
         # makes the file: a missing index must stay missing until it is built from Chroma.
         mode = "rwc" if create else "rw"
         db = sqlite3.connect(
-            f"{self.path.as_uri()}?mode={mode}", timeout=30, isolation_level=None, uri=True
+            f"{self.path.as_uri()}?mode={mode}",
+            timeout=30,
+            isolation_level=None,
+            uri=True,
+            check_same_thread=check_same_thread,
         )
         db.execute("PRAGMA journal_mode = WAL")
         # FULL like the registry: rows of a version the registry made current survive power loss.

@@ -128,6 +128,7 @@ class Registry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._held: sqlite3.Connection | None = None
         with closing(self._connect()) as db:
             db.executescript(_SCHEMA)
         with self._transaction() as db:
@@ -138,6 +139,19 @@ class Registry:
             if not db.execute("SELECT 1 FROM meta WHERE key = ?", (_NAMESPACED,)).fetchone():
                 _namespace_names(db)
             add_source_hashes(db)
+
+    def hold_files(self) -> None:
+        """Keep a connection open until close(): SQLite deletes the write-ahead log and its
+        index when the last connection closes, and the next connection must create them again,
+        which a full disk refuses, even to a read (`disk I/O error`)."""
+        if self._held is None:
+            self._held = self._connect(check_same_thread=False)
+            self._held.execute("SELECT 1 FROM meta").fetchall()
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def knowledge_base(self, kb_id: str) -> KnowledgeBase | None:
         with closing(self._connect()) as db:
@@ -325,10 +339,12 @@ class Registry:
     def _transaction(self):
         return write_transaction(self._connect)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, check_same_thread: bool = True) -> sqlite3.Connection:
         # A connection per call: cheap, and safe across threads and processes. autocommit off
         # (isolation_level=None) so transactions are exactly the BEGIN/COMMIT above.
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=check_same_thread
+        )
         db.execute("PRAGMA journal_mode = WAL")
         # FULL: a committed version flip survives a power cut, not only a process crash.
         db.execute("PRAGMA synchronous = FULL")

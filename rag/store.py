@@ -23,6 +23,7 @@ import hashlib
 import logging
 import re
 import secrets
+import sqlite3
 import threading
 import uuid
 from collections import Counter
@@ -74,6 +75,21 @@ class IngestResult:
     chunks: int
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """A knowledge base this store has open: its embedded Chroma client, and a connection to
+    its keyword index held meanwhile, which keeps that index readable on a full disk (see
+    KeywordIndex.hold)."""
+
+    client: ClientAPI
+    keywords: sqlite3.Connection | None
+
+    def close(self) -> None:
+        if self.keywords is not None:
+            self.keywords.close()
+        self.client.close()
+
+
 def document_id(filename: str) -> str:
     """The id of a document in its knowledge base: the same file name is the same document."""
     return hashlib.sha256(filename.encode()).hexdigest()[:32]
@@ -102,10 +118,11 @@ class KnowledgeBaseStore:
         self.root = root
         self.dirs = dirs or KnowledgeBaseDirs(root)
         self._registry = Registry(root / "registry.sqlite3")
+        self._registry.hold_files()  # so that reads go on when the disk fills
         # Embedded Chroma: one client per knowledge base, opened at its first use. A server:
         # one client for all.
         self._server = _chroma_server(self.settings)
-        self._clients: dict[str, ClientAPI] = {}  # least recently used first
+        self._clients: dict[str, _Opened] = {}  # least recently used first
         self._users: Counter[str] = Counter()
         self._clients_lock = threading.Lock()
         self.collect_garbage()
@@ -116,9 +133,10 @@ class KnowledgeBaseStore:
         one is unmounted). The store opens them again if used after."""
         with self._clients_lock:
             clients, self._clients = self._clients, {}
-        for client in clients.values():
-            client.close()
+        for opened in clients.values():
+            opened.close()
         self.dirs.close_all()
+        self._registry.close()
 
     # Knowledge bases
 
@@ -150,9 +168,10 @@ class KnowledgeBaseStore:
         # that the registry does not know, so the other order could lose a new one.
         with self._writing():
             self._registry.add_knowledge_base(kb)
+            # The keyword index first: opening the collection holds a connection to it.
+            self._keywords(kb.collection).create()
             with self._open_collection(kb):
                 pass
-            self._keywords(kb.collection).create()
         return kb
 
     def knowledge_bases(self, principal: Principal) -> list[KnowledgeBase]:
@@ -429,9 +448,9 @@ class KnowledgeBaseStore:
         from chromadb.errors import NotFoundError
 
         with self._clients_lock:
-            client = self._clients.pop(collection, None)
-        if client is not None:
-            client.close()
+            opened = self._clients.pop(collection, None)
+        if opened is not None:
+            opened.close()
         if self._server is not None:
             # NotFoundError: another process's garbage collection deleted it meanwhile.
             with contextlib.suppress(NotFoundError):
@@ -454,13 +473,14 @@ class KnowledgeBaseStore:
             yield None if path is None else self._server
             return
         with self._clients_lock:
-            client = self._clients.pop(collection, None)
-            if client is None:
-                client = embedded_chroma(path / CHROMA_DIR)
-            self._clients[collection] = client  # last: the most recently used
+            opened = self._clients.pop(collection, None)
+            if opened is None:
+                keywords = KeywordIndex(path / KEYWORDS_FILE).hold()
+                opened = _Opened(embedded_chroma(path / CHROMA_DIR), keywords)
+            self._clients[collection] = opened  # last: the most recently used
             self._users[collection] += 1
         try:
-            yield client
+            yield opened.client
         finally:
             with self._clients_lock:
                 self._users[collection] -= 1
