@@ -186,7 +186,9 @@ class AuditLog:
                 "`runuser -u <security.service_user> -- appliance audit ...`"
             ) from None
         except FileNotFoundError:
-            if not os.path.ismount(self.sealed_path.parent.parent):
+            # The folder is made with the first entry: none at all is a data volume closed
+            # (its mount point empty); the folder without the file is a file removed.
+            if not self.sealed_path.parent.is_dir():
                 raise AuditError(
                     "the details recorded in the encrypted data volume (prompts) cannot be read: "
                     "the volume is sealed; `appliance data open` opens it (the services open it "
@@ -289,5 +291,8 @@ def _append_line(path: Path, line: str) -> None:
 
 
 def audit_log(settings: ApplianceSettings) -> AuditLog:
-    """The appliance's audit log, its sealed details in the data volume when there is one."""
-    return AuditLog(settings.audit_dir, settings.layout.sealed_audit)
+    """The appliance's audit log, its sealed details in the data volume when there is one (or
+    where an unencrypted state restored them from a backup of an encrypted one)."""
+    layout = settings.layout
+    sealed = layout.sealed_audit if layout.encrypted or layout.sealed_audit.is_dir() else None
+    return AuditLog(settings.audit_dir, sealed)

@@ -88,11 +88,7 @@ def backup_parts(settings: ApplianceSettings, with_models: bool = False) -> list
         Part("keys", keys, "dir"),  # API keys and sign-in sessions, users, secrets
         Part("audit", settings.audit_dir, "dir", lock=audit.locked, skip=_named(".lock")),
         # Its sealed details (in the data volume), after it: a superset of what it names.
-        *(
-            [Part("sealed-audit", layout.sealed_audit, "dir", lock=audit.locked)]
-            if layout.sealed_audit is not None
-            else []
-        ),
+        Part("sealed-audit", layout.sealed_audit, "dir", lock=audit.locked),
         Part(
             "rag",
             settings.rag_dir,

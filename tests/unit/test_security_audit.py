@@ -92,8 +92,12 @@ def test_sealed_details_stay_out_of_the_chain_but_are_covered_by_it(tmp_path):
     result = log.verify()
     assert not result.ok and result.line == 2 and "altered or removed" in result.problem
 
-    # Unreachable (the volume closed: its mount point empty), the command says why.
     path.unlink()
+    result = log.verify()
+    assert not result.ok and result.line == 2 and "altered or removed" in result.problem
+
+    # Unreachable (the volume closed: its mount point empty), the command says why.
+    sealed.rmdir()
     with pytest.raises(AuditError, match=r"2 entries is intact.*sealed; `appliance data open`"):
         log.verify()
     with pytest.raises(AuditError, match="`appliance data open`"):
