@@ -61,7 +61,10 @@ def _write(
                 parts = [_preloaded(p) if p.kind == "file" else p for p in parts]
 
                 def archived() -> bytes:
-                    return _archive(out, source, with_models, parts, reader.scratch).to_bytes()
+                    try:
+                        return _archive(out, source, with_models, parts, reader.scratch).to_bytes()
+                    except OSError as exc:  # said as this process would say it
+                        raise BackupError(f"backup not written: {_os_reason(exc, dest)}") from None
 
                 home = settings.layout.service_home
                 manifest = Manifest.from_bytes(in_account(reader.account, home, archived))
