@@ -260,6 +260,14 @@ class StateLayout:
         return self.root / "audit"
 
     @property
+    def sealed_audit(self) -> Path:
+        """Where the audit log keeps the details no entry may hold in plaintext (recorded
+        prompts) while the user content is encrypted: inside the data volume. The chain itself
+        stays at `audit`, where root's CLI appends while the service account holds the volume.
+        Unencrypted, a state has them only from a restored backup of an encrypted one."""
+        return self.data / "audit" if self.encrypted else self.root / "audit-sealed"
+
+    @property
     def usage_db(self) -> Path:
         """Tokens and requests per user and key per day (quotas survive a restart)."""
         return self.root / "usage" / "usage.sqlite3"

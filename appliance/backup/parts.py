@@ -43,6 +43,8 @@ class Part:
     lock: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     skip: Callable[[Path], bool] = lambda relative: False
     grafts: Callable[[], dict[str, Path]] = dict
+    # A file's bytes, read beforehand (by root, for a backup the service account writes).
+    data: bytes | None = None
 
     def files(self) -> Iterator[tuple[str, Path]]:
         """(name in the backup, path) of each regular file, sorted; links are not followed."""
@@ -91,6 +93,8 @@ def backup_parts(settings: ApplianceSettings, with_models: bool = False) -> list
     parts = [
         Part("keys", keys, "dir"),  # API keys and sign-in sessions, users, secrets
         Part("audit", settings.audit_dir, "dir", lock=audit.locked, skip=_named(".lock")),
+        # Its sealed details (in the data volume), after it: a superset of what it names.
+        Part("sealed-audit", layout.sealed_audit, "dir", lock=audit.locked),
         Part(
             "rag",
             settings.rag_dir,

@@ -4,20 +4,24 @@ the online backup API, everything streamed as tar through the encrypted archive.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import io
 import os
 import sqlite3
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance import __version__
 from appliance.backup.archive import ArchiveWriter, BackupError, KeySource
 from appliance.backup.manifest import MANIFEST_NAME, FileEntry, HashingReader, Manifest
 from appliance.backup.parts import Part, backup_parts, is_sqlite
-from appliance.backup.user_data import readable_user_data
+from appliance.backup.user_data import Reader, readable_user_data
 from appliance.config import ApplianceSettings
 from appliance.security.data_volume import as_found
+from appliance.security.privileges import in_account
 
 
 def write_backup(
@@ -31,8 +35,8 @@ def write_backup(
     # Encrypted at rest, the user content is there to copy only while its volume is open (a
     # state not sealed yet is copied as the unencrypted state it still is).
     settings = as_found(settings)
-    with readable_user_data(settings, source) as scratch_root:
-        return _write(settings, dest, source, with_models, scratch_root)
+    with readable_user_data(settings, source) as reader:
+        return _write(settings, dest, source, with_models, reader)
 
 
 def _write(
@@ -40,35 +44,30 @@ def _write(
     dest: Path,
     source: KeySource,
     with_models: bool,
-    scratch_root: Path,
+    reader: Reader,
 ) -> Manifest:
-    parts = [part for part in backup_parts(settings, with_models) if part.path.exists()]
+    parts = backup_parts(settings, with_models)
     partial = dest.with_name(f".{dest.name}.partial")
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()
-    contents = {
-        "parts": [part.name for part in parts],
-        "with_models": with_models,
-        "appliance_version": __version__,
-    }
     fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
-        # SQLite snapshots hold plaintext (documents, usage) until they are in the archive:
-        # they wait in a private folder of the state directory (inside the data volume when
-        # the user data is encrypted at rest), not in a shared /tmp.
-        with (
-            open(fd, "wb") as out,
-            tempfile.TemporaryDirectory(prefix=".backup-", dir=scratch_root) as scratch,
-        ):
-            writer = ArchiveWriter(out, source, contents)
-            files: list[FileEntry] = []
-            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for part in parts:
-                    files += _add_part(tar, part, Path(scratch))
-                manifest = Manifest({part.name: part.kind for part in parts}, files)
-                _add_bytes(tar, MANIFEST_NAME, manifest.to_bytes())
-            writer.close()
-            out.flush()
+        with open(fd, "wb") as out:
+            if reader.account is None:
+                manifest = _archive(out, source, with_models, parts, reader.scratch)
+            else:
+                # Read by the service account, into the file this process (root) opened; the
+                # files it may not read (a root-only configuration) are read here first.
+                parts = [_preloaded(p) if p.kind == "file" else p for p in parts]
+
+                def archived() -> bytes:
+                    try:
+                        return _archive(out, source, with_models, parts, reader.scratch).to_bytes()
+                    except OSError as exc:  # said as this process would say it
+                        raise BackupError(f"backup not written: {_os_reason(exc, dest)}") from None
+
+                home = settings.layout.service_home
+                manifest = Manifest.from_bytes(in_account(reader.account, home, archived))
             os.fsync(out.fileno())
         os.replace(partial, dest)
     except BaseException as exc:
@@ -80,11 +79,45 @@ def _write(
     return manifest
 
 
+def _archive(
+    out: BinaryIO, source: KeySource, with_models: bool, parts: list[Part], scratch_root: Path
+) -> Manifest:
+    """The archive of the `parts` there are, written to `out` (flushed); its manifest."""
+    parts = [part for part in parts if part.data is not None or part.path.exists()]
+    contents = {
+        "parts": [part.name for part in parts],
+        "with_models": with_models,
+        "appliance_version": __version__,
+    }
+    # SQLite snapshots hold plaintext (documents, usage) until they are in the archive: they
+    # wait in a private folder of the state directory (inside the data volume when the user
+    # data is encrypted at rest), not in a shared /tmp.
+    with tempfile.TemporaryDirectory(prefix=".backup-", dir=scratch_root) as scratch:
+        writer = ArchiveWriter(out, source, contents)
+        files: list[FileEntry] = []
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for part in parts:
+                files += _add_part(tar, part, Path(scratch))
+            manifest = Manifest({part.name: part.kind for part in parts}, files)
+            _add_bytes(tar, MANIFEST_NAME, manifest.to_bytes())
+        writer.close()
+        out.flush()
+    return manifest
+
+
+def _preloaded(part: Part) -> Part:
+    data = part.path.read_bytes() if part.path.is_file() else None
+    return dataclasses.replace(part, data=data)
+
+
 def _os_reason(exc: OSError, default: Path) -> str:
     return f"{exc.filename or default}: {exc.strerror or exc}"
 
 
 def _add_part(tar: tarfile.TarFile, part: Part, scratch: Path) -> list[FileEntry]:
+    if part.data is not None:
+        _add_bytes(tar, part.name, part.data)
+        return [FileEntry(part.name, len(part.data), hashlib.sha256(part.data).hexdigest())]
     entries = []
     with part.lock():
         for name, path in part.files():

@@ -35,6 +35,7 @@ def record(ctx: CliContext, action: str, target: str = "", **detail) -> None:
     # Imported when the command runs: `appliance` starts without loading the stack.
     from appliance.security.audit import AuditLog
 
+    # The chain only (never the data volume): root's CLI appends while the services hold it.
     AuditLog(ctx.settings.audit_dir).append(cli_actor(), action, target, **detail)
 
 
@@ -49,9 +50,9 @@ def verify(ctx: CliContext) -> None:
     """Check every entry and the chain; exit status 1 names the first altered, removed,
     inserted or reordered entry."""
     # Imported when the command runs: `appliance` starts without loading the stack.
-    from appliance.security.audit import AuditLog
+    from appliance.security.audit import audit_log
 
-    result = AuditLog(ctx.settings.audit_dir).verify()
+    result = audit_log(ctx.settings).verify()
     if result.ok:
         click.echo(f"audit log intact: {result.entries} entries")
         return
@@ -66,9 +67,9 @@ def verify(ctx: CliContext) -> None:
 def show(ctx: CliContext, lines: int, as_json: bool) -> None:
     """Print the last entries."""
     # Imported when the command runs: `appliance` starts without loading the stack.
-    from appliance.security.audit import AuditLog
+    from appliance.security.audit import audit_log
 
-    for entry in AuditLog(ctx.settings.audit_dir).entries()[-lines:]:
+    for entry in audit_log(ctx.settings).entries()[-lines:]:
         if as_json:
             click.echo(json.dumps(entry))
         else:

@@ -56,7 +56,9 @@ def gateway(ctx: CliContext, host: str | None, port: int | None, log_level: str)
         host=host or settings.gateway.host,
         port=port or settings.gateway.port,
         log_level=log_level,
-        access_log=log_level == "debug",
+        # Never with the user content encrypted at rest: request paths name knowledge bases,
+        # documents (a deletion's file name) and conversations, and the log is plaintext.
+        access_log=log_level == "debug" and not settings.security.data_at_rest.enabled,
         # X-Forwarded-For is believed from the configured proxies only (uvicorn's default
         # trusts any local process, which could then choose the client the audit log names).
         proxy_headers=bool(settings.gateway.trusted_proxies),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from dataclasses import dataclass
 
 import aiohttp
@@ -14,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.config import ApplianceSettings
+from appliance.errors import disk_full
 from appliance.gateway import account, admin_accounts, fine_tuning, monitoring_api
 from appliance.gateway.auth import Authenticator, administrator
 from appliance.gateway.body_limit import BodyLimit
@@ -31,7 +33,7 @@ from appliance.monitoring.requests import RequestMetrics
 from appliance.monitoring.sources import gateway_sources
 from appliance.monitoring.vllm_metrics import Target
 from appliance.security import node_tls
-from appliance.security.audit import AuditLog
+from appliance.security.audit import AuditLog, audit_log
 from appliance.security.quotas import Quotas
 from appliance.serving.access import cluster_access
 from appliance.serving.manager import InstanceManager
@@ -99,6 +101,12 @@ async def _flush_refusals(refusals: Refusals) -> None:
         await asyncio.to_thread(refusals.flush)
 
 
+STORAGE_FULL = (
+    "the appliance's storage is full: nothing was saved (what was stored before is kept); "
+    "an administrator must free space"
+)
+
+
 def create_app(
     settings: ApplianceSettings,
     catalog: Catalog | None = None,
@@ -123,7 +131,7 @@ def create_app(
         manager = InstanceManager(settings, catalog, cluster_access(settings, slurm, client))
         await manager.start()
         requests = RequestMetrics()
-        audit = AuditLog(settings.audit_dir)
+        audit = audit_log(settings)
         auth = Authenticator(
             settings.api_keys_file, settings.users_file, settings.gateway, settings.identity
         )
@@ -198,6 +206,17 @@ def create_app(
     async def request_error(request: Request, exc: RequestError):
         note(request, exc)
         return exc.response()
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def storage_error(request: Request, exc: Exception):
+        # A full disk refuses the write, which the stores undo (an atomic replace, a SQLite
+        # transaction): the client is told, and nothing is lost. Anything else stays a 500.
+        if not disk_full(exc):
+            raise exc
+        # Neither path nor file named: they may name a user's conversation or document.
+        log.warning("a %s request was refused: the disk is full", request.method)
+        return await request_error(request, RequestError(507, STORAGE_FULL, type="server_error"))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):

@@ -66,7 +66,10 @@ async def observed(
     except QuotaExceeded as exc:
         return quota_error(exc).response()
     if gw.settings.security.audit_prompts and prompt is not None:
-        await audit(request, who.user, "prompt", model, endpoint=endpoint, prompt=prompt)
+        # With the user content encrypted at rest, the prompt goes into the data volume
+        # (security/audit.py: sealed details), not into the plaintext chain.
+        sealed = {"prompt": prompt}
+        await audit(request, who.user, "prompt", model, endpoint=endpoint, sealed=sealed)
     record = RequestRecord(_request_id(request), who.user, model, endpoint, time.time(), stream)
     gw.requests.start(record)
     watcher = RequestWatcher(gw.requests, record)

@@ -116,7 +116,7 @@ def render_instance_script(
         options.append(("--tensor-parallel-size", str(spec.resources.gpus)))
     parts = [f"{q(str(serving.python))} -m appliance.serving.launch"]
     parts += [flag if value is None else f"{flag} {q(value)}" for flag, value in options]
-    extra = [*spec.vllm_args, *serving.extra_vllm_args]
+    extra = without_content_logs(settings, [*spec.vllm_args, *serving.extra_vllm_args])
     if spec.lora:
         extra = [
             "--enable-lora",
@@ -134,6 +134,23 @@ def render_instance_script(
 
 
 log = logging.getLogger(__name__)
+# vLLM's flags that put prompts (at DEBUG) and answers (at INFO) into the instance's log.
+CONTENT_LOG_FLAGS = ("--enable-log-requests", "--enable-log-outputs")
+
+
+def without_content_logs(settings: ApplianceSettings, args: list[str]) -> list[str]:
+    """`args` without the flags that log prompts or answers while the user content is encrypted
+    at rest: the instances' logs lie outside the data volume, in plaintext."""
+    if not settings.security.data_at_rest.enabled:
+        return args
+    dropped = [a for a in args if a.split("=", 1)[0] in CONTENT_LOG_FLAGS]
+    if dropped:
+        log.warning(
+            "vLLM arguments %s left out: they log prompts or answers, which "
+            "security.data_at_rest keeps out of the plaintext logs",
+            " ".join(dropped),
+        )
+    return [a for a in args if a not in dropped]
 
 
 class ModelNotInstalled(ApplianceError):

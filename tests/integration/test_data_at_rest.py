@@ -1,7 +1,8 @@
 """User data encrypted at rest (security.data_at_rest), with real gocryptfs, Chroma and SQLite:
 sentences planted through the real stores (a knowledge base's documents and chunks, a
-conversation, a fine-tuning dataset, an upload, a scratch file) are found nowhere on disk, by
-another local account while the volume is open, nor by root once it is closed; the services
+conversation, a fine-tuning dataset, an upload, a scratch file; a chat prompt through the real
+gateway with security.audit_prompts on) are found nowhere on disk, by another local account
+while the volume is open, nor by root once it is closed; the services
 refuse to start, saying why, under a policy that fails; plaintext from before is sealed in."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import openai
 import pytest
 import yaml
 from appliance.security.data_volume import (
@@ -28,13 +30,16 @@ from appliance.security.data_volume import (
     volume,
 )
 from appliance.security.gocryptfs import EncryptedVolume, is_mounted
-from appliance.security.privileges import hand_over
+from appliance.security.privileges import hand_over, in_account
 
+from appliance.cli.data import open_for_service
 from appliance.cli.main import main as cli
 from appliance.config import load_settings
 from appliance.state_version import SCHEMA_VERSION, write_record
 from appliance.store.keyring import init_keys
+from appliance_dev.stack import running_gateway, write_config
 from tests.local_accounts import as_outsider, reachable, system_account
+from tests.slurm_fixtures import stack_settings, tiny_catalog
 
 # Joined at run time: neither this file nor its bytecode holds the sentence whole, so a checkout
 # under /tmp is not a false find.
@@ -61,13 +66,15 @@ PLANT = textwrap.dedent(
     settings = load_settings(sys.argv[1])
     open_for_service(settings)
     who = Principal("alice", frozenset())
-    # As the gateway keeps them: each knowledge base in a volume of its own, inside the data one.
-    dirs = knowledge_base_dirs(settings, data_at_rest_kek(settings))
-    store = KnowledgeBaseStore(settings.rag_dir, settings.rag, None, dirs)
-    kb = store.create(who, "plant")
-    documents, errors = parse_many([(f"# Notes\\n\\n{secret}.\\n".encode(), "notes.md")])
-    assert not errors, errors
-    store.add_documents(who, kb.id, documents)
+    if sys.argv[3] == "with-kb":
+        # As the gateway keeps them: each knowledge base in a volume of its own, inside the
+        # data one.
+        dirs = knowledge_base_dirs(settings, data_at_rest_kek(settings))
+        store = KnowledgeBaseStore(settings.rag_dir, settings.rag, None, dirs)
+        kb = store.create(who, "plant")
+        documents, errors = parse_many([(f"# Notes\\n\\n{secret}.\\n".encode(), "notes.md")])
+        assert not errors, errors
+        store.add_documents(who, kb.id, documents)
     conversation = {"title": "t", "messages": [{"role": "user", "content": secret}]}
     ConversationStore(settings.conversations_dir).put("alice", "c1", conversation)
     messages = [{"role": "user", "content": secret}, {"role": "assistant", "content": "ok"}]
@@ -149,10 +156,10 @@ FIND_IN_KNOWLEDGE_BASES = textwrap.dedent(
 )
 
 
-def _plant(config: Path) -> Path:
+def _plant(config: Path, knowledge_base: bool = True) -> Path:
     """Plant SECRET through the real stores (PLANT); the scratch file it left."""
     planted = subprocess.run(
-        [sys.executable, "-c", PLANT, str(config), SECRET],
+        [sys.executable, "-c", PLANT, str(config), SECRET, "with-kb" if knowledge_base else ""],
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
@@ -341,6 +348,81 @@ def test_closing_unmounts_the_knowledge_bases_volumes_first(state):
             kb.unmount()
 
 
+@pytest.mark.slurm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_recorded_prompt_is_sealed_in_the_volume(slurm_cluster, tiny_model_dir, top):
+    security = {"data_at_rest": {"enabled": True}, "audit_prompts": True}
+    settings = stack_settings(
+        slurm_cluster, top / "stack", tiny_catalog(tiny_model_dir), security=security
+    )
+    config = write_config(settings, top / "stack.yaml")  # `top` closes its volume at the end
+    init_keys(settings)
+    write_record(settings.state_dir, SCHEMA_VERSION)
+    assert cli(["--config", str(config), "data", "init"]) == 0
+    with running_gateway(settings) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
+        answer = client.chat.completions.create(
+            model="tiny-chat", messages=[{"role": "user", "content": SECRET}], max_tokens=8
+        )
+        assert answer.choices[0].message.content
+    # Nowhere but in the data volume: not the audit chain, the instance's log, usage, the
+    # endpoint files.
+    assert _grep(settings.state_dir, exclude=settings.layout.data) == []
+    assert _grep(Path("/tmp")) == []
+    # Recorded there; the chain outside it holds the prompt's salted digest.
+    assert _grep(settings.layout.data) == [str(settings.layout.sealed_audit / "details.jsonl")]
+    shown = _appliance(config, "audit", "show", "--json")
+    assert shown.returncode == 0 and SECRET in shown.stdout, shown.stderr
+    assert _appliance(config, "audit", "verify").returncode == 0
+
+    assert close_volume(settings)
+    assert _grep(settings.state_dir) == []
+    sealed = _appliance(config, "audit", "verify")
+    assert sealed.returncode == 2 and "appliance data open" in sealed.stderr, sealed.stderr
+    assert "Traceback" not in sealed.stderr
+
+
+def test_root_backs_up_a_volume_the_service_account_holds_open(top, outsider):
+    account = system_account(SERVICE_ACCOUNT)
+    config = _config(top, "held", service_user=account.pw_name)
+    settings = load_settings(config)
+    init_keys(settings)
+    write_record(settings.state_dir, SCHEMA_VERSION)
+    assert cli(["--config", str(config), "data", "init"]) == 0
+    _plant(config)
+    assert _appliance(config, "data", "close").returncode == 0
+    # As a running appliance holds it: the state the account's, the volume mounted by it.
+    hand_over(settings, account)
+    in_account(account.pw_name, top, lambda: open_for_service(settings) or b"")
+    assert volume(settings).mounted()
+    with pytest.raises(PermissionError):
+        (settings.layout.data / ".").stat()
+
+    # Root backs it up: read by the account, written by root, sealed with the key.
+    backup = top / "held.backup"
+    made = _appliance(config, "backup", str(backup))
+    assert made.returncode == 0, made.stderr
+    assert "conversations" in made.stdout and "training" in made.stdout, made.stdout
+    assert backup.stat().st_uid == 0
+    assert volume(settings).mounted()  # still the services'
+    # Root's audit entry for it leaves the log the services append to theirs.
+    audit = [settings.audit_dir / name for name in ("audit.log", "audit.head", "audit.key")]
+    assert {path.stat().st_uid for path in audit} == {account.pw_uid}
+    assert _grep(backup, settings.state_dir, Path("/tmp")) == []
+
+    # A restore needs the key; with it, the user content is there, in a volume of its own.
+    new = _config(top, "restored-held")
+    without = _appliance(new, "restore", str(backup), "--key-file", str(top / "no.key"))
+    assert without.returncode == 2 and "key" in without.stderr, without.stderr
+    restored = _appliance(new, "restore", str(backup), "--key-file", str(settings.kek_file))
+    assert restored.returncode == 0, restored.stderr
+    fresh = load_settings(new)
+    assert _grep(fresh.state_dir) == []
+    assert _appliance(new, "data", "open").returncode == 0
+    assert _grep(fresh.conversations_dir) and _grep(fresh.training_dir)
+
+
 def test_the_service_account_mounts_knowledge_bases_while_the_data_volume_is_open(top):
     """As the installed services run: the data volume and each knowledge base's volume mounted
     by the (non-root) service account; fusermount3 runs as root, which the data volume's mount
@@ -358,7 +440,7 @@ def test_the_service_account_mounts_knowledge_bases_while_the_data_volume_is_ope
     def as_account(script: str) -> str:
         argv = ["env", f"HOME={settings.layout.service_home}", sys.executable, "-c", script]
         done = subprocess.run(
-            ["runuser", "-u", SERVICE_ACCOUNT, "--", *argv, str(config), SECRET],
+            ["runuser", "-u", SERVICE_ACCOUNT, "--", *argv, str(config), SECRET, "with-kb"],
             capture_output=True,
             text=True,
             timeout=TIMEOUT_S,

@@ -136,3 +136,15 @@ def test_lora_model_script_golden(tmp_path):
     check_golden("instance-lora.sbatch", script)
     adapter = ModelSpec(name="chat-8b-ft-x", source="store:chat-8b-ft-x", base_model="chat-8b")
     assert adapter.serving_model == "chat-8b" and base.serving_model == "chat-8b"
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_flags_that_log_prompts_are_left_out_while_data_is_encrypted_at_rest(encrypted):
+    logging = ["--enable-log-requests", "--enable-log-outputs"]
+    s = settings(
+        serving={"extra_vllm_args": [*logging, "--seed", "1"]},
+        security={"data_at_rest": {"enabled": encrypted}},
+    )
+    script = render_instance_script(s, TINY, plan_request(TINY, s, 0), Path("/models/tiny-chat"))
+    assert "--seed 1" in script
+    assert all((flag in script) != encrypted for flag in logging)

@@ -4,10 +4,11 @@ without the key) is found and named by line."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
-from appliance.security.audit import AuditLog
+from appliance.security.audit import AuditError, AuditLog
 
 
 @pytest.fixture
@@ -71,3 +72,53 @@ def test_a_chain_forged_without_the_key_does_not_verify(log, tmp_path):
 def test_appends_continue_the_chain(log):
     log.append("root", "policy_change", "tiny-chat", policy={"users": ["alice"]})
     assert log.verify().ok and log.verify().entries == 6
+
+
+def test_sealed_details_stay_out_of_the_chain_but_are_covered_by_it(tmp_path):
+    sealed = tmp_path / "data" / "audit"  # as in the data volume
+    log = AuditLog(tmp_path / "audit", sealed)
+    log.append("alice", "sign_in", "password")
+    prompt = [{"role": "user", "content": "where the spare key is"}]
+    entry = log.append("alice", "prompt", "tiny", endpoint="chat", sealed={"prompt": prompt})
+    assert "spare key" not in log.path.read_text()
+    assert "spare key" in (sealed / "details.jsonl").read_text()
+    assert set(entry["detail"]) == {"endpoint", "sealed"}
+    assert log.verify().ok
+    assert log.entries()[1]["detail"]["prompt"] == prompt
+
+    # An altered sealed detail breaks the entry that holds its digest.
+    path = sealed / "details.jsonl"
+    path.write_text(path.read_text().replace("spare key", "other key"))
+    result = log.verify()
+    assert not result.ok and result.line == 2 and "altered or removed" in result.problem
+
+    path.unlink()
+    result = log.verify()
+    assert not result.ok and result.line == 2 and "altered or removed" in result.problem
+
+    # Unreachable (the volume closed: its mount point empty), the command says why.
+    sealed.rmdir()
+    with pytest.raises(AuditError, match=r"2 entries is intact.*sealed; `appliance data open`"):
+        log.verify()
+    with pytest.raises(AuditError, match="`appliance data open`"):
+        log.entries()
+
+
+def test_without_a_sealed_folder_the_details_are_entries_like_the_others(tmp_path):
+    log = AuditLog(tmp_path / "audit")
+    entry = log.append("alice", "prompt", "tiny", sealed={"prompt": "hello"})
+    assert entry["detail"] == {"prompt": "hello"}
+    assert log.verify().ok
+
+
+def test_root_appending_keeps_the_files_of_the_folders_account(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root appends to another account's log")
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    os.chown(folder, 65534, 65534)  # as the services' account holds it
+    log = AuditLog(folder)
+    log.append("cli:root", "backup", "/srv/b")
+    log.append("cli:root", "user_add", "bob")
+    assert {p.stat().st_uid for p in (log.path, log.head_path, log.key_path)} == {65534}
+    assert log.verify().ok
