@@ -61,8 +61,7 @@ def test_wrong_key_is_named(kek):
     with pytest.raises(WrongKey) as err:
         unwrap_data_key(other, wrapped, CTX)
     assert str(err.value) == (
-        f"this data key is wrapped by key {kek.key_id}, "
-        f"not by the key given ({other.key_id})"
+        f"this data key is wrapped by key {kek.key_id}, not by the key given ({other.key_id})"
     )
     assert isinstance(err.value, ApplianceError)
 
