@@ -368,7 +368,7 @@ def test_a_recorded_prompt_is_sealed_in_the_volume(slurm_cluster, tiny_model_dir
         assert answer.choices[0].message.content
     # Nowhere but in the data volume: not the audit chain, the instance's log, usage, the
     # endpoint files.
-    assert _grep(settings.state_dir, exclude=settings.layout.data) == []
+    assert _grep(settings.state_dir, exclude=(settings.layout.data,)) == []
     assert _grep(Path("/tmp")) == []
     # Recorded there; the chain outside it holds the prompt's salted digest.
     assert _grep(settings.layout.data) == [str(settings.layout.sealed_audit / "details.jsonl")]
