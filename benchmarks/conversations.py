@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 
@@ -67,55 +68,51 @@ def prefix_metrics(instance_urls: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
-async def run_conversations(
-    url: str,
-    model: str,
-    names: list[str],
-    turns: int,
-    concurrency: int,
-    lines: int = 7,
-    max_tokens: int = 8,
-) -> list[tuple[int, float]]:
+@dataclass(frozen=True)
+class Workload:
+    """Conversations to run: one per name (its own document), `turns` each, `concurrency` at a
+    time; documents of `lines` lines, answers of `max_tokens`."""
+
+    model: str
+    names: list[str]
+    turns: int
+    concurrency: int
+    lines: int = 7
+    max_tokens: int = 8
+
+
+async def run_conversations(url: str, workload: Workload) -> list[tuple[int, float]]:
     """Every conversation's turns in order, `concurrency` conversations at a time; (turn,
     seconds to first token) of each request."""
-    gate = asyncio.Semaphore(concurrency)
+    gate = asyncio.Semaphore(workload.concurrency)
     out: list[tuple[int, float]] = []
 
     async def one(topic: str) -> None:
         async with gate:
-            for n, messages in enumerate(conversation_turns(topic, turns, lines)):
+            turns = conversation_turns(topic, workload.turns, workload.lines)
+            for n, messages in enumerate(turns):
                 # An answer that ends before its first token (a small model sampling its end
                 # of text at once) has no time to first token: the run would fail.
                 body = {
-                    "model": model,
+                    "model": workload.model,
                     "messages": messages,
-                    "max_tokens": max_tokens,
+                    "max_tokens": workload.max_tokens,
                     "ignore_eos": True,
                 }
                 _, ttft = await asyncio.to_thread(first_text_chunk, url, body, 400)
                 out.append((n, ttft))
 
-    await asyncio.gather(*(one(t) for t in names))
+    await asyncio.gather(*(one(t) for t in workload.names))
     return out
 
 
 def measure_round(
-    url: str,
-    instance_urls: Callable[[], list[str]],
-    policy: str,
-    model: str,
-    names: list[str],
-    turns: int,
-    concurrency: int,
-    lines: int = 7,
-    max_tokens: int = 8,
+    url: str, instance_urls: Callable[[], list[str]], policy: str, workload: Workload
 ) -> dict:
     """One round of the conversations through the gateway at `url`, which routes by `policy`;
     the prefix-cache hit rate is over this round's queries alone."""
     before = prefix_metrics(instance_urls())
-    timings = asyncio.run(
-        run_conversations(url, model, names, turns, concurrency, lines, max_tokens)
-    )
+    timings = asyncio.run(run_conversations(url, workload))
     after = prefix_metrics(instance_urls())
     hits, queries = after[0] - before[0], after[1] - before[1]
     return {

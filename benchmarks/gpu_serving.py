@@ -675,10 +675,7 @@ def part_prefix(args, results: dict) -> None:
                         if not runs:
                             start_pair(url, model, keep, lines)
                         ready = wait_ready(url, model, 2)
-                        run = conversations.measure_round(
-                            url,
-                            lambda ready=ready: [inst["url"] for inst in ready],
-                            policy,
+                        workload = conversations.Workload(
                             model,
                             # Documents of their own in each run: the instances keep their
                             # prefix cache from one run to the next.
@@ -687,6 +684,12 @@ def part_prefix(args, results: dict) -> None:
                             args.concurrency,
                             lines,
                             PREFIX_ANSWER_TOKENS,
+                        )
+                        run = conversations.measure_round(
+                            url,
+                            lambda ready=ready: [inst["url"] for inst in ready],
+                            policy,
+                            workload,
                         )
                     runs.append(run)
                     p50 = percentile(run["ttft_s"], 50)
@@ -709,11 +712,8 @@ def start_pair(url: str, model: str, keep: Callable[[int], None], lines: int) ->
     keep(2)
     for inst in wait_ready(url, model, 2):
         names = conversations.topics(2, f"~warm-{inst['job_id']}/")
-        asyncio.run(
-            conversations.run_conversations(
-                inst["url"], model, names, 2, 2, lines, PREFIX_ANSWER_TOKENS
-            )
-        )
+        warm = conversations.Workload(model, names, 2, 2, lines, PREFIX_ANSWER_TOKENS)
+        asyncio.run(conversations.run_conversations(inst["url"], warm))
 
 
 def prefix_figures(prefix: dict) -> dict:

@@ -161,10 +161,7 @@ def prefix_round(policy: str, turns: int) -> dict:
             url,
             lambda: [i["url"] for i in instances(url)],
             policy,
-            "tiny-chat",
-            conversations.TOPICS,
-            turns,
-            concurrency=4,
+            conversations.Workload("tiny-chat", conversations.TOPICS, turns, concurrency=4),
         )
 
 
