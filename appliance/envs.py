@@ -26,6 +26,17 @@ OFFLINE_ENV: dict[str, str] = {
 }
 
 
+# Set for every GPU process the stack starts (instance jobs, the benchmarks' own vLLM): NVLink
+# multicast (NVLS) off in NCCL, PyTorch and NVSHMEM. On a host whose GPUs are shared or
+# virtualised, a program that uses it can put the host's GPUs out of service for a day or more;
+# tensor parallelism runs without it (NCCL's ring and tree, vLLM's own all-reduce).
+NVLINK_MULTICAST_OFF: dict[str, str] = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
 def gradio_environment(upload_dir: os.PathLike[str] | str) -> dict[str, str]:
     """What the web app sets before importing gradio: offline, and uploads in `upload_dir`
     (gradio's GRADIO_TEMP_DIR) rather than /tmp/gradio."""

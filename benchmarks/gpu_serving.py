@@ -47,6 +47,7 @@ from pathlib import Path
 
 import httpx
 
+from appliance import envs
 from appliance.config import ApplianceSettings
 from appliance.model_builders.shaped import SHAPES, build_shaped_model
 from appliance.models.catalog import add_local_model, load_catalog
@@ -383,7 +384,7 @@ def direct_vllm(
         str(port),
         *args,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    env = {**os.environ, **envs.OFFLINE_ENV, **envs.NVLINK_MULTICAST_OFF}
     env.update(extra_env)
     if not cuda_available():
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"

@@ -10,6 +10,7 @@ import logging
 import shlex
 from pathlib import Path
 
+from appliance import envs
 from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
@@ -84,6 +85,11 @@ def render_instance_script(
         "# Recorded first, so the gateway can split queueing from process start-up.",
         "export APPLIANCE_JOB_STARTED_AT=$(date +%s.%N)",
     ]
+    if request.uses_gpu:
+        lines += [
+            "# NVLink multicast off: on a host whose GPUs are shared it can take them all down.",
+            "export " + " ".join(f"{k}={v}" for k, v in envs.NVLINK_MULTICAST_OFF.items()),
+        ]
     serving = settings.serving
     # (flag, value) pairs, one per line of the script, so an operator can read it at a glance.
     options: list[tuple[str, str | None]] = [

@@ -237,7 +237,11 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
         # Parameters plus whatever the load staged: 1.0 would be the model alone.
         ratio = torch.cuda.max_memory_allocated(device) / stored.data_bytes
         peak = f"; load_peak_gpu_bytes_over_model={ratio:.3f}"
-    if shards is not None:
+    if shards is not None:  # on GPUs only
+        # Over the rank's own parameters (its shard): what its GPU holds whatever loads them.
+        own = sum(p.numel() * p.element_size() for p in model.parameters())
+        over_shard = torch.cuda.max_memory_allocated(device) / own
+        peak += f"; load_peak_gpu_bytes_over_shard={over_shard:.3f}"
         read = read_bytes(stored, plan_windows(stored, DEFAULT_WINDOW_BYTES, shards))
         peak += (
             f"; tensor-parallel rank {shards.rank} of {shards.world} read "

@@ -7,8 +7,9 @@
 #   benchmarks/gpu/remote.sh run CMD...                      CMD with that environment, e.g.
 #       benchmarks/gpu/remote.sh run python3 -m pytest -m gpu tests/integration
 #       benchmarks/gpu/remote.sh run python3 -m benchmarks.gpu_serving setup
-#   benchmarks/gpu/remote.sh collect DIR                     the benchmark's results and logs
-#                                                            into DIR (the call's $OUT)
+#   benchmarks/gpu/remote.sh collect DIR [WORK]              the benchmark's results and logs
+#                                                            into DIR (the call's $OUT); WORK:
+#                                                            its work folder (/tmp/gpu-serving)
 #
 # Everything goes under /tmp: the wheels in /tmp/site (pip --target, PYTHONPATH), Slurm unpacked
 # in /tmp/slurm (never into /), the benchmark's work in /tmp/gpu-serving.
@@ -101,10 +102,12 @@ subpackages() {
 
 collect() {
   # After every part: the lease can end before the next call, and /tmp goes with it.
-  local work=/tmp/gpu-serving
+  local work=${2:-/tmp/gpu-serving} r
   mkdir -p "$1"
-  [ -f "$work/results.json" ] && cp "$work/results.json" "$1/"
-  [ -f "$repo/benchmarks/results/gpu_serving.json" ] && cp "$repo/benchmarks/results/gpu_serving.json" "$1/"
+  for r in results setup; do [ -f "$work/$r.json" ] && cp "$work/$r.json" "$1/"; done
+  for r in gpu_serving multi_gpu; do
+    [ -f "$repo/benchmarks/results/$r.json" ] && cp "$repo/benchmarks/results/$r.json" "$1/"
+  done
   (cd "$work" && tar -czf "$1/logs.tar.gz" --ignore-failed-read logs state/logs state/*.log) || true
   ls -la "$1"
 }
@@ -114,7 +117,7 @@ case "${1:-}" in
   install) install ;;
   subpackages) subpackages ;;
   check) check ;;
-  collect) collect "$2" ;;
+  collect) collect "$2" "${3:-}" ;;
   run) shift; . "$ENV_FILE"; cd "$repo"; exec "$@" ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -59,6 +59,20 @@ def test_instance_script_golden(spec, gpus, golden):
     check_golden(golden, render_instance_script(s, spec, req, Path(f"/models/{spec.name}")))
 
 
+def test_gpu_instances_run_with_nvlink_multicast_off():
+    # A tensor-parallel or shard instance: NCCL must not use NVLink multicast (docs/gpu.md).
+    for spec, gpus in ((BIG, 8), (SMALL_GPU, 2)):
+        script = render_instance_script(
+            settings(), spec, plan_request(spec, settings(), gpus), Path("/models/m")
+        )
+        assert "export NCCL_NVLS_ENABLE=0 " in script
+        assert script.index("NCCL_NVLS_ENABLE") < script.index("exec ")
+    cpu = render_instance_script(
+        settings(), TINY, plan_request(TINY, settings(), 0), Path("/models/m")
+    )
+    assert "NCCL_NVLS_ENABLE" not in cpu
+
+
 def test_small_model_shares_gpu_with_matching_memory_fraction():
     req = plan_request(SMALL_GPU, settings(), cluster_gpus=1)
     assert req.gres == "shard:1"  # 16 of 80 GB, 4 shards per GPU
