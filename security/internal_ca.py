@@ -21,6 +21,9 @@ from appliance.file_lock import flocked
 
 CA_VALID_DAYS = 3650  # the CA outlives many node certificates; reissue nodes, not the CA
 NODE_VALID_DAYS = 825
+# A node certificate this close to its end is issued again wherever the CA's key is at hand (the
+# installer, or a service starting on the CA's host); elsewhere it is used until it ends.
+RENEW_BEFORE_DAYS = 30
 # Every node certificate also names the loopback: a node's own probes (the launcher's health
 # check) reach its servers there.
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
@@ -86,15 +89,20 @@ class InternalCa:
 
     def issue(self, node: str, names: list[str] | tuple[str, ...] = ()) -> bool:
         """Give `node` a certificate for its name, `names` (addresses) and the loopback, unless
-        it has one; whether one was issued. Needs the CA's key (the installer's, or this host's
-        on a single host)."""
+        it has one that is not near its end (RENEW_BEFORE_DAYS); whether one was issued. Needs
+        the CA's key (the installer's, or this host's on a single host)."""
         with flocked(self.root / ".lock"):
-            if self.node_cert(node).exists() and self.node_key(node).exists():
+            ends = self._ends(node)
+            now = dt.datetime.now(dt.UTC)
+            if ends is not None and ends - now > dt.timedelta(days=RENEW_BEFORE_DAYS):
                 return False
             if not self.key.exists():
+                if ends is not None and ends > now:
+                    return False  # renewed where the CA's key is: the installer
+                what = f"the certificate ended {ends:%Y-%m-%d}" if ends else "no certificate"
                 raise InternalCaError(
-                    f"no certificate for node {node} in {self.root / 'nodes'}, and the internal "
-                    "CA's key is not on this host to issue one (run the installer for this node)"
+                    f"{what} for node {node} in {self.root / 'nodes'}, and the internal CA's key "
+                    "is not on this host to issue one (run the installer for this node)"
                 )
             ca_key = serialization.load_pem_private_key(self.key.read_bytes(), None)
             ca_cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
@@ -114,6 +122,16 @@ class InternalCa:
                 stale.unlink(missing_ok=True)  # half a pair (a crash between the writes)
             write_pair(self.node_cert(node), self.node_key(node), cert, key)
             return True
+
+    def _ends(self, node: str) -> dt.datetime | None:
+        """When the node's certificate ends; None without a whole, readable pair."""
+        if not (self.node_cert(node).exists() and self.node_key(node).exists()):
+            return None
+        try:
+            cert = x509.load_pem_x509_certificate(self.node_cert(node).read_bytes())
+        except ValueError:
+            return None  # damaged: issued again
+        return cert.not_valid_after_utc
 
     def node_files(self, node: str) -> tuple[Path, Path]:
         """The node's certificate and key, issued first where the CA's key is at hand."""

@@ -102,6 +102,38 @@ def test_node_without_certificate_and_no_ca_key(tmp_path):
         ca.node_files("n9")
 
 
+def test_a_certificate_near_its_end_is_issued_again_where_the_ca_key_is(tmp_path, monkeypatch):
+    import appliance.security.internal_ca as internal_ca
+
+    ca = InternalCa(tmp_path / "tls")
+    ca.ensure()
+    monkeypatch.setattr(internal_ca, "NODE_VALID_DAYS", internal_ca.RENEW_BEFORE_DAYS - 1)
+    assert ca.issue("n1")
+    first = ca.node_cert("n1").read_bytes()
+    monkeypatch.undo()
+    assert ca.issue("n1")  # near its end: a new one
+    renewed = ca.node_cert("n1").read_bytes()
+    assert renewed != first
+    assert not ca.issue("n1")  # a fresh one is kept
+    assert ca.node_cert("n1").read_bytes() == renewed
+
+
+def test_a_worker_uses_its_certificate_until_it_ends(tmp_path, monkeypatch):
+    import appliance.security.internal_ca as internal_ca
+
+    ca = InternalCa(tmp_path / "tls")
+    ca.ensure()
+    monkeypatch.setattr(internal_ca, "NODE_VALID_DAYS", 1)
+    ca.issue("n2")
+    monkeypatch.setattr(internal_ca, "NODE_VALID_DAYS", 0)  # ends as it is made
+    ca.issue("n3")
+    ca.key.unlink()  # a worker: no CA key to renew them with
+    # Near its end, still used; ended, refused saying what to do.
+    assert ca.node_files("n2") == (ca.node_cert("n2"), ca.node_key("n2"))
+    with pytest.raises(InternalCaError, match=r"the certificate ended .*run the installer"):
+        ca.node_files("n3")
+
+
 def test_plain_http_to_another_host_refused(tmp_path):
     settings = ApplianceSettings(state_dir=tmp_path)
     check_transport(settings, "http://127.0.0.1:8000", "instance 1")
