@@ -23,7 +23,7 @@ from appliance.gateway.forward import Forwarder
 from appliance.gateway.knowledge import KnowledgeService
 from appliance.gateway.knowledge import router as knowledge_router
 from appliance.gateway.oidc_bearer import OidcBearer
-from appliance.gateway.protocol import RequestError
+from appliance.gateway.protocol import RequestError, storage_full
 from appliance.gateway.refusals import Refusals, note
 from appliance.gateway.routes import admin_api, api, router
 from appliance.models.catalog import Catalog, load_catalog
@@ -99,12 +99,6 @@ async def _flush_refusals(refusals: Refusals) -> None:
     while True:
         await asyncio.sleep(REFUSALS_FLUSH_S)
         await asyncio.to_thread(refusals.flush)
-
-
-STORAGE_FULL = (
-    "the appliance's storage is full: nothing was saved (what was stored before is kept); "
-    "an administrator must free space"
-)
 
 
 def create_app(
@@ -216,7 +210,7 @@ def create_app(
             raise exc
         # Neither path nor file named: they may name a user's conversation or document.
         log.warning("a %s request was refused: the disk is full", request.method)
-        return await request_error(request, RequestError(507, STORAGE_FULL, type="server_error"))
+        return await request_error(request, storage_full())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,16 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from appliance.config import ApplianceSettings
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, disk_full
 from appliance.gateway.audit_events import audit
 from appliance.gateway.auth import authenticated, principal
 from appliance.gateway.json_body import json_model, validated
 from appliance.gateway.metering import MeteredEmbedder, knowledge_quota
-from appliance.gateway.protocol import RequestError
+from appliance.gateway.protocol import RequestError, storage_full
 from appliance.rag.errors import AccessDenied, KnowledgeBaseNotFound
 from appliance.rag.kb_dirs import knowledge_base_dirs
 from appliance.security.api_keys import Principal
+from appliance.security.gocryptfs import VolumeError
 from appliance.store.keyring import data_at_rest_kek
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(knowledge_quota)])
 Who = Annotated[Principal, Depends(authenticated)]
@@ -121,6 +125,18 @@ class KnowledgeService:
 
 
 def _request_error(exc: ApplianceError) -> RequestError:
+    if disk_full(exc):
+        return storage_full()
+    if isinstance(exc, VolumeError):
+        # The server's storage failed, not the request: the details (paths) go to the log.
+        log.error("a knowledge base's encrypted volume failed: %s", exc)
+        return RequestError(
+            503,
+            "the knowledge base's encrypted storage could not be opened; an administrator can "
+            "see why in the gateway's log",
+            type="server_error",
+            code="storage_unavailable",
+        )
     if isinstance(exc, KnowledgeBaseNotFound):
         return RequestError(404, str(exc), code="knowledge_base_not_found")
     if isinstance(exc, AccessDenied):

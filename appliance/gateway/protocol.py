@@ -56,6 +56,17 @@ def server_error(message: str, code: str = "instance_failed", status: int = 502)
     return RequestError(status, message, type="server_error", code=code)
 
 
+def storage_full() -> RequestError:
+    """A 507: a write refused for want of space, which the stores undid (nothing lost)."""
+    return RequestError(
+        507,
+        "the appliance's storage is full: nothing was saved (what was stored before is kept); "
+        "an administrator must free space",
+        type="server_error",
+        code="storage_full",
+    )
+
+
 def try_again_later(message: str, code: str, retry_after_s: int) -> RequestError:
     """A 429 that tells the client when to come back (Retry-After, seconds)."""
     return RequestError(
