@@ -53,6 +53,9 @@ class ServiceManager:
 
     def _units(self, standby_nodes: list[str]) -> list[str]:
         units = ["appliance-cluster"] if self.settings.cluster.mode == "local" else []
+        # Every GPU node of this host runs its store service, standby or not: the gateway places
+        # instances by what it holds, and its host tier feeds the node's loaders.
+        units += [store_unit(node) for node in self.settings.serving.standby_nodes]
         units += [standby_unit(node) for node in standby_nodes]
         return [*units, "appliance-gateway", "appliance-webapp"] if self.gateway else units
 
@@ -151,6 +154,11 @@ class ServiceManager:
 def standby_unit(node: str) -> str:
     """The systemd unit of a node's warm standby (an instance of appliance-standby@.service)."""
     return f"appliance-standby@{node}"
+
+
+def store_unit(node: str) -> str:
+    """The systemd unit of a node's store service (an instance of appliance-store@.service)."""
+    return f"appliance-store@{node}"
 
 
 def _answers(url: str, settings: ApplianceSettings) -> bool:

@@ -82,7 +82,16 @@ class Supervisor:
         self.settings = settings
         base = [sys.executable, "-m", "appliance.cli.main", "--config", str(config_file)]
         standby_nodes = settings.serving.standby_nodes if settings.serving.standby else []
+        # Each GPU node's store service runs whether or not its standby does (ServiceManager).
         self.children = [
+            Child(
+                f"store-{node}",
+                [*base, "store", "serve", "--node", node],
+                log_file=settings.log_dir / f"store-{node}.log",
+            )
+            for node in settings.serving.standby_nodes
+        ]
+        self.children += [
             Child(
                 f"standby-{node}",
                 [*base, "standby", "serve", "--node", node],

@@ -77,6 +77,11 @@ def render_config(plan: Plan) -> str:
         serving["standby_nodes"] = list(p.standby_nodes)
     if serving:
         sections["serving"] = serving
+    if p.host_cache_gib:
+        # Each GPU node's store service keeps models in host memory for cold starts (sized in
+        # installer/profile.py, host_tier_gib). Its default address, https://<node address>:
+        # <service_port>, is right for every profile: the local cluster's one node is 127.0.0.1.
+        sections["store"] = {"host_cache_gib": p.host_cache_gib}
     lines = [HEADER.format(what=f"profile {p.name}").rstrip()]
     lines.append(f"state_dir: {_yaml_scalar(layout.state)}")
     for section, values in sections.items():
@@ -128,19 +133,26 @@ def render_units(plan: Plan) -> dict[str, str]:
     elif p.name == "head":
         after = "slurmctld.service"
     if p.standby_nodes:
-        # One per GPU node of this host (`systemctl enable appliance-standby@n1`), started after
-        # the node's slurmd, as the instance jobs it serves are.
+        # One of each per GPU node of this host (`systemctl enable appliance-standby@n1`),
+        # started after the node's slurmd, as the instance jobs they serve are.
         node_unit = after if p.local_cluster else "slurmd.service"
-        units["appliance-standby@.service"] = (
-            f"{header}[Unit]\nDescription=appliance: warm standby of Slurm node %i "
-            "(vLLM imported, forks instance servers)\n"
-            f"After={node_unit}\n\n"
-            f"[Service]\nExecStart={command} standby serve --node %i\n"
-            "Restart=on-failure\nRestartSec=5\n"
+        units["appliance-standby@.service"] = _node_unit(
+            header,
+            "warm standby of Slurm node %i (vLLM imported, forks instance servers)",
+            node_unit,
+            f"{command} standby serve --node %i",
             # The servers it forked belong to instance jobs and end with them: stopping or
             # restarting the standby leaves them running.
-            "KillMode=process\nTimeoutStopSec=60\n\n"
-            "[Install]\nWantedBy=multi-user.target\n"
+            "KillMode=process\n",
+        )
+        units["appliance-store@.service"] = _node_unit(
+            header,
+            "store service of Slurm node %i (what it holds, its host-memory tier)",
+            node_unit,
+            f"{command} store serve --node %i",
+            # The host tier locks its models in memory (mlock): the limit outlives the drop to
+            # the service account, which could not raise it.
+            "LimitMEMLOCK=infinity\n",
         )
     if p.services:
         for name, what in (("gateway", "OpenAI-compatible gateway"), ("webapp", "web app")):
@@ -153,6 +165,16 @@ def render_units(plan: Plan) -> dict[str, str]:
                 "[Install]\nWantedBy=multi-user.target\n"
             )
     return units
+
+
+def _node_unit(header: str, description: str, after: str, command: str, extra: str) -> str:
+    """A templated unit of one Slurm node's service (%i: the node's name)."""
+    return (
+        f"{header}[Unit]\nDescription=appliance: {description}\nAfter={after}\n\n"
+        f"[Service]\nExecStart={command}\nRestart=on-failure\nRestartSec=5\n"
+        f"{extra}TimeoutStopSec=60\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
 
 
 def render_cluster_slurm_conf(plan: Plan) -> str:

@@ -150,10 +150,19 @@ def _services(plan_mode: str, profile: Profile, layout: InstallLayout) -> list[t
         if profile.name == "head":
             services.append(("slurmctld", f"Debian's unit, {layout.slurm_etc}/slurm.conf"))
         services.append(("slurmd", "dynamic node (-Z), configuration from the head"))
-    services += [
-        (f"appliance-standby@{node}", f"warm standby of node {node}: vLLM imported, forks servers")
-        for node in profile.standby_nodes
-    ]
+    tier = (
+        f"{profile.host_cache_gib} GiB host-memory tier"
+        if profile.host_cache_gib
+        else "no host tier"
+    )
+    for node in profile.standby_nodes:
+        services += [
+            (f"appliance-store@{node}", f"store service of node {node}: its models, {tier}"),
+            (
+                f"appliance-standby@{node}",
+                f"warm standby of node {node}: vLLM imported, forks servers",
+            ),
+        ]
     if profile.services:
         services += [("appliance-gateway", "OpenAI API"), ("appliance-webapp", "web app")]
     if plan_mode == "systemd":

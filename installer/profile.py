@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -18,6 +19,15 @@ PRESETS_FILE = Path(str(files("appliance.models") / "presets.json"))
 TINY = "tiny-chat"
 # Share of a GPU's memory vLLM may use (its --gpu-memory-utilization default).
 GPU_MEMORY_UTILIZATION = 0.9
+# The host-memory tier of a GPU node (store.host_cache_gib): decrypted models in locked host
+# memory, so a cold start copies them to the GPU at PCIe speed instead of reading and decrypting
+# them (the cold starts in docs/benchmarks.md were measured with it). A quarter of the host's
+# memory leaves the rest to the instances' processes and the page cache; at least one 8B model
+# in bf16 (llama-3.1-8b-instruct, 16.1 GB), the size the GPU profiles propose; none on a host
+# below 64 GB, where locking that much would starve the instances.
+HOST_TIER_SHARE = 0.25
+HOST_TIER_MIN_MODEL_GB = 16.1
+HOST_TIER_MIN_HOST_GB = 64
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,10 @@ class Profile:
     models on GPUs, where Python's start and vLLM's imports are half of a cold start."""
     standby_nodes: tuple[str, ...] = ()
     """This host's Slurm nodes that serve models on its GPUs, each with a warm standby
-    (serving.standby_nodes; the unit appliance-standby@<node>)."""
+    (serving.standby_nodes; the unit appliance-standby@<node>) and a store service (the unit
+    appliance-store@<node>)."""
+    host_cache_gib: int = 0
+    """Host-memory tier of each of those nodes' store service (store.host_cache_gib; 0: off)."""
 
 
 def choose_profile(hw: Hardware, options: Options) -> Profile:
@@ -62,6 +75,7 @@ def choose_profile(hw: Hardware, options: Options) -> Profile:
             # The head's gateway writes every instance's job script, the workers' too.
             standby=bool(hw.gpus) or any(w.gpus for w in options.workers),
             standby_nodes=own_node,
+            host_cache_gib=host_tier_gib(hw.memory_gb) if own_node else 0,
         )
     if options.role == "worker":
         return Profile(
@@ -74,6 +88,7 @@ def choose_profile(hw: Hardware, options: Options) -> Profile:
             services=False,
             standby=bool(hw.gpus),
             standby_nodes=own_node,
+            host_cache_gib=host_tier_gib(hw.memory_gb) if own_node else 0,
         )
     if hw.gpus:
         return Profile(
@@ -87,6 +102,7 @@ def choose_profile(hw: Hardware, options: Options) -> Profile:
             standby=True,
             # One local node holds every GPU (the installer leaves cluster.nodes at 1).
             standby_nodes=tuple(local_node_names(1)),
+            host_cache_gib=host_tier_gib(hw.memory_gb),
         )
     return Profile(
         "cpu-demo",
@@ -97,6 +113,14 @@ def choose_profile(hw: Hardware, options: Options) -> Profile:
         local_cluster=True,
         services=True,
     )
+
+
+def host_tier_gib(memory_gb: float) -> int:
+    """Host tier of a GPU node with `memory_gb` of memory, in whole GiB (HOST_TIER_SHARE)."""
+    if memory_gb < HOST_TIER_MIN_HOST_GB:
+        return 0
+    share = int(memory_gb * 1e9 * HOST_TIER_SHARE / 2**30)
+    return max(share, math.ceil(HOST_TIER_MIN_MODEL_GB * 1e9 / 2**30))
 
 
 @dataclass(frozen=True)

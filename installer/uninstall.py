@@ -30,13 +30,15 @@ def uninstall(settings, services, *, purge: bool, keep_packages: bool) -> Iterat
         subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
     yield f"removed {len(manifest.files)} files it wrote (configuration, Slurm, units, command)"
     # Generated state: the local cluster's configuration and spool, instance records, pid files,
-    # this host's standby sockets (a stopped standby removes its own; one that was killed not).
+    # this host's standby and store sockets (a stopped service removes its own; one that was
+    # killed not).
     for path in (settings.slurm_dir, settings.instances_dir, layout.etc / "tls"):
         shutil.rmtree(path, ignore_errors=True)
     for pidfile in settings.state_dir.glob("*.pid"):
         pidfile.unlink(missing_ok=True)
     for node in settings.serving.standby_nodes:
         settings.standby_socket(node).unlink(missing_ok=True)
+        settings.layout.store_socket(node).unlink(missing_ok=True)
     if manifest.packages_installed and not keep_packages:
         done = subprocess.run(
             ["apt-get", "remove", "-y", "-q", *manifest.packages_installed],

@@ -123,18 +123,28 @@ def set_model_policy(
 
 @store_group.command("serve")
 @click.option("--node", default=None, help="Node name to report (default: this host's name).")
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default=None,
+    help="Address to listen on (default: 127.0.0.1 for a local cluster, else 0.0.0.0).",
+)
 @click.option("--port", type=int, default=None, help="Port (default: store.service_port).")
 @pass_ctx
-def serve(ctx: CliContext, node: str | None, host: str, port: int | None) -> None:
+def serve(ctx: CliContext, node: str | None, host: str | None, port: int | None) -> None:
     """Run this node's store service: what the node holds, per tier, for placement."""
     # Imported when the command runs: `appliance` starts without loading the stack.
     import uvicorn
 
+    from appliance.layout import run_privately
     from appliance.security.node_tls import ensure_internal_ca, internal_ca
+    from appliance.security.privileges import run_as_service_user
     from appliance.store.node_service import create_app
 
     settings = ctx.settings
+    # The instance jobs' loaders run as the account the gateway runs as, and the host tier
+    # serves only its own account (SO_PEERCRED): it drops to the same one.
+    run_as_service_user(settings)
+    run_privately(settings.layout)
     node = node or socket.gethostname()
     tls = {}
     if settings.serving.tls:
@@ -143,6 +153,10 @@ def serve(ctx: CliContext, node: str | None, host: str, port: int | None) -> Non
         ensure_internal_ca(settings)
         cert, key = internal_ca(settings).node_files(node)
         tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    if host is None:
+        # A local cluster's nodes are all on this host (NodeAddr 127.0.0.1): the gateway asks
+        # over the loopback, and nobody else need reach the service.
+        host = "127.0.0.1" if settings.cluster.mode == "local" else "0.0.0.0"
     uvicorn.run(
         create_app(settings, node),
         host=host,

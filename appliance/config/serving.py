@@ -40,10 +40,11 @@ class ServingSettings(BaseModel):
 
     standby_nodes: list[NodeName] = Field(default_factory=list)
     """Slurm nodes on this host whose warm standby the installed services keep running while
-    `standby` is on (a systemd unit `appliance-standby@<node>` each, or `appliance supervise`).
-    The installer lists this host's GPU nodes: `n1` of a local cluster, the host's own name on
-    a multi-node cluster. With `standby` off, `appliance services restart` stops and disables
-    them."""
+    `standby` is on (a systemd unit `appliance-standby@<node>` each, or `appliance supervise`),
+    and whose store service they always run (`appliance-store@<node>`). The installer lists
+    this host's GPU nodes: `n1` of a local cluster, the host's own name on a multi-node
+    cluster. With `standby` off, `appliance services restart` stops and disables the
+    standbys."""
 
     sleep_mode: Literal["gpu", "always", "off"] = "gpu"
     """vLLM's sleep mode, so the gateway can park an idle instance (gateway.park_after_s): its

@@ -12,11 +12,18 @@ from appliance.installer.files import written_files
 from appliance.installer.hardware import RecordedProbe, detect, parse_df, parse_gpus
 from appliance.installer.options import parse
 from appliance.installer.plan import make_plan
-from appliance.installer.profile import choose_profile, fit_presets, load_presets, proposed_models
+from appliance.installer.profile import (
+    choose_profile,
+    fit_presets,
+    host_tier_gib,
+    load_presets,
+    proposed_models,
+)
 
 from appliance.config.cluster import ClusterSettings
 from appliance.config.monitoring import MonitoringSettings
 from appliance.config.serving import ServingSettings
+from appliance.config.store import StoreSettings
 from appliance.layout import LocalClusterPaths
 from appliance.slurm.conf import (
     HealthCheck,
@@ -122,6 +129,45 @@ def test_gpu_hosts_start_instances_through_a_standby_per_gpu_node():
         config = next(t for p, _w, t in written_files(_plan(case)) if p.name == "config.yaml")
         serving = ServingSettings(**yaml.safe_load(config)["serving"])
         assert serving.standby and serving.standby_nodes == list(_plan(case).profile.standby_nodes)
+
+
+def test_host_tier_is_a_quarter_of_memory_and_holds_an_8b_model():
+    assert host_tier_gib(24.7) == host_tier_gib(63.9) == 0  # too little memory to lock any
+    assert host_tier_gib(64) == 15  # a quarter is 14.9 GiB: one 8B model (16.1 GB) needs 15
+    assert host_tier_gib(135.1) == 31  # h100x1: 125.8 GiB
+    assert host_tier_gib(2164) == 503  # h200x8
+
+
+def _written(case: str) -> dict[str, str]:
+    return {p.name: t for p, _w, t in written_files(_plan(case)) if t is not None}
+
+
+def test_each_gpu_node_runs_its_store_service_with_a_host_tier():
+    for case, after, tier in (
+        ("h100x1", "appliance-cluster.service", 31),
+        ("two-node-head", "slurmd.service", 503),
+        ("two-node-worker", "slurmd.service", 503),
+    ):
+        files = _written(case)
+        unit = files["appliance-store@.service"]
+        command = "/opt/appliance/venv/bin/appliance --config /etc/appliance/config.yaml"
+        assert f"ExecStart={command} store serve --node %i\n" in unit
+        assert f"After={after}\n" in unit
+        assert "Restart=on-failure\n" in unit and "LimitMEMLOCK=infinity\n" in unit
+        # The standby's unit is the same template with its own command and kill mode.
+        standby = files["appliance-standby@.service"]
+        assert f"After={after}\n" in standby and "KillMode=process\n" in standby
+        assert "KillMode" not in unit
+        store = StoreSettings(**yaml.safe_load(files["config.yaml"])["store"])
+        assert store.host_cache_gib == tier == _plan(case).profile.host_cache_gib
+        assert not store.services  # https://<node address>:<service_port> reaches each node
+    # A container (no systemd): the supervisor runs it; the tier is configured all the same.
+    config = yaml.safe_load(_written("h200-container")["config.yaml"])
+    assert config["store"] == {"host_cache_gib": 31}
+    cpu = _written("cpu-only")
+    assert "appliance-store@.service" not in cpu and "store" not in yaml.safe_load(
+        cpu["config.yaml"]
+    )
 
 
 def test_presets_are_sized_to_gpu_memory():
