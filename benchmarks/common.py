@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -90,6 +91,15 @@ def first_text_chunk(url: str, body: dict, timeout: float) -> tuple[float, float
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def order_balanced(ratios: list[float]) -> float:
+    """The median over consecutive pairs of rounds (each pair ran both orders: rounds alternate
+    which side goes first) of the pair's geometric mean. Where going first costs something, a
+    plain median of an odd number of rounds takes the order that ran more often; a pair cancels
+    the order out."""
+    pairs = [math.sqrt(a * b) for a, b in zip(ratios[::2], ratios[1::2], strict=False)]
+    return median(pairs)
 
 
 def write_result(name: str, data: dict) -> Path:
