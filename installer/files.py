@@ -14,7 +14,7 @@ from appliance.installer.plan import Plan
 
 from appliance.layout import StateLayout
 from appliance.slurm.cgroup import CGROUP_CONF_BODY
-from appliance.slurm.conf import MEMORY_RESERVE_MB
+from appliance.slurm.node_memory import offered_memory_mb
 from appliance.slurm.partitions import default_partition_lines, preemption_lines
 
 HEADER = "# Written by the appliance installer ({what}); re-running it rewrites this file.\n"
@@ -86,8 +86,8 @@ def render_config(plan: Plan) -> str:
         if p.local_cluster:
             # The tier's memory is the store service's: the local node offers Slurm the rest, so
             # instances given their --mem cannot overcommit the host with a full tier.
-            memory = plan.hardware.memory_mib - MEMORY_RESERVE_MB - p.host_cache_gib * 1024
-            cluster["memory_mb_per_node"] = max(memory, plan.hardware.memory_mib // 2)
+            tier_mb = p.host_cache_gib * 1024
+            cluster["memory_mb_per_node"] = offered_memory_mb(plan.hardware.memory_mib, tier_mb)
     lines = [HEADER.format(what=f"profile {p.name}").rstrip()]
     lines.append(f"state_dir: {_yaml_scalar(layout.state)}")
     for section, values in sections.items():

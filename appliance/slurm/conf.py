@@ -17,11 +17,10 @@ from appliance.errors import ApplianceError
 from appliance.layout import LocalClusterPaths
 from appliance.names import local_node_names
 from appliance.slurm.cgroup import CGROUP_CONF_BODY
+from appliance.slurm.node_memory import offered_memory_mb
 from appliance.slurm.partitions import partition_lines, preemption_lines
 from appliance.slurm.runner import CommandError, CommandRunner
 
-# Memory kept back for the gateway, the Slurm daemons and the OS when the node size is derived.
-MEMORY_RESERVE_MB = 2048
 # Slurm's default memory per allocated CPU; without it a job takes its node's whole memory and
 # jobs run one at a time.
 DEF_MEM_PER_CPU_MB = 1000
@@ -122,7 +121,7 @@ def node_memory_mb(cluster: ClusterSettings, facts: HostFacts) -> int:
     (slurmd drains a node whose RealMemory exceeds the hardware)."""
     if cluster.memory_mb_per_node is not None:
         return min(cluster.memory_mb_per_node, facts.real_memory_mb)
-    return max(facts.real_memory_mb - MEMORY_RESERVE_MB, facts.real_memory_mb // 2)
+    return offered_memory_mb(facts.real_memory_mb)
 
 
 def plan_cluster(cluster: ClusterSettings, slurm_dir: Path, facts: HostFacts) -> ClusterLayout:
