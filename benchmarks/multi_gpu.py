@@ -68,6 +68,7 @@ from benchmarks.gpu_serving import (
     save,
     stack_settings,
     stop_instances,
+    wait_ready,
 )
 
 # The tensor-parallel preset by the GPUs there are, and the pool's model (docs/benchmarks.md).
@@ -385,14 +386,7 @@ def start_instances(url: str, model: str, count: int, timeout: float = 900) -> l
         r = httpx.post(f"{url}/admin/models/{model}/start", timeout=120)
         if r.status_code != 202:
             raise RuntimeError(f"start {model}: {r.status_code} {r.text}")
-    deadline = time.monotonic() + timeout
-    while True:
-        ready = [i for i in instances(url) if i["model"] == model and i["state"] == "ready"]
-        if len(ready) >= count:
-            return ready
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{len(ready)} of {count} instances of {model} ready")
-        time.sleep(1)
+    return wait_ready(url, model, count, timeout)
 
 
 class SlowStream(threading.Thread):

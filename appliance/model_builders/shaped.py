@@ -17,33 +17,31 @@ from appliance.model_builders import corpus
 from appliance.model_builders.tiny import save_tokenizer
 
 # Architectures of the presets (their config.json values that decide speed and memory).
+# What the Llama 3 presets share; each adds its sizes.
+_LLAMA3: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.1-8b-instruct": {
-        "architectures": ["LlamaForCausalLM"],
+        **_LLAMA3,
         "hidden_size": 4096,
         "intermediate_size": 14336,
         "num_hidden_layers": 32,
         "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "max_position_embeddings": 131072,
-        "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
     },
     # Tensor parallelism over 4 GPUs: 70.6B parameters, 141 GB in bf16.
     "llama-3.3-70b-instruct": {
-        "architectures": ["LlamaForCausalLM"],
+        **_LLAMA3,
         "hidden_size": 8192,
         "intermediate_size": 28672,
         "num_hidden_layers": 80,
         "num_attention_heads": 64,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "max_position_embeddings": 131072,
-        "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
     },
     # Tensor parallelism over 2 GPUs: 14.8B parameters, 29.5 GB in bf16; Qwen2 has biases on
     # q, k and v (and only there), which the per-rank loading splits like their weights.
