@@ -5,7 +5,6 @@ streamed or not, and what knowledge bases embedded for it."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from appliance.gateway.audit_events import audit
 from appliance.gateway.forward import INSTANCE_HEADER
 from appliance.gateway.metering import metering
+from appliance.gateway.protocol import error_fields
 from appliance.gateway.usage import CHOICE_MARKER, body_usage, estimate_prompt, quota_error
 from appliance.monitoring.requests import RequestMetrics, RequestRecord, new_request_id
 from appliance.security.api_keys import Principal
@@ -113,10 +113,8 @@ async def observed(
 
 
 def _error_text(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"]["message"])[:300]
-    except (ValueError, KeyError, TypeError):
-        return body[:300].decode(errors="replace")
+    fields = error_fields(body)
+    return fields[1][:300] if fields else body[:300].decode(errors="replace")
 
 
 async def _counted(

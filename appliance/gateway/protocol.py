@@ -56,6 +56,19 @@ def server_error(message: str, code: str = "instance_failed", status: int = 502)
     return RequestError(status, message, type="server_error", code=code)
 
 
+def error_fields(body: bytes) -> tuple[int, str] | None:
+    """The HTTP code (500 unless it says) and message of an OpenAI error body (`{"error":
+    {...}}`, vLLM's too, an SSE event's `data:` prefix allowed); None when it is not one."""
+    try:
+        error = json.loads(body.decode(errors="replace").removeprefix("data:"))["error"]
+        message = str(error.get("message") or error)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    # vLLM's code is the HTTP status; the gateway's own errors name theirs ("storage_full").
+    code = error.get("code")
+    return (code if isinstance(code, int) and code >= 400 else 500), message
+
+
 def storage_full() -> RequestError:
     """A 507: a write refused for want of space, which the stores undid (nothing lost)."""
     return RequestError(

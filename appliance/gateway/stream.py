@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from appliance.errors import ApplianceError
 from appliance.gateway.migration import StreamRecord
-from appliance.gateway.protocol import RequestError, server_error
+from appliance.gateway.protocol import RequestError, error_fields, server_error
 from appliance.gateway.upstream import UPSTREAM_ERRORS, acquire_error
 from appliance.gateway.usage import Usage, UsageFilter
 from appliance.serving.access import TransportLost
@@ -58,12 +57,10 @@ class StreamWatcher(Protocol):
 def upstream_error(event: bytes) -> tuple[int, str]:
     """The HTTP code and message of an instance's in-band error event (500 when unreadable):
     vLLM sends one, then [DONE], when a streamed request fails after its 200."""
-    try:
-        error = json.loads(event.decode(errors="replace").removeprefix("data:"))["error"]
-        code = int(error.get("code") or 500)
-        return code, str(error.get("message") or error)[:500]
-    except (ValueError, TypeError, KeyError, AttributeError):
+    fields = error_fields(event)
+    if fields is None:
         return 500, event[:200].decode(errors="replace").strip()
+    return fields[0], fields[1][:500]
 
 
 @dataclass
