@@ -123,12 +123,13 @@ class KeywordIndex:
         with self._transaction() as db:
             _insert(db, rows)
 
-    def drop(self, version: str) -> None:
-        """Delete the rows of a version; the index forgets them through the trigger."""
+    def drop(self, versions: Sequence[str]) -> None:
+        """Delete the rows of versions, in one transaction; the index forgets them through the
+        trigger."""
         if not self.exists():
             return
         with self._transaction() as db:
-            db.execute("DELETE FROM chunks WHERE version = ?", (version,))
+            db.executemany("DELETE FROM chunks WHERE version = ?", [(v,) for v in versions])
 
     def delete(self) -> None:
         """Delete the file (with SQLite's side files): its knowledge base is gone."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -236,47 +236,53 @@ class Registry:
                 (source_hash, kb_id, document_id),
             )
 
-    def begin_version(self, collection: str, version: str) -> None:
-        """Note, before any of its chunks is written, that this process writes `version`."""
+    def begin_versions(self, collection: str, versions: Sequence[str]) -> None:
+        """Note, before any of their chunks is written, that this process writes `versions`."""
         me = psutil.Process()
+        writer = (me.pid, me.create_time())
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO loose_versions VALUES (?, ?, ?, ?)",
-                (collection, version, me.pid, me.create_time()),
+                [(collection, version, *writer) for version in versions],
             )
 
-    def commit_version(self, kb: KnowledgeBase, document: DocumentRecord) -> DocumentRecord | None:
-        """Make `document.version` the document's current version, in one transaction.
+    def commit_versions(
+        self, kb: KnowledgeBase, documents: Sequence[DocumentRecord]
+    ) -> list[DocumentRecord | None]:
+        """Make each `document.version` its document's current version, all in one transaction.
 
-        Returns the version it replaces (now loose, its chunks to be deleted), if any. Raises
-        KnowledgeBaseError when the knowledge base was deleted or the version was given up while
-        it was being written.
+        Returns, for each, the version it replaces (now loose, its chunks to be deleted), if any.
+        Raises KnowledgeBaseError, changing nothing, when the knowledge base was deleted or a
+        version was given up while it was being written.
         """
         with self._transaction() as db:
             if not _exists(db, kb):
                 raise KnowledgeBaseError(f"knowledge base {kb.id!r} was deleted meanwhile")
-            claimed = db.execute(
-                "DELETE FROM loose_versions WHERE collection = ? AND version = ?",
-                (kb.collection, document.version),
-            ).rowcount
-            if not claimed:
-                raise KnowledgeBaseError(
-                    f"{document.filename}: its new chunks were cleaned up while being written"
-                )
-            return self._replace(db, kb, document.id, document)
+            previous = []
+            for document in documents:
+                claimed = db.execute(
+                    "DELETE FROM loose_versions WHERE collection = ? AND version = ?",
+                    (kb.collection, document.version),
+                ).rowcount
+                if not claimed:  # the transaction rolls back what the loop did before
+                    raise KnowledgeBaseError(
+                        f"{document.filename}: its new chunks were cleaned up while being written"
+                    )
+                previous.append(self._replace(db, kb, document.id, document))
+            return previous
 
     def remove_document(self, kb: KnowledgeBase, document_id: str) -> DocumentRecord | None:
         """Forget the document; returns it (its version now loose), or None if there was none."""
         with self._transaction() as db:
             return self._replace(db, kb, document_id, None)
 
-    def abandon_version(self, collection: str, version: str) -> None:
-        """Mark a version whose writing failed as free to clean up by anyone."""
+    def abandon_versions(self, collection: str, versions: Sequence[str]) -> None:
+        """Mark versions whose writing failed as free to clean up by anyone."""
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "UPDATE loose_versions SET writer_pid = NULL, writer_started = NULL"
                 " WHERE collection = ? AND version = ?",
-                (collection, version),
+                [(collection, version) for version in versions],
             )
 
     def loose_versions(self) -> list[LooseVersion]:
@@ -284,12 +290,12 @@ class Registry:
             rows = db.execute("SELECT * FROM loose_versions").fetchall()
         return [LooseVersion(*row) for row in rows]
 
-    def forget_version(self, collection: str, version: str) -> None:
-        """Drop the note of a loose version whose chunks are deleted."""
+    def forget_versions(self, collection: str, versions: Sequence[str]) -> None:
+        """Drop the notes of loose versions whose chunks are deleted."""
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "DELETE FROM loose_versions WHERE collection = ? AND version = ?",
-                (collection, version),
+                [(collection, version) for version in versions],
             )
 
     @staticmethod

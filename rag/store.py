@@ -66,6 +66,30 @@ MAX_OPEN_CLIENTS = 32
 
 
 @dataclass(frozen=True)
+class _Planned:
+    """A document's new version, chunked and not yet written; `old`, the version it replaces."""
+
+    record: DocumentRecord
+    chunks: list[Chunk]
+    old: DocumentRecord | None = None
+
+
+def _without_repeats(planned: list[_Planned]) -> Iterator[list[_Planned]]:
+    """Consecutive groups with no document twice: a file uploaded twice in one batch replaces
+    itself in order, as uploads one after the other would."""
+    group: list[_Planned] = []
+    ids: set[str] = set()
+    for item in planned:
+        if item.record.id in ids:
+            yield group
+            group, ids = [], set()
+        group.append(item)
+        ids.add(item.record.id)
+    if group:
+        yield group
+
+
+@dataclass(frozen=True)
 class IngestResult:
     """What adding one document did, and how many chunks it has now."""
 
@@ -204,17 +228,37 @@ class KnowledgeBaseStore:
     # Documents
 
     def add_documents(
-        self, principal: Principal, ref: str, documents: Iterable[ParsedDocument]
+        self,
+        principal: Principal,
+        ref: str,
+        documents: Iterable[ParsedDocument],
+        refused: list[IngestError] | None = None,
     ) -> list[IngestResult]:
-        """Add documents, or replace those of the same file name, one at a time.
+        """Add documents, or replace those of the same file name; their results in order.
 
-        Each document changes atomically: queries see all its old chunks or all its new ones,
-        also after a crash. An unchanged document is skipped without embedding anything. An
-        error stops the batch; the documents before it stay in.
+        The documents are written together, in one transaction of each database for the whole
+        batch: each transaction costs file-system round trips, several times dearer through an
+        encrypted volume's FUSE daemon. Each document still changes atomically: queries see all
+        its old chunks or all its new ones, also after a crash. An unchanged document is skipped
+        without embedding anything. A document with no text raises IngestError before anything
+        is written, or, given `refused`, is listed there while the others go in. An error while
+        writing leaves every document of the batch as it was.
         """
         kb = self.writable(principal, ref)
         self._check_model(kb)
-        return [self._add(kb, document) for document in documents]
+        planned = []
+        for document in documents:
+            try:
+                planned.append(self._plan(document))
+            except IngestError as exc:
+                if refused is None:
+                    raise
+                refused.append(exc)
+        results = []
+        for group in _without_repeats(planned):
+            with self._writing():
+                results += self._add_versions(kb, group)
+        return results
 
     def documents(self, principal: Principal, ref: str) -> list[DocumentRecord]:
         """The documents of the knowledge base, by file name."""
@@ -227,7 +271,7 @@ class KnowledgeBaseStore:
             removed = self._registry.remove_document(kb, document_id(filename))
             if removed is None:
                 raise KnowledgeBaseError(f"no document {filename!r} in knowledge base {ref!r}")
-            self._drop_version(kb.collection, removed.version)
+            self._drop_versions(kb.collection, [removed.version])
 
     # Reading chunks
 
@@ -300,9 +344,12 @@ class KnowledgeBaseStore:
             for collection in sorted(collections - known):
                 log.info("deleting collection %s: its knowledge base was deleted", collection)
                 self._drop_collection(collection)
+            dead: dict[str, list[str]] = {}
             for loose in self._registry.loose_versions():
                 if not loose.writer_alive():
-                    self._drop_version(loose.collection, loose.version)
+                    dead.setdefault(loose.collection, []).append(loose.version)
+            for collection, versions in dead.items():
+                self._drop_versions(collection, versions)
 
     # Internals
 
@@ -341,7 +388,8 @@ class KnowledgeBaseStore:
                 "create the knowledge base again"
             )
 
-    def _add(self, kb: KnowledgeBase, document: ParsedDocument) -> IngestResult:
+    def _plan(self, document: ParsedDocument) -> _Planned:
+        """The document's chunks and the record of its new version (nothing written)."""
         settings = self.settings
         chunks = chunk_document(document, settings.chunk_chars, settings.chunk_overlap_chars)
         if not chunks:
@@ -355,49 +403,63 @@ class KnowledgeBaseStore:
             updated_at=now(),
             source_hash=document.source_hash,
         )
-        with self._writing():
-            return self._add_version(kb, record, chunks)
+        return _Planned(record, chunks)
 
-    def _add_version(
-        self, kb: KnowledgeBase, record: DocumentRecord, chunks: list[Chunk]
-    ) -> IngestResult:
-        old = self._registry.document(kb.id, record.id)
-        if old and old.content_hash == record.content_hash:
-            if record.source_hash and old.source_hash != record.source_hash:
-                self._registry.set_source_hash(kb.id, record.id, record.source_hash)
-            return IngestResult(record.filename, record.id, "unchanged", old.chunks)
-        self._registry.begin_version(kb.collection, record.version)
-        try:
-            self._write_chunks(kb, record, chunks, old)
-            previous = self._registry.commit_version(kb, record)
-        except BaseException:
-            self._give_up(kb.collection, record.version)
-            raise
-        if previous:
-            self._drop_version(kb.collection, previous.version)
-        status = "replaced" if previous else "added"
-        return IngestResult(record.filename, record.id, status, record.chunks)
+    def _add_versions(self, kb: KnowledgeBase, group: list[_Planned]) -> list[IngestResult]:
+        """Write the documents of `group` (no two of the same id) and make them current."""
+        results: dict[str, IngestResult] = {}
+        writes: list[_Planned] = []
+        for planned in group:
+            record = planned.record
+            old = self._registry.document(kb.id, record.id)
+            if old and old.content_hash == record.content_hash:
+                if record.source_hash and old.source_hash != record.source_hash:
+                    self._registry.set_source_hash(kb.id, record.id, record.source_hash)
+                status = "unchanged"
+                results[record.id] = IngestResult(record.filename, record.id, status, old.chunks)
+            else:
+                writes.append(_Planned(record, planned.chunks, old))
+        if writes:
+            versions = [planned.record.version for planned in writes]
+            self._registry.begin_versions(kb.collection, versions)
+            try:
+                self._write_chunks(kb, writes)
+                replaced = self._registry.commit_versions(kb, [p.record for p in writes])
+            except BaseException:
+                self._give_up(kb.collection, versions)
+                raise
+            gone = [previous.version for previous in replaced if previous]
+            if gone:
+                self._drop_versions(kb.collection, gone)
+            for planned, previous in zip(writes, replaced, strict=True):
+                record = planned.record
+                status = "replaced" if previous else "added"
+                results[record.id] = IngestResult(record.filename, record.id, status, record.chunks)
+        return [results[planned.record.id] for planned in group]
 
-    def _write_chunks(
-        self,
-        kb: KnowledgeBase,
-        record: DocumentRecord,
-        chunks: list[Chunk],
-        old: DocumentRecord | None,
-    ) -> None:
-        """Store the chunks under `record.version` in Chroma and the keyword index; text the old
-        version has keeps its vector."""
-        self._keywords(kb.collection).add(record.version, record.id, chunks)
+    def _write_chunks(self, kb: KnowledgeBase, writes: list[_Planned]) -> None:
+        """Store each document's chunks under its new version in Chroma and the keyword index,
+        in as few writes as the batch allows; text its old version has keeps its vector."""
+        self._keywords(kb.collection).add_many(
+            (p.record.version, p.record.id, chunk) for p in writes for chunk in p.chunks
+        )
         with self._open_collection(kb) as collection:
-            known = self._vectors_by_text(collection, old)
-            reused = [chunk for chunk in chunks if _text_hash(chunk.text) in known]
-            fresh = [chunk for chunk in chunks if _text_hash(chunk.text) not in known]
+            reused: list[tuple[DocumentRecord, Chunk, Any]] = []
+            fresh: list[tuple[DocumentRecord, Chunk]] = []
+            for planned in writes:
+                known = self._vectors_by_text(collection, planned.old)
+                for chunk in planned.chunks:
+                    vector = known.get(_text_hash(chunk.text))
+                    if vector is None:
+                        fresh.append((planned.record, chunk))
+                    else:
+                        reused.append((planned.record, chunk, vector))
             for start in range(0, len(reused), _CHUNKS_PER_ADD):
                 part = reused[start : start + _CHUNKS_PER_ADD]
-                vectors = [known[_text_hash(chunk.text)] for chunk in part]
-                _add_chunks(collection, record, part, vectors)
-            for start, vectors in self.embedder.embed_batches([chunk.text for chunk in fresh]):
-                _add_chunks(collection, record, fresh[start : start + len(vectors)], vectors)
+                _add_chunks(collection, [(r, c) for r, c, _ in part], [v for _, _, v in part])
+            texts = [chunk.text for _, chunk in fresh]
+            for start, vectors in self.embedder.embed_batches(texts):
+                _add_chunks(collection, fresh[start : start + len(vectors)], vectors)
 
     @staticmethod
     def _vectors_by_text(collection: Collection, old: DocumentRecord | None) -> dict[str, Any]:
@@ -411,27 +473,28 @@ class KnowledgeBaseStore:
             for meta, vector in zip(result["metadatas"], result["embeddings"], strict=True)
         }
 
-    def _give_up(self, collection: str, version: str) -> None:
+    def _give_up(self, collection: str, versions: list[str]) -> None:
         """Clean up after a failed upload, without hiding why it failed."""
         try:
-            self._registry.abandon_version(collection, version)
-            self._drop_version(collection, version)
+            self._registry.abandon_versions(collection, versions)
+            self._drop_versions(collection, versions)
         except Exception:
             # The next garbage collection finishes this; the upload's own error matters more.
-            log.warning("cleaning up version %s of %s failed", version, collection, exc_info=True)
+            log.warning("cleaning up versions %s of %s failed", versions, collection, exc_info=True)
 
-    def _drop_version(self, collection: str, version: str) -> None:
+    def _drop_versions(self, collection: str, versions: list[str]) -> None:
         from chromadb.errors import NotFoundError
 
         with self._chroma(collection, create=False) as client:
             # None or NotFoundError: its knowledge base was deleted, chunks included.
             if client is not None:
                 with contextlib.suppress(NotFoundError):
-                    client.get_collection(collection, embedding_function=None).delete(
-                        where={"version": version}
-                    )
-                self._index(collection).drop(version)
-        self._registry.forget_version(collection, version)
+                    chroma = client.get_collection(collection, embedding_function=None)
+                    for start in range(0, len(versions), _VERSIONS_PER_GET):
+                        part = versions[start : start + _VERSIONS_PER_GET]
+                        chroma.delete(where={"version": {"$in": part}})
+                self._index(collection).drop(versions)
+        self._registry.forget_versions(collection, versions)
 
     def _drop_collection(self, collection: str) -> None:
         """Delete a knowledge base's collection and directory: its client is closed first, so
@@ -599,13 +662,14 @@ def _access_names(names: Iterable[str], what: str) -> frozenset[str]:
 
 
 def _add_chunks(
-    collection: Collection, record: DocumentRecord, chunks: Sequence[Chunk], vectors: Any
+    collection: Collection, chunks: Sequence[tuple[DocumentRecord, Chunk]], vectors: Any
 ) -> None:
+    """One Chroma write of (version record, chunk) pairs, of any documents, with their vectors."""
     collection.add(
-        ids=[f"{record.version}-{chunk.index}" for chunk in chunks],
+        ids=[f"{record.version}-{chunk.index}" for record, chunk in chunks],
         embeddings=vectors,
-        documents=[chunk.text for chunk in chunks],
-        metadatas=[_metadata(record, chunk) for chunk in chunks],
+        documents=[chunk.text for _, chunk in chunks],
+        metadatas=[_metadata(record, chunk) for record, chunk in chunks],
     )
 
 

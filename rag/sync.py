@@ -98,13 +98,19 @@ def sync(
     for name in sorted(set(have) - set(wanted)):
         store.delete_document(principal, kb.id, name)
         outcomes.append(SyncOutcome(name, "removed"))
+    changed = {
+        name: (digest, sent[name])
+        for name, digest in wanted.items()
+        if name in sent and not (name in have and have[name].source_hash == digest)
+    }
+    written = _add(store, principal, kb.id, changed, limits)
     for name, digest in sorted(wanted.items()):
-        if name in have and have[name].source_hash == digest:
+        if name in written:
+            outcomes.append(written[name])
+        elif name in have and have[name].source_hash == digest:
             outcomes.append(SyncOutcome(name, "unchanged"))
-        elif name not in sent:
-            outcomes.append(SyncOutcome(name, "needed"))
         else:
-            outcomes.append(_add(store, principal, kb.id, name, digest, sent[name], limits))
+            outcomes.append(SyncOutcome(name, "needed"))
     return outcomes
 
 
@@ -112,17 +118,26 @@ def _add(
     store: KnowledgeBaseStore,
     principal: Principal,
     kb_id: str,
-    name: str,
-    digest: str,
-    data: bytes,
+    files: Mapping[str, tuple[str, bytes]],
     limits: IngestLimits | None,
-) -> SyncOutcome:
-    if hashlib.sha256(data).hexdigest() != digest:
-        return SyncOutcome(name, "refused", "its content does not match its hash in the manifest")
-    try:
-        # The document is named by its whole path: a.txt in two folders is two documents.
-        document = replace(parse_file(data, name, limits), filename=name)
-        [result] = store.add_documents(principal, kb_id, [document])
-    except IngestError as exc:
-        return SyncOutcome(name, "refused", exc.reason)
-    return SyncOutcome(name, result.status)
+) -> dict[str, SyncOutcome]:
+    """Parse the files sent (path -> (manifest hash, content)) and add them as one batch, written
+    together; an outcome for each."""
+    outcomes: dict[str, SyncOutcome] = {}
+    documents = []
+    for name, (digest, data) in files.items():
+        if hashlib.sha256(data).hexdigest() != digest:
+            reason = "its content does not match its hash in the manifest"
+            outcomes[name] = SyncOutcome(name, "refused", reason)
+            continue
+        try:
+            # The document is named by its whole path: a.txt in two folders is two documents.
+            documents.append(replace(parse_file(data, name, limits), filename=name))
+        except IngestError as exc:
+            outcomes[name] = SyncOutcome(name, "refused", exc.reason)
+    refused: list[IngestError] = []
+    for result in store.add_documents(principal, kb_id, documents, refused=refused):
+        outcomes[result.filename] = SyncOutcome(result.filename, result.status)
+    for exc in refused:
+        outcomes[exc.filename] = SyncOutcome(exc.filename, "refused", exc.reason)
+    return outcomes

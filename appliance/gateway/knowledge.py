@@ -221,15 +221,20 @@ async def upload_documents(ref: str, request: Request, who: Who) -> dict:
         # Before any parsing: 404 for an unknown or unreadable knowledge base, 403 for a reader.
         kb = store.writable(who, ref)
         documents, errors = parse_many(uploads)
-        results = []
-        for doc in documents:  # one at a time, so one failure does not stop the others
-            try:
-                results += [asdict(r) for r in store.add_documents(who, kb.id, [doc])]
-            except ApplianceError as exc:
-                errors.append(exc)
+        failed: list[tuple[str, str]] = []
+        try:
+            # Written together, one transaction of each database for the batch; a document with
+            # no text is refused (added to `errors`), the others go in.
+            results = store.add_documents(who, kb.id, documents, refused=errors)
+        except ApplianceError as exc:
+            # The write failed as a whole: every document of the batch stays as it was.
+            named = {getattr(e, "filename", "") for e in errors}
+            results = []
+            failed = [(d.filename, str(exc)) for d in documents if d.filename not in named]
+        failed = [(getattr(e, "filename", ""), str(e)) for e in errors] + failed
         return kb, {
-            "results": results,
-            "errors": [{"filename": getattr(e, "filename", ""), "message": str(e)} for e in errors],
+            "results": [asdict(r) for r in results],
+            "errors": [{"filename": name, "message": message} for name, message in failed],
         }
 
     kb, outcome = await service.run(fn)

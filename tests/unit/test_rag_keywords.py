@@ -67,11 +67,11 @@ _CHILD = textwrap.dedent(
 
     point = sys.argv[2]
     if point == "indexed":  # keyword rows written, no vector yet
-        after(KeywordIndex, "add")
+        after(KeywordIndex, "add_many")
     elif point == "embedded":  # keyword rows and vectors written, the registry not flipped
-        before(Registry, "commit_version")
+        before(Registry, "commit_versions")
     elif point == "flipped":  # the new version current, the old one's rows not deleted
-        after(Registry, "commit_version")
+        after(Registry, "commit_versions")
     store = KnowledgeBaseStore(Path(sys.argv[1]), SMALL_CHUNKS, HashEmbedder(batch_size=2))
     store.add_documents(ALICE, "kb", [document("manual.txt", MANUAL_V2)])
     """
@@ -277,7 +277,7 @@ def test_threads_query_and_write_on_kept_connections_closed_by_close(tmp_path: P
             chunk = Chunk("", f"pump valve {n}", "f.txt", 0, None, None, None)
             index.add(f"w{n}", "e", [chunk])
             if n % 3 == 0:
-                index.drop(f"w{n}")
+                index.drop([f"w{n}"])
     finally:
         stop.set()
         for reader in readers:

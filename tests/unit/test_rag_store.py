@@ -12,10 +12,17 @@ from pathlib import Path
 import chromadb
 import pytest
 from appliance.rag import store as store_module
-from appliance.rag.errors import AccessDenied, KnowledgeBaseError, KnowledgeBaseNotFound
+from appliance.rag.errors import (
+    AccessDenied,
+    IngestError,
+    KnowledgeBaseError,
+    KnowledgeBaseNotFound,
+)
 from appliance.rag.kb_dirs import KBS_DIR
+from appliance.rag.keywords import KeywordIndex
 from appliance.rag.registry import Registry
 from appliance.rag.store import CHROMA_DIR, KnowledgeBaseStore
+from chromadb.api.models.Collection import Collection
 from chromadb.config import Settings
 
 from tests.unit.rag_corpus import (
@@ -232,6 +239,65 @@ def test_an_unchanged_upload_is_skipped_and_an_edit_reembeds_only_new_text(tmp_p
     assert "rewritten" in " ".join(_texts(store, "manual.txt"))
 
 
+def test_a_batch_is_written_in_one_transaction_of_each_database(tmp_path, monkeypatch):
+    store = KnowledgeBaseStore(tmp_path, SMALL_CHUNKS, embedder=HashEmbedder(batch_size=100))
+    store.create(ALICE, "kb")
+    calls: list[str] = []
+    for cls, name in (
+        (Registry, "begin_versions"),
+        (Registry, "commit_versions"),
+        (KeywordIndex, "add_many"),
+        (Collection, "add"),
+    ):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, _counted(calls, name, original))
+    batch = [document(f"doc{i}.txt", [f"Document {i} talks about pump {i}."]) for i in range(3)]
+    results = store.add_documents(ALICE, "kb", batch)
+    assert [(r.filename, r.status) for r in results] == [
+        ("doc0.txt", "added"),
+        ("doc1.txt", "added"),
+        ("doc2.txt", "added"),
+    ]
+    assert sorted(calls) == ["add", "add_many", "begin_versions", "commit_versions"]
+    assert _stored_chunks(store) == 3 and len(store.documents(ALICE, "kb")) == 3
+
+
+def _counted(calls: list[str], name: str, original):
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    return counted
+
+
+def test_a_document_without_text_is_refused_and_the_others_go_in(tmp_path: Path):
+    store = _open(tmp_path)
+    store.create(ALICE, "kb")
+    batch = [document("a.txt", ["alpha"]), document("empty.txt", []), document("b.txt", ["beta"])]
+    with pytest.raises(IngestError, match=r"empty\.txt: refused: no text found"):
+        store.add_documents(ALICE, "kb", batch)
+    assert store.documents(ALICE, "kb") == []  # refused before anything was written
+
+    refused: list[IngestError] = []
+    results = store.add_documents(ALICE, "kb", batch, refused=refused)
+    assert [r.filename for r in results] == ["a.txt", "b.txt"]
+    assert [e.filename for e in refused] == ["empty.txt"]
+
+
+def test_a_file_twice_in_one_batch_is_replaced_in_order(tmp_path: Path):
+    store = _open(tmp_path)
+    store.create(ALICE, "kb")
+    batch = [
+        document("m.txt", ["first"]),
+        document("o.txt", ["other"]),
+        document("m.txt", ["second"]),
+    ]
+    results = store.add_documents(ALICE, "kb", batch)
+    assert [r.status for r in results] == ["added", "added", "replaced"]
+    assert _texts(store, "m.txt") == ["second"]
+    assert _stored_chunks(store) == 2  # the first m.txt's chunk is gone
+
+
 def test_delete_document_removes_its_chunks(tmp_path: Path):
     store = _kb_with_old_manual(tmp_path)
     store.delete_document(ALICE, "kb", "manual.txt")
@@ -266,9 +332,29 @@ def test_a_failure_before_the_flip_leaves_the_old_document(tmp_path, monkeypatch
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(Registry, "commit_version", crash)
+    monkeypatch.setattr(Registry, "commit_versions", crash)
     with pytest.raises(OSError, match="disk full"):
         store.add_documents(ALICE, "kb", [document("manual.txt", MANUAL_V2)])
+    _assert_as_before(store, before)
+    assert store._registry.loose_versions() == []
+
+
+def test_a_failed_batch_leaves_each_of_its_documents_as_before(tmp_path, monkeypatch):
+    store = _kb_with_old_manual(tmp_path)
+    before = store.documents(ALICE, "kb")
+    add = Collection.add
+    calls = []
+
+    def add_then_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # some of the batch's chunks are in Chroma
+            raise OSError("disk full")
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(Collection, "add", add_then_fail)
+    batch = [document("manual.txt", MANUAL_V2), document("new.txt", ["a new file"] * 3)]
+    with pytest.raises(OSError, match="disk full"):
+        store.add_documents(ALICE, "kb", batch)
     _assert_as_before(store, before)
     assert store._registry.loose_versions() == []
 
@@ -281,7 +367,7 @@ def test_a_crash_after_the_flip_shows_the_new_document_and_cleanup_ends_it(tmp_p
 
     # Dies right after the new version became current, before the old chunks were deleted.
     with monkeypatch.context() as patch:
-        patch.setattr(KnowledgeBaseStore, "_drop_version", crash)
+        patch.setattr(KnowledgeBaseStore, "_drop_versions", crash)
         with pytest.raises(OSError, match="killed"):
             store.add_documents(ALICE, "kb", [document("manual.txt", MANUAL_V2)])
     new_texts = _texts(store, "manual.txt")
