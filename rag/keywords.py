@@ -44,6 +44,8 @@ RESCORED = 100
 # Word counts remembered over all indexes (about 200 bytes each): see _WordCounts.
 COUNTS_REMEMBERED = 100_000
 COUNT_STALE = 0.1
+# Versions per `IN (...)` list: SQLite allows 32766 parameters, a smaller list plans as well.
+_VERSIONS_PER_SELECT = 500
 # FTS5's bm25() constants.
 _K1 = 1.2
 _B = 0.75
@@ -122,6 +124,20 @@ class KeywordIndex:
         """Index (version, document id, chunk) rows, of any documents, in one transaction."""
         with self._transaction() as db:
             _insert(db, rows)
+
+    def stored(self, kb_id: str, versions: Sequence[str]) -> list[Chunk]:
+        """The chunks of these versions as they were written: the chunks' text is kept here
+        (Chroma holds their vectors)."""
+        if not versions or not self.exists():
+            return []
+        rows = []
+        with self._connections.connection() as db:
+            for start in range(0, len(versions), _VERSIONS_PER_SELECT):
+                part = versions[start : start + _VERSIONS_PER_SELECT]
+                marks = ", ".join("?" * len(part))
+                query = f"SELECT {_COLUMNS} FROM chunks WHERE version IN ({marks})"
+                rows += db.execute(query, part).fetchall()
+        return [_chunk(kb_id, row) for row in rows]
 
     def drop(self, versions: Sequence[str]) -> None:
         """Delete the rows of versions, in one transaction; the index forgets them through the

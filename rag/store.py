@@ -4,7 +4,9 @@ document updates, access checks.
 Each knowledge base has a directory of its own (rag/kb_dirs.py: plain,
 `<rag root>/kbs/<collection>/`, or an encrypted volume of its own, mounted outside the rag
 root): its embedded Chroma in `chroma/` and its keyword index in `keywords.sqlite3`, so
-deleting it deletes every file that held its text. With
+deleting it deletes every file that held its text. The keyword index keeps the chunks' text and
+where each came from; Chroma, their vectors and the metadata that filters them (stores from
+before the keyword index have the text in Chroma too, from which a missing index is built). With
 `rag.chroma_url` the vectors live on that Chroma server (its storage is the operator's to
 encrypt) and only the keyword index is in the directory. The registry, `registry.sqlite3`, is in
 the rag root.
@@ -281,8 +283,15 @@ class KnowledgeBaseStore:
         """The `n` current chunks nearest to `vector`, with their cosine similarity, best first."""
         kb = self.get(principal, ref)
         self._check_model(kb)
+        index = self._keywords(kb.collection)
         with self._open_collection(kb) as collection:
-            return _nearest(kb, collection, lambda found: self._current(kb, found), vector, n)
+            return _nearest(
+                collection,
+                lambda found: self._current(kb, found),
+                lambda versions: index.stored(kb.id, versions),
+                vector,
+                n,
+            )
 
     def keyword_search(
         self, principal: Principal, ref: str, query: str, n: int
@@ -296,7 +305,9 @@ class KnowledgeBaseStore:
 
     def chunks(self, principal: Principal, ref: str) -> list[Chunk]:
         """Every current chunk of the knowledge base, by file name and position."""
-        chunks = [chunk for _, chunk in self._stored_chunks(self.get(principal, ref))]
+        kb = self.get(principal, ref)
+        versions = sorted(document.version for document in self._registry.documents(kb.id))
+        chunks = self._keywords(kb.collection).stored(kb.id, versions)
         return sorted(chunks, key=lambda chunk: (chunk.filename, chunk.index))
 
     def build_missing_keyword_indexes(self) -> list[str]:
@@ -319,7 +330,11 @@ class KnowledgeBaseStore:
                 # Builds hold the write lock alone: a file of one seen here is a crashed build's.
                 for building in index.path.parent.glob(f"{index.path.name}.*.building"):
                     building.unlink(missing_ok=True)
-                index.rebuild(self._stored_chunks(current))
+                try:
+                    index.rebuild(self._chunks_in_chroma(current))
+                except KnowledgeBaseError as exc:
+                    log.error("%s", exc)  # the others are built; this one stays without
+                    continue
                 built.append(kb.id)
         return built
 
@@ -565,8 +580,10 @@ class KnowledgeBaseStore:
             for old in evicted:
                 old.close()
 
-    def _stored_chunks(self, kb: KnowledgeBase) -> Iterator[tuple[str, Chunk]]:
-        """(version, chunk) of every current chunk of the knowledge base, as Chroma has them."""
+    def _chunks_in_chroma(self, kb: KnowledgeBase) -> Iterator[tuple[str, Chunk]]:
+        """(version, chunk) of every current chunk, as Chroma has them: stores from before the
+        keyword index gave Chroma the text too. KnowledgeBaseError for a chunk written since,
+        whose text only the keyword index kept."""
         versions = sorted(document.version for document in self._registry.documents(kb.id))
         with self._open_collection(kb) as collection:
             for start in range(0, len(versions), _VERSIONS_PER_GET):
@@ -575,6 +592,11 @@ class KnowledgeBaseStore:
                 for chunk_id, text, meta in zip(
                     result["ids"], result["documents"], result["metadatas"], strict=True
                 ):
+                    if text is None:
+                        raise KnowledgeBaseError(
+                            f"knowledge base {kb.id}: its keyword index is missing, and it "
+                            "alone kept the chunks' text: restore it from a backup"
+                        )
                     yield meta["version"], _stored(kb, chunk_id, text, meta)
 
     @contextlib.contextmanager
@@ -614,37 +636,35 @@ def _collection_prefix(store_id: str) -> str:
 
 
 def _nearest(
-    kb: KnowledgeBase,
     collection: Collection,
     current: Callable[[list[str]], set[str]],
+    stored: Callable[[list[str]], list[Chunk]],
     vector: Sequence[float],
     n: int,
 ) -> list[tuple[Chunk, float]]:
     """The `n` chunks of current versions nearest to `vector`, with their cosine similarity;
-    `current` says which of the versions found are current."""
+    `current` says which of the versions found are current, `stored` gives their chunks."""
     fetch = n
     while True:
         # Chroma answers fewer than n_results when it has fewer; no count() first: it read the
         # whole collection (4.6 ms at 100,000 chunks).
         result = collection.query(
-            query_embeddings=[vector],
-            n_results=fetch,
-            include=["documents", "metadatas", "distances"],
+            query_embeddings=[vector], n_results=fetch, include=["metadatas", "distances"]
         )
-        now = current([meta["version"] for meta in result["metadatas"][0]])
-        found = [
-            (_stored(kb, chunk_id, text, meta), 1.0 - distance)
-            for chunk_id, text, meta, distance in zip(
-                result["ids"][0],
-                result["documents"][0],
-                result["metadatas"][0],
-                result["distances"][0],
-                strict=True,
+        metadatas = result["metadatas"][0]
+        now = current([meta["version"] for meta in metadatas])
+        nearest = [
+            (chunk_id, distance)
+            for chunk_id, meta, distance in zip(
+                result["ids"][0], metadatas, result["distances"][0], strict=True
             )
             if meta["version"] in now
         ]
-        if len(found) >= n or len(result["ids"][0]) < fetch:
-            return found[:n]
+        if len(nearest) >= n or len(result["ids"][0]) < fetch:
+            chunks = {chunk.id: chunk for chunk in stored(sorted(now))}
+            # A current version's rows are in the keyword index from before its vectors are
+            # in Chroma until after they are deleted: every id found has its chunk.
+            return [(chunks[chunk_id], 1.0 - distance) for chunk_id, distance in nearest[:n]]
         # Chunks of versions being written or awaiting deletion took places: ask for more.
         # Filtering after the search, not with a `$in` filter in it, keeps the common
         # query (nothing being written) one plain search whatever the number of documents.
@@ -664,11 +684,16 @@ def _access_names(names: Iterable[str], what: str) -> frozenset[str]:
 def _add_chunks(
     collection: Collection, chunks: Sequence[tuple[DocumentRecord, Chunk]], vectors: Any
 ) -> None:
-    """One Chroma write of (version record, chunk) pairs, of any documents, with their vectors."""
+    """One Chroma write of (version record, chunk) pairs, of any documents, with their vectors.
+
+    Without the text: the keyword index keeps it. Chroma would index any text it is given for
+    its own full-text search (trigrams, about ten times the text's size), which nothing here
+    uses, and write those pages at every upload (4x the pages, each a round trip through an
+    encrypted volume's FUSE daemon).
+    """
     collection.add(
         ids=[f"{record.version}-{chunk.index}" for record, chunk in chunks],
         embeddings=vectors,
-        documents=[chunk.text for _, chunk in chunks],
         metadatas=[_metadata(record, chunk) for record, chunk in chunks],
     )
 

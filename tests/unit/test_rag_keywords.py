@@ -135,10 +135,21 @@ def test_changes_reach_the_index_document_by_document(tmp_path: Path):
     assert not index.exists()
 
 
-def test_a_knowledge_base_without_an_index_gets_one_built_once_on_opening(tmp_path: Path):
-    store = _kb_with_old_manual(tmp_path)
+def _as_written_before_the_index(store: KnowledgeBaseStore) -> Path:
+    """Remove the keyword index and give Chroma the chunks' text, as stores were before there
+    was an index; the index's path."""
+    chunks = store.chunks(ALICE, "kb")
+    collection = store._collection(store.get(ALICE, "kb"))
+    ids = [c.id for c in chunks]
+    vectors = collection.get(ids=ids, include=["embeddings"])["embeddings"]
+    collection.update(ids=ids, embeddings=vectors, documents=[c.text for c in chunks])
     index = _index_file(store)
-    index.unlink()  # as a store written before the index existed
+    index.unlink()
+    return index
+
+
+def test_a_knowledge_base_without_an_index_gets_one_built_once_on_opening(tmp_path: Path):
+    index = _as_written_before_the_index(_kb_with_old_manual(tmp_path))
     reopened = _open(tmp_path)
     assert index.exists() and _found(reopened, "torque flange") == MANUAL_V1
     [chunk] = [c for c, _ in reopened.keyword_search(ALICE, "kb", "torque", 5)]
@@ -147,6 +158,19 @@ def test_a_knowledge_base_without_an_index_gets_one_built_once_on_opening(tmp_pa
     index.unlink()
     assert reopened.build_missing_keyword_indexes() == ["alice/kb"]
     assert _index_rows(reopened) == len(MANUAL_V1) + 1
+
+
+def test_a_lost_index_is_reported_not_built_without_text(tmp_path: Path, caplog):
+    store = _kb_with_old_manual(tmp_path)
+    assert store._collection(store.get(ALICE, "kb")).get(include=["documents"])["documents"] == [
+        None
+    ] * (len(MANUAL_V1) + 1)  # the text is in the keyword index only
+    index = _index_file(store)
+    index.unlink()
+    reopened = _open(tmp_path)
+    assert not index.exists()  # not an index of empty texts that would pass for whole
+    assert "alice/kb: its keyword index is missing" in caplog.text
+    assert reopened.build_missing_keyword_indexes() == []
 
 
 def test_common_words_are_left_out_of_the_candidates(tmp_path: Path, monkeypatch):

@@ -43,6 +43,12 @@ def test_a_schema_2_state_moves_into_a_directory_per_knowledge_base(tmp_path, mo
     old_index = KeywordIndex(rag / "keywords" / f"{kb.collection}.sqlite3")
     old_index.create()
     old_index.add(version, "planted", [Chunk("x", PLANTED, "planted.txt", 999, None, None, None)])
+    # The index keeps the chunks' text (Chroma's copy is only for building a missing index).
+    rows = [(*chunk_id.rsplit("-", 1), text) for chunk_id, text in before.items()]
+    old_index.add_many(
+        (row_version, "d", Chunk("", text, "f.txt", int(position), None, None, None))
+        for row_version, position, text in rows
+    )
 
     def crash(*_args) -> None:
         raise OSError("power cut")
@@ -61,8 +67,9 @@ def test_a_schema_2_state_moves_into_a_directory_per_knowledge_base(tmp_path, mo
 
     store = KnowledgeBaseStore(rag, settings.rag)
     try:
-        chunks = store.chunks(ALICE, kb.id)
-        assert {chunk.id: chunk.text for chunk in chunks} == before  # upserted once, not twice
+        chunks = store.chunks(ALICE, kb.id)  # the moved keyword index keeps the text
+        assert {chunk.id: chunk.text for chunk in chunks} == {**before, f"{version}-999": PLANTED}
+        assert store._collection(kb).count() == len(before)  # upserted once, not twice
         found = store.keyword_search(ALICE, kb.id, "zymurgy fermentation", 5)
         assert [chunk.text for chunk, _ in found] == [PLANTED]
         assert store.search(ALICE, kb.id, store.embedder.embed([chunks[0].text])[0], 1)
