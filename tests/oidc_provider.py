@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import secrets
 import threading
@@ -111,14 +112,16 @@ def _jwt_access_token(provider: Provider):
 
 
 @contextlib.contextmanager
-def running_provider(port: int = 0) -> Iterator[Provider]:
-    """A provider on `port` (0: a free one) of localhost, with a signing key of its own,
-    stopped on exit even if the test failed."""
+def running_provider(port: int = 0, id_token_ttl_s: int = 3600) -> Iterator[Provider]:
+    """A provider on `port` (0: a free one) of localhost, with a signing key of its own, whose
+    ID tokens live `id_token_ttl_s`, stopped on exit even if the test failed."""
     app = flask.Flask("oidc_provider_mock")  # its templates are found from this name
     server = werkzeug.serving.make_server("localhost", port, app, threaded=True)
     provider = Provider(f"http://localhost:{server.server_port}", server)
     app.config["OAUTH2_ACCESS_TOKEN_GENERATOR"] = _jwt_access_token(provider)
-    oidc_provider_mock.init_app(app)
+    # The mock gives ID tokens (and its record of access tokens) this lifetime; the access
+    # tokens' own exp is access_token_ttl_s.
+    oidc_provider_mock.init_app(app, access_token_max_age=dt.timedelta(seconds=id_token_ttl_s))
     app.secret_key = secrets.token_bytes(16)
     provider.thread = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
     provider.thread.start()

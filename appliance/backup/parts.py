@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.config import ApplianceSettings
+from appliance.errors import ApplianceError
+from appliance.models.catalog import load_catalog
 from appliance.rag.kb_dirs import KBS_DIR, all_open, knowledge_base_dirs
 from appliance.rag.write_lock import LOCK_FILE as RAG_LOCK_FILE
 from appliance.rag.write_lock import write_lock
@@ -105,7 +107,7 @@ def backup_parts(settings: ApplianceSettings, with_models: bool = False) -> list
         ),
         Part("conversations", settings.conversations_dir, "dir"),
         Part("training", settings.training_dir, "dir"),
-        Part("store", settings.store_root, "dir", skip=_store_skip(with_models)),
+        Part("store", settings.store_root, "dir", skip=_store_skip(settings, with_models)),
         Part("usage", layout.usage_db.parent, "dir"),
         Part("catalog", settings.user_catalog_file, "file"),
         Part("tls", layout.tls, "dir"),
@@ -156,15 +158,35 @@ def _named(name: str) -> Callable[[Path], bool]:
     return lambda relative: relative.as_posix() == name
 
 
-def _store_skip(with_models: bool) -> Callable[[Path], bool]:
+def _store_skip(settings: ApplianceSettings, with_models: bool) -> Callable[[Path], bool]:
+    # Base models' weights can be downloaded or imported again: kept only with --with-models.
+    # Fine-tuned ones exist nowhere else (the trainer never writes them to a disk): always kept.
+    kept = None if with_models else _tuned_models(settings)
+
     def skip(relative: Path) -> bool:
         if relative.parts[0].startswith(".import-"):  # an import in progress
             return True
         # A model folder is `<model>/` with its header (and wrapped key) beside its data, the
-        # encrypted weights, which are kept only with --with-models.
-        return not with_models and relative.name == STORE_DATA_FILE and len(relative.parts) == 2
+        # encrypted weights.
+        weights = relative.name == STORE_DATA_FILE and len(relative.parts) == 2
+        return weights and kept is not None and relative.parts[0] not in kept
 
     return skip
+
+
+def _tuned_models(settings: ApplianceSettings) -> frozenset[str] | None:
+    """The store folders of the models fine-tuning made (their catalog entries name the job);
+    None, keeping every model's weights, when the catalog does not read: a larger backup
+    rather than a lost fine-tune."""
+    try:
+        catalog = load_catalog(settings)
+    except ApplianceError:
+        return None
+    return frozenset(
+        spec.source.partition(":")[2]
+        for spec in catalog
+        if spec.training_job and spec.source_kind == "store"
+    )
 
 
 def is_sqlite(path: Path) -> bool:

@@ -81,7 +81,9 @@ def backup_group() -> None:
 @backup_group.command("create")
 @click.argument("dest", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
-    "--with-models", is_flag=True, help="Also the encrypted model weights (large; re-importable)."
+    "--with-models",
+    is_flag=True,
+    help="Also the encrypted weights of models fine-tuning did not make (large; re-importable).",
 )
 @PASSPHRASE
 @pass_ctx

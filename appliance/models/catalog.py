@@ -71,6 +71,11 @@ class ModelSpec(BaseModel):
         description="This entry is a LoRA adapter (in the store) served on instances of "
         "base_model.",
     )
+    training_job: str | None = Field(
+        default=None,
+        description="The fine-tuning job that made this model: its weights exist only in the "
+        "store, so every backup keeps them.",
+    )
 
     @property
     def serving_model(self) -> str:

@@ -25,6 +25,7 @@ def publish_checkpoint(
     resources: ModelResources,
     description: str = "",
     base_model: str | None = None,
+    training_job: str | None = None,
     replace: bool = False,
     progress: bool = False,
     say: Callable[[str], None] = lambda _line: None,
@@ -56,6 +57,7 @@ def publish_checkpoint(
         size_gb=round(sum(f.stat().st_size for f in path.iterdir()) / 1e9, 3),
         resources=resources,
         base_model=base_model,
+        training_job=training_job,
     )
     add_local_model(settings, spec)
     return spec

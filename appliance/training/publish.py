@@ -71,6 +71,7 @@ def publish_tuned(settings: ApplianceSettings, job: TrainingJob, model: Any) -> 
             resources=base_spec.resources if base_spec else ModelResources(),
             description=f"{job.model} fine-tuned by {job.user} ({job.id}, {kind})",
             base_model=job.model if as_adapter else None,
+            training_job=job.id,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

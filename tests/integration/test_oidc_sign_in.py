@@ -1,10 +1,12 @@
 """OIDC bearer tokens at a real gateway, from a real provider (oidc-provider-mock) started here:
 groups mapped to admin and user, a group granting a shared knowledge base, expired and forged
-tokens refused, a revoked user refused at the next check, the provider down answered 503."""
+tokens refused, a revoked user refused at the next check, the provider down answered 503; and
+ID tokens as bearers with no re-check (Google, Entra ID), good until they expire."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 from urllib.parse import urlsplit
@@ -16,34 +18,39 @@ from appliance.security.audit import AuditLog
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from appliance_dev.stack import running_gateway
-from tests.oidc_provider import CLIENT_ID, running_provider
+from tests.oidc_provider import CLIENT_ID, Provider, running_provider
 from tests.slurm_fixtures import stack_settings, tiny_catalog, wait_for
 
 pytestmark = [pytest.mark.slurm]
 RECHECK_S = 1.0
+LEEWAY_S = 1
+# Long enough for a few calls on a busy machine, short enough to wait for.
+ID_TOKEN_TTL_S = 10
+USERS = {  # at the provider: name -> groups
+    "alice": ["it-admins"],
+    "bob": ["engineering"],
+    "carol": ["sales"],
+    "mallory": ["contractors"],
+}
 AUDIT_DIRS = {}  # gateway URL: its audit log's folder
 
 
-@pytest.fixture(scope="module")
-def provider():
-    with running_provider() as provider:
-        provider.set_user("alice", {"preferred_username": "alice", "groups": ["it-admins"]})
-        provider.set_user("bob", {"preferred_username": "bob", "groups": ["engineering"]})
-        provider.set_user("carol", {"preferred_username": "carol", "groups": ["sales"]})
-        provider.set_user("mallory", {"preferred_username": "mallory", "groups": ["contractors"]})
-        yield provider
+def _with_users(provider: Provider) -> Provider:
+    for name, groups in USERS.items():
+        provider.set_user(name, {"preferred_username": name, "groups": groups})
+    return provider
 
 
-@pytest.fixture(scope="module")
-def gateway(slurm_cluster, tiny_model_dir, tmp_path_factory, provider):
-    tmp = tmp_path_factory.mktemp("oidc")
+@contextlib.contextmanager
+def _gateway(slurm_cluster, tiny_model_dir, tmp, provider: Provider, recheck_s: float):
+    """A gateway taking the provider's tokens, with the groups mapping of these tests."""
     identity = {
         "sources": ["local", "oidc"],
         "oidc": {
             "issuer": provider.issuer,
             "client_id": CLIENT_ID,
-            "recheck_s": RECHECK_S,
-            "leeway_s": 1,
+            "recheck_s": recheck_s,
+            "leeway_s": LEEWAY_S,
         },
         "mapping": {
             "admin_groups": ["it-admins"],
@@ -55,6 +62,32 @@ def gateway(slurm_cluster, tiny_model_dir, tmp_path_factory, provider):
     with running_gateway(settings) as url:
         AUDIT_DIRS[url] = settings.audit_dir
         yield url
+
+
+@pytest.fixture(scope="module")
+def provider():
+    with running_provider() as provider:
+        yield _with_users(provider)
+
+
+@pytest.fixture(scope="module")
+def gateway(slurm_cluster, tiny_model_dir, tmp_path_factory, provider):
+    tmp = tmp_path_factory.mktemp("oidc")
+    with _gateway(slurm_cluster, tiny_model_dir, tmp, provider, RECHECK_S) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def id_token_gateway(slurm_cluster, tiny_model_dir, tmp_path_factory):
+    """Google's and Entra ID's set-up (docs/oidc.md): ID tokens as bearers, `recheck_s: 0`
+    (their userinfo endpoints take no ID token); a provider of its own, whose ID tokens expire
+    soon. Yields (gateway URL, provider)."""
+    tmp = tmp_path_factory.mktemp("oidc-id-tokens")
+    with (
+        running_provider(id_token_ttl_s=ID_TOKEN_TTL_S) as provider,
+        _gateway(slurm_cluster, tiny_model_dir, tmp, _with_users(provider), 0) as url,
+    ):
+        yield url, provider
 
 
 def call(url: str, method: str, path: str, token: str | None = None, **kw) -> httpx.Response:
@@ -192,3 +225,26 @@ def test_provider_down_is_503_and_back_with_a_new_key(gateway, provider):
         # alice's old token was signed with a key the provider no longer has.
         time.sleep(RECHECK_S + 0.1)
         refused(call(gateway, "GET", "/v1/me", alice), 401, "does not")
+
+
+def test_id_tokens_are_bearers_until_they_expire_without_recheck(id_token_gateway):
+    gateway, provider = id_token_gateway
+    alice = provider.tokens("alice")["id_token"]
+    bob = provider.tokens("bob")["id_token"]
+    me = call(gateway, "GET", "/v1/me", alice).json()
+    assert me == {**me, "user": "alice", "role": "admin", "kind": "oidc", "single_user": False}
+    me = call(gateway, "GET", "/v1/me", bob).json()
+    assert me == {**me, "user": "bob", "role": "user", "groups": ["eng"]}
+    assert call(gateway, "GET", "/admin/instances", alice).status_code == 200
+    refused(call(gateway, "GET", "/admin/instances", bob), 403, "not an admin")
+    assert call(gateway, "GET", "/v1/knowledge_bases", bob).json()["data"] == []
+    mallory = provider.tokens("mallory")["id_token"]
+    refused(call(gateway, "GET", "/v1/me", mallory), 403, "none of the groups allowed")
+    # Nothing asks the provider again (docs/oidc.md's trade-off): a revoked user keeps access
+    # until the token expires, and not a moment after.
+    provider.revoke("bob")
+    assert call(gateway, "GET", "/v1/me", bob).status_code == 200
+    expires = jwt.decode(bob, options={"verify_signature": False})["exp"]
+    assert expires <= time.time() + ID_TOKEN_TTL_S
+    time.sleep(max(0.0, expires + LEEWAY_S + 0.5 - time.time()))
+    refused(call(gateway, "GET", "/v1/me", bob), 401, "expired")

@@ -10,12 +10,21 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from appliance.security.api_keys import ApiKeyStore
 from appliance.security.audit import AuditLog
 from appliance.security.keys import generate_key_file
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from appliance.cli.main import main
-from appliance.config import load_settings
+from appliance.config import ApplianceSettings, load_settings
+from appliance.config.training import Hyperparameters
+from appliance.models.catalog import load_catalog
+from appliance.store.keyring import load_spec
+from appliance.store.loader import load_to_host
+from appliance.training.jobs import TrainingJob, new_job_id
+from appliance.training.publish import publish_tuned
 
 
 def _config(path: Path, state: Path) -> Path:
@@ -107,6 +116,69 @@ def test_with_models_and_a_passphrase(host):
     assert rc == 0, err
     restored = load_settings(config2).store_root / "tiny" / "tensors.bin"
     assert restored.read_bytes() == (host.settings.store_root / "tiny" / "tensors.bin").read_bytes()
+
+
+def _fine_tune(settings: ApplianceSettings, tmp: Path) -> TrainingJob:
+    """A finished job's result, published as the trainer does: a tiny Llama with a LoRA adapter,
+    merged (the base has no `lora: true` entry) into an encrypted store model."""
+    base_dir = tmp / "base"
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    config = LlamaConfig(vocab_size=64, num_attention_heads=2, num_key_value_heads=2, **shape)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(base_dir)
+    job = TrainingJob(
+        id=new_job_id(),
+        model="base",
+        base_dir=str(base_dir),
+        output_model="base-ft-test",
+        user="alice",
+        hyperparameters=Hyperparameters(),
+        format="chat",
+        train_examples=1,
+        eval_examples=1,
+    )
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    publish_tuned(settings, job, get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), lora))
+    return job
+
+
+def _loaded(settings: ApplianceSettings, model_id: str) -> dict[str, torch.Tensor]:
+    """The stored model's tensors, opened as an instance would (key, policy, integrity)."""
+    return load_to_host(load_spec(settings, model_id).open(host="hf-" + "ab" * 12))[1]
+
+
+def test_a_default_backup_keeps_fine_tuned_weights(host):
+    # A fine-tuned model exists only in the store; a base model (`tiny`) can be imported again.
+    job = _fine_tune(host.settings, host.tmp)
+    assert load_catalog(host.settings).get(job.output_model).training_job == job.id
+    dest = host.tmp / "backup.appliance"
+    rc, _, err = host("backup", str(dest))
+    assert rc == 0, err
+    config2 = _config(host.tmp / "config2.yaml", host.tmp / "restored")
+    rc, _, err = host(
+        "restore", str(dest), "--key-file", str(host.settings.kek_file), config_file=config2
+    )
+    assert rc == 0, err
+    settings2 = load_settings(config2)
+    assert not (settings2.store_root / "tiny" / "tensors.bin").exists()
+    restored = _loaded(settings2, job.output_model)
+    original = _loaded(host.settings, job.output_model)
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[name], original[name]) for name in original)
+
+
+def test_a_catalog_that_does_not_read_keeps_every_models_weights(host):
+    # Which models were fine-tuned is unknown then: none is left out.
+    host.settings.user_catalog_file.write_text("models: [{name: broken}]\n")
+    dest = host.tmp / "backup.appliance"
+    rc, _, err = host("backup", str(dest))
+    assert rc == 0, err
+    config2 = _config(host.tmp / "config2.yaml", host.tmp / "restored")
+    rc, _, err = host(
+        "restore", str(dest), "--key-file", str(host.settings.kek_file), config_file=config2
+    )
+    assert rc == 0, err
+    assert (load_settings(config2).store_root / "tiny" / "tensors.bin").exists()
 
 
 def test_restore_refuses_a_state_directory_that_is_not_empty(host):
