@@ -183,7 +183,8 @@ def test_planted_sentences_are_nowhere_on_disk(state, outsider):
     # The stores wrote where they always do: inside the mount, plaintext to their reader.
     assert scratch.is_relative_to(settings.layout.tmp)
     inside = _grep(settings.layout.data, settings.layout.kb_mounts)
-    for where in ("chroma", "conversations", "training", "uploads", ".parse"):
+    # A knowledge base's text is in its keyword index (Chroma holds only vectors).
+    for where in ("keywords.sqlite3", "conversations", "training", "uploads", ".parse"):
         assert any(where in path for path in inside), (where, inside)
 
     # Open: another account finds it nowhere, neither in the state nor in /tmp.
@@ -319,7 +320,7 @@ def test_backup_holds_it_encrypted_and_a_restore_needs_the_key(state, top):
         text=True,
         timeout=TIMEOUT_S,
     )
-    assert "chroma" in found.stdout, found.stderr[-3000:]
+    assert "keywords.sqlite3" in found.stdout, found.stderr[-3000:]
     assert _appliance(new, "data", "close").returncode == 0
 
 
@@ -457,7 +458,7 @@ def test_the_service_account_mounts_knowledge_bases_while_the_data_volume_is_ope
         hand_over(settings, account)  # as a service restarted meanwhile: past the open volumes
         assert volume(settings).mounted()
         # Read again by another of its processes, through the mount the first one left.
-        assert "chroma" in as_account(FIND_IN_KNOWLEDGE_BASES)
+        assert "keywords.sqlite3" in as_account(FIND_IN_KNOWLEDGE_BASES)
     assert cli(["--config", str(config), "down", "--keep-cluster"]) == 0
     assert not is_mounted(mounts[0]) and not volume(settings).mounted()
     assert _grep(settings.state_dir) == []
