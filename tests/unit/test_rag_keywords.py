@@ -140,9 +140,18 @@ def _as_written_before_the_index(store: KnowledgeBaseStore) -> Path:
     was an index; the index's path."""
     chunks = store.chunks(ALICE, "kb")
     collection = store._collection(store.get(ALICE, "kb"))
-    ids = [c.id for c in chunks]
-    vectors = collection.get(ids=ids, include=["embeddings"])["embeddings"]
-    collection.update(ids=ids, embeddings=vectors, documents=[c.text for c in chunks])
+    got = collection.get(ids=[c.id for c in chunks], include=["embeddings", "metadatas"])
+    by_id = {c.id: c for c in chunks}
+    where = [(by_id[i].document_id, by_id[i].filename, by_id[i].index) for i in got["ids"]]
+    collection.update(
+        ids=got["ids"],
+        embeddings=got["embeddings"],
+        documents=[by_id[i].text for i in got["ids"]],
+        metadatas=[
+            {**meta, "document_id": document, "filename": filename, "index": index}
+            for meta, (document, filename, index) in zip(got["metadatas"], where, strict=True)
+        ],
+    )
     index = _index_file(store)
     index.unlink()
     return index
