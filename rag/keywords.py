@@ -125,18 +125,21 @@ class KeywordIndex:
         with self._transaction() as db:
             _insert(db, rows)
 
-    def stored(self, kb_id: str, versions: Sequence[str]) -> list[Chunk]:
-        """The chunks of these versions as they were written: the chunks' text is kept here
-        (Chroma holds their vectors)."""
+    def stored(
+        self, kb_id: str, versions: Sequence[str], ids: Sequence[str] | None = None
+    ) -> list[Chunk]:
+        """The chunks of these versions as they were written, or only those of `ids` among
+        them: the chunks' text is kept here (Chroma holds their vectors)."""
         if not versions or not self.exists():
             return []
+        wanted = "" if ids is None else f" AND chunk_id IN ({', '.join('?' * len(ids))})"
         rows = []
         with self._connections.connection() as db:
             for start in range(0, len(versions), _VERSIONS_PER_SELECT):
-                part = versions[start : start + _VERSIONS_PER_SELECT]
+                part = [*versions[start : start + _VERSIONS_PER_SELECT]]
                 marks = ", ".join("?" * len(part))
-                query = f"SELECT {_COLUMNS} FROM chunks WHERE version IN ({marks})"
-                rows += db.execute(query, part).fetchall()
+                query = f"SELECT {_COLUMNS} FROM chunks WHERE version IN ({marks}){wanted}"
+                rows += db.execute(query, part + ([] if ids is None else [*ids])).fetchall()
         return [_chunk(kb_id, row) for row in rows]
 
     def drop(self, versions: Sequence[str]) -> None:

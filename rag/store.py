@@ -288,7 +288,7 @@ class KnowledgeBaseStore:
             return _nearest(
                 collection,
                 lambda found: self._current(kb, found),
-                lambda versions: index.stored(kb.id, versions),
+                lambda versions, ids: index.stored(kb.id, versions, ids),
                 vector,
                 n,
             )
@@ -638,7 +638,7 @@ def _collection_prefix(store_id: str) -> str:
 def _nearest(
     collection: Collection,
     current: Callable[[list[str]], set[str]],
-    stored: Callable[[list[str]], list[Chunk]],
+    stored: Callable[[list[str], list[str]], list[Chunk]],
     vector: Sequence[float],
     n: int,
 ) -> list[tuple[Chunk, float]]:
@@ -661,10 +661,12 @@ def _nearest(
             if meta["version"] in now
         ]
         if len(nearest) >= n or len(result["ids"][0]) < fetch:
-            chunks = {chunk.id: chunk for chunk in stored(sorted(now))}
+            nearest = nearest[:n]
+            ids = [chunk_id for chunk_id, _ in nearest]
+            chunks = {chunk.id: chunk for chunk in stored(sorted(now), ids)}
             # A current version's rows are in the keyword index from before its vectors are
             # in Chroma until after they are deleted: every id found has its chunk.
-            return [(chunks[chunk_id], 1.0 - distance) for chunk_id, distance in nearest[:n]]
+            return [(chunks[chunk_id], 1.0 - distance) for chunk_id, distance in nearest]
         # Chunks of versions being written or awaiting deletion took places: ask for more.
         # Filtering after the search, not with a `$in` filter in it, keeps the common
         # query (nothing being written) one plain search whatever the number of documents.
