@@ -147,10 +147,9 @@ def _loaded(settings: ApplianceSettings, model_id: str) -> dict[str, torch.Tenso
     return load_to_host(load_spec(settings, model_id).open(host="hf-" + "ab" * 12))[1]
 
 
-def test_a_default_backup_keeps_fine_tuned_weights(host):
-    # A fine-tuned model exists only in the store; a base model (`tiny`) can be imported again.
-    job = _fine_tune(host.settings, host.tmp)
-    assert load_catalog(host.settings).get(job.output_model).training_job == job.id
+def _backed_up_and_restored(host) -> ApplianceSettings:
+    """A default backup of the host's state, restored into a fresh state directory: its
+    settings."""
     dest = host.tmp / "backup.appliance"
     rc, _, err = host("backup", str(dest))
     assert rc == 0, err
@@ -159,7 +158,14 @@ def test_a_default_backup_keeps_fine_tuned_weights(host):
         "restore", str(dest), "--key-file", str(host.settings.kek_file), config_file=config2
     )
     assert rc == 0, err
-    settings2 = load_settings(config2)
+    return load_settings(config2)
+
+
+def test_a_default_backup_keeps_fine_tuned_weights(host):
+    # A fine-tuned model exists only in the store; a base model (`tiny`) can be imported again.
+    job = _fine_tune(host.settings, host.tmp)
+    assert load_catalog(host.settings).get(job.output_model).training_job == job.id
+    settings2 = _backed_up_and_restored(host)
     assert not (settings2.store_root / "tiny" / "tensors.bin").exists()
     restored = _loaded(settings2, job.output_model)
     original = _loaded(host.settings, job.output_model)
@@ -170,15 +176,7 @@ def test_a_default_backup_keeps_fine_tuned_weights(host):
 def test_a_catalog_that_does_not_read_keeps_every_models_weights(host):
     # Which models were fine-tuned is unknown then: none is left out.
     host.settings.user_catalog_file.write_text("models: [{name: broken}]\n")
-    dest = host.tmp / "backup.appliance"
-    rc, _, err = host("backup", str(dest))
-    assert rc == 0, err
-    config2 = _config(host.tmp / "config2.yaml", host.tmp / "restored")
-    rc, _, err = host(
-        "restore", str(dest), "--key-file", str(host.settings.kek_file), config_file=config2
-    )
-    assert rc == 0, err
-    assert (load_settings(config2).store_root / "tiny" / "tensors.bin").exists()
+    assert (_backed_up_and_restored(host).store_root / "tiny" / "tensors.bin").exists()
 
 
 def test_restore_refuses_a_state_directory_that_is_not_empty(host):
