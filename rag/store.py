@@ -472,9 +472,16 @@ class KnowledgeBaseStore:
             for start in range(0, len(reused), _CHUNKS_PER_ADD):
                 part = reused[start : start + _CHUNKS_PER_ADD]
                 _add_chunks(collection, [(r, c) for r, c, _ in part], [v for _, _, v in part])
+            # Embedded in the embedder's batches, written in Chroma's: each `add` is a few
+            # transactions of Chroma's database, each a round trip to an encrypted volume's
+            # daemon per page, and the embedder's batches are small (16 chunks).
             texts = [chunk.text for _, chunk in fresh]
-            for start, vectors in self.embedder.embed_batches(texts):
-                _add_chunks(collection, fresh[start : start + len(vectors)], vectors)
+            done, vectors = 0, []
+            for start, batch in self.embedder.embed_batches(texts):
+                vectors.extend(batch)
+                if len(vectors) >= _CHUNKS_PER_ADD or start + len(batch) == len(texts):
+                    _add_chunks(collection, fresh[done : done + len(vectors)], vectors)
+                    done, vectors = done + len(vectors), []
 
     @staticmethod
     def _vectors_by_text(collection: Collection, old: DocumentRecord | None) -> dict[str, Any]:

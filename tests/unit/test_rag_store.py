@@ -352,6 +352,7 @@ def test_a_failed_batch_leaves_each_of_its_documents_as_before(tmp_path, monkeyp
         return add(self, *args, **kwargs)
 
     monkeypatch.setattr(Collection, "add", add_then_fail)
+    monkeypatch.setattr(store_module, "_CHUNKS_PER_ADD", 2)  # several adds for a small batch
     batch = [document("manual.txt", MANUAL_V2), document("new.txt", ["a new file"] * 3)]
     with pytest.raises(OSError, match="disk full"):
         store.add_documents(ALICE, "kb", batch)
@@ -386,6 +387,7 @@ _CHILD = textwrap.dedent(
 
     from chromadb.api.models.Collection import Collection
 
+    from appliance.rag import store as store_module
     from appliance.rag.store import KnowledgeBaseStore
     from tests.unit.rag_corpus import ALICE, MANUAL_V2, SMALL_CHUNKS, HashEmbedder, document
 
@@ -400,6 +402,7 @@ _CHILD = textwrap.dedent(
             os._exit(17)
 
     Collection.add = add_then_die
+    store_module._CHUNKS_PER_ADD = 2  # written in several adds, as a large upload is
     store.add_documents(ALICE, "kb", [document("manual.txt", MANUAL_V2)])
     """
 )
