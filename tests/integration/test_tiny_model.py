@@ -170,7 +170,7 @@ def test_interrupted_build_leaves_old_model_and_no_temp_dir(
 
     monkeypatch.setattr(tiny, "_save_model", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        build_tiny_model(out, time_budget_s=0)  # no training steps: straight to saving
+        build_tiny_model(out, time_budget_s=0, min_steps=0)  # no training: straight to saving
     assert tiny_model_exists(out)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-chat"]
@@ -185,6 +185,6 @@ def test_interrupted_first_build_leaves_nothing(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(tiny, "_save_model", interrupted_save)
     with pytest.raises(RuntimeError):
-        build_tiny_model(out, time_budget_s=0)
+        build_tiny_model(out, time_budget_s=0, min_steps=0)
     assert not tiny_model_exists(out)
     assert list(out.parent.iterdir()) == []
