@@ -15,7 +15,6 @@ from appliance import envs
 from appliance.config import ApplianceSettings
 from appliance.security.secret_files import SecretFileError, read_secret_file, write_secret_file
 from appliance.security.tls import ensure_certificate, server_options
-from appliance.webapp.app import CSS, build_app
 from appliance.webapp.client import GatewayClient, GatewayError
 from appliance.webapp.files_guard import guard_files
 from appliance.webapp.oidc_sign_in import OidcSignIn
@@ -45,7 +44,12 @@ def prepare_environment(settings: ApplianceSettings) -> None:
 
 def create_webapp(settings: ApplianceSettings) -> FastAPI:
     prepare_environment(settings)
+    # Only now: gradio reads GRADIO_TEMP_DIR when it is imported (its DEFAULT_TEMP_DIR); imported
+    # before, it used /tmp/gradio, which another account may own (gradio 6.31 makes a folder
+    # there at start, and the web app of a service account died on it).
     import gradio as gr
+
+    from appliance.webapp.app import CSS, build_app
 
     if settings.gateway.tls:
         # The gateway makes the certificate at its first start; if this starts first, it does.
