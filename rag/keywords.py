@@ -116,10 +116,6 @@ class KeywordIndex:
         with closing(self._connect(create=True)) as db:
             db.executescript(_SCHEMA)
 
-    def add(self, version: str, document_id: str, chunks: Iterable[Chunk]) -> None:
-        """Index the chunks of a document version in one transaction (ids as in Chroma)."""
-        self.add_many((version, document_id, chunk) for chunk in chunks)
-
     def add_many(self, rows: Iterable[tuple[str, str, Chunk]]) -> None:
         """Index (version, document id, chunk) rows, of any documents, in one transaction."""
         with self._transaction() as db:

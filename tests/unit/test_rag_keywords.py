@@ -187,7 +187,7 @@ def test_common_words_are_left_out_of_the_candidates(tmp_path: Path, monkeypatch
     index.create()
     texts = ["pump valve XK-4471", "pump valve seal", "pump valve", "pump bearing", "pump", "seal"]
     chunks = [Chunk("", text, "f.txt", n, None, None, None) for n, text in enumerate(texts)]
-    index.add("v", "d", chunks)
+    index.add_many(("v", "d", chunk) for chunk in chunks)
 
     def found(query: str) -> list[str]:
         return [c.text for c, _ in index.search("kb", query, 10, lambda versions: versions & {"v"})]
@@ -203,8 +203,8 @@ def test_common_words_are_left_out_of_the_candidates(tmp_path: Path, monkeypatch
 def _index(path: Path, texts: list[str]) -> KeywordIndex:
     index = KeywordIndex(path)
     index.create()
-    index.add(
-        "v", "d", [Chunk("", text, "f.txt", n, None, None, None) for n, text in enumerate(texts)]
+    index.add_many(
+        ("v", "d", Chunk("", text, "f.txt", n, None, None, None)) for n, text in enumerate(texts)
     )
     return index
 
@@ -260,7 +260,7 @@ def test_word_counts_are_remembered_within_a_bound_and_counted_again_as_the_inde
             "1": 1,
             "absent": 0,
         }
-        index.add("w", "e", [Chunk("", "pump", "g.txt", 0, None, None, None)])
+        index.add_many([("w", "e", Chunk("", "pump", "g.txt", 0, None, None, None))])
         # Within COUNT_STALE of the size it was counted at: remembered, not counted again.
         assert counts.get(db, index.path, 21, ["pump"]) == {"pump": 20}
         assert counts.get(db, index.path, 23, ["pump"]) == {"pump": 21}
@@ -308,7 +308,7 @@ def test_threads_query_and_write_on_kept_connections_closed_by_close(tmp_path: P
     try:
         for n in range(30):
             chunk = Chunk("", f"pump valve {n}", "f.txt", 0, None, None, None)
-            index.add(f"w{n}", "e", [chunk])
+            index.add_many([(f"w{n}", "e", chunk)])
             if n % 3 == 0:
                 index.drop([f"w{n}"])
     finally:

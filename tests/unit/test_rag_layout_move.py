@@ -42,7 +42,9 @@ def test_a_schema_2_state_moves_into_a_directory_per_knowledge_base(tmp_path, mo
     version = Registry(rag / "registry.sqlite3").documents(kb.id)[0].version
     old_index = KeywordIndex(rag / "keywords" / f"{kb.collection}.sqlite3")
     old_index.create()
-    old_index.add(version, "planted", [Chunk("x", PLANTED, "planted.txt", 999, None, None, None)])
+    old_index.add_many(
+        [(version, "planted", Chunk("x", PLANTED, "planted.txt", 999, None, None, None))]
+    )
     # The index keeps the chunks' text (Chroma's copy is only for building a missing index).
     rows = [(*chunk_id.rsplit("-", 1), text) for chunk_id, text in before.items()]
     old_index.add_many(
