@@ -74,8 +74,10 @@ def test_all_files_present(tiny_model_dir: Path):
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert config["max_position_embeddings"] >= 512
     info = json.loads((tiny_model_dir / tiny.BUILD_INFO_FILE).read_text())
-    # The default budget is 170 s for the whole build; a little slack for the save itself.
-    assert info["steps"] > 0 and info["build_seconds"] < 175
+    assert info["steps"] >= tiny.MIN_STEPS
+    # The default budget is 170 s for the whole build, a little slack for the save itself; only a
+    # machine too slow to train the floor of steps in it goes over, and then stops at the floor.
+    assert info["build_seconds"] < 175 or info["steps"] == tiny.MIN_STEPS
 
 
 def test_loads_offline_with_chatml_special_tokens(loaded, tiny_model_dir: Path):
