@@ -8,6 +8,7 @@ pointing at a private directory in memory holding config.json and the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -16,6 +17,7 @@ import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,16 +181,26 @@ class ModelFiles:
         os.close(self._lock_fd)
 
 
-def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
+def load_stored_weights(
+    model: Any,
+    spec: StoreLoadSpec,
+    names: set[str] | None = None,
+    finish: Callable[[], None] | None = None,
+    stored: StoredModel | None = None,
+) -> None:
     """Load a stored model's weights into an initialised vLLM model, in this process only, tensor
-    by tensor into vLLM's own parameters (no second copy of the model on the device)."""
+    by tensor into vLLM's own parameters (no second copy of the model on the device). Each of
+    `names` (default: the model's parameters now) must be loaded. `finish` runs once the model
+    has taken them, while the tensors it was given still hold them (a reload in vLLM keeps some
+    until it processes their layer). `stored`: the model already opened from `spec`."""
     import time
 
     import torch
 
     disable_core_dumps()
     t0 = time.perf_counter()
-    stored = spec.open()  # the policy is checked whichever tier the bytes come from
+    if stored is None:
+        stored = spec.open()  # the policy is checked whichever tier the bytes come from
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     if cuda:
@@ -197,38 +209,34 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
     # Under tensor parallelism each rank reads and decrypts only the parts its weights take.
     shards = _rank_sharding(model, stored) if cuda else None
     socket_path = spec.host_socket_path()
-    cached = open_from_host_tier(socket_path, spec.model_id) if socket_path else None
-    if cached is not None:
-        with cached:
+    with contextlib.ExitStack() as sources:
+        cached = open_from_host_tier(socket_path, spec.model_id) if socket_path else None
+        source = "the store"
+        if cached is not None:
+            sources.enter_context(cached)
+            source = "the host tier"
             if cuda:
                 weights = stream_to_gpu(
                     stored, device=device, threads=threads, mapping=cached.map, shards=shards
                 )
             else:  # views straight into the tier's mapping: vLLM copies each into its parameter
                 weights = iter(load_from_mapping(stored, cached.map)[1].items())
-            loaded = model.load_weights(weights)
-            del weights
-        source = "the host tier"
-    elif cuda:
-        loaded = model.load_weights(
-            stream_to_gpu(
-                stored,
-                device=device,
-                threads=threads,
-                gpu_decrypt=spec.gpu_decrypt,
-                shards=shards,
+        elif cuda:
+            weights = stream_to_gpu(
+                stored, device=device, threads=threads, gpu_decrypt=spec.gpu_decrypt, shards=shards
             )
-        )
-        source = "the store"
-    else:
-        flat, views = load_to_host(stored, threads=threads)
-        loaded = model.load_weights(iter(views.items()))
-        del views
-        with torch.no_grad():
-            flat.zero_()  # the staging copy held plaintext weights
-        del flat
-        source = "the store"
-    missing = {name for name, _ in model.named_parameters()} - set(loaded or ())
+        else:
+            flat, views = load_to_host(stored, threads=threads)
+            sources.callback(_wipe, flat)  # the staging copy holds plaintext weights
+            weights = iter(views.items())
+            del views
+        loaded = model.load_weights(weights)
+        if finish is not None:
+            finish()
+        del weights
+    if names is None:
+        names = {name for name, _ in model.named_parameters()}
+    missing = names - set(loaded or ())
     if loaded is not None and missing:
         raise ValueError(f"model {spec.model_id}: weights missing in the store: {sorted(missing)}")
     seconds = time.perf_counter() - t0
@@ -256,6 +264,13 @@ def _load_weights(model: Any, spec: StoreLoadSpec) -> None:
         seconds,
         peak,
     )
+
+
+def _wipe(flat: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        flat.zero_()
 
 
 def _rank_sharding(model: Any, stored: StoredModel) -> LlamaSharding | None:
@@ -294,4 +309,4 @@ def register() -> None:
 
         def load_weights(self, model, model_config) -> None:
             extra = self.load_config.model_loader_extra_config or {}
-            _load_weights(model, StoreLoadSpec.from_dict(extra))
+            load_stored_weights(model, StoreLoadSpec.from_dict(extra))

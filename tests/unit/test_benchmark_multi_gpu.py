@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import multi_gpu
 
-# As the store's plugin logs a tensor-parallel rank's load on a GPU (vllm_plugin._load_weights).
+# As the store's plugin logs a tensor-parallel rank's load on a GPU (load_stored_weights).
 RANK_LINES = """\
 (Worker_TP1 pid=2) INFO [vllm_plugin.py:251] appliance-store: loaded m-tp4 from the host tier \
 (723 tensors, 141.11 GB) in 4.02 s; load_peak_gpu_bytes_over_model=0.261; \

@@ -1,0 +1,58 @@
+"""A vLLM worker extension that loads a stored model's weights into a running engine: an engine
+set up beforehand on a model's shape with placeholder weights (`--load-format dummy`) takes any
+stored model of that shape without a restart (docs/gpu.md, "an engine kept set up")."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from appliance.store.vllm_plugin import StoreLoadSpec, load_stored_weights
+
+# vLLM's worker class takes this class's methods (`--worker-extension-cls`), which
+# `POST /collective_rpc` calls by name (a development endpoint: VLLM_SERVER_DEV_MODE=1).
+WORKER_EXTENSION = f"{__name__}.StoreWeights"
+LOAD_METHOD = "load_store_weights"
+
+
+class StoreWeights:
+    """Methods vLLM mixes into each of its workers; `self` is the worker."""
+
+    model_runner: Any
+    model_config: Any
+
+    def load_store_weights(self, spec_json: str) -> float:
+        """Load the stored model that `spec_json` (a StoreLoadSpec as JSON: the endpoint passes
+        strings only) names into this worker's model, as the store's loader does at a start;
+        returns the seconds it took. The model's policy is checked as at a start."""
+        # As vLLM's own reload_weights does: processing after a load may have repacked the
+        # parameters into a kernel's layout (on CPU, emptied), so they are restored first and
+        # each layer processed again once its weights are in.
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        started = time.perf_counter()
+        spec = StoreLoadSpec.from_dict(json.loads(spec_json))
+        stored = spec.open()  # the policy first: a refusal leaves the engine as it was
+        model = self.model_runner.get_model()
+        # Named before the restore, which unties tied weights (an output layer that is the
+        # embedding) until the layers are processed again.
+        names = {name for name, _ in model.named_parameters()}
+        finished = []
+
+        def finish() -> None:
+            finalize_layerwise_reload(model, self.model_config)
+            finished.append(True)
+
+        initialize_layerwise_reload(model)
+        try:
+            load_stored_weights(model, spec, names, finish, stored)
+        finally:
+            # A load that failed midway: the layers get their tensors back (some old, some
+            # new), so the engine still runs; the claim failed, and it is not to be served.
+            if not finished:
+                finalize_layerwise_reload(model, self.model_config)
+        return time.perf_counter() - started
