@@ -212,14 +212,13 @@ class Preemptor:
     def __init__(self, settings: ApplianceSettings, engines: dict[int, InstanceEngine]):
         self.settings, self.engines = settings, engines
         self.slurm = SlurmClient(LocalRunner(), settings.slurm_conf)
-        self.submitted: list[tuple[int, float]] = []  # (batch job, when)
+        self.batch: int | None = None  # the last batch job submitted
 
     def __call__(self, job: int, node: str, stack: contextlib.ExitStack) -> None:
         pacer = Pacer(self.engines[job])
         pacer.start()
         stack.callback(pacer.stop)
-        when = time.perf_counter()
-        batch = self.slurm.submit(
+        self.batch = self.slurm.submit(
             "#!/bin/bash\n"
             f"#SBATCH --job-name={self.settings.cluster.name}-batch\n"
             f"#SBATCH --partition={self.settings.cluster.batch_partition}\n"
@@ -227,13 +226,11 @@ class Preemptor:
             f"#SBATCH --output={self.settings.log_dir}/batch-%j.out\n"
             "sleep 1\n"
         )
-        self.submitted.append((batch, when))
 
     def wait_for_batch(self) -> None:
         """Until the last batch job is over: the next round's instance needs its node."""
         deadline = time.monotonic() + 120
-        batch = self.submitted[-1][0]
-        while time.monotonic() < deadline and (job := self.slurm.job(batch)) and job.active:
+        while time.monotonic() < deadline and (job := self.slurm.job(self.batch)) and job.active:
             time.sleep(1)
 
 
