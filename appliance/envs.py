@@ -83,6 +83,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "APPLIANCE_LORA_STORE": lambda: os.environ.get("APPLIANCE_LORA_STORE"),
     # vLLM's: load LoRA adapters named in requests at run time (set with APPLIANCE_LORA_STORE).
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": lambda: os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
+    # Set for a kept engine's vLLM server by whoever starts it: the token its claim and release
+    # routes ask for (appliance/serving/kept_engine.py).
+    "APPLIANCE_KEPT_ENGINE_TOKEN": lambda: os.environ.get("APPLIANCE_KEPT_ENGINE_TOKEN"),
     # vLLM CPU backend: KV-cache size in GiB (without it vLLM wants 90% of RAM free).
     "VLLM_CPU_KVCACHE_SPACE": lambda: os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
 }

@@ -15,7 +15,7 @@ Measures, in one run on one machine, each against a baseline of the same run:
   model's config and tokenizer with placeholder weights, asleep at level 2; a claim wakes its
   weights, loads the stored model into it from the host tier (appliance/store/engine_weights.py)
   and wakes its KV cache: the seconds from the claim to the first token, part by part, and the
-  GPU memory it keeps asleep (not yet through Slurm and the gateway);
+  GPU memory it keeps asleep (by hand: not yet through Slurm and the gateway);
 - prefix-aware routing: two instances of the model sharing the GPU (0.45 of its memory each),
   conversations that each begin with their own long document (benchmarks/conversations.py, as
   benchmarks/scheduling.py runs them on the CPU), runs under `prefix_affinity` and `least_loaded`
@@ -43,6 +43,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -57,8 +58,8 @@ from appliance import envs
 from appliance.config import ApplianceSettings
 from appliance.model_builders.shaped import SHAPES, build_shaped_model
 from appliance.models.catalog import add_local_model, load_catalog
+from appliance.serving import kept_engine
 from appliance.store import keyring
-from appliance.store.engine_weights import LOAD_METHOD, WORKER_EXTENSION
 from appliance_dev.stack import (
     cancel_instances,
     free_port,
@@ -483,29 +484,29 @@ def shape_dir(work: Path, preset: str) -> Path:
     return shape
 
 
-def claim_kept_engine(base: str, spec: str, model: str, sleeps: bool) -> dict:
-    """Level-2 sleep (weights dropped, KV cache freed), then a claim: weights' memory woken, the
-    stored model loaded into it, KV cache woken, prefix cache reset, a streamed first token.
-    Without `sleeps` (vLLM's CPU backend has no sleep mode) the load alone."""
+def claim_kept_engine(base: str, spec: str, model: str, token: str) -> dict:
+    """A release (weights dropped, KV cache freed: level-2 sleep where the device sleeps), then a
+    claim through the engine's own route (weights' memory woken, the stored model loaded into it,
+    KV cache woken, prefix cache emptied, served under the model's name) and a streamed first
+    token."""
+    headers = {"Authorization": f"Bearer {token}"}
 
-    def post(path: str, **kw) -> tuple[float, httpx.Response]:
+    def post(path: str, **body: str) -> tuple[float, dict]:
         t = time.perf_counter()
-        r = httpx.post(base + path, timeout=600, **kw)
+        r = httpx.post(base + path, json=body, headers=headers, timeout=600)
         if r.status_code != 200:
             raise RuntimeError(f"{path}: {r.status_code} {r.text[:2000]}")
-        return time.perf_counter() - t, r
+        return time.perf_counter() - t, r.json()
 
-    run: dict = {"sleep_s": round(post("/sleep?level=2")[0], 3) if sleeps else 0.0}
+    run: dict = {"release_s": round(post(kept_engine.RELEASE_PATH)[0], 3)}
     run["gpu_used_asleep_mib"] = gpu_used_mib()
     t0 = time.perf_counter()
-    run["wake_weights_s"] = round(post("/wake_up?tags=weights")[0], 3) if sleeps else 0.0
-    took, r = post("/collective_rpc", json={"method": LOAD_METHOD, "args": [spec]})
-    run["load_s"] = round(took, 3)
-    run["load_in_worker_s"] = round(float(r.json()["results"][0]), 3)
-    run["wake_kv_cache_s"] = round(post("/wake_up?tags=kv_cache")[0], 3) if sleeps else 0.0
-    run["reset_prefix_cache_s"] = round(post("/reset_prefix_cache")[0], 3)
+    took, claimed = post(kept_engine.CLAIM_PATH, spec=spec, model=model)
+    run["claim_s"] = round(took, 3)
+    run["load_s"] = claimed["load_s"]
+    run["woken"] = claimed["woken"]
     _, first = first_token(base, model)
-    run["first_token_after_ready_s"] = round(first, 3)
+    run["first_token_after_claim_s"] = round(first, 3)
     run["claim_to_first_token_s"] = round(time.perf_counter() - t0, 3)
     answer = httpx.post(
         base + "/v1/completions",
@@ -519,21 +520,20 @@ def claim_kept_engine(base: str, spec: str, model: str, sleeps: bool) -> dict:
 
 def part_kept(args, results: dict) -> None:
     """An engine set up on the model's shape with placeholder weights and sleep mode, claimed
-    `--runs` times (each after a level-2 sleep) with the stored model from the host tier."""
+    `--runs` times (each after a release: level-2 sleep) with the stored model from the host
+    tier, through its own routes (appliance/serving/kept_engine.py)."""
     settings = stack_settings(args.work, args.preset)
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     out = results.setdefault("kept_engine", {"runs": []})
     spec = keyring.load_spec(settings, args.preset).to_json()
-    sleeps = cuda_available()
     vllm_args = (
         "--load-format",
         "dummy",
-        *(("--enable-sleep-mode",) if sleeps else ()),
-        "--worker-extension-cls",
-        WORKER_EXTENSION,
+        *(("--enable-sleep-mode",) if cuda_available() else ()),
+        *kept_engine.server_args(),
         "--served-model-name",
-        args.preset,
+        f"{args.preset}-shape",
         "--max-model-len",
         str(args.max_model_len),
         *(() if cuda_available() else ("--enforce-eager",)),
@@ -544,19 +544,20 @@ def part_kept(args, results: dict) -> None:
         stack.enter_context(trusting_instances(settings))
         set_tier(store_url, args.preset, "host")
         shape = shape_dir(args.work, args.preset)
+        token = secrets.token_urlsafe(24)
         env = {
-            "VLLM_SERVER_DEV_MODE": "1",
+            "APPLIANCE_KEPT_ENGINE_TOKEN": token,
             "VLLM_USE_FLASHINFER_SAMPLER": "0",
             "SLURMD_NODENAME": "n1",  # the node whose store service holds the host tier
         }
         base, t0 = stack.enter_context(
             direct_vllm(shape, free_port(), logs / "vllm-kept.log", vllm_args, **env)
         )
-        first_token(base, args.preset)
+        first_token(base, f"{args.preset}-shape")
         out["start_s"] = round(time.perf_counter() - t0, 3)
         out["gpu_used_awake_mib"] = gpu_used_mib()
         for _ in range(args.runs):
-            out["runs"].append(claim_kept_engine(base, spec, args.preset, sleeps))
+            out["runs"].append(claim_kept_engine(base, spec, args.preset, token))
             print("kept", json.dumps(out["runs"][-1]), flush=True)
             save(args.work, results)
 
@@ -566,7 +567,7 @@ def kept_figures(kept: dict) -> dict:
     runs = kept.get("runs", [])
     if not runs:
         return {}
-    keys = ("claim_to_first_token_s", "wake_weights_s", "load_s", "wake_kv_cache_s")
+    keys = ("claim_to_first_token_s", "claim_s", "load_s", "first_token_after_claim_s")
     out = {f"kept_engine_{k}": round(median([r[k] for r in runs]), 3) for k in keys}
     asleep = [r["gpu_used_asleep_mib"] for r in runs if r["gpu_used_asleep_mib"]]
     if asleep:

