@@ -30,7 +30,8 @@ def serve(ctx: CliContext, node: str | None) -> None:
     # its own account (SO_PEERCRED): it drops to the same one.
     run_as_service_user(settings)
     run_privately(settings.layout)
-    run(settings.standby_socket(node or socket.gethostname().split(".")[0]))
+    node = node or socket.gethostname().split(".")[0]
+    run(settings.standby_socket(node), keep_s=settings.serving.keep_engine_s)
 
 
 COMMANDS = [standby_group]

@@ -46,6 +46,18 @@ class ServingSettings(BaseModel):
     cluster. With `standby` off, `appliance services restart` stops and disables the
     standbys."""
 
+    keep_engines: bool = False
+    """With `standby`: an instance's vLLM server outlives its job, kept by the node's standby
+    asleep without weights (about 3 GiB of its GPUs for the CUDA context and graphs), and the
+    next job of the same model files on the same GPUs takes it over and loads the model's
+    weights into it from the store, skipping vLLM's start (docs/gpu.md, "Kept engines"). A
+    kept engine is dropped after `keep_engine_s`, as soon as another instance needs its GPUs,
+    and when the standby stops; other Slurm jobs on its GPUs find that much memory taken
+    meanwhile."""
+
+    keep_engine_s: float = Field(default=900.0, gt=0)
+    """How long an idle kept engine waits for the next job of its model files."""
+
     sleep_mode: Literal["gpu", "always", "off"] = "gpu"
     """vLLM's sleep mode, so the gateway can park an idle instance (gateway.park_after_s): its
     weights move to host memory and its KV cache is freed, the job and its processes stay, and

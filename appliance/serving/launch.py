@@ -7,10 +7,12 @@ own output, write them with the endpoint, and pass Slurm's signals on to the ser
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import ssl
@@ -18,12 +20,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 from appliance import envs
 from appliance.errors import ApplianceError
 from appliance.security.internal_ca import InternalCa, InternalCaError
+from appliance.serving import kept_engine
 from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
 from appliance.serving.standby import (
     SERVER_MODULE,
@@ -66,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="The node's warm standby (appliance.serving.standby): start vLLM through it when "
         "it answers; `{node}` is this node's name.",
+    )
+    p.add_argument(
+        "--keep-engine",
+        action="store_true",
+        help="Through the standby, keep the server after the job, asleep without weights, for "
+        "the next job of the same model files on the same GPUs (serving.keep_engines); take "
+        "such a kept server where there is one.",
     )
     p.add_argument(
         "--compile-cache-dir",
@@ -210,6 +221,38 @@ def server_env(args: argparse.Namespace, device: str) -> dict[str, str]:
     return env
 
 
+# Arguments whose values differ between models that can share one kept engine.
+MODEL_ARGS = ("--model", "--served-model-name", "--port", "--model-loader-extra-config")
+# The environment that shapes an engine (its GPUs, vLLM's and the collectives' settings).
+ENGINE_ENV = ("CUDA_", "VLLM_", "NCCL_", "TORCH_", "PYTORCH_")
+
+
+def engine_key(argv: list[str], env: dict[str, str], files: Path) -> str:
+    """What a kept engine must match to take a model: the server's arguments but the model's
+    name, path, port and store spec; the engine's environment (its GPUs); and the content of
+    the model's small files (config, tokenizer, chat template), which vLLM reads at its start."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in MODEL_ARGS:
+            skip = True
+        else:
+            kept.append(arg)
+    shaping = {
+        k: v
+        for k, v in env.items()
+        if k.startswith(ENGINE_ENV) and k != "APPLIANCE_KEPT_ENGINE_TOKEN"
+    }
+    digests = {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(files.iterdir())
+        if path.is_file()
+    }
+    blob = json.dumps({"argv": kept, "env": shaping, "files": digests}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 class Launcher:
     """Starts the server, watches its output and health, and keeps the endpoint file current."""
 
@@ -225,8 +268,8 @@ class Launcher:
             ca = InternalCa(args.tls_dir)
             self.tls = ca.node_files(node)
             self._probe_ssl = ca.client_context()
-        scheme = "https" if self.tls else "http"
-        self.probe_url = f"{scheme}://{probe_host}:{self.port}{args.health_path}"
+        self._probe_host = probe_host
+        self.probe_url = self._probe_url()
         started = envs.APPLIANCE_JOB_STARTED_AT
         self.endpoint = InstanceEndpoint(
             job_id=int(envs.SLURM_JOB_ID or 0),
@@ -243,6 +286,10 @@ class Launcher:
         )
         self._lock = threading.Lock()
         self.proc: subprocess.Popen[str] | StandbyServer | None = None
+
+    def _probe_url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self._probe_host}:{self.port}{self.args.health_path}"
 
     def mark(self, phase: str) -> None:
         with self._lock:
@@ -303,12 +350,17 @@ class Launcher:
             LOAD_FORMAT,
             "--model-loader-extra-config",
             spec.to_json(),
+            *(kept_engine.server_args() if self._keeps(args) else []),
             *self.args.extra,
         ]
         try:
             return self._serve(args)
         finally:
             files.release()
+
+    def _keeps(self, args: argparse.Namespace) -> bool:
+        """Keep mode: a stored model's vLLM server through the node's standby."""
+        return bool(args.keep_engine and args.store_spec and args.standby_socket)
 
     def _from_standby(self, args: argparse.Namespace, cmd: list[str], env: dict[str, str]):
         """The vLLM server forked by the node's warm standby, or None (start it here)."""
@@ -322,10 +374,43 @@ class Launcher:
         if outside is None:
             print("appliance: not started by the standby (see the warning above)", flush=True)
             return None
-        server = StandbyServer.start(path, cmd[cmd.index(SERVER_MODULE) + 1 :], outside)
-        if server is not None:
+        argv = cmd[cmd.index(SERVER_MODULE) + 1 :]
+        keep = None
+        if self._keeps(args):
+            outside = {**outside, "APPLIANCE_KEPT_ENGINE_TOKEN": secrets.token_urlsafe(32)}
+            keep = {"key": engine_key(argv, outside, args.model_path)}
+        server = StandbyServer.start(path, argv, outside, keep=keep)
+        if server is not None and server.kept:
+            print(f"appliance: took the engine kept on {path} (pid {server.pid})", flush=True)
+        elif server is not None:
             print(f"appliance: {STARTED_BY_STANDBY} on {path}", flush=True)
         return server
+
+    def _claim(self, server: StandbyServer) -> int:
+        """Load this job's model into the engine it took over and serve it under its name; an
+        exit code when that failed (the standby then drops the engine)."""
+        kept = server.kept or {}
+        self.port = self.endpoint.port = int(kept["port"])
+        self.probe_url = self._probe_url()
+        request = urllib.request.Request(
+            self.probe_url.removesuffix(self.args.health_path) + kept_engine.CLAIM_PATH,
+            data=json.dumps({"spec": self.args.store_spec, "model": self.args.model}).encode(),
+            method="POST",
+            headers={
+                "Authorization": f"Bearer {kept['token']}",
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=600, context=self._probe_ssl) as reply:
+                print(f"appliance: claimed: {reply.read().decode()}", flush=True)
+            return 0
+        except urllib.error.HTTPError as exc:
+            print(f"appliance: the kept engine refused the claim: {exc.read()!r}", flush=True)
+            return STORE_REFUSED if exc.code == 403 else 1
+        except OSError as exc:
+            print(f"appliance: the kept engine did not answer the claim: {exc}", flush=True)
+            return 1
 
     def _serve(self, args: argparse.Namespace) -> int:
         cmd = server_command(args, self.port, self.device, self.tls)
@@ -341,8 +426,18 @@ class Launcher:
         )
         pump = threading.Thread(target=self._pump_output, daemon=True)
         pump.start()
+        if isinstance(self.proc, StandbyServer) and self.proc.kept:
+            # A kept engine answers /health already: ready only once this model is in it.
+            self.mark("process_started_at")
+            refused = self._claim(self.proc)
+            if refused:
+                self.proc.close()
+                return self._ended(refused, pump)
+            self.mark("weights_loaded_at")
         threading.Thread(target=self._watch_health, daemon=True).start()
-        code = self.proc.wait()
+        return self._ended(self.proc.wait(), pump)
+
+    def _ended(self, code: int, pump: threading.Thread) -> int:
         pump.join(timeout=5)
         with self._lock:
             self.endpoint.exit_code = code

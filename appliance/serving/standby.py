@@ -13,22 +13,38 @@ session is killed. The server runs outside the job's processes (and cgroup): the
 the ones Slurm gave the job (CUDA_VISIBLE_DEVICES, renumbered among all of the host's GPUs where
 the job's cgroup hides the others: env_outside_the_job), and it lives exactly as long as the
 job. A connection that sends nothing is a probe (`appliance services`, the installer's
-self-test) and is closed without a word."""
+self-test) and is closed without a word.
+
+Kept engines (serving.keep_engines): a request with "keep": {"key": ...} gets a server that
+outlives its job. When its launcher releases it (the job ends) or goes away, the server empties
+its KV cache and drops its weights (appliance/serving/kept_engine.py's release: vLLM's level-2
+sleep on a GPU, about 3 GiB kept for the CUDA context and graphs) and waits; the next request
+with the same key (the same model files, vLLM arguments and GPUs) takes it over: the child
+answers {"pid": n, "kept": {"port": p, "token": t}} and the launcher loads its model's weights
+into it through the claim route, without vLLM's start. An idle engine is dropped after
+`keep_s`, as soon as another server needs any of its GPUs, and when the standby stops."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import runpy
+import selectors
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
+import termios
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -42,6 +58,10 @@ MAX_REQUEST_BYTES = 1 << 20
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 # Seconds between SIGTERM and SIGKILL of a server whose launcher went away.
 KILL_GRACE_S = 10.0
+# How long an idle kept engine waits for the next job of its key (serving.keep_engine_s).
+KEEP_S = 900.0
+# Seconds a server that must make room on its GPUs waits for a dropped engine to end.
+DROP_WAIT_S = 30.0
 
 
 def preload(module: str) -> None:
@@ -76,45 +96,190 @@ def _private_socket(path: Path) -> socket.socket:
     return server
 
 
-def serve(path: Path, module: str = SERVER_MODULE) -> None:
-    """Preload, then fork a server (`python -m module`) for every request on the socket, until
-    SIGTERM."""
-    preload(module)
-    server = _private_socket(path)
-    # Children are reaped as they end; each child resets this for vLLM's own subprocesses.
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"appliance standby: ready on {path} (pid {os.getpid()})", flush=True)
-    try:
-        while True:
-            conn, _ = server.accept()
-            try:
-                if _peer_uid(conn) != os.getuid():
-                    conn.close()
-                    continue
-                conn.settimeout(10)
-                data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 1)
-                if not data and not fds:  # a probe: is the standby there?
-                    conn.close()
-                    continue
-                request = json.loads(data.decode())
-            except (OSError, ValueError) as exc:
-                log.warning("standby: bad request: %s", exc)
+@dataclass
+class KeptChild:
+    """A server of the keep mode, seen from the standby: busy with a job, or idle since `since`."""
+
+    pid: int
+    ctrl: socket.socket  # the standby's end of a socket pair with the child
+    key: str
+    gpus: frozenset[str]
+    since: float | None = None  # idle since (monotonic); None while a job has it
+
+
+@dataclass
+class Standby:
+    """The standby's loop: forks servers, keeps the idle engines of the keep mode and hands them
+    to the next job of their key."""
+
+    path: Path
+    module: str = SERVER_MODULE
+    keep_s: float = KEEP_S
+    kept: dict[socket.socket, KeptChild] = field(default_factory=dict)
+
+    def serve(self) -> None:
+        preload(self.module)
+        server = _private_socket(self.path)
+        # Children are reaped as they end; each child resets this for vLLM's own subprocesses.
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print(f"appliance standby: ready on {self.path} (pid {os.getpid()})", flush=True)
+        selector = selectors.DefaultSelector()
+        selector.register(server, selectors.EVENT_READ)
+        try:
+            while True:
+                for key, _ in selector.select(timeout=self._next_expiry()):
+                    if key.fileobj is server:
+                        self._accept(server, selector)
+                    else:
+                        self._from_child(key.fileobj, selector)  # type: ignore[arg-type]
+                self._expire(selector)
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            for child in list(self.kept.values()):
+                if child.since is not None:  # busy servers live on with their jobs
+                    _kill(child.pid)
+
+    def _accept(self, server: socket.socket, selector: selectors.BaseSelector) -> None:
+        conn, _ = server.accept()
+        try:
+            if _peer_uid(conn) != os.getuid():
                 conn.close()
-                continue
+                return
+            conn.settimeout(10)
+            data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 1)
+            if not data and not fds:  # a probe: is the standby there?
+                conn.close()
+                return
+            request = json.loads(data.decode())
+        except (OSError, ValueError) as exc:
+            log.warning("standby: bad request: %s", exc)
+            conn.close()
+            return
+        out_fd = fds[0] if fds else None
+        keep = request.get("keep")
+        gpus = _gpus(request.get("env", {}))
+        try:
+            if keep and self._hand_over(str(keep["key"]), conn, out_fd, selector):
+                return
+            self._drop_idle_on(gpus, selector)
             if threading.active_count() > 1:
                 log.warning("standby: forking with %d threads", threading.active_count())
+            ctrl, child_ctrl = socket.socketpair() if keep else (None, None)
             pid = os.fork()
             if pid == 0:  # the child: never returns
                 server.close()
-                _become_server(conn, request, fds[0] if fds else None, module)
+                for other in self.kept:
+                    other.close()
+                if ctrl is not None:
+                    ctrl.close()
+                _become_server(conn, request, out_fd, self.module, child_ctrl)
+            if ctrl is not None and child_ctrl is not None:
+                child_ctrl.close()
+                self.kept[ctrl] = KeptChild(pid, ctrl, str(keep["key"]), gpus)
+                selector.register(ctrl, selectors.EVENT_READ)
+        finally:
             conn.close()
-            for fd in fds:
-                os.close(fd)
-    finally:
-        server.close()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            if out_fd is not None:
+                os.close(out_fd)
+
+    def _hand_over(
+        self, key: str, conn: socket.socket, out_fd: int | None, selector: selectors.BaseSelector
+    ) -> bool:
+        """Give the launcher an idle engine of its key, if there is one."""
+        for child in self.kept.values():
+            if child.key == key and child.since is not None:
+                fds = [conn.fileno()] + ([out_fd] if out_fd is not None else [])
+                try:
+                    socket.send_fds(child.ctrl, [b'{"claim": true}\n'], fds)
+                except OSError:
+                    self._forget(child, selector)
+                    continue
+                child.since = None
+                log.info("standby: kept engine %d taken by the next job of its key", child.pid)
+                return True
+        return False
+
+    def _from_child(self, ctrl: socket.socket, selector: selectors.BaseSelector) -> None:
+        child = self.kept[ctrl]
+        try:
+            data = ctrl.recv(4096)
+        except OSError:
+            data = b""
+        if not data:  # the server ended
+            self._forget(child, selector)
+            return
+        for line in data.splitlines():
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("idle"):
+                    child.since = time.monotonic()
+                    log.info("standby: engine %d kept for the next job of its key", child.pid)
+
+    def _drop_idle_on(self, gpus: frozenset[str], selector: selectors.BaseSelector) -> None:
+        """End the idle engines on any of `gpus` (all idle ones without GPUs: the CPU's memory),
+        and wait for them to go, so that the next server finds the memory free."""
+        dropped = [
+            c
+            for c in self.kept.values()
+            if c.since is not None and (c.gpus & gpus or not (c.gpus or gpus))
+        ]
+        for child in dropped:
+            log.info("standby: kept engine %d dropped: its GPUs are wanted", child.pid)
+            _kill(child.pid)
+        deadline = time.monotonic() + DROP_WAIT_S
+        for child in dropped:
+            while _alive(child.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._forget(child, selector)
+
+    def _next_expiry(self) -> float | None:
+        idle = [c.since for c in self.kept.values() if c.since is not None]
+        return max(0.0, min(idle) + self.keep_s - time.monotonic()) if idle else None
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for child in list(self.kept.values()):
+            if child.since is not None and now - child.since >= self.keep_s:
+                log.info(
+                    "standby: kept engine %d dropped after %.0f s idle", child.pid, self.keep_s
+                )
+                _kill(child.pid)
+                self._forget(child, selector)
+
+    def _forget(self, child: KeptChild, selector: selectors.BaseSelector) -> None:
+        if self.kept.pop(child.ctrl, None) is not None:
+            selector.unregister(child.ctrl)
+            child.ctrl.close()
+
+
+def serve(path: Path, module: str = SERVER_MODULE, keep_s: float = KEEP_S) -> None:
+    """Preload, then fork a server (`python -m module`) for every request on the socket, until
+    SIGTERM."""
+    Standby(path, module, keep_s).serve()
+
+
+def _gpus(env: dict[str, str]) -> frozenset[str]:
+    visible = env.get("CUDA_VISIBLE_DEVICES") or ""
+    return frozenset(g for g in visible.split(",") if g)
+
+
+def _kill(pid: int) -> None:
+    """End a server's whole session (its engine processes with it)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether any process of the server's session (its engine processes too) is left."""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _send(conn: socket.socket, message: dict) -> None:
@@ -122,13 +287,29 @@ def _send(conn: socket.socket, message: dict) -> None:
         conn.sendall((json.dumps(message) + "\n").encode())
 
 
-def _become_server(conn: socket.socket, request: dict, out_fd: int | None, module: str) -> None:
+def _become_server(
+    conn: socket.socket,
+    request: dict,
+    out_fd: int | None,
+    module: str,
+    ctrl: socket.socket | None = None,
+) -> None:
+    """The forked child: becomes the server; with `ctrl` (keep mode) it outlives its job."""
     code = 1
+    kept: KeptServer | None = None
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.setsid()  # its own session: the server and its engine are killed together
-        if out_fd is not None:
+        if ctrl is not None:
+            # Through a pipe of its own (the engine processes inherit it): the output goes to
+            # whichever job has the server now.
+            read_fd, write_fd = os.pipe()
+            os.dup2(write_fd, 1)
+            os.dup2(write_fd, 2)
+            os.close(write_fd)
+            kept = KeptServer(conn, ctrl, request, _Relay(read_fd, out_fd))
+        elif out_fd is not None:
             os.dup2(out_fd, 1)
             os.dup2(out_fd, 2)
             os.close(out_fd)
@@ -137,7 +318,8 @@ def _become_server(conn: socket.socket, request: dict, out_fd: int | None, modul
         os.chdir(request.get("cwd") or "/")
         conn.settimeout(None)
         _send(conn, {"pid": os.getpid()})
-        threading.Thread(target=_watch_launcher, args=(conn,), daemon=True).start()
+        watch = kept.run if kept is not None else lambda: _watch_launcher(conn)
+        threading.Thread(target=watch, daemon=True).start()
         sys.argv = [module, *request["argv"]]
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -147,7 +329,7 @@ def _become_server(conn: socket.socket, request: dict, out_fd: int | None, modul
     except BaseException as exc:  # reported to the launcher, which logs it
         print(f"appliance standby: the server failed: {exc!r}", file=sys.stderr, flush=True)
     finally:
-        _send(conn, {"exit": code})
+        _send(kept.conn if kept is not None else conn, {"exit": code})
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -155,6 +337,14 @@ def _become_server(conn: socket.socket, request: dict, out_fd: int | None, modul
 
 def _watch_launcher(conn: socket.socket) -> None:
     """Pass the launcher's signals on to the server's session; kill it if the launcher goes."""
+    for message in _messages(conn):
+        with contextlib.suppress(ValueError, KeyError, ProcessLookupError):
+            os.killpg(os.getpgrp(), int(message["signal"]))
+    _kill_session()
+
+
+def _messages(conn: socket.socket) -> Iterator[dict]:
+    """The launcher's messages, one JSON line each, until its end closes."""
     buf = b""
     while True:
         try:
@@ -162,13 +352,136 @@ def _watch_launcher(conn: socket.socket) -> None:
         except OSError:
             chunk = b""
         if not chunk:
-            _kill_session()
             return
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
-            with contextlib.suppress(ValueError, KeyError, ProcessLookupError):
-                os.killpg(os.getpgrp(), int(json.loads(line)["signal"]))
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if isinstance(message, dict):
+                    yield message
+
+
+class _Relay:
+    """Copies the server's output to the current job's pipe (none while the engine is idle)."""
+
+    def __init__(self, read_fd: int, sink: int | None):
+        self._read_fd = read_fd
+        self._sink = sink
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def drain(self, timeout: float = 1.0) -> None:
+        """Until what the server wrote so far has been copied (its job's log gets the release)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = fcntl.ioctl(self._read_fd, termios.FIONREAD, b"\0\0\0\0")
+            if not int.from_bytes(pending, sys.byteorder):
+                with self._lock:  # and not in the middle of a copy
+                    return
+            time.sleep(0.01)
+
+    def set_sink(self, sink: int | None) -> None:
+        with self._lock:
+            old, self._sink = self._sink, sink
+        if old is not None and old != sink:
+            with contextlib.suppress(OSError):
+                os.close(old)
+
+    def _run(self) -> None:
+        while chunk := os.read(self._read_fd, 65536):
+            with self._lock:
+                if self._sink is None:
+                    continue
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(self._sink, view) :]
+                except OSError:  # the job's end of the pipe is gone
+                    os.close(self._sink)
+                    self._sink = None
+
+
+class KeptServer:
+    """The keep mode, inside the server's process: serves a job until its launcher releases it
+    or goes away, then releases the engine (kept_engine's route), tells the standby it is idle
+    and waits for the next job of its key, which it answers with its port and token."""
+
+    def __init__(self, conn: socket.socket, ctrl: socket.socket, request: dict, relay: _Relay):
+        self.conn = conn
+        self.ctrl = ctrl
+        self.relay = relay
+        argv, env = request["argv"], request["env"]
+        self.port = int(_arg(argv, "--port") or 8000)
+        host = _arg(argv, "--host") or "127.0.0.1"
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        scheme = "https" if "--ssl-certfile" in argv else "http"
+        self.release_url = f"{scheme}://{host}:{self.port}/appliance/engine/release"
+        self.token = env.get("APPLIANCE_KEPT_ENGINE_TOKEN", "")
+
+    def run(self) -> None:
+        while True:
+            released = False
+            for message in _messages(self.conn):
+                if message.get("release"):
+                    released = True
+                    break
+                with contextlib.suppress(ValueError, KeyError, ProcessLookupError):
+                    os.killpg(os.getpgrp(), int(message["signal"]))
+            if not self._release():
+                _kill_session()
+                return
+            self.relay.drain()
+            self.relay.set_sink(None)
+            if released:
+                _send(self.conn, {"exit": 0, "kept": True})
+            self.conn.close()
+            if not self._next_job():
+                _kill_session()  # the standby is gone or dropped it: nobody would hand it out
+                return
+
+    def _release(self) -> bool:
+        request = urllib.request.Request(
+            self.release_url, data=b"{}", method="POST", headers=self._headers()
+        )
+        context = None
+        if self.release_url.startswith("https"):
+            # Its own server, on its own port: nothing to verify.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        try:
+            with urllib.request.urlopen(request, timeout=300, context=context) as reply:
+                return reply.status == 200
+        except OSError as exc:
+            print(f"appliance standby: the engine could not be kept: {exc}", flush=True)
+            return False
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+
+    def _next_job(self) -> bool:
+        try:
+            self.ctrl.sendall(b'{"idle": true}\n')
+            data, fds, _, _ = socket.recv_fds(self.ctrl, 4096, 2)
+        except OSError:
+            return False
+        if not data or not fds:
+            for fd in fds:
+                os.close(fd)
+            return False
+        self.conn = socket.socket(fileno=fds[0])
+        self.conn.settimeout(None)  # the standby's timeout made it non-blocking
+        self.relay.set_sink(fds[1] if len(fds) > 1 else None)
+        _send(self.conn, {"pid": os.getpid(), "kept": {"port": self.port, "token": self.token}})
+        return True
+
+
+def _arg(argv: list[str], flag: str) -> str | None:
+    """The value after `flag` in `argv`, or None."""
+    with contextlib.suppress(ValueError, IndexError):
+        return argv[argv.index(flag) + 1]
+    return None
 
 
 def _kill_session() -> None:
@@ -255,18 +568,28 @@ class StandbyServer:
     """The launcher's side: a server started by the node's standby, used like a Popen (stdout to
     read, send_signal, wait, poll)."""
 
-    def __init__(self, conn: socket.socket, lines, stdout, pid: int):
+    def __init__(self, conn: socket.socket, lines, stdout, pid: int, kept: dict | None = None):
         self._conn = conn
         self._lines = lines  # the standby's messages (one reader: its buffer holds what is next)
         self.stdout = stdout
         self.pid = pid
+        # Keep mode: the server outlives the job; `kept` ({"port", "token"}) when this job took
+        # over an idle engine (its model's weights still to be claimed), else {} .
+        self.kept = kept
         self.returncode: int | None = None
 
     @classmethod
     def start(
-        cls, path: Path, argv: list[str], env: dict[str, str], timeout: float = 5.0
+        cls,
+        path: Path,
+        argv: list[str],
+        env: dict[str, str],
+        timeout: float = 5.0,
+        keep: dict | None = None,
     ) -> StandbyServer | None:
-        """The server, or None when no standby answers on `path` (start it the usual way)."""
+        """The server, or None when no standby answers on `path` (start it the usual way). With
+        `keep` ({"key": ...}), a server in keep mode: an idle engine of the same key if the
+        standby has one."""
         if not path.exists():
             return None
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -274,7 +597,12 @@ class StandbyServer:
         read_fd, write_fd = os.pipe()
         try:
             conn.connect(str(path))
-            body = {"argv": argv, "env": env, "cwd": os.getcwd()}
+            body = {
+                "argv": argv,
+                "env": env,
+                "cwd": os.getcwd(),
+                **({"keep": keep} if keep else {}),
+            }
             socket.send_fds(conn, [json.dumps(body).encode()], [write_fd])
             os.close(write_fd)
             write_fd = -1
@@ -289,10 +617,15 @@ class StandbyServer:
                 os.close(write_fd)
             return None
         conn.settimeout(None)
-        return cls(conn, lines, os.fdopen(read_fd, "r", buffering=1), pid)
+        kept = (answer.get("kept") or {}) if keep else None
+        return cls(conn, lines, os.fdopen(read_fd, "r", buffering=1), pid, kept)
 
     def send_signal(self, signum: int) -> None:
-        _send(self._conn, {"signal": int(signum)})
+        if self.kept is not None and signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            # The job ends: the engine is released and kept, not stopped.
+            _send(self._conn, {"release": True})
+        else:
+            _send(self._conn, {"signal": int(signum)})
 
     def poll(self) -> int | None:
         return self.returncode
@@ -320,9 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--socket", required=True, type=Path)
     ap.add_argument("--module", default=SERVER_MODULE, help="The server's module (tests).")
+    ap.add_argument("--keep-s", type=float, default=KEEP_S, help="An idle kept engine's life.")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    serve(args.socket, args.module)
+    serve(args.socket, args.module, args.keep_s)
     return 0
 
 

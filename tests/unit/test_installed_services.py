@@ -143,7 +143,7 @@ def test_the_supervisor_runs_each_standby(tmp_path):
 def test_the_standby_drops_to_the_account_the_instance_jobs_run_as(tmp_path, monkeypatch):
     done = []
     monkeypatch.setattr(privileges, "run_as_service_user", lambda s: done.append("dropped"))
-    monkeypatch.setattr(standby, "serve", lambda path: done.append(path))
+    monkeypatch.setattr(standby, "serve", lambda path, keep_s: done.append(path))
     config = tmp_path / "config.yaml"
     config.write_text(f"state_dir: {tmp_path / 'state'}\nsecurity:\n  service_user: svc\n")
     result = CliRunner().invoke(

@@ -93,7 +93,9 @@ def test_a_standby_is_used_only_where_it_answers_and_can_name_the_job_s_gpus(
     cmd = server_command(args, 1, "cuda")
     started = []
     monkeypatch.setattr(
-        launch.StandbyServer, "start", lambda path, argv, env: started.append((path, env))
+        launch.StandbyServer,
+        "start",
+        lambda path, argv, env, keep=None: started.append((path, env)),
     )
     assert launcher._from_standby(args, cmd, {}) is None and not started  # no standby on n2
     socket.touch()

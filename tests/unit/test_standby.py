@@ -1,14 +1,20 @@
 """The warm standby forks a server per request, in a session of its own, with the launcher's
 argv, environment and output pipe; passes signals on; reports the exit code; and kills the
-server when the launcher goes away. A stand-in module plays vLLM's server."""
+server when the launcher goes away. In keep mode the server outlives its job, released, and the
+next job of its key takes it over; it is dropped when idle too long, when another server needs
+its GPUs, and when the standby stops. A stand-in module plays vLLM's server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +26,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def standby(tmp_path):
+def keep_s() -> float:
+    return 60.0
+
+
+@pytest.fixture
+def standby(tmp_path, keep_s):
     """The standby's socket and its process (its output after the "ready" line unread)."""
     run = tmp_path / "run"
     path = run / "standby-n1.sock"
@@ -34,6 +45,8 @@ def standby(tmp_path):
             str(path),
             "--module",
             "fake_server",
+            "--keep-s",
+            str(keep_s),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -170,3 +183,133 @@ def test_gpus_that_cannot_be_named_outside_the_job_keep_the_server_in_it(tmp_pat
     assert env_outside_the_job({"CUDA_VISIBLE_DEVICES": "GPU-1234"}, gpus, only_first) is None
     assert env_outside_the_job({"CUDA_VISIBLE_DEVICES": "1"}, gpus, only_first) is None
     assert env_outside_the_job({"CUDA_VISIBLE_DEVICES": "0"}, gpus, broken) is None
+
+
+# -- keep mode --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def started():
+    """Servers a test started: their sessions killed at the end whatever happened."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def kept_job(socket_path, started, key="k1", gpus="0", port=None, token="t1"):
+    """A job's server in keep mode (an HTTP stand-in on `port`), as the launcher starts it."""
+    port = port or free_port()
+    env = {"CUDA_VISIBLE_DEVICES": gpus, "APPLIANCE_KEPT_ENGINE_TOKEN": token, "PATH": "/bin"}
+    server = StandbyServer.start(
+        socket_path, ["--port", str(port), "--http"], env, keep={"key": key}
+    )
+    assert server is not None
+    started.append(server.pid)
+    return server
+
+
+def wait_log(proc: subprocess.Popen, text: str, timeout: float = 10) -> None:
+    """Until the standby logs `text` (it tells an engine idle after its job has seen the end)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.1)[0] and text in proc.stdout.readline():
+            return
+    raise AssertionError(f"the standby never logged {text!r}")
+
+
+def released(proc: subprocess.Popen, server: StandbyServer) -> None:
+    """End a job's use of its kept server, as the launcher does when Slurm ends the job."""
+    server.send_signal(signal.SIGTERM)
+    assert server.wait() == 0
+    wait_log(proc, "kept for the next job")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, path: str, token: str) -> int:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=b"{}",
+        method="POST",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return reply.status
+
+
+def test_a_kept_engine_outlives_its_job_released_and_the_next_job_of_its_key_takes_it(
+    standby, started
+):
+    socket_path, proc = standby
+    first = kept_job(socket_path, started)
+    assert first.kept == {}  # a fresh server: its job loads the model as it starts
+    assert "argv=" in first.stdout.readline()
+    released(proc, first)  # the job ends: released, not stopped
+    assert "/appliance/engine/release ok" in first.stdout.readline()
+    assert alive(first.pid)
+
+    second = kept_job(socket_path, started)
+    assert second.pid == first.pid
+    assert second.kept["token"] == "t1" and second.kept["port"] > 0
+    # The engine's output now reaches the job that has it.
+    assert post(second.kept["port"], "/appliance/engine/claim", "t1") == 200
+    assert "/appliance/engine/claim ok" in second.stdout.readline()
+
+
+def test_a_launcher_killed_with_its_job_leaves_the_engine_kept(standby, started):
+    socket_path, proc = standby
+    first = kept_job(socket_path, started)
+    first.stdout.readline()
+    first.close()  # as when Slurm kills the launcher
+    wait_log(proc, "kept for the next job")
+    second = kept_job(socket_path, started)
+    assert second.pid == first.pid and second.kept
+
+
+def test_another_key_on_the_same_gpu_drops_the_idle_engine_and_gets_a_new_server(standby, started):
+    socket_path, proc = standby
+    first = kept_job(socket_path, started)
+    first.stdout.readline()
+    released(proc, first)
+    other_gpu = kept_job(socket_path, started, key="k2", gpus="1")
+    assert other_gpu.pid != first.pid and alive(first.pid)  # another GPU: kept
+    same_gpu = kept_job(socket_path, started, key="k2", gpus="0")
+    assert same_gpu.pid != first.pid and not same_gpu.kept
+    wait_gone(first.pid)
+    # Two jobs of one key at once: the busy engine is not handed out.
+    busy = kept_job(socket_path, started, key="k2", gpus="0")
+    assert busy.pid != same_gpu.pid
+
+
+@pytest.mark.parametrize("keep_s", [1.0])
+def test_an_idle_engine_is_dropped_after_keep_s(standby, started):
+    socket_path, proc = standby
+    first = kept_job(socket_path, started)
+    first.stdout.readline()
+    released(proc, first)
+    wait_gone(first.pid, timeout=10)
+    assert not kept_job(socket_path, started).kept
+
+
+def test_stopping_the_standby_drops_idle_engines_and_leaves_busy_ones_with_their_jobs(
+    standby, started
+):
+    socket_path, proc = standby
+    idle = kept_job(socket_path, started, gpus="0")
+    idle.stdout.readline()
+    released(proc, idle)
+    busy = kept_job(socket_path, started, key="k2", gpus="1")
+    busy.stdout.readline()
+    proc.terminate()
+    proc.wait(timeout=10)
+    wait_gone(idle.pid)
+    assert alive(busy.pid)
+    busy.send_signal(signal.SIGTERM)  # its job ends; nobody would hand it out again
+    busy.wait()
+    wait_gone(busy.pid, timeout=20)
