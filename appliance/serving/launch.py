@@ -73,10 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--keep-engine",
-        action="store_true",
+        choices=["gpu", "always"],
+        default=None,
         help="Through the standby, keep the server after the job, asleep without weights, for "
-        "the next job of the same model files on the same GPUs (serving.keep_engines); take "
-        "such a kept server where there is one.",
+        "the next job of the same model files on the same GPUs, and take such a kept server "
+        "where there is one (serving.keep_engines): on a GPU, or always.",
     )
     p.add_argument(
         "--compile-cache-dir",
@@ -360,7 +361,9 @@ class Launcher:
 
     def _keeps(self, args: argparse.Namespace) -> bool:
         """Keep mode: a stored model's vLLM server through the node's standby."""
-        return bool(args.keep_engine and args.store_spec and args.standby_socket)
+        if not (args.keep_engine and args.store_spec and args.standby_socket):
+            return False
+        return args.keep_engine == "always" or self.device == "cuda"
 
     def _from_standby(self, args: argparse.Namespace, cmd: list[str], env: dict[str, str]):
         """The vLLM server forked by the node's warm standby, or None (start it here)."""

@@ -198,7 +198,7 @@ class Standby:
                     self._forget(child, selector)
                     continue
                 child.since = None
-                log.info("standby: kept engine %d taken by the next job of its key", child.pid)
+                _say(f"kept engine {child.pid} taken by the next job of its key")
                 return True
         return False
 
@@ -215,7 +215,7 @@ class Standby:
             with contextlib.suppress(ValueError):
                 if json.loads(line).get("idle"):
                     child.since = time.monotonic()
-                    log.info("standby: engine %d kept for the next job of its key", child.pid)
+                    _say(f"engine {child.pid} kept for the next job of its key")
 
     def _drop_idle_on(self, gpus: frozenset[str], selector: selectors.BaseSelector) -> None:
         """End the idle engines on any of `gpus` (all idle ones without GPUs: the CPU's memory),
@@ -226,7 +226,7 @@ class Standby:
             if c.since is not None and (c.gpus & gpus or not (c.gpus or gpus))
         ]
         for child in dropped:
-            log.info("standby: kept engine %d dropped: its GPUs are wanted", child.pid)
+            _say(f"kept engine {child.pid} dropped: its GPUs are wanted")
             _kill(child.pid)
         deadline = time.monotonic() + DROP_WAIT_S
         for child in dropped:
@@ -242,9 +242,7 @@ class Standby:
         now = time.monotonic()
         for child in list(self.kept.values()):
             if child.since is not None and now - child.since >= self.keep_s:
-                log.info(
-                    "standby: kept engine %d dropped after %.0f s idle", child.pid, self.keep_s
-                )
+                _say(f"kept engine {child.pid} dropped after {self.keep_s:.0f} s idle")
                 _kill(child.pid)
                 self._forget(child, selector)
 
@@ -258,6 +256,11 @@ def serve(path: Path, module: str = SERVER_MODULE, keep_s: float = KEEP_S) -> No
     """Preload, then fork a server (`python -m module`) for every request on the socket, until
     SIGTERM."""
     Standby(path, module, keep_s).serve()
+
+
+def _say(message: str) -> None:
+    """A line of the standby's own log (its output, as its "ready" line)."""
+    print(f"appliance standby: {message}", flush=True)
 
 
 def _gpus(env: dict[str, str]) -> frozenset[str]:
