@@ -11,7 +11,7 @@ Measures, in one run on one machine, each against a baseline of the same run:
 - the GPU memory peak of a load, over the model's size (the store's plugin logs it);
 - vLLM's sleep mode on the same checkpoint: GPU memory kept by a sleeping server and the time a
   request takes to wake it (level 1: weights kept in host memory; level 2: reloaded);
-- an engine kept set up (docs/gpu.md, "Under 10 s from stopped"): vLLM started by hand on the
+- an engine kept set up (docs/gpu.md, "Kept engines"): vLLM started by hand on the
   model's config and tokenizer with placeholder weights, asleep at level 2; a claim wakes its
   weights, loads the stored model into it from the host tier (appliance/store/engine_weights.py)
   and wakes its KV cache: the seconds from the claim to the first token, part by part, and the

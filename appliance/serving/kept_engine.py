@@ -1,6 +1,6 @@
 """The routes of a kept engine: a vLLM server set up on a model's shape with placeholder weights
 (`--load-format dummy`) that takes a stored model of that shape while it runs (docs/gpu.md,
-"Under 10 s from stopped"). Added to vLLM's OpenAI server as a `--middleware`:
+"Kept engines"). Added to vLLM's OpenAI server as a `--middleware`:
 
 - `POST /appliance/engine/claim` {"spec": StoreLoadSpec JSON, "model": name}: the model's policy
   checked, the engine woken (weights first), the stored weights loaded into it by each worker
