@@ -253,6 +253,17 @@ def first_token(url: str, model: str, timeout: float = 900) -> tuple[float, floa
     return first_text_chunk(url, {"model": model, "messages": PROMPT, "max_tokens": 8}, timeout)
 
 
+def greedy_answer(url: str, model: str) -> str:
+    """A short greedy completion: the same weights give the same text."""
+    reply = httpx.post(
+        url + "/v1/completions",
+        json={"model": model, "prompt": "The sea", "max_tokens": 16, "temperature": 0},
+        timeout=120,
+    )
+    reply.raise_for_status()
+    return reply.json()["choices"][0]["text"]
+
+
 def log_durations(text: str) -> dict[str, float]:
     """The durations vLLM and the store's plugin log while an instance starts."""
     out = {}
@@ -379,6 +390,8 @@ def cold_start(
         # A job that finds no standby ready starts its server the usual way.
         run["standby_used"] = "server started by the standby" in text
         run["kept_engine_used"] = "took the engine kept" in text
+    # Greedy: a kept engine that took the model must answer as a fresh start of it does.
+    run["answer"] = greedy_answer(url, model)
     if "load_peak_gpu_bytes_over_model" in logged:
         run["load_peak_gpu_bytes_over_model"] = logged["load_peak_gpu_bytes_over_model"]
     return run
@@ -515,13 +528,7 @@ def claim_kept_engine(base: str, spec: str, model: str, token: str) -> dict:
     _, first = first_token(base, model)
     run["first_token_after_claim_s"] = round(first, 3)
     run["claim_to_first_token_s"] = round(time.perf_counter() - t0, 3)
-    answer = httpx.post(
-        base + "/v1/completions",
-        json={"model": model, "prompt": "The sea", "max_tokens": 16, "temperature": 0},
-        timeout=120,
-    )
-    answer.raise_for_status()
-    run["answer"] = answer.json()["choices"][0]["text"]
+    run["answer"] = greedy_answer(base, model)
     return run
 
 
@@ -899,6 +906,15 @@ def part_report(args, results: dict) -> dict:
                     tiers["parked"] / summary["baseline_vllm_default_s"], 3
                 )
         summary["phases"] = median_phases([r for r in shipped["runs"] if r["tier"] == "host"])
+        kept = [r for r in shipped["runs"] if r.get("kept_engine_used")]
+        if kept:
+            runs = len(shipped["runs"])
+            summary["cold_starts_on_kept_engine"] = f"{len(kept)} of {runs} cold starts"
+            reference = shipped.get("first_start", {}).get("answer")
+            if reference is not None:
+                summary["cold_start_answers_as_first_start"] = all(
+                    r.get("answer") == reference for r in kept
+                )
         if base:
             summary["cold_start_vs_vllm_default"] = round(
                 summary["first_token_s"] / summary["baseline_vllm_default_s"], 3
@@ -943,6 +959,9 @@ def part_report(args, results: dict) -> dict:
     rows.append(("baseline_vllm_default_s", summary.get("baseline_vllm_default_s"), ""))
     for key in ("first_token_s_page_cache", "first_token_s_cold_disk"):
         rows.append((key, summary.get(key), ""))
+    for key in ("cold_starts_on_kept_engine", "cold_start_answers_as_first_start"):
+        if key in summary:
+            rows.append((key, summary[key], "the engine kept from an earlier job"))
     for key in ("first_token_s_parked", "parked_vs_vllm_default", "wake_s_parked"):
         if key in summary:
             rows.append((key, summary[key], "instance parked, not stopped"))

@@ -64,7 +64,9 @@ class KeptEngine:
             raise
         if asleep:
             await client.wake_up(tags=["kv_cache"])
-        await client.reset_prefix_cache()  # what earlier weights computed is not this model's
+        # What earlier weights computed is not this model's (a level-2 sleep cleared it too);
+        # nothing of this model runs yet, so whatever still holds blocks may go.
+        await client.reset_prefix_cache(reset_running_requests=True)
         self.serve_as(state, model)
         return {
             "model": model,
@@ -75,7 +77,7 @@ class KeptEngine:
 
     async def release(self, state: Any, sleeps: bool) -> dict:
         client = state.engine_client
-        await client.reset_prefix_cache()
+        await client.reset_prefix_cache(reset_running_requests=True)  # its job has ended
         if sleeps and not await client.is_sleeping():
             await client.sleep(level=2)
         if self.first_name is not None:
