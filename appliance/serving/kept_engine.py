@@ -77,8 +77,12 @@ class KeptEngine:
 
     async def release(self, state: Any, sleeps: bool) -> dict:
         client = state.engine_client
+        if sleeps and await client.is_sleeping():
+            # Parked (level 1: its weights in host memory): woken first, so that the idle
+            # engine keeps neither the weights in host memory nor anything on its GPUs.
+            await client.wake_up()
         await client.reset_prefix_cache(reset_running_requests=True)  # its job has ended
-        if sleeps and not await client.is_sleeping():
+        if sleeps:
             await client.sleep(level=2)
         if self.first_name is not None:
             self.serve_as(state, self.first_name)
