@@ -50,7 +50,7 @@ class StoreWeights:
 
         initialize_layerwise_reload(model)
         try:
-            load_stored_weights(model, spec, names, finish, stored)
+            load_stored_weights(model, spec, names, finish, stored, kept_by_model=True)
         finally:
             # A load that failed midway: the layers get their tensors back (some old, some
             # new), so the engine still runs; the claim failed, and it is not to be served.

@@ -17,7 +17,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,12 +187,16 @@ def load_stored_weights(
     names: set[str] | None = None,
     finish: Callable[[], None] | None = None,
     stored: StoredModel | None = None,
+    kept_by_model: bool = False,
 ) -> None:
     """Load a stored model's weights into an initialised vLLM model, in this process only, tensor
     by tensor into vLLM's own parameters (no second copy of the model on the device). Each of
     `names` (default: the model's parameters now) must be loaded. `finish` runs once the model
     has taken them, while the tensors it was given still hold them (a reload in vLLM keeps some
-    until it processes their layer). `stored`: the model already opened from `spec`."""
+    until it processes their layer). `stored`: the model already opened from `spec`.
+    `kept_by_model`: the model keeps the tensors it is given beyond the next one (vLLM's
+    layerwise reload holds a layer's until the layer is complete), so on a GPU each is copied
+    out of the load's window, which the next window overwrites."""
     import time
 
     import torch
@@ -230,6 +234,8 @@ def load_stored_weights(
             sources.callback(_wipe, flat)  # the staging copy holds plaintext weights
             weights = iter(views.items())
             del views
+        if cuda and kept_by_model:
+            weights = owned(weights)
         loaded = model.load_weights(weights)
         if finish is not None:
             finish()
@@ -264,6 +270,13 @@ def load_stored_weights(
         seconds,
         peak,
     )
+
+
+def owned(weights: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """Each tensor as a copy of its own: for a consumer that keeps tensors while the source
+    reuses their memory (stream_to_gpu's window)."""
+    for name, tensor in weights:
+        yield name, tensor.clone()
 
 
 def _wipe(flat: Any) -> None:
