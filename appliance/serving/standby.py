@@ -27,11 +27,11 @@ into it through the claim route, without vLLM's start. An idle engine is dropped
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import runpy
+import select
 import selectors
 import signal
 import socket
@@ -39,7 +39,6 @@ import ssl
 import stat
 import struct
 import sys
-import termios
 import threading
 import time
 import urllib.request
@@ -366,23 +365,22 @@ def _messages(conn: socket.socket) -> Iterator[dict]:
 
 
 class _Relay:
-    """Copies the server's output to the current job's pipe (none while the engine is idle)."""
+    """Copies the server's output to the current job's pipe (none while the engine is idle).
+    Bytes are taken from the pipe only under the lock, so that `drain` hands on everything
+    written so far before the pipe's job changes."""
 
     def __init__(self, read_fd: int, sink: int | None):
         self._read_fd = read_fd
+        os.set_blocking(read_fd, False)
         self._sink = sink
         self._lock = threading.Lock()
         threading.Thread(target=self._run, daemon=True).start()
 
-    def drain(self, timeout: float = 1.0) -> None:
-        """Until what the server wrote so far has been copied (its job's log gets the release)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pending = fcntl.ioctl(self._read_fd, termios.FIONREAD, b"\0\0\0\0")
-            if not int.from_bytes(pending, sys.byteorder):
-                with self._lock:  # and not in the middle of a copy
-                    return
-            time.sleep(0.01)
+    def drain(self) -> None:
+        """Hand on what the server has written so far (its job's log gets the release)."""
+        with self._lock:
+            while self._copy():
+                pass
 
     def set_sink(self, sink: int | None) -> None:
         with self._lock:
@@ -392,17 +390,30 @@ class _Relay:
                 os.close(old)
 
     def _run(self) -> None:
-        while chunk := os.read(self._read_fd, 65536):
+        while True:
+            select.select([self._read_fd], [], [], 1.0)
             with self._lock:
-                if self._sink is None:
-                    continue
-                try:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(self._sink, view) :]
-                except OSError:  # the job's end of the pipe is gone
-                    os.close(self._sink)
-                    self._sink = None
+                if self._copy() is None:
+                    return
+
+    def _copy(self) -> bool | None:
+        """One read from the pipe into the sink: True if it moved bytes, False if there were
+        none, None at the pipe's end. With the lock held."""
+        try:
+            chunk = os.read(self._read_fd, 65536)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            return None
+        if self._sink is not None:
+            try:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self._sink, view) :]
+            except OSError:  # the job's end of the pipe is gone
+                os.close(self._sink)
+                self._sink = None
+        return True
 
 
 class KeptServer:
