@@ -5,17 +5,19 @@ Measures, in one run on one machine, each against a baseline of the same run:
   by phase (the phases are consecutive intervals of one clock, so they add up to the total), with
   its weights in the node's host tier, in the page cache and on a cold disk; baseline: vLLM's own
   OpenAI server started by hand on the same safetensors checkpoint with default settings, its
-  compile cache and the page cache warm, from process start to first token;
+  compile cache and the page cache warm, from process start to first token; variants: vLLM's
+  arguments, the node's warm standby, and kept engines (`standby-kept`: the model's previous
+  job's engine taken over; each cold start's greedy answer compared with the first start's);
 - generation through the gateway against the same instance directly: tokens/s at 64 concurrent
   streams (paired rounds), added p50 latency, broken streams;
 - the GPU memory peak of a load, over the model's size (the store's plugin logs it);
 - vLLM's sleep mode on the same checkpoint: GPU memory kept by a sleeping server and the time a
   request takes to wake it (level 1: weights kept in host memory; level 2: reloaded);
-- an engine kept set up (docs/gpu.md, "Kept engines"): vLLM started by hand on the
-  model's config and tokenizer with placeholder weights, asleep at level 2; a claim wakes its
-  weights, loads the stored model into it from the host tier (appliance/store/engine_weights.py)
-  and wakes its KV cache: the seconds from the claim to the first token, part by part, and the
-  GPU memory it keeps asleep (by hand: not yet through Slurm and the gateway);
+- a kept engine's claim by hand (docs/gpu.md, "Kept engines"): vLLM started on the model's
+  config and tokenizer with placeholder weights, released (level-2 sleep) and claimed with the
+  stored model from the host tier through its own routes (appliance/serving/kept_engine.py):
+  the seconds from the claim to the first token, part by part, and the GPU memory it keeps
+  asleep;
 - prefix-aware routing: two instances of the model sharing the GPU (0.45 of its memory each),
   conversations that each begin with their own long document (benchmarks/conversations.py, as
   benchmarks/scheduling.py runs them on the CPU), runs under `prefix_affinity` and `least_loaded`
