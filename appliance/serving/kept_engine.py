@@ -19,7 +19,9 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import ssl
 import time
+import urllib.request
 from typing import Any
 
 from appliance import envs
@@ -37,6 +39,26 @@ def server_args() -> list[str]:
     """vLLM server arguments that make a server a kept engine (with `--load-format dummy` on the
     shape's files, and `--enable-sleep-mode` where the device sleeps)."""
     return ["--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE]
+
+
+def call(
+    base_url: str,
+    path: str,
+    token: str,
+    body: dict,
+    context: ssl.SSLContext | None = None,
+    timeout: float = 600,
+) -> bytes:
+    """POST to one of a kept engine's routes (the launcher's claim, the standby's release); its
+    answer's body. A refusal raises urllib's HTTPError (an OSError, as an engine gone is)."""
+    request = urllib.request.Request(
+        base_url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as reply:
+        return reply.read()
 
 
 class KeptEngine:

@@ -395,18 +395,15 @@ class Launcher:
         kept = server.kept or {}
         self.port = self.endpoint.port = int(kept["port"])
         self.probe_url = self._probe_url()
-        request = urllib.request.Request(
-            self.probe_url.removesuffix(self.args.health_path) + kept_engine.CLAIM_PATH,
-            data=json.dumps({"spec": self.args.store_spec, "model": self.args.model}).encode(),
-            method="POST",
-            headers={
-                "Authorization": f"Bearer {kept['token']}",
-                "Content-Type": "application/json",
-            },
-        )
         try:
-            with urllib.request.urlopen(request, timeout=600, context=self._probe_ssl) as reply:
-                print(f"appliance: claimed: {reply.read().decode()}", flush=True)
+            answer = kept_engine.call(
+                self.probe_url.removesuffix(self.args.health_path),
+                kept_engine.CLAIM_PATH,
+                kept["token"],
+                {"spec": self.args.store_spec, "model": self.args.model},
+                self._probe_ssl,
+            )
+            print(f"appliance: claimed: {answer.decode()}", flush=True)
             return 0
         except urllib.error.HTTPError as exc:
             print(f"appliance: the kept engine refused the claim: {exc.read()!r}", flush=True)

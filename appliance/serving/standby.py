@@ -41,10 +41,11 @@ import struct
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from appliance.serving import kept_engine
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +431,7 @@ class KeptServer:
         host = _arg(argv, "--host") or "127.0.0.1"
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         scheme = "https" if "--ssl-certfile" in argv else "http"
-        self.release_url = f"{scheme}://{host}:{self.port}/appliance/engine/release"
+        self.base_url = f"{scheme}://{host}:{self.port}"
         self.token = env.get("APPLIANCE_KEPT_ENGINE_TOKEN", "")
 
     def run(self) -> None:
@@ -455,24 +456,18 @@ class KeptServer:
                 return
 
     def _release(self) -> bool:
-        request = urllib.request.Request(
-            self.release_url, data=b"{}", method="POST", headers=self._headers()
-        )
         context = None
-        if self.release_url.startswith("https"):
+        if self.base_url.startswith("https"):
             # Its own server, on its own port: nothing to verify.
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         try:
-            with urllib.request.urlopen(request, timeout=300, context=context) as reply:
-                return reply.status == 200
+            kept_engine.call(self.base_url, kept_engine.RELEASE_PATH, self.token, {}, context, 300)
+            return True
         except OSError as exc:
             print(f"appliance standby: the engine could not be kept: {exc}", flush=True)
             return False
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
 
     def _next_job(self) -> bool:
         try:
