@@ -144,6 +144,7 @@ class Standby:
 
     def _accept(self, server: socket.socket, selector: selectors.BaseSelector) -> None:
         conn, _ = server.accept()
+        fds: list[int] = []
         try:
             if _peer_uid(conn) != os.getuid():
                 conn.close()
@@ -154,12 +155,18 @@ class Standby:
                 conn.close()
                 return
             request = json.loads(data.decode())
-        except (OSError, ValueError) as exc:
+            keep = request.get("keep")
+            if not isinstance(request.get("env", {}), dict) or (
+                keep is not None and not (isinstance(keep, dict) and keep.get("key"))
+            ):
+                raise ValueError("env must be an object, keep an object with a key")
+        except (OSError, ValueError, AttributeError) as exc:
             log.warning("standby: bad request: %s", exc)
             conn.close()
+            for fd in fds:
+                os.close(fd)
             return
         out_fd = fds[0] if fds else None
-        keep = request.get("keep")
         gpus = _gpus(request.get("env", {}))
         try:
             if keep and self._hand_over(str(keep["key"]), conn, out_fd, selector):

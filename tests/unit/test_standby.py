@@ -313,3 +313,15 @@ def test_stopping_the_standby_drops_idle_engines_and_leaves_busy_ones_with_their
     busy.send_signal(signal.SIGTERM)  # its job ends; nobody would hand it out again
     busy.wait()
     wait_gone(busy.pid, timeout=20)
+
+
+def test_a_malformed_keep_request_is_refused_and_the_standby_serves_on(standby, started):
+    socket_path, proc = standby
+    for body in (b'{"argv": [], "env": {}, "keep": {}}', b'{"argv": [], "env": [], "keep": 1}'):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(str(socket_path))
+            conn.sendall(body)
+            assert conn.recv(100) == b""  # closed without a server
+    assert proc.poll() is None
+    assert kept_job(socket_path, started).pid > 0
