@@ -68,6 +68,11 @@ class LocalClusterPaths:
         return self.root / "health-config.yaml"
 
     @property
+    def prolog(self) -> Path:
+        """The script each slurmd runs before a job (Prolog), with kept engines."""
+        return self.root / "prolog.sh"
+
+    @property
     def cgroup_conf(self) -> Path:
         return self.root / "cgroup.conf"
 

@@ -12,6 +12,9 @@ PREEMPTIBLE_PARTITION = "appliance-preemptible"
 BATCH_PARTITION = "batch"
 # Seconds a preempted job gets between SIGTERM and its end (the partitions' GraceTime).
 GRACE_S = 60
+# An instance job's Slurm comment starts so (followed by its model's name): the cluster's prolog
+# leaves these jobs to ask the node's standby themselves.
+INSTANCE_COMMENT_PREFIX = "appliance-instance:"
 
 
 def local_node_names(count: int) -> list[str]:

@@ -15,6 +15,7 @@ from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
 from appliance.models.resources import InstanceRequest, plan_request
+from appliance.names import INSTANCE_COMMENT_PREFIX
 from appliance.security.node_tls import ensure_internal_ca
 from appliance.serving.stored_models import StoredModels
 
@@ -76,7 +77,7 @@ def render_instance_script(
     if exclude:
         lines.append(f"#SBATCH --exclude={','.join(sorted(exclude))}")
     lines += [
-        f"#SBATCH --comment=appliance-instance:{spec.name}",
+        f"#SBATCH --comment={INSTANCE_COMMENT_PREFIX}{spec.name}",
         # An instance that dies is replaced by the gateway, not requeued by Slurm.
         "#SBATCH --no-requeue",
         "",

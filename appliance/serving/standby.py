@@ -22,7 +22,10 @@ sleep on a GPU, about 3 GiB kept for the CUDA context and graphs) and waits; the
 with the same key (the same model files, vLLM arguments and GPUs) takes it over: the child
 answers {"pid": n, "kept": {"port": p, "token": t}} and the launcher loads its model's weights
 into it through the claim route, without vLLM's start. An idle engine is dropped after
-`keep_s`, as soon as another server needs any of its GPUs, and when the standby stops."""
+`keep_s`, as soon as another server needs any of its GPUs, when a job that does not start
+through the standby gets any of them ({"drop": {"slurm_gpus": [...]}}, sent by the cluster's
+Slurm prolog, which runs as the service account or root, with Slurm's numbers of the job's
+GPUs; answered {"dropped": n}), and when the standby stops."""
 
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +107,8 @@ class KeptChild:
     ctrl: socket.socket  # the standby's end of a socket pair with the child
     key: str
     gpus: frozenset[str]
+    # Slurm's numbers of its job's GPUs (SLURM_JOB_GPUS), as another job's prolog names them.
+    slurm_gpus: frozenset[str] = frozenset()
     since: float | None = None  # idle since (monotonic); None while a job has it
 
 
@@ -146,7 +151,8 @@ class Standby:
         conn, _ = server.accept()
         fds: list[int] = []
         try:
-            if _peer_uid(conn) != os.getuid():
+            # Root too: Slurm's prolog runs as SlurmdUser, which may be root.
+            if _peer_uid(conn) not in (os.getuid(), 0):
                 conn.close()
                 return
             conn.settimeout(10)
@@ -160,6 +166,11 @@ class Standby:
                 keep is not None and not (isinstance(keep, dict) and keep.get("key"))
             ):
                 raise ValueError("env must be an object, keep an object with a key")
+            drop = request.get("drop")
+            if drop is not None and not (
+                isinstance(drop, dict) and isinstance(drop.get("slurm_gpus"), list)
+            ):
+                raise ValueError("drop must be an object with a list slurm_gpus")
         except (OSError, ValueError, AttributeError) as exc:
             log.warning("standby: bad request: %s", exc)
             conn.close()
@@ -167,11 +178,24 @@ class Standby:
                 os.close(fd)
             return
         out_fd = fds[0] if fds else None
-        gpus = _gpus(request.get("env", {}))
+        env = request.get("env", {})
+        gpus = _gpus(env)
         try:
+            if drop is not None:
+                wanted = frozenset(str(g) for g in drop["slurm_gpus"])
+                dropped = self._drop_idle(
+                    lambda c: bool(c.slurm_gpus & wanted), "a job of Slurm's has its GPUs", selector
+                )
+                _send(conn, {"dropped": dropped})
+                return
             if keep and self._hand_over(str(keep["key"]), conn, out_fd, selector):
                 return
-            self._drop_idle_on(gpus, selector)
+            # Servers without GPUs make room in the CPU's memory.
+            self._drop_idle(
+                lambda c: bool(c.gpus & gpus or not (c.gpus or gpus)),
+                "its GPUs are wanted",
+                selector,
+            )
             if threading.active_count() > 1:
                 log.warning("standby: forking with %d threads", threading.active_count())
             ctrl, child_ctrl = socket.socketpair() if keep else (None, None)
@@ -185,7 +209,8 @@ class Standby:
                 _become_server(conn, request, out_fd, self.module, child_ctrl)
             if ctrl is not None and child_ctrl is not None:
                 child_ctrl.close()
-                self.kept[ctrl] = KeptChild(pid, ctrl, str(keep["key"]), gpus)
+                slurm_gpus = frozenset(g for g in env.get("SLURM_JOB_GPUS", "").split(",") if g)
+                self.kept[ctrl] = KeptChild(pid, ctrl, str(keep["key"]), gpus, slurm_gpus)
                 selector.register(ctrl, selectors.EVENT_READ)
         finally:
             conn.close()
@@ -224,22 +249,21 @@ class Standby:
                     child.since = time.monotonic()
                     _say(f"engine {child.pid} kept for the next job of its key")
 
-    def _drop_idle_on(self, gpus: frozenset[str], selector: selectors.BaseSelector) -> None:
-        """End the idle engines on any of `gpus` (all idle ones without GPUs: the CPU's memory),
-        and wait for them to go, so that the next server finds the memory free."""
-        dropped = [
-            c
-            for c in self.kept.values()
-            if c.since is not None and (c.gpus & gpus or not (c.gpus or gpus))
-        ]
+    def _drop_idle(
+        self, which: Callable[[KeptChild], bool], why: str, selector: selectors.BaseSelector
+    ) -> int:
+        """End the idle engines `which` picks and wait for them to go, so that whatever comes
+        next finds their memory free; how many there were."""
+        dropped = [c for c in self.kept.values() if c.since is not None and which(c)]
         for child in dropped:
-            _say(f"kept engine {child.pid} dropped: its GPUs are wanted")
+            _say(f"kept engine {child.pid} dropped: {why}")
             _kill(child.pid)
         deadline = time.monotonic() + DROP_WAIT_S
         for child in dropped:
             while _alive(child.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self._forget(child, selector)
+        return len(dropped)
 
     def _next_expiry(self) -> float | None:
         idle = [c.since for c in self.kept.values() if c.since is not None]
@@ -663,6 +687,25 @@ class StandbyServer:
         self._conn.close()
 
 
+def drop_idle_engines(
+    path: Path, slurm_gpus: list[str], timeout: float = DROP_WAIT_S + 10
+) -> int | None:
+    """Ask the standby on `path` to drop its idle engines on any of `slurm_gpus` (Slurm's numbers
+    of a job's GPUs) and wait until they are gone: how many it dropped, or None when no standby
+    answered."""
+    if not path.exists():
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(str(path))
+            conn.sendall(json.dumps({"drop": {"slurm_gpus": slurm_gpus}}).encode())
+            return int(json.loads(conn.makefile("rb").readline())["dropped"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("standby on %s did not drop idle engines: %s", path, exc)
+            return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -670,8 +713,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, type=Path)
     ap.add_argument("--module", default=SERVER_MODULE, help="The server's module (tests).")
     ap.add_argument("--keep-s", type=float, default=KEEP_S, help="An idle kept engine's life.")
+    ap.add_argument(
+        "--drop",
+        metavar="GPUS",
+        help="Ask the standby on --socket to drop its idle engines on these GPUs (Slurm's "
+        "numbers, as SLURM_JOB_GPUS gives them) and exit: what the cluster's prolog runs.",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    if args.drop is not None:
+        dropped = drop_idle_engines(args.socket, [g for g in args.drop.split(",") if g])
+        print(f"appliance standby: {dropped or 0} idle kept engine(s) dropped", flush=True)
+        return 0
     serve(args.socket, args.module, args.keep_s)
     return 0
 

@@ -6,6 +6,7 @@ import fcntl
 import os
 import pwd
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from appliance.slurm.conf import (
     render_cgroup_conf,
     render_gres_conf,
     render_health_check_script,
+    render_prolog_script,
     render_slurm_conf,
 )
 from appliance.slurm.daemons import (
@@ -158,7 +160,8 @@ class LocalCluster:
         facts = detect_host_facts(self.runner, user=pwd.getpwuid(os.geteuid()).pw_name)
         layout = plan_cluster(self.cluster, self.paths.root, facts)
         health = HealthCheck(self.paths.health_check, self.settings.monitoring.health_interval_s)
-        slurm_conf = render_slurm_conf(self.cluster, self.paths.root, facts, health)
+        prolog = self.paths.prolog if self._keeps_engines() else None
+        slurm_conf = render_slurm_conf(self.cluster, self.paths.root, facts, health, prolog)
         gres_conf = render_gres_conf(self.cluster, self.paths.root, facts)
 
         self._make_dirs(layout)
@@ -174,6 +177,9 @@ class LocalCluster:
         write_if_changed(self.paths.gres_conf, gres_conf, 0o644)
         write_if_changed(self.paths.cgroup_conf, render_cgroup_conf(self.cluster.cgroups))
         self._write_health_check()
+        if prolog is not None:
+            socket = self.settings.standby_socket("$SLURMD_NODENAME")
+            write_if_changed(prolog, render_prolog_script(sys.executable, socket), 0o755)
         stale = [d for k, d in running.items() if k.startswith("slurmd:") and not _in(k, layout)]
         self._stop(stale)
         self._pids = {k: d.pid for k, d in running.items() if d not in stale}
@@ -268,10 +274,14 @@ class LocalCluster:
                 f"{MAX_SOCKET_PATH}-character limit of Unix socket paths; choose a shorter one"
             )
 
+    def _keeps_engines(self) -> bool:
+        """Whether the node's standby keeps idle engines, which Slurm's other jobs must drop
+        (serving.keep_engines)."""
+        serving = self.settings.serving
+        return serving.standby and serving.keep_engines != "off"
+
     def _write_health_check(self) -> None:
         """The health check and the settings it reads (it runs under slurmd, not under us)."""
-        import sys
-
         import yaml
 
         settings = self.settings.model_dump(mode="json")

@@ -22,6 +22,7 @@ from appliance.slurm.conf import (
     render_cgroup_conf,
     render_gres_conf,
     render_health_check_script,
+    render_prolog_script,
     render_slurm_conf,
 )
 from appliance.slurm.runner import CommandError
@@ -86,6 +87,15 @@ def test_golden_health_check_script():
         "/opt/appliance/.venv/bin/python", SLURM_DIR / "health-config.yaml"
     )
     check_golden("healthcheck.sh", script)
+
+
+def test_golden_prolog_script_and_its_line():
+    socket = Path("/var/lib/appliance/run/standby-$SLURMD_NODENAME.sock")
+    check_golden("prolog.sh", render_prolog_script("/opt/appliance/.venv/bin/python", socket))
+    cluster, facts = CASES["slurm-2node-real-gpus"]
+    conf = render_slurm_conf(cluster, SLURM_DIR, facts, HEALTH, SLURM_DIR / "prolog.sh")
+    assert f"\nProlog={SLURM_DIR}/prolog.sh\n" in conf
+    assert "Prolog" not in render_slurm_conf(cluster, SLURM_DIR, facts, HEALTH)
 
 
 def test_simulated_gpus_are_separate_devices_per_node():

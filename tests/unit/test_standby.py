@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from appliance.daemon import listening
-from appliance.serving.standby import StandbyServer, env_outside_the_job
+from appliance.serving.standby import StandbyServer, drop_idle_engines, env_outside_the_job
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -198,10 +198,12 @@ def started():
             os.killpg(pid, signal.SIGKILL)
 
 
-def kept_job(socket_path, started, key="k1", gpus="0", port=None, token="t1"):
-    """A job's server in keep mode (an HTTP stand-in on `port`), as the launcher starts it."""
+def kept_job(socket_path, started, key="k1", gpus="0", port=None, token="t1", slurm_gpus=None):
+    """A job's server in keep mode (an HTTP stand-in on `port`), as the launcher starts it;
+    `slurm_gpus`: Slurm's numbers of the job's GPUs (default: as `gpus`)."""
     port = port or free_port()
     env = {"CUDA_VISIBLE_DEVICES": gpus, "APPLIANCE_KEPT_ENGINE_TOKEN": token, "PATH": "/bin"}
+    env["SLURM_JOB_GPUS"] = gpus if slurm_gpus is None else slurm_gpus
     server = StandbyServer.start(
         socket_path, ["--port", str(port), "--http"], env, keep={"key": key}
     )
@@ -315,9 +317,30 @@ def test_stopping_the_standby_drops_idle_engines_and_leaves_busy_ones_with_their
     wait_gone(busy.pid, timeout=20)
 
 
-def test_a_malformed_keep_request_is_refused_and_the_standby_serves_on(standby, started):
+def test_a_job_of_slurm_s_on_an_idle_engine_s_gpus_drops_it_and_busy_ones_stay(standby, started):
     socket_path, proc = standby
-    for body in (b'{"argv": [], "env": {}, "keep": {}}', b'{"argv": [], "env": [], "keep": 1}'):
+    # A confined job: CUDA numbers its one GPU 0, Slurm (and the prolog) calls it 3.
+    idle = kept_job(socket_path, started, gpus="0", slurm_gpus="3")
+    idle.stdout.readline()
+    released(proc, idle)
+    busy = kept_job(socket_path, started, key="k2", gpus="1", slurm_gpus="1,3")
+    busy.stdout.readline()
+    assert drop_idle_engines(socket_path, ["0"]) == 0  # Slurm's numbers, not CUDA's
+    assert alive(idle.pid)
+    assert drop_idle_engines(socket_path, ["3", "5"]) == 1  # waited for: gone once answered
+    assert not alive(idle.pid)
+    assert alive(busy.pid)
+    assert drop_idle_engines(socket_path.parent / "none.sock", ["3"]) is None
+
+
+def test_a_malformed_request_is_refused_and_the_standby_serves_on(standby, started):
+    socket_path, proc = standby
+    for body in (
+        b'{"argv": [], "env": {}, "keep": {}}',
+        b'{"argv": [], "env": [], "keep": 1}',
+        b'{"drop": 1}',
+        b'{"drop": {"slurm_gpus": "0"}}',
+    ):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(10)
             conn.connect(str(socket_path))
