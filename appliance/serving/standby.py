@@ -25,7 +25,9 @@ into it through the claim route, without vLLM's start. An idle engine is dropped
 `keep_s`, as soon as another server needs any of its GPUs, when a job that does not start
 through the standby gets any of them ({"drop": {"slurm_gpus": [...]}}, sent by the cluster's
 Slurm prolog, which runs as the service account or root, with Slurm's numbers of the job's
-GPUs; answered {"dropped": n}), and when the standby stops."""
+GPUs, or {"drop": {"all": true}} from an admin; answered {"dropped": n}), and when the standby
+stops. {"engines": true} asks for the servers of the keep mode, busy and idle (`appliance
+standby engines`)."""
 
 from __future__ import annotations
 
@@ -109,7 +111,20 @@ class KeptChild:
     gpus: frozenset[str]
     # Slurm's numbers of its job's GPUs (SLURM_JOB_GPUS), as another job's prolog names them.
     slurm_gpus: frozenset[str] = frozenset()
+    model: str = ""  # the model its latest job served
     since: float | None = None  # idle since (monotonic); None while a job has it
+
+    def describe(self, keep_s: float) -> dict:
+        """What `appliance standby engines` shows of it."""
+        idle = None if self.since is None else round(time.monotonic() - self.since, 1)
+        return {
+            "pid": self.pid,
+            "model": self.model,
+            "gpus": sorted(self.gpus),
+            "slurm_gpus": sorted(self.slurm_gpus),
+            "idle_s": idle,
+            "dropped_in_s": None if idle is None else round(max(0.0, keep_s - idle), 1),
+        }
 
 
 @dataclass
@@ -162,15 +177,18 @@ class Standby:
                 return
             request = json.loads(data.decode())
             keep = request.get("keep")
-            if not isinstance(request.get("env", {}), dict) or (
-                keep is not None and not (isinstance(keep, dict) and keep.get("key"))
+            if (
+                not isinstance(request.get("env", {}), dict)
+                or not isinstance(request.get("argv", []), list)
+                or (keep is not None and not (isinstance(keep, dict) and keep.get("key")))
             ):
-                raise ValueError("env must be an object, keep an object with a key")
+                raise ValueError("env must be an object, argv a list, keep an object with a key")
             drop = request.get("drop")
             if drop is not None and not (
-                isinstance(drop, dict) and isinstance(drop.get("slurm_gpus"), list)
+                isinstance(drop, dict)
+                and (isinstance(drop.get("slurm_gpus"), list) or drop.get("all") is True)
             ):
-                raise ValueError("drop must be an object with a list slurm_gpus")
+                raise ValueError("drop must be an object with a list slurm_gpus, or all: true")
         except (OSError, ValueError, AttributeError) as exc:
             log.warning("standby: bad request: %s", exc)
             conn.close()
@@ -181,6 +199,14 @@ class Standby:
         env = request.get("env", {})
         gpus = _gpus(env)
         try:
+            if request.get("engines"):
+                engines = [c.describe(self.keep_s) for c in self.kept.values()]
+                _send(conn, {"engines": engines})
+                return
+            if drop is not None and drop.get("all") is True:
+                dropped = self._drop_idle(lambda c: True, "an admin asked", selector)
+                _send(conn, {"dropped": dropped})
+                return
             if drop is not None:
                 wanted = frozenset(str(g) for g in drop["slurm_gpus"])
                 dropped = self._drop_idle(
@@ -188,7 +214,8 @@ class Standby:
                 )
                 _send(conn, {"dropped": dropped})
                 return
-            if keep and self._hand_over(str(keep["key"]), conn, out_fd, selector):
+            model = str(_arg(request.get("argv", []), "--served-model-name") or "")
+            if keep and self._hand_over(str(keep["key"]), model, conn, out_fd, selector):
                 return
             # Servers without GPUs make room in the CPU's memory.
             self._drop_idle(
@@ -210,7 +237,8 @@ class Standby:
             if ctrl is not None and child_ctrl is not None:
                 child_ctrl.close()
                 slurm_gpus = frozenset(g for g in env.get("SLURM_JOB_GPUS", "").split(",") if g)
-                self.kept[ctrl] = KeptChild(pid, ctrl, str(keep["key"]), gpus, slurm_gpus)
+                child = KeptChild(pid, ctrl, str(keep["key"]), gpus, slurm_gpus, model)
+                self.kept[ctrl] = child
                 selector.register(ctrl, selectors.EVENT_READ)
         finally:
             conn.close()
@@ -218,9 +246,14 @@ class Standby:
                 os.close(out_fd)
 
     def _hand_over(
-        self, key: str, conn: socket.socket, out_fd: int | None, selector: selectors.BaseSelector
+        self,
+        key: str,
+        model: str,
+        conn: socket.socket,
+        out_fd: int | None,
+        selector: selectors.BaseSelector,
     ) -> bool:
-        """Give the launcher an idle engine of its key, if there is one."""
+        """Give the launcher (of `model`) an idle engine of its key, if there is one."""
         for child in self.kept.values():
             if child.key == key and child.since is not None:
                 fds = [conn.fileno()] + ([out_fd] if out_fd is not None else [])
@@ -229,7 +262,7 @@ class Standby:
                 except OSError:
                     self._forget(child, selector)
                     continue
-                child.since = None
+                child.since, child.model = None, model
                 _say(f"kept engine {child.pid} taken by the next job of its key")
                 return True
         return False
@@ -687,23 +720,30 @@ class StandbyServer:
         self._conn.close()
 
 
-def drop_idle_engines(
-    path: Path, slurm_gpus: list[str], timeout: float = DROP_WAIT_S + 10
-) -> int | None:
-    """Ask the standby on `path` to drop its idle engines on any of `slurm_gpus` (Slurm's numbers
-    of a job's GPUs) and wait until they are gone: how many it dropped, or None when no standby
-    answered."""
+def ask(path: Path, request: dict, timeout: float = DROP_WAIT_S + 10) -> dict | None:
+    """One request to the standby on `path` that is not a server's ({"engines": true},
+    {"drop": ...}): its answer, or None when no standby answered."""
     if not path.exists():
         return None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         try:
             conn.connect(str(path))
-            conn.sendall(json.dumps({"drop": {"slurm_gpus": slurm_gpus}}).encode())
-            return int(json.loads(conn.makefile("rb").readline())["dropped"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("standby on %s did not drop idle engines: %s", path, exc)
+            conn.sendall(json.dumps(request).encode())
+            answer = json.loads(conn.makefile("rb").readline())
+        except (OSError, ValueError) as exc:
+            log.warning("standby on %s did not answer: %s", path, exc)
             return None
+    return answer if isinstance(answer, dict) else None
+
+
+def drop_idle_engines(path: Path, slurm_gpus: list[str] | None) -> int | None:
+    """Ask the standby on `path` to drop its idle engines on any of `slurm_gpus` (Slurm's numbers
+    of a job's GPUs; None: all) and wait until they are gone: how many it dropped, or None when
+    no standby answered."""
+    which = {"all": True} if slurm_gpus is None else {"slurm_gpus": slurm_gpus}
+    answer = ask(path, {"drop": which})
+    return None if answer is None else int(answer.get("dropped", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance_dev.stack import free_port, local_cluster_settings, running_local_cluster
+from appliance_dev.stack import (
+    free_port,
+    local_cluster_settings,
+    run_cli,
+    running_local_cluster,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -27,7 +33,8 @@ TOKEN = "prolog-test-token"
 
 @pytest.fixture
 def cluster(tmp_path):
-    """The cluster (one node, one GPU, kept engines on) and its standby's log."""
+    """The cluster (one node, one GPU, kept engines on), its standby's socket and log, and the
+    settings as a configuration file."""
     settings = local_cluster_settings(
         tmp_path / "state",
         gpus_per_node=1,
@@ -52,7 +59,7 @@ def cluster(tmp_path):
                 "the standby's start",
             )
             assert standby.poll() is None, log.read_text()
-            yield local, socket, log
+            yield local, socket, log, write_config(settings, tmp_path / "config.yaml")
         finally:
             standby.terminate()  # it drops the engines it keeps idle
             standby.wait(timeout=30)
@@ -82,7 +89,7 @@ def alive(pid: int) -> bool:
 
 
 def test_a_job_of_slurm_s_on_the_gpu_drops_the_idle_engine_and_instance_jobs_leave_it(cluster):
-    local, socket, log = cluster
+    local, socket, log, config = cluster
     assert "Prolog=" in local.paths.slurm_conf.read_text()
     # An instance job's launcher: its server from the standby in keep mode, kept when it ends.
     launcher = textwrap.dedent(
@@ -103,9 +110,13 @@ def test_a_job_of_slurm_s_on_the_gpu_drops_the_idle_engine_and_instance_jobs_lea
     wait_for(lambda: "kept for the next job" in log.read_text(), "the engine kept")
     pid = int(log.read_text().split("engine ")[1].split()[0])
     assert alive(pid)
+    listed = run_cli(config, "standby", "engines", "--node", "n1")
+    assert listed.returncode == 0, listed.stderr
+    assert str(pid) in listed.stdout and "idle" in listed.stdout, listed.stdout
 
     run_job(local, "--comment=appliance-instance:other", "--wrap", "true")
     assert alive(pid)  # an instance job asks the standby itself, which hands over or drops
     run_job(local, "--wrap", "true")  # batch work on the engine's GPU
     assert not alive(pid)  # the prolog waits until the engine is gone
     assert "dropped: a job of Slurm's has its GPUs" in log.read_text()
+    assert "no kept engines" in run_cli(config, "standby", "engines", "--node", "n1").stdout

@@ -20,7 +20,12 @@ from pathlib import Path
 import pytest
 
 from appliance.daemon import listening
-from appliance.serving.standby import StandbyServer, drop_idle_engines, env_outside_the_job
+from appliance.serving.standby import (
+    StandbyServer,
+    ask,
+    drop_idle_engines,
+    env_outside_the_job,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -204,9 +209,8 @@ def kept_job(socket_path, started, key="k1", gpus="0", port=None, token="t1", sl
     port = port or free_port()
     env = {"CUDA_VISIBLE_DEVICES": gpus, "APPLIANCE_KEPT_ENGINE_TOKEN": token, "PATH": "/bin"}
     env["SLURM_JOB_GPUS"] = gpus if slurm_gpus is None else slurm_gpus
-    server = StandbyServer.start(
-        socket_path, ["--port", str(port), "--http"], env, keep={"key": key}
-    )
+    argv = ["--port", str(port), "--http", "--served-model-name", "m"]
+    server = StandbyServer.start(socket_path, argv, env, keep={"key": key})
     assert server is not None
     started.append(server.pid)
     return server
@@ -333,6 +337,22 @@ def test_a_job_of_slurm_s_on_an_idle_engine_s_gpus_drops_it_and_busy_ones_stay(s
     assert drop_idle_engines(socket_path.parent / "none.sock", ["3"]) is None
 
 
+def test_the_standby_lists_its_engines_and_an_admin_drops_the_idle_ones(standby, started):
+    socket_path, proc = standby
+    idle = kept_job(socket_path, started, gpus="0")
+    idle.stdout.readline()
+    released(proc, idle)
+    busy = kept_job(socket_path, started, key="k2", gpus="1")
+    busy.stdout.readline()
+    engines = {e["pid"]: e for e in ask(socket_path, {"engines": True})["engines"]}
+    assert engines[idle.pid]["idle_s"] >= 0 and engines[idle.pid]["dropped_in_s"] > 0
+    assert engines[idle.pid]["gpus"] == ["0"] and engines[idle.pid]["model"] == "m"
+    assert engines[busy.pid]["idle_s"] is None
+    assert drop_idle_engines(socket_path, None) == 1
+    assert not alive(idle.pid) and alive(busy.pid)
+    assert [e["pid"] for e in ask(socket_path, {"engines": True})["engines"]] == [busy.pid]
+
+
 def test_a_malformed_request_is_refused_and_the_standby_serves_on(standby, started):
     socket_path, proc = standby
     for body in (
@@ -340,6 +360,8 @@ def test_a_malformed_request_is_refused_and_the_standby_serves_on(standby, start
         b'{"argv": [], "env": [], "keep": 1}',
         b'{"drop": 1}',
         b'{"drop": {"slurm_gpus": "0"}}',
+        b'{"drop": {"all": 1}}',
+        b'{"argv": {}, "env": {}}',
     ):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(10)
