@@ -16,6 +16,7 @@ from appliance.layout import StateLayout
 from appliance.slurm.cgroup import CGROUP_CONF_BODY
 from appliance.slurm.node_memory import offered_memory_mb
 from appliance.slurm.partitions import default_partition_lines, preemption_lines
+from appliance.slurm.prolog import render_prolog_script
 
 HEADER = "# Written by the appliance installer ({what}); re-running it rewrites this file.\n"
 # Memory Slurm gives a job per allocated CPU unless the job asks (MB).
@@ -71,9 +72,13 @@ def render_config(plan: Plan) -> str:
         # A shared cluster runs batch work: serve in its gaps, above each model's pinned minimum.
         serving["preemptible"] = True
     if p.standby:
-        # GPU instances start through their node's warm standby: 24.8 s instead of 43.6 s from
-        # a request to the first token of an 8B model on an H100 (docs/benchmarks.md).
+        # GPU instances start through their node's warm standby, which keeps an instance's
+        # engine when its job ends and hands it to the next job of the same model files: 5.5 s
+        # from a request to the first token of a stopped 8B model on an H100, against 79.6 s
+        # for vLLM's own start (docs/benchmarks.md, sixth lease). Other jobs on its GPUs have
+        # it dropped first (Slurm's Prolog, appliance/slurm/prolog.py).
         serving["standby"] = True
+        serving["keep_engines"] = "gpu"
     if p.standby_nodes:
         serving["standby_nodes"] = list(p.standby_nodes)
     if serving:
@@ -229,6 +234,7 @@ def render_cluster_slurm_conf(plan: Plan) -> str:
         f"HealthCheckProgram={plan.layout.command.parent / 'appliance-healthcheck'}",
         "HealthCheckInterval=60",
         "HealthCheckNodeState=ANY",
+        *([f"Prolog={plan.layout.command.parent / 'appliance-prolog'}"] if p.standby else []),
         "GresTypes=gpu",
         "# Dynamic nodes belong to every partition that lists ALL.",
         *default_partition_lines(),
@@ -278,6 +284,15 @@ def render_health_check(plan: Plan) -> str:
     )
 
 
+def render_prolog(plan: Plan) -> str:
+    """Slurm's Prolog on every node of a multi-node cluster: a job with GPUs gets them without
+    the node's idle kept engines on them (serving.keep_engines)."""
+    drop = (
+        f'"{plan.layout.command}" standby drop --node "$SLURMD_NODENAME" --gpus "$SLURM_JOB_GPUS"'
+    )
+    return render_prolog_script(drop)
+
+
 def written_files(plan: Plan) -> list[tuple[Path, str, str | None]]:
     """(path, what it is, its text) of every file the installer writes; text None for files
     made while installing (keys, certificates, the local cluster's Slurm configuration)."""
@@ -294,6 +309,8 @@ def written_files(plan: Plan) -> list[tuple[Path, str, str | None]]:
         ]
         if p.cgroups:
             files.append((slurm.cgroup_conf, "Slurm job confinement", None))
+        if p.standby:
+            files.append((slurm.prolog, "Slurm's job prolog", None))
     else:
         if p.name == "head":
             files += [
@@ -317,6 +334,10 @@ def written_files(plan: Plan) -> list[tuple[Path, str, str | None]]:
                 "node health check",
                 render_health_check(plan),
             )
+        )
+        # On every node, whether or not it has GPUs: the head's slurm.conf names it for all.
+        files.append(
+            (layout.command.parent / "appliance-prolog", "Slurm's job prolog", render_prolog(plan))
         )
         if p.name == "worker" or plan.hardware.gpus:
             files.append(

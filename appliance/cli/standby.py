@@ -48,7 +48,7 @@ def _nodes(ctx: CliContext, node: str | None) -> list[str]:
 def engines(ctx: CliContext, node: str | None) -> None:
     """The servers a standby keeps (serving.keep_engines): busy with a job, or idle and when
     they are dropped."""
-    from appliance.serving.standby import ask
+    from appliance.serving.standby import ask  # when the command runs: a light start
 
     rows: list[tuple[object, ...]] = [("node", "pid", "model", "GPUs", "state")]
     for name in _nodes(ctx, node):
@@ -76,7 +76,7 @@ def engines(ctx: CliContext, node: str | None) -> None:
 def drop(ctx: CliContext, node: str | None, gpus: str | None) -> None:
     """End the idle kept engines (all, or those on `--gpus`) now, freeing their GPU memory;
     busy ones stay with their jobs."""
-    from appliance.serving.standby import drop_idle_engines
+    from appliance.serving.standby import drop_idle_engines  # when the command runs
 
     wanted = None if gpus is None else [g for g in gpus.split(",") if g]
     for name in _nodes(ctx, node):

@@ -753,18 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, type=Path)
     ap.add_argument("--module", default=SERVER_MODULE, help="The server's module (tests).")
     ap.add_argument("--keep-s", type=float, default=KEEP_S, help="An idle kept engine's life.")
-    ap.add_argument(
-        "--drop",
-        metavar="GPUS",
-        help="Ask the standby on --socket to drop its idle engines on these GPUs (Slurm's "
-        "numbers, as SLURM_JOB_GPUS gives them) and exit: what the cluster's prolog runs.",
-    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    if args.drop is not None:
-        dropped = drop_idle_engines(args.socket, [g for g in args.drop.split(",") if g])
-        print(f"appliance standby: {dropped or 0} idle kept engine(s) dropped", flush=True)
-        return 0
     serve(args.socket, args.module, args.keep_s)
     return 0
 

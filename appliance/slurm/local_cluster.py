@@ -27,7 +27,6 @@ from appliance.slurm.conf import (
     render_cgroup_conf,
     render_gres_conf,
     render_health_check_script,
-    render_prolog_script,
     render_slurm_conf,
 )
 from appliance.slurm.daemons import (
@@ -39,6 +38,7 @@ from appliance.slurm.daemons import (
     stop_processes,
 )
 from appliance.slurm.install import ensure_slurm_installed, find_program, slurmstepd_beside
+from appliance.slurm.prolog import render_prolog_script
 from appliance.slurm.runner import CommandRunner, LocalRunner, SlurmCommandError
 
 # How often readiness is polled; nodes register about a second after slurmd starts.
@@ -178,8 +178,12 @@ class LocalCluster:
         write_if_changed(self.paths.cgroup_conf, render_cgroup_conf(self.cluster.cgroups))
         self._write_health_check()
         if prolog is not None:
-            socket = self.settings.standby_socket("$SLURMD_NODENAME")
-            write_if_changed(prolog, render_prolog_script(sys.executable, socket), 0o755)
+            # The settings the health check reads are this cluster's too.
+            drop = (
+                f'"{sys.executable}" -m appliance.cli.main --config "{self.paths.health_config}" '
+                'standby drop --node "$SLURMD_NODENAME" --gpus "$SLURM_JOB_GPUS"'
+            )
+            write_if_changed(prolog, render_prolog_script(drop), 0o755)
         stale = [d for k, d in running.items() if k.startswith("slurmd:") and not _in(k, layout)]
         self._stop(stale)
         self._pids = {k: d.pid for k, d in running.items() if d not in stale}

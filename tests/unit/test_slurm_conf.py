@@ -22,9 +22,9 @@ from appliance.slurm.conf import (
     render_cgroup_conf,
     render_gres_conf,
     render_health_check_script,
-    render_prolog_script,
     render_slurm_conf,
 )
+from appliance.slurm.prolog import render_prolog_script
 from appliance.slurm.runner import CommandError
 from tests.golden import check_golden
 from tests.unit.slurm_replay import TESTDATA, ReplayRunner, capture
@@ -90,8 +90,8 @@ def test_golden_health_check_script():
 
 
 def test_golden_prolog_script_and_its_line():
-    socket = Path("/var/lib/appliance/run/standby-$SLURMD_NODENAME.sock")
-    check_golden("prolog.sh", render_prolog_script("/opt/appliance/.venv/bin/python", socket))
+    drop = '/opt/appliance/bin/appliance standby drop --gpus "$SLURM_JOB_GPUS"'
+    check_golden("prolog.sh", render_prolog_script(drop))
     cluster, facts = CASES["slurm-2node-real-gpus"]
     conf = render_slurm_conf(cluster, SLURM_DIR, facts, HEALTH, SLURM_DIR / "prolog.sh")
     assert f"\nProlog={SLURM_DIR}/prolog.sh\n" in conf
