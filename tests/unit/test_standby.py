@@ -303,15 +303,23 @@ def test_an_idle_engine_is_dropped_after_keep_s(standby, started):
     assert not kept_job(socket_path, started).kept
 
 
+def idle_and_busy(standby, started, idle_slurm_gpus=None, busy_slurm_gpus=None):
+    """An engine kept idle on GPU 0 and one busy with its job on GPU 1 (Slurm's numbers as
+    given, default CUDA's)."""
+    socket_path, proc = standby
+    idle = kept_job(socket_path, started, gpus="0", slurm_gpus=idle_slurm_gpus)
+    idle.stdout.readline()
+    released(proc, idle)
+    busy = kept_job(socket_path, started, key="k2", gpus="1", slurm_gpus=busy_slurm_gpus)
+    busy.stdout.readline()
+    return idle, busy
+
+
 def test_stopping_the_standby_drops_idle_engines_and_leaves_busy_ones_with_their_jobs(
     standby, started
 ):
-    socket_path, proc = standby
-    idle = kept_job(socket_path, started, gpus="0")
-    idle.stdout.readline()
-    released(proc, idle)
-    busy = kept_job(socket_path, started, key="k2", gpus="1")
-    busy.stdout.readline()
+    idle, busy = idle_and_busy(standby, started)
+    proc = standby[1]
     proc.terminate()
     proc.wait(timeout=10)
     wait_gone(idle.pid)
@@ -322,13 +330,9 @@ def test_stopping_the_standby_drops_idle_engines_and_leaves_busy_ones_with_their
 
 
 def test_a_job_of_slurm_s_on_an_idle_engine_s_gpus_drops_it_and_busy_ones_stay(standby, started):
-    socket_path, proc = standby
+    socket_path = standby[0]
     # A confined job: CUDA numbers its one GPU 0, Slurm (and the prolog) calls it 3.
-    idle = kept_job(socket_path, started, gpus="0", slurm_gpus="3")
-    idle.stdout.readline()
-    released(proc, idle)
-    busy = kept_job(socket_path, started, key="k2", gpus="1", slurm_gpus="1,3")
-    busy.stdout.readline()
+    idle, busy = idle_and_busy(standby, started, idle_slurm_gpus="3", busy_slurm_gpus="1,3")
     assert drop_idle_engines(socket_path, ["0"]) == 0  # Slurm's numbers, not CUDA's
     assert alive(idle.pid)
     assert drop_idle_engines(socket_path, ["3", "5"]) == 1  # waited for: gone once answered
@@ -338,12 +342,8 @@ def test_a_job_of_slurm_s_on_an_idle_engine_s_gpus_drops_it_and_busy_ones_stay(s
 
 
 def test_the_standby_lists_its_engines_and_an_admin_drops_the_idle_ones(standby, started):
-    socket_path, proc = standby
-    idle = kept_job(socket_path, started, gpus="0")
-    idle.stdout.readline()
-    released(proc, idle)
-    busy = kept_job(socket_path, started, key="k2", gpus="1")
-    busy.stdout.readline()
+    socket_path = standby[0]
+    idle, busy = idle_and_busy(standby, started)
     engines = {e["pid"]: e for e in ask(socket_path, {"engines": True})["engines"]}
     assert engines[idle.pid]["idle_s"] >= 0 and engines[idle.pid]["dropped_in_s"] > 0
     assert engines[idle.pid]["gpus"] == ["0"] and engines[idle.pid]["model"] == "m"
