@@ -5,6 +5,7 @@ stored model of that shape without a restart (docs/gpu.md, "an engine kept set u
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -14,6 +15,9 @@ from appliance.store.vllm_plugin import StoreLoadSpec, load_stored_weights
 # `collective_rpc` calls by name on every worker (appliance/serving/kept_engine.py's claim).
 WORKER_EXTENSION = f"{__name__}.StoreWeights"
 LOAD_METHOD = "load_store_weights"
+
+# Under "vllm.": vLLM's handlers print it in the instance's log, as the loader's lines.
+log = logging.getLogger("vllm.appliance.store")
 
 
 class StoreWeights:
@@ -38,6 +42,7 @@ class StoreWeights:
         started = time.perf_counter()
         spec = StoreLoadSpec.from_dict(json.loads(spec_json))
         stored = spec.open()  # the policy first: a refusal leaves the engine as it was
+        opened = time.perf_counter()
         model = self.model_runner.get_model()
         # Named before the restore, which unties tied weights (an output layer that is the
         # embedding) until the layers are processed again.
@@ -49,6 +54,7 @@ class StoreWeights:
             finished.append(True)
 
         initialize_layerwise_reload(model)
+        restored = time.perf_counter()
         try:
             load_stored_weights(model, spec, names, finish, stored, kept_by_model=True)
         finally:
@@ -56,4 +62,12 @@ class StoreWeights:
             # new), so the engine still runs; the claim failed, and it is not to be served.
             if not finished:
                 finalize_layerwise_reload(model, self.model_config)
-        return time.perf_counter() - started
+        ended = time.perf_counter()
+        log.info(
+            "appliance-store: into the running engine: policy and keys %.2f s, layers set for "
+            "reloading %.2f s, weights %.2f s",
+            opened - started,
+            restored - opened,
+            ended - restored,
+        )
+        return ended - started

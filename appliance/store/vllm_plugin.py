@@ -234,11 +234,15 @@ def load_stored_weights(
             sources.callback(_wipe, flat)  # the staging copy holds plaintext weights
             weights = iter(views.items())
             del views
+        waited = [0.0]  # in the source: reading, decrypting, copying to the device
+        weights = _timed(weights, waited)
         if cuda and kept_by_model:
             weights = owned(weights)
         loaded = model.load_weights(weights)
+        finish_s = time.perf_counter()
         if finish is not None:
             finish()
+        finish_s = time.perf_counter() - finish_s
         del weights
     if names is None:
         names = {name for name, _ in model.named_parameters()}
@@ -261,15 +265,33 @@ def load_stored_weights(
             f"; tensor-parallel rank {shards.rank} of {shards.world} read "
             f"{read / 1e9:.2f} GB ({read / stored.data_bytes:.3f} of the model)"
         )
+    # Where a slow load spends its time: waiting for the bytes, or vLLM taking them.
+    split = f"; waiting for bytes {waited[0]:.2f} s, after the last tensor {finish_s:.2f} s"
     log.info(
-        "appliance-store: loaded %s from %s (%d tensors, %.2f GB) in %.2f s%s",
+        "appliance-store: loaded %s from %s (%d tensors, %.2f GB) in %.2f s%s%s",
         spec.model_id,
         source,
         len(stored.index.names()),
         stored.data_bytes / 1e9,
         seconds,
         peak,
+        split,
     )
+
+
+def _timed(items: Iterator[Any], waited: list[float]) -> Iterator[Any]:
+    """`items`, adding the seconds spent waiting for each to `waited[0]`."""
+    import time
+
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            waited[0] += time.perf_counter() - started
+        yield item
 
 
 def owned(weights: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
