@@ -1,6 +1,7 @@
 """The installer's self-test: a chat answer, a knowledge-base answer with its source, a metrics
 scrape and the web app, through the installed services as a client would use them; and where
-this host runs warm standbys, that they listen and whether the chat's instance came from one."""
+this host runs warm standbys, that they listen and whether the chat's instance came from one;
+with kept engines, that the chat's next instance takes its engine and answers as before."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from appliance.installer.report import Report
 from appliance.security.api_keys import ApiKeyStore
 
 from appliance.daemon import listening
-from appliance.serving.standby import STARTED_BY_STANDBY
+from appliance.serving.standby import STARTED_BY_STANDBY, TOOK_KEPT_ENGINE
 
 KB = "installer-self-test"
 DOCUMENT = (
@@ -20,6 +21,7 @@ DOCUMENT = (
     "The self-test code word is AMBER-7731. Questions about the code word refer to this note.\n"
 )
 CHAT_TIMEOUT_S = 600  # the first request starts an instance (scale from zero)
+STOP_TIMEOUT_S = 120  # an instance stopped through the gateway: its job gone from Slurm
 
 
 def self_test(settings, chat_model: str | None, report: Report) -> bool:
@@ -39,6 +41,8 @@ def self_test(settings, chat_model: str | None, report: Report) -> bool:
     checks = [("chat completion", lambda: _chat(client, chat_model))]
     if settings.serving.standby and settings.serving.standby_nodes:
         checks.append(("warm standby", lambda: _standby(settings, chat_model)))
+        if settings.serving.keep_engines != "off":
+            checks.append(("kept engine", lambda: kept_engine(settings, client, chat_model)))
     checks += [
         ("knowledge base", lambda: _rag(client, chat_model)),
         ("metrics scrape", lambda: _metrics(client)),
@@ -64,6 +68,12 @@ def self_test(settings, chat_model: str | None, report: Report) -> bool:
 
 
 def _chat(client: httpx.Client, model: str | None) -> str:
+    text = _answer(client, model)
+    return f"{model} answered {text.strip()[:40]!r}"
+
+
+def _answer(client: httpx.Client, model: str | None) -> str:
+    """The chat model's greedy answer to a fixed question."""
     assert model, "no chat model installed"
     body = {
         "model": model,
@@ -75,7 +85,39 @@ def _chat(client: httpx.Client, model: str | None) -> str:
     assert resp.status_code == 200, f"HTTP {resp.status_code}: {resp.text[:300]}"
     text = resp.json()["choices"][0]["message"]["content"]
     assert text.strip(), "empty answer"
-    return f"{model} answered {text.strip()[:40]!r}"
+    return text
+
+
+def _instances(client: httpx.Client, model: str) -> list[dict]:
+    resp = client.get("/admin/instances")
+    resp.raise_for_status()
+    return [i for i in resp.json()["instances"] if i["model"] == model]
+
+
+def kept_engine(settings, client: httpx.Client, model: str | None) -> str:
+    """The chat's instances stopped and the chat asked again: the next instance takes the
+    engine the node's standby kept, loads the weights into it, and answers as the first did
+    (greedy decoding). An instance started afresh passes with a note (Slurm may give it other
+    GPUs); another answer fails."""
+    before = _answer(client, model)
+    assert model  # _answer checked it
+    for inst in _instances(client, model):
+        client.post(f"/admin/instances/{inst['job_id']}/stop").raise_for_status()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _instances(client, model):
+        assert time.monotonic() < deadline, (
+            f"the chat's instance did not stop in {STOP_TIMEOUT_S} s"
+        )
+        time.sleep(0.5)
+    started = time.monotonic()
+    after = _answer(client, model)
+    took = time.monotonic() - started
+    newest = max(_instances(client, model), key=lambda i: int(i["job_id"]))
+    log = settings.log_dir / f"instance-{model}-{newest['job_id']}.log"
+    if TOOK_KEPT_ENGINE not in log.read_text(errors="replace"):
+        return f"the next instance started afresh in {took:.1f} s (no engine kept for it; {log})"
+    assert after == before, f"after the claim it answered {after!r}, before {before!r}"
+    return f"the next instance took the kept engine: answered alike {took:.1f} s after the request"
 
 
 def _standby(settings, model: str | None) -> str:

@@ -32,6 +32,7 @@ from appliance.serving.endpoint import InstanceEndpoint, write_endpoint
 from appliance.serving.standby import (
     SERVER_MODULE,
     STARTED_BY_STANDBY,
+    TOOK_KEPT_ENGINE,
     StandbyServer,
     env_outside_the_job,
 )
@@ -384,7 +385,7 @@ class Launcher:
             keep = {"key": engine_key(argv, outside, args.model_path)}
         server = StandbyServer.start(path, argv, outside, keep=keep)
         if server is not None and server.kept:
-            print(f"appliance: took the engine kept on {path} (pid {server.pid})", flush=True)
+            print(f"appliance: {TOOK_KEPT_ENGINE} on {path} (pid {server.pid})", flush=True)
         elif server is not None:
             print(f"appliance: {STARTED_BY_STANDBY} on {path}", flush=True)
         return server

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # What an instance's log says when its server came from the standby (the self-test looks for it).
 STARTED_BY_STANDBY = "server started by the standby"
+# ... and when its job took over a server the standby kept (the self-test looks for it too).
+TOOK_KEPT_ENGINE = "took the engine kept"
 MAX_REQUEST_BYTES = 1 << 20
 # The NVIDIA driver's list of the host's GPUs (one folder per PCI address, named after it), which
 # a job's device cgroup does not shorten.

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from appliance.installer.selftest import kept_engine
 
 from appliance.config import ApplianceSettings
 from appliance_dev.stack import (
@@ -123,3 +124,12 @@ def test_the_next_job_of_the_same_files_takes_the_kept_engine_under_its_own_name
     assert "server started by the standby" in log_of(settings, third)
     standby_log = (settings.state_dir / "standby-n1.log").read_text()
     assert "dropped: its GPUs are wanted" in standby_log
+
+
+def test_the_installer_s_self_test_takes_the_kept_engine_and_answers_alike(stack):
+    settings, url = stack
+    for inst in instances(url):
+        stop(url, inst)
+    with httpx.Client(base_url=url, timeout=300) as client:
+        detail = kept_engine(settings, client, "tiny-a")
+    assert "took the kept engine" in detail, detail
