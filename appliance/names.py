@@ -12,9 +12,11 @@ PREEMPTIBLE_PARTITION = "appliance-preemptible"
 BATCH_PARTITION = "batch"
 # Seconds a preempted job gets between SIGTERM and its end (the partitions' GraceTime).
 GRACE_S = 60
-# An instance job's Slurm comment starts so (followed by its model's name): the cluster's prolog
-# leaves these jobs to ask the node's standby themselves.
+# An instance job's Slurm comment starts so (followed by its model's name); the second where the
+# node's standby starts its server: the cluster's prolog leaves those to ask the standby
+# themselves (an embedding server's job, say, has the standby drop idle engines on its GPUs).
 INSTANCE_COMMENT_PREFIX = "appliance-instance:"
+STANDBY_INSTANCE_COMMENT_PREFIX = "appliance-instance+standby:"
 
 
 def local_node_names(count: int) -> list[str]:

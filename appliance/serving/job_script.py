@@ -15,7 +15,7 @@ from appliance.config import ApplianceSettings
 from appliance.errors import ApplianceError
 from appliance.models.catalog import ModelSpec
 from appliance.models.resources import InstanceRequest, plan_request
-from appliance.names import INSTANCE_COMMENT_PREFIX
+from appliance.names import INSTANCE_COMMENT_PREFIX, STANDBY_INSTANCE_COMMENT_PREFIX
 from appliance.security.node_tls import ensure_internal_ca
 from appliance.serving.stored_models import StoredModels
 
@@ -76,8 +76,12 @@ def render_instance_script(
         lines.append(f"#SBATCH --nodelist={nodelist}")
     if exclude:
         lines.append(f"#SBATCH --exclude={','.join(sorted(exclude))}")
+    # Its server from the node's standby, which the job asks for its GPUs itself (the
+    # cluster's prolog has the standby drop idle kept engines for every other job).
+    through_standby = settings.serving.standby and spec.engine == "vllm"
+    comment = STANDBY_INSTANCE_COMMENT_PREFIX if through_standby else INSTANCE_COMMENT_PREFIX
     lines += [
-        f"#SBATCH --comment={INSTANCE_COMMENT_PREFIX}{spec.name}",
+        f"#SBATCH --comment={comment}{spec.name}",
         # An instance that dies is replaced by the gateway, not requeued by Slurm.
         "#SBATCH --no-requeue",
         "",
@@ -111,7 +115,7 @@ def render_instance_script(
         options.append(("--lora-store", lora_store))
     if serving.sleep_mode != "off" and spec.engine == "vllm":
         options.append(("--sleep-mode", serving.sleep_mode))
-    if serving.standby and spec.engine == "vllm":
+    if through_standby:
         options.append(("--standby-socket", str(settings.standby_socket("{node}"))))
         if serving.keep_engines != "off" and store_spec is not None and not spec.lora:
             # An adapter-serving engine resolves its own model's adapters: not handed on.

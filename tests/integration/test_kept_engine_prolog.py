@@ -1,6 +1,7 @@
 """An idle kept engine is outside every Slurm job, so Slurm may give its GPU to another job: the
 local cluster's prolog (written with serving.keep_engines) asks the node's standby to drop it
-before such a job starts, and leaves instance jobs, which ask the standby themselves, alone.
+before such a job starts, and leaves instance jobs whose server the standby starts, which ask
+it themselves, alone.
 
 A real cluster with one simulated GPU, its real prolog, and the real standby; the engine is the
 standby tests' stand-in server (tests/unit/testdata/fake_server.py), kept by a job of Slurm's
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.names import STANDBY_INSTANCE_COMMENT_PREFIX
 from appliance_dev.stack import (
     free_port,
     local_cluster_settings,
@@ -105,7 +107,10 @@ def test_a_job_of_slurm_s_on_the_gpu_drops_the_idle_engine_and_instance_jobs_lea
         """
     )
     run_job(
-        local, "--comment=appliance-instance:tiny", "--wrap", f"{sys.executable} -c '{launcher}'"
+        local,
+        f"--comment={STANDBY_INSTANCE_COMMENT_PREFIX}tiny",
+        "--wrap",
+        f"{sys.executable} -c '{launcher}'",
     )
     wait_for(lambda: "kept for the next job" in log.read_text(), "the engine kept")
     pid = int(log.read_text().split("engine ")[1].split()[0])
@@ -114,8 +119,8 @@ def test_a_job_of_slurm_s_on_the_gpu_drops_the_idle_engine_and_instance_jobs_lea
     assert listed.returncode == 0, listed.stderr
     assert str(pid) in listed.stdout and "idle" in listed.stdout, listed.stdout
 
-    run_job(local, "--comment=appliance-instance:other", "--wrap", "true")
-    assert alive(pid)  # an instance job asks the standby itself, which hands over or drops
+    run_job(local, f"--comment={STANDBY_INSTANCE_COMMENT_PREFIX}other", "--wrap", "true")
+    assert alive(pid)  # a job through the standby asks it itself, which hands over or drops
     run_job(local, "--wrap", "true")  # batch work on the engine's GPU
     assert not alive(pid)  # the prolog waits until the engine is gone
     assert "dropped: a job of Slurm's has its GPUs" in log.read_text()

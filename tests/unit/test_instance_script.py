@@ -103,7 +103,15 @@ def test_job_names_round_trip():
     assert model_from_job_name(s, "somebody-elses-job") is None
 
 
-def test_stored_model_script_golden(tmp_path):
+@pytest.mark.parametrize(
+    ("serving", "golden"),
+    [
+        ({}, "instance-store.sbatch"),
+        # A GPU server as the installer sets it up: through the node's standby, engines kept.
+        ({"standby": True, "keep_engines": "gpu"}, "instance-store-kept.sbatch"),
+    ],
+)
+def test_stored_model_script_golden(tmp_path, serving, golden):
     """A model from the encrypted store, pinned to the node placement chose: the launcher gets
     what it needs to open it."""
     stored = ModelSpec(
@@ -115,11 +123,12 @@ def test_stored_model_script_golden(tmp_path):
         store={
             "signing_key_file": str(tmp_path / "absent.key"),
             "trusted_signers": ["ab" * 32],
-        }
+        },
+        serving=serving,
     )
     req = plan_request(stored, s, 2)
     check_golden(
-        "instance-store.sbatch",
+        golden,
         render_instance_script(
             s,
             stored,
