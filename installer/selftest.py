@@ -41,7 +41,7 @@ def self_test(settings, chat_model: str | None, report: Report) -> bool:
     checks = [("chat completion", lambda: _chat(client, chat_model))]
     if settings.serving.standby and settings.serving.standby_nodes:
         checks.append(("warm standby", lambda: _standby(settings, chat_model)))
-        if settings.serving.keep_engines != "off":
+        if settings.serving.keeps_engines:
             checks.append(("kept engine", lambda: kept_engine(settings, client, chat_model)))
     checks += [
         ("knowledge base", lambda: _rag(client, chat_model)),

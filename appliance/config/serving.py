@@ -61,6 +61,11 @@ class ServingSettings(BaseModel):
     keep_engine_s: float = Field(default=900.0, gt=0)
     """How long an idle kept engine waits for the next job of its model files."""
 
+    @property
+    def keeps_engines(self) -> bool:
+        """Whether nodes' standbys keep idle engines (which other Slurm jobs must drop)."""
+        return self.standby and self.keep_engines != "off"
+
     sleep_mode: Literal["gpu", "always", "off"] = "gpu"
     """vLLM's sleep mode, so the gateway can park an idle instance (gateway.park_after_s): its
     weights move to host memory and its KV cache is freed, the job and its processes stay, and

@@ -117,7 +117,7 @@ def render_instance_script(
         options.append(("--sleep-mode", serving.sleep_mode))
     if through_standby:
         options.append(("--standby-socket", str(settings.standby_socket("{node}"))))
-        if serving.keep_engines != "off" and store_spec is not None and not spec.lora:
+        if serving.keeps_engines and store_spec is not None and not spec.lora:
             # An adapter-serving engine resolves its own model's adapters: not handed on.
             options.append(("--keep-engine", serving.keep_engines))
     if serving.tls:

@@ -160,7 +160,7 @@ class LocalCluster:
         facts = detect_host_facts(self.runner, user=pwd.getpwuid(os.geteuid()).pw_name)
         layout = plan_cluster(self.cluster, self.paths.root, facts)
         health = HealthCheck(self.paths.health_check, self.settings.monitoring.health_interval_s)
-        prolog = self.paths.prolog if self._keeps_engines() else None
+        prolog = self.paths.prolog if self.settings.serving.keeps_engines else None
         slurm_conf = render_slurm_conf(self.cluster, self.paths.root, facts, health, prolog)
         gres_conf = render_gres_conf(self.cluster, self.paths.root, facts)
 
@@ -277,12 +277,6 @@ class LocalCluster:
                 f"under {self.paths.node_spool(longest)} would exceed the "
                 f"{MAX_SOCKET_PATH}-character limit of Unix socket paths; choose a shorter one"
             )
-
-    def _keeps_engines(self) -> bool:
-        """Whether the node's standby keeps idle engines, which Slurm's other jobs must drop
-        (serving.keep_engines)."""
-        serving = self.settings.serving
-        return serving.standby and serving.keep_engines != "off"
 
     def _write_health_check(self) -> None:
         """The health check and the settings it reads (it runs under slurmd, not under us)."""
