@@ -274,7 +274,9 @@ def main() -> int:
         "second_model_vs_cold_start",
         "prefix_ttft_ratio",
         "prefix_ttft_ratio_later_turns",
+        "prefix_ttft_ratio_later_turns_p90",
         "ttft_p50_s",
+        "ttft_p90_later_turns_s",
         "prefix_cache_hit_rate",
         "time_limit_streams_broken",
     ):
