@@ -54,6 +54,12 @@ def render_config(plan: Plan) -> str:
             "tls_cert": layout.tls_cert,
             "tls_key": layout.tls_key,
         }
+        if p.standby:
+            # GPU instances: a conversation stays on the instance whose prefix cache holds it.
+            # On an H100, two 8B instances, later turns' p90 time to first token 0.42x of
+            # least_loaded's, the p50 0.94x (docs/benchmarks.md, seventh lease). On the CPU
+            # demo's one core per instance it queues a conversation's turns: least_loaded there.
+            sections["gateway"]["routing"] = "prefix_affinity"
         sections["webapp"] = {"host": o.bind, "port": o.webapp_port, "tls": True}
     security: dict = {"service_user": o.service_user} if o.service_user else {}
     if p.services:
@@ -73,9 +79,9 @@ def render_config(plan: Plan) -> str:
         serving["preemptible"] = True
     if p.standby:
         # GPU instances start through their node's warm standby, which keeps an instance's
-        # engine when its job ends and hands it to the next job of the same model files: 5.5 s
-        # from a request to the first token of a stopped 8B model on an H100, against 79.6 s
-        # for vLLM's own start (docs/benchmarks.md, sixth lease). Other jobs on its GPUs have
+        # engine when its job ends and hands it to the next job of the same model files: 3.9 s
+        # from a request to the first token of a stopped 8B model on an H100, against 68.3 s
+        # for vLLM's own start (docs/benchmarks.md, seventh lease). Other jobs on its GPUs have
         # it dropped first (Slurm's Prolog, appliance/slurm/prolog.py).
         serving["standby"] = True
         serving["keep_engines"] = "gpu"
