@@ -597,20 +597,23 @@ def kept_figures(kept: dict) -> dict:
 
 
 @contextlib.contextmanager
-def shared_gpu_entry(settings: ApplianceSettings, model: str) -> Iterator[Callable[[int], None]]:
-    """The model's catalog entry (`setup`'s import made it) asking for up to two instances of
-    half the GPU's memory each: Slurm gives each half of the GPU's shards and vLLM
-    --gpu-memory-utilization 0.45 (appliance/models/resources.py). Yields a function that sets
-    how many instances the gateway keeps running; the entry is put back as it was after."""
+def shared_gpu_entry(
+    settings: ApplianceSettings, model: str, instances: int = 2
+) -> Iterator[Callable[[int], None]]:
+    """The model's catalog entry (`setup`'s import made it) asking for up to `instances`
+    instances of an equal share of the GPU's memory each: Slurm gives each that share of the
+    GPU's shards and vLLM 0.9 of it (two: --gpu-memory-utilization 0.45;
+    appliance/models/resources.py). Yields a function that sets how many instances the gateway
+    keeps running; the entry is put back as it was after."""
     original = load_catalog(settings).get(model)
     if original is None:
         raise RuntimeError(f"{model} is not in the catalog: run `setup` first")
-    half = original.resources.model_copy(
-        update={"gpu_memory_gb": settings.serving.gpu_memory_gb / 2}
+    share = original.resources.model_copy(
+        update={"gpu_memory_gb": settings.serving.gpu_memory_gb / instances}
     )
 
     def keep(count: int) -> None:
-        update = {"resources": half, "min_instances": count, "max_instances": 2}
+        update = {"resources": share, "min_instances": count, "max_instances": instances}
         add_local_model(settings, original.model_copy(update=update))
 
     try:
@@ -780,7 +783,7 @@ def part_throughput(args, results: dict) -> None:
 
 
 def part_prefix(args, results: dict) -> None:
-    """Prefix-aware routing on two instances of the model sharing the GPU: rounds of
+    """Prefix-aware routing on instances of the model sharing the GPU (two by default): rounds of
     conversations that each begin with their own long document, `prefix_affinity` and
     `least_loaded` alternating (the gateway restarted with the other policy; the instances run
     on and the next gateway adopts them, as over a restart of its service)."""
@@ -793,11 +796,13 @@ def part_prefix(args, results: dict) -> None:
         "conversations": args.conversations,
         "turns": args.turns,
         "concurrency": args.concurrency,
+        "instances": args.prefix_instances,
         "document_tokens": tokens,
         "answer_tokens": PREFIX_ANSWER_TOKENS,
         "runs": runs,
     }
-    with shared_gpu_entry(settings, model) as keep, running_node(settings) as store_url:
+    count = args.prefix_instances
+    with shared_gpu_entry(settings, model, count) as keep, running_node(settings) as store_url:
         try:
             set_tier(store_url, model, "host")
             for i in range(args.rounds):
@@ -806,8 +811,8 @@ def part_prefix(args, results: dict) -> None:
                     routed = settings.model_copy(update={"gateway": gateway})
                     with running_gateway(routed, timeout=120, keep_instances=True) as url:
                         if not runs:
-                            start_pair(url, model, keep, lines)
-                        ready = wait_ready(url, model, 2)
+                            start_instances(url, model, keep, lines, count)
+                        ready = wait_ready(url, model, count)
                         workload = conversations.Workload(
                             model,
                             # Documents of their own in each run: the instances keep their
@@ -835,15 +840,17 @@ def part_prefix(args, results: dict) -> None:
     print(json.dumps(prefix_figures(results["prefix"])), flush=True)
 
 
-def start_pair(url: str, model: str, keep: Callable[[int], None], lines: int) -> None:
-    """Start the two instances one after the other (vLLM sizes its KV cache from the free
-    memory of the whole GPU, which another instance loading at the same time would change),
-    then warm each with unmeasured long prefills (a fresh engine's first requests are slower),
-    so that the first measured run is not the only one to pay for them."""
-    keep(1)
-    wait_ready(url, model, 1)
-    keep(2)
-    for inst in wait_ready(url, model, 2):
+def start_instances(
+    url: str, model: str, keep: Callable[[int], None], lines: int, count: int
+) -> None:
+    """Start the instances one after the other (vLLM sizes its KV cache from the free memory of
+    the whole GPU, which another instance loading at the same time would change), then warm
+    each with unmeasured long prefills (a fresh engine's first requests are slower), so that
+    the first measured run is not the only one to pay for them."""
+    for n in range(1, count + 1):
+        keep(n)
+        ready = wait_ready(url, model, n)
+    for inst in ready:
         names = conversations.topics(2, f"~warm-{inst['job_id']}/")
         warm = conversations.Workload(model, names, 2, 2, lines, PREFIX_ANSWER_TOKENS)
         asyncio.run(conversations.run_conversations(inst["url"], warm))
@@ -946,11 +953,17 @@ def part_report(args, results: dict) -> dict:
         for key in ("tokens_per_s_ratio", "added_p50_ms", "streams_failed"):
             summary[key] = tp[key]
     prefix = prefix_figures(results.get("prefix", {}))
-    for key in ("prefix_ttft_ratio", "prefix_ttft_ratio_later_turns", "prefix_cache_hit_rate"):
+    for key in (
+        "prefix_ttft_ratio",
+        "prefix_ttft_ratio_later_turns",
+        "prefix_ttft_ratio_later_turns_p90",
+        "prefix_cache_hit_rate",
+    ):
         if key in prefix:
             summary[key] = prefix[key]
     if prefix:
         summary["prefix_ttft_p50_s"] = prefix["ttft_p50_s"]
+        summary["prefix_ttft_p90_later_turns_s"] = prefix["ttft_p90_later_turns_s"]
     summary.update(kept_figures(results.get("kept_engine", {})))
     out = {**summary, "targets": TARGETS, "details": results}
     path = write_result(args.result_name, out)
@@ -971,9 +984,16 @@ def part_report(args, results: dict) -> dict:
             rows.append((key, summary[key], "instance parked, not stopped"))
     if "gpu_used_parked_mib" in summary:
         rows.append(("gpu_used_parked_mib", summary["gpu_used_parked_mib"], ""))
-    for key in ("prefix_ttft_ratio_later_turns", "prefix_ttft_p50_s", "prefix_cache_hit_rate"):
+    sharing = results.get("prefix", {}).get("instances", 2)
+    for key in (
+        "prefix_ttft_ratio_later_turns",
+        "prefix_ttft_ratio_later_turns_p90",
+        "prefix_ttft_p50_s",
+        "prefix_ttft_p90_later_turns_s",
+        "prefix_cache_hit_rate",
+    ):
         if key in summary:
-            rows.append((key, summary[key], "two instances sharing the GPU"))
+            rows.append((key, summary[key], f"{sharing} instances sharing the GPU"))
     for key in (k for k in summary if k.startswith("kept_engine_")):
         rows.append((key, summary[key], "by hand, not through Slurm and the gateway"))
     for key in (k for k in summary if k.startswith("sleep_level")):
@@ -1049,6 +1069,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=4, help="prefix: per conversation")
     ap.add_argument("--doc-tokens", type=int, default=3000, help="prefix: each document")
     ap.add_argument("--concurrency", type=int, default=8, help="prefix: conversations at once")
+    ap.add_argument(
+        "--prefix-instances",
+        type=int,
+        default=2,
+        help="prefix: instances sharing the GPU, each an equal share of its memory (an 8B model "
+        "fits 2 on an H100, 4 on an H200)",
+    )
     ap.add_argument("--result-name", default="gpu_serving")
     args = ap.parse_args(argv)
     # A part stopped by `timeout` still stops what it started (vLLM, Slurm, the gateway run in
