@@ -131,7 +131,7 @@ def policy_order(round_index: int) -> tuple[str, ...]:
 def summarize(runs: list[dict]) -> dict:
     """The figures over all rounds (percentiles of every request of a policy, never the best
     round)."""
-    by = {p: [r for r in runs if r["policy"] == p] for p in POLICIES}
+    by = {name: [r for r in runs if r["policy"] == name] for name in POLICIES}
 
     def p(policy: str, key: str, q: int = 50) -> float:
         return percentile([t for r in by[policy] for t in r[key]], q)
@@ -140,19 +140,15 @@ def summarize(runs: list[dict]) -> dict:
         rates = [r["prefix_cache_hit_rate"] for r in by[policy] if r["prefix_cache_hit_rate"]]
         return round(median(rates), 4) if rates else None
 
+    def ratio(key: str, q: int = 50) -> float:
+        return round(p("prefix_affinity", key, q) / p("least_loaded", key, q), 3)
+
     return {
-        "prefix_ttft_ratio": round(p("prefix_affinity", "ttft_s") / p("least_loaded", "ttft_s"), 3),
-        "prefix_ttft_ratio_later_turns": round(
-            p("prefix_affinity", "ttft_later_turns_s") / p("least_loaded", "ttft_later_turns_s"),
-            3,
-        ),
+        "prefix_ttft_ratio": ratio("ttft_s"),
+        "prefix_ttft_ratio_later_turns": ratio("ttft_later_turns_s"),
         # The tail: a later turn sent to an instance without its conversation prefills it all
         # again, which the p50 hides while most turns hit under either policy.
-        "prefix_ttft_ratio_later_turns_p90": round(
-            p("prefix_affinity", "ttft_later_turns_s", 90)
-            / p("least_loaded", "ttft_later_turns_s", 90),
-            3,
-        ),
+        "prefix_ttft_ratio_later_turns_p90": ratio("ttft_later_turns_s", 90),
         "ttft_p50_s": {name: round(p(name, "ttft_s"), 4) for name in by},
         "ttft_p90_later_turns_s": {
             name: round(p(name, "ttft_later_turns_s", 90), 4) for name in by

@@ -15,7 +15,8 @@ COMMITTED = {
 
 def test_carries_the_named_parts_with_their_date():
     results: dict = {}
-    assert carry_over(COMMITTED, results, ["throughput"], H100) == ["throughput"]
+    asked = ["throughput", "baseline_vllm_default_runs_s"]
+    assert carry_over(COMMITTED, results, asked, H100) == ["throughput"]
     assert results["throughput"] == {"tokens_per_s_ratio": 1.025}
     assert results["measured_at"] == {"throughput": "2026-12-07T01:35:00Z"}
     assert "baseline_vllm_default_runs_s" not in results  # a ratio's baseline is never carried
