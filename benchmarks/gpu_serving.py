@@ -799,6 +799,7 @@ def part_prefix(args, results: dict) -> None:
         "instances": args.prefix_instances,
         "document_tokens": tokens,
         "answer_tokens": PREFIX_ANSWER_TOKENS,
+        "think_s": args.think_s,
         "runs": runs,
     }
     count = args.prefix_instances
@@ -822,6 +823,8 @@ def part_prefix(args, results: dict) -> None:
                             args.concurrency,
                             lines,
                             PREFIX_ANSWER_TOKENS,
+                            think_s=args.think_s,
+                            seed=i,
                         )
                         run = conversations.measure_round(
                             url,
@@ -1069,6 +1072,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=4, help="prefix: per conversation")
     ap.add_argument("--doc-tokens", type=int, default=3000, help="prefix: each document")
     ap.add_argument("--concurrency", type=int, default=8, help="prefix: conversations at once")
+    ap.add_argument(
+        "--think-s",
+        type=float,
+        default=2.0,
+        help="prefix: mean pause between a conversation's turns (0: the next turn at once)",
+    )
     ap.add_argument(
         "--prefix-instances",
         type=int,

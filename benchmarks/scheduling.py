@@ -147,7 +147,7 @@ def second_model(rounds: int) -> dict:
 # -- prefix-aware routing (the workload: benchmarks/conversations.py) ---------------------------
 
 
-def prefix_round(policy: str, turns: int) -> dict:
+def prefix_round(policy: str, turns: int, think_s: float, seed: int) -> dict:
     catalog = catalog_entry(
         "tiny-chat", 2, "    min_instances: 2\n    resources: {cpus: 1, memory_gb: 3}\n"
     )
@@ -161,15 +161,17 @@ def prefix_round(policy: str, turns: int) -> dict:
             url,
             lambda: [i["url"] for i in instances(url)],
             policy,
-            conversations.Workload("tiny-chat", conversations.TOPICS, turns, concurrency=4),
+            conversations.Workload(
+                "tiny-chat", conversations.TOPICS, turns, 4, think_s=think_s, seed=seed
+            ),
         )
 
 
-def prefix_routing(rounds: int, turns: int) -> dict:
+def prefix_routing(rounds: int, turns: int, think_s: float) -> dict:
     runs = []
     for i in range(rounds):
         for policy in conversations.policy_order(i):
-            run = prefix_round(policy, turns)
+            run = prefix_round(policy, turns, think_s, seed=i)
             runs.append(run)
             p50 = percentile(run["ttft_s"], 50)
             print(f"prefix {policy}: ttft p50 {p50:.3f} s, hits {run['prefix_cache_hit_rate']}")
@@ -177,6 +179,7 @@ def prefix_routing(rounds: int, turns: int) -> dict:
         **conversations.summarize(runs),
         "conversations": len(conversations.TOPICS),
         "turns": turns,
+        "think_s": think_s,
         "runs": runs,
     }
 
@@ -258,12 +261,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument(
+        "--think-s",
+        type=float,
+        default=2.0,
+        help="mean pause between a conversation's turns (0: the next turn at once)",
+    )
     args = ap.parse_args()
     if not tiny_model_exists(TINY):
         build_tiny_model(TINY)
     result = {"method": __doc__}
     result.update(second_model(args.rounds))
-    result.update(prefix_routing(args.rounds, args.turns))
+    result.update(prefix_routing(args.rounds, args.turns, args.think_s))
     result.update(time_limit(args.streams))
     result["targets"] = TARGETS
     path = write_result("scheduling", result)
