@@ -76,8 +76,8 @@ class GatewaySettings(BaseModel):
     flight. `prefix_affinity`: a conversation (its system prompt and first user message) stays
     on the instance that served it, whose prefix cache holds it, unless that instance is
     busier than the least loaded one by more than a few requests. The installer's GPU
-    profiles set it (on an H100, later turns' p90 time to first token 0.42x of least_loaded's);
-    on the CPU, where an instance has one core, it queues a conversation's turns."""
+    profiles set it (on an H100, later turns' p90 time to first token 0.42x of least_loaded's;
+    on the CPU demo's tiny model, with a person's pause between turns, the p50 0.63x)."""
 
     successor_lead_s: float = Field(default=300.0, gt=0)
     """An instance whose job ends within this many seconds (its Slurm time limit) starts a
