@@ -8,6 +8,7 @@ import os
 import pwd
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,22 @@ OUTSIDER = "appliance-outsider"
 
 
 def system_account(name: str) -> pwd.struct_passwd:
-    """The local system account `name`, made if missing (no home, no login shell)."""
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
+    """The local system account `name`, made if missing (no home, no login shell). Another
+    worker of the run (pytest -n) may make it at the same moment, or hold /etc/passwd's lock."""
+    for _ in range(30):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+        made = subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
+        # 9: the name is taken (the other worker made it); 10: /etc/passwd is locked.
+        if made.returncode not in (0, 9, 10):
+            raise RuntimeError(f"useradd {name}: {made.stderr.strip()}")
+        if made.returncode == 10:
+            time.sleep(1)
     return pwd.getpwnam(name)
 
 
