@@ -31,7 +31,7 @@ def tiny_model_dir() -> Path:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"another worker's build of {out} took over 900 s")
+                    raise TimeoutError(f"another worker's build of {out} took over 900 s") from None
                 time.sleep(1)
         if not tiny_model_exists(out):
             build_tiny_model(out)
