@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,15 @@ def tiny_model_dir() -> Path:
     finally:
         os.close(fd)
     return out
+
+
+@pytest.fixture(autouse=True)
+def umask_kept() -> Iterator[None]:
+    """Each test ends with the umask it began with. A service's start sets 077
+    (appliance.layout.run_privately); a unit test that runs one in this process must not pass it
+    on to the next test on its worker, whose files (an installation, a catalog) its service
+    account could then not read."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)

@@ -37,6 +37,14 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Applianc
         yield settings
 
 
+@pytest.fixture
+def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for a test's own cluster, with a short path: slurmstepd's sockets go under it
+    and Unix socket paths have 107 characters (a test's tmp_path, named after the test, under a
+    pytest-xdist worker's folder, can be too long)."""
+    return tmp_path_factory.mktemp("c")
+
+
 def tiny_catalog(tiny_model_dir: Path, extra: str = "") -> str:
     """A catalog (YAML) with the tiny chat model sized for the test cluster, plus `extra`."""
     return (

@@ -34,17 +34,17 @@ TOKEN = "prolog-test-token"
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(cluster_dir):
     """The cluster (one node, one GPU, kept engines on), its standby's socket and log, and the
     settings as a configuration file."""
     settings = local_cluster_settings(
-        tmp_path / "state",
+        cluster_dir / "state",
         gpus_per_node=1,
         shards_per_gpu=0,
         serving={"standby": True, "keep_engines": "gpu"},
     )
     socket = settings.standby_socket("n1")
-    log = tmp_path / "standby.log"
+    log = cluster_dir / "standby.log"
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests/unit/testdata'}"}
     argv = [sys.executable, "-m", "appliance.serving.standby", "--socket", str(socket)]
     with running_local_cluster(settings) as local, log.open("wb") as out:
@@ -61,7 +61,7 @@ def cluster(tmp_path):
                 "the standby's start",
             )
             assert standby.poll() is None, log.read_text()
-            yield local, socket, log, write_config(settings, tmp_path / "config.yaml")
+            yield local, socket, log, write_config(settings, cluster_dir / "config.yaml")
         finally:
             standby.terminate()  # it drops the engines it keeps idle
             standby.wait(timeout=30)

@@ -197,9 +197,9 @@ def test_up_restarts_a_daemon_that_died(cluster):
     assert daemons["slurmd:n2"].pid != victim.pid and "slurmctld" in daemons
 
 
-def test_changed_config_restarts_and_drained_nodes_are_resumed(tmp_path):
+def test_changed_config_restarts_and_drained_nodes_are_resumed(cluster_dir):
     require_local_slurm()
-    settings = local_cluster_settings(tmp_path, nodes=2, gpus_per_node=0)
+    settings = local_cluster_settings(cluster_dir, nodes=2, gpus_per_node=0)
     local = LocalCluster(settings)
     try:
         local.up()
@@ -222,11 +222,11 @@ def test_changed_config_restarts_and_drained_nodes_are_resumed(tmp_path):
         stop_local_cluster(local)
 
 
-def test_down_stops_every_daemon_and_cancels_the_stacks_jobs(tmp_path):
+def test_down_stops_every_daemon_and_cancels_the_stacks_jobs(cluster_dir):
     require_local_slurm()
-    settings = local_cluster_settings(tmp_path / "state", nodes=1, gpus_per_node=0)
+    settings = local_cluster_settings(cluster_dir / "state", nodes=1, gpus_per_node=0)
     with running_local_cluster(settings) as local:
-        helper = Jobs(settings, tmp_path)
+        helper = Jobs(settings, cluster_dir)
         job_id = helper.submit("sleeper", "sleep 300")
         helper.wait_state(job_id, "RUNNING")
         local.down()
@@ -245,9 +245,9 @@ def test_down_stops_every_daemon_and_cancels_the_stacks_jobs(tmp_path):
         assert helper.job(job_id).state == "CANCELLED"
 
 
-def test_daemon_that_dies_at_start_up_is_reported_with_its_log(tmp_path):
+def test_daemon_that_dies_at_start_up_is_reported_with_its_log(cluster_dir):
     require_local_slurm()
-    settings = local_cluster_settings(tmp_path, nodes=1, gpus_per_node=0)
+    settings = local_cluster_settings(cluster_dir, nodes=1, gpus_per_node=0)
     local = LocalCluster(settings)
     # Hold the first node's port: slurmd cannot bind it and exits.
     with socket.socket() as blocker:

@@ -23,21 +23,21 @@ from tests.tmpfs import tiny_tmpfs
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def test_full_scratch_drains_the_node_and_instances_go_elsewhere(tmp_path, tiny_model_dir):
+def test_full_scratch_drains_the_node_and_instances_go_elsewhere(cluster_dir, tiny_model_dir):
     require_local_slurm()
-    (tmp_path / "catalog.yaml").write_text(tiny_catalog(tiny_model_dir))
+    (cluster_dir / "catalog.yaml").write_text(tiny_catalog(tiny_model_dir))
     settings = local_cluster_settings(
-        tmp_path / "state",
+        cluster_dir / "state",
         nodes=2,
         monitoring={
             "health_interval_s": 10,
-            "scratch_dirs": [str(tmp_path / "scratch" / "{node}")],
+            "scratch_dirs": [str(cluster_dir / "scratch" / "{node}")],
             "min_free_bytes": 64 * 1024,
         },
         gateway={"port": free_port(), "health_interval_s": 1.0},
-        catalog={"files": [str(tmp_path / "catalog.yaml")], "include_presets": False},
+        catalog={"files": [str(cluster_dir / "catalog.yaml")], "include_presets": False},
     )
-    with running_local_cluster(settings), tiny_tmpfs(tmp_path / "scratch" / "n1") as scratch:
+    with running_local_cluster(settings), tiny_tmpfs(cluster_dir / "scratch" / "n1") as scratch:
         client = SlurmClient(LocalRunner(), settings.slurm_conf)
 
         def node(name):
